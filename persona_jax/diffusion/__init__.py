@@ -1,0 +1,1 @@
+"""Noise schedules, losses and samplers."""

@@ -1,0 +1,1 @@
+"""Flax linen networks of Stable Diffusion, with diffusers/transformers parameter names."""

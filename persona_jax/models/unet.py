@@ -1,0 +1,65 @@
+"""UNet2DConditionModel for SD 1.x / 2.x in Flax linen, diffusers parameter names, channels-last."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from persona_jax.models.activations import get_activation
+from persona_jax.models.configs import UNetConfig
+from persona_jax.models.embeddings import TimestepEmbedding, timestep_embedding
+from persona_jax.models.norms import GroupNorm
+from persona_jax.models.unet_blocks import UNetDownBlock, UNetMidBlock2DCrossAttn, UNetUpBlock, conv
+
+
+class UNet2DConditionModel(nn.Module):
+  """The SD denoiser. Latents are channels-last ([B, H, W, C]) everywhere in persona_jax."""
+  config: UNetConfig
+
+  @nn.compact
+  def __call__(self, sample, timesteps, encoder_hidden_states):
+    """Predicts noise (or v, or x0, per the scheduler's prediction type).
+
+    Args:
+      sample: [B, H, W, in_channels] noisy latents.
+      timesteps: [B] or scalar, integer or fractional.
+      encoder_hidden_states: [B, L, cross_attention_dim] text conditioning.
+    Returns:
+      [B, H, W, out_channels].
+    """
+    c = self.config
+    n = len(c.block_out_channels)
+    b, height, width = sample.shape[:3]
+    sample = sample.astype(c.dtype)
+    context = encoder_hidden_states.astype(c.dtype)
+    if c.center_input_sample:
+      sample = 2 * sample - 1.0
+
+    t = jnp.broadcast_to(jnp.asarray(timesteps), (b,))
+    temb = timestep_embedding(t, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift)
+    temb = TimestepEmbedding(c.time_embed_dim, c.act_fn, c.dtype, c.param_dtype,
+                             name="time_embedding")(temb.astype(c.dtype))      # [B, T]
+
+    x = conv(c.block_out_channels[0], c.conv_in_kernel, dtype=c.dtype, param_dtype=c.param_dtype,
+             name="conv_in")(sample)
+    skips = [x]
+    for i in range(n):
+      x, block_skips = UNetDownBlock(c, i, name=f"down_blocks_{i}")(x, temb, context)
+      skips.extend(block_skips)
+
+    if c.mid_block_type is not None:
+      x = UNetMidBlock2DCrossAttn(c, name="mid_block")(x, temb, context)
+
+    # When H or W is not a multiple of 2**(n-1), upsample to the skip's exact size (as diffusers).
+    exact_sizes = height % c.downsample_factor or width % c.downsample_factor
+    layers = c.layers_per_block_list[::-1]
+    for i in range(n):
+      k = layers[i] + 1
+      block_skips, skips = skips[-k:][::-1], skips[:-k]
+      size = skips[-1].shape[1:3] if exact_sizes and i < n - 1 else None
+      x = UNetUpBlock(c, i, name=f"up_blocks_{i}")(x, block_skips, temb, context, size)
+
+    x = GroupNorm(c.norm_num_groups, c.norm_eps, c.dtype, c.param_dtype, name="conv_norm_out")(x)
+    x = get_activation(c.act_fn)(x)
+    return conv(c.out_channels, c.conv_out_kernel, dtype=c.dtype, param_dtype=c.param_dtype,
+                name="conv_out")(x)
