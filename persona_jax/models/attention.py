@@ -31,7 +31,7 @@ def einsum_attention(q, k, v, *, scale: float, causal: bool = False):
   logits = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32) * scale
   if causal:
     t, s = logits.shape[-2:]
-    mask = jnp.tril(jnp.ones((t, s), dtype=bool))
+    mask = jnp.tril(jnp.ones((1, 1, t, s), dtype=bool))
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(logits, axis=-1)                       # [B, N, T, S]
   return jnp.einsum("bnts,bsnh->btnh", probs.astype(v.dtype), v)

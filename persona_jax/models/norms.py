@@ -25,7 +25,9 @@ def group_norm(x, scale, bias, num_groups: int, epsilon: float):
   mean = h.mean(axis=(1, 3), keepdims=True)
   var = jnp.square(h - mean).mean(axis=(1, 3), keepdims=True)
   h = (h - mean) * jnp.reciprocal(jnp.sqrt(var + epsilon))
-  h = h.reshape(x.shape) * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+  affine_shape = (1,) * (x.ndim - 1) + (c,)
+  h = (h.reshape(x.shape) * scale.astype(jnp.float32).reshape(affine_shape)
+       + bias.astype(jnp.float32).reshape(affine_shape))
   return h.astype(x.dtype)
 
 

@@ -1,0 +1,27 @@
+"""The user cache folder: embedded default models and JAX's persistent compilation cache.
+
+`$XDG_CACHE_HOME/persona_jax` (default `~/.cache/persona_jax`); `PERSONA_JAX_CACHE` overrides it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def cache_dir() -> Path:
+  if os.environ.get("PERSONA_JAX_CACHE"):
+    return Path(os.environ["PERSONA_JAX_CACHE"])
+  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return Path(base) / "persona_jax"
+
+
+def enable_compilation_cache(folder: Path | None = None, min_compile_secs: float = 1.0) -> Path:
+  """Turns on JAX's persistent compilation cache, so a second run skips XLA compilation."""
+  import jax
+  folder = Path(folder) if folder is not None else cache_dir() / "jax_compilation_cache"
+  folder.mkdir(parents=True, exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir", str(folder))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_secs)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  return folder

@@ -1,0 +1,127 @@
+"""`persona-jax verify`: run a model folder in persona_jax and in diffusers/transformers PyTorch on
+identical inputs and report the largest error per component.
+
+Both sides run in float32 at the highest matmul precision. The relative error is
+max|ours - reference| / max|reference| over the whole output. torch, diffusers and transformers'
+PyTorch models come with the `verify` extra and are imported only here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from persona_jax.pipeline import Pipeline, load_pipeline
+from persona_jax.tokenizer import tokenize
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TOLERANCE = 1e-4
+PROMPTS = ("a photo of a dog", "an astronaut riding a horse on the moon, highly detailed")
+
+
+@dataclasses.dataclass(frozen=True)
+class Comparison:
+  name: str
+  max_abs: float
+  max_rel: float
+
+  def ok(self, tolerance: float) -> bool:
+    return bool(np.isfinite(self.max_rel)) and self.max_rel <= tolerance
+
+
+def compare(name: str, ours, reference) -> Comparison:
+  """Largest absolute and relative (max|a-b| / max|b|) error of `ours` against `reference`."""
+  a = np.asarray(ours, dtype=np.float64)
+  b = np.asarray(reference, dtype=np.float64)
+  if a.shape != b.shape:
+    raise ValueError(f"{name}: shapes differ, ours {a.shape} vs reference {b.shape}")
+  err = float(np.abs(a - b).max())
+  return Comparison(name, err, err / max(float(np.abs(b).max()), 1e-30))
+
+
+def nchw(x):
+  return np.asarray(x).transpose(0, 3, 1, 2)
+
+
+def nhwc(x):
+  return np.asarray(x).transpose(0, 2, 3, 1)
+
+
+def _torch_components(path: Path, variant, allow_pickle):
+  try:
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+  except ImportError as e:
+    raise SystemExit(f"verify needs the reference implementations: pip install "
+                     f"'persona-jax[verify]' -c constraints.txt ({e})") from None
+  torch.backends.cuda.matmul.allow_tf32 = False
+  kw = dict(variant=variant, use_safetensors=None if allow_pickle else True, local_files_only=True)
+  unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kw).eval().float()
+  vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **kw).eval().float()
+  text = CLIPTextModel.from_pretrained(path / "text_encoder", **kw).eval().float()
+  return unet, vae, text
+
+
+def compare_components(pipe: Pipeline, path: Path, *, variant=None, allow_pickle=False,
+                       seed: int = 0) -> list[Comparison]:
+  """Runs text encoder, UNet and VAE (encode and decode) on both sides; returns the errors."""
+  import torch
+  unet_t, vae_t, text_t = _torch_components(path, variant, allow_pickle)
+  rng = np.random.default_rng(seed)
+  results = []
+  b = len(PROMPTS)
+  uc, vc = pipe.unet_config, pipe.vae_config
+  f = uc.downsample_factor
+  h, w = 4 * f, 3 * f                                          # non-square latents
+  with torch.no_grad(), jax.default_matmul_precision("highest"):
+    ids = tokenize(pipe.tokenizer, list(PROMPTS))
+    ref = text_t(torch.from_numpy(ids).long(), output_hidden_states=True)
+    ours = jax.jit(pipe.text_encoder.apply)({"params": pipe.params["text_encoder"]}, ids)
+    results.append(compare("text_encoder.last_hidden_state", ours.last_hidden_state,
+                           ref.last_hidden_state.numpy()))
+    results.append(compare("text_encoder.pooled", ours.pooled, ref.pooler_output.numpy()))
+    results.append(compare("text_encoder.hidden_states[-2]", ours.hidden_states[-2],
+                           ref.hidden_states[-2].numpy()))
+    context = ref.last_hidden_state.numpy()
+
+    latents = rng.standard_normal((b, h, w, uc.in_channels)).astype(np.float32)
+    t = np.linspace(1, 999, b).astype(np.int64)
+    ref_eps = unet_t(torch.from_numpy(nchw(latents)), torch.from_numpy(t),
+                     torch.from_numpy(context)).sample.numpy()
+    eps = jax.jit(pipe.unet.apply)({"params": pipe.params["unet"]}, latents, t, context)
+    results.append(compare("unet", nchw(eps), ref_eps))
+
+    vf = vc.downsample_factor
+    images = rng.uniform(-1, 1, (b, 4 * vf, 3 * vf, vc.in_channels)).astype(np.float32)
+    post = vae_t.encode(torch.from_numpy(nchw(images))).latent_dist
+    vae = {"params": pipe.params["vae"]}
+    moments = jax.jit(functools.partial(pipe.vae.apply, method="encode"))(vae, images)
+    results.append(compare("vae.encode.mean", nchw(moments.mean), post.mean.numpy()))
+    results.append(compare("vae.encode.logvar", nchw(moments.logvar), post.logvar.numpy()))
+    z = rng.standard_normal((b, 4, 3, vc.latent_channels)).astype(np.float32)
+    ref_img = vae_t.decode(torch.from_numpy(nchw(z))).sample.numpy()
+    img = jax.jit(functools.partial(pipe.vae.apply, method="decode"))(vae, z)
+    results.append(compare("vae.decode", nchw(img), ref_img))
+  return results
+
+
+def verify(path, *, tolerance: float = DEFAULT_TOLERANCE, variant: str | None = None,
+           allow_pickle: bool = False, seed: int = 0, print_fn=print) -> bool:
+  """Loads `path` on both sides, prints one line per output and returns whether all pass."""
+  path = Path(path)
+  pipe = load_pipeline(path, variant=variant, allow_pickle=allow_pickle, attention="auto")
+  results = compare_components(pipe, path, variant=variant, allow_pickle=allow_pickle, seed=seed)
+  print_fn(f"verify {path} (float32, highest matmul precision, tolerance {tolerance:.0e} relative)")
+  print_fn(f"{'output':34s} {'max abs err':>12s} {'max rel err':>12s}")
+  for r in results:
+    print_fn(f"{r.name:34s} {r.max_abs:12.3e} {r.max_rel:12.3e}  {'ok' if r.ok(tolerance) else 'FAIL'}")
+  passed = all(r.ok(tolerance) for r in results)
+  print_fn("PASS" if passed else "FAIL: some outputs differ beyond the tolerance")
+  return passed
