@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
+
+import jax.numpy as jnp
+import numpy as np
 
 from persona_jax.errors import ConfigError
 from persona_jax.models.configs import read_config
@@ -67,3 +71,82 @@ class SchedulerConfig:
     if self.timestep_spacing not in TIMESTEP_SPACINGS:
       raise ConfigError(f"{source}: timestep_spacing '{self.timestep_spacing}' is not supported "
                         f"({', '.join(TIMESTEP_SPACINGS)})")
+
+
+# ----------------------------------------------------------------------------------------------
+# The schedule as arrays.
+
+
+def _cosine_betas(n: int, max_beta: float = 0.999) -> np.ndarray:
+  """squaredcos_cap_v2: betas from alpha_bar(t) = cos^2((t + 0.008) / 1.008 * pi / 2)."""
+  def alpha_bar(t):
+    return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+  return np.array([min(1 - alpha_bar((i + 1) / n) / alpha_bar(i / n), max_beta) for i in range(n)])
+
+
+def _rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
+  """Lin et al. 2023, Algorithm 1: shift and scale sqrt(alpha_bar) so the last step has SNR 0."""
+  sqrt_ab = np.sqrt(np.cumprod(1.0 - betas))
+  first, last = sqrt_ab[0], sqrt_ab[-1]
+  sqrt_ab = (sqrt_ab - last) * first / (first - last)
+  ab = sqrt_ab ** 2
+  alphas = np.concatenate([ab[:1], ab[1:] / ab[:-1]])
+  return 1.0 - alphas
+
+
+def betas(config: SchedulerConfig) -> np.ndarray:
+  """The training betas [T], float64 (diffusers computes them in float32; we round at the end)."""
+  n = config.num_train_timesteps
+  if config.trained_betas is not None:
+    b = np.asarray(config.trained_betas, dtype=np.float64)
+  elif config.beta_schedule == "linear":
+    b = np.linspace(config.beta_start, config.beta_end, n, dtype=np.float64)
+  elif config.beta_schedule == "scaled_linear":
+    b = np.linspace(config.beta_start ** 0.5, config.beta_end ** 0.5, n, dtype=np.float64) ** 2
+  else:
+    b = _cosine_betas(n)
+  if config.rescale_betas_zero_snr:
+    b = _rescale_zero_terminal_snr(b)
+  return b
+
+
+def alphas_cumprod(config: SchedulerConfig) -> np.ndarray:
+  """alpha_bar_t = prod_{s<=t} (1 - beta_s), [T] float32."""
+  return np.cumprod(1.0 - betas(config)).astype(np.float32)
+
+
+def inference_timesteps(config: SchedulerConfig, num_steps: int) -> np.ndarray:
+  """The sampler's timesteps [num_steps] (descending), per `timestep_spacing`, as diffusers."""
+  n = config.num_train_timesteps
+  if not 0 < num_steps <= n:
+    raise ValueError(f"num_steps must be in 1..{n}, got {num_steps}")
+  if config.timestep_spacing == "linspace":
+    t = np.linspace(0, n - 1, num_steps).round()[::-1]
+  elif config.timestep_spacing == "leading":
+    t = (np.arange(num_steps) * (n // num_steps)).round()[::-1] + config.steps_offset
+  else:  # trailing
+    t = np.round(np.arange(n, 0, -n / num_steps)) - 1
+  return t.astype(np.int64)
+
+
+def _expand(a, x):
+  """a: [B] -> broadcastable against x: [B, ...]."""
+  return a.reshape(a.shape + (1,) * (x.ndim - 1))
+
+
+def add_noise(alphas_cumprod, x0, noise, t):
+  """DDPM forward noising q(x_t | x_0). alphas_cumprod: [T]; x0, noise: [B, ...]; t: [B] int."""
+  ab = _expand(jnp.take(alphas_cumprod, t), x0).astype(x0.dtype)
+  return jnp.sqrt(ab) * x0 + jnp.sqrt(1.0 - ab) * noise
+
+
+def training_target(prediction_type: str, alphas_cumprod, x0, noise, t):
+  """What the denoiser is trained to output: noise, v = sqrt(ab) eps - sqrt(1-ab) x0, or x0."""
+  if prediction_type == "epsilon":
+    return noise
+  if prediction_type == "sample":
+    return x0
+  if prediction_type == "v_prediction":
+    ab = _expand(jnp.take(alphas_cumprod, t), x0).astype(x0.dtype)
+    return jnp.sqrt(ab) * noise - jnp.sqrt(1.0 - ab) * x0
+  raise ValueError(f"unknown prediction_type {prediction_type}")

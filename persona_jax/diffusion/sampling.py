@@ -1,0 +1,228 @@
+"""DDIM sampling as one jitted function: text encode -> `lax.fori_loop` over steps with
+classifier-free guidance -> VAE decode.
+
+Only shapes and the step count are static. Guidance scale, guidance rescale and eta are traced
+arrays, so changing them never recompiles. Each image has its own key,
+`fold_in(key(seed), index)`: image i starts from the same latents, and draws the same eta noise,
+whatever the batch it is generated in.
+
+Per-step conditioning is a hook: `Conditioning.prepare` runs once (e.g. encode the prompts),
+`Conditioning.at_step` gives the UNet's keyword arguments for the conditional and unconditional
+halves at every step and may depend on the step, the timestep and the current latents (E4T
+recomputes its word embedding from the noisy latent; FastComposer switches conditioning after a
+few steps).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, NamedTuple, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from persona_jax.diffusion.schedules import SchedulerConfig, alphas_cumprod, inference_timesteps
+from persona_jax.models.norms import LayerNorm
+from persona_jax.models.text_encoder import CLIPTextModel
+from persona_jax.models.unet import UNet2DConditionModel
+from persona_jax.models.vae import AutoencoderKL
+
+
+class DDIMArrays(NamedTuple):
+  """The schedule of one sampling run: per step, the timestep and alpha_bar now and next."""
+  timesteps: np.ndarray     # [S] int32, descending
+  alpha: np.ndarray         # [S] float32, alpha_bar[t]
+  alpha_prev: np.ndarray    # [S] float32, alpha_bar[t - T // S] (or the final alpha)
+
+
+def ddim_arrays(config: SchedulerConfig, num_steps: int) -> DDIMArrays:
+  """As diffusers' DDIMScheduler: prev = t - T // S, final alpha 1 if set_alpha_to_one else ab[0]."""
+  ab = alphas_cumprod(config)
+  t = inference_timesteps(config, num_steps)
+  prev = t - config.num_train_timesteps // num_steps
+  final = np.float32(1.0) if config.set_alpha_to_one else ab[0]
+  alpha_prev = np.where(prev >= 0, ab[np.clip(prev, 0, None)], final).astype(np.float32)
+  return DDIMArrays(t.astype(np.int32), ab[t], alpha_prev)
+
+
+def predict_x0_and_eps(prediction_type: str, model_output, sample, alpha):
+  """(x0, eps) from the model output of any prediction type; alpha = alpha_bar_t (scalar)."""
+  sa, sb = jnp.sqrt(alpha), jnp.sqrt(1.0 - alpha)
+  if prediction_type == "epsilon":
+    return (sample - sb * model_output) / sa, model_output
+  if prediction_type == "sample":
+    return model_output, (sample - sa * model_output) / sb
+  if prediction_type == "v_prediction":
+    return sa * sample - sb * model_output, sa * model_output + sb * sample
+  raise ValueError(f"unknown prediction_type {prediction_type}")
+
+
+def threshold_sample(config: SchedulerConfig, x0):
+  """Dynamic thresholding (Imagen): clip each sample to its `ratio` quantile of |x0|, then rescale."""
+  b = x0.shape[0]
+  flat = x0.reshape(b, -1).astype(jnp.float32)
+  s = jnp.quantile(jnp.abs(flat), config.dynamic_thresholding_ratio, axis=1, keepdims=True)
+  s = jnp.clip(s, 1.0, config.sample_max_value)
+  return (jnp.clip(flat, -s, s) / s).reshape(x0.shape).astype(x0.dtype)
+
+
+def ddim_step(config: SchedulerConfig, model_output, sample, alpha, alpha_prev, eta, noise):
+  """One DDIM step, equal to diffusers' `DDIMScheduler.step(..., variance_noise=noise)`.
+
+  Args:
+    model_output, sample, noise: [B, ...]; alpha, alpha_prev, eta: scalars (traced).
+  Returns:
+    (prev_sample, pred_original_sample).
+  """
+  x0, eps = predict_x0_and_eps(config.prediction_type, model_output, sample, alpha)
+  if config.thresholding:
+    x0 = threshold_sample(config, x0)
+  elif config.clip_sample:
+    x0 = jnp.clip(x0, -config.clip_sample_range, config.clip_sample_range)
+  variance = (1.0 - alpha_prev) / (1.0 - alpha) * (1.0 - alpha / alpha_prev)
+  std = eta * jnp.sqrt(variance)
+  direction = jnp.sqrt(1.0 - alpha_prev - std ** 2) * eps
+  prev = jnp.sqrt(alpha_prev) * x0 + direction
+  prev = jnp.where(eta > 0, prev + std * noise, prev)
+  return prev.astype(sample.dtype), x0
+
+
+def guide(out_uncond, out_cond, guidance, guidance_rescale):
+  """Classifier-free guidance with diffusers' `guidance_rescale` (Lin et al. 2023, section 3.4).
+
+  As in diffusers, a guidance scale <= 1 means no guidance (the conditional output alone).
+  """
+  guided = out_uncond + guidance * (out_cond - out_uncond)
+  axes = tuple(range(1, guided.ndim))
+  std_cond = jnp.std(out_cond, axis=axes, keepdims=True, ddof=1)
+  std_guided = jnp.std(guided, axis=axes, keepdims=True, ddof=1)
+  rescaled = guided * (std_cond / std_guided)
+  guided = jnp.where(guidance_rescale > 0,
+                     guidance_rescale * rescaled + (1.0 - guidance_rescale) * guided, guided)
+  return jnp.where(guidance > 1.0, guided, out_cond)
+
+
+class SDModels(NamedTuple):
+  """The three networks of a pipeline (static module objects; params come separately)."""
+  unet: UNet2DConditionModel
+  text_encoder: CLIPTextModel
+  vae: AutoencoderKL
+
+
+class Conditioning(Protocol):
+  """Per-step conditioning hook (a hashable object: it is a static argument of the jit)."""
+
+  def prepare(self, models: SDModels, params, inputs) -> Any:
+    """Runs once per sampling call; returns a pytree `state` for `at_step`."""
+
+  def at_step(self, models: SDModels, params, state, step, t, latents) -> tuple[dict, dict]:
+    """UNet keyword arguments (conditional, unconditional) for this step."""
+
+
+def encode_text(text_encoder: CLIPTextModel, params, ids, clip_skip: int | None = None):
+  """Text conditioning [B, L, D]: last hidden state, or with clip_skip the hidden state
+  (clip_skip + 1) from the end through the final layer norm (as diffusers' pipelines do)."""
+  out = text_encoder.apply({"params": params["text_encoder"]}, ids)
+  if not clip_skip:
+    return out.last_hidden_state
+  hidden = out.hidden_states[-(clip_skip + 1)]
+  c = text_encoder.config
+  final_ln = LayerNorm(c.layer_norm_eps, c.dtype, c.param_dtype)
+  return final_ln.apply({"params": params["text_encoder"]["final_layer_norm"]}, hidden)
+
+
+@dataclasses.dataclass(frozen=True)
+class TextConditioning:
+  """The default hook: prompts and negative prompts encoded once, the same at every step.
+
+  inputs: {"ids": [B, L] int, "negative_ids": [B, L] int}.
+  """
+  clip_skip: int | None = None
+
+  def prepare(self, models, params, inputs):
+    return {"cond": encode_text(models.text_encoder, params, inputs["ids"], self.clip_skip),
+            "uncond": encode_text(models.text_encoder, params, inputs["negative_ids"], self.clip_skip)}
+
+  def at_step(self, models, params, state, step, t, latents):
+    return {"encoder_hidden_states": state["cond"]}, {"encoder_hidden_states": state["uncond"]}
+
+
+def image_keys(seed, indices):
+  """One key per image: fold_in(key(seed), index). seed: scalar int; indices: [B] int -> [B] keys."""
+  base = jax.random.key(seed)
+  return jax.vmap(lambda i: jax.random.fold_in(base, i))(indices)
+
+
+def initial_latents(keys, shape, dtype=jnp.float32):
+  """x_T ~ N(0, I) per image from its key. keys: [B]; shape: (h, w, c) -> [B, h, w, c]."""
+  return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 0), shape, dtype))(keys)
+
+
+def denoise(models: SDModels, scheduler: SchedulerConfig, num_steps: int,
+            conditioning: Conditioning, params, state, latents, keys, guidance, guidance_rescale,
+            eta):
+  """The DDIM loop with classifier-free guidance. latents: [B, h, w, c] x_T -> x_0 latents."""
+  sched = ddim_arrays(scheduler, num_steps)
+  timesteps, alpha, alpha_prev = (jnp.asarray(a) for a in sched)
+
+  def body(i, x):
+    t = timesteps[i]
+    cond, uncond = conditioning.at_step(models, params, state, i, t, x)
+    both = jax.tree.map(lambda u, c: jnp.concatenate([u, c], axis=0), uncond, cond)
+    out = models.unet.apply({"params": params["unet"]}, jnp.concatenate([x, x], axis=0),
+                            jnp.broadcast_to(t, (2 * x.shape[0],)), **both)
+    out_uncond, out_cond = jnp.split(out.astype(jnp.float32), 2, axis=0)
+    model_output = guide(out_uncond, out_cond, guidance, guidance_rescale)
+    noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i + 1), x.shape[1:],
+                                                 jnp.float32))(keys)
+    prev, _ = ddim_step(scheduler, model_output, x.astype(jnp.float32), alpha[i], alpha_prev[i],
+                        eta, noise)
+    return prev.astype(x.dtype)
+
+  return jax.lax.fori_loop(0, num_steps, body, latents)
+
+
+def decode_latents(vae: AutoencoderKL, params, latents):
+  """Latents (scaled, as the UNet sees them) -> images [B, H, W, 3] in [0, 1], float32.
+
+  With `force_upcast` (SD VAEs) a half-precision VAE decodes in float32, as diffusers does.
+  """
+  c = vae.config
+  vae_params = params["vae"]
+  if c.force_upcast and jnp.dtype(c.dtype) != jnp.float32:
+    vae = AutoencoderKL(dataclasses.replace(c, dtype=jnp.float32, param_dtype=jnp.float32))
+    vae_params = jax.tree.map(lambda p: p.astype(jnp.float32), vae_params)
+  images = vae.apply({"params": vae_params}, latents / c.scaling_factor, method="decode")
+  return jnp.clip(images.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
+
+
+@functools.partial(jax.jit, static_argnames=("models", "scheduler", "num_steps", "latent_shape",
+                                             "conditioning", "decode"))
+def generate(params, inputs, seed, indices, guidance, guidance_rescale, eta, latents=None, *,
+             models: SDModels, scheduler: SchedulerConfig, num_steps: int,
+             latent_shape: tuple[int, int, int], conditioning: Conditioning = TextConditioning(),
+             decode: bool = True):
+  """Text-to-image: the whole pipeline in one compiled program.
+
+  Args:
+    params: {"unet", "text_encoder", "vae", ...} (whatever the conditioning hook reads too).
+    inputs: the hook's inputs, e.g. {"ids": [B, L], "negative_ids": [B, L]}.
+    seed: int scalar; indices: [B] global image indices (image i uses fold_in(key(seed), i)).
+    guidance, guidance_rescale, eta: float scalars (traced: changing them does not recompile).
+    latents: optional [B, h, w, c] initial latents (otherwise drawn from the image keys).
+    latent_shape: (h, w, c) of the latents.
+    decode: False returns the final latents instead of images.
+  Returns:
+    images [B, H, W, 3] in [0, 1] (float32), or latents [B, h, w, c].
+  """
+  keys = image_keys(seed, indices)
+  if latents is None:
+    latents = initial_latents(keys, latent_shape, jnp.float32)
+  latents = latents.astype(models.unet.config.dtype)
+  state = conditioning.prepare(models, params, inputs)
+  latents = denoise(models, scheduler, num_steps, conditioning, params, state, latents, keys,
+                    jnp.asarray(guidance, jnp.float32), jnp.asarray(guidance_rescale, jnp.float32),
+                    jnp.asarray(eta, jnp.float32))
+  return decode_latents(models.vae, params, latents) if decode else latents
