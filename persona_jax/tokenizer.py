@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import importlib.resources
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,9 @@ def shipped_tokenizer_dir() -> Path:
 
 @functools.lru_cache(maxsize=8)
 def _load(folder: str):
+  # transformers prints advisories (e.g. "PyTorch was not found") that mean nothing here.
+  os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+  os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
   from transformers import CLIPTokenizer
   return CLIPTokenizer.from_pretrained(folder, local_files_only=True)
 

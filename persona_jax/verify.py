@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import math
 from pathlib import Path
 
 import jax
@@ -53,6 +54,10 @@ def nhwc(x):
   return np.asarray(x).transpose(0, 2, 3, 1)
 
 
+SAMPLING_STEPS = 3
+GUIDANCE = 7.5
+
+
 def _torch_components(path: Path, variant, allow_pickle):
   try:
     import torch
@@ -61,6 +66,8 @@ def _torch_components(path: Path, variant, allow_pickle):
   except ImportError as e:
     raise SystemExit(f"verify needs the reference implementations: pip install "
                      f"'persona-jax[verify]' -c constraints.txt ({e})") from None
+  import transformers
+  transformers.utils.logging.set_verbosity_error()     # no advisories about torchvision etc.
   torch.backends.cuda.matmul.allow_tf32 = False
   kw = dict(variant=variant, use_safetensors=None if allow_pickle else True, local_files_only=True)
   unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kw).eval().float()
@@ -109,7 +116,42 @@ def compare_components(pipe: Pipeline, path: Path, *, variant=None, allow_pickle
     ref_img = vae_t.decode(torch.from_numpy(nchw(z))).sample.numpy()
     img = jax.jit(functools.partial(pipe.vae.apply, method="decode"))(vae, z)
     results.append(compare("vae.decode", nchw(img), ref_img))
+    # diffusers' pipeline wants image sizes divisible by 8.
+    m = math.lcm(f, max(1, 8 // vc.downsample_factor))
+    latents = rng.standard_normal((b, 4 * m, 3 * m, uc.in_channels)).astype(np.float32)
+    results.extend(_compare_sampling(pipe, unet_t, vae_t, text_t, path, latents))
   return results
+
+
+def _compare_sampling(pipe, unet_t, vae_t, text_t, path, latents):
+  """A few DDIM steps with guidance and negative prompts against diffusers' pipeline, from
+  identical initial latents; diffusers' scheduler is `DDIMScheduler.from_config` of the folder's."""
+  import torch
+  from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+  from persona_jax.diffusion.sampling import SDModels, generate
+  scheduler = DDIMScheduler.from_config(DDIMScheduler.load_config(path, subfolder="scheduler"))
+  ref = StableDiffusionPipeline(vae=vae_t, text_encoder=text_t, tokenizer=pipe.tokenizer,
+                                unet=unet_t, scheduler=scheduler, safety_checker=None,
+                                feature_extractor=None, requires_safety_checker=False)
+  ref.set_progress_bar_config(disable=True)
+  b, h, w, _ = latents.shape
+  f = pipe.vae_scale_factor
+  negative = ["blurry"] * b
+  kw = dict(prompt=list(PROMPTS), negative_prompt=negative, num_inference_steps=SAMPLING_STEPS,
+            guidance_scale=GUIDANCE, latents=torch.from_numpy(nchw(latents)), height=h * f,
+            width=w * f)
+  want_latents = ref(**kw, output_type="latent").images.numpy()
+  want_images = ref(**kw, output_type="np").images
+  inputs = {"ids": tokenize(pipe.tokenizer, list(PROMPTS)),
+            "negative_ids": tokenize(pipe.tokenizer, negative)}
+  run = functools.partial(generate, pipe.params, inputs, 0, np.arange(b), GUIDANCE, 0.0, 0.0,
+                          latents, models=SDModels(pipe.unet, pipe.text_encoder, pipe.vae),
+                          scheduler=pipe.scheduler_config, num_steps=SAMPLING_STEPS,
+                          latent_shape=latents.shape[1:])
+  name = f"ddim {SAMPLING_STEPS} steps, cfg {GUIDANCE}"
+  return [compare(f"{name}: latents", nchw(run(decode=False)), want_latents),
+          compare(f"{name}: images", run(), want_images)]
 
 
 def verify(path, *, tolerance: float = DEFAULT_TOLERANCE, variant: str | None = None,
@@ -119,9 +161,9 @@ def verify(path, *, tolerance: float = DEFAULT_TOLERANCE, variant: str | None = 
   pipe = load_pipeline(path, variant=variant, allow_pickle=allow_pickle, attention="auto")
   results = compare_components(pipe, path, variant=variant, allow_pickle=allow_pickle, seed=seed)
   print_fn(f"verify {path} (float32, highest matmul precision, tolerance {tolerance:.0e} relative)")
-  print_fn(f"{'output':34s} {'max abs err':>12s} {'max rel err':>12s}")
+  print_fn(f"{'output':38s} {'max abs err':>12s} {'max rel err':>12s}")
   for r in results:
-    print_fn(f"{r.name:34s} {r.max_abs:12.3e} {r.max_rel:12.3e}  {'ok' if r.ok(tolerance) else 'FAIL'}")
+    print_fn(f"{r.name:38s} {r.max_abs:12.3e} {r.max_rel:12.3e}  {'ok' if r.ok(tolerance) else 'FAIL'}")
   passed = all(r.ok(tolerance) for r in results)
   print_fn("PASS" if passed else "FAIL: some outputs differ beyond the tolerance")
   return passed

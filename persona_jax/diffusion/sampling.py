@@ -15,6 +15,7 @@ few steps).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from typing import Any, NamedTuple, Protocol
@@ -160,9 +161,29 @@ def initial_latents(keys, shape, dtype=jnp.float32):
   return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 0), shape, dtype))(keys)
 
 
+# Host-side progress display: `generate(..., progress=True)` ticks whatever `progress_to` installed.
+_progress_bar = None
+
+
+@contextlib.contextmanager
+def progress_to(bar):
+  """Routes the per-step ticks of `generate(..., progress=True)` to `bar` (e.g. a tqdm bar)."""
+  global _progress_bar
+  previous, _progress_bar = _progress_bar, bar
+  try:
+    yield bar
+  finally:
+    _progress_bar = previous
+
+
+def _tick(step):
+  if _progress_bar is not None:
+    _progress_bar.update(1)
+
+
 def denoise(models: SDModels, scheduler: SchedulerConfig, num_steps: int,
             conditioning: Conditioning, params, state, latents, keys, guidance, guidance_rescale,
-            eta):
+            eta, progress: bool = False):
   """The DDIM loop with classifier-free guidance. latents: [B, h, w, c] x_T -> x_0 latents."""
   sched = ddim_arrays(scheduler, num_steps)
   timesteps, alpha, alpha_prev = (jnp.asarray(a) for a in sched)
@@ -179,6 +200,8 @@ def denoise(models: SDModels, scheduler: SchedulerConfig, num_steps: int,
                                                  jnp.float32))(keys)
     prev, _ = ddim_step(scheduler, model_output, x.astype(jnp.float32), alpha[i], alpha_prev[i],
                         eta, noise)
+    if progress:
+      jax.debug.callback(_tick, i)
     return prev.astype(x.dtype)
 
   return jax.lax.fori_loop(0, num_steps, body, latents)
@@ -199,11 +222,11 @@ def decode_latents(vae: AutoencoderKL, params, latents):
 
 
 @functools.partial(jax.jit, static_argnames=("models", "scheduler", "num_steps", "latent_shape",
-                                             "conditioning", "decode"))
+                                             "conditioning", "decode", "progress"))
 def generate(params, inputs, seed, indices, guidance, guidance_rescale, eta, latents=None, *,
              models: SDModels, scheduler: SchedulerConfig, num_steps: int,
              latent_shape: tuple[int, int, int], conditioning: Conditioning = TextConditioning(),
-             decode: bool = True):
+             decode: bool = True, progress: bool = False):
   """Text-to-image: the whole pipeline in one compiled program.
 
   Args:
@@ -214,6 +237,7 @@ def generate(params, inputs, seed, indices, guidance, guidance_rescale, eta, lat
     latents: optional [B, h, w, c] initial latents (otherwise drawn from the image keys).
     latent_shape: (h, w, c) of the latents.
     decode: False returns the final latents instead of images.
+    progress: tick the host progress bar installed by `progress_to` after every step.
   Returns:
     images [B, H, W, 3] in [0, 1] (float32), or latents [B, h, w, c].
   """
@@ -224,5 +248,5 @@ def generate(params, inputs, seed, indices, guidance, guidance_rescale, eta, lat
   state = conditioning.prepare(models, params, inputs)
   latents = denoise(models, scheduler, num_steps, conditioning, params, state, latents, keys,
                     jnp.asarray(guidance, jnp.float32), jnp.asarray(guidance_rescale, jnp.float32),
-                    jnp.asarray(eta, jnp.float32))
+                    jnp.asarray(eta, jnp.float32), progress)
   return decode_latents(models.vae, params, latents) if decode else latents

@@ -1,0 +1,41 @@
+"""`persona-jax sample` from the embedded default and from a make-random-model folder."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from persona_jax.cli import main
+from persona_jax.default_model import DEFAULT_MODEL_NAME, default_model_dir
+
+
+def test_sample_from_the_embedded_default(tmp_path, monkeypatch, capsys):
+  monkeypatch.setenv("PERSONA_JAX_CACHE", str(tmp_path / "cache"))
+  out = tmp_path / "samples"
+  assert main(["sample", "--prompt", "a photo of a dog", "--num-images", "3", "--batch-size", "2",
+               "--steps", "3", "--out", str(out)]) == 0
+  folder = default_model_dir()
+  assert folder == tmp_path / "cache" / "models" / DEFAULT_MODEL_NAME
+  assert (folder / "model_index.json").is_file()
+  written = capsys.readouterr().out.split()
+  assert sorted(p.rsplit("/", 1)[1] for p in written) == [
+      "0000_0000.png", "0000_0001.png", "0000_0002.png", "grid.png"]
+  img = np.asarray(Image.open(out / "0000_0002.png"))
+  assert img.shape == (32, 32, 3) and img.dtype == np.uint8 and img.std() > 0
+  assert Image.open(out / "grid.png").size == (2 + 2 * 34, 2 + 2 * 34)
+
+
+def test_sample_from_a_folder_with_size_and_seed(model_dirs, tmp_path):
+  out = tmp_path / "s"
+  args = ["sample", "--model", str(model_dirs["sd2"]), "--prompt", "a red ball", "a blue box",
+          "--negative-prompt", "blurry", "--steps", "2", "--height", "24", "--width", "40",
+          "--seed", "9", "--eta", "0.5", "--guidance-rescale", "0.7", "--out", str(out)]
+  assert main(args) == 0
+  a = np.asarray(Image.open(out / "0009_0001.png"))
+  assert a.shape == (24, 40, 3)
+  assert not np.array_equal(a, np.asarray(Image.open(out / "0009_0000.png")))
+
+
+def test_bad_size_is_a_clear_error(model_dirs, tmp_path, capsys):
+  assert main(["sample", "--model", str(model_dirs["sd1"]), "--prompt", "x", "--height", "33",
+               "--out", str(tmp_path)]) == 2
+  assert "--height 33 must be a positive multiple of 2" in capsys.readouterr().err
