@@ -79,6 +79,19 @@ def _verify(args) -> int:
   return 0 if ok else 1
 
 
+def _bench(args) -> int:
+  import json
+
+  from persona_jax.benchmark import bench
+  result = bench(preset=args.preset, cases=args.cases, frameworks=args.frameworks,
+                 reps=args.reps, iters=args.iters, dtype=args.dtype, device_note=args.device,
+                 malloc_tunable=not args.no_malloc_tunable)
+  if args.json:
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=2))
+  return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="persona-jax", description=__doc__.splitlines()[0])
   parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -114,6 +127,22 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--out", required=True, type=Path, help="output folder")
   p.set_defaults(func=_sample)
 
+  from persona_jax.benchmark import CASES, FRAMEWORKS, PRESETS
+  p = sub.add_parser("bench", help="speed and memory against diffusers PyTorch (separate processes)")
+  p.add_argument("--preset", choices=sorted(PRESETS), default="reduced",
+                 help="reduced: SD 1.5 architecture at reduced width, 32x32 latents (CPU); "
+                      "sd15: the real SD 1.5 UNet, 64x64 latents (GPU/TPU)")
+  p.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
+  p.add_argument("--frameworks", nargs="+", choices=FRAMEWORKS, default=list(FRAMEWORKS))
+  p.add_argument("--reps", type=int, default=3, help="alternating repetitions per framework")
+  p.add_argument("--iters", type=int, default=5, help="timed calls per repetition")
+  p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+  p.add_argument("--device", default="", help="a note on what ran where, recorded in the report")
+  p.add_argument("--no-malloc-tunable", action="store_true",
+                 help=f"do not set GLIBC_TUNABLES={MALLOC_TUNABLE} for the workers")
+  p.add_argument("--json", type=Path, default=None, help="also write the full results here")
+  p.set_defaults(func=_bench)
+
   p = sub.add_parser("verify", help="compare persona_jax with diffusers/transformers on a model folder")
   p.add_argument("model", type=Path, help="a diffusers folder (model_index.json, unet/, ...)")
   from persona_jax.verify import DEFAULT_TOLERANCE
@@ -127,7 +156,33 @@ def build_parser() -> argparse.ArgumentParser:
   return parser
 
 
+# glibc >= 2.35 can back large allocations with transparent huge pages. XLA allocates and frees
+# its temporary buffers on every call; with 4 KB pages the page faults alone cost as much as the
+# computation on CPU (BENCHMARKS.md), so the console script re-executes itself once with it set.
+MALLOC_TUNABLE = "glibc.malloc.hugetlb=1"
+
+
+def _reexec_with_malloc_tunable() -> None:
+  import os
+  import platform
+  tunables = os.environ.get("GLIBC_TUNABLES", "")
+  if (sys.platform != "linux" or "glibc.malloc.hugetlb" in tunables
+      or os.environ.get("PERSONA_JAX_NO_REEXEC")):
+    return
+  lib, version = platform.libc_ver()
+  try:
+    if lib != "glibc" or tuple(int(v) for v in version.split(".")[:2]) < (2, 35):
+      return
+  except ValueError:
+    return
+  env = dict(os.environ, PERSONA_JAX_NO_REEXEC="1",
+             GLIBC_TUNABLES=":".join(t for t in (tunables, MALLOC_TUNABLE) if t))
+  os.execve(sys.executable, [sys.executable, "-m", "persona_jax", *sys.argv[1:]], env)
+
+
 def main(argv=None) -> int:
+  if argv is None:
+    _reexec_with_malloc_tunable()
   args = build_parser().parse_args(argv)
   logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                       format="%(levelname).1s %(name)s: %(message)s")

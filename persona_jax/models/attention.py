@@ -19,11 +19,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from persona_jax.models.blocked_attention import blocked_attention
 from persona_jax.models.norms import GroupNorm
 
 log = logging.getLogger(__name__)
 
-KERNELS = ("auto", "einsum", "xla", "cudnn")
+KERNELS = ("auto", "einsum", "xla", "cudnn", "blocked")
 
 
 def einsum_attention(q, k, v, *, scale: float, causal: bool = False):
@@ -55,6 +56,8 @@ def choose_kernel(requested: str, dtype, head_dim: int) -> str:
   if (jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
       and head_dim <= _cudnn_head_limit() and head_dim % 8 == 0):
     return "cudnn"
+  if jax.default_backend() == "cpu":
+    return "blocked"
   return "xla"
 
 
@@ -72,6 +75,11 @@ def dot_product_attention(q, k, v, *, kernel: str = "auto", causal: bool = False
   kernel = choose_kernel(kernel, q.dtype, q.shape[-1])
   if kernel == "einsum":
     return einsum_attention(q, k, v, scale=scale, causal=causal)
+  if kernel == "blocked":
+    if not causal:
+      return blocked_attention(q, k, v, scale=scale)
+    kernel = "xla"        # causal attention is the text encoder's 77 tokens: small
+
   return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=causal, implementation=kernel)
 
 

@@ -1,0 +1,271 @@
+"""`persona-jax bench`: persona_jax against diffusers PyTorch on identical weights.
+
+Each measurement runs in its own subprocess (two frameworks fighting for the same cores in one
+process is not a measurement), alternating A B A B over several repetitions; the report gives
+medians and ratios. Peak memory is the process's peak RSS (JAX's `memory_stats()` is empty on
+CPU; on GPU the device's peak bytes are reported too).
+
+Cases (more join as methods land):
+  unet_forward   UNet forward at batch 2 (one classifier-free-guidance step), no gradients
+  unet_train     full-UNet train step at batch 4: forward, backward, AdamW
+Presets:
+  reduced  the SD 1.5 architecture at reduced width: block_out_channels (64, 128, 256, 256),
+           layers_per_block 2, 8 heads, cross_attention_dim 256, 32x32 latents (CPU-sized)
+  sd15     the real SD 1.5 UNet shapes, 64x64 latents (for GPU/TPU machines)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+CASES = ("unet_forward", "unet_train")
+FRAMEWORKS = ("jax", "torch")
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+  unet: dict
+  latent: int          # latent height = width
+  context_len: int = 77
+
+
+_SD15_BLOCKS = dict(
+    down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+    up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+    layers_per_block=2, attention_head_dim=8, in_channels=4, out_channels=4, norm_num_groups=32)
+PRESETS = {
+    "reduced": Preset(dict(_SD15_BLOCKS, block_out_channels=[64, 128, 256, 256],
+                           cross_attention_dim=256, sample_size=32), latent=32),
+    "sd15": Preset(dict(_SD15_BLOCKS, block_out_channels=[320, 640, 1280, 1280],
+                        cross_attention_dim=768, sample_size=64), latent=64),
+}
+BATCH = {"unet_forward": 2, "unet_train": 4}
+
+
+def write_unet(folder: Path, preset: Preset, seed: int = 0) -> Path:
+  """A random UNet folder (config.json + safetensors) both frameworks load."""
+  from persona_jax.convert.diffusers import params_to_state_dict
+  from persona_jax.convert.files import write_json, write_safetensors
+  from persona_jax.models.configs import UNetConfig
+  from persona_jax.pipeline import abstract_params
+  from persona_jax.random_model import random_params
+  config = UNetConfig.from_dict(preset.unet)
+  params = random_params(abstract_params("unet", config), np.random.default_rng(seed))
+  write_json(folder / "config.json", {"_class_name": "UNet2DConditionModel", **preset.unet})
+  write_safetensors(folder / "diffusion_pytorch_model.safetensors", params_to_state_dict(params))
+  return folder
+
+
+def _inputs(preset: Preset, batch: int, channels_last: bool):
+  rng = np.random.default_rng(1)
+  shape = (batch, preset.latent, preset.latent, 4)
+  x = rng.standard_normal(shape).astype(np.float32)
+  noise = rng.standard_normal(shape).astype(np.float32)
+  t = rng.integers(0, 1000, batch)
+  ctx = rng.standard_normal((batch, preset.context_len, preset.unet["cross_attention_dim"])).astype(np.float32)
+  if not channels_last:
+    x, noise = x.transpose(0, 3, 1, 2).copy(), noise.transpose(0, 3, 1, 2).copy()
+  return x, t, ctx, noise
+
+
+# ----------------------------------------------------------------------------------------------
+# Workers: build one case, return a function that runs one synchronous iteration.
+
+
+def _jax_case(case: str, unet_dir: Path, preset: Preset, dtype: str):
+  import jax
+  import jax.numpy as jnp
+  import optax
+
+  from persona_jax.convert.diffusers import state_dict_to_params
+  from persona_jax.convert.files import read_weights
+  from persona_jax.models.configs import UNetConfig, read_json
+  from persona_jax.models.unet import UNet2DConditionModel
+  from persona_jax.pipeline import abstract_params
+  jdtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]
+  config = dataclasses.replace(UNetConfig.from_dict(read_json(unet_dir / "config.json")),
+                               dtype=jdtype)
+  state, source = read_weights(unet_dir, "diffusion_pytorch_model")
+  params = jax.device_put(state_dict_to_params(state, abstract_params("unet", config), source=source))
+  unet = UNet2DConditionModel(config)
+  x, t, ctx, noise = (jnp.asarray(a) for a in _inputs(preset, BATCH[case], channels_last=True))
+  if case == "unet_forward":
+    fwd = jax.jit(unet.apply)
+    return lambda: jax.block_until_ready(fwd({"params": params}, x, t, ctx))
+  tx = optax.adamw(1e-5)
+  opt_state = tx.init(params)
+
+  def step(params, opt_state, x, t, ctx, noise):
+    def loss_fn(p):
+      pred = unet.apply({"params": p}, x, t, ctx)
+      return jnp.mean(jnp.square(pred.astype(jnp.float32) - noise))
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+  step = jax.jit(step, donate_argnums=(0, 1))
+  carry = [params, opt_state]
+
+  def run():
+    carry[0], carry[1], loss = step(carry[0], carry[1], x, t, ctx, noise)
+    jax.block_until_ready(loss)
+  return run
+
+
+def _torch_case(case: str, unet_dir: Path, preset: Preset, dtype: str):
+  import torch
+  from diffusers import UNet2DConditionModel
+  device = "cuda" if torch.cuda.is_available() else "cpu"
+  tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+  unet = UNet2DConditionModel.from_pretrained(unet_dir).to(device=device, dtype=tdtype)
+  x, t, ctx, noise = (torch.from_numpy(np.asarray(a)).to(device)
+                      for a in _inputs(preset, BATCH[case], channels_last=False))
+  x, ctx, noise = x.to(tdtype), ctx.to(tdtype), noise.to(tdtype)
+  sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+  if case == "unet_forward":
+    unet.eval()
+
+    def run():
+      with torch.no_grad():
+        unet(x, t, ctx)
+      sync()
+    return run
+  unet.train()
+  opt = torch.optim.AdamW(unet.parameters(), lr=1e-5)
+
+  def run():
+    opt.zero_grad(set_to_none=True)
+    loss = torch.nn.functional.mse_loss(unet(x, t, ctx).sample.float(), noise.float())
+    loss.backward()
+    opt.step()
+    sync()
+  return run
+
+
+def worker(framework: str, case: str, unet_dir: Path, preset: str, iters: int, dtype: str) -> dict:
+  """Runs one case in this process: first call (compile), then `iters` timed calls."""
+  p = PRESETS[preset]
+  build = _jax_case if framework == "jax" else _torch_case
+  run = build(case, unet_dir, p, dtype)
+  start = time.perf_counter()
+  run()
+  first = time.perf_counter() - start
+  times = []
+  for _ in range(iters):
+    start = time.perf_counter()
+    run()
+    times.append(time.perf_counter() - start)
+  result = dict(framework=framework, case=case, first_call_s=first, times_s=times,
+                median_s=statistics.median(times),
+                peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+  if framework == "jax":
+    import jax
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+      result["device_peak_mb"] = stats["peak_bytes_in_use"] / 2**20
+  else:
+    import torch
+    if torch.cuda.is_available():
+      result["device_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+  return result
+
+
+# ----------------------------------------------------------------------------------------------
+# Driver.
+
+
+def _spawn(framework, case, unet_dir, preset, iters, dtype, env) -> dict:
+  cmd = [sys.executable, "-m", "persona_jax.benchmark", framework, case, str(unet_dir), preset,
+         str(iters), dtype]
+  proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+  if proc.returncode:
+    raise RuntimeError(f"bench worker failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def machine_note() -> str:
+  cpu = platform.processor() or platform.machine()
+  try:
+    for line in open("/proc/cpuinfo"):
+      if line.startswith("model name"):
+        cpu = line.split(":", 1)[1].strip()
+        break
+  except OSError:
+    pass
+  return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}"
+
+
+def bench(preset: str = "reduced", cases=CASES, frameworks=FRAMEWORKS, reps: int = 3,
+          iters: int = 5, dtype: str = "float32", device_note: str = "", malloc_tunable: bool = True,
+          print_fn=print) -> dict:
+  """Alternates frameworks over `reps` repetitions per case; returns and prints the summary."""
+  import jax
+  import torch
+  from persona_jax.cli import MALLOC_TUNABLE
+  env = dict(os.environ, PERSONA_JAX_NO_REEXEC="1")
+  env.pop("JAX_COMPILATION_CACHE_DIR", None)    # compile time is measured cold
+  if malloc_tunable:                            # the same allocator setting for both frameworks
+    env["GLIBC_TUNABLES"] = MALLOC_TUNABLE
+  results = []
+  with tempfile.TemporaryDirectory() as tmp:
+    unet_dir = write_unet(Path(tmp) / "unet", PRESETS[preset])
+    for case in cases:
+      for rep in range(reps):
+        order = frameworks if rep % 2 == 0 else frameworks[::-1]
+        for fw in order:
+          r = _spawn(fw, case, unet_dir, preset, iters, dtype, env)
+          r["rep"] = rep
+          results.append(r)
+          print_fn(f"  {case:14s} {fw:5s} rep {rep}: median {r['median_s'] * 1e3:8.1f} ms, "
+                   f"first call {r['first_call_s']:6.1f} s, peak RSS {r['peak_rss_mb']:7.0f} MB")
+  summary = {}
+  for case in cases:
+    row = {}
+    for fw in frameworks:
+      rs = [r for r in results if r["case"] == case and r["framework"] == fw]
+      row[fw] = dict(median_s=statistics.median(r["median_s"] for r in rs),
+                     first_call_s=statistics.median(r["first_call_s"] for r in rs),
+                     peak_rss_mb=max(r["peak_rss_mb"] for r in rs),
+                     device_peak_mb=max((r.get("device_peak_mb", 0) for r in rs), default=0))
+    if "jax" in row and "torch" in row:
+      row["speedup"] = row["torch"]["median_s"] / row["jax"]["median_s"]
+    summary[case] = row
+  meta = dict(preset=preset, dtype=dtype, reps=reps, iters=iters, machine=machine_note(),
+              glibc_tunables=env.get("GLIBC_TUNABLES", ""),
+              device=device_note or jax.devices()[0].device_kind, jax=jax.__version__,
+              torch=torch.__version__, date=time.strftime("%Y-%m-%d"))
+  print_fn(format_summary(summary, meta))
+  return dict(meta=meta, summary=summary, runs=results)
+
+
+def format_summary(summary: dict, meta: dict) -> str:
+  lines = [f"persona-jax bench --preset {meta['preset']} ({meta['dtype']}, {meta['reps']} reps x "
+           f"{meta['iters']} iters; {meta['machine']}; device {meta['device']}; jax {meta['jax']}, "
+           f"torch {meta['torch']}; {meta['date']})",
+           "| case | persona_jax | diffusers PyTorch | speedup (torch/jax) | first call jax / torch "
+           "| peak RSS jax / torch |",
+           "|---|---|---|---|---|---|"]
+  for case, row in summary.items():
+    j, t = row.get("jax"), row.get("torch")
+    fmt = lambda r: f"{r['median_s'] * 1e3:.0f} ms" if r else "-"
+    lines.append(
+        f"| {case} | {fmt(j)} | {fmt(t)} | {row.get('speedup', float('nan')):.2f}x | "
+        f"{j['first_call_s'] if j else float('nan'):.1f} s / {t['first_call_s'] if t else float('nan'):.1f} s | "
+        f"{j['peak_rss_mb'] if j else 0:.0f} / {t['peak_rss_mb'] if t else 0:.0f} MB |")
+  return "\n".join(lines)
+
+
+if __name__ == "__main__":
+  fw, case, unet_dir, preset, iters, dtype = sys.argv[1:7]
+  print(json.dumps(worker(fw, case, Path(unet_dir), preset, int(iters), dtype)))
