@@ -153,6 +153,24 @@ def _torch_case(case: str, unet_dir: Path, preset: Preset, dtype: str):
   return run
 
 
+def _reset_peak_rss() -> bool:
+  """Resets the kernel's peak-RSS mark (Linux), so the steps' peak excludes compilation."""
+  try:
+    with open("/proc/self/clear_refs", "w") as f:
+      f.write("5")
+    return True
+  except OSError:
+    return False
+
+
+def _peak_rss_mb() -> float | None:
+  with open("/proc/self/status") as f:
+    for line in f:
+      if line.startswith("VmHWM:"):
+        return int(line.split()[1]) / 1024
+  return None
+
+
 def worker(framework: str, case: str, unet_dir: Path, preset: str, iters: int, dtype: str) -> dict:
   """Runs one case in this process: first call (compile), then `iters` timed calls."""
   p = PRESETS[preset]
@@ -161,6 +179,7 @@ def worker(framework: str, case: str, unet_dir: Path, preset: str, iters: int, d
   start = time.perf_counter()
   run()
   first = time.perf_counter() - start
+  steady_from = _reset_peak_rss()
   times = []
   for _ in range(iters):
     start = time.perf_counter()
@@ -168,7 +187,8 @@ def worker(framework: str, case: str, unet_dir: Path, preset: str, iters: int, d
     times.append(time.perf_counter() - start)
   result = dict(framework=framework, case=case, first_call_s=first, times_s=times,
                 median_s=statistics.median(times),
-                peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+                peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                steady_peak_rss_mb=_peak_rss_mb() if steady_from else None)
   if framework == "jax":
     import jax
     stats = jax.devices()[0].memory_stats() or {}
@@ -228,7 +248,8 @@ def bench(preset: str = "reduced", cases=CASES, frameworks=FRAMEWORKS, reps: int
           r["rep"] = rep
           results.append(r)
           print_fn(f"  {case:14s} {fw:5s} rep {rep}: median {r['median_s'] * 1e3:8.1f} ms, "
-                   f"first call {r['first_call_s']:6.1f} s, peak RSS {r['peak_rss_mb']:7.0f} MB")
+                   f"first call {r['first_call_s']:6.1f} s, peak RSS {r['peak_rss_mb']:7.0f} MB "
+                   f"(steps {r.get('steady_peak_rss_mb') or 0:7.0f} MB)")
   summary = {}
   for case in cases:
     row = {}
@@ -237,6 +258,7 @@ def bench(preset: str = "reduced", cases=CASES, frameworks=FRAMEWORKS, reps: int
       row[fw] = dict(median_s=statistics.median(r["median_s"] for r in rs),
                      first_call_s=statistics.median(r["first_call_s"] for r in rs),
                      peak_rss_mb=max(r["peak_rss_mb"] for r in rs),
+                     steady_peak_rss_mb=max(r.get("steady_peak_rss_mb") or 0 for r in rs),
                      device_peak_mb=max((r.get("device_peak_mb", 0) for r in rs), default=0))
     if "jax" in row and "torch" in row:
       row["speedup"] = row["torch"]["median_s"] / row["jax"]["median_s"]
@@ -254,15 +276,16 @@ def format_summary(summary: dict, meta: dict) -> str:
            f"{meta['iters']} iters; {meta['machine']}; device {meta['device']}; jax {meta['jax']}, "
            f"torch {meta['torch']}; {meta['date']})",
            "| case | persona_jax | diffusers PyTorch | speedup (torch/jax) | first call jax / torch "
-           "| peak RSS jax / torch |",
-           "|---|---|---|---|---|---|"]
+           "| peak RSS jax / torch (whole process) | peak RSS jax / torch (during the steps) |",
+           "|---|---|---|---|---|---|---|"]
   for case, row in summary.items():
     j, t = row.get("jax"), row.get("torch")
     fmt = lambda r: f"{r['median_s'] * 1e3:.0f} ms" if r else "-"
     lines.append(
         f"| {case} | {fmt(j)} | {fmt(t)} | {row.get('speedup', float('nan')):.2f}x | "
         f"{j['first_call_s'] if j else float('nan'):.1f} s / {t['first_call_s'] if t else float('nan'):.1f} s | "
-        f"{j['peak_rss_mb'] if j else 0:.0f} / {t['peak_rss_mb'] if t else 0:.0f} MB |")
+        f"{j['peak_rss_mb'] if j else 0:.0f} / {t['peak_rss_mb'] if t else 0:.0f} MB | "
+        f"{j['steady_peak_rss_mb'] if j else 0:.0f} / {t['steady_peak_rss_mb'] if t else 0:.0f} MB |")
   return "\n".join(lines)
 
 

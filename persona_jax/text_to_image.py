@@ -10,7 +10,8 @@ import dataclasses
 import numpy as np
 from tqdm.auto import tqdm
 
-from persona_jax.diffusion.sampling import SDModels, TextConditioning, generate, progress_to
+from persona_jax.diffusion.sampling import (SDModels, TextConditioning, generate, pipeline_scheduler,
+                                            progress_to)
 from persona_jax.errors import ConfigError
 from persona_jax.images import to_uint8
 from persona_jax.pipeline import Pipeline
@@ -79,7 +80,7 @@ def text_to_image(pipe: Pipeline, prompts: str | list[str], negative_prompt: str
                 "negative_ids": tokenize(pipe.tokenizer, [all_negatives[i] for i in padded])}
       images = generate(params, inputs, options.seed, np.asarray(padded) + start_index,
                         options.guidance, options.guidance_rescale, options.eta, models=models,
-                        scheduler=pipe.scheduler_config, num_steps=options.steps,
+                        scheduler=pipeline_scheduler(pipe.scheduler_config), num_steps=options.steps,
                         latent_shape=latent_shape, conditioning=TextConditioning(options.clip_skip),
                         progress=progress)
       out.append(to_uint8(images)[: len(chunk)])

@@ -129,7 +129,7 @@ def _compare_sampling(pipe, unet_t, vae_t, text_t, path, latents):
   import torch
   from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-  from persona_jax.diffusion.sampling import SDModels, generate
+  from persona_jax.diffusion.sampling import SDModels, generate, pipeline_scheduler
   scheduler = DDIMScheduler.from_config(DDIMScheduler.load_config(path, subfolder="scheduler"))
   ref = StableDiffusionPipeline(vae=vae_t, text_encoder=text_t, tokenizer=pipe.tokenizer,
                                 unet=unet_t, scheduler=scheduler, safety_checker=None,
@@ -147,7 +147,8 @@ def _compare_sampling(pipe, unet_t, vae_t, text_t, path, latents):
             "negative_ids": tokenize(pipe.tokenizer, negative)}
   run = functools.partial(generate, pipe.params, inputs, 0, np.arange(b), GUIDANCE, 0.0, 0.0,
                           latents, models=SDModels(pipe.unet, pipe.text_encoder, pipe.vae),
-                          scheduler=pipe.scheduler_config, num_steps=SAMPLING_STEPS,
+                          scheduler=pipeline_scheduler(pipe.scheduler_config),
+                          num_steps=SAMPLING_STEPS,
                           latent_shape=latents.shape[1:])
   name = f"ddim {SAMPLING_STEPS} steps, cfg {GUIDANCE}"
   return [compare(f"{name}: latents", nchw(run(decode=False)), want_latents),

@@ -67,6 +67,13 @@ def test_verify_passes_on_folder_saved_by_diffusers(diffusers_folder, capsys):
   assert out.strip().endswith("PASS")
 
 
+def test_verify_passes_on_make_random_model_folder(model_dirs, capsys):
+  require_torch()
+  assert main(["verify", str(model_dirs["sd1"])]) == 0
+  out = capsys.readouterr().out
+  assert "ddim 3 steps, cfg 7.5: images" in out and out.strip().endswith("PASS")
+
+
 def test_verify_fails_when_outputs_differ(model_dirs, monkeypatch, capsys):
   """A conversion error (here: one bias off by 1) makes verify report FAIL and exit non-zero."""
   require_torch()

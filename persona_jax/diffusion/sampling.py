@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import logging
 from typing import Any, NamedTuple, Protocol
 
 import jax
@@ -29,6 +30,8 @@ from persona_jax.models.norms import LayerNorm
 from persona_jax.models.text_encoder import CLIPTextModel
 from persona_jax.models.unet import UNet2DConditionModel
 from persona_jax.models.vae import AutoencoderKL
+
+log = logging.getLogger(__name__)
 
 
 class DDIMArrays(NamedTuple):
@@ -46,6 +49,21 @@ def ddim_arrays(config: SchedulerConfig, num_steps: int) -> DDIMArrays:
   final = np.float32(1.0) if config.set_alpha_to_one else ab[0]
   alpha_prev = np.where(prev >= 0, ab[np.clip(prev, 0, None)], final).astype(np.float32)
   return DDIMArrays(t.astype(np.int32), ab[t], alpha_prev)
+
+
+def pipeline_scheduler(config: SchedulerConfig) -> SchedulerConfig:
+  """The scheduler config as diffusers' StableDiffusionPipeline samples with it.
+
+  The pipeline rewrites outdated configs (SD 1.x's PNDM config has no `clip_sample`, which DDIM
+  would default to True and clip the latents): `steps_offset` becomes 1 and `clip_sample` False,
+  with a deprecation warning. We do the same, with a log line, so samples match.
+  """
+  fixed = dataclasses.replace(config, steps_offset=1, clip_sample=False)
+  if fixed != config:
+    log.info("scheduler config: using steps_offset=1 and clip_sample=False for sampling, as "
+             "diffusers' StableDiffusionPipeline does (the config says %s, %s)",
+             config.steps_offset, config.clip_sample)
+  return fixed
 
 
 def predict_x0_and_eps(prediction_type: str, model_output, sample, alpha):

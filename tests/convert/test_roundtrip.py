@@ -82,3 +82,52 @@ def test_save_refuses_to_clobber_and_replaces_atomically(pipes, tmp_path):
   save_pipeline(pipes["sd2"], out, overwrite=True)
   assert json.loads((out / "scheduler/scheduler_config.json").read_text())["prediction_type"] == "v_prediction"
   assert [p.name for p in tmp_path.iterdir()] == ["m"]          # no temporary folders left
+
+
+def _copy(model_dirs, tmp_path):
+  import shutil
+  return shutil.copytree(model_dirs["sd1"], tmp_path / "m")
+
+
+def test_sharded_weights_load(model_dirs, pipes, tmp_path):
+  """diffusers' sharded layout: *.safetensors.index.json with a weight_map over shard files."""
+  from safetensors.numpy import save_file
+  folder = _copy(model_dirs, tmp_path)
+  tensors = load_file(folder / "unet/diffusion_pytorch_model.safetensors")
+  keys = sorted(tensors)
+  shards = {"diffusion_pytorch_model-00001-of-00002.safetensors": keys[: len(keys) // 2],
+            "diffusion_pytorch_model-00002-of-00002.safetensors": keys[len(keys) // 2:]}
+  for name, ks in shards.items():
+    save_file({k: tensors[k] for k in ks}, folder / "unet" / name)
+  (folder / "unet/diffusion_pytorch_model.safetensors").unlink()
+  (folder / "unet/diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(
+      {"metadata": {}, "weight_map": {k: n for n, ks in shards.items() for k in ks}}))
+  sharded = load_pipeline(folder)
+  for x, y in zip(jax.tree.leaves(pipes["sd1"].params["unet"]), jax.tree.leaves(sharded.params["unet"])):
+    assert np.array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_text_encoder_without_prefix_and_old_vae_attention_layout(model_dirs, pipes, tmp_path):
+  """transformers >= 5.6 writes text-encoder keys without `text_model.`; old VAEs name the
+  attention query/key/value/proj_attn and LDM conversions keep (C, C, 1, 1) weights."""
+  from safetensors.numpy import save_file
+  folder = _copy(model_dirs, tmp_path)
+  te = load_file(folder / "text_encoder/model.safetensors")
+  save_file({k.removeprefix("text_model."): v for k, v in te.items()},
+            folder / "text_encoder/model.safetensors")
+  vae = load_file(folder / "vae/diffusion_pytorch_model.safetensors")
+  old = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+  renamed = {}
+  for k, v in vae.items():
+    for new, was in old.items():
+      tag = f".attentions.0.{new}."
+      if tag in k:
+        k = k.replace(tag, f".attentions.0.{was}.")
+        v = v[:, :, None, None] if v.ndim == 2 else v
+    renamed[k] = v
+  assert any(".query.weight" in k for k in renamed)
+  save_file(renamed, folder / "vae/diffusion_pytorch_model.safetensors")
+  loaded = load_pipeline(folder)
+  for name in ("text_encoder", "vae"):
+    for x, y in zip(jax.tree.leaves(pipes["sd1"].params[name]), jax.tree.leaves(loaded.params[name])):
+      assert np.array_equal(np.asarray(x), np.asarray(y))

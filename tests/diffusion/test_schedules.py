@@ -51,13 +51,16 @@ STEP_CASES = list(itertools.product(
     ["epsilon", "v_prediction", "sample"],
     [dict(clip_sample=False), dict(clip_sample=True, clip_sample_range=0.5),
      dict(thresholding=True, sample_max_value=1.5, clip_sample=False)],
-    [dict(set_alpha_to_one=False, steps_offset=1), dict(set_alpha_to_one=True, timestep_spacing="trailing")],
+    [dict(set_alpha_to_one=False, steps_offset=1), dict(set_alpha_to_one=True, timestep_spacing="trailing"),
+     dict(timestep_spacing="linspace", rescale_betas_zero_snr=True)],
     [0.0, 0.7]))
 
 
 @pytest.mark.parametrize("prediction,clip,spacing,eta", STEP_CASES)
 def test_ddim_step_matches_diffusers(prediction, clip, spacing, eta):
   torch = require_torch()
+  if spacing.get("rescale_betas_zero_snr") and prediction == "epsilon":
+    pytest.skip("zero terminal SNR with epsilon divides by alpha_bar = 0 (in diffusers too)")
   kw = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
             prediction_type=prediction, **clip, **spacing)
   ref = ddim(**kw)
@@ -126,3 +129,13 @@ def test_guidance_rescale_matches_diffusers(rescale):
   # A scale <= 1 means no guidance, as in diffusers: the conditional output alone.
   np.testing.assert_array_equal(sampling.guide(jnp.asarray(u), jnp.asarray(c), jnp.float32(1.0),
                                                jnp.float32(rescale)), c)
+
+
+def test_pipeline_scheduler_fixes_outdated_configs_like_diffusers():
+  """SD 1.x ships a PNDM config without clip_sample (DDIM's default would clip the latents)."""
+  config = SchedulerConfig.from_dict({"_class_name": "PNDMScheduler", "steps_offset": 0,
+                                      "skip_prk_steps": True})
+  assert config.clip_sample and config.steps_offset == 0
+  fixed = sampling.pipeline_scheduler(config)
+  assert not fixed.clip_sample and fixed.steps_offset == 1
+  assert sampling.pipeline_scheduler(fixed) == fixed
