@@ -92,10 +92,21 @@ def _bench(args) -> int:
   return 0
 
 
+def _setup_logging(verbose: bool) -> None:
+  logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                      format="%(levelname).1s %(name)s: %(message)s")
+  for noisy in ("jax", "absl", "orbax", "httpx", "urllib3", "grain"):
+    logging.getLogger(noisy).setLevel(logging.WARNING)
+  from persona_jax.cache import enable_compilation_cache
+  enable_compilation_cache()
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="persona-jax", description=__doc__.splitlines()[0])
   parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
   sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+  sub.add_parser("train", help="train a method: --config NAME[:tiny] --workdir DIR [--config.a.b=v]",
+                 add_help=False)
 
   p = sub.add_parser("make-random-model", help="write a small random-weight pipeline (diffusers layout)")
   p.add_argument("out", type=Path, help="output folder")
@@ -180,16 +191,71 @@ def _reexec_with_malloc_tunable() -> None:
   os.execve(sys.executable, [sys.executable, "-m", "persona_jax", *sys.argv[1:]], env)
 
 
+def config_path(arg: str) -> str:
+  """`--config` value: a path (`configs/x.py[:variant]`) or a shipped config's name (`x[:variant]`)."""
+  import importlib.resources
+  path, _, variant = arg.partition(":")
+  if not path.endswith(".py") and "/" not in path:
+    shipped = importlib.resources.files("persona_jax.configs") / f"{path}.py"
+    if not shipped.is_file():
+      from persona_jax.errors import ConfigError
+      names = sorted(p.name[:-3] for p in importlib.resources.files("persona_jax.configs").iterdir()
+                     if p.name.endswith(".py") and not p.name.startswith("_"))
+      raise ConfigError(f"--config {arg}: no shipped config '{path}' (shipped: {', '.join(names)})")
+    path = str(shipped)
+  return f"{path}:{variant}" if variant else path
+
+
+def _train(argv) -> int:
+  """`persona-jax train --config NAME[:variant] --workdir DIR [--config.a.b=value ...]`."""
+  from absl import flags
+  from ml_collections import config_flags
+
+  from persona_jax.train.config import run_config
+  from persona_jax.train.loop import train
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "experiment config: configs/NAME.py[:variant] "
+                                  "or NAME[:variant]", flag_values=fv, lock_config=True)
+  flags.DEFINE_string("workdir", None, "run folder (created; an existing run resumes)", flag_values=fv)
+  flags.DEFINE_bool("progress", True, "show a progress bar", flag_values=fv)
+  argv = [f"--config={config_path(a.split('=', 1)[1])}" if a.startswith("--config=") else a
+          for a in argv]
+  for i, a in enumerate(argv[:-1]):
+    if a == "--config":
+      argv[i + 1] = config_path(argv[i + 1])
+  if "--help" in argv or "-h" in argv:
+    print(fv.main_module_help() if hasattr(fv, "main_module_help") else fv)
+    return 0
+  try:
+    fv(["persona-jax train", *argv])
+  except (flags.Error, AttributeError, KeyError, ValueError) as e:
+    message = " ".join(str(e.args[0] if e.args else e).replace("\\'", "'").replace("\\n", " ").split())
+    if len(message) > 1 and message[0] == message[-1] == "'":
+      message = message[1:-1]
+    print(f"persona-jax train: error: unknown or invalid config key: {message}", file=sys.stderr)
+    return 2
+  if fv.config is None or fv.workdir is None:
+    print("persona-jax train: error: --config and --workdir are required", file=sys.stderr)
+    return 2
+  result = train(run_config(fv.config), fv.workdir, progress=fv.progress)
+  for path in result["outputs"] + ([result["samples"]] if result["samples"] else []):
+    print(path)
+  return 0
+
+
 def main(argv=None) -> int:
   if argv is None:
     _reexec_with_malloc_tunable()
+  argv = sys.argv[1:] if argv is None else list(argv)
+  if argv and argv[0] == "train":
+    _setup_logging(verbose=False)
+    try:
+      return _train(argv[1:])
+    except PersonaError as e:
+      print(f"persona-jax train: error: {e}", file=sys.stderr)
+      return 2
   args = build_parser().parse_args(argv)
-  logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                      format="%(levelname).1s %(name)s: %(message)s")
-  for noisy in ("jax", "absl", "orbax", "httpx", "urllib3"):
-    logging.getLogger(noisy).setLevel(logging.WARNING)
-  from persona_jax.cache import enable_compilation_cache
-  enable_compilation_cache()
+  _setup_logging(args.verbose)
   try:
     return args.func(args)
   except PersonaError as e:

@@ -46,11 +46,14 @@ def image_size(pipe: Pipeline, height: int | None, width: int | None) -> tuple[i
 
 def text_to_image(pipe: Pipeline, prompts: str | list[str], negative_prompt: str | list[str] = "",
                   num_images: int = 1, options: SampleOptions = SampleOptions(),
-                  start_index: int = 0, params=None, progress: bool = True) -> np.ndarray:
+                  start_index: int = 0, params=None, progress: bool = True, tokenizer=None,
+                  conditioning=None, expand_prompt=None) -> np.ndarray:
   """Generates `num_images` images per prompt (prompt-major order).
 
   Image k of the run uses the key fold_in(key(seed), start_index + k), so it is the same image
   whatever the batch size. The last batch is padded to the batch size (one compilation).
+  A method's sampling passes its own `params` (the transformed tree), `tokenizer` (with added
+  tokens), `conditioning` hook and `expand_prompt`.
 
   Returns:
     [len(prompts) * num_images, H, W, 3] uint8.
@@ -60,7 +63,10 @@ def text_to_image(pipe: Pipeline, prompts: str | list[str], negative_prompt: str
                else list(negative_prompt))
   if len(negatives) != len(prompts):
     raise ConfigError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
-  all_prompts = [p for p in prompts for _ in range(num_images)]
+  expand = expand_prompt or (lambda p: p)
+  tokenizer = tokenizer or pipe.tokenizer
+  conditioning = conditioning or TextConditioning(options.clip_skip)
+  all_prompts = [expand(p) for p in prompts for _ in range(num_images)]
   all_negatives = [n for n in negatives for _ in range(num_images)]
   h, w = image_size(pipe, options.height, options.width)
   f = pipe.vae_scale_factor
@@ -76,12 +82,12 @@ def text_to_image(pipe: Pipeline, prompts: str | list[str], negative_prompt: str
     for start in range(0, total, bs):
       chunk = list(range(start, min(start + bs, total)))
       padded = chunk + [chunk[-1]] * (bs - len(chunk))
-      inputs = {"ids": tokenize(pipe.tokenizer, [all_prompts[i] for i in padded]),
-                "negative_ids": tokenize(pipe.tokenizer, [all_negatives[i] for i in padded])}
+      inputs = {"ids": tokenize(tokenizer, [all_prompts[i] for i in padded]),
+                "negative_ids": tokenize(tokenizer, [all_negatives[i] for i in padded])}
       images = generate(params, inputs, options.seed, np.asarray(padded) + start_index,
                         options.guidance, options.guidance_rescale, options.eta, models=models,
                         scheduler=pipeline_scheduler(pipe.scheduler_config), num_steps=options.steps,
-                        latent_shape=latent_shape, conditioning=TextConditioning(options.clip_skip),
+                        latent_shape=latent_shape, conditioning=conditioning,
                         progress=progress)
       out.append(to_uint8(images)[: len(chunk)])
   return np.concatenate(out, axis=0)

@@ -49,6 +49,16 @@ def load_tokenizer(folder: Path | str | None = None):
     raise ModelFileError(f"{folder}: cannot load the CLIP tokenizer ({e})") from None
 
 
+def tokenizer_with_tokens(folder: Path | str | None, tokens: tuple[str, ...]):
+  """A fresh tokenizer (not the shared cached one) with `tokens` added, in order, after the
+  vocabulary: their ids are len(vocabulary), len(vocabulary) + 1, ..."""
+  import copy
+  tok = copy.deepcopy(load_tokenizer(folder))
+  if tokens:
+    tok.add_tokens(list(tokens))
+  return tok
+
+
 def tokenize(tokenizer, prompts: str | list[str], max_length: int | None = None) -> np.ndarray:
   """Token ids padded/truncated to `max_length` (default: the tokenizer's 77). -> [B, L] int32."""
   if isinstance(prompts, str):

@@ -180,7 +180,8 @@ class UNetConfig:
   # Runtime choices, not read from config.json.
   dtype: Any = dataclasses.field(default=jnp.float32, metadata=_RUNTIME)
   param_dtype: Any = dataclasses.field(default=jnp.float32, metadata=_RUNTIME)
-  attention: str = dataclasses.field(default="auto", metadata=_RUNTIME)  # auto|einsum|xla|cudnn
+  attention: str = dataclasses.field(default="auto", metadata=_RUNTIME)  # auto|einsum|xla|cudnn|blocked
+  remat: str = dataclasses.field(default="none", metadata=_RUNTIME)      # none|blocks|dots
 
   @classmethod
   def from_dict(cls, raw, source="unet/config.json") -> "UNetConfig":

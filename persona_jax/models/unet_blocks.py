@@ -11,6 +11,7 @@ import functools
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from persona_jax.models.activations import get_activation
@@ -165,9 +166,26 @@ class Transformer2DModel(nn.Module):
     return h + x
 
 
+REMAT_POLICIES = {
+    "blocks": None,                                                   # save nothing inside a block
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # save matmul outputs
+}
+
+
+def maybe_remat(cls, config: UNetConfig):
+  """`cls` with activation checkpointing per `config.remat` (params and names unchanged)."""
+  if config.remat == "none":
+    return cls
+  return nn.remat(cls, policy=REMAT_POLICIES[config.remat])
+
+
 def _resnet(c: UNetConfig, out_channels: int, name: str, output_scale_factor: float = 1.0):
-  return ResnetBlock2D(out_channels, c.norm_num_groups, c.norm_eps, c.act_fn, output_scale_factor,
-                       c.dtype, c.param_dtype, name=name)
+  return maybe_remat(ResnetBlock2D, c)(out_channels, c.norm_num_groups, c.norm_eps, c.act_fn,
+                                       output_scale_factor, c.dtype, c.param_dtype, name=name)
+
+
+def _transformer(c: UNetConfig, channels: int, heads: int, layers: int, name: str):
+  return maybe_remat(Transformer2DModel, c)(c, channels, heads, layers, name=name)
 
 
 class UNetDownBlock(nn.Module):
@@ -185,8 +203,8 @@ class UNetDownBlock(nn.Module):
     for j in range(c.layers_per_block_list[i]):
       x = _resnet(c, out, f"resnets_{j}")(x, temb)
       if cross:
-        x = Transformer2DModel(c, out, c.heads_per_block[i], c.transformer_layers[i],
-                               name=f"attentions_{j}")(x, context)
+        x = _transformer(c, out, c.heads_per_block[i], c.transformer_layers[i],
+                         f"attentions_{j}")(x, context)
       skips.append(x)
     if i < len(c.block_out_channels) - 1:
       x = Downsample2D(out, c.downsample_padding, c.dtype, c.param_dtype, name="downsamplers_0")(x)
@@ -203,8 +221,8 @@ class UNetMidBlock2DCrossAttn(nn.Module):
     c = self.config
     ch = c.block_out_channels[-1]
     x = _resnet(c, ch, "resnets_0", c.mid_block_scale_factor)(x, temb)
-    x = Transformer2DModel(c, ch, c.heads_per_block[-1], c.transformer_layers[-1],
-                           name="attentions_0")(x, context)
+    x = _transformer(c, ch, c.heads_per_block[-1], c.transformer_layers[-1],
+                     "attentions_0")(x, context)
     return _resnet(c, ch, "resnets_1", c.mid_block_scale_factor)(x, temb)
 
 
@@ -225,8 +243,7 @@ class UNetUpBlock(nn.Module):
       x = jnp.concatenate([x, skip], axis=-1)
       x = _resnet(c, out, f"resnets_{j}")(x, temb)
       if cross:
-        x = Transformer2DModel(c, out, heads, c.transformer_layers[::-1][i],
-                               name=f"attentions_{j}")(x, context)
+        x = _transformer(c, out, heads, c.transformer_layers[::-1][i], f"attentions_{j}")(x, context)
     if i < n - 1:
       x = Upsample2D(out, c.dtype, c.param_dtype, name="upsamplers_0")(x, upsample_size)
     return x

@@ -1,0 +1,1 @@
+"""Training data: image folders with captions or prompt templates, and the grain pipeline."""

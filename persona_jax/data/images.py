@@ -1,0 +1,78 @@
+"""Reading training images robustly, and the resize / crop / flip the methods use.
+
+Every image becomes 8-bit RGB: EXIF orientation applied, grayscale expanded, palette and CMYK
+converted, alpha composited onto white, 16-bit and float images scaled down. An unreadable or
+truncated file is a `DataError` naming it; the caller decides what a folder does with files that
+are not images at all.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from persona_jax.errors import PersonaError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+class DataError(PersonaError):
+  """A training image, caption or folder that cannot be used."""
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+  if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+    a = np.asarray(img, dtype=np.float64)
+    top = 65535.0 if a.max() > 255 else 255.0
+    return Image.fromarray(np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8)).convert("RGB")
+  if img.mode == "F":
+    a = np.asarray(img, dtype=np.float64)
+    top = 1.0 if a.max() <= 1.0 else 255.0
+    return Image.fromarray(np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8)).convert("RGB")
+  if img.mode == "P":
+    img = img.convert("RGBA")
+  if img.mode in ("RGBA", "LA", "PA"):
+    img = img.convert("RGBA")
+    background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+    return Image.alpha_composite(background, img).convert("RGB")
+  return img.convert("RGB")
+
+
+def load_image(path: Path) -> np.ndarray:
+  """[H, W, 3] uint8, upright and RGB, or a DataError naming the file."""
+  try:
+    with Image.open(path) as img:
+      img.load()
+      img = ImageOps.exif_transpose(img)
+      rgb = _to_rgb(img)
+  except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    raise DataError(f"{path}: cannot read this image ({e}); fix or remove the file") from None
+  if rgb.width < 8 or rgb.height < 8:
+    raise DataError(f"{path}: image is {rgb.width}x{rgb.height}, too small to train on")
+  return np.asarray(rgb, dtype=np.uint8)
+
+
+def resize_shorter_side(image: np.ndarray, size: int) -> np.ndarray:
+  """Bicubic resize so the shorter side is `size` (as the Textual Inversion/DreamBooth examples)."""
+  h, w = image.shape[:2]
+  scale = size / min(h, w)
+  new = (max(size, round(w * scale)), max(size, round(h * scale)))
+  if new == (w, h):
+    return image
+  return np.asarray(Image.fromarray(image).resize(new, Image.Resampling.BICUBIC))
+
+
+def crop(image: np.ndarray, size: int, top: int, left: int) -> np.ndarray:
+  return image[top: top + size, left: left + size]
+
+
+def center_crop_offsets(image: np.ndarray, size: int) -> tuple[int, int]:
+  h, w = image.shape[:2]
+  return (h - size) // 2, (w - size) // 2
+
+
+def to_model_range(image: np.ndarray) -> np.ndarray:
+  """uint8 [H, W, 3] -> float32 in [-1, 1]."""
+  return image.astype(np.float32) / 127.5 - 1.0

@@ -1,0 +1,179 @@
+"""The instance-image pipeline: grain MapDataset -> shuffled epochs -> per-example augmentation
+-> batches of numpy arrays keyed as methods/base.py says.
+
+Expensive work happens once, before training:
+  * images are decoded, resized (shorter side to `resolution`) and, with center crops, cropped;
+  * with center crops the only randomness left is the flip, so the VAE moments of every
+    (image, flip) pair are encoded once; a latent is sampled from them in the step. With random
+    crops the step encodes pixels instead;
+  * when nothing in the text path trains, the text-encoder output of every caption the run can
+    see is computed once (`context`); otherwise the step gets token ids.
+Augmentation randomness comes from grain's per-element generator, so batch k is the same
+whenever it is produced (resume, iterator state in checkpoints).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Callable
+
+import grain
+import jax
+import numpy as np
+
+from persona_jax.data import images as img_ops
+from persona_jax.data.images import DataError
+from persona_jax.data.sources import read_image_folder
+from persona_jax.data.templates import TEMPLATES
+from persona_jax.errors import ConfigError
+from persona_jax.methods.base import CONTEXT, IDS, LATENT_LOGVAR, LATENT_MEAN, PIXELS
+
+log = logging.getLogger(__name__)
+
+CAPTION_SOURCES = ("templates", "prompt", "files")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  instance_dir: str = ""            # "": the bundled example subject
+  caption_source: str = "templates"  # templates | prompt | files (NAME.txt or metadata.jsonl)
+  prompt: str = ""                  # templates: the words put into each template; prompt: the caption
+  templates: str = "object"         # object | style
+  resolution: int = 512
+  center_crop: bool = True          # False: random crops, encoded by the VAE every step
+  random_flip: float = 0.5
+  caption_dropout: float = 0.0      # probability of training on the empty caption (for CFG)
+
+
+def example_subject_dir() -> Path:
+  """The bundled example subject images (package data)."""
+  import importlib.resources
+  return Path(str(importlib.resources.files("persona_jax") / "assets" / "example_subject"))
+
+
+@dataclasses.dataclass
+class InstanceSet:
+  """Decoded, resized instance images and their captions (one per image, or None)."""
+  images: list[np.ndarray]          # uint8 [R, R, 3] (center crop) or [>=R, >=R, 3]
+  captions: list[str]               # the caption pool of each image
+  folder: Path
+
+
+def caption_pool(config: DataConfig, file_caption: str | None, expand: Callable[[str], str]):
+  """All captions an image can be trained with (before caption dropout)."""
+  if config.caption_source == "templates":
+    if config.templates not in TEMPLATES:
+      raise ConfigError(f"data.templates: '{config.templates}' is not one of {', '.join(TEMPLATES)}")
+    if not config.prompt:
+      raise ConfigError("data.prompt: templates need the words to put in them (e.g. the placeholder)")
+    return [expand(t.format(config.prompt)) for t in TEMPLATES[config.templates]]
+  if config.caption_source == "prompt":
+    if not config.prompt:
+      raise ConfigError("data.prompt: caption_source 'prompt' needs a prompt")
+    return [expand(config.prompt)]
+  return [expand(file_caption)]
+
+
+def load_instances(config: DataConfig, expand: Callable[[str], str]) -> InstanceSet:
+  if config.caption_source not in CAPTION_SOURCES:
+    raise ConfigError(f"data.caption_source: '{config.caption_source}' is not one of "
+                      f"{', '.join(CAPTION_SOURCES)}")
+  folder = Path(config.instance_dir) if config.instance_dir else example_subject_dir()
+  examples = read_image_folder(folder, need_captions=config.caption_source == "files")
+  images = []
+  for e in examples:
+    image = img_ops.resize_shorter_side(img_ops.load_image(e.path), config.resolution)
+    if config.center_crop:
+      image = img_ops.crop(image, config.resolution, *img_ops.center_crop_offsets(image, config.resolution))
+    images.append(image)
+  captions = [caption_pool(config, e.caption, expand) for e in examples]
+  log.info("%s: %d instance image(s) at %dpx", folder, len(images), config.resolution)
+  return InstanceSet(images, captions, folder)
+
+
+def encode_moments(vae, vae_params, images: np.ndarray, batch: int = 8):
+  """VAE moments of every image and its mirror: (mean, logvar), each [N, 2, h, w, c] float32."""
+  encode = jax.jit(lambda p, x: vae.apply({"params": p}, x, method="encode"))
+  pixels = img_ops.to_model_range(images)
+  both = np.stack([pixels, pixels[:, :, ::-1]], axis=1).reshape(-1, *pixels.shape[1:])
+  means, logvars = [], []
+  for start in range(0, len(both), batch):
+    chunk = both[start: start + batch]
+    pad = batch - len(chunk)
+    m = encode(vae_params, np.concatenate([chunk, np.repeat(chunk[-1:], pad, 0)]) if pad else chunk)
+    means.append(np.asarray(m.mean)[: len(chunk)])
+    logvars.append(np.asarray(m.logvar)[: len(chunk)])
+  shape = (len(images), 2) + means[0].shape[1:]
+  return (np.concatenate(means).reshape(shape).astype(np.float32),
+          np.concatenate(logvars).reshape(shape).astype(np.float32))
+
+
+def encode_captions(encode_fn, tokenize_fn, captions: list[str], batch: int = 16) -> np.ndarray:
+  """Text-encoder outputs of `captions`: [K, L, D] float32."""
+  out = []
+  for start in range(0, len(captions), batch):
+    chunk = captions[start: start + batch]
+    ids = tokenize_fn(chunk + [chunk[-1]] * (batch - len(chunk)))
+    out.append(np.asarray(encode_fn(ids))[: len(chunk)])
+  return np.concatenate(out).astype(np.float32)
+
+
+@dataclasses.dataclass
+class Augment(grain.transforms.RandomMap):
+  """Index of an instance -> one training example (flip, crop, caption, dropout)."""
+  config: DataConfig
+  instances: InstanceSet
+  tokenize: Callable[[list[str]], np.ndarray] | None      # None when contexts are cached
+  moments: tuple[np.ndarray, np.ndarray] | None           # [N, 2, h, w, c] each, or None
+  caption_index: dict[str, int] | None                    # caption -> row of the context table
+  contexts: np.ndarray | None                             # [K, L, D]
+
+  def random_map(self, index, rng: np.random.Generator):
+    c = self.config
+    flip = int(rng.random() < c.random_flip)
+    pool = self.instances.captions[index]
+    caption = pool[int(rng.integers(len(pool)))]
+    if c.caption_dropout and rng.random() < c.caption_dropout:
+      caption = ""
+    out = {}
+    if self.moments is not None:
+      out[LATENT_MEAN] = self.moments[0][index, flip]
+      out[LATENT_LOGVAR] = self.moments[1][index, flip]
+    else:
+      image = self.instances.images[index]
+      r = c.resolution
+      top = int(rng.integers(image.shape[0] - r + 1))
+      left = int(rng.integers(image.shape[1] - r + 1))
+      image = img_ops.crop(image, r, top, left)
+      out[PIXELS] = img_ops.to_model_range(image[:, ::-1] if flip else image)
+    if self.contexts is not None:
+      out[CONTEXT] = self.contexts[self.caption_index[caption]]
+    else:
+      out[IDS] = self.tokenize([caption])[0]
+    return out
+
+
+def make_dataset(config: DataConfig, instances: InstanceSet, batch_size: int, seed: int, *,
+                 tokenize=None, moments=None, caption_index=None, contexts=None):
+  """The infinite, reshuffled-every-epoch batch dataset (grain MapDataset)."""
+  if batch_size < 1:
+    raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+  augment = Augment(config, instances, tokenize, moments, caption_index, contexts)
+  return (grain.MapDataset.source(list(range(len(instances.images)))).seed(seed).shuffle().repeat()
+          .random_map(augment).batch(batch_size, drop_remainder=True))
+
+
+def make_iterator(dataset):
+  """A checkpointable iterator (grain state: the next batch index)."""
+  return iter(dataset.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)))
+
+
+def all_captions(instances: InstanceSet, caption_dropout: float) -> list[str]:
+  pool = sorted({c for p in instances.captions for c in p} | ({""} if caption_dropout else set()))
+  return pool
+
+
+__all__ = ["DataConfig", "DataError", "InstanceSet", "load_instances", "encode_moments",
+           "encode_captions", "make_dataset", "make_iterator", "all_captions", "example_subject_dir"]

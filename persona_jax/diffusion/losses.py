@@ -1,0 +1,86 @@
+"""The denoising objective every method trains with, and its weightings.
+
+`Objective.loss` turns a batch into the mean squared error between the UNet's output and the
+training target of the scheduler's `prediction_type`, with optional min-SNR-gamma weighting,
+offset noise, per-example weights (DreamBooth's prior preservation) and per-pixel masks
+(Custom Diffusion's zoom augmentation).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from persona_jax.diffusion.schedules import (SchedulerConfig, add_noise, alphas_cumprod,
+                                             training_target)
+
+
+def snr(alphas_cumprod, t):
+  """Signal-to-noise ratio alpha_bar / (1 - alpha_bar) at timesteps t: [B]."""
+  ab = jnp.take(alphas_cumprod, t)
+  return ab / (1.0 - ab)
+
+
+def min_snr_weights(snr_t, gamma: float, prediction_type: str):
+  """Min-SNR-gamma loss weights (Hang et al. 2023), finite at SNR 0 and SNR infinity.
+
+  epsilon: min(snr, gamma) / snr = min(1, gamma / snr)   (1 at SNR 0, 0 at SNR inf)
+  v:       min(snr, gamma) / (snr + 1)                     (0 at SNR 0 and at SNR inf)
+  sample:  min(snr, gamma)
+  """
+  if prediction_type == "epsilon":
+    return jnp.where(snr_t > 0, jnp.minimum(1.0, gamma / jnp.maximum(snr_t, 1e-38)), 1.0)
+  if prediction_type == "v_prediction":
+    return jnp.where(jnp.isfinite(snr_t), jnp.minimum(snr_t, gamma) / (snr_t + 1.0), 0.0)
+  return jnp.minimum(snr_t, gamma)
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+  """The diffusion objective of a training run (a static argument of the jitted step)."""
+  scheduler: SchedulerConfig
+  vae_scaling_factor: float
+  min_snr_gamma: float = 0.0           # 0: off
+  offset_noise: float = 0.0            # 0: off (0.05-0.1 is the usual value)
+
+  def loss(self, latents, predict, rng, weights=None, mask=None):
+    """The denoising loss of one batch.
+
+    Args:
+      latents: [B, h, w, c] clean latents (already scaled by the VAE's scaling factor).
+      predict: (noisy latents [B, h, w, c], timesteps [B]) -> model output [B, h, w, c].
+      rng: key for noise and timesteps.
+      weights: optional [B] per-example weights; the loss is sum(w * per-example loss).
+        Without them it is the mean over the batch.
+      mask: optional [B, h, w, 1] in {0, 1}: only masked positions count.
+    Returns:
+      (scalar loss, metrics dict).
+    """
+    noise_rng, offset_rng, t_rng = jax.random.split(rng, 3)
+    b = latents.shape[0]
+    ab = jnp.asarray(alphas_cumprod(self.scheduler))
+    noise = jax.random.normal(noise_rng, latents.shape, jnp.float32)
+    if self.offset_noise:
+      noise = noise + self.offset_noise * jax.random.normal(
+          offset_rng, (b, 1, 1, latents.shape[-1]), jnp.float32)
+    t = jax.random.randint(t_rng, (b,), 0, self.scheduler.num_train_timesteps)
+    latents = latents.astype(jnp.float32)
+    noisy = add_noise(ab, latents, noise, t)
+    target = training_target(self.scheduler.prediction_type, ab, latents, noise, t)
+    pred = predict(noisy, t).astype(jnp.float32)
+    err = jnp.square(pred - target)                                       # [B, h, w, c]
+    if mask is None:
+      per_example = err.mean(axis=(1, 2, 3))
+    else:
+      m = jnp.broadcast_to(mask.astype(jnp.float32), err.shape)
+      per_example = (err * m).sum(axis=(1, 2, 3)) / jnp.maximum(m.sum(axis=(1, 2, 3)), 1.0)
+    if self.min_snr_gamma:
+      per_example = per_example * min_snr_weights(snr(ab, t), self.min_snr_gamma,
+                                                   self.scheduler.prediction_type)
+    if weights is None:
+      loss = per_example.mean()
+    else:
+      loss = jnp.sum(per_example * weights)
+    return loss, {"mse": err.mean(), "timestep_mean": t.astype(jnp.float32).mean()}

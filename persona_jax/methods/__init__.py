@@ -1,0 +1,1 @@
+"""Personalization methods: each is data plus small pure functions (see base.Method)."""

@@ -1,0 +1,114 @@
+"""A method is (which params train, what it adds, a pure param transform, how text becomes
+conditioning, extra loss terms), never a trainer. `method_loss` is the one loss every method
+trains with; `MethodConditioning` samples with the same text path.
+
+Batch keys (numpy arrays with a leading batch axis; only the ones a run needs are present):
+  latent_mean, latent_logvar  [B, h, w, c]  cached VAE moments; a latent is sampled each step
+  pixels                      [B, H, W, 3]  images in [-1, 1], VAE-encoded in the step (random crops)
+  ids                         [B, L] int    token ids (the text encoder runs in the step)
+  context                     [B, L, D]     cached text-encoder output (nothing in the text path trains)
+  weight                      [B]           per-example loss weights (prior preservation)
+  mask                        [B, h, w, 1]  loss mask
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from persona_jax import tree
+from persona_jax.diffusion.losses import Objective
+from persona_jax.diffusion.sampling import SDModels
+from persona_jax.models.vae import Moments
+
+LATENT_MEAN, LATENT_LOGVAR, PIXELS = "latent_mean", "latent_logvar", "pixels"
+IDS, CONTEXT, WEIGHT, MASK = "ids", "context", "weight", "mask"
+
+
+def no_new_params(rng, base):
+  return {}
+
+
+def identity_prompt(prompt: str) -> str:
+  return prompt
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """A personalization method as data (hashable: it is a static argument of the jitted step).
+
+  Attributes:
+    name: registry name.
+    select: rules over `/`-joined param paths of the base model; matched leaves train.
+    init_trainable: (rng, base params) -> the new params the method adds.
+    transform: (frozen, trainable) -> the params the unchanged models see.
+    input_embeddings: (params, ids [B, L]) -> [B, L, D] token embeddings, for methods that add
+      token rows (they enter as input embeddings, never as a bigger table); None: the table.
+    regularizers: extra loss terms, each (params, trainable, batch) -> (name, scalar).
+    added_tokens: token strings the method adds to the tokenizer, in id order.
+    expand_prompt: prompt -> prompt (e.g. a multi-vector placeholder to its vector tokens).
+  """
+  name: str
+  select: tree.Rules = ()
+  init_trainable: Callable = no_new_params
+  transform: Callable = tree.merge
+  input_embeddings: Callable | None = None
+  regularizers: tuple[Callable, ...] = ()
+  added_tokens: tuple[str, ...] = ()
+  expand_prompt: Callable[[str], str] = identity_prompt
+
+  def text_trains(self) -> bool:
+    """Whether anything in the text path trains (then text embeddings cannot be cached)."""
+    return self.input_embeddings is not None or any(
+        p.startswith("text_encoder") for p, _ in self.select)
+
+
+def encode_text(method: Method, models: SDModels, params, ids):
+  """[B, L] ids -> [B, L, D] conditioning through the method's text path."""
+  embeds = None if method.input_embeddings is None else method.input_embeddings(params, ids)
+  out = models.text_encoder.apply({"params": params["text_encoder"]}, ids, embeds)
+  return out.last_hidden_state
+
+
+def batch_latents(models: SDModels, params, batch, rng):
+  """Clean latents [B, h, w, c] of a batch, scaled by the VAE's scaling factor."""
+  scale = models.vae.config.scaling_factor
+  if LATENT_MEAN in batch:
+    moments = Moments(batch[LATENT_MEAN], batch[LATENT_LOGVAR])
+  else:
+    moments = models.vae.apply({"params": params["vae"]}, batch[PIXELS], method="encode")
+  return jax.lax.stop_gradient(moments.sample(rng).astype(jnp.float32) * scale)
+
+
+def method_loss(method: Method, models: SDModels, objective: Objective, params, trainable, batch,
+                rng):
+  """The denoising loss plus the method's regularizers. Returns (loss, metrics)."""
+  latent_rng, loss_rng = jax.random.split(rng)
+  latents = batch_latents(models, params, batch, latent_rng)
+  context = batch[CONTEXT] if CONTEXT in batch else encode_text(method, models, params, batch[IDS])
+
+  def predict(noisy, t):
+    return models.unet.apply({"params": params["unet"]}, noisy, t, context)
+  loss, metrics = objective.loss(latents, predict, loss_rng, batch.get(WEIGHT), batch.get(MASK))
+  metrics = dict(metrics, denoising_loss=loss)
+  for regularizer in method.regularizers:
+    name, value = regularizer(params, trainable, batch)
+    metrics[name] = value
+    loss = loss + value
+  return loss, metrics
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodConditioning:
+  """The sampler's conditioning hook for a method's text path (see diffusion.sampling)."""
+  method: Method
+
+  def prepare(self, models, params, inputs):
+    return {"cond": encode_text(self.method, models, params, inputs["ids"]),
+            "uncond": encode_text(self.method, models, params, inputs["negative_ids"])}
+
+  def at_step(self, models, params, state, step, t, latents):
+    return {"encoder_hidden_states": state["cond"]}, {"encoder_hidden_states": state["uncond"]}

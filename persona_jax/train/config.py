@@ -1,0 +1,101 @@
+"""The typed config of a training run, built from an ml_collections ConfigDict (or a dict) at the
+boundary: library code never sees a ConfigDict, and a key that is not an option is an error
+naming it (`data.resolutoin`)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+from persona_jax.data.pipeline import DataConfig
+from persona_jax.errors import ConfigError
+from persona_jax.methods.registry import method_config
+from persona_jax.train.optim import OptimConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+  model: str = "default"             # a diffusers folder, or "default": the embedded default
+  method: Mapping[str, Any] = dataclasses.field(default_factory=dict)   # {"name": ..., options}
+  data: DataConfig = DataConfig()
+  optim: OptimConfig = OptimConfig()
+  steps: int = 1000                  # optimizer steps
+  batch_size: int = 1                # per optimizer micro-step, over all devices
+  seed: int = 0
+  mixed_precision: str = "no"        # no | bf16 (bf16 compute, float32 trainable params)
+  remat: str = "none"                # none | blocks | dots (UNet activation checkpointing)
+  min_snr_gamma: float = 0.0         # 0: off; 5 is the paper's value
+  offset_noise: float = 0.0
+  fsdp: int = 1                      # size of the mesh's fsdp axis
+  sharding: tuple = ()               # ((regex over param paths, "replicate" | "fsdp"), ...)
+  log_every: int = 10
+  checkpoint_every: int = 100
+  keep_checkpoints: int = 3
+  sample_every: int = 0              # 0: sample only at the end
+  sample_prompts: tuple = ()
+  sample_negative_prompt: str = ""
+  sample_steps: int = 25
+  sample_guidance: float = 7.5
+  sample_images: int = 2             # per prompt
+  sample_seed: int = 0
+
+  @property
+  def method_name(self) -> str:
+    return self.method["name"]
+
+  @property
+  def method_options(self) -> dict:
+    return {k: v for k, v in self.method.items() if k != "name"}
+
+  def to_dict(self) -> dict:
+    return _plain(dataclasses.asdict(self))
+
+
+def _plain(x):
+  if isinstance(x, Mapping):
+    return {k: _plain(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_plain(v) for v in x]
+  return x
+
+
+def _tuples(x):
+  if isinstance(x, (list, tuple)):
+    return tuple(_tuples(v) for v in x)
+  return x
+
+
+def _typed(cls, values: Mapping, prefix: str):
+  fields = {f.name: f for f in dataclasses.fields(cls)}
+  out = {}
+  for key, value in values.items():
+    if key not in fields:
+      raise ConfigError(f"config key '{prefix}{key}' is not an option (options under "
+                        f"'{prefix or 'the top level'}': {', '.join(sorted(fields))})")
+    f = fields[key]
+    if dataclasses.is_dataclass(f.default):
+      out[key] = _typed(type(f.default), value, f"{prefix}{key}.")
+    elif key == "method":
+      out[key] = dict(value)
+    else:
+      out[key] = _tuples(value)
+  return cls(**out)
+
+
+def run_config(values) -> RunConfig:
+  """RunConfig from a ConfigDict or nested dict; checks every key, including the method's."""
+  if hasattr(values, "to_dict"):
+    values = values.to_dict()
+  config = _typed(RunConfig, values, "")
+  if "name" not in config.method:
+    raise ConfigError("config key 'method.name' is missing")
+  method_config(config.method_name, config.method_options)     # typos in method options fail here
+  if config.mixed_precision not in ("no", "bf16"):
+    raise ConfigError(f"mixed_precision: '{config.mixed_precision}' is not one of no, bf16")
+  if config.remat not in ("none", "blocks", "dots"):
+    raise ConfigError(f"remat: '{config.remat}' is not one of none, blocks, dots")
+  for name in ("steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
+    if getattr(config, name) < 1:
+      raise ConfigError(f"{name} must be >= 1, got {getattr(config, name)}")
+  return config

@@ -1,0 +1,81 @@
+"""The optimizer of a run: AdamW per param group, learning-rate schedule with warmup, global-norm
+clipping, gradient accumulation. Built only over the trainable tree."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+import optax
+
+from persona_jax import tree
+from persona_jax.errors import ConfigError
+
+SCHEDULES = ("constant", "linear", "cosine")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  lr: float = 1e-4
+  scale_lr: bool = False         # multiply lr by batch size x gradient accumulation x devices
+  schedule: str = "constant"     # after warmup: constant | linear | cosine (decay to 0)
+  warmup_steps: int = 0
+  b1: float = 0.9
+  b2: float = 0.999
+  eps: float = 1e-8
+  weight_decay: float = 1e-2
+  clip_grad_norm: float = 1.0    # 0: off
+  grad_accum: int = 1
+  groups: tuple = ()             # ((regex over trainable paths, lr multiplier), ...); rest: 1.0
+  ema_decay: float = 0.0         # 0: no EMA of the trainable params
+
+
+def learning_rate(config: OptimConfig, total_steps: int, batch_size: int, num_devices: int = 1):
+  """The schedule (optimizer step -> lr) and the peak lr after `scale_lr`."""
+  if config.schedule not in SCHEDULES:
+    raise ConfigError(f"optim.schedule: '{config.schedule}' is not one of {', '.join(SCHEDULES)}")
+  peak = config.lr * (batch_size * config.grad_accum * num_devices if config.scale_lr else 1)
+  warmup = max(0, config.warmup_steps)
+  decay_steps = max(1, total_steps - warmup)
+  if config.schedule == "constant":
+    after = optax.constant_schedule(peak)
+  elif config.schedule == "linear":
+    after = optax.linear_schedule(peak, 0.0, decay_steps)
+  else:
+    after = optax.cosine_decay_schedule(peak, decay_steps)
+  if warmup:
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup]), peak
+  return after, peak
+
+
+def make_optimizer(config: OptimConfig, trainable, *, total_steps: int, batch_size: int,
+                   num_devices: int = 1):
+  """(tx, schedule): AdamW over `trainable` with per-group lr multipliers, clipping, accumulation."""
+  schedule, _ = learning_rate(config, total_steps, batch_size, num_devices)
+
+  def adamw(multiplier):
+    return optax.adamw(lambda step: schedule(step) * multiplier, b1=config.b1, b2=config.b2,
+                       eps=config.eps, weight_decay=config.weight_decay)
+  groups = tuple((pattern, float(mult)) for pattern, mult in config.groups)
+  if groups:
+    labels = tree.label(trainable, [(p, f"group{i}") for i, (p, _) in enumerate(groups)], "default")
+    txs = {f"group{i}": adamw(m) for i, (_, m) in enumerate(groups)} | {"default": adamw(1.0)}
+    tx = optax.multi_transform(txs, labels)
+  else:
+    tx = adamw(1.0)
+  if config.clip_grad_norm:
+    tx = optax.chain(optax.clip_by_global_norm(config.clip_grad_norm), tx)
+  if config.grad_accum > 1:
+    tx = optax.MultiSteps(tx, every_k_schedule=config.grad_accum)
+  return tx, schedule
+
+
+def ema_update(ema, trainable, decay: float):
+  """ema <- decay * ema + (1 - decay) * trainable."""
+  import jax
+  return jax.tree.map(lambda e, p: e + (1.0 - decay) * (p.astype(e.dtype) - e), ema, trainable)
+
+
+def optimizer_step(step, grad_accum: int):
+  """The optimizer step a micro-step belongs to (what the lr schedule sees)."""
+  return jnp.asarray(step) // max(1, grad_accum)
