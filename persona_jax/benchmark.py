@@ -8,6 +8,10 @@ CPU; on GPU the device's peak bytes are reported too).
 Cases (more join as methods land):
   unet_forward   UNet forward at batch 2 (one classifier-free-guidance step), no gradients
   unet_train     full-UNet train step at batch 4: forward, backward, AdamW
+  ti_train       Textual Inversion step at batch 4: text encoder with one new token row, UNet,
+                 backward to the row, AdamW (persona_jax: the row only; PyTorch as diffusers'
+                 example: AdamW over the whole embedding table, other rows restored), from
+                 latents (diffusers' script also VAE-encodes pixels every step)
 Presets:
   reduced  the SD 1.5 architecture at reduced width: block_out_channels (64, 128, 256, 256),
            layers_per_block 2, 8 heads, cross_attention_dim 256, 32x32 latents (CPU-sized)
@@ -30,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-CASES = ("unet_forward", "unet_train")
+CASES = ("unet_forward", "unet_train", "ti_train")
 FRAMEWORKS = ("jax", "torch")
 
 
@@ -38,6 +42,7 @@ FRAMEWORKS = ("jax", "torch")
 class Preset:
   unet: dict
   latent: int          # latent height = width
+  text_encoder: dict = dataclasses.field(default_factory=dict)
   context_len: int = 77
 
 
@@ -45,13 +50,22 @@ _SD15_BLOCKS = dict(
     down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
     up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
     layers_per_block=2, attention_head_dim=8, in_channels=4, out_channels=4, norm_num_groups=32)
+_CLIP = dict(vocab_size=49408, max_position_embeddings=77, hidden_act="quick_gelu",
+             bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, layer_norm_eps=1e-5)
 PRESETS = {
     "reduced": Preset(dict(_SD15_BLOCKS, block_out_channels=[64, 128, 256, 256],
-                           cross_attention_dim=256, sample_size=32), latent=32),
+                           cross_attention_dim=256, sample_size=32), latent=32,
+                      text_encoder=dict(_CLIP, hidden_size=256, intermediate_size=1024,
+                                        num_hidden_layers=12, num_attention_heads=4,
+                                        projection_dim=256)),
     "sd15": Preset(dict(_SD15_BLOCKS, block_out_channels=[320, 640, 1280, 1280],
-                        cross_attention_dim=768, sample_size=64), latent=64),
+                        cross_attention_dim=768, sample_size=64), latent=64,
+                   text_encoder=dict(_CLIP, hidden_size=768, intermediate_size=3072,
+                                     num_hidden_layers=12, num_attention_heads=12,
+                                     projection_dim=768)),
 }
-BATCH = {"unet_forward": 2, "unet_train": 4}
+BATCH = {"unet_forward": 2, "unet_train": 4, "ti_train": 4}
+PLACEHOLDER_POSITION = 5
 
 
 def write_unet(folder: Path, preset: Preset, seed: int = 0) -> Path:
@@ -66,6 +80,31 @@ def write_unet(folder: Path, preset: Preset, seed: int = 0) -> Path:
   write_json(folder / "config.json", {"_class_name": "UNet2DConditionModel", **preset.unet})
   write_safetensors(folder / "diffusion_pytorch_model.safetensors", params_to_state_dict(params))
   return folder
+
+
+def write_text_encoder(folder: Path, preset: Preset, seed: int = 1) -> Path:
+  """A random CLIP text encoder folder (transformers layout, `text_model.` keys)."""
+  from persona_jax.convert.diffusers import params_to_state_dict
+  from persona_jax.convert.files import write_json, write_safetensors
+  from persona_jax.models.configs import TextEncoderConfig
+  from persona_jax.pipeline import abstract_params
+  from persona_jax.random_model import random_params
+  config = TextEncoderConfig.from_dict(preset.text_encoder)
+  params = random_params(abstract_params("text_encoder", config), np.random.default_rng(seed))
+  write_json(folder / "config.json", {"architectures": ["CLIPTextModel"],
+                                      "model_type": "clip_text_model", **preset.text_encoder})
+  write_safetensors(folder / "model.safetensors", params_to_state_dict(params, prefix="text_model."))
+  return folder
+
+
+def _ids(batch: int):
+  """Token ids [B, 77]: BOS, random words, the new token (id 49408) at a fixed position, EOS pad."""
+  rng = np.random.default_rng(2)
+  ids = np.full((batch, 77), 49407, np.int64)
+  ids[:, 0] = 49406
+  ids[:, 1:9] = rng.integers(300, 40000, (batch, 8))
+  ids[:, PLACEHOLDER_POSITION] = 49408
+  return ids
 
 
 def _inputs(preset: Preset, batch: int, channels_last: bool):
@@ -104,6 +143,8 @@ def _jax_case(case: str, unet_dir: Path, preset: Preset, dtype: str):
   if case == "unet_forward":
     fwd = jax.jit(unet.apply)
     return lambda: jax.block_until_ready(fwd({"params": params}, x, t, ctx))
+  if case == "ti_train":
+    return _jax_ti_step(unet, params, unet_dir.parent / "text_encoder", x, noise, jdtype)
   tx = optax.adamw(1e-5)
   opt_state = tx.init(params)
 
@@ -120,6 +161,86 @@ def _jax_case(case: str, unet_dir: Path, preset: Preset, dtype: str):
   def run():
     carry[0], carry[1], loss = step(carry[0], carry[1], x, t, ctx, noise)
     jax.block_until_ready(loss)
+  return run
+
+
+def _jax_ti_step(unet, unet_params, text_dir: Path, latents, noise, jdtype):
+  """Our Textual Inversion step (the real train_step and method) from cached-latent batches."""
+  import functools
+
+  import jax
+  import jax.numpy as jnp
+
+  from persona_jax.convert.diffusers import state_dict_to_params, text_encoder_adapt
+  from persona_jax.convert.files import read_weights
+  from persona_jax.diffusion.losses import Objective
+  from persona_jax.diffusion.sampling import SDModels
+  from persona_jax.diffusion.schedules import SchedulerConfig
+  from persona_jax.methods import textual_inversion as ti
+  from persona_jax.models.configs import TextEncoderConfig, VAEConfig, read_json
+  from persona_jax.models.text_encoder import CLIPTextModel
+  from persona_jax.models.vae import AutoencoderKL
+  from persona_jax.pipeline import abstract_params
+  from persona_jax.train.optim import OptimConfig, make_optimizer
+  from persona_jax.train.state import init_state
+  from persona_jax.train.step import train_step
+  config = dataclasses.replace(TextEncoderConfig.from_dict(read_json(text_dir / "config.json")),
+                               dtype=jdtype)
+  state, source = read_weights(text_dir, "model")
+  text_params = state_dict_to_params(state, abstract_params("text_encoder", config), source=source,
+                                     adapt=text_encoder_adapt)
+  frozen = jax.device_put({"unet": unet_params, "text_encoder": text_params})
+  method = ti.make(ti.TextualInversionConfig(placeholder="<bench>", initializer="toy"), frozen)
+  trainable = method.init_trainable(jax.random.PRNGKey(0), frozen)
+  tx, _ = make_optimizer(OptimConfig(lr=1e-3, clip_grad_norm=0.0), trainable, total_steps=10,
+                         batch_size=latents.shape[0])
+  models = SDModels(unet, CLIPTextModel(config), AutoencoderKL(VAEConfig(latent_channels=4)))
+  objective = Objective(SchedulerConfig(beta_schedule="scaled_linear", beta_start=0.00085,
+                                        beta_end=0.012), 1.0)
+  step = jax.jit(functools.partial(train_step, method=method, models=models, objective=objective,
+                                   tx=tx), donate_argnums=0)
+  batch = {"latent_mean": latents, "latent_logvar": jnp.full(latents.shape, -30.0),
+           "ids": jnp.asarray(_ids(latents.shape[0]), jnp.int32)}
+  carry = [init_state(trainable, tx, seed=0)]
+
+  def run():
+    carry[0], metrics = step(carry[0], frozen, batch)
+    jax.block_until_ready(metrics["loss"])
+  del noise
+  return run
+
+
+def _torch_ti_step(unet, text_dir: Path, x, noise, t, tdtype, device, sync):
+  """diffusers' textual_inversion.py step: embedding table trainable (AdamW over all of it),
+  text encoder and UNet frozen, other rows restored after the step."""
+  import torch
+  from transformers import CLIPTextModel
+  text = CLIPTextModel.from_pretrained(text_dir).to(device=device, dtype=tdtype)
+  text.resize_token_embeddings(text.config.vocab_size + 1)
+  table = text.get_input_embeddings().weight
+  with torch.no_grad():
+    table[-1] = table[1000]
+  unet.requires_grad_(False)
+  text.requires_grad_(False)
+  table.requires_grad_(True)
+  text.train()
+  unet.train()
+  opt = torch.optim.AdamW([table], lr=1e-3)
+  original = table.detach().clone()
+  keep = torch.ones(table.shape[0], dtype=torch.bool, device=device)
+  keep[-1] = False
+  ids = torch.from_numpy(_ids(x.shape[0])).to(device)
+
+  def run():
+    context = text(ids)[0]
+    pred = unet(x, t, context).sample
+    loss = torch.nn.functional.mse_loss(pred.float(), noise.float())
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    with torch.no_grad():
+      table[keep] = original[keep]
+    sync()
   return run
 
 
@@ -141,6 +262,8 @@ def _torch_case(case: str, unet_dir: Path, preset: Preset, dtype: str):
         unet(x, t, ctx)
       sync()
     return run
+  if case == "ti_train":
+    return _torch_ti_step(unet, unet_dir.parent / "text_encoder", x, noise, t, tdtype, device, sync)
   unet.train()
   opt = torch.optim.AdamW(unet.parameters(), lr=1e-5)
 
@@ -240,6 +363,7 @@ def bench(preset: str = "reduced", cases=CASES, frameworks=FRAMEWORKS, reps: int
   results = []
   with tempfile.TemporaryDirectory() as tmp:
     unet_dir = write_unet(Path(tmp) / "unet", PRESETS[preset])
+    write_text_encoder(Path(tmp) / "text_encoder", PRESETS[preset])
     for case in cases:
       for rep in range(reps):
         order = frameworks if rep % 2 == 0 else frameworks[::-1]

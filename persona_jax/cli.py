@@ -213,16 +213,22 @@ def _train(argv) -> int:
 
   from persona_jax.train.config import run_config
   from persona_jax.train.loop import train
+  # ml_collections finds the --config.a.b overrides in `sys_argv`, spelled `--config=PATH`.
+  args = []
+  for a in argv:
+    if args and args[-1] == "--config":
+      args[-1] = f"--config={config_path(a)}"
+    elif a.startswith("--config="):
+      args.append(f"--config={config_path(a.split('=', 1)[1])}")
+    else:
+      args.append(a)
+  argv = args
   fv = flags.FlagValues()
   config_flags.DEFINE_config_file("config", None, "experiment config: configs/NAME.py[:variant] "
-                                  "or NAME[:variant]", flag_values=fv, lock_config=True)
+                                  "or NAME[:variant]", flag_values=fv, lock_config=True,
+                                  sys_argv=["persona-jax train", *argv])
   flags.DEFINE_string("workdir", None, "run folder (created; an existing run resumes)", flag_values=fv)
   flags.DEFINE_bool("progress", True, "show a progress bar", flag_values=fv)
-  argv = [f"--config={config_path(a.split('=', 1)[1])}" if a.startswith("--config=") else a
-          for a in argv]
-  for i, a in enumerate(argv[:-1]):
-    if a == "--config":
-      argv[i + 1] = config_path(argv[i + 1])
   if "--help" in argv or "-h" in argv:
     print(fv.main_module_help() if hasattr(fv, "main_module_help") else fv)
     return 0

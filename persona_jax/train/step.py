@@ -30,6 +30,6 @@ def train_step(state: TrainState, frozen, batch, *, method: Method, models: SDMo
   updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
   trainable = optax.apply_updates(state.trainable, updates)
   ema = state.ema if state.ema is None else ema_update(state.ema, trainable, ema_decay)
-  metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads),
-                 update_norm=optax.global_norm(updates))
+  metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
+                 update_norm=optax.tree.norm(updates))
   return state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state, ema=ema), metrics

@@ -1,0 +1,120 @@
+"""The train loop: outputs, resume after SIGKILL (bitwise), NaN stops, base and config checks."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from persona_jax import ConfigError, PersonaError
+from persona_jax.cli import main
+from persona_jax.train import loop
+from tests.runs import one_device_mesh, ti_config
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_train_writes_checkpoints_metrics_and_embeddings(model_dirs, tmp_path):
+  wd = tmp_path / "run"
+  result = loop.train(ti_config(model_dirs["sd1"]), wd, progress=False, mesh=one_device_mesh())
+  assert sorted(os.listdir(wd / "checkpoints")) == ["2", "4"]
+  records = [json.loads(line) for line in (wd / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in records] == [1, 2, 3, 4]
+  assert all(np.isfinite(r["loss"]) and r["lr"] == 5e-3 for r in records)
+  embeds = load_file(wd / "learned_embeds.safetensors")
+  assert list(embeds) == ["<my-toy>"] and embeds["<my-toy>"].shape == (2, 32)
+  np.testing.assert_array_equal(embeds["<my-toy>"], np.asarray(result["state"].trainable["tokens"]))
+  assert json.loads((wd / "config.json").read_text())["method"]["placeholder"] == "<my-toy>"
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(model_dirs, tmp_path):
+  config = ti_config(model_dirs["sd1"], optim=dict(lr=1e38), checkpoint_every=1, steps=6)
+  with pytest.raises(loop.NaNLossError, match=r"at step (\d); stopping \(the last good checkpoint is step \d"):
+    loop.train(config, tmp_path / "nan", progress=False, mesh=one_device_mesh())
+  steps = sorted(int(p) for p in os.listdir(tmp_path / "nan" / "checkpoints"))
+  assert steps and steps[-1] < 6
+
+
+def test_resume_against_a_changed_base_is_an_error(model_dirs, tmp_path):
+  model = shutil.copytree(model_dirs["sd1"], tmp_path / "model")
+  config = ti_config(model, steps=2)
+  loop.train(config, tmp_path / "run", progress=False, mesh=one_device_mesh())
+  f = model / "unet" / "diffusion_pytorch_model.safetensors"
+  tensors = load_file(f)
+  tensors["conv_in.bias"] = tensors["conv_in.bias"] + 1
+  save_file(tensors, f)
+  with pytest.raises(PersonaError, match="fingerprint"):
+    loop.train(ti_config(model, steps=3), tmp_path / "run", progress=False, mesh=one_device_mesh())
+
+
+def test_changed_config_is_an_error_but_more_steps_resume(model_dirs, tmp_path):
+  wd = tmp_path / "run"
+  (wd).mkdir()
+  (wd / "config.json").write_text(json.dumps(ti_config(model_dirs["sd1"]).to_dict()))
+  with pytest.raises(ConfigError, match="differs in data.resolution"):
+    loop._write_config(wd, ti_config(model_dirs["sd1"], data=dict(resolution=64)))
+  loop._write_config(wd, ti_config(model_dirs["sd1"], steps=10, log_every=3))
+  assert json.loads((wd / "config.json").read_text())["steps"] == 10
+
+
+def test_cli_config_typo_and_missing_flags(tmp_path, capsys):
+  assert main(["train", "--config", "textual_inversion:tiny", "--workdir", str(tmp_path),
+               "--config.data.resolutoin=64"]) == 2
+  assert "resolutoin" in capsys.readouterr().err
+  assert main(["train", "--config", "no_such_method:tiny", "--workdir", str(tmp_path)]) == 2
+  assert "no shipped config 'no_such_method'" in capsys.readouterr().err
+  assert main(["train", "--config", "textual_inversion:tiny"]) == 2
+  assert "--workdir" in capsys.readouterr().err
+
+
+def _train_subprocess(config_file, workdir, env):
+  return subprocess.Popen([sys.executable, "-m", "persona_jax", "train", "--config", str(config_file),
+                           "--workdir", str(workdir), "--noprogress"],
+                          env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _final_state(workdir, step):
+  import orbax.checkpoint as ocp
+  restored = ocp.StandardCheckpointer().restore(Path(workdir).absolute() / "checkpoints" / str(step) / "state")
+  import jax
+  return {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(v)
+          for path, v in jax.tree_util.tree_flatten_with_path(restored)[0]}
+
+
+def test_sigkill_and_resume_ends_bitwise_equal(model_dirs, tmp_path):
+  """A run killed with SIGKILL after its step-4 checkpoint and resumed by the identical command
+  ends with the same trainable params and optimizer state, bit for bit, as an uninterrupted run."""
+  values = ti_config(model_dirs["sd1"], steps=8, checkpoint_every=1, keep_checkpoints=10).to_dict()
+  config_file = tmp_path / "ti.py"
+  config_file.write_text("import json\nfrom ml_collections import ConfigDict\n\n"
+                         f"def get_config(arg=None):\n  return ConfigDict(json.loads({json.dumps(json.dumps(values))}))\n")
+  env = dict(os.environ, PERSONA_JAX_CACHE=str(tmp_path / "cache"), PYTHONPATH=str(ROOT))
+  a = _train_subprocess(config_file, tmp_path / "a", env)
+  assert a.wait(timeout=600) == 0, a.stderr.read()
+  b = _train_subprocess(config_file, tmp_path / "b", env)
+  deadline = time.time() + 600
+  while not (tmp_path / "b" / "checkpoints" / "4").is_dir():
+    assert b.poll() is None, b.stderr.read()
+    assert time.time() < deadline
+    time.sleep(0.05)
+  b.send_signal(signal.SIGKILL)
+  b.wait()
+  killed_at = max(int(p) for p in os.listdir(tmp_path / "b" / "checkpoints") if p.isdigit())
+  assert killed_at < 8, "the run finished before it could be killed"
+  resumed = _train_subprocess(config_file, tmp_path / "b", env)
+  assert resumed.wait(timeout=600) == 0, resumed.stderr.read()
+  assert "resuming" in resumed.stderr.read()
+  sa, sb = _final_state(tmp_path / "a", 8), _final_state(tmp_path / "b", 8)
+  assert sa.keys() == sb.keys() and any("tokens" in k for k in sa)
+  for k in sa:
+    assert np.array_equal(sa[k], sb[k]), k
+  ea = load_file(tmp_path / "a" / "learned_embeds.safetensors")
+  eb = load_file(tmp_path / "b" / "learned_embeds.safetensors")
+  assert np.array_equal(ea["<my-toy>"], eb["<my-toy>"])

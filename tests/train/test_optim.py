@@ -1,0 +1,97 @@
+"""Optimizer construction: groups, schedules, clipping, accumulation, EMA; loss weightings."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from persona_jax import tree
+from persona_jax.diffusion.losses import Objective, min_snr_weights
+from persona_jax.diffusion.schedules import SchedulerConfig
+from persona_jax.train.optim import OptimConfig, ema_update, learning_rate, make_optimizer
+
+PARAMS = {"unet": {"a": {"kernel": jnp.ones((2, 3))}}, "text_encoder": {"b": {"bias": jnp.ones(3)}},
+          "tokens": jnp.ones((1, 3))}
+
+
+def test_tree_rules():
+  assert tree.paths(PARAMS) == ["text_encoder/b/bias", "tokens", "unet/a/kernel"]
+  chosen, rest = tree.split(PARAMS, [(r"unet/.*", True)])
+  assert tree.paths(chosen) == ["unet/a/kernel"] and "unet" not in rest
+  assert tree.paths(tree.merge(chosen, rest)) == tree.paths(PARAMS)
+  with pytest.raises(ValueError, match="in two trees"):
+    tree.merge(chosen, chosen)
+  assert tree.label(PARAMS, [(r"text_encoder/.*", "text"), (r"tokens", "embed")], "unet") == {
+      "unet": {"a": {"kernel": "unet"}}, "text_encoder": {"b": {"bias": "text"}}, "tokens": "embed"}
+
+
+def test_schedule_warmup_and_scale_lr():
+  sched, peak = learning_rate(OptimConfig(lr=1e-3, warmup_steps=10, schedule="cosine"), 110, 4)
+  assert peak == 1e-3
+  assert float(sched(0)) == 0.0 and np.isclose(float(sched(5)), 5e-4) and np.isclose(float(sched(10)), 1e-3)
+  assert float(sched(110)) < 1e-9
+  _, scaled = learning_rate(OptimConfig(lr=1e-3, scale_lr=True, grad_accum=2), 10, 4, num_devices=2)
+  assert scaled == 1e-3 * 4 * 2 * 2
+
+
+def test_groups_get_their_own_learning_rate():
+  config = OptimConfig(lr=1.0, groups=((r"text_encoder/.*", 0.0),), weight_decay=0.0,
+                       clip_grad_norm=0.0)
+  tx, _ = make_optimizer(config, PARAMS, total_steps=10, batch_size=1)
+  grads = jax.tree.map(jnp.ones_like, PARAMS)
+  updates, _ = tx.update(grads, tx.init(PARAMS), PARAMS)
+  assert float(jnp.abs(updates["text_encoder"]["b"]["bias"]).max()) == 0.0
+  assert float(jnp.abs(updates["unet"]["a"]["kernel"]).min()) > 0.5
+
+
+def test_gradient_accumulation_applies_every_k_steps():
+  config = OptimConfig(lr=0.1, grad_accum=2, weight_decay=0.0, clip_grad_norm=0.0)
+  tx, _ = make_optimizer(config, PARAMS, total_steps=10, batch_size=1)
+  state = tx.init(PARAMS)
+  grads = jax.tree.map(jnp.ones_like, PARAMS)
+  u1, state = tx.update(grads, state, PARAMS)
+  assert all(float(jnp.abs(u).max()) == 0 for u in jax.tree.leaves(u1))
+  u2, state = tx.update(grads, state, PARAMS)
+  assert all(float(jnp.abs(u).min()) > 0 for u in jax.tree.leaves(u2))
+
+
+def test_clipping():
+  config = OptimConfig(lr=1.0, clip_grad_norm=1e-3, weight_decay=0.0)
+  tx, _ = make_optimizer(config, PARAMS, total_steps=10, batch_size=1)
+  big = jax.tree.map(lambda x: 1e6 * jnp.ones_like(x), PARAMS)
+  updates, _ = tx.update(big, tx.init(PARAMS), PARAMS)
+  assert all(np.isfinite(np.asarray(u)).all() for u in jax.tree.leaves(updates))
+
+
+def test_ema():
+  ema = ema_update({"w": jnp.zeros(2)}, {"w": jnp.ones(2)}, 0.9)
+  np.testing.assert_allclose(ema["w"], [0.1, 0.1])
+
+
+def test_min_snr_weights_are_finite_at_the_extremes():
+  snr = jnp.array([0.0, 1e-8, 1.0, 5.0, 100.0, jnp.inf])
+  eps = min_snr_weights(snr, 5.0, "epsilon")
+  v = min_snr_weights(snr, 5.0, "v_prediction")
+  assert np.isfinite(eps).all() and np.isfinite(v).all()
+  np.testing.assert_allclose(eps, [1, 1, 1, 1, 0.05, 0])
+  np.testing.assert_allclose(v, [0, 1e-8, 0.5, 5 / 6, 5 / 101, 0], rtol=1e-6)
+
+
+def test_objective_weights_masks_and_offset_noise():
+  sched = SchedulerConfig(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                          rescale_betas_zero_snr=True, prediction_type="v_prediction")
+  latents = jnp.ones((2, 4, 4, 3))
+  predict = lambda noisy, t: noisy * 0.5
+  rng = jax.random.PRNGKey(0)
+  plain, _ = Objective(sched, 0.18).loss(latents, predict, rng)
+  weighted, _ = Objective(sched, 0.18).loss(latents, predict, rng, weights=jnp.array([0.5, 0.5]))
+  np.testing.assert_allclose(plain, weighted, rtol=1e-6)
+  only_first, _ = Objective(sched, 0.18).loss(latents, predict, rng, weights=jnp.array([1.0, 0.0]))
+  half_mask = jnp.zeros((2, 4, 4, 1)).at[:, :2].set(1)
+  masked, _ = Objective(sched, 0.18).loss(latents, predict, rng, mask=half_mask)
+  snr_loss, _ = Objective(sched, 0.18, min_snr_gamma=5.0).loss(latents, predict, rng)
+  offset, _ = Objective(sched, 0.18, offset_noise=0.1).loss(latents, predict, rng)
+  for x in (only_first, masked, snr_loss, offset):
+    assert np.isfinite(float(x))
+  assert float(offset) != float(plain) and float(masked) != float(plain)

@@ -1,0 +1,57 @@
+"""Data parallelism on 8 simulated CPU devices: the batch is really split, and one step equals
+the single-device step."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from persona_jax.data.pipeline import make_iterator
+from persona_jax.parallel import mesh as mesh_lib
+from persona_jax.parallel.rules import infer_shardings, spec_for
+from persona_jax.train import loop
+from tests.runs import one_device_mesh, ti_config
+
+
+def test_fsdp_rule_picks_the_largest_divisible_dim():
+  assert spec_for((3, 64, 16), "fsdp", 8) == P(None, "fsdp")
+  assert spec_for((5, 3), "fsdp", 8) == P()
+  assert spec_for((64, 8), "replicate", 8) == P()
+  assert spec_for((64,), "fsdp", 1) == P()
+
+
+def test_data_parallel_step_matches_single_device(model_dirs):
+  assert len(jax.devices()) == 8
+  config = ti_config(model_dirs["sd1"], batch_size=8)
+  multi = loop.build(config, mesh=mesh_lib.make_mesh())
+  single = loop.build(config, mesh=one_device_mesh())
+  batch = next(make_iterator(multi.dataset))
+
+  def one_step(run):
+    state = loop.initial_state(run)
+    st_sh = jax.tree.map(lambda x: x.sharding, state)
+    fr_sh = infer_shardings(run.frozen, (), run.mesh)
+    step = loop.jit_step(run, st_sh, fr_sh)
+    sharded = jax.device_put(batch, mesh_lib.batch_sharding(run.mesh))
+    new_state, metrics = step(state, jax.device_put(run.frozen, fr_sh), sharded)
+    return sharded, new_state, metrics, step
+
+  sharded, s8, m8, step8 = one_step(multi)
+  leaf = jax.tree.leaves(sharded)[0]
+  assert leaf.sharding.spec == P(("data", "fsdp"))
+  assert {s.data.shape[0] for s in leaf.addressable_shards} == {1}      # 8 rows over 8 devices
+  assert len({s.device for s in leaf.addressable_shards}) == 8
+  _, s1, m1, _ = one_step(single)
+  np.testing.assert_allclose(float(m8["loss"]), float(m1["loss"]), rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(s8.trainable["tokens"]), np.asarray(s1.trainable["tokens"]),
+                             rtol=1e-5, atol=1e-6)
+  assert not np.array_equal(np.asarray(s8.trainable["tokens"]), np.asarray(multi.trainable["tokens"]))
+
+
+def test_batch_must_divide_the_devices(model_dirs):
+  from persona_jax import ConfigError
+  with pytest.raises(ConfigError, match="batch_size 2 is not divisible by the 8 devices"):
+    loop.build(ti_config(model_dirs["sd1"]), mesh=mesh_lib.make_mesh())
