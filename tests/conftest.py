@@ -5,6 +5,10 @@ JAX options must be set before any other JAX use, so they live at the top of thi
 
 import os
 
+# The suite is compile-bound (tiny models, a few steps each): LLVM's -O0 makes XLA:CPU compile
+# about 30% faster. Set before JAX starts; subprocesses inherit it.
+os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
+
 import jax
 
 jax.config.update("jax_num_cpu_devices", 8)            # sharding tests on simulated devices

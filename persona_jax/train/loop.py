@@ -265,7 +265,8 @@ def train(config: RunConfig, workdir, *, progress: bool = True, mesh=None) -> di
     bar.close()
     metrics_file.close()
     manager.close()
-  final = jax.device_get(state.trainable)
+  # With EMA on, the averaged params are the result (written and sampled).
+  final = jax.device_get(state.ema if state.ema is not None else state.trainable)
   outputs = write_outputs(run, final, workdir)
   grid_path = sample_grid(run, final, total, workdir, progress=progress)
   return {"workdir": str(workdir), "steps": total, "state": state, "outputs": outputs,

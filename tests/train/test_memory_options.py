@@ -28,14 +28,18 @@ def test_remat_blocks_gives_the_same_gradients(pipes):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
-def test_bf16_compute_with_float32_trainable(model_dirs):
-  run = loop.build(ti_config(model_dirs["sd1"], mixed_precision="bf16"), mesh=one_device_mesh())
+def test_bf16_compute_with_float32_trainable_and_random_crops(model_dirs):
+  """bf16 compute, and random crops: the VAE encodes pixels inside the step."""
+  config = ti_config(model_dirs["sd1"], mixed_precision="bf16", data=dict(center_crop=False))
+  run = loop.build(config, mesh=one_device_mesh())
   assert run.models.unet.config.dtype == jnp.bfloat16
+  assert set(run.frozen) == {"unet", "text_encoder", "vae"}
   assert {x.dtype for x in jax.tree.leaves(run.frozen)} == {jnp.dtype(jnp.bfloat16)}
   state = loop.initial_state(run)
   step = loop.jit_step(run, jax.tree.map(lambda a: a.sharding, state),
                        jax.tree.map(lambda a: a.sharding, run.frozen))
   batch = jax.tree.map(jnp.asarray, next(make_iterator(run.dataset)))
+  assert batch["pixels"].shape == (2, 32, 32, 3)
   new, metrics = step(state, run.frozen, batch)
   assert new.trainable["tokens"].dtype == jnp.float32
   assert np.isfinite(float(metrics["loss"]))
