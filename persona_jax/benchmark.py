@@ -12,6 +12,14 @@ Cases (more join as methods land):
                  backward to the row, AdamW (persona_jax: the row only; PyTorch as diffusers'
                  example: AdamW over the whole embedding table, other rows restored), from
                  latents (diffusers' script also VAE-encodes pixels every step)
+  db_train       DreamBooth step (UNet only) at batch 2 instance + 2 class rows, cached latents
+                 and text contexts, prior loss, grad-norm clipping 1.0, AdamW over the full UNet
+                 (persona_jax: the real train_step and method; PyTorch: diffusers'
+                 train_dreambooth.py step)
+  db_train_bf16, db_train_remat, db_train_accum2
+                 the same with one memory option: bf16 compute with float32 params (PyTorch:
+                 autocast, as accelerate's --mixed_precision bf16), remat of UNet blocks
+                 (PyTorch: gradient checkpointing), 2 accumulated micro-batches of 1 + 1 rows
 Presets:
   reduced  the SD 1.5 architecture at reduced width: block_out_channels (64, 128, 256, 256),
            layers_per_block 2, 8 heads, cross_attention_dim 256, 32x32 latents (CPU-sized)
@@ -34,7 +42,9 @@ from pathlib import Path
 
 import numpy as np
 
-CASES = ("unet_forward", "unet_train", "ti_train")
+DB_VARIANTS = ("db_train", "db_train_bf16", "db_train_remat", "db_train_accum2")
+CASES = ("unet_forward", "unet_train", "ti_train") + DB_VARIANTS
+DEFAULT_CASES = ("unet_forward", "unet_train", "ti_train", "db_train")   # the memory variants on request
 FRAMEWORKS = ("jax", "torch")
 
 
@@ -64,7 +74,7 @@ PRESETS = {
                                      num_hidden_layers=12, num_attention_heads=12,
                                      projection_dim=768)),
 }
-BATCH = {"unet_forward": 2, "unet_train": 4, "ti_train": 4}
+BATCH = {"unet_forward": 2, "unet_train": 4, "ti_train": 4} | {c: 4 for c in DB_VARIANTS}
 PLACEHOLDER_POSITION = 5
 
 
@@ -145,6 +155,8 @@ def _jax_case(case: str, unet_dir: Path, preset: Preset, dtype: str):
     return lambda: jax.block_until_ready(fwd({"params": params}, x, t, ctx))
   if case == "ti_train":
     return _jax_ti_step(unet, params, unet_dir.parent / "text_encoder", x, noise, jdtype)
+  if case in DB_VARIANTS:
+    return _jax_db_step(case, config, params, x, ctx)
   tx = optax.adamw(1e-5)
   opt_state = tx.init(params)
 
@@ -210,6 +222,90 @@ def _jax_ti_step(unet, unet_params, text_dir: Path, latents, noise, jdtype):
   return run
 
 
+def _db_options(case: str) -> tuple[bool, bool, int]:
+  """(bf16 compute, remat, gradient-accumulation micro-steps) of a db_train case."""
+  return case.endswith("bf16"), case.endswith("remat"), 2 if case.endswith("accum2") else 1
+
+
+def _jax_db_step(case, config, unet_params, latents, ctx):
+  """Our DreamBooth step: the real train_step with the dreambooth method, frozen = {}."""
+  import functools
+
+  import jax
+  import jax.numpy as jnp
+
+  from persona_jax.diffusion.losses import Objective
+  from persona_jax.diffusion.sampling import SDModels
+  from persona_jax.diffusion.schedules import SchedulerConfig
+  from persona_jax.methods import dreambooth
+  from persona_jax.models.unet import UNet2DConditionModel
+  from persona_jax.train.optim import OptimConfig, make_optimizer
+  from persona_jax.train.state import init_state
+  from persona_jax.train.step import train_step
+  bf16, remat, accum = _db_options(case)
+  unet = UNet2DConditionModel(dataclasses.replace(
+      config, dtype=jnp.bfloat16 if bf16 else config.dtype, remat="blocks" if remat else "none"))
+  method = dreambooth.make(dreambooth.DreamBoothConfig(), {"unet": unet_params})
+  trainable = {"unet": jax.tree.map(lambda p: p.astype(jnp.float32), unet_params)}
+  tx, _ = make_optimizer(OptimConfig(lr=5e-6, clip_grad_norm=1.0, grad_accum=accum), trainable,
+                         total_steps=10, batch_size=latents.shape[0] // accum)
+  models = SDModels(unet, None, None)
+  objective = Objective(SchedulerConfig(beta_schedule="scaled_linear", beta_start=0.00085,
+                                        beta_end=0.012), 1.0)
+  step = jax.jit(functools.partial(train_step, method=method, models=models, objective=objective,
+                                   tx=tx), donate_argnums=0)
+  b = latents.shape[0]
+  prior = jnp.asarray([0.0] * (b // 2) + [1.0] * (b // 2))
+
+  def micro_batch(k):
+    # Rows of micro-step k: half instance, half class (in instance-then-class order).
+    m = b // accum // 2
+    rows = jnp.concatenate([jnp.arange(k * m, (k + 1) * m), b // 2 + jnp.arange(k * m, (k + 1) * m)])
+    return {"latent_mean": latents[rows], "latent_logvar": jnp.full(latents[rows].shape, -30.0),
+            "context": ctx[rows], "prior": prior[rows]}
+  batches = [micro_batch(k) for k in range(accum)]
+  carry = [init_state(trainable, tx, seed=0)]
+
+  def run():
+    for batch in batches:
+      carry[0], metrics = step(carry[0], {}, batch)
+    jax.block_until_ready(metrics["loss"])
+  return run
+
+
+def _torch_db_step(case, unet, x, noise, t, ctx, sync):
+  """diffusers' train_dreambooth.py step with prior preservation: one forward over instance +
+  class rows, `chunk(2)`, mse + prior_loss_weight * mse, clip 1.0, AdamW."""
+  import contextlib
+
+  import torch
+  bf16, remat, accum = _db_options(case)
+  unet.train()
+  if remat:
+    unet.enable_gradient_checkpointing()
+  opt = torch.optim.AdamW(unet.parameters(), lr=5e-6, weight_decay=1e-2)
+  b = x.shape[0]
+  m = b // accum // 2
+  micro = [torch.cat([torch.arange(k * m, (k + 1) * m), b // 2 + torch.arange(k * m, (k + 1) * m)])
+           for k in range(accum)]
+  autocast = (lambda: torch.autocast(x.device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+
+  def run():
+    for rows in micro:
+      with autocast():
+        pred = unet(x[rows], t[rows], ctx[rows]).sample
+      pred, pred_prior = pred.float().chunk(2)
+      target, target_prior = noise[rows].float().chunk(2)
+      loss = (torch.nn.functional.mse_loss(pred, target)
+              + 1.0 * torch.nn.functional.mse_loss(pred_prior, target_prior)) / accum
+      loss.backward()
+    torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    sync()
+  return run
+
+
 def _torch_ti_step(unet, text_dir: Path, x, noise, t, tdtype, device, sync):
   """diffusers' textual_inversion.py step: embedding table trainable (AdamW over all of it),
   text encoder and UNet frozen, other rows restored after the step."""
@@ -264,6 +360,8 @@ def _torch_case(case: str, unet_dir: Path, preset: Preset, dtype: str):
     return run
   if case == "ti_train":
     return _torch_ti_step(unet, unet_dir.parent / "text_encoder", x, noise, t, tdtype, device, sync)
+  if case in DB_VARIANTS:
+    return _torch_db_step(case, unet, x, noise, t, ctx, sync)
   unet.train()
   opt = torch.optim.AdamW(unet.parameters(), lr=1e-5)
 
@@ -349,7 +447,7 @@ def machine_note() -> str:
   return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}"
 
 
-def bench(preset: str = "reduced", cases=CASES, frameworks=FRAMEWORKS, reps: int = 3,
+def bench(preset: str = "reduced", cases=DEFAULT_CASES, frameworks=FRAMEWORKS, reps: int = 3,
           iters: int = 5, dtype: str = "float32", device_note: str = "", malloc_tunable: bool = True,
           print_fn=print) -> dict:
   """Alternates frameworks over `reps` repetitions per case; returns and prints the summary."""

@@ -72,6 +72,21 @@ def _sample(args) -> int:
   return 0
 
 
+def _make_class_images(args) -> int:
+  from persona_jax.class_images import make_class_images
+  from persona_jax.default_model import resolve_model
+  from persona_jax.pipeline import load_pipeline
+  from persona_jax.text_to_image import SampleOptions
+  model = resolve_model(args.model)
+  pipe = load_pipeline(model, variant=args.variant, allow_pickle=args.allow_pickle)
+  options = SampleOptions(steps=args.steps, guidance=args.guidance, seed=args.seed,
+                          height=args.height, width=args.width, batch_size=args.batch_size)
+  written = make_class_images(pipe, args.prompt, args.num, args.out, options=options,
+                              negative_prompt=args.negative_prompt)
+  print(f"{args.out}: {len(written)} new class image(s), {args.num} wanted", file=sys.stderr)
+  return 0
+
+
 def _verify(args) -> int:
   from persona_jax.verify import verify
   ok = verify(args.model, tolerance=args.tolerance, variant=args.variant,
@@ -138,12 +153,32 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--out", required=True, type=Path, help="output folder")
   p.set_defaults(func=_sample)
 
-  from persona_jax.benchmark import CASES, FRAMEWORKS, PRESETS
+  p = sub.add_parser("make-class-images",
+                     help="sample class images for prior preservation (resumable: tops up OUT)")
+  p.add_argument("--model", default=None,
+                 help="a diffusers folder (default: the embedded default model)")
+  p.add_argument("--prompt", required=True, help='the class prompt, e.g. "a photo of a dog"')
+  p.add_argument("--num", type=int, required=True, help="how many images OUT should hold")
+  p.add_argument("--negative-prompt", default="")
+  p.add_argument("--steps", type=int, default=50)
+  p.add_argument("--guidance", type=float, default=7.5)
+  p.add_argument("--seed", type=int, default=0, help="image i uses fold_in(key(seed), i)")
+  p.add_argument("--height", type=int, default=None)
+  p.add_argument("--width", type=int, default=None)
+  p.add_argument("--batch-size", type=int, default=4, help="images per compiled batch")
+  p.add_argument("--variant", default=None, help="weight-file variant, e.g. fp16")
+  p.add_argument("--allow-pickle", action="store_true", help="read .bin/.ckpt files (trusted only)")
+  p.add_argument("--out", required=True, type=Path, help="output folder")
+  p.set_defaults(func=_make_class_images)
+
+  from persona_jax.benchmark import CASES, DEFAULT_CASES, FRAMEWORKS, PRESETS
   p = sub.add_parser("bench", help="speed and memory against diffusers PyTorch (separate processes)")
   p.add_argument("--preset", choices=sorted(PRESETS), default="reduced",
                  help="reduced: SD 1.5 architecture at reduced width, 32x32 latents (CPU); "
                       "sd15: the real SD 1.5 UNet, 64x64 latents (GPU/TPU)")
-  p.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
+  p.add_argument("--cases", nargs="+", choices=CASES, default=list(DEFAULT_CASES),
+                 help="default: %(default)s; the DreamBooth memory options: db_train_bf16 "
+                      "db_train_remat db_train_accum2")
   p.add_argument("--frameworks", nargs="+", choices=FRAMEWORKS, default=list(FRAMEWORKS))
   p.add_argument("--reps", type=int, default=3, help="alternating repetitions per framework")
   p.add_argument("--iters", type=int, default=5, help="timed calls per repetition")

@@ -5,6 +5,42 @@ import dataclasses
 from persona_jax.train.config import run_config
 
 
+def _merge(values, overrides):
+  for k, v in overrides.items():
+    if isinstance(v, dict) and isinstance(values.get(k), dict):
+      values[k] = {**values[k], **v}
+    else:
+      values[k] = v
+  return run_config(values)
+
+
+def db_config(model_dir, class_dir, **overrides):
+  """DreamBooth (UNet only) with 2 class images from `class_dir`, 32px, batch 1 + 1 class row."""
+  values = dict(
+      model=str(model_dir),
+      method=dict(name="dreambooth"),
+      data=dict(caption_source="prompt", prompt="a photo of sks toy", resolution=32,
+                num_class_images=2, class_dir=str(class_dir), class_prompt="a photo of toy",
+                class_generate=False),
+      optim=dict(lr=1e-4, clip_grad_norm=0.0, weight_decay=0.0),
+      steps=2, batch_size=1, log_every=1, checkpoint_every=2, sample_prompts=(),
+      sharding=(("unet/.*", "fsdp"), ("text_encoder/.*", "fsdp")))
+  return _merge(values, overrides)
+
+
+def write_class_images(folder, n=2, size=40, seed=0):
+  """`n` random RGB images (stand-ins for sampled class images); returns the folder."""
+  import numpy as np
+  from PIL import Image
+  from pathlib import Path
+  folder = Path(folder)
+  folder.mkdir(parents=True, exist_ok=True)
+  rng = np.random.default_rng(seed)
+  for i in range(n):
+    Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / f"c{i}.png")
+  return folder
+
+
 def ti_config(model_dir, **overrides):
   """Textual Inversion on the sd1 random model, 32px, batch 2, no sampling, fast logging."""
   values = dict(
@@ -14,12 +50,7 @@ def ti_config(model_dir, **overrides):
       data=dict(caption_source="templates", prompt="<my-toy>", templates="object", resolution=32),
       optim=dict(lr=5e-3, clip_grad_norm=0.0, weight_decay=0.0),
       steps=4, batch_size=2, log_every=1, checkpoint_every=2, sample_prompts=())
-  for k, v in overrides.items():
-    if isinstance(v, dict) and isinstance(values.get(k), dict):
-      values[k] = {**values[k], **v}
-    else:
-      values[k] = v
-  return run_config(values)
+  return _merge(values, overrides)
 
 
 def replace(config, **kw):

@@ -40,3 +40,18 @@ def test_textual_inversion_tiny_runs_through_the_cli(tmp_path, monkeypatch, caps
   out = capsys.readouterr().out.split()
   assert out == [str(wd / "learned_embeds.safetensors"), str(wd / "samples" / "step_000002.png")]
   assert load_file(out[0])["<my-toy>"].shape == (1, 32)
+
+
+def test_dreambooth_tiny_runs_through_the_cli(tmp_path, monkeypatch, capsys):
+  """Class images are sampled into WORKDIR/class_images, then 2 steps of 4 instance + 4 class
+  rows over the 8 test devices; the result is a diffusers folder."""
+  monkeypatch.setenv("PERSONA_JAX_CACHE", str(tmp_path / "cache"))
+  wd = tmp_path / "db"
+  assert main(["train", "--config", "dreambooth:tiny", "--workdir", str(wd), "--config.steps=2",
+               "--config.sample_steps=2", "--config.batch_size=4", "--config.data.num_class_images=4",
+               "--config.data.class_sample_steps=2", "--noprogress"]) == 0
+  out = capsys.readouterr().out.split()
+  assert out == [str(wd / "model"), str(wd / "samples" / "step_000002.png")]
+  assert len(list((wd / "class_images").glob("class-*.png"))) == 4
+  assert (wd / "model" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+  assert (wd / "model" / "model_index.json").is_file()

@@ -1,5 +1,7 @@
-"""The instance-image pipeline: grain MapDataset -> shuffled epochs -> per-example augmentation
--> batches of numpy arrays keyed as methods/base.py says.
+"""The image pipeline: grain MapDataset -> shuffled epochs -> per-example augmentation -> batches
+of numpy arrays keyed as methods/base.py says. With class images (prior preservation) a second,
+independently shuffled stream of class examples is appended to every batch: `batch_size`
+instance rows, then `batch_size` class rows (`prior` = 1).
 
 Expensive work happens once, before training:
   * images are decoded, resized (shorter side to `resolution`) and, with center crops, cropped;
@@ -28,7 +30,7 @@ from persona_jax.data.images import DataError
 from persona_jax.data.sources import read_image_folder
 from persona_jax.data.templates import TEMPLATES
 from persona_jax.errors import ConfigError
-from persona_jax.methods.base import CONTEXT, IDS, LATENT_LOGVAR, LATENT_MEAN, PIXELS
+from persona_jax.methods.base import CONTEXT, IDS, LATENT_LOGVAR, LATENT_MEAN, PIXELS, PRIOR
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +47,14 @@ class DataConfig:
   center_crop: bool = True          # False: random crops, encoded by the VAE every step
   random_flip: float = 0.5
   caption_dropout: float = 0.0      # probability of training on the empty caption (for CFG)
+  # Class images (DreamBooth's prior preservation, Custom Diffusion's regularization):
+  num_class_images: int = 0         # 0: no class stream. Missing images are generated from the base
+  class_dir: str = ""               # "": WORKDIR/class_images
+  class_prompt: str = ""            # the caption of every class image, e.g. "a photo of a dog"
+  class_generate: bool = True       # False: too few class images is an error
+  class_sample_steps: int = 50      # the sampler settings used to generate missing class images
+  class_guidance: float = 7.5
+  class_negative_prompt: str = ""
 
 
 def example_subject_dir() -> Path:
@@ -93,6 +103,19 @@ def load_instances(config: DataConfig, expand: Callable[[str], str]) -> Instance
   return InstanceSet(images, captions, folder)
 
 
+def load_class_images(config: DataConfig, folder: Path) -> InstanceSet:
+  """The first `num_class_images` images of `folder` (by name), each captioned `class_prompt`."""
+  examples = read_image_folder(folder)[: config.num_class_images]
+  images = []
+  for e in examples:
+    image = img_ops.resize_shorter_side(img_ops.load_image(e.path), config.resolution)
+    if config.center_crop:
+      image = img_ops.crop(image, config.resolution, *img_ops.center_crop_offsets(image, config.resolution))
+    images.append(image)
+  log.info("%s: %d class image(s), caption '%s'", folder, len(images), config.class_prompt)
+  return InstanceSet(images, [[config.class_prompt]] * len(images), folder)
+
+
 def encode_moments(vae, vae_params, images: np.ndarray, batch: int = 8):
   """VAE moments of every image and its mirror: (mean, logvar), each [N, 2, h, w, c] float32."""
   encode = jax.jit(lambda p, x: vae.apply({"params": p}, x, method="encode"))
@@ -129,13 +152,14 @@ class Augment(grain.transforms.RandomMap):
   moments: tuple[np.ndarray, np.ndarray] | None           # [N, 2, h, w, c] each, or None
   caption_index: dict[str, int] | None                    # caption -> row of the context table
   contexts: np.ndarray | None                             # [K, L, D]
+  prior: float | None = None                              # the `prior` value, when there are classes
 
   def random_map(self, index, rng: np.random.Generator):
     c = self.config
     flip = int(rng.random() < c.random_flip)
     pool = self.instances.captions[index]
     caption = pool[int(rng.integers(len(pool)))]
-    if c.caption_dropout and rng.random() < c.caption_dropout:
+    if c.caption_dropout and not self.prior and rng.random() < c.caption_dropout:
       caption = ""
     out = {}
     if self.moments is not None:
@@ -152,17 +176,39 @@ class Augment(grain.transforms.RandomMap):
       out[CONTEXT] = self.contexts[self.caption_index[caption]]
     else:
       out[IDS] = self.tokenize([caption])[0]
+    if self.prior is not None:
+      out[PRIOR] = np.float32(self.prior)
     return out
 
 
+@dataclasses.dataclass
+class Concatenate(grain.transforms.Map):
+  """Batch index -> the instance batch followed by the class batch (one array per key)."""
+  instances: grain.MapDataset
+  classes: grain.MapDataset
+
+  def map(self, index):
+    a, b = self.instances[index], self.classes[index]
+    return {k: np.concatenate([a[k], b[k]]) for k in a}
+
+
 def make_dataset(config: DataConfig, instances: InstanceSet, batch_size: int, seed: int, *,
-                 tokenize=None, moments=None, caption_index=None, contexts=None):
-  """The infinite, reshuffled-every-epoch batch dataset (grain MapDataset)."""
+                 tokenize=None, moments=None, caption_index=None, contexts=None,
+                 classes: InstanceSet | None = None, class_moments=None):
+  """The infinite, reshuffled-every-epoch batch dataset (grain MapDataset). With `classes`,
+  every batch is `batch_size` instance rows then `batch_size` class rows."""
   if batch_size < 1:
     raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
-  augment = Augment(config, instances, tokenize, moments, caption_index, contexts)
-  return (grain.MapDataset.source(list(range(len(instances.images)))).seed(seed).shuffle().repeat()
-          .random_map(augment).batch(batch_size, drop_remainder=True))
+
+  def stream(images, moments_, prior, stream_seed):
+    augment = Augment(config, images, tokenize, moments_, caption_index, contexts, prior)
+    return (grain.MapDataset.source(list(range(len(images.images)))).seed(stream_seed).shuffle()
+            .repeat().random_map(augment).batch(batch_size, drop_remainder=True))
+  if classes is None:
+    return stream(instances, moments, None, seed)
+  inst = stream(instances, moments, 0.0, seed)
+  cls = stream(classes, class_moments, 1.0, seed + 7919)
+  return grain.MapDataset.range(len(inst)).map(Concatenate(inst, cls))
 
 
 def make_iterator(dataset):
@@ -170,10 +216,13 @@ def make_iterator(dataset):
   return iter(dataset.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)))
 
 
-def all_captions(instances: InstanceSet, caption_dropout: float) -> list[str]:
-  pool = sorted({c for p in instances.captions for c in p} | ({""} if caption_dropout else set()))
-  return pool
+def all_captions(instances: InstanceSet, caption_dropout: float,
+                 classes: InstanceSet | None = None) -> list[str]:
+  """Every caption a run can train with, sorted (the rows of the cached context table)."""
+  pools = instances.captions + (classes.captions if classes is not None else [])
+  return sorted({c for p in pools for c in p} | ({""} if caption_dropout else set()))
 
 
-__all__ = ["DataConfig", "DataError", "InstanceSet", "load_instances", "encode_moments",
+__all__ = ["DataConfig", "DataError", "InstanceSet", "load_instances", "load_class_images",
+           "encode_moments",
            "encode_captions", "make_dataset", "make_iterator", "all_captions", "example_subject_dir"]

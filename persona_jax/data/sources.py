@@ -13,6 +13,8 @@ from persona_jax.data.images import IMAGE_SUFFIXES, DataError
 log = logging.getLogger(__name__)
 
 CAPTION_KEYS = ("text", "caption", "prompt")
+# Files of ours that live beside images and are not skipped with a warning.
+SIDECAR_FILES = ("metadata.jsonl", "class_images.json")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +56,7 @@ def read_image_folder(folder, *, need_captions: bool = False) -> list[Example]:
   captions = _metadata(folder)
   examples, skipped = [], []
   for f in sorted(folder.iterdir()):
-    if f.name.startswith(".") or f.is_dir() or f.name == "metadata.jsonl":
+    if f.name.startswith(".") or f.is_dir() or f.name in SIDECAR_FILES:
       continue
     if f.suffix.lower() not in IMAGE_SUFFIXES:
       if not (f.suffix == ".txt" and any(f.with_suffix(s).exists() for s in IMAGE_SUFFIXES)):

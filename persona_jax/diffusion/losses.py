@@ -45,28 +45,30 @@ class Objective:
   min_snr_gamma: float = 0.0           # 0: off
   offset_noise: float = 0.0            # 0: off (0.05-0.1 is the usual value)
 
-  def loss(self, latents, predict, rng, weights=None, mask=None):
-    """The denoising loss of one batch.
+  def draw(self, rng, shape):
+    """The noise [B, h, w, c] (with offset noise, if on) and timesteps [B] of one batch."""
+    noise_rng, offset_rng, t_rng = jax.random.split(rng, 3)
+    noise = jax.random.normal(noise_rng, shape, jnp.float32)
+    if self.offset_noise:
+      noise = noise + self.offset_noise * jax.random.normal(
+          offset_rng, (shape[0], 1, 1, shape[-1]), jnp.float32)
+    t = jax.random.randint(t_rng, (shape[0],), 0, self.scheduler.num_train_timesteps)
+    return noise, t
+
+  def per_example_loss(self, latents, predict, rng, mask=None):
+    """The denoising loss of each example of a batch.
 
     Args:
       latents: [B, h, w, c] clean latents (already scaled by the VAE's scaling factor).
       predict: (noisy latents [B, h, w, c], timesteps [B]) -> model output [B, h, w, c].
-      rng: key for noise and timesteps.
-      weights: optional [B] per-example weights; the loss is sum(w * per-example loss).
-        Without them it is the mean over the batch.
+      rng: key for noise and timesteps (`draw`).
       mask: optional [B, h, w, 1] in {0, 1}: only masked positions count.
     Returns:
-      (scalar loss, metrics dict).
+      ([B] losses, min-SNR weighted if on; metrics dict of scalars).
     """
-    noise_rng, offset_rng, t_rng = jax.random.split(rng, 3)
-    b = latents.shape[0]
     ab = jnp.asarray(alphas_cumprod(self.scheduler))
-    noise = jax.random.normal(noise_rng, latents.shape, jnp.float32)
-    if self.offset_noise:
-      noise = noise + self.offset_noise * jax.random.normal(
-          offset_rng, (b, 1, 1, latents.shape[-1]), jnp.float32)
-    t = jax.random.randint(t_rng, (b,), 0, self.scheduler.num_train_timesteps)
     latents = latents.astype(jnp.float32)
+    noise, t = self.draw(rng, latents.shape)
     noisy = add_noise(ab, latents, noise, t)
     target = training_target(self.scheduler.prediction_type, ab, latents, noise, t)
     pred = predict(noisy, t).astype(jnp.float32)
@@ -79,8 +81,11 @@ class Objective:
     if self.min_snr_gamma:
       per_example = per_example * min_snr_weights(snr(ab, t), self.min_snr_gamma,
                                                    self.scheduler.prediction_type)
-    if weights is None:
-      loss = per_example.mean()
-    else:
-      loss = jnp.sum(per_example * weights)
-    return loss, {"mse": err.mean(), "timestep_mean": t.astype(jnp.float32).mean()}
+    return per_example, {"mse": err.mean(), "timestep_mean": t.astype(jnp.float32).mean()}
+
+  def loss(self, latents, predict, rng, weights=None, mask=None):
+    """The denoising loss of one batch: the mean of `per_example_loss`, or, with `weights` [B],
+    sum(weights * per-example loss). Returns (scalar loss, metrics dict)."""
+    per_example, metrics = self.per_example_loss(latents, predict, rng, mask)
+    loss = per_example.mean() if weights is None else jnp.sum(per_example * weights)
+    return loss, metrics

@@ -7,7 +7,8 @@ Batch keys (numpy arrays with a leading batch axis; only the ones a run needs ar
   pixels                      [B, H, W, 3]  images in [-1, 1], VAE-encoded in the step (random crops)
   ids                         [B, L] int    token ids (the text encoder runs in the step)
   context                     [B, L, D]     cached text-encoder output (nothing in the text path trains)
-  weight                      [B]           per-example loss weights (prior preservation)
+  weight                      [B]           per-example loss weights
+  prior                       [B] float     1 for class (prior-preservation) examples, 0 for instances
   mask                        [B, h, w, 1]  loss mask
 """
 
@@ -25,7 +26,7 @@ from persona_jax.diffusion.sampling import SDModels
 from persona_jax.models.vae import Moments
 
 LATENT_MEAN, LATENT_LOGVAR, PIXELS = "latent_mean", "latent_logvar", "pixels"
-IDS, CONTEXT, WEIGHT, MASK = "ids", "context", "weight", "mask"
+IDS, CONTEXT, WEIGHT, MASK, PRIOR = "ids", "context", "weight", "mask", "prior"
 
 
 def no_new_params(rng, base):
@@ -50,6 +51,11 @@ class Method:
     regularizers: extra loss terms, each (params, trainable, batch) -> (name, scalar).
     added_tokens: token strings the method adds to the tokenizer, in id order.
     expand_prompt: prompt -> prompt (e.g. a multi-vector placeholder to its vector tokens).
+    prior_loss_weight: lambda of class-prior preservation (DreamBooth): with class examples in
+      the batch the loss is mean(instance losses) + lambda * mean(class losses); 0: the method
+      takes no class images.
+    lr_groups: ((regex over trainable paths, learning rate), ...): leaves with their own lr.
+    save_result: (ResultContext, trainable, workdir) -> [paths]: the method's result files.
   """
   name: str
   select: tree.Rules = ()
@@ -59,6 +65,9 @@ class Method:
   regularizers: tuple[Callable, ...] = ()
   added_tokens: tuple[str, ...] = ()
   expand_prompt: Callable[[str], str] = identity_prompt
+  prior_loss_weight: float = 0.0
+  lr_groups: tuple[tuple[str, float], ...] = ()
+  save_result: Callable | None = None
 
   def text_trains(self) -> bool:
     """Whether anything in the text path trains (then text embeddings cannot be cached)."""
@@ -92,13 +101,30 @@ def method_loss(method: Method, models: SDModels, objective: Objective, params, 
 
   def predict(noisy, t):
     return models.unet.apply({"params": params["unet"]}, noisy, t, context)
-  loss, metrics = objective.loss(latents, predict, loss_rng, batch.get(WEIGHT), batch.get(MASK))
+  if PRIOR in batch:
+    loss, metrics = prior_preservation_loss(objective, latents, predict, loss_rng, batch[PRIOR],
+                                            method.prior_loss_weight, batch.get(MASK))
+  else:
+    loss, metrics = objective.loss(latents, predict, loss_rng, batch.get(WEIGHT), batch.get(MASK))
   metrics = dict(metrics, denoising_loss=loss)
   for regularizer in method.regularizers:
     name, value = regularizer(params, trainable, batch)
     metrics[name] = value
     loss = loss + value
   return loss, metrics
+
+
+def prior_preservation_loss(objective: Objective, latents, predict, rng, prior, weight: float,
+                            mask=None):
+  """DreamBooth's loss over one batch of instance and class examples (one forward):
+  mean(instance losses) + weight * mean(class losses). `prior` [B] is 1 on class examples.
+  Returns (loss, metrics with instance_loss and prior_loss)."""
+  per_example, metrics = objective.per_example_loss(latents, predict, rng, mask)
+  prior = prior.astype(jnp.float32)
+  instance_loss = jnp.sum(per_example * (1.0 - prior)) / jnp.maximum(jnp.sum(1.0 - prior), 1.0)
+  prior_loss = jnp.sum(per_example * prior) / jnp.maximum(jnp.sum(prior), 1.0)
+  return instance_loss + weight * prior_loss, dict(metrics, instance_loss=instance_loss,
+                                                   prior_loss=prior_loss)
 
 
 @dataclasses.dataclass(frozen=True)

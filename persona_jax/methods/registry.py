@@ -6,9 +6,10 @@ import dataclasses
 from collections.abc import Mapping
 
 from persona_jax.errors import ConfigError
-from persona_jax.methods import textual_inversion
+from persona_jax.methods import dreambooth, textual_inversion
 
 METHODS = {
+    "dreambooth": (dreambooth.DreamBoothConfig, dreambooth.make),
     "textual_inversion": (textual_inversion.TextualInversionConfig, textual_inversion.make),
 }
 

@@ -10,8 +10,10 @@ row and every other parameter stays bit-identical and the optimizer holds state 
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import jax.numpy as jnp
+import numpy as np
 
 from persona_jax.errors import ConfigError
 from persona_jax.methods.base import Method
@@ -52,6 +54,17 @@ def check_tokens(tokenizer, config: TextualInversionConfig, vocab_rows: int) -> 
   return ids[0]
 
 
+def save_result(run, trainable, workdir):
+  """WORKDIR/learned_embeds.safetensors: {placeholder: [num_vectors, D]} (diffusers' format)."""
+  from persona_jax.convert.files import write_safetensors
+  path = workdir / "learned_embeds.safetensors"
+  tokens = run.method.added_tokens
+  write_safetensors(path, {tokens[0]: np.asarray(trainable[TOKENS], np.float32)},
+                    {"format": "pt", "tokens": json.dumps(list(tokens)),
+                     "base_model": str(run.model_dir)})
+  return [str(path)]
+
+
 def make(config: TextualInversionConfig, base_params, tokenizer_dir=None) -> Method:
   """The Textual Inversion method for a base model (its params give the initializer's row)."""
   table = base_params["text_encoder"]["embeddings"]["token_embedding"]["embedding"]   # [V, D]
@@ -73,4 +86,4 @@ def make(config: TextualInversionConfig, base_params, tokenizer_dir=None) -> Met
 
   return Method(name="textual_inversion", init_trainable=init_trainable,
                 input_embeddings=input_embeddings, added_tokens=tokens,
-                expand_prompt=expand_prompt)
+                expand_prompt=expand_prompt, save_result=save_result)

@@ -32,7 +32,11 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def check_batch_size(batch_size: int, mesh: Mesh) -> None:
-  if batch_size % mesh.size:
-    raise ConfigError(f"batch_size {batch_size} is not divisible by the {mesh.size} devices; "
-                      "use a multiple of the device count")
+def check_batch_size(batch_size: int, mesh: Mesh, class_rows: int = 0) -> None:
+  """The step's rows (`batch_size` instance rows + `class_rows`) must split over the devices."""
+  rows = batch_size + class_rows
+  if rows % mesh.size:
+    what = (f"batch_size {batch_size}" if not class_rows else
+            f"the step's batch (batch_size {batch_size} + {class_rows} class rows = {rows})")
+    raise ConfigError(f"{what} is not divisible by the {mesh.size} devices; use a multiple of "
+                      "the device count")

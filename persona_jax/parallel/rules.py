@@ -42,3 +42,29 @@ def infer_shardings(abstract, rules: tree.Rules, mesh: Mesh, prefix: str = ""):
 def shard_like(tree_, shardings):
   """device_put every leaf with its sharding."""
   return jax.tree.map(lambda x, s: jax.device_put(x, s), tree_, shardings)
+
+
+def _key_str(k) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(k, attr):
+      return str(getattr(k, attr))
+  return str(k)
+
+
+def shardings_like_params(abstract, param_shardings, default):
+  """Shardings for a tree holding param-shaped leaves (optimizer moments, accumulated grads):
+  a leaf whose path ends with a param's full path (e.g. `.../mu/unet/conv_in/kernel`) gets that
+  param's sharding; every other leaf (step counts) gets `default`."""
+  by_path = tree.flatten(param_shardings)
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract)
+  out = []
+  for path, leaf in leaves:
+    keys = [_key_str(k) for k in path]
+    sharding = default
+    for n in range(len(keys)):
+      candidate = by_path.get("/".join(keys[n:]))
+      if candidate is not None:
+        sharding = candidate
+        break
+    out.append(sharding)
+  return jax.tree_util.tree_unflatten(treedef, out)

@@ -14,7 +14,6 @@ import dataclasses
 import functools
 import json
 import logging
-import math
 import time
 from pathlib import Path
 
@@ -25,6 +24,8 @@ from tqdm.auto import tqdm
 
 from persona_jax import tree
 from persona_jax.data import pipeline as data
+from persona_jax.class_images import count_images, make_class_images
+from persona_jax.data.images import DataError
 from persona_jax.default_model import resolve_model
 from persona_jax.diffusion.losses import Objective
 from persona_jax.diffusion.sampling import SDModels
@@ -32,14 +33,16 @@ from persona_jax.errors import ConfigError, PersonaError
 from persona_jax.images import grid, save_png
 from persona_jax.methods.base import MethodConditioning, encode_text
 from persona_jax.methods.registry import make_method
+from persona_jax.models.text_encoder import CLIPTextModel
+from persona_jax.models.unet import UNet2DConditionModel
 from persona_jax.parallel import mesh as mesh_lib
-from persona_jax.parallel.rules import infer_shardings, shard_like
+from persona_jax.parallel.rules import infer_shardings, shard_like, shardings_like_params
 from persona_jax.pipeline import Pipeline, load_pipeline
 from persona_jax.text_to_image import SampleOptions, text_to_image
 from persona_jax.tokenizer import tokenize, tokenizer_with_tokens
 from persona_jax.train import checkpoint as ckpt
 from persona_jax.train.config import RunConfig
-from persona_jax.train.optim import make_optimizer, optimizer_step
+from persona_jax.train.optim import OptimConfig, make_optimizer, optimizer_step
 from persona_jax.train.state import TrainState, init_state
 from persona_jax.train.step import train_step
 
@@ -81,14 +84,15 @@ class Run:
     return tree.unflatten(flat)
 
 
-def build(config: RunConfig, *, mesh=None) -> Run:
-  """Loads the base, builds the method, the data and the optimizer of a run."""
+def build(config: RunConfig, *, mesh=None, workdir=None, progress: bool = False) -> Run:
+  """Loads the base, builds the method, the data and the optimizer of a run. Missing class
+  images (prior preservation) are generated here, into `data.class_dir` or WORKDIR/class_images."""
   model_dir = resolve_model(config.model)
   pipe = load_pipeline(model_dir)
   compute = jnp.bfloat16 if config.mixed_precision == "bf16" else jnp.float32
   models = SDModels(
-      pipe.unet.__class__(dataclasses.replace(pipe.unet_config, dtype=compute, remat=config.remat)),
-      pipe.text_encoder.__class__(dataclasses.replace(pipe.text_encoder_config, dtype=compute)),
+      UNet2DConditionModel(dataclasses.replace(pipe.unet_config, dtype=compute, remat=config.remat)),
+      CLIPTextModel(dataclasses.replace(pipe.text_encoder_config, dtype=compute)),
       pipe.vae)
   method = make_method(config.method_name, config.method_options, pipe.params, pipe.tokenizer_dir)
   tokenizer = tokenizer_with_tokens(pipe.tokenizer_dir, method.added_tokens)
@@ -100,11 +104,14 @@ def build(config: RunConfig, *, mesh=None) -> Run:
     raise ConfigError(f"method {config.method_name} selects no trainable parameters")
 
   instances = data.load_instances(config.data, method.expand_prompt)
-  dataset_kwargs = {}
+  classes = class_images(config, method, pipe, workdir, progress)
+  dataset_kwargs = {"classes": classes}
   needed = {"unet"}
   if config.data.center_crop:
-    dataset_kwargs["moments"] = data.encode_moments(pipe.vae, pipe.params["vae"],
-                                                    np.stack(instances.images))
+    encode = functools.partial(data.encode_moments, pipe.vae, pipe.params["vae"])
+    dataset_kwargs["moments"] = encode(np.stack(instances.images))
+    if classes is not None:
+      dataset_kwargs["class_moments"] = encode(np.stack(classes.images))
   else:
     needed.add("vae")
   tokenize_fn = lambda prompts: tokenize(tokenizer, prompts)
@@ -112,7 +119,7 @@ def build(config: RunConfig, *, mesh=None) -> Run:
     needed.add("text_encoder")
     dataset_kwargs["tokenize"] = tokenize_fn
   else:
-    captions = data.all_captions(instances, config.data.caption_dropout)
+    captions = data.all_captions(instances, config.data.caption_dropout, classes)
     encode = jax.jit(lambda ids: encode_text(method, models, pipe.params, ids))
     dataset_kwargs["contexts"] = data.encode_captions(encode, tokenize_fn, captions)
     dataset_kwargs["caption_index"] = {c: i for i, c in enumerate(captions)}
@@ -122,13 +129,57 @@ def build(config: RunConfig, *, mesh=None) -> Run:
   if compute != jnp.float32:
     frozen = jax.tree.map(lambda x: x.astype(compute), frozen)
   mesh = mesh or mesh_lib.make_mesh(config.fsdp)
-  mesh_lib.check_batch_size(config.batch_size, mesh)
-  tx, schedule = make_optimizer(config.optim, trainable, total_steps=config.steps,
-                                batch_size=config.batch_size, num_devices=1)
+  mesh_lib.check_batch_size(config.batch_size, mesh,
+                            config.batch_size if classes is not None else 0)
+  tx, schedule = make_optimizer(optim_config(config, method), trainable, total_steps=config.steps,
+                                batch_size=config.batch_size)
   objective = Objective(pipe.scheduler_config, pipe.vae_config.scaling_factor,
                         config.min_snr_gamma, config.offset_noise)
   return Run(config, pipe, method, models, objective, tokenizer, frozen, trainable, tx, schedule,
              dataset, mesh, ckpt.base_fingerprint(model_dir), model_dir)
+
+
+def optim_config(config: RunConfig, method) -> OptimConfig:
+  """The run's optimizer config with the method's own learning rates (e.g. DreamBooth's text
+  encoder) put first among the groups, as multipliers of `optim.lr`."""
+  if not method.lr_groups:
+    return config.optim
+  if config.optim.lr <= 0:
+    raise ConfigError("optim.lr must be > 0 when the method sets its own learning rates")
+  own = tuple((pattern, lr / config.optim.lr) for pattern, lr in method.lr_groups)
+  return dataclasses.replace(config.optim, groups=own + tuple(config.optim.groups))
+
+
+def class_images(config: RunConfig, method, pipe: Pipeline, workdir, progress: bool):
+  """The run's class images (None without prior preservation), generated first if missing."""
+  d = config.data
+  if d.num_class_images <= 0:
+    if method.prior_loss_weight and d.class_dir:
+      log.warning("data.class_dir is set but data.num_class_images is 0: no prior preservation")
+    return None
+  if not method.prior_loss_weight:
+    raise ConfigError(f"data.num_class_images: method {config.method_name} has no class-prior "
+                      "loss (prior_loss_weight 0) and does not use class images; set it to 0")
+  if not d.class_prompt:
+    raise ConfigError("data.class_prompt: class images need their prompt (e.g. 'a photo of a dog')")
+  if d.class_dir:
+    folder = Path(d.class_dir)
+  elif workdir is not None:
+    folder = Path(workdir) / "class_images"
+  else:
+    raise ConfigError("data.class_dir: set the folder of the class images")
+  have = count_images(folder)
+  if have < d.num_class_images:
+    if not d.class_generate:
+      raise DataError(f"{folder}: {have} class image(s) found, data.num_class_images is "
+                      f"{d.num_class_images}, and data.class_generate is off so there is no model "
+                      "to sample the rest from; run `persona-jax make-class-images --out "
+                      f"{folder} ...` or set data.class_generate=True")
+    options = SampleOptions(steps=d.class_sample_steps, guidance=d.class_guidance, seed=0,
+                            height=d.resolution, width=d.resolution, batch_size=4)
+    make_class_images(pipe, d.class_prompt, d.num_class_images, folder, options=options,
+                      negative_prompt=d.class_negative_prompt, progress=progress)
+  return data.load_class_images(d, folder)
 
 
 def jit_step(run: Run, state_shardings, frozen_shardings):
@@ -140,13 +191,27 @@ def jit_step(run: Run, state_shardings, frozen_shardings):
                  out_shardings=(state_shardings, mesh_lib.replicated(run.mesh)), donate_argnums=0)
 
 
-def initial_state(run: Run) -> TrainState:
-  """The step-0 state, created on the mesh: trainable leaves placed by the sharding rules, and
-  the optimizer moments created under jit so they inherit those shardings."""
+def state_shardings(run: Run):
+  """Shardings of the TrainState: trainable leaves (and their EMA, optimizer moments and
+  accumulated gradients) placed by the sharding rules, everything else replicated."""
   c = run.config
-  trainable = shard_like(run.trainable, infer_shardings(run.trainable, tuple(c.sharding), run.mesh))
-  return jax.jit(functools.partial(init_state, tx=run.tx, seed=c.seed,
-                                   ema=c.optim.ema_decay > 0))(trainable)
+  trainable_sh = infer_shardings(run.trainable, tuple(c.sharding), run.mesh)
+  abstract = jax.eval_shape(functools.partial(init_state, tx=run.tx, seed=c.seed,
+                                              ema=c.optim.ema_decay > 0), run.trainable)
+  rep = mesh_lib.replicated(run.mesh)
+  return TrainState(step=rep, trainable=trainable_sh,
+                    opt_state=shardings_like_params(abstract.opt_state, trainable_sh, rep),
+                    rng=rep, ema=trainable_sh if abstract.ema is not None else None)
+
+
+def initial_state(run: Run) -> TrainState:
+  """The step-0 state, created on the mesh with `state_shardings` (under jit, so a sharded
+  optimizer state is never materialized whole on one device)."""
+  c = run.config
+  shardings = state_shardings(run)
+  trainable = shard_like(run.trainable, shardings.trainable)
+  return jax.jit(functools.partial(init_state, tx=run.tx, seed=c.seed, ema=c.optim.ema_decay > 0),
+                 out_shardings=shardings)(trainable)
 
 
 # Keys a resumed run may change: they do not alter the steps already taken.
@@ -208,7 +273,7 @@ def train(config: RunConfig, workdir, *, progress: bool = True, mesh=None) -> di
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   _write_config(workdir, config)
-  run = build(config, mesh=mesh)
+  run = build(config, mesh=mesh, workdir=workdir, progress=progress)
   c = config
   total = c.steps * c.optim.grad_accum            # micro-steps
   state = initial_state(run)
@@ -274,14 +339,5 @@ def train(config: RunConfig, workdir, *, progress: bool = True, mesh=None) -> di
 
 
 def write_outputs(run: Run, trainable, workdir: Path) -> list[str]:
-  """The method's result files (e.g. Textual Inversion's learned embeddings)."""
-  from persona_jax.convert.files import write_safetensors
-  out = []
-  if run.method.added_tokens and "tokens" in trainable:
-    rows = np.asarray(trainable["tokens"], np.float32)
-    path = workdir / "learned_embeds.safetensors"
-    write_safetensors(path, {run.method.added_tokens[0]: rows},
-                      {"format": "pt", "tokens": json.dumps(list(run.method.added_tokens)),
-                       "base_model": str(run.model_dir)})
-    out.append(str(path))
-  return out
+  """The method's result files (Textual Inversion's embeddings, DreamBooth's model folder)."""
+  return list(run.method.save_result(run, trainable, workdir)) if run.method.save_result else []

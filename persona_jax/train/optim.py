@@ -17,7 +17,7 @@ SCHEDULES = ("constant", "linear", "cosine")
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
   lr: float = 1e-4
-  scale_lr: bool = False         # multiply lr by batch size x gradient accumulation x devices
+  scale_lr: bool = False         # multiply lr by the global batch size x gradient accumulation
   schedule: str = "constant"     # after warmup: constant | linear | cosine (decay to 0)
   warmup_steps: int = 0
   b1: float = 0.9
@@ -30,11 +30,12 @@ class OptimConfig:
   ema_decay: float = 0.0         # 0: no EMA of the trainable params
 
 
-def learning_rate(config: OptimConfig, total_steps: int, batch_size: int, num_devices: int = 1):
-  """The schedule (optimizer step -> lr) and the peak lr after `scale_lr`."""
+def learning_rate(config: OptimConfig, total_steps: int, batch_size: int):
+  """The schedule (optimizer step -> lr) and the peak lr after `scale_lr` (`batch_size` is the
+  global batch of one micro-step, over all devices)."""
   if config.schedule not in SCHEDULES:
     raise ConfigError(f"optim.schedule: '{config.schedule}' is not one of {', '.join(SCHEDULES)}")
-  peak = config.lr * (batch_size * config.grad_accum * num_devices if config.scale_lr else 1)
+  peak = config.lr * (batch_size * config.grad_accum if config.scale_lr else 1)
   warmup = max(0, config.warmup_steps)
   decay_steps = max(1, total_steps - warmup)
   if config.schedule == "constant":
@@ -48,10 +49,9 @@ def learning_rate(config: OptimConfig, total_steps: int, batch_size: int, num_de
   return after, peak
 
 
-def make_optimizer(config: OptimConfig, trainable, *, total_steps: int, batch_size: int,
-                   num_devices: int = 1):
+def make_optimizer(config: OptimConfig, trainable, *, total_steps: int, batch_size: int):
   """(tx, schedule): AdamW over `trainable` with per-group lr multipliers, clipping, accumulation."""
-  schedule, _ = learning_rate(config, total_steps, batch_size, num_devices)
+  schedule, _ = learning_rate(config, total_steps, batch_size)
 
   def adamw(multiplier):
     return optax.adamw(lambda step: schedule(step) * multiplier, b1=config.b1, b2=config.b2,

@@ -62,3 +62,36 @@ def test_bad_data_config():
     instances(data.DataConfig(caption_source="auto", prompt="x"))
   with pytest.raises(ConfigError, match="data.prompt"):
     instances(data.DataConfig(caption_source="templates"))
+
+
+def test_class_stream_appends_class_rows(tmp_path):
+  from persona_jax.methods.base import PRIOR
+  from tests.runs import write_class_images
+  config = data.DataConfig(prompt="<t>", caption_source="prompt", resolution=32, caption_dropout=0.5,
+                           num_class_images=3, class_prompt="a toy")
+  inst = instances(config)
+  folder = write_class_images(tmp_path / "c", n=5)
+  classes = data.load_class_images(config, folder)
+  assert len(classes.images) == 3 and classes.captions == [["a toy"]] * 3
+  captions = data.all_captions(inst, config.caption_dropout, classes)
+  assert captions == ["", "<t> <t>_1", "a toy"]
+  index = {c: i for i, c in enumerate(captions)}
+  contexts = np.arange(3, dtype=np.float32)[:, None, None] * np.ones((1, 2, 4))
+  ds = data.make_dataset(config, inst, 2, seed=0, caption_index=index, contexts=contexts,
+                         classes=classes)
+  it = data.make_iterator(ds)
+  seen = set()
+  for _ in range(6):
+    b = next(it)
+    assert b[PIXELS].shape == (4, 32, 32, 3)
+    np.testing.assert_array_equal(b[PRIOR], [0, 0, 1, 1])
+    assert set(b[CONTEXT][2:, 0, 0]) == {index["a toy"]}            # never dropped
+    assert index["a toy"] not in set(b[CONTEXT][:2, 0, 0])
+    seen |= {img.tobytes() for img in b[PIXELS][2:]}
+  assert len(seen) >= 3                                             # all class images, flipped or not
+  state = it.get_state()
+  nxt = next(it)
+  again = data.make_iterator(data.make_dataset(config, inst, 2, seed=0, caption_index=index,
+                                               contexts=contexts, classes=classes))
+  again.set_state(state)
+  np.testing.assert_array_equal(next(again)[PIXELS], nxt[PIXELS])

@@ -31,8 +31,8 @@ def test_schedule_warmup_and_scale_lr():
   assert peak == 1e-3
   assert float(sched(0)) == 0.0 and np.isclose(float(sched(5)), 5e-4) and np.isclose(float(sched(10)), 1e-3)
   assert float(sched(110)) < 1e-9
-  _, scaled = learning_rate(OptimConfig(lr=1e-3, scale_lr=True, grad_accum=2), 10, 4, num_devices=2)
-  assert scaled == 1e-3 * 4 * 2 * 2
+  _, scaled = learning_rate(OptimConfig(lr=1e-3, scale_lr=True, grad_accum=2), 10, 8)
+  assert scaled == 1e-3 * 8 * 2
 
 
 def test_groups_get_their_own_learning_rate():

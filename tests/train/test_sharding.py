@@ -55,3 +55,44 @@ def test_batch_must_divide_the_devices(model_dirs):
   from persona_jax import ConfigError
   with pytest.raises(ConfigError, match="batch_size 2 is not divisible by the 8 devices"):
     loop.build(ti_config(model_dirs["sd1"]), mesh=mesh_lib.make_mesh())
+
+
+def test_fsdp_shards_the_unet_and_its_moments_and_matches_single_device(model_dirs, tmp_path):
+  """DreamBooth (full UNet) on a (2 data x 4 fsdp) mesh: weights, Adam moments and accumulated
+  gradients are split over `fsdp`, the batch over all 8 devices; one step equals one device's."""
+  from tests.runs import db_config, write_class_images
+  config = db_config(model_dirs["sd1"], write_class_images(tmp_path / "class", n=4), batch_size=4,
+                     fsdp=4, data=dict(num_class_images=4), optim=dict(grad_accum=2))
+  multi = loop.build(config, mesh=mesh_lib.make_mesh(4))
+  single = loop.build(config, mesh=one_device_mesh())
+  batch = next(make_iterator(multi.dataset))
+  assert batch["prior"].shape == (8,)
+
+  def one_step(run):
+    state = loop.initial_state(run)
+    st_sh = jax.tree.map(lambda x: x.sharding, state)
+    fr_sh = infer_shardings(run.frozen, config.sharding, run.mesh)
+    step = loop.jit_step(run, st_sh, fr_sh)
+    frozen, sharded = jax.device_put(run.frozen, fr_sh), jax.device_put(batch, mesh_lib.batch_sharding(run.mesh))
+    for _ in range(2):                         # two micro-steps: one accumulated AdamW update
+      state, metrics = step(state, frozen, sharded)
+    return state, metrics
+
+  s8, m8 = one_step(multi)
+  kernel = s8.trainable["unet"]["conv_in"]["kernel"]                     # [3, 3, 4, 32]
+  assert kernel.sharding.spec == P(None, None, None, "fsdp")
+  assert {s.data.shape for s in kernel.addressable_shards} == {(3, 3, 4, 8)}
+  sharded = [x for x in jax.tree.leaves(s8.trainable) if x.sharding.spec != P()]
+  assert len(sharded) > 0.9 * len(jax.tree.leaves(s8.trainable))
+  # Adam moments and MultiSteps' accumulated gradients are sharded like their params.
+  big = [x for x in jax.tree.leaves(s8.opt_state) if x.shape == kernel.shape]
+  assert len(big) == 3 and all(x.sharding.spec == kernel.sharding.spec for x in big)
+  per_device = sum(s.data.nbytes for x in jax.tree.leaves(s8) for s in x.addressable_shards
+                   if s.device == jax.devices()[0])
+  total = sum(x.nbytes for x in jax.tree.leaves(s8))
+  assert per_device < 0.35 * total
+  s1, m1 = one_step(single)
+  np.testing.assert_allclose(float(m8["loss"]), float(m1["loss"]), rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(s8), jax.tree.leaves(s1)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-7)
+  assert not np.array_equal(np.asarray(kernel), np.asarray(multi.trainable["unet"]["conv_in"]["kernel"]))

@@ -1,0 +1,219 @@
+"""DreamBooth on the training core: the method test bar for UNet-only and UNet + text encoder,
+and the prior-preservation loss against a direct two-forward computation."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from persona_jax import ConfigError, tree
+from persona_jax.data.pipeline import make_iterator
+from persona_jax.diffusion.schedules import add_noise, alphas_cumprod, training_target
+from persona_jax.methods.base import PRIOR, batch_latents, encode_text, method_loss
+from persona_jax.train import loop
+from persona_jax.train.state import init_state
+from persona_jax.train.step import train_step
+from tests.runs import db_config, one_device_mesh, write_class_images
+
+VARIANTS = {
+    # UNet only: VAE moments and text contexts are cached, nothing else is needed in the step.
+    "unet": {},
+    # UNet + text encoder (own lr), random crops: the step runs the text encoder and the VAE.
+    "unet+text": dict(method=dict(name="dreambooth", train_text_encoder=True, text_encoder_lr=1e-6),
+                      data=dict(center_crop=False)),
+}
+
+
+@pytest.fixture(scope="module")
+def class_dir(tmp_path_factory):
+  return write_class_images(tmp_path_factory.mktemp("class"), n=2)
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def run(request, model_dirs, class_dir):
+  return loop.build(db_config(model_dirs["sd1"], class_dir, **VARIANTS[request.param]),
+                    mesh=one_device_mesh())
+
+
+@pytest.fixture(scope="module")
+def batch(run):
+  return jax.tree.map(jnp.asarray, next(make_iterator(run.dataset)))
+
+
+@pytest.fixture(scope="module")
+def step(run):
+  return jax.jit(functools.partial(train_step, method=run.method, models=run.models,
+                                   objective=run.objective, tx=run.tx))
+
+
+@pytest.fixture(scope="module")
+def eval_loss(run):
+  """The loss at a fixed rng (fixed noise, timesteps and latent samples), and its gradient."""
+  def loss(trainable, batch):
+    params = run.method.transform(run.frozen, trainable)
+    return method_loss(run.method, run.models, run.objective, params, trainable, batch,
+                       jax.random.PRNGKey(42))[0]
+  return jax.jit(jax.value_and_grad(loss))
+
+
+def trains_text(run):
+  return run.config.method.get("train_text_encoder", False)
+
+
+def test_trainable_set_is_literal(run):
+  expected = {"unet/" + p for p in tree.paths(run.pipe.params["unet"])}
+  if trains_text(run):
+    expected |= {"text_encoder/" + p for p in tree.paths(run.pipe.params["text_encoder"])}
+    assert set(run.frozen) == {"vae"}
+  else:
+    assert run.frozen == {}                      # VAE moments and text contexts are cached
+  assert set(tree.paths(run.trainable)) == expected
+  assert len(expected) == (len(tree.flatten(run.pipe.params["unet"]))
+                           + trains_text(run) * len(tree.flatten(run.pipe.params["text_encoder"])))
+
+
+def test_batch_holds_instance_then_class_rows(run, batch):
+  np.testing.assert_array_equal(batch[PRIOR], [0.0, 1.0])
+  if not trains_text(run):
+    # The cached contexts are the base text encoder's output of each caption.
+    ids = run.tokenize(["a photo of sks toy", "a photo of toy"])
+    base = run.models.text_encoder.apply({"params": run.pipe.params["text_encoder"]}, ids)
+    np.testing.assert_allclose(batch["context"], base.last_hidden_state, rtol=1e-6, atol=1e-6)
+
+
+def test_step_zero_reproduces_the_base(run, batch):
+  params = run.method.transform(run.frozen, run.trainable)
+  for name in ("unet", "text_encoder") if trains_text(run) else ("unet",):
+    for a, b in zip(jax.tree.leaves(params[name]), jax.tree.leaves(run.pipe.params[name])):
+      assert np.array_equal(np.asarray(a), np.asarray(b))
+  full = run.full_params(run.trainable)
+  x = jax.random.normal(jax.random.PRNGKey(0), (1, 4, 4, 4))
+  ctx = jax.random.normal(jax.random.PRNGKey(1), (1, 77, 32))
+  np.testing.assert_array_equal(
+      run.models.unet.apply({"params": full["unet"]}, x, jnp.array([500]), ctx),
+      run.pipe.unet.apply({"params": run.pipe.params["unet"]}, x, jnp.array([500]), ctx))
+
+
+def test_every_trainable_leaf_gets_a_gradient(run, batch, eval_loss):
+  _, grads = eval_loss(run.trainable, batch)
+  zero = [p for p, g in tree.flatten(grads).items() if not np.any(np.asarray(g))]
+  assert not zero, f"{len(zero)} trainable leaves get no gradient, e.g. {zero[:3]}"
+
+
+def test_loss_falls_and_frozen_stay_bit_identical(run, batch, step, eval_loss):
+  frozen_before = jax.tree.map(np.array, run.frozen)
+  state = init_state(run.trainable, run.tx, seed=0)
+  before, _ = eval_loss(state.trainable, batch)
+  for _ in range(8):
+    state, metrics = step(state, run.frozen, batch)
+  after, _ = eval_loss(state.trainable, batch)
+  assert float(after) < float(before)
+  assert {"instance_loss", "prior_loss"} <= set(metrics)
+  for a, b in zip(jax.tree.leaves(frozen_before), jax.tree.leaves(run.frozen)):
+    assert np.array_equal(a, np.asarray(b))
+  # Adam moments exist for the trainable leaves only.
+  n_moments = sum(1 for x in jax.tree.leaves(state.opt_state) if x.ndim)
+  assert n_moments == 2 * len(tree.flatten(run.trainable))
+
+
+def test_learning_rate_zero_moves_nothing(run, batch):
+  tx = optax.adamw(0.0, weight_decay=0.0)
+  step = jax.jit(functools.partial(train_step, method=run.method, models=run.models,
+                                   objective=run.objective, tx=tx))
+  state, _ = step(init_state(run.trainable, tx, seed=0), run.frozen, batch)
+  for a, b in zip(jax.tree.leaves(state.trainable), jax.tree.leaves(run.trainable)):
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_text_encoder_has_its_own_learning_rate(run, batch, step):
+  if not trains_text(run):
+    assert run.method.lr_groups == () and run.config.optim.groups == ()
+    return
+  assert run.method.lr_groups == (("text_encoder/.*", 1e-6),)
+  # Adam's first update of every leaf is about lr * sign(gradient): at most lr in size (plus
+  # float32 rounding of the weights).
+  state, _ = step(init_state(run.trainable, run.tx, seed=0), run.frozen, batch)
+  moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), state.trainable, run.trainable)
+  assert 0.9e-6 < max(jax.tree.leaves(moved["text_encoder"])) <= 1.05e-6
+  assert 0.9e-4 < max(jax.tree.leaves(moved["unet"])) <= 1.05e-4
+
+
+@pytest.mark.parametrize("base", ["sd1", "sd2"])     # epsilon and v-prediction
+def test_prior_term_is_the_class_half_with_its_weight(base, model_dirs, class_dir):
+  run = loop.build(db_config(model_dirs[base], class_dir, batch_size=2,
+                             method=dict(name="dreambooth", prior_loss_weight=0.3)),
+                   mesh=one_device_mesh())
+  batch = jax.tree.map(jnp.asarray, next(make_iterator(run.dataset)))
+  np.testing.assert_array_equal(batch[PRIOR], [0, 0, 1, 1])
+  params = run.method.transform(run.frozen, run.trainable)
+  rng = jax.random.PRNGKey(3)
+  loss, metrics = jax.jit(lambda p, b: method_loss(run.method, run.models, run.objective, p, p, b,
+                                                   rng))(params, batch)
+
+  # Directly: the same latents, noise and timesteps, two forwards, two means.
+  latent_rng, loss_rng = jax.random.split(rng)
+  latents = batch_latents(run.models, params, batch, latent_rng)
+  noise, t = run.objective.draw(loss_rng, latents.shape)
+  ab = jnp.asarray(alphas_cumprod(run.pipe.scheduler_config))
+  target = training_target(run.pipe.scheduler_config.prediction_type, ab, latents, noise, t)
+
+  def half_mse(rows):
+    noisy = add_noise(ab, latents[rows], noise[rows], t[rows])
+    pred = run.models.unet.apply({"params": params["unet"]}, noisy, t[rows], batch["context"][rows])
+    return float(jnp.mean(jnp.square(pred - target[rows])))
+  instance, prior = half_mse(slice(0, 2)), half_mse(slice(2, 4))
+  assert run.pipe.scheduler_config.prediction_type == ("epsilon" if base == "sd1" else "v_prediction")
+  np.testing.assert_allclose(float(metrics["instance_loss"]), instance, rtol=1e-4)
+  np.testing.assert_allclose(float(metrics["prior_loss"]), prior, rtol=1e-4)
+  np.testing.assert_allclose(float(loss), instance + 0.3 * prior, rtol=1e-4)
+
+
+def test_bad_dreambooth_options(model_dirs, class_dir):
+  with pytest.raises(ConfigError, match="text_encoder_lr is set but"):
+    loop.build(db_config(model_dirs["sd1"], class_dir,
+                         method=dict(name="dreambooth", text_encoder_lr=1e-6)), mesh=one_device_mesh())
+  with pytest.raises(ConfigError, match="data.class_prompt"):
+    loop.build(db_config(model_dirs["sd1"], class_dir, data=dict(class_prompt="")),
+               mesh=one_device_mesh())
+
+
+def test_run_generates_class_images_and_writes_a_diffusers_folder(model_dirs, tmp_path):
+  """The loop samples the missing class images into WORKDIR/class_images, trains, and writes
+  WORKDIR/model, which diffusers loads with the trained weights."""
+  import torch
+  from diffusers import UNet2DConditionModel
+
+  from persona_jax.pipeline import load_pipeline
+  config = db_config(model_dirs["sd1"], "", steps=2,
+                     data=dict(class_generate=True, class_sample_steps=2, resolution=16))
+  result = loop.train(config, tmp_path / "run", progress=False, mesh=one_device_mesh())
+  assert sorted(p.name for p in (tmp_path / "run" / "class_images").glob("*.png")) == [
+      "class-00000.png", "class-00001.png"]
+  assert result["outputs"] == [str(tmp_path / "run" / "model")]
+  trained = jax.device_get(result["state"].trainable)
+  ours = load_pipeline(tmp_path / "run" / "model")
+  for a, b in zip(jax.tree.leaves(ours.params["unet"]), jax.tree.leaves(trained["unet"])):
+    np.testing.assert_array_equal(a, b)
+  base = load_pipeline(model_dirs["sd1"])
+  for a, b in zip(jax.tree.leaves(ours.params["text_encoder"]), jax.tree.leaves(base.params["text_encoder"])):
+    np.testing.assert_array_equal(a, b)
+  assert not np.array_equal(trained["unet"]["conv_in"]["kernel"], base.params["unet"]["conv_in"]["kernel"])
+  unet = UNet2DConditionModel.from_pretrained(tmp_path / "run" / "model" / "unet")
+  kernel = unet.conv_in.weight.detach().numpy()                      # [O, I, kh, kw]
+  np.testing.assert_array_equal(kernel.transpose(2, 3, 1, 0), trained["unet"]["conv_in"]["kernel"])
+  assert torch.isfinite(unet.conv_out.weight).all()
+
+
+def test_missing_class_images_without_a_way_to_make_them(model_dirs, tmp_path):
+  from persona_jax.data.images import DataError
+  folder = write_class_images(tmp_path / "few", n=1)
+  with pytest.raises(DataError, match=f"{folder}: 1 class image.*class_generate is off"):
+    loop.build(db_config(model_dirs["sd1"], folder), mesh=one_device_mesh())
+  with pytest.raises(DataError, match="nowhere: 0 class image"):
+    loop.build(db_config(model_dirs["sd1"], tmp_path / "nowhere"), mesh=one_device_mesh())
+  with pytest.raises(ConfigError, match="has no class-prior loss"):
+    loop.build(db_config(model_dirs["sd1"], folder, method=dict(name="dreambooth", prior_loss_weight=0.0)),
+               mesh=one_device_mesh())
