@@ -22,7 +22,7 @@ def db_config(model_dir, class_dir, **overrides):
       data=dict(caption_source="prompt", prompt="a photo of sks toy", resolution=32,
                 num_class_images=2, class_dir=str(class_dir), class_prompt="a photo of toy",
                 class_generate=False),
-      optim=dict(lr=1e-4, clip_grad_norm=0.0, weight_decay=0.0),
+      optim=dict(lr=1e-4, clip_grad_norm=0.0, weight_decay=0.0, warmup_steps=1),
       steps=2, batch_size=1, log_every=1, checkpoint_every=2, sample_prompts=(),
       sharding=(("unet/.*", "fsdp"), ("text_encoder/.*", "fsdp")))
   return _merge(values, overrides)

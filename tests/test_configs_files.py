@@ -4,6 +4,7 @@ end to end through the train command (2 steps) and writes the method's file."""
 import importlib.resources
 import importlib.util
 
+import jax
 import pytest
 from safetensors.numpy import load_file
 
@@ -52,6 +53,20 @@ def test_dreambooth_tiny_runs_through_the_cli(tmp_path, monkeypatch, capsys):
                "--config.data.class_sample_steps=2", "--noprogress"]) == 0
   out = capsys.readouterr().out.split()
   assert out == [str(wd / "model"), str(wd / "samples" / "step_000002.png")]
-  assert len(list((wd / "class_images").glob("class-*.png"))) == 4
-  assert (wd / "model" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
-  assert (wd / "model" / "model_index.json").is_file()
+  assert sorted(p.name for p in (wd / "class_images").glob("*.png")) == [
+      f"class-{i:05d}.png" for i in range(4)]
+  # The result loads in diffusers with the trained UNet and the base's other components.
+  import numpy as np
+  from diffusers import UNet2DConditionModel
+
+  from persona_jax.default_model import default_model_dir
+  from persona_jax.pipeline import load_pipeline
+  ours, base = load_pipeline(wd / "model"), load_pipeline(default_model_dir())
+  kernel = np.asarray(ours.params["unet"]["conv_in"]["kernel"])
+  assert not np.array_equal(kernel, base.params["unet"]["conv_in"]["kernel"])
+  for a, b in zip(jax.tree.leaves(ours.params["vae"]), jax.tree.leaves(base.params["vae"])):
+    assert np.array_equal(a, b)
+  for a, b in zip(jax.tree.leaves(ours.params["text_encoder"]), jax.tree.leaves(base.params["text_encoder"])):
+    assert np.array_equal(a, b)
+  unet = UNet2DConditionModel.from_pretrained(wd / "model" / "unet")
+  np.testing.assert_array_equal(unet.conv_in.weight.detach().numpy().transpose(2, 3, 1, 0), kernel)

@@ -62,7 +62,8 @@ def test_fsdp_shards_the_unet_and_its_moments_and_matches_single_device(model_di
   gradients are split over `fsdp`, the batch over all 8 devices; one step equals one device's."""
   from tests.runs import db_config, write_class_images
   config = db_config(model_dirs["sd1"], write_class_images(tmp_path / "class", n=4), batch_size=4,
-                     fsdp=4, data=dict(num_class_images=4), optim=dict(grad_accum=2))
+                     fsdp=4, data=dict(num_class_images=4),
+                     optim=dict(grad_accum=2, warmup_steps=0))
   multi = loop.build(config, mesh=mesh_lib.make_mesh(4))
   single = loop.build(config, mesh=one_device_mesh())
   batch = next(make_iterator(multi.dataset))
