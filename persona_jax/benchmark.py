@@ -227,8 +227,9 @@ def _db_options(case: str) -> tuple[bool, bool, int]:
   return case.endswith("bf16"), case.endswith("remat"), 2 if case.endswith("accum2") else 1
 
 
-def _jax_db_step(case, config, unet_params, latents, ctx):
-  """Our DreamBooth step: the real train_step with the dreambooth method, frozen = {}."""
+def _jax_db_parts(case, config, unet_params, batch_size: int, latent: int, context_len: int):
+  """(jitted step, state, micro-batch list) of our DreamBooth step: the real train_step with the
+  dreambooth method, frozen = {}. Works on arrays or on ShapeDtypeStructs (memory plans)."""
   import functools
 
   import jax
@@ -238,7 +239,9 @@ def _jax_db_step(case, config, unet_params, latents, ctx):
   from persona_jax.diffusion.sampling import SDModels
   from persona_jax.diffusion.schedules import SchedulerConfig
   from persona_jax.methods import dreambooth
+  from persona_jax.models.configs import VAEConfig
   from persona_jax.models.unet import UNet2DConditionModel
+  from persona_jax.models.vae import AutoencoderKL
   from persona_jax.train.optim import OptimConfig, make_optimizer
   from persona_jax.train.state import init_state
   from persona_jax.train.step import train_step
@@ -246,31 +249,84 @@ def _jax_db_step(case, config, unet_params, latents, ctx):
   unet = UNet2DConditionModel(dataclasses.replace(
       config, dtype=jnp.bfloat16 if bf16 else config.dtype, remat="blocks" if remat else "none"))
   method = dreambooth.make(dreambooth.DreamBoothConfig(), {"unet": unet_params})
-  trainable = {"unet": jax.tree.map(lambda p: p.astype(jnp.float32), unet_params)}
+  trainable = {"unet": unet_params}
   tx, _ = make_optimizer(OptimConfig(lr=5e-6, clip_grad_norm=1.0, grad_accum=accum), trainable,
-                         total_steps=10, batch_size=latents.shape[0] // accum)
-  models = SDModels(unet, None, None)
+                         total_steps=10, batch_size=batch_size // accum)
+  models = SDModels(unet, None, AutoencoderKL(VAEConfig(latent_channels=4)))   # VAE: config only
   objective = Objective(SchedulerConfig(beta_schedule="scaled_linear", beta_start=0.00085,
                                         beta_end=0.012), 1.0)
   step = jax.jit(functools.partial(train_step, method=method, models=models, objective=objective,
                                    tx=tx), donate_argnums=0)
-  b = latents.shape[0]
-  prior = jnp.asarray([0.0] * (b // 2) + [1.0] * (b // 2))
+  init = functools.partial(init_state, tx=tx, seed=0)
+  abstract = isinstance(jax.tree.leaves(unet_params)[0], jax.ShapeDtypeStruct)
+  state = jax.eval_shape(init, trainable) if abstract else init(trainable)
+  rng = np.random.default_rng(1)
+  m = batch_size // accum                          # rows per micro-step: half instance, half class
+  shapes = {"latent_mean": (m, latent, latent, 4), "latent_logvar": (m, latent, latent, 4),
+            "context": (m, context_len, config.cross_attention_dims[0]), "prior": (m,)}
+  batches = []
+  for _ in range(accum):
+    if abstract:
+      batch = {k: jax.ShapeDtypeStruct(v, jnp.float32) for k, v in shapes.items()}
+    else:
+      batch = {k: jnp.asarray(rng.standard_normal(v), jnp.float32) for k, v in shapes.items()}
+      batch["latent_logvar"] = jnp.full(shapes["latent_logvar"], -30.0)
+      batch["prior"] = jnp.asarray([0.0] * (m // 2) + [1.0] * (m // 2))
+    batches.append(batch)
+  return step, state, batches
 
-  def micro_batch(k):
-    # Rows of micro-step k: half instance, half class (in instance-then-class order).
-    m = b // accum // 2
-    rows = jnp.concatenate([jnp.arange(k * m, (k + 1) * m), b // 2 + jnp.arange(k * m, (k + 1) * m)])
-    return {"latent_mean": latents[rows], "latent_logvar": jnp.full(latents[rows].shape, -30.0),
-            "context": ctx[rows], "prior": prior[rows]}
-  batches = [micro_batch(k) for k in range(accum)]
-  carry = [init_state(trainable, tx, seed=0)]
+
+def _jax_db_step(case, config, unet_params, latents, ctx):
+  """Our DreamBooth step, timed (compiled ahead of time inside the first call, so the
+  result also carries XLA's memory plan)."""
+  import jax
+  step, state, batches = _jax_db_parts(case, config, unet_params, latents.shape[0],
+                                       latents.shape[1], ctx.shape[1])
+  carry = [state]
+  compiled = []
 
   def run():
+    if not compiled:
+      compiled.append(step.lower(carry[0], {}, batches[0]).compile())
+      run.xla_memory = xla_memory_mb(compiled[0])
     for batch in batches:
-      carry[0], metrics = step(carry[0], {}, batch)
+      carry[0], metrics = compiled[0](carry[0], {}, batch)
     jax.block_until_ready(metrics["loss"])
   return run
+
+
+def memory_plan(preset: str = "sd15", cases=DB_VARIANTS, batch_size: int = 2, print_fn=print) -> dict:
+  """XLA's buffer plan of the DreamBooth step for each memory option, compiled from shapes only
+  (no weights are created, so the real SD 1.5 UNet plans on a laptop). CPU plans; an
+  accelerator's compiler fuses and schedules differently."""
+  import jax
+  import jax.numpy as jnp
+
+  from persona_jax.models.configs import UNetConfig
+  from persona_jax.pipeline import abstract_params
+  p = PRESETS[preset]
+  config = UNetConfig.from_dict(p.unet)
+  params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32),
+                        abstract_params("unet", config))
+  out = {}
+  for case in cases:
+    step, state, batches = _jax_db_parts(case, config, params, batch_size, p.latent, p.context_len)
+    out[case] = xla_memory_mb(step.lower(state, {}, batches[0]).compile())
+    print_fn(f"  {case:16s} {out[case]}")
+  return out
+
+
+def xla_memory_mb(compiled) -> dict | None:
+  """XLA's buffer plan of a compiled step: arguments, outputs, temporaries and the peak they
+  imply (arguments + outputs - donated aliases + temporaries), in MB."""
+  stats = compiled.memory_analysis()
+  if stats is None:
+    return None
+  mb = lambda b: b / 2**20
+  return dict(arguments=mb(stats.argument_size_in_bytes), outputs=mb(stats.output_size_in_bytes),
+              aliased=mb(stats.alias_size_in_bytes), temporaries=mb(stats.temp_size_in_bytes),
+              peak=mb(stats.argument_size_in_bytes + stats.output_size_in_bytes
+                      - stats.alias_size_in_bytes + stats.temp_size_in_bytes))
 
 
 def _torch_db_step(case, unet, x, noise, t, ctx, sync):
@@ -410,6 +466,8 @@ def worker(framework: str, case: str, unet_dir: Path, preset: str, iters: int, d
                 median_s=statistics.median(times),
                 peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                 steady_peak_rss_mb=_peak_rss_mb() if steady_from else None)
+  if getattr(run, "xla_memory", None):
+    result["xla_memory_mb"] = run.xla_memory
   if framework == "jax":
     import jax
     stats = jax.devices()[0].memory_stats() or {}
@@ -481,7 +539,8 @@ def bench(preset: str = "reduced", cases=DEFAULT_CASES, frameworks=FRAMEWORKS, r
                      first_call_s=statistics.median(r["first_call_s"] for r in rs),
                      peak_rss_mb=max(r["peak_rss_mb"] for r in rs),
                      steady_peak_rss_mb=max(r.get("steady_peak_rss_mb") or 0 for r in rs),
-                     device_peak_mb=max((r.get("device_peak_mb", 0) for r in rs), default=0))
+                     device_peak_mb=max((r.get("device_peak_mb", 0) for r in rs), default=0),
+                     xla_memory_mb=next((r["xla_memory_mb"] for r in rs if r.get("xla_memory_mb")), None))
     if "jax" in row and "torch" in row:
       row["speedup"] = row["torch"]["median_s"] / row["jax"]["median_s"]
     summary[case] = row
@@ -508,6 +567,15 @@ def format_summary(summary: dict, meta: dict) -> str:
         f"{j['first_call_s'] if j else float('nan'):.1f} s / {t['first_call_s'] if t else float('nan'):.1f} s | "
         f"{j['peak_rss_mb'] if j else 0:.0f} / {t['peak_rss_mb'] if t else 0:.0f} MB | "
         f"{j['steady_peak_rss_mb'] if j else 0:.0f} / {t['steady_peak_rss_mb'] if t else 0:.0f} MB |")
+  planned = {case: row["jax"]["xla_memory_mb"] for case, row in summary.items()
+             if row.get("jax", {}).get("xla_memory_mb")}
+  if planned:
+    lines += ["", "XLA's buffer plan of the persona_jax step (MB): arguments + outputs - donated "
+              "aliases + temporaries = peak",
+              "| case | arguments | outputs | aliased | temporaries | peak |", "|---|---|---|---|---|---|"]
+    for case, m in planned.items():
+      lines.append(f"| {case} | {m['arguments']:.0f} | {m['outputs']:.0f} | {m['aliased']:.0f} | "
+                   f"{m['temporaries']:.0f} | {m['peak']:.0f} |")
   return "\n".join(lines)
 
 

@@ -97,7 +97,16 @@ def _verify(args) -> int:
 def _bench(args) -> int:
   import json
 
-  from persona_jax.benchmark import bench
+  from persona_jax.benchmark import DEFAULT_CASES
+
+  from persona_jax.benchmark import DB_VARIANTS, bench, memory_plan
+  if args.memory_plan:
+    cases = [c for c in args.cases if c in DB_VARIANTS] if args.cases != list(DEFAULT_CASES) else DB_VARIANTS
+    result = memory_plan(args.preset, cases, batch_size=args.memory_plan_batch)
+    if args.json:
+      args.json.parent.mkdir(parents=True, exist_ok=True)
+      args.json.write_text(json.dumps(result, indent=2))
+    return 0
   result = bench(preset=args.preset, cases=args.cases, frameworks=args.frameworks,
                  reps=args.reps, iters=args.iters, dtype=args.dtype, device_note=args.device,
                  malloc_tunable=not args.no_malloc_tunable)
@@ -187,6 +196,11 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--no-malloc-tunable", action="store_true",
                  help=f"do not set GLIBC_TUNABLES={MALLOC_TUNABLE} for the workers")
   p.add_argument("--json", type=Path, default=None, help="also write the full results here")
+  p.add_argument("--memory-plan", action="store_true",
+                 help="only compile the DreamBooth step per memory option from shapes (no weights) "
+                      "and print XLA's buffer plan; works for --preset sd15 on a laptop")
+  p.add_argument("--memory-plan-batch", type=int, default=2,
+                 help="rows per step for --memory-plan (instance + class)")
   p.set_defaults(func=_bench)
 
   p = sub.add_parser("verify", help="compare persona_jax with diffusers/transformers on a model folder")
