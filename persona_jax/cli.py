@@ -237,7 +237,15 @@ def _reexec_with_malloc_tunable() -> None:
     return
   env = dict(os.environ, PERSONA_JAX_NO_REEXEC="1",
              GLIBC_TUNABLES=":".join(t for t in (tunables, MALLOC_TUNABLE) if t))
-  os.execve(sys.executable, [sys.executable, "-m", "persona_jax", *sys.argv[1:]], env)
+  # Re-run the console script itself (its folder, not the working directory, is on sys.path: from
+  # a source checkout's root `-m` would import the uninstalled tree, which lacks
+  # persona_jax.configs); `python -m persona_jax` re-runs as it was started.
+  script = sys.argv[0]
+  if os.path.basename(script) != "__main__.py" and os.path.isfile(script):
+    command = [sys.executable, script]
+  else:
+    command = [sys.executable, "-m", "persona_jax"]
+  os.execve(sys.executable, [*command, *sys.argv[1:]], env)
 
 
 def config_path(arg: str) -> str:
