@@ -86,18 +86,22 @@ def caption_pool(config: DataConfig, file_caption: str | None, expand: Callable[
   return [expand(file_caption)]
 
 
+def prepare_image(path: Path, config: DataConfig) -> np.ndarray:
+  """An image decoded, its shorter side resized to `resolution` and, with center crops, cropped:
+  uint8 [R, R, 3] (center crop) or [>=R, >=R, 3]."""
+  image = img_ops.resize_shorter_side(img_ops.load_image(path), config.resolution)
+  if config.center_crop:
+    image = img_ops.crop(image, config.resolution, *img_ops.center_crop_offsets(image, config.resolution))
+  return image
+
+
 def load_instances(config: DataConfig, expand: Callable[[str], str]) -> InstanceSet:
   if config.caption_source not in CAPTION_SOURCES:
     raise ConfigError(f"data.caption_source: '{config.caption_source}' is not one of "
                       f"{', '.join(CAPTION_SOURCES)}")
   folder = Path(config.instance_dir) if config.instance_dir else example_subject_dir()
   examples = read_image_folder(folder, need_captions=config.caption_source == "files")
-  images = []
-  for e in examples:
-    image = img_ops.resize_shorter_side(img_ops.load_image(e.path), config.resolution)
-    if config.center_crop:
-      image = img_ops.crop(image, config.resolution, *img_ops.center_crop_offsets(image, config.resolution))
-    images.append(image)
+  images = [prepare_image(e.path, config) for e in examples]
   captions = [caption_pool(config, e.caption, expand) for e in examples]
   log.info("%s: %d instance image(s) at %dpx", folder, len(images), config.resolution)
   return InstanceSet(images, captions, folder)
@@ -106,12 +110,7 @@ def load_instances(config: DataConfig, expand: Callable[[str], str]) -> Instance
 def load_class_images(config: DataConfig, folder: Path) -> InstanceSet:
   """The first `num_class_images` images of `folder` (by name), each captioned `class_prompt`."""
   examples = read_image_folder(folder)[: config.num_class_images]
-  images = []
-  for e in examples:
-    image = img_ops.resize_shorter_side(img_ops.load_image(e.path), config.resolution)
-    if config.center_crop:
-      image = img_ops.crop(image, config.resolution, *img_ops.center_crop_offsets(image, config.resolution))
-    images.append(image)
+  images = [prepare_image(e.path, config) for e in examples]
   log.info("%s: %d class image(s), caption '%s'", folder, len(images), config.class_prompt)
   return InstanceSet(images, [[config.class_prompt]] * len(images), folder)
 
