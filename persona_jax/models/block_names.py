@@ -1,0 +1,131 @@
+"""UNet blocks named as practitioners name them (A1111's LoRA block weights, kohya's block dims):
+IN00..INnn, MID, OUT00..OUTnn, and BASE for the text encoder.
+
+The names follow LDM's `input_blocks` / `output_blocks` numbering, derived by a general rule from
+the UNet's own structure, so a UNet with another number of levels or layers gets consistent names:
+  conv_in                                      -> IN00
+  down_blocks_i/{resnets,attentions}_j         -> IN(1 + sum_{k<i}(L_k + 1) + j)
+  down_blocks_i/downsamplers_0                 -> IN(1 + sum_{k<i}(L_k + 1) + L_i)
+  mid_block/...                                -> MID
+  up_blocks_i/{resnets,attentions}_j           -> OUT(sum_{k<i} U_k + j)
+  up_blocks_i/upsamplers_0                     -> OUT(sum_{k<i} U_k + U_i - 1)
+with L_i the layers of down level i and U_i = L_(n-1-i) + 1 those of up level i. For SD 1.x/2.x
+(4 levels, 2 layers) this is IN00..IN11, MID, OUT00..OUT11 (methods.md 0.2). The time embedding
+and the output head (conv_norm_out, conv_out) belong to no block.
+
+Presets (methods.md 4.2): "26" = BASE, every IN, MID, every OUT (LoCon/LyCORIS); "17" = BASE and
+the blocks that hold a transformer (plain attention LoRA).
+"""
+
+from __future__ import annotations
+
+import re
+
+from persona_jax.errors import ConfigError
+from persona_jax.models.configs import UNetConfig
+
+BASE, MID = "BASE", "MID"
+ALIASES = {"M00": MID}
+_PART = re.compile(r"(down|up)_blocks_(\d+)/(resnets|attentions|downsamplers|upsamplers)_(\d+)(/|$)")
+
+
+def _down_layers(config: UNetConfig) -> tuple[int, ...]:
+  return tuple(config.layers_per_block_list)
+
+
+def _up_layers(config: UNetConfig) -> tuple[int, ...]:
+  return tuple(n + 1 for n in reversed(_down_layers(config)))
+
+
+def unet_block(path: str, config: UNetConfig) -> str | None:
+  """The block name of a UNet param path (`down_blocks_1/attentions_0/...`), or None."""
+  if path.startswith("conv_in/"):
+    return "IN00"
+  if path.startswith("mid_block/"):
+    return MID
+  m = _PART.match(path)
+  if not m:
+    return None
+  side, level, kind, j = m.group(1), int(m.group(2)), m.group(3), int(m.group(4))
+  if side == "down":
+    layers = _down_layers(config)
+    start = 1 + sum(n + 1 for n in layers[:level])
+    return f"IN{start + (layers[level] if kind == 'downsamplers' else j):02d}"
+  layers = _up_layers(config)
+  start = sum(layers[:level])
+  return f"OUT{start + (layers[level] - 1 if kind == 'upsamplers' else j):02d}"
+
+
+def param_block(path: str, config: UNetConfig) -> str | None:
+  """The block of a `/`-joined path of the whole pipeline (`unet/...`, `text_encoder/...`)."""
+  if path.startswith("text_encoder/"):
+    return BASE
+  if path.startswith("unet/"):
+    return unet_block(path[len("unet/"):], config)
+  return None
+
+
+def all_blocks(config: UNetConfig) -> tuple[str, ...]:
+  """BASE, IN00.., MID, OUT00.. of this UNet, in that order (the 26-block preset for SD 1.x)."""
+  n_in = sum(n + 1 for n in _down_layers(config))        # conv_in + layers + downsamplers (n-1)
+  n_out = sum(_up_layers(config))
+  mid = (MID,) if config.mid_block_type is not None else ()
+  return ((BASE,) + tuple(f"IN{k:02d}" for k in range(n_in)) + mid
+          + tuple(f"OUT{k:02d}" for k in range(n_out)))
+
+
+def attention_blocks(config: UNetConfig) -> tuple[str, ...]:
+  """BASE and the blocks holding a transformer (the 17-block preset for SD 1.x)."""
+  out = [BASE]
+  for i, kind in enumerate(config.down_block_types):
+    if kind.startswith("CrossAttn"):
+      out += [unet_block(f"down_blocks_{i}/attentions_{j}/", config)
+              for j in range(_down_layers(config)[i])]
+  if config.mid_block_type is not None:                  # the only mid block: cross-attention
+    out.append(MID)
+  for i, kind in enumerate(config.up_block_types):
+    if kind.startswith("CrossAttn"):
+      out += [unet_block(f"up_blocks_{i}/attentions_{j}/", config)
+              for j in range(_up_layers(config)[i])]
+  return tuple(out)
+
+
+PRESETS = {"26": all_blocks, "17": attention_blocks}
+
+
+def preset(name: str, config: UNetConfig) -> tuple[str, ...]:
+  if name not in PRESETS:
+    raise ConfigError(f"block preset '{name}' is not one of {', '.join(PRESETS)}")
+  return PRESETS[name](config)
+
+
+def canonical(name: str, config: UNetConfig, field: str = "blocks") -> str:
+  """A block name checked against this UNet (`M00` is `MID`); an unknown name is an error."""
+  name = ALIASES.get(name.upper(), name.upper())
+  known = all_blocks(config)
+  if name not in known:
+    ins = [b for b in known if b.startswith("IN")]
+    outs = [b for b in known if b.startswith("OUT")]
+    raise ConfigError(f"{field}: block '{name}' does not exist in this UNet (its blocks: BASE, "
+                      f"{ins[0]}..{ins[-1]}{', MID' if MID in known else ''}, "
+                      f"{outs[0]}..{outs[-1]})")
+  return name
+
+
+def per_block(values, config: UNetConfig, field: str, default=None) -> dict[str, object]:
+  """{block: value} from a mapping {name: value}, or from a sequence ordered like a preset of the
+  same length (17 or 26 values for SD 1.x; any block not given gets `default`)."""
+  blocks = all_blocks(config)
+  out = {b: default for b in blocks}
+  if isinstance(values, dict):
+    for name, v in values.items():
+      out[canonical(name, config, field)] = v
+    return out
+  values = tuple(values)
+  for order in (all_blocks(config), attention_blocks(config)):
+    if len(values) == len(order):
+      out.update(zip(order, values))
+      return out
+  raise ConfigError(f"{field}: {len(values)} values; give one per block of a preset "
+                    f"({len(all_blocks(config))} for all blocks, {len(attention_blocks(config))} "
+                    "for the attention blocks) or a {name: value} mapping")

@@ -1,0 +1,87 @@
+"""Block names (IN00..OUT11, MID, BASE) derived from the UNet's structure."""
+
+import pytest
+
+from persona_jax import ConfigError, tree
+from persona_jax.models import block_names as bn
+from persona_jax.models.configs import UNetConfig
+from persona_jax.pipeline import abstract_params
+
+SD1 = UNetConfig.from_dict(dict(
+    block_out_channels=[320, 640, 1280, 1280], layers_per_block=2, cross_attention_dim=768,
+    down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+    up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3, attention_head_dim=8))
+
+THREE_LEVELS = UNetConfig.from_dict(dict(
+    block_out_channels=[32, 64, 64], layers_per_block=1, cross_attention_dim=32, norm_num_groups=8,
+    down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"], attention_head_dim=4))
+
+BLOCKLESS = ("time_embedding/", "conv_norm_out/", "conv_out/")
+
+
+def test_sd1_map_matches_the_ldm_table():
+  cases = {
+      "conv_in/kernel": "IN00",
+      "down_blocks_0/resnets_0/conv1/kernel": "IN01", "down_blocks_0/attentions_1/proj_in/kernel": "IN02",
+      "down_blocks_0/downsamplers_0/conv/kernel": "IN03", "down_blocks_1/resnets_0/conv1/kernel": "IN04",
+      "down_blocks_1/downsamplers_0/conv/bias": "IN06", "down_blocks_2/attentions_1/norm/scale": "IN08",
+      "down_blocks_2/downsamplers_0/conv/kernel": "IN09", "down_blocks_3/resnets_0/conv1/kernel": "IN10",
+      "down_blocks_3/resnets_1/conv2/kernel": "IN11",
+      "mid_block/attentions_0/transformer_blocks_0/attn2/to_k/kernel": "MID",
+      "up_blocks_0/resnets_0/conv1/kernel": "OUT00", "up_blocks_0/resnets_2/conv1/kernel": "OUT02",
+      "up_blocks_0/upsamplers_0/conv/kernel": "OUT02", "up_blocks_1/attentions_0/proj_out/kernel": "OUT03",
+      "up_blocks_1/upsamplers_0/conv/kernel": "OUT05", "up_blocks_2/resnets_1/conv1/kernel": "OUT07",
+      "up_blocks_3/attentions_2/transformer_blocks_0/attn1/to_q/kernel": "OUT11",
+      "time_embedding/linear_1/kernel": None, "conv_out/kernel": None,
+  }
+  for path, block in cases.items():
+    assert bn.unet_block(path, SD1) == block, path
+  assert bn.param_block("text_encoder/encoder/layers_0/mlp/fc1/kernel", SD1) == "BASE"
+  assert bn.param_block("unet/down_blocks_1/attentions_0/proj_in/kernel", SD1) == "IN04"
+
+
+def test_sd1_presets():
+  assert bn.preset("26", SD1) == ("BASE", *[f"IN{i:02d}" for i in range(12)], "MID",
+                                   *[f"OUT{i:02d}" for i in range(12)])
+  assert bn.preset("17", SD1) == ("BASE", "IN01", "IN02", "IN04", "IN05", "IN07", "IN08", "MID",
+                                   "OUT03", "OUT04", "OUT05", "OUT06", "OUT07", "OUT08", "OUT09",
+                                   "OUT10", "OUT11")
+  with pytest.raises(ConfigError, match="block preset '12'"):
+    bn.preset("12", SD1)
+
+
+@pytest.mark.parametrize("config", [SD1, THREE_LEVELS], ids=["sd1", "three-levels"])
+def test_every_param_has_a_block_and_every_block_has_params(config):
+  paths = tree.paths(abstract_params("unet", config))
+  blocks = {p: bn.unet_block(p, config) for p in paths}
+  assert {p for p, b in blocks.items() if b is None} == {p for p in paths if p.startswith(BLOCKLESS)}
+  assert set(blocks.values()) - {None} == set(bn.all_blocks(config)) - {"BASE"}
+  # The attention preset is exactly the blocks with a transformer's params.
+  with_attention = {b for p, b in blocks.items() if "/attentions_" in p}
+  assert set(bn.attention_blocks(config)) - {"BASE"} == with_attention
+
+
+def test_three_level_unet_names():
+  assert bn.all_blocks(THREE_LEVELS) == ("BASE", "IN00", "IN01", "IN02", "IN03", "IN04", "IN05",
+                                         "MID", "OUT00", "OUT01", "OUT02", "OUT03", "OUT04", "OUT05")
+  assert bn.attention_blocks(THREE_LEVELS) == ("BASE", "IN01", "IN03", "MID", "OUT02", "OUT03",
+                                               "OUT04", "OUT05")
+  assert bn.unet_block("down_blocks_1/downsamplers_0/conv/kernel", THREE_LEVELS) == "IN04"
+  assert bn.unet_block("up_blocks_0/upsamplers_0/conv/kernel", THREE_LEVELS) == "OUT01"
+  with pytest.raises(ConfigError, match=r"block 'IN06' does not exist in this UNet \(its blocks: "
+                                        r"BASE, IN00..IN05, MID, OUT00..OUT05\)"):
+    bn.canonical("IN06", THREE_LEVELS, "method.block_ranks")
+
+
+def test_per_block_values():
+  ranks = bn.per_block({"in01": 4, "M00": 8, "OUT11": 0}, SD1, "ranks", default=2)
+  assert ranks["IN01"] == 4 and ranks["MID"] == 8 and ranks["OUT11"] == 0 and ranks["IN02"] == 2
+  seventeen = bn.per_block(range(17), SD1, "weights", default=0)
+  assert seventeen["BASE"] == 0 and seventeen["IN01"] == 1 and seventeen["OUT11"] == 16
+  assert seventeen["IN00"] == 0 and seventeen["OUT00"] == 0
+  assert bn.per_block(range(26), SD1, "weights")["OUT11"] == 25
+  with pytest.raises(ConfigError, match="weights: 5 values"):
+    bn.per_block(range(5), SD1, "weights")
+  with pytest.raises(ConfigError, match="block 'OUT12' does not exist"):
+    bn.per_block({"OUT12": 1}, SD1, "ranks")
