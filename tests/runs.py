@@ -28,6 +28,16 @@ def db_config(model_dir, class_dir, **overrides):
   return _merge(values, overrides)
 
 
+def lora_config(model_dir, **overrides):
+  """LoRA on the sd1 random model, 32px, batch 2, one warm-up step (lr 0 at step 0)."""
+  values = dict(
+      model=str(model_dir), method=dict(name="lora", rank=2),
+      data=dict(caption_source="prompt", prompt="a photo of sks toy", resolution=32),
+      optim=dict(lr=1e-2, clip_grad_norm=0.0, weight_decay=0.0, warmup_steps=1),
+      steps=2, batch_size=2, log_every=1, checkpoint_every=2, sample_prompts=())
+  return _merge(values, overrides)
+
+
 def write_class_images(folder, n=2, size=40, seed=0):
   """`n` random RGB images (stand-ins for sampled class images); returns the folder."""
   import numpy as np

@@ -55,7 +55,8 @@ class Method:
       the batch the loss is mean(instance losses) + lambda * mean(class losses); 0: the method
       takes no class images.
     lr_groups: ((regex over trainable paths, learning rate), ...): leaves with their own lr.
-    save_result: (ResultContext, trainable, workdir) -> [paths]: the method's result files.
+    save_result: (run, trainable, workdir) -> [paths]: the method's result files.
+    trains_text: the transform changes text-encoder weights (e.g. text-encoder LoRA).
   """
   name: str
   select: tree.Rules = ()
@@ -68,10 +69,11 @@ class Method:
   prior_loss_weight: float = 0.0
   lr_groups: tuple[tuple[str, float], ...] = ()
   save_result: Callable | None = None
+  trains_text: bool = False
 
   def text_trains(self) -> bool:
     """Whether anything in the text path trains (then text embeddings cannot be cached)."""
-    return self.input_embeddings is not None or any(
+    return self.trains_text or self.input_embeddings is not None or any(
         p.startswith("text_encoder") for p, _ in self.select)
 
 

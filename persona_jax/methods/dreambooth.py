@@ -41,7 +41,7 @@ def save_result(run, trainable, workdir):
   return [str(out)]
 
 
-def make(config: DreamBoothConfig, base_params, tokenizer_dir=None) -> Method:
+def make(config: DreamBoothConfig, base_params, tokenizer_dir=None, unet_config=None) -> Method:
   if config.prior_loss_weight < 0:
     raise ConfigError(f"method.prior_loss_weight must be >= 0, got {config.prior_loss_weight}")
   if config.text_encoder_lr < 0:

@@ -6,10 +6,11 @@ import dataclasses
 from collections.abc import Mapping
 
 from persona_jax.errors import ConfigError
-from persona_jax.methods import dreambooth, textual_inversion
+from persona_jax.methods import dreambooth, lora, textual_inversion
 
 METHODS = {
     "dreambooth": (dreambooth.DreamBoothConfig, dreambooth.make),
+    "lora": (lora.LoRAConfig, lora.make),
     "textual_inversion": (textual_inversion.TextualInversionConfig, textual_inversion.make),
 }
 
@@ -27,6 +28,6 @@ def method_config(name: str, values: Mapping):
   return cls(**values)
 
 
-def make_method(name: str, values: Mapping, base_params, tokenizer_dir=None):
+def make_method(name: str, values: Mapping, base_params, tokenizer_dir=None, unet_config=None):
   """Builds the Method from its name, its config values and the base model."""
-  return METHODS[name][1](method_config(name, values), base_params, tokenizer_dir)
+  return METHODS[name][1](method_config(name, values), base_params, tokenizer_dir, unet_config)

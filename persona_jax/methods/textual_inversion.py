@@ -65,7 +65,7 @@ def save_result(run, trainable, workdir):
   return [str(path)]
 
 
-def make(config: TextualInversionConfig, base_params, tokenizer_dir=None) -> Method:
+def make(config: TextualInversionConfig, base_params, tokenizer_dir=None, unet_config=None) -> Method:
   """The Textual Inversion method for a base model (its params give the initializer's row)."""
   table = base_params["text_encoder"]["embeddings"]["token_embedding"]["embedding"]   # [V, D]
   init_id = check_tokens(load_tokenizer(tokenizer_dir), config, table.shape[0])

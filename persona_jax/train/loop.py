@@ -94,7 +94,8 @@ def build(config: RunConfig, *, mesh=None, workdir=None, progress: bool = False)
       UNet2DConditionModel(dataclasses.replace(pipe.unet_config, dtype=compute, remat=config.remat)),
       CLIPTextModel(dataclasses.replace(pipe.text_encoder_config, dtype=compute)),
       pipe.vae)
-  method = make_method(config.method_name, config.method_options, pipe.params, pipe.tokenizer_dir)
+  method = make_method(config.method_name, config.method_options, pipe.params, pipe.tokenizer_dir,
+                       pipe.unet_config)
   tokenizer = tokenizer_with_tokens(pipe.tokenizer_dir, method.added_tokens)
 
   existing, rest = tree.split(pipe.params, method.select)

@@ -1,0 +1,133 @@
+"""LoRA / LoCon on the training core: the method test bar, block ranks, merge transform."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from persona_jax import ConfigError, tree
+from persona_jax.data.pipeline import make_iterator
+from persona_jax.train import loop
+from persona_jax.train.state import init_state
+from persona_jax.train.step import train_step
+from tests.runs import lora_config, one_device_mesh
+
+ATTENTION_TARGETS = {"attn1/to_q", "attn1/to_k", "attn1/to_v", "attn1/to_out_0", "attn2/to_q",
+                     "attn2/to_k", "attn2/to_v", "attn2/to_out_0", "ff/net_0/proj", "ff/net_2",
+                     "proj_in", "proj_out"}
+VARIANTS = {
+    "attention": {},
+    "locon+text+blocks": dict(method=dict(name="lora", rank=2, conv_rank=2, text_encoder=True,
+                                          block_ranks={"IN01": 0, "OUT03": 3},
+                                          block_alphas={"MID": 1.0})),
+}
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def run(request, model_dirs):
+  return loop.build(lora_config(model_dirs["sd1"], **VARIANTS[request.param]), mesh=one_device_mesh())
+
+
+@pytest.fixture(scope="module")
+def trajectory(run):
+  """Steps on one batch: step 0 has lr 0 (warm-up); the last step re-runs with the step counter at
+  0, i.e. step 0's noise, timesteps and latents, so the two losses are comparable."""
+  batch = jax.tree.map(jnp.asarray, next(make_iterator(run.dataset)))
+  step = jax.jit(functools.partial(train_step, method=run.method, models=run.models,
+                                   objective=run.objective, tx=run.tx))
+  frozen_before = jax.tree.map(np.array, run.frozen)
+  state, m0 = step(init_state(run.trainable, run.tx, seed=0), run.frozen, batch)
+  after_lr0 = jax.device_get(state.trainable)
+  for _ in range(8):
+    state, _ = step(state, run.frozen, batch)
+  _, m_end = step(state.replace(step=jnp.zeros((), jnp.int32)), run.frozen, batch)
+  return dict(frozen_before=frozen_before, after_lr0=after_lr0, loss0=float(m0["loss"]),
+              loss_end=float(m_end["loss"]), trained=jax.device_get(state.trainable))
+
+
+def factor_keys(run):
+  return sorted({p.rsplit("/", 1)[0] for p in tree.paths(run.trainable)})
+
+
+def test_trainable_set_is_literal(run):
+  keys = factor_keys(run)
+  assert all(p.startswith("lora/") for p in tree.paths(run.trainable))
+  assert {p.rsplit("/", 1)[1] for p in tree.paths(run.trainable)} == {"a", "b"}
+  attention = [k for k in keys if "/transformer_blocks_0/" in k or k.endswith(("proj_in", "proj_out"))]
+  suffixes = {k.split("/transformer_blocks_0/")[-1] if "/transformer_blocks_0/" in k
+              else k.rsplit("/", 1)[1] for k in attention}
+  assert suffixes == ATTENTION_TARGETS
+  if run.config.method_options.get("conv_rank"):
+    # IN01 (down_blocks_0 layer 0) is skipped; 6 transformers minus IN01's = 5 x 12 attention
+    # targets; convs: 12 resnets x (conv1, conv2) + 7 shortcuts + 2 samplers - IN01's 2 = 31.
+    assert not [k for k in keys if "down_blocks_0/attentions_0/" in k or "down_blocks_0/resnets_0/" in k]
+    assert len(attention) == 5 * 12
+    convs = [k for k in keys if "/resnets_" in k or "samplers_0" in k]
+    assert len(convs) == 31
+    assert len([k for k in keys if k.startswith("lora/text_encoder/")]) == 3 * 6   # 3 layers
+    assert run.trainable["lora"]["unet"]["up_blocks_1"]["attentions_0"]["proj_in"]["a"].shape[1] == 3
+    conv = run.trainable["lora"]["unet"]["down_blocks_0"]["resnets_1"]["conv1"]["a"]
+    assert conv.shape == (3 * 3 * 32, 2)
+    assert set(run.frozen) == {"unet", "text_encoder"}
+  else:
+    assert len(keys) == 6 * 12                   # 6 transformers in the sd1 random model
+    assert set(run.frozen) == {"unet"}          # text contexts and VAE moments are cached
+
+
+def test_step_zero_reproduces_the_base(run):
+  params = run.method.transform(run.frozen, run.trainable)
+  for name in run.frozen:
+    for a, b in zip(jax.tree.leaves(params[name]), jax.tree.leaves(run.frozen[name])):
+      assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_merge_is_w_plus_scaled_product(run):
+  rng = np.random.default_rng(0)
+  trained = jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape), jnp.float32), run.trainable)
+  params = run.method.transform(run.frozen, trained)
+  key = "up_blocks_1/attentions_0/transformer_blocks_0/attn2/to_k"
+  f = tree.flatten(trained)
+  a, b = f[f"lora/unet/{key}/a"], f[f"lora/unet/{key}/b"]
+  w0 = tree.flatten(run.frozen["unet"])[f"{key}/kernel"]
+  rank = a.shape[1]
+  scale = 1.0 if rank in (2, 3) else None          # alpha defaults to the rank
+  np.testing.assert_allclose(tree.flatten(params["unet"])[f"{key}/kernel"], w0 + scale * (a @ b),
+                             rtol=1e-6, atol=1e-6)
+
+
+def test_learning_rate_zero_moves_nothing(run, trajectory):
+  for a, b in zip(jax.tree.leaves(trajectory["after_lr0"]), jax.tree.leaves(run.trainable)):
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_every_factor_gets_a_gradient_and_the_loss_falls(run, trajectory):
+  # Weight decay is 0, so a factor moves iff it got a non-zero gradient. (`a` gets none while
+  # `b` is still 0: it moves from the second lr > 0 step on.)
+  init = tree.flatten(run.trainable)
+  still = [p for p, v in tree.flatten(trajectory["trained"]).items() if np.array_equal(v, init[p])]
+  assert not still, f"{len(still)} factors never got a gradient, e.g. {still[:3]}"
+  assert trajectory["loss_end"] < trajectory["loss0"]
+  for a, b in zip(jax.tree.leaves(trajectory["frozen_before"]), jax.tree.leaves(run.frozen)):
+    assert np.array_equal(a, np.asarray(b))
+
+
+def test_unknown_block_is_an_error(model_dirs):
+  with pytest.raises(ConfigError, match="method.block_ranks: block 'OUT12' does not exist"):
+    loop.build(lora_config(model_dirs["sd1"], method=dict(name="lora", block_ranks={"OUT12": 4})),
+               mesh=one_device_mesh())
+
+
+def test_train_writes_the_factors(model_dirs, tmp_path):
+  from safetensors import safe_open
+  result = loop.train(lora_config(model_dirs["sd1"]), tmp_path / "run", progress=False,
+                      mesh=one_device_mesh())
+  assert result["outputs"] == [str(tmp_path / "run" / "lora.safetensors")]
+  trained = tree.flatten(jax.device_get(result["state"].trainable))
+  with safe_open(result["outputs"][0], "np") as f:
+    assert f.metadata()["format"] == "persona_jax-lora"
+    assert sorted(f.keys()) == sorted(p[len("lora/"):] for p in trained)
+    key = "unet/mid_block/attentions_0/transformer_blocks_0/attn2/to_v/b"
+    np.testing.assert_array_equal(f.get_tensor(key), trained["lora/" + key])
+  assert np.any(trained["lora/" + key])
