@@ -24,7 +24,8 @@ def get_config(arg=None):
   c.model = "default" if tiny else "/path/to/stable-diffusion-v1-5"
   # One uniform rank in the tiny variant: block names depend on the UNet's shape.
   c.method = ConfigDict(dict(name="lora", rank=4, alpha=0.0, conv_rank=0, conv_alpha=0.0,
-                             text_encoder=False, block_ranks={}, block_alphas={}))
+                             text_encoder=False, block_ranks={}, block_alphas={},
+                             targets=("attn", "ff", "proj")))
   c.data = ConfigDict(dict(instance_dir="" if tiny else "/path/to/images", caption_source="prompt",
                            prompt="a photo of sks toy", templates="object",
                            resolution=32 if tiny else 512, center_crop=True, random_flip=0.5,

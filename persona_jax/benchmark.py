@@ -16,6 +16,10 @@ Cases (more join as methods land):
                  and text contexts, prior loss, grad-norm clipping 1.0, AdamW over the full UNet
                  (persona_jax: the real train_step and method; PyTorch: diffusers'
                  train_dreambooth.py step)
+  lora_train     LoRA rank 4 on the attention projections (to_q, to_k, to_v, to_out) at batch 4,
+                 cached text contexts, AdamW over the factors (persona_jax: the lora method, factors
+                 merged into the weights each step; PyTorch: peft's LoRA adapter on the same
+                 modules, as diffusers' train_dreambooth_lora.py)
   db_train_bf16, db_train_remat, db_train_accum2
                  the same with one memory option: bf16 compute with float32 params (PyTorch:
                  autocast, as accelerate's --mixed_precision bf16), remat of UNet blocks
@@ -43,8 +47,8 @@ from pathlib import Path
 import numpy as np
 
 DB_VARIANTS = ("db_train", "db_train_bf16", "db_train_remat", "db_train_accum2")
-CASES = ("unet_forward", "unet_train", "ti_train") + DB_VARIANTS
-DEFAULT_CASES = ("unet_forward", "unet_train", "ti_train", "db_train")   # the memory variants on request
+CASES = ("unet_forward", "unet_train", "ti_train", "lora_train") + DB_VARIANTS
+DEFAULT_CASES = ("unet_forward", "unet_train", "ti_train", "db_train", "lora_train")   # the memory variants on request
 FRAMEWORKS = ("jax", "torch")
 
 
@@ -74,7 +78,7 @@ PRESETS = {
                                      num_hidden_layers=12, num_attention_heads=12,
                                      projection_dim=768)),
 }
-BATCH = {"unet_forward": 2, "unet_train": 4, "ti_train": 4} | {c: 4 for c in DB_VARIANTS}
+BATCH = {"unet_forward": 2, "unet_train": 4, "ti_train": 4, "lora_train": 4} | {c: 4 for c in DB_VARIANTS}
 PLACEHOLDER_POSITION = 5
 
 
@@ -157,6 +161,8 @@ def _jax_case(case: str, unet_dir: Path, preset: Preset, dtype: str):
     return _jax_ti_step(unet, params, unet_dir.parent / "text_encoder", x, noise, jdtype)
   if case in DB_VARIANTS:
     return _jax_db_step(case, config, params, x, ctx)
+  if case == "lora_train":
+    return _jax_lora_step(unet, params, x, ctx)
   tx = optax.adamw(1e-5)
   opt_state = tx.init(params)
 
@@ -362,6 +368,67 @@ def _torch_db_step(case, unet, x, noise, t, ctx, sync):
   return run
 
 
+LORA_RANK = 4
+
+
+def _jax_lora_step(unet, unet_params, latents, ctx):
+  """Our LoRA step: the real train_step with the lora method (attention targets, rank 4)."""
+  import functools
+
+  import jax
+  import jax.numpy as jnp
+
+  from persona_jax.diffusion.losses import Objective
+  from persona_jax.diffusion.sampling import SDModels
+  from persona_jax.diffusion.schedules import SchedulerConfig
+  from persona_jax.methods import lora
+  from persona_jax.models.configs import VAEConfig
+  from persona_jax.models.vae import AutoencoderKL
+  from persona_jax.train.optim import OptimConfig, make_optimizer
+  from persona_jax.train.state import init_state
+  from persona_jax.train.step import train_step
+  frozen = {"unet": unet_params}
+  method = lora.make(lora.LoRAConfig(rank=LORA_RANK, targets=("attn",)), frozen,
+                     unet_config=unet.config)
+  trainable = method.init_trainable(jax.random.PRNGKey(0), frozen)
+  tx, _ = make_optimizer(OptimConfig(lr=1e-4, clip_grad_norm=1.0), trainable, total_steps=10,
+                         batch_size=latents.shape[0])
+  models = SDModels(unet, None, AutoencoderKL(VAEConfig(latent_channels=4)))
+  objective = Objective(SchedulerConfig(beta_schedule="scaled_linear", beta_start=0.00085,
+                                        beta_end=0.012), 1.0)
+  step = jax.jit(functools.partial(train_step, method=method, models=models, objective=objective,
+                                   tx=tx), donate_argnums=0)
+  batch = {"latent_mean": latents, "latent_logvar": jnp.full(latents.shape, -30.0), "context": ctx}
+  carry = [init_state(trainable, tx, seed=0)]
+
+  def run():
+    carry[0], metrics = step(carry[0], frozen, batch)
+    jax.block_until_ready(metrics["loss"])
+  return run
+
+
+def _torch_lora_step(unet, x, noise, t, ctx, sync):
+  """diffusers' train_dreambooth_lora.py step: peft LoRA (rank 4, alpha 4, gaussian init) on
+  to_q/to_k/to_v/to_out.0, UNet frozen, AdamW over the adapter, clipping 1.0."""
+  import torch
+  from peft import LoraConfig
+  unet.requires_grad_(False)
+  unet.add_adapter(LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK, init_lora_weights="gaussian",
+                              target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+  params = [p for p in unet.parameters() if p.requires_grad]
+  unet.train()
+  opt = torch.optim.AdamW(params, lr=1e-4)
+
+  def run():
+    loss = torch.nn.functional.mse_loss(unet(x, t, ctx).sample.float(), noise.float())
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    sync()
+  return run
+
+
 def _torch_ti_step(unet, text_dir: Path, x, noise, t, tdtype, device, sync):
   """diffusers' textual_inversion.py step: embedding table trainable (AdamW over all of it),
   text encoder and UNet frozen, other rows restored after the step."""
@@ -418,6 +485,8 @@ def _torch_case(case: str, unet_dir: Path, preset: Preset, dtype: str):
     return _torch_ti_step(unet, unet_dir.parent / "text_encoder", x, noise, t, tdtype, device, sync)
   if case in DB_VARIANTS:
     return _torch_db_step(case, unet, x, noise, t, ctx, sync)
+  if case == "lora_train":
+    return _torch_lora_step(unet, x, noise, t, ctx, sync)
   unet.train()
   opt = torch.optim.AdamW(unet.parameters(), lr=1e-5)
 

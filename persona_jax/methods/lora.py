@@ -7,8 +7,8 @@ so at step 0 the model is the base bit for bit, and the unchanged networks run o
 (STYLE.md 8.4). For a k x k conv (LoCon) fan_in = k * k * in (the im2col view of an HWIO kernel).
 
 Targets (`/`-joined param paths):
-  attention   transformer blocks: attn1/attn2 to_q, to_k, to_v, to_out_0; ff net_0/proj, net_2;
-              proj_in / proj_out of each Transformer2D             (rank: `rank`)
+  targets     transformer linears (rank: `rank`), any of "attn" (attn1/attn2 to_q, to_k, to_v,
+              to_out_0), "ff" (ff net_0/proj, net_2), "proj" (proj_in / proj_out)
   convs       resnet conv1 / conv2 / conv_shortcut, down/upsampler convs (rank: `conv_rank`; LoCon)
   text        text encoder self_attn q/k/v/out_proj, mlp fc1/fc2 (block BASE; `text_encoder=True`)
 Per-block rank and alpha (block names from models/block_names.py: IN00..OUT11, MID, BASE) override
@@ -32,7 +32,8 @@ from persona_jax.models import block_names
 from persona_jax.models.configs import UNetConfig
 
 LORA = "lora"
-ATTENTION = re.compile(r"unet/.*/(attn[12]/to_(q|k|v|out_0)|ff/net_0/proj|ff/net_2|proj_in|proj_out)/kernel")
+LINEAR_TARGETS = {"attn": r"attn[12]/to_(q|k|v|out_0)", "ff": r"ff/net_0/proj|ff/net_2",
+                  "proj": r"proj_in|proj_out"}
 CONVS = re.compile(r"unet/.*/(resnets_\d+/(conv1|conv2|conv_shortcut)|(down|up)samplers_0/conv)/kernel")
 TEXT = re.compile(r"text_encoder/.*/(self_attn/(q|k|v|out)_proj|mlp/fc[12])/kernel")
 
@@ -46,6 +47,7 @@ class LoRAConfig:
   text_encoder: bool = False         # LoRA on the text encoder too (block BASE)
   block_ranks: Mapping = dataclasses.field(default_factory=dict)   # {block: rank}; 0 skips it
   block_alphas: Mapping = dataclasses.field(default_factory=dict)  # {block: alpha}
+  targets: tuple = ("attn", "ff", "proj")   # transformer linears: attention q/k/v/out, ff, proj
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,9 +71,13 @@ def targets(config: LoRAConfig, base_params, unet_config: UNetConfig) -> tuple[T
            for b, r in dict(config.block_ranks).items()}
   alphas = {block_names.canonical(b, unet_config, "method.block_alphas"): float(a)
             for b, a in dict(config.block_alphas).items()}
+  unknown = sorted(set(config.targets) - set(LINEAR_TARGETS))
+  if unknown:
+    raise ConfigError(f"method.targets: '{unknown[0]}' is not one of {', '.join(LINEAR_TARGETS)}")
+  linear = re.compile(r"unet/.*/(" + "|".join(LINEAR_TARGETS[t] for t in config.targets) + r")/kernel")
   out = []
   for path, leaf in tree.flatten(base_params).items():
-    if ATTENTION.fullmatch(path) or (config.text_encoder and TEXT.fullmatch(path)):
+    if (config.targets and linear.fullmatch(path)) or (config.text_encoder and TEXT.fullmatch(path)):
       rank, alpha = config.rank, config.alpha
     elif config.conv_rank and CONVS.fullmatch(path):
       rank, alpha = config.conv_rank, config.conv_alpha
