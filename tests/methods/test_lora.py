@@ -119,13 +119,11 @@ def test_unknown_block_is_an_error(model_dirs):
                mesh=one_device_mesh())
 
 
-def test_train_writes_the_factors(model_dirs, tmp_path):
+def test_result_file_holds_the_factors(run, trajectory, tmp_path):
   from safetensors import safe_open
-  result = loop.train(lora_config(model_dirs["sd1"]), tmp_path / "run", progress=False,
-                      mesh=one_device_mesh())
-  assert result["outputs"] == [str(tmp_path / "run" / "lora.safetensors")]
-  trained = tree.flatten(jax.device_get(result["state"].trainable))
-  with safe_open(result["outputs"][0], "np") as f:
+  trained = tree.flatten(trajectory["trained"])
+  assert loop.write_outputs(run, trajectory["trained"], tmp_path) == [str(tmp_path / "lora.safetensors")]
+  with safe_open(tmp_path / "lora.safetensors", "np") as f:
     assert f.metadata()["format"] == "persona_jax-lora"
     assert sorted(f.keys()) == sorted(p[len("lora/"):] for p in trained)
     key = "unet/mid_block/attentions_0/transformer_blocks_0/attn2/to_v/b"
