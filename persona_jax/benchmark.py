@@ -182,26 +182,40 @@ def _jax_case(case: str, unet_dir: Path, preset: Preset, dtype: str):
   return run
 
 
+def _jitted_train_step(method, unet, text_encoder, tx):
+  """persona_jax's real train_step for a bench case (SD's scaled-linear schedule, epsilon; the
+  VAE is config only: batches carry latents), compiled with the state donated."""
+  import functools
+
+  import jax
+
+  from persona_jax.diffusion.losses import Objective
+  from persona_jax.diffusion.sampling import SDModels
+  from persona_jax.diffusion.schedules import SchedulerConfig
+  from persona_jax.models.configs import VAEConfig
+  from persona_jax.models.vae import AutoencoderKL
+  from persona_jax.train.step import train_step
+  models = SDModels(unet, text_encoder, AutoencoderKL(VAEConfig(latent_channels=4)))
+  objective = Objective(SchedulerConfig(beta_schedule="scaled_linear", beta_start=0.00085,
+                                        beta_end=0.012), 1.0)
+  return jax.jit(functools.partial(train_step, method=method, models=models, objective=objective,
+                                   tx=tx), donate_argnums=0)
+
+
 def _jax_ti_step(unet, unet_params, text_dir: Path, latents, noise, jdtype):
   """Our Textual Inversion step (the real train_step and method) from cached-latent batches."""
-  import functools
 
   import jax
   import jax.numpy as jnp
 
   from persona_jax.convert.diffusers import state_dict_to_params, text_encoder_adapt
   from persona_jax.convert.files import read_weights
-  from persona_jax.diffusion.losses import Objective
-  from persona_jax.diffusion.sampling import SDModels
-  from persona_jax.diffusion.schedules import SchedulerConfig
   from persona_jax.methods import textual_inversion as ti
-  from persona_jax.models.configs import TextEncoderConfig, VAEConfig, read_json
+  from persona_jax.models.configs import TextEncoderConfig, read_json
   from persona_jax.models.text_encoder import CLIPTextModel
-  from persona_jax.models.vae import AutoencoderKL
   from persona_jax.pipeline import abstract_params
   from persona_jax.train.optim import OptimConfig, make_optimizer
   from persona_jax.train.state import init_state
-  from persona_jax.train.step import train_step
   config = dataclasses.replace(TextEncoderConfig.from_dict(read_json(text_dir / "config.json")),
                                dtype=jdtype)
   state, source = read_weights(text_dir, "model")
@@ -212,11 +226,7 @@ def _jax_ti_step(unet, unet_params, text_dir: Path, latents, noise, jdtype):
   trainable = method.init_trainable(jax.random.PRNGKey(0), frozen)
   tx, _ = make_optimizer(OptimConfig(lr=1e-3, clip_grad_norm=0.0), trainable, total_steps=10,
                          batch_size=latents.shape[0])
-  models = SDModels(unet, CLIPTextModel(config), AutoencoderKL(VAEConfig(latent_channels=4)))
-  objective = Objective(SchedulerConfig(beta_schedule="scaled_linear", beta_start=0.00085,
-                                        beta_end=0.012), 1.0)
-  step = jax.jit(functools.partial(train_step, method=method, models=models, objective=objective,
-                                   tx=tx), donate_argnums=0)
+  step = _jitted_train_step(method, unet, CLIPTextModel(config), tx)
   batch = {"latent_mean": latents, "latent_logvar": jnp.full(latents.shape, -30.0),
            "ids": jnp.asarray(_ids(latents.shape[0]), jnp.int32)}
   carry = [init_state(trainable, tx, seed=0)]
@@ -241,16 +251,10 @@ def _jax_db_parts(case, config, unet_params, batch_size: int, latent: int, conte
   import jax
   import jax.numpy as jnp
 
-  from persona_jax.diffusion.losses import Objective
-  from persona_jax.diffusion.sampling import SDModels
-  from persona_jax.diffusion.schedules import SchedulerConfig
   from persona_jax.methods import dreambooth
-  from persona_jax.models.configs import VAEConfig
   from persona_jax.models.unet import UNet2DConditionModel
-  from persona_jax.models.vae import AutoencoderKL
   from persona_jax.train.optim import OptimConfig, make_optimizer
   from persona_jax.train.state import init_state
-  from persona_jax.train.step import train_step
   bf16, remat, accum = _db_options(case)
   unet = UNet2DConditionModel(dataclasses.replace(
       config, dtype=jnp.bfloat16 if bf16 else config.dtype, remat="blocks" if remat else "none"))
@@ -258,11 +262,7 @@ def _jax_db_parts(case, config, unet_params, batch_size: int, latent: int, conte
   trainable = {"unet": unet_params}
   tx, _ = make_optimizer(OptimConfig(lr=5e-6, clip_grad_norm=1.0, grad_accum=accum), trainable,
                          total_steps=10, batch_size=batch_size // accum)
-  models = SDModels(unet, None, AutoencoderKL(VAEConfig(latent_channels=4)))   # VAE: config only
-  objective = Objective(SchedulerConfig(beta_schedule="scaled_linear", beta_start=0.00085,
-                                        beta_end=0.012), 1.0)
-  step = jax.jit(functools.partial(train_step, method=method, models=models, objective=objective,
-                                   tx=tx), donate_argnums=0)
+  step = _jitted_train_step(method, unet, None, tx)
   init = functools.partial(init_state, tx=tx, seed=0)
   abstract = isinstance(jax.tree.leaves(unet_params)[0], jax.ShapeDtypeStruct)
   state = jax.eval_shape(init, trainable) if abstract else init(trainable)
@@ -373,31 +373,20 @@ LORA_RANK = 4
 
 def _jax_lora_step(unet, unet_params, latents, ctx):
   """Our LoRA step: the real train_step with the lora method (attention targets, rank 4)."""
-  import functools
 
   import jax
   import jax.numpy as jnp
 
-  from persona_jax.diffusion.losses import Objective
-  from persona_jax.diffusion.sampling import SDModels
-  from persona_jax.diffusion.schedules import SchedulerConfig
   from persona_jax.methods import lora
-  from persona_jax.models.configs import VAEConfig
-  from persona_jax.models.vae import AutoencoderKL
   from persona_jax.train.optim import OptimConfig, make_optimizer
   from persona_jax.train.state import init_state
-  from persona_jax.train.step import train_step
   frozen = {"unet": unet_params}
   method = lora.make(lora.LoRAConfig(rank=LORA_RANK, targets=("attn",)), frozen,
                      unet_config=unet.config)
   trainable = method.init_trainable(jax.random.PRNGKey(0), frozen)
   tx, _ = make_optimizer(OptimConfig(lr=1e-4, clip_grad_norm=1.0), trainable, total_steps=10,
                          batch_size=latents.shape[0])
-  models = SDModels(unet, None, AutoencoderKL(VAEConfig(latent_channels=4)))
-  objective = Objective(SchedulerConfig(beta_schedule="scaled_linear", beta_start=0.00085,
-                                        beta_end=0.012), 1.0)
-  step = jax.jit(functools.partial(train_step, method=method, models=models, objective=objective,
-                                   tx=tx), donate_argnums=0)
+  step = _jitted_train_step(method, unet, None, tx)
   batch = {"latent_mean": latents, "latent_logvar": jnp.full(latents.shape, -30.0), "context": ctx}
   carry = [init_state(trainable, tx, seed=0)]
 

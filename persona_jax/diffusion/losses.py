@@ -2,8 +2,8 @@
 
 `Objective.loss` turns a batch into the mean squared error between the UNet's output and the
 training target of the scheduler's `prediction_type`, with optional min-SNR-gamma weighting,
-offset noise, per-example weights (DreamBooth's prior preservation) and per-pixel masks
-(Custom Diffusion's zoom augmentation).
+offset noise and per-pixel masks (Custom Diffusion's zoom augmentation). `per_example_loss` gives
+the unreduced [B] losses (DreamBooth's prior preservation reduces its two halves separately).
 """
 
 from __future__ import annotations
@@ -83,9 +83,7 @@ class Objective:
                                                    self.scheduler.prediction_type)
     return per_example, {"mse": err.mean(), "timestep_mean": t.astype(jnp.float32).mean()}
 
-  def loss(self, latents, predict, rng, weights=None, mask=None):
-    """The denoising loss of one batch: the mean of `per_example_loss`, or, with `weights` [B],
-    sum(weights * per-example loss). Returns (scalar loss, metrics dict)."""
+  def loss(self, latents, predict, rng, mask=None):
+    """The denoising loss of one batch: the mean of `per_example_loss`. Returns (loss, metrics)."""
     per_example, metrics = self.per_example_loss(latents, predict, rng, mask)
-    loss = per_example.mean() if weights is None else jnp.sum(per_example * weights)
-    return loss, metrics
+    return per_example.mean(), metrics

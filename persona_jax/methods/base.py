@@ -7,7 +7,6 @@ Batch keys (numpy arrays with a leading batch axis; only the ones a run needs ar
   pixels                      [B, H, W, 3]  images in [-1, 1], VAE-encoded in the step (random crops)
   ids                         [B, L] int    token ids (the text encoder runs in the step)
   context                     [B, L, D]     cached text-encoder output (nothing in the text path trains)
-  weight                      [B]           per-example loss weights
   prior                       [B] float     1 for class (prior-preservation) examples, 0 for instances
   mask                        [B, h, w, 1]  loss mask
 """
@@ -26,7 +25,7 @@ from persona_jax.diffusion.sampling import SDModels
 from persona_jax.models.vae import Moments
 
 LATENT_MEAN, LATENT_LOGVAR, PIXELS = "latent_mean", "latent_logvar", "pixels"
-IDS, CONTEXT, WEIGHT, MASK, PRIOR = "ids", "context", "weight", "mask", "prior"
+IDS, CONTEXT, MASK, PRIOR = "ids", "context", "mask", "prior"
 
 
 def no_new_params(rng, base):
@@ -107,7 +106,7 @@ def method_loss(method: Method, models: SDModels, objective: Objective, params, 
     loss, metrics = prior_preservation_loss(objective, latents, predict, loss_rng, batch[PRIOR],
                                             method.prior_loss_weight, batch.get(MASK))
   else:
-    loss, metrics = objective.loss(latents, predict, loss_rng, batch.get(WEIGHT), batch.get(MASK))
+    loss, metrics = objective.loss(latents, predict, loss_rng, batch.get(MASK))
   metrics = dict(metrics, denoising_loss=loss)
   for regularizer in method.regularizers:
     name, value = regularizer(params, trainable, batch)

@@ -116,8 +116,7 @@ def make(config: LoRAConfig, base_params, tokenizer_dir=None, unet_config: UNetC
       w = flat[t.kernel]
       delta = (lora[f"{t.key}/a"] @ lora[f"{t.key}/b"]).reshape(t.shape)
       flat[t.kernel] = (w.astype(jnp.float32) + t.scale * delta).astype(w.dtype)
-    rest = {p: v for p, v in lora.items() if not p.startswith(f"{LORA}/")}
-    return tree.unflatten({**flat, **rest})
+    return tree.unflatten(flat)
 
   return Method(name="lora", init_trainable=init_trainable, transform=transform,
                 save_result=save_result, trains_text=config.text_encoder)

@@ -86,15 +86,15 @@ def test_step_zero_reproduces_the_base(run):
 def test_merge_is_w_plus_scaled_product(run):
   rng = np.random.default_rng(0)
   trained = jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape), jnp.float32), run.trainable)
-  params = run.method.transform(run.frozen, trained)
-  key = "up_blocks_1/attentions_0/transformer_blocks_0/attn2/to_k"
-  f = tree.flatten(trained)
-  a, b = f[f"lora/unet/{key}/a"], f[f"lora/unet/{key}/b"]
-  w0 = tree.flatten(run.frozen["unet"])[f"{key}/kernel"]
-  rank = a.shape[1]
-  scale = 1.0 if rank in (2, 3) else None          # alpha defaults to the rank
-  np.testing.assert_allclose(tree.flatten(params["unet"])[f"{key}/kernel"], w0 + scale * (a @ b),
-                             rtol=1e-6, atol=1e-6)
+  params = tree.flatten(run.method.transform(run.frozen, trained))
+  f, w0 = tree.flatten(trained), tree.flatten(run.frozen)
+  blocks = bool(run.config.method_options.get("block_alphas"))
+  # alpha defaults to the rank (scale 1); the block variant sets MID's alpha to 1 at rank 2.
+  for key, scale in (("up_blocks_1/attentions_0/transformer_blocks_0/attn2/to_k", 1.0),
+                     ("mid_block/attentions_0/transformer_blocks_0/attn2/to_k", 0.5 if blocks else 1.0)):
+    a, b = f[f"lora/unet/{key}/a"], f[f"lora/unet/{key}/b"]
+    np.testing.assert_allclose(params[f"unet/{key}/kernel"], w0[f"unet/{key}/kernel"] + scale * (a @ b),
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_learning_rate_zero_moves_nothing(run, trajectory):

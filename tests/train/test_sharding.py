@@ -1,10 +1,8 @@
 """Data parallelism on 8 simulated CPU devices: the batch is really split, and one step equals
 the single-device step."""
 
-import functools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
