@@ -87,6 +87,22 @@ def _make_class_images(args) -> int:
   return 0
 
 
+def _merge(args) -> int:
+  from persona_jax.methods.custom_diffusion_merge import merge_runs
+  captions = None
+  if args.reg_captions is not None:
+    if not args.reg_captions.is_file():
+      raise PersonaError(f"{args.reg_captions}: no such captions file (one caption per line)")
+    captions = [l.strip() for l in args.reg_captions.read_text().splitlines() if l.strip()]
+  summary = merge_runs(args.runs, args.out, model=args.model, reg_captions=captions)
+  for c in summary["concepts"]:
+    print(f"  {c['token']:<10} {c['prompt']!r}  from {c['source']}")
+  print(f"{summary['layers']} key/value matrices merged; largest relative constraint error "
+        f"{summary['max_constraint_error']:.1e}")
+  print(summary["path"])
+  return 0
+
+
 def _verify(args) -> int:
   from persona_jax.verify import verify
   ok = verify(args.model, tolerance=args.tolerance, variant=args.variant,
@@ -202,6 +218,17 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--memory-plan-batch", type=int, default=2,
                  help="rows per step for --memory-plan (instance + class)")
   p.set_defaults(func=_bench)
+
+  p = sub.add_parser("merge", help="combine Custom Diffusion runs in closed form (Kumari et al. 2023)")
+  p.add_argument("runs", nargs="+", type=Path,
+                 help="workdirs of custom_diffusion runs (freeze_model=crossattn_kv), or merged folders")
+  p.add_argument("--out", required=True, type=Path, help="output folder")
+  p.add_argument("--model", default=None,
+                 help="the base model (default: the one the runs were trained on)")
+  p.add_argument("--reg-captions", type=Path, default=None,
+                 help="regularization captions, one per line (default: 200 generic captions "
+                      "shipped with persona_jax; the paper uses 200 LAION captions)")
+  p.set_defaults(func=_merge)
 
   p = sub.add_parser("verify", help="compare persona_jax with diffusers/transformers on a model folder")
   p.add_argument("model", type=Path, help="a diffusers folder (model_index.json, unet/, ...)")

@@ -76,3 +76,30 @@ def center_crop_offsets(image: np.ndarray, size: int) -> tuple[int, int]:
 def to_model_range(image: np.ndarray) -> np.ndarray:
   """uint8 [H, W, 3] -> float32 in [-1, 1]."""
   return image.astype(np.float32) / 127.5 - 1.0
+
+
+def zoom(image: np.ndarray, size: int, scale: int, top: int, left: int, factor: int):
+  """Custom Diffusion's zoom augmentation of a square image (Kumari et al. 2023, App. E).
+
+  The image is resized to `scale` x `scale`; zooming in (scale > size) crops `size` x `size` at
+  (top, left) from it, zooming out pastes it at (top, left) on a zero canvas (mid-grey in model
+  range). `top`/`left` must lie in [0, |scale - size|].
+
+  Args:
+    image: uint8 [H, W, 3] (resized to scale x scale whatever its shape).
+    size: output side; factor: the VAE's downsampling factor (the mask is at latent resolution).
+  Returns:
+    (float32 [size, size, 3] in [-1, 1], float32 [size // factor, size // factor, 1] mask: 1 where
+    the loss counts: everything when zoomed in, else the pasted square shrunk by one latent pixel
+    on each side).
+  """
+  resized = np.asarray(Image.fromarray(image).resize((scale, scale), Image.Resampling.BICUBIC))
+  m = size // factor
+  if scale > size:
+    return to_model_range(crop(resized, size, top, left)), np.ones((m, m, 1), np.float32)
+  canvas = np.zeros((size, size, 3), np.float32)
+  canvas[top: top + scale, left: left + scale] = to_model_range(resized)
+  mask = np.zeros((m, m, 1), np.float32)
+  mask[top // factor + 1: (top + scale) // factor - 1,
+       left // factor + 1: (left + scale) // factor - 1] = 1.0
+  return canvas, mask

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Callable
 
@@ -30,7 +31,7 @@ from persona_jax.data.images import DataError
 from persona_jax.data.sources import read_image_folder
 from persona_jax.data.templates import TEMPLATES
 from persona_jax.errors import ConfigError
-from persona_jax.methods.base import CONTEXT, IDS, LATENT_LOGVAR, LATENT_MEAN, PIXELS, PRIOR
+from persona_jax.methods.base import CONTEXT, IDS, LATENT_LOGVAR, LATENT_MEAN, MASK, PIXELS, PRIOR
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,37 @@ class DataConfig:
   class_sample_steps: int = 50      # the sampler settings used to generate missing class images
   class_guidance: float = 7.5
   class_negative_prompt: str = ""
+  # Several concepts trained jointly (Custom Diffusion): each a mapping of CONCEPT_FIELDS that
+  # override the fields above for that concept's images; (): one concept, the fields above.
+  concepts: tuple = ()
+  # Custom Diffusion's zoom-in/zoom-out augmentation: instance images rescaled (1/3 of the time
+  # 1.2-1.4x and cropped, "zoomed in "/"close up " prepended to the caption; otherwise 1/3-1x and
+  # pasted on a blank canvas, "a far away "/"very small " below 0.6x) and the loss masked to
+  # the image. Images are then VAE-encoded in the step.
+  zoom_augment: bool = False
+
+
+CONCEPT_FIELDS = ("instance_dir", "caption_source", "prompt", "templates", "class_prompt",
+                  "class_dir")
+ZOOM_IN_WORDS = ("zoomed in ", "close up ")
+ZOOM_OUT_WORDS = ("a far away ", "very small ")
+
+
+def concept_configs(config: DataConfig) -> list[DataConfig]:
+  """One DataConfig per concept (the config itself when `concepts` is empty)."""
+  if not config.concepts:
+    return [config]
+  out = []
+  for i, concept in enumerate(config.concepts):
+    if not isinstance(concept, Mapping):
+      raise ConfigError(f"data.concepts[{i}]: expected a mapping of {', '.join(CONCEPT_FIELDS)}, "
+                        f"got {concept!r}")
+    unknown = sorted(set(concept) - set(CONCEPT_FIELDS))
+    if unknown:
+      raise ConfigError(f"data.concepts[{i}].{unknown[0]}: not a per-concept option (options: "
+                        f"{', '.join(CONCEPT_FIELDS)})")
+    out.append(dataclasses.replace(config, concepts=(), **dict(concept)))
+  return out
 
 
 def example_subject_dir() -> Path:
@@ -96,14 +128,17 @@ def prepare_image(path: Path, config: DataConfig) -> np.ndarray:
 
 
 def load_instances(config: DataConfig, expand: Callable[[str], str]) -> InstanceSet:
-  if config.caption_source not in CAPTION_SOURCES:
-    raise ConfigError(f"data.caption_source: '{config.caption_source}' is not one of "
-                      f"{', '.join(CAPTION_SOURCES)}")
-  folder = Path(config.instance_dir) if config.instance_dir else example_subject_dir()
-  examples = read_image_folder(folder, need_captions=config.caption_source == "files")
-  images = [prepare_image(e.path, config) for e in examples]
-  captions = [caption_pool(config, e.caption, expand) for e in examples]
-  log.info("%s: %d instance image(s) at %dpx", folder, len(images), config.resolution)
+  """The instance images of every concept, each with its caption pool."""
+  images, captions = [], []
+  for concept in concept_configs(config):
+    if concept.caption_source not in CAPTION_SOURCES:
+      raise ConfigError(f"data.caption_source: '{concept.caption_source}' is not one of "
+                        f"{', '.join(CAPTION_SOURCES)}")
+    folder = Path(concept.instance_dir) if concept.instance_dir else example_subject_dir()
+    examples = read_image_folder(folder, need_captions=concept.caption_source == "files")
+    images += [prepare_image(e.path, concept) for e in examples]
+    captions += [caption_pool(concept, e.caption, expand) for e in examples]
+    log.info("%s: %d instance image(s) at %dpx", folder, len(examples), config.resolution)
   return InstanceSet(images, captions, folder)
 
 
@@ -152,6 +187,7 @@ class Augment(grain.transforms.RandomMap):
   caption_index: dict[str, int] | None                    # caption -> row of the context table
   contexts: np.ndarray | None                             # [K, L, D]
   prior: float | None = None                              # the `prior` value, when there are classes
+  latent_factor: int = 8                                  # the VAE's downsampling (loss masks)
 
   def random_map(self, index, rng: np.random.Generator):
     c = self.config
@@ -170,7 +206,14 @@ class Augment(grain.transforms.RandomMap):
       top = int(rng.integers(image.shape[0] - r + 1))
       left = int(rng.integers(image.shape[1] - r + 1))
       image = img_ops.crop(image, r, top, left)
-      out[PIXELS] = img_ops.to_model_range(image[:, ::-1] if flip else image)
+      image = image[:, ::-1] if flip else image
+      if c.zoom_augment and not self.prior:
+        out[PIXELS], out[MASK], words = self.zoom(image, rng)
+        caption = words + caption
+      else:
+        out[PIXELS] = img_ops.to_model_range(image)
+        if c.zoom_augment:
+          out[MASK] = np.ones((r // self.latent_factor,) * 2 + (1,), np.float32)
     if self.contexts is not None:
       out[CONTEXT] = self.contexts[self.caption_index[caption]]
     else:
@@ -178,6 +221,24 @@ class Augment(grain.transforms.RandomMap):
     if self.prior is not None:
       out[PRIOR] = np.float32(self.prior)
     return out
+
+  def zoom(self, image, rng: np.random.Generator):
+    """Custom Diffusion's draw (diffusers' train_custom_diffusion.py): zoom out with p 0.66 to a
+    side in [R/3, R], else in to [1.2R, 1.4R). Returns (pixels, mask, caption words)."""
+    r = self.config.resolution
+    if rng.random() < 0.66:
+      scale = int(rng.integers(r // 3, r + 1))
+    else:
+      scale = int(rng.integers(int(1.2 * r), int(1.4 * r)))
+    top, left = (int(v) for v in rng.integers(abs(scale - r) + 1, size=2))
+    pixels, mask = img_ops.zoom(image, r, scale, top, left, self.latent_factor)
+    if scale < 0.6 * r:
+      words = ZOOM_OUT_WORDS[int(rng.integers(2))]
+    elif scale > r:
+      words = ZOOM_IN_WORDS[int(rng.integers(2))]
+    else:
+      words = ""
+    return pixels, mask, words
 
 
 @dataclasses.dataclass
@@ -193,14 +254,18 @@ class Concatenate(grain.transforms.Map):
 
 def make_dataset(config: DataConfig, instances: InstanceSet, batch_size: int, seed: int, *,
                  tokenize=None, moments=None, caption_index=None, contexts=None,
-                 classes: InstanceSet | None = None, class_moments=None):
+                 classes: InstanceSet | None = None, class_moments=None, latent_factor: int = 8):
   """The infinite, reshuffled-every-epoch batch dataset (grain MapDataset). With `classes`,
   every batch is `batch_size` instance rows then `batch_size` class rows."""
   if batch_size < 1:
     raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+  if config.zoom_augment and moments is not None:
+    raise ConfigError("data.zoom_augment: zoomed images are VAE-encoded in the step; do not pass "
+                      "cached moments")
 
   def stream(images, moments_, prior, stream_seed):
-    augment = Augment(config, images, tokenize, moments_, caption_index, contexts, prior)
+    augment = Augment(config, images, tokenize, moments_, caption_index, contexts, prior,
+                      latent_factor)
     return (grain.MapDataset.source(list(range(len(images.images)))).seed(stream_seed).shuffle()
             .repeat().random_map(augment).batch(batch_size, drop_remainder=True))
   if classes is None:
@@ -222,6 +287,13 @@ def all_captions(instances: InstanceSet, caption_dropout: float,
   return sorted({c for p in pools for c in p} | ({""} if caption_dropout else set()))
 
 
+def zoom_captions(instances: InstanceSet) -> list[str]:
+  """The instance captions with the zoom augmentation's words prepended."""
+  return sorted({w + c for p in instances.captions for c in p
+                 for w in ZOOM_IN_WORDS + ZOOM_OUT_WORDS})
+
+
 __all__ = ["DataConfig", "DataError", "InstanceSet", "load_instances", "load_class_images",
+           "concept_configs", "zoom_captions",
            "encode_moments",
            "encode_captions", "make_dataset", "make_iterator", "all_captions", "example_subject_dir"]

@@ -56,6 +56,10 @@ class Method:
     lr_groups: ((regex over trainable paths, learning rate), ...): leaves with their own lr.
     save_result: (run, trainable, workdir) -> [paths]: the method's result files.
     trains_text: the transform changes text-encoder weights (e.g. text-encoder LoRA).
+    unet_options: ((UNetConfig runtime field, value), ...) for the training UNet, e.g. Custom
+      Diffusion's (("detach_context_tokens", 1),).
+    scale_lr_with_class_rows: with `optim.scale_lr`, class rows count in the batch size (Custom
+      Diffusion's recipe doubles the lr with prior preservation; DreamBooth's does not).
   """
   name: str
   select: tree.Rules = ()
@@ -69,6 +73,8 @@ class Method:
   lr_groups: tuple[tuple[str, float], ...] = ()
   save_result: Callable | None = None
   trains_text: bool = False
+  unet_options: tuple[tuple[str, object], ...] = ()
+  scale_lr_with_class_rows: bool = False
 
   def text_trains(self) -> bool:
     """Whether anything in the text path trains (then text embeddings cannot be cached)."""

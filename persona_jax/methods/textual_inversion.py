@@ -34,24 +34,48 @@ def placeholder_tokens(config: TextualInversionConfig) -> tuple[str, ...]:
   return (p,) + tuple(f"{p}_{i}" for i in range(1, config.num_vectors))
 
 
+def check_new_tokens(tokenizer, tokens, initializers, vocab_rows: int,
+                     fields=("method.placeholder", "method.initializer")) -> list[int]:
+  """Checks new token strings (absent from the vocabulary) and their initializers (one per token:
+  a word that is one token, or a token id) against the tokenizer; returns the initializers' ids."""
+  vocab = tokenizer.get_vocab()
+  for t in tokens:
+    if t in vocab or f"{t}</w>" in vocab:
+      raise ConfigError(f"{fields[0]}: '{t}' is already a token of the tokenizer; choose "
+                        "a new string such as '<my-concept>'")
+  init_ids = []
+  for word in initializers:
+    if isinstance(word, int) or str(word).isdigit():
+      if not 0 <= int(word) < vocab_rows:
+        raise ConfigError(f"{fields[1]}: token id {word} is outside the vocabulary (0..{vocab_rows - 1})")
+      init_ids.append(int(word))
+      continue
+    ids = tokenizer(word, add_special_tokens=False)["input_ids"]
+    if len(ids) != 1:
+      pieces = tokenizer.convert_ids_to_tokens(ids)
+      raise ConfigError(f"{fields[1]}: '{word}' is {len(ids)} tokens "
+                        f"({' '.join(pieces)}); use a word that is a single token")
+    init_ids.append(ids[0])
+  if len(tokenizer) != vocab_rows:
+    raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but the text encoder's table "
+                      f"has {vocab_rows} rows; new token ids would collide")
+  return init_ids
+
+
 def check_tokens(tokenizer, config: TextualInversionConfig, vocab_rows: int) -> int:
   """Validates placeholder and initializer against the tokenizer; returns the initializer's id."""
   if config.num_vectors < 1:
     raise ConfigError(f"method.num_vectors must be >= 1, got {config.num_vectors}")
-  vocab = tokenizer.get_vocab()
-  for t in placeholder_tokens(config):
-    if t in vocab or f"{t}</w>" in vocab:
-      raise ConfigError(f"method.placeholder: '{t}' is already a token of the tokenizer; choose "
-                        "a new string such as '<my-concept>'")
-  ids = tokenizer(config.initializer, add_special_tokens=False)["input_ids"]
-  if len(ids) != 1:
-    pieces = tokenizer.convert_ids_to_tokens(ids)
-    raise ConfigError(f"method.initializer: '{config.initializer}' is {len(ids)} tokens "
-                      f"({' '.join(pieces)}); use a word that is a single token")
-  if len(tokenizer) != vocab_rows:
-    raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but the text encoder's table "
-                      f"has {vocab_rows} rows; new token ids would collide")
-  return ids[0]
+  return check_new_tokens(tokenizer, placeholder_tokens(config), [config.initializer],
+                          vocab_rows)[0]
+
+
+def embed_with_new_rows(params, ids):
+  """Input embeddings [B, L, D] of ids [B, L] over the base table with the trainable rows
+  `params[TOKENS]` [N, D] appended (ids V .. V+N-1 are the new tokens)."""
+  base_table = params["text_encoder"]["embeddings"]["token_embedding"]["embedding"]
+  full = jnp.concatenate([base_table, params[TOKENS].astype(base_table.dtype)], axis=0)
+  return jnp.take(full, ids, axis=0)
 
 
 def save_result(run, trainable, workdir):
@@ -76,14 +100,9 @@ def make(config: TextualInversionConfig, base_params, tokenizer_dir=None, unet_c
     row = base["text_encoder"]["embeddings"]["token_embedding"]["embedding"][init_id]
     return {TOKENS: jnp.tile(row[None].astype(jnp.float32), (n, 1))}             # [N, D]
 
-  def input_embeddings(params, ids):
-    base_table = params["text_encoder"]["embeddings"]["token_embedding"]["embedding"]
-    full = jnp.concatenate([base_table, params[TOKENS].astype(base_table.dtype)], axis=0)
-    return jnp.take(full, ids, axis=0)                                              # [B, L, D]
-
   def expand_prompt(prompt: str) -> str:
     return prompt.replace(config.placeholder, " ".join(tokens)) if n > 1 else prompt
 
   return Method(name="textual_inversion", init_trainable=init_trainable,
-                input_embeddings=input_embeddings, added_tokens=tokens,
+                input_embeddings=embed_with_new_rows, added_tokens=tokens,
                 expand_prompt=expand_prompt, save_result=save_result)

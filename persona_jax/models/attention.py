@@ -83,6 +83,11 @@ def dot_product_attention(q, k, v, *, kernel: str = "auto", causal: bool = False
   return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=causal, implementation=kernel)
 
 
+def detach_prefix(x, n: int):
+  """x [B, S, ...] with rows :n cut from the gradient (values unchanged)."""
+  return jnp.concatenate([jax.lax.stop_gradient(x[:, :n]), x[:, n:]], axis=1)
+
+
 class Attention(nn.Module):
   """diffusers `Attention`: to_q/to_k/to_v (+ optional bias), to_out_0, optional GroupNorm input.
 
@@ -97,6 +102,7 @@ class Attention(nn.Module):
   norm_num_groups: int | None = None
   norm_eps: float = 1e-5
   residual_connection: bool = False
+  detach_context_tokens: int = 0     # cross-attention: K/V of the first N context tokens get no gradient
   kernel: str = "auto"
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
@@ -110,13 +116,16 @@ class Attention(nn.Module):
                     name="group_norm")(x)
     b, c = x.shape[0], x.shape[-1]
     x = x.reshape(b, -1, c)                                          # [B, T, C]
-    context = x if context is None else context
+    cross = context is not None
+    context = context if cross else x
     inner = self.heads * self.dim_head
     dense = functools.partial(nn.Dense, inner, use_bias=self.qkv_bias, dtype=self.dtype,
                               param_dtype=self.param_dtype)
     q = dense(name="to_q")(x).reshape(b, -1, self.heads, self.dim_head)          # [B, T, N, Dh]
     k = dense(name="to_k")(context).reshape(b, -1, self.heads, self.dim_head)    # [B, S, N, Dh]
     v = dense(name="to_v")(context).reshape(b, -1, self.heads, self.dim_head)    # [B, S, N, Dh]
+    if self.detach_context_tokens and cross:
+      k, v = (detach_prefix(a, self.detach_context_tokens) for a in (k, v))
     if self.upcast_attention:
       q, k, v = (a.astype(jnp.float32) for a in (q, k, v))
     h = dot_product_attention(q, k, v, kernel=self.kernel).astype(self.dtype)

@@ -182,6 +182,9 @@ class UNetConfig:
   param_dtype: Any = dataclasses.field(default=jnp.float32, metadata=_RUNTIME)
   attention: str = dataclasses.field(default="auto", metadata=_RUNTIME)  # auto|einsum|xla|cudnn|blocked
   remat: str = dataclasses.field(default="none", metadata=_RUNTIME)      # none|blocks|dots
+  # Cross-attention keys/values of the first N context tokens carry no gradient (Custom
+  # Diffusion detaches the BOS token's); the forward is unchanged.
+  detach_context_tokens: int = dataclasses.field(default=0, metadata=_RUNTIME)
 
   @classmethod
   def from_dict(cls, raw, source="unet/config.json") -> "UNetConfig":

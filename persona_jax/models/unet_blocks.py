@@ -134,7 +134,8 @@ class BasicTransformerBlock(nn.Module):
                              dtype=c.dtype, param_dtype=c.param_dtype)
     ln = functools.partial(LayerNorm, 1e-5, c.dtype, c.param_dtype)
     x = x + attn(name="attn1")(ln(name="norm1")(x))
-    x = x + attn(name="attn2")(ln(name="norm2")(x), context)
+    x = x + attn(name="attn2", detach_context_tokens=c.detach_context_tokens)(
+        ln(name="norm2")(x), context)
     x = x + FeedForward(self.dim, dtype=c.dtype, param_dtype=c.param_dtype,
                         name="ff")(ln(name="norm3")(x))
     return x

@@ -90,12 +90,13 @@ def build(config: RunConfig, *, mesh=None, workdir=None, progress: bool = False)
   model_dir = resolve_model(config.model)
   pipe = load_pipeline(model_dir)
   compute = jnp.bfloat16 if config.mixed_precision == "bf16" else jnp.float32
-  models = SDModels(
-      UNet2DConditionModel(dataclasses.replace(pipe.unet_config, dtype=compute, remat=config.remat)),
-      CLIPTextModel(dataclasses.replace(pipe.text_encoder_config, dtype=compute)),
-      pipe.vae)
   method = make_method(config.method_name, config.method_options, pipe.params, pipe.tokenizer_dir,
                        pipe.unet_config)
+  models = SDModels(
+      UNet2DConditionModel(dataclasses.replace(pipe.unet_config, dtype=compute, remat=config.remat,
+                                               **dict(method.unet_options))),
+      CLIPTextModel(dataclasses.replace(pipe.text_encoder_config, dtype=compute)),
+      pipe.vae)
   tokenizer = tokenizer_with_tokens(pipe.tokenizer_dir, method.added_tokens)
 
   existing, rest = tree.split(pipe.params, method.select)
@@ -106,9 +107,9 @@ def build(config: RunConfig, *, mesh=None, workdir=None, progress: bool = False)
 
   instances = data.load_instances(config.data, method.expand_prompt)
   classes = class_images(config, method, pipe, workdir, progress)
-  dataset_kwargs = {"classes": classes}
+  dataset_kwargs = {"classes": classes, "latent_factor": pipe.vae_scale_factor}
   needed = {"unet"}
-  if config.data.center_crop:
+  if config.data.center_crop and not config.data.zoom_augment:
     encode = functools.partial(data.encode_moments, pipe.vae, pipe.params["vae"])
     dataset_kwargs["moments"] = encode(np.stack(instances.images))
     if classes is not None:
@@ -121,6 +122,8 @@ def build(config: RunConfig, *, mesh=None, workdir=None, progress: bool = False)
     dataset_kwargs["tokenize"] = tokenize_fn
   else:
     captions = data.all_captions(instances, config.data.caption_dropout, classes)
+    if config.data.zoom_augment:
+      captions = sorted(set(captions) | set(data.zoom_captions(instances)))
     encode = jax.jit(lambda ids: encode_text(method, models, pipe.params, ids))
     dataset_kwargs["contexts"] = data.encode_captions(encode, tokenize_fn, captions)
     dataset_kwargs["caption_index"] = {c: i for i, c in enumerate(captions)}
@@ -132,8 +135,10 @@ def build(config: RunConfig, *, mesh=None, workdir=None, progress: bool = False)
   mesh = mesh or mesh_lib.make_mesh(config.fsdp)
   mesh_lib.check_batch_size(config.batch_size, mesh,
                             config.batch_size if classes is not None else 0)
+  # scale_lr counts the class rows too when the method's recipe does (Custom Diffusion).
+  lr_batch = config.batch_size * (2 if classes is not None and method.scale_lr_with_class_rows else 1)
   tx, schedule = make_optimizer(optim_config(config, method), trainable, total_steps=config.steps,
-                                batch_size=config.batch_size)
+                                batch_size=lr_batch)
   objective = Objective(pipe.scheduler_config, pipe.vae_config.scaling_factor,
                         config.min_snr_gamma, config.offset_noise)
   return Run(config, pipe, method, models, objective, tokenizer, frozen, trainable, tx, schedule,
@@ -152,7 +157,9 @@ def optim_config(config: RunConfig, method) -> OptimConfig:
 
 
 def class_images(config: RunConfig, method, pipe: Pipeline, workdir, progress: bool):
-  """The run's class images (None without prior preservation), generated first if missing."""
+  """The run's class images (None without prior preservation), generated first if missing: per
+  concept, `num_class_images` from `class_dir` (default WORKDIR/class_images, or
+  WORKDIR/class_images/K for concept K of several)."""
   d = config.data
   if d.num_class_images <= 0:
     if method.prior_loss_weight and d.class_dir:
@@ -161,12 +168,22 @@ def class_images(config: RunConfig, method, pipe: Pipeline, workdir, progress: b
   if not method.prior_loss_weight:
     raise ConfigError(f"data.num_class_images: method {config.method_name} has no class-prior "
                       "loss (prior_loss_weight 0) and does not use class images; set it to 0")
+  concepts = data.concept_configs(d)
+  sets = [concept_class_images(c, k if len(concepts) > 1 else None, pipe, workdir, progress)
+          for k, c in enumerate(concepts)]
+  return data.InstanceSet([i for s in sets for i in s.images], [c for s in sets for c in s.captions],
+                          sets[-1].folder)
+
+
+def concept_class_images(d, index, pipe: Pipeline, workdir, progress: bool):
+  """The class images of one concept (`index` None: the only one)."""
+  field = "data.class_prompt" if index is None else f"data.concepts[{index}].class_prompt"
   if not d.class_prompt:
-    raise ConfigError("data.class_prompt: class images need their prompt (e.g. 'a photo of a dog')")
+    raise ConfigError(f"{field}: class images need their prompt (e.g. 'a photo of a dog')")
   if d.class_dir:
     folder = Path(d.class_dir)
   elif workdir is not None:
-    folder = Path(workdir) / "class_images"
+    folder = Path(workdir) / "class_images" / ("" if index is None else str(index))
   else:
     raise ConfigError("data.class_dir: set the folder of the class images")
   have = count_images(folder)
