@@ -51,8 +51,10 @@ def _sample(args) -> int:
 
   from persona_jax.default_model import resolve_model
   from persona_jax.images import grid, save_png
+  from persona_jax.methods.lora_compose import LoRASpec, with_loras
   from persona_jax.pipeline import load_pipeline
   from persona_jax.text_to_image import SampleOptions, text_to_image
+  loras = [LoRASpec.parse(s) for s in args.lora]
   model = resolve_model(args.model)
   pipe = load_pipeline(model, variant=args.variant, allow_pickle=args.allow_pickle)
   options = SampleOptions(steps=args.steps, guidance=args.guidance,
@@ -60,7 +62,9 @@ def _sample(args) -> int:
                           height=args.height, width=args.width, batch_size=args.batch_size,
                           clip_skip=args.clip_skip)
   start = time.perf_counter()
-  images = text_to_image(pipe, args.prompt, args.negative_prompt, args.num_images, options)
+  params = with_loras(pipe.params, loras, pipe.unet_config) if loras else None
+  images = text_to_image(pipe, args.prompt, args.negative_prompt, args.num_images, options,
+                         params=params)
   seconds = time.perf_counter() - start
   out = Path(args.out)
   paths = [save_png(img, out / f"{args.seed:04d}_{i:04d}.png") for i, img in enumerate(images)]
@@ -173,6 +177,12 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--width", type=int, default=None)
   p.add_argument("--batch-size", type=int, default=4, help="images per compiled batch")
   p.add_argument("--clip-skip", type=int, default=None, help="use an earlier text-encoder layer")
+  p.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT[:BLOCKS]]",
+                 help="merge a lora.safetensors from `persona-jax train` (repeat to add several; "
+                      "they sum). WEIGHT scales it (default 1); BLOCKS are per-block weights as "
+                      "A1111's lbw: NAME=VALUE pairs (e.g. IN01=0,MID=0.5,OUT03=0; blocks not "
+                      "named: 1; BASE is the text encoder) or the 17 or 26 numbers of the "
+                      "sd-webui-lora-block-weight presets, e.g. a.safetensors:0.8:IN01=0,BASE=0")
   p.add_argument("--variant", default=None, help="weight-file variant, e.g. fp16")
   p.add_argument("--allow-pickle", action="store_true", help="read .bin/.ckpt files (trusted only)")
   p.add_argument("--out", required=True, type=Path, help="output folder")

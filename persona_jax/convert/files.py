@@ -122,7 +122,7 @@ def write_safetensors(path: Path, tensors: Mapping[str, np.ndarray],
   from safetensors.numpy import save_file
   path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  data = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+  data = {k: np.require(v, requirements="C") for k, v in tensors.items()}   # keeps 0-d scalars
   fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
   os.close(fd)
   try:

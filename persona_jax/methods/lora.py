@@ -13,20 +13,28 @@ Targets (`/`-joined param paths):
   text        text encoder self_attn q/k/v/out_proj, mlp fc1/fc2 (block BASE; `text_encoder=True`)
 Per-block rank and alpha (block names from models/block_names.py: IN00..OUT11, MID, BASE) override
 the uniform values; rank 0 skips a block. Trainable leaves: `lora/<target path>/{a,b}`.
+
+Result file WORKDIR/lora.safetensors, per target (the kernel's path without `/kernel`):
+`<target>/a` [fan_in, r], `<target>/b` [r, out] and `<target>/alpha` [] (float32; kohya's
+convention: scale = alpha / r, r = b.shape[0]). `load_lora_file` reads it back for sampling
+(methods/lora_compose.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from collections.abc import Mapping
+from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from persona_jax import tree
-from persona_jax.errors import ConfigError
+from persona_jax.errors import ConfigError, ModelFileError
 from persona_jax.methods.base import Method
 from persona_jax.models import block_names
 from persona_jax.models.configs import UNetConfig
@@ -55,7 +63,11 @@ class Target:
   kernel: str                        # path of the base kernel, e.g. unet/.../to_q/kernel
   shape: tuple[int, ...]
   rank: int
-  scale: float                       # alpha / rank
+  alpha: float
+
+  @property
+  def scale(self) -> float:
+    return self.alpha / self.rank
 
   @property
   def key(self) -> str:              # the factors' place in the trainable tree
@@ -88,7 +100,7 @@ def targets(config: LoRAConfig, base_params, unet_config: UNetConfig) -> tuple[T
     if rank <= 0:
       continue
     alpha = alphas.get(block, alpha) or rank
-    out.append(Target(path, tuple(leaf.shape), rank, alpha / rank))
+    out.append(Target(path, tuple(leaf.shape), rank, float(alpha)))
   if not out:
     raise ConfigError("method: LoRA selects no layers (every rank is 0?)")
   return tuple(out)
@@ -119,18 +131,92 @@ def make(config: LoRAConfig, base_params, tokenizer_dir=None, unet_config: UNetC
     return tree.unflatten(flat)
 
   return Method(name="lora", init_trainable=init_trainable, transform=transform,
-                save_result=save_result, trains_text=config.text_encoder)
+                save_result=functools.partial(save_result, targets=chosen),
+                trains_text=config.text_encoder)
 
 
-def save_result(run, trainable, workdir):
-  """WORKDIR/lora.safetensors: our factors by path (`<target>/a`, `<target>/b`) with the scales
-  in the metadata. diffusers/PEFT and kohya files come with the export work."""
+def save_result(run, trainable, workdir, *, targets: tuple[Target, ...]):
+  """WORKDIR/lora.safetensors: our factors by path (`<target>/a`, `<target>/b`) and each target's
+  `<target>/alpha` (a float32 scalar), so the file alone gives the merge. diffusers/PEFT and kohya
+  files come with the export work."""
   import json
 
   from persona_jax.convert.files import write_safetensors
   flat = {p[len(LORA) + 1:]: np.asarray(v, np.float32) for p, v in tree.flatten(trainable).items()}
+  for t in targets:
+    name = t.key[len(LORA) + 1:]
+    if f"{name}/a" in flat:
+      flat[f"{name}/alpha"] = np.asarray(t.alpha, np.float32)
   path = workdir / "lora.safetensors"
   write_safetensors(path, flat, {"format": "persona_jax-lora",
                                  "base_model": str(run.model_dir),
                                  "method": json.dumps(dict(run.config.method_options), default=str)})
   return [str(path)]
+
+
+FILE_KEY = re.compile(r"((?:unet|text_encoder)/.+)/(a|b|alpha)")
+
+
+class Factor(NamedTuple):
+  """One target of a LoRA file (a pytree: under jit all three are traced)."""
+  a: np.ndarray       # [fan_in, r] float32
+  b: np.ndarray       # [r, out] float32
+  scale: np.ndarray   # [] float32: alpha / r
+
+
+LoRAFactors = dict[str, Factor]     # base kernel path (`unet/.../to_q/kernel`) -> its factors
+
+
+def load_lora_file(path, base_params=None) -> LoRAFactors:
+  """Reads a lora.safetensors written by `save_result`. A target without `alpha` (files from
+  before it was stored) gets alpha = r (scale 1, kohya's rule for a missing alpha).
+
+  With `base_params` (the pipeline's tree) every target must name a kernel of that base, with
+  a @ b of the kernel's [fan_in, out]. Errors name the file and the first bad key.
+  """
+  from persona_jax.convert.files import read_safetensors
+  path = Path(path)
+  if path.suffix != ".safetensors":
+    raise ModelFileError(f"{path}: LoRA files are read as .safetensors only (pickle formats such as "
+                         ".pt/.ckpt/.bin are refused)")
+  if not path.is_file():
+    raise ModelFileError(f"{path}: LoRA file not found")
+  parts: dict[str, dict[str, np.ndarray]] = {}
+  for key, value in sorted(read_safetensors(path).items()):
+    m = FILE_KEY.fullmatch(key)
+    if not m:
+      raise ModelFileError(f"{path}: key '{key}' is not a persona_jax LoRA key (<target>/a, /b, "
+                           "/alpha); only the lora.safetensors that `persona-jax train` writes is "
+                           "read so far (diffusers/kohya LoRA files are not supported yet)")
+    parts.setdefault(m[1], {})[m[2]] = value
+  if not parts:
+    raise ModelFileError(f"{path}: holds no LoRA factors")
+  base = tree.flatten(base_params) if base_params is not None else None
+  out = {}
+  for target, p in parts.items():
+    for name in ("a", "b"):
+      if name not in p:
+        raise ModelFileError(f"{path}: '{target}/{name}' is missing (the target has only "
+                             f"{', '.join(sorted(p))})")
+    a, b = p["a"], p["b"]
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0] or a.shape[1] == 0:
+      raise ModelFileError(f"{path}: '{target}/a' {list(a.shape)} and '{target}/b' {list(b.shape)} "
+                           "are not [fan_in, r] and [r, out] with r >= 1")
+    rank = b.shape[0]
+    alpha = p.get("alpha", np.float32(rank))
+    if np.size(alpha) != 1 or not np.isfinite(alpha).all():
+      raise ModelFileError(f"{path}: '{target}/alpha' must be a finite scalar, got "
+                           f"{np.asarray(alpha).ravel()[:4]} of shape {list(np.shape(alpha))}")
+    kernel = f"{target}/kernel"
+    if base is not None:
+      if kernel not in base:
+        raise ModelFileError(f"{path}: '{target}/a': the base model has no kernel {kernel} "
+                             "(a LoRA trained on another model?)")
+      shape = base[kernel].shape
+      want = (int(np.prod(shape[:-1])), shape[-1])
+      if (a.shape[0], b.shape[1]) != want:
+        raise ModelFileError(f"{path}: '{target}/a' @ '{target}/b' is [{a.shape[0]}, {b.shape[1]}]; "
+                             f"the base kernel {list(shape)} needs [{want[0]}, {want[1]}]")
+    out[kernel] = Factor(a.astype(np.float32), b.astype(np.float32),
+                         np.asarray(float(np.ravel(alpha)[0]) / rank, np.float32))
+  return out

@@ -125,7 +125,13 @@ def test_result_file_holds_the_factors(run, trajectory, tmp_path):
   assert loop.write_outputs(run, trajectory["trained"], tmp_path) == [str(tmp_path / "lora.safetensors")]
   with safe_open(tmp_path / "lora.safetensors", "np") as f:
     assert f.metadata()["format"] == "persona_jax-lora"
-    assert sorted(f.keys()) == sorted(p[len("lora/"):] for p in trained)
+    factors = [p[len("lora/"):] for p in trained]
+    alphas = [p[:-len("/a")] + "/alpha" for p in factors if p.endswith("/a")]
+    assert sorted(f.keys()) == sorted(factors + alphas)
     key = "unet/mid_block/attentions_0/transformer_blocks_0/attn2/to_v/b"
     np.testing.assert_array_equal(f.get_tensor(key), trained["lora/" + key])
+    # alpha: the rank 2 by default; the block variant sets MID's to 1.
+    blocks = bool(run.config.method_options.get("block_alphas"))
+    alpha = f.get_tensor(key[:-len("/b")] + "/alpha")
+    assert alpha.shape == () and alpha.dtype == np.float32 and float(alpha) == (1.0 if blocks else 2.0)
   assert np.any(trained["lora/" + key])
