@@ -20,6 +20,10 @@ Cases (more join as methods land):
                  cached text contexts, AdamW over the factors (persona_jax: the lora method, factors
                  merged into the weights each step; PyTorch: peft's LoRA adapter on the same
                  modules, as diffusers' train_dreambooth_lora.py)
+  cd_train       Custom Diffusion at batch 4: cross-attention to_k/to_v trainable, BOS key/value
+                 detached, cached text contexts, clipping 1.0, AdamW (persona_jax: the
+                 custom_diffusion method without a modifier token; PyTorch: diffusers'
+                 train_custom_diffusion.py, CustomDiffusionAttnProcessor2_0 with train_kv)
   db_train_bf16, db_train_remat, db_train_accum2
                  the same with one memory option: bf16 compute with float32 params (PyTorch:
                  autocast, as accelerate's --mixed_precision bf16), remat of UNet blocks
@@ -47,8 +51,9 @@ from pathlib import Path
 import numpy as np
 
 DB_VARIANTS = ("db_train", "db_train_bf16", "db_train_remat", "db_train_accum2")
-CASES = ("unet_forward", "unet_train", "ti_train", "lora_train") + DB_VARIANTS
-DEFAULT_CASES = ("unet_forward", "unet_train", "ti_train", "db_train", "lora_train")   # the memory variants on request
+CASES = ("unet_forward", "unet_train", "ti_train", "lora_train", "cd_train") + DB_VARIANTS
+DEFAULT_CASES = ("unet_forward", "unet_train", "ti_train", "db_train", "lora_train",
+                 "cd_train")                                     # the memory variants on request
 FRAMEWORKS = ("jax", "torch")
 
 
@@ -78,7 +83,7 @@ PRESETS = {
                                      num_hidden_layers=12, num_attention_heads=12,
                                      projection_dim=768)),
 }
-BATCH = {"unet_forward": 2, "unet_train": 4, "ti_train": 4, "lora_train": 4} | {c: 4 for c in DB_VARIANTS}
+BATCH = {"unet_forward": 2, "unet_train": 4, "ti_train": 4, "lora_train": 4, "cd_train": 4} | {c: 4 for c in DB_VARIANTS}
 PLACEHOLDER_POSITION = 5
 
 
@@ -163,6 +168,8 @@ def _jax_case(case: str, unet_dir: Path, preset: Preset, dtype: str):
     return _jax_db_step(case, config, params, x, ctx)
   if case == "lora_train":
     return _jax_lora_step(unet, params, x, ctx)
+  if case == "cd_train":
+    return _jax_cd_step(config, params, x, ctx)
   tx = optax.adamw(1e-5)
   opt_state = tx.init(params)
 
@@ -396,6 +403,72 @@ def _jax_lora_step(unet, unet_params, latents, ctx):
   return run
 
 
+def _jax_cd_step(config, unet_params, latents, ctx):
+  """Our Custom Diffusion step: the real train_step with the method (attn2 K/V, BOS detached)."""
+  import jax
+  import jax.numpy as jnp
+
+  from persona_jax import tree
+  from persona_jax.methods import custom_diffusion as cd
+  from persona_jax.models.unet import UNet2DConditionModel
+  from persona_jax.train.optim import OptimConfig, make_optimizer
+  from persona_jax.train.state import init_state
+  method = cd.make(cd.CustomDiffusionConfig(modifier_tokens=(), initializer_tokens=()),
+                   {"unet": unet_params, "text_encoder": _BENCH_TEXT_TABLE})
+  trainable, frozen = tree.split({"unet": unet_params}, method.select)
+  unet = UNet2DConditionModel(dataclasses.replace(config, **dict(method.unet_options)))
+  tx, _ = make_optimizer(OptimConfig(lr=1e-5, clip_grad_norm=1.0), trainable, total_steps=10,
+                         batch_size=latents.shape[0])
+  step = _jitted_train_step(method, unet, None, tx)
+  batch = {"latent_mean": latents, "latent_logvar": jnp.full(latents.shape, -30.0), "context": ctx}
+  carry = [init_state(trainable, tx, seed=0)]
+
+  def run():
+    carry[0], metrics = step(carry[0], frozen, batch)
+    jax.block_until_ready(metrics["loss"])
+  return run
+
+
+# The method checks new tokens against the text encoder's table; with no modifier token only its
+# row count matters (the shipped tokenizer's 49408).
+_BENCH_TEXT_TABLE = {"embeddings": {"token_embedding": {"embedding": np.zeros((49408, 1), np.float32)}}}
+
+
+def _torch_cd_step(unet, x, noise, t, ctx, sync):
+  """diffusers' train_custom_diffusion.py step (no modifier token): CustomDiffusionAttnProcessor2_0
+  with train_kv on every cross-attention, initialized from to_k/to_v, AdamW over them, clip 1.0."""
+  import torch
+  from diffusers.models.attention_processor import CustomDiffusionAttnProcessor2_0
+  unet.requires_grad_(False)
+  weights = unet.state_dict()
+  procs = {}
+  for name in unet.attn_processors:
+    layer = name.split(".processor")[0]
+    if name.endswith("attn1.processor"):
+      procs[name] = CustomDiffusionAttnProcessor2_0(train_kv=False, train_q_out=False,
+                                                    hidden_size=None, cross_attention_dim=None)
+      continue
+    w_k = weights[layer + ".to_k.weight"]
+    procs[name] = CustomDiffusionAttnProcessor2_0(
+        train_kv=True, train_q_out=False, hidden_size=w_k.shape[0],
+        cross_attention_dim=w_k.shape[1]).to(device=w_k.device, dtype=w_k.dtype)
+    procs[name].load_state_dict({"to_k_custom_diffusion.weight": w_k,
+                                 "to_v_custom_diffusion.weight": weights[layer + ".to_v.weight"]})
+  params = [p for proc in procs.values() for p in proc.parameters()]
+  unet.set_attn_processor(dict(procs))         # diffusers pops the entries of the dict it gets
+  unet.train()
+  opt = torch.optim.AdamW(params, lr=1e-5)
+
+  def run():
+    loss = torch.nn.functional.mse_loss(unet(x, t, ctx).sample.float(), noise.float())
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    sync()
+  return run
+
+
 def _torch_lora_step(unet, x, noise, t, ctx, sync):
   """diffusers' train_dreambooth_lora.py step: peft LoRA (rank 4, alpha 4, gaussian init) on
   to_q/to_k/to_v/to_out.0, UNet frozen, AdamW over the adapter, clipping 1.0."""
@@ -476,6 +549,8 @@ def _torch_case(case: str, unet_dir: Path, preset: Preset, dtype: str):
     return _torch_db_step(case, unet, x, noise, t, ctx, sync)
   if case == "lora_train":
     return _torch_lora_step(unet, x, noise, t, ctx, sync)
+  if case == "cd_train":
+    return _torch_cd_step(unet, x, noise, t, ctx, sync)
   unet.train()
   opt = torch.optim.AdamW(unet.parameters(), lr=1e-5)
 
