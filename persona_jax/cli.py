@@ -63,8 +63,15 @@ def _sample(args) -> int:
                           clip_skip=args.clip_skip)
   start = time.perf_counter()
   params = with_loras(pipe.params, loras, pipe.unet_config) if loras else None
+  tokenizer = conditioning = None
+  if args.custom_diffusion is not None:
+    from persona_jax.methods import custom_diffusion as cd
+    if args.clip_skip is not None:
+      raise PersonaError("--clip-skip does not combine with --custom-diffusion")
+    params, tokenizer, conditioning = cd.for_sampling(cd.load_result(args.custom_diffusion), pipe,
+                                                      params)
   images = text_to_image(pipe, args.prompt, args.negative_prompt, args.num_images, options,
-                         params=params)
+                         params=params, tokenizer=tokenizer, conditioning=conditioning)
   seconds = time.perf_counter() - start
   out = Path(args.out)
   paths = [save_png(img, out / f"{args.seed:04d}_{i:04d}.png") for i, img in enumerate(images)]
@@ -183,6 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
                       "A1111's lbw: NAME=VALUE pairs (e.g. IN01=0,MID=0.5,OUT03=0; blocks not "
                       "named: 1; BASE is the text encoder) or the 17 or 26 numbers of the "
                       "sd-webui-lora-block-weight presets, e.g. a.safetensors:0.8:IN01=0,BASE=0")
+  p.add_argument("--custom-diffusion", type=Path, default=None, metavar="DIR",
+                 help="a custom_diffusion run's workdir or a merged folder: its K/V weights and "
+                      "modifier tokens (use them in the prompt, e.g. 'photo of a <new1> cat')")
   p.add_argument("--variant", default=None, help="weight-file variant, e.g. fp16")
   p.add_argument("--allow-pickle", action="store_true", help="read .bin/.ckpt files (trusted only)")
   p.add_argument("--out", required=True, type=Path, help="output folder")

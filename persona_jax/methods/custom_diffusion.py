@@ -132,3 +132,25 @@ def make(config: CustomDiffusionConfig, base_params, tokenizer_dir=None, unet_co
                 prior_loss_weight=config.prior_loss_weight, save_result=save_result,
                 unet_options=(("detach_context_tokens", 1 if config.detach_bos else 0),),
                 scale_lr_with_class_rows=True)
+
+
+def for_sampling(result: Result, pipe, params=None):
+  """(params, tokenizer, conditioning) that sample with a result: its attn2 weights in place of
+  the base's and its modifier tokens added (`text_to_image(..., params=, tokenizer=,
+  conditioning=)`). `params`: the tree to start from (default the pipeline's)."""
+  from persona_jax.methods.base import MethodConditioning
+  from persona_jax.tokenizer import tokenizer_with_tokens
+  flat = tree.flatten(pipe.params if params is None else params)
+  for path, value in result.weights.items():
+    if path not in flat or tuple(flat[path].shape) != value.shape:
+      raise ModelFileError(f"{result.path}: {path} {value.shape} does not fit this model "
+                           f"({'missing' if path not in flat else tuple(flat[path].shape)}); "
+                           f"it was trained on {result.base_model}")
+    flat[path] = jnp.asarray(value, flat[path].dtype)
+  tokens = tuple(c["token"] for c in result.concepts)
+  if not tokens:
+    return tree.unflatten(flat), None, None
+  flat[TOKENS] = jnp.asarray(result.tokens)
+  method = Method(name="custom_diffusion", input_embeddings=embed_with_new_rows, added_tokens=tokens)
+  return (tree.unflatten(flat), tokenizer_with_tokens(pipe.tokenizer_dir, tokens),
+          MethodConditioning(method))

@@ -226,6 +226,29 @@ def test_result_file_and_merge_command(run, trajectory, model_dirs, tmp_path):
   assert not np.allclose(merged.weights[path], base)
   summary = json.loads((out / "merge.json").read_text())
   assert summary["layers"] == 2 * len(TRANSFORMERS) and summary["max_constraint_error"] < 1e-6
+  # The merged folder samples through the command line with its three tokens.
+  assert main(["sample", "--model", str(model_dirs["sd1"]), "--custom-diffusion", str(out),
+               "--prompt", "photo of a <new3> dog", "--steps", "1", "--height", "16",
+               "--width", "16", "--out", str(tmp_path / "samples")]) == 0
+  assert (tmp_path / "samples" / "grid.png").is_file()
+
+
+def test_sampling_a_result_equals_sampling_the_run(run, trajectory, tmp_path):
+  from persona_jax.methods.base import MethodConditioning
+  loop.write_outputs(run, trajectory["trained"], tmp_path)
+  params, tokenizer, conditioning = cd.for_sampling(cd.load_result(tmp_path), run.pipe)
+  expected = run.full_params(trajectory["trained"])
+  flat, want = tree.flatten(params), tree.flatten(expected)
+  assert set(flat) == set(want)
+  for path in want:
+    np.testing.assert_array_equal(np.asarray(flat[path]), np.asarray(want[path]), err_msg=path)
+  prompts = ["photo of a <new2> cat in the snow", ""]
+  ids = tokenizer(prompts, padding="max_length", max_length=77)["input_ids"]
+  np.testing.assert_array_equal(ids, run.tokenize(prompts))
+  inputs = {"ids": np.asarray(ids), "negative_ids": np.asarray(ids)}
+  ours = conditioning.prepare(run.models, params, inputs)["cond"]
+  theirs = MethodConditioning(run.method).prepare(run.models, expected, inputs)["cond"]
+  np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
 
 
 def test_merge_refuses_a_single_run_and_other_files(run, trajectory, tmp_path):
