@@ -51,6 +51,7 @@ from pathlib import Path
 import numpy as np
 
 DB_VARIANTS = ("db_train", "db_train_bf16", "db_train_remat", "db_train_accum2")
+ADAPTER_CASES = ("lora_train", "cd_train")
 CASES = ("unet_forward", "unet_train", "ti_train", "lora_train", "cd_train") + DB_VARIANTS
 DEFAULT_CASES = ("unet_forward", "unet_train", "ti_train", "db_train", "lora_train",
                  "cd_train")                                     # the memory variants on request
@@ -166,10 +167,8 @@ def _jax_case(case: str, unet_dir: Path, preset: Preset, dtype: str):
     return _jax_ti_step(unet, params, unet_dir.parent / "text_encoder", x, noise, jdtype)
   if case in DB_VARIANTS:
     return _jax_db_step(case, config, params, x, ctx)
-  if case == "lora_train":
-    return _jax_lora_step(unet, params, x, ctx)
-  if case == "cd_train":
-    return _jax_cd_step(config, params, x, ctx)
+  if case in ADAPTER_CASES:
+    return _jax_adapter_step(case, config, params, x, ctx)
   tx = optax.adamw(1e-5)
   opt_state = tx.init(params)
 
@@ -309,7 +308,8 @@ def _jax_db_step(case, config, unet_params, latents, ctx):
 
 
 def memory_plan(preset: str = "sd15", cases=DB_VARIANTS, batch_size: int = 2, print_fn=print) -> dict:
-  """XLA's buffer plan of the DreamBooth step for each memory option, compiled from shapes only
+  """XLA's buffer plan of the DreamBooth step for each memory option (and of the LoRA and Custom
+  Diffusion steps: ADAPTER_CASES), compiled from shapes only
   (no weights are created, so the real SD 1.5 UNet plans on a laptop). CPU plans; an
   accelerator's compiler fuses and schedules differently."""
   import jax
@@ -323,8 +323,13 @@ def memory_plan(preset: str = "sd15", cases=DB_VARIANTS, batch_size: int = 2, pr
                         abstract_params("unet", config))
   out = {}
   for case in cases:
-    step, state, batches = _jax_db_parts(case, config, params, batch_size, p.latent, p.context_len)
-    out[case] = xla_memory_mb(step.lower(state, {}, batches[0]).compile())
+    if case in ADAPTER_CASES:
+      step, state, frozen, batch = _adapter_parts(case, config, params, batch_size, p.latent,
+                                                  p.context_len)
+    else:
+      step, state, batches = _jax_db_parts(case, config, params, batch_size, p.latent, p.context_len)
+      frozen, batch = {}, batches[0]
+    out[case] = xla_memory_mb(step.lower(state, frozen, batch).compile())
     print_fn(f"  {case:16s} {out[case]}")
   return out
 
@@ -378,53 +383,60 @@ def _torch_db_step(case, unet, x, noise, t, ctx, sync):
 LORA_RANK = 4
 
 
-def _jax_lora_step(unet, unet_params, latents, ctx):
-  """Our LoRA step: the real train_step with the lora method (attention targets, rank 4)."""
-
-  import jax
-  import jax.numpy as jnp
-
-  from persona_jax.methods import lora
-  from persona_jax.train.optim import OptimConfig, make_optimizer
-  from persona_jax.train.state import init_state
-  frozen = {"unet": unet_params}
-  method = lora.make(lora.LoRAConfig(rank=LORA_RANK, targets=("attn",)), frozen,
-                     unet_config=unet.config)
-  trainable = method.init_trainable(jax.random.PRNGKey(0), frozen)
-  tx, _ = make_optimizer(OptimConfig(lr=1e-4, clip_grad_norm=1.0), trainable, total_steps=10,
-                         batch_size=latents.shape[0])
-  step = _jitted_train_step(method, unet, None, tx)
-  batch = {"latent_mean": latents, "latent_logvar": jnp.full(latents.shape, -30.0), "context": ctx}
-  carry = [init_state(trainable, tx, seed=0)]
-
-  def run():
-    carry[0], metrics = step(carry[0], frozen, batch)
-    jax.block_until_ready(metrics["loss"])
-  return run
-
-
-def _jax_cd_step(config, unet_params, latents, ctx):
-  """Our Custom Diffusion step: the real train_step with the method (attn2 K/V, BOS detached)."""
+def _adapter_parts(case, config, unet_params, batch_size: int, latent: int, context_len: int):
+  """(jitted step, state, frozen, batch) of our LoRA (rank 4 on the attention projections) or
+  Custom Diffusion (attn2 K/V, BOS detached, no modifier token) step: the real train_step and
+  method, cached latents and contexts. Works on arrays or on ShapeDtypeStructs (memory plans)."""
   import jax
   import jax.numpy as jnp
 
   from persona_jax import tree
   from persona_jax.methods import custom_diffusion as cd
+  from persona_jax.methods import lora
   from persona_jax.models.unet import UNet2DConditionModel
   from persona_jax.train.optim import OptimConfig, make_optimizer
   from persona_jax.train.state import init_state
-  method = cd.make(cd.CustomDiffusionConfig(modifier_tokens=(), initializer_tokens=()),
-                   {"unet": unet_params, "text_encoder": _BENCH_TEXT_TABLE})
-  trainable, frozen = tree.split({"unet": unet_params}, method.select)
+  base = {"unet": unet_params}
+  if case == "lora_train":
+    method = lora.make(lora.LoRAConfig(rank=LORA_RANK, targets=("attn",)), base, unet_config=config)
+    trainable, frozen, lr = method.init_trainable(jax.random.PRNGKey(0), base), base, 1e-4
+  else:
+    method = cd.make(cd.CustomDiffusionConfig(modifier_tokens=(), initializer_tokens=()),
+                     dict(base, text_encoder=_BENCH_TEXT_TABLE))
+    (trainable, frozen), lr = tree.split(base, method.select), 1e-5
   unet = UNet2DConditionModel(dataclasses.replace(config, **dict(method.unet_options)))
-  tx, _ = make_optimizer(OptimConfig(lr=1e-5, clip_grad_norm=1.0), trainable, total_steps=10,
-                         batch_size=latents.shape[0])
+  abstract = isinstance(jax.tree.leaves(unet_params)[0], jax.ShapeDtypeStruct)
+  if abstract:          # the plan needs only shapes; the trainable leaves are small or copied
+    trainable = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), trainable)
+  tx, _ = make_optimizer(OptimConfig(lr=lr, clip_grad_norm=1.0), trainable, total_steps=10,
+                         batch_size=batch_size)
   step = _jitted_train_step(method, unet, None, tx)
-  batch = {"latent_mean": latents, "latent_logvar": jnp.full(latents.shape, -30.0), "context": ctx}
-  carry = [init_state(trainable, tx, seed=0)]
+  state = init_state(trainable, tx, seed=0)
+  shapes = {"latent_mean": (batch_size, latent, latent, 4), "latent_logvar": (batch_size, latent, latent, 4),
+            "context": (batch_size, context_len, config.cross_attention_dims[0])}
+  if abstract:
+    batch = {k: jax.ShapeDtypeStruct(v, jnp.float32) for k, v in shapes.items()}
+  else:
+    rng = np.random.default_rng(1)
+    batch = {k: jnp.asarray(rng.standard_normal(v), jnp.float32) for k, v in shapes.items()}
+    batch["latent_logvar"] = jnp.full(shapes["latent_logvar"], -30.0)
+  return step, state, frozen, batch
+
+
+def _jax_adapter_step(case, config, unet_params, latents, ctx):
+  """Our LoRA or Custom Diffusion step, timed (compiled ahead of time in the first call, so the
+  result also carries XLA's memory plan)."""
+  import jax
+  step, state, frozen, batch = _adapter_parts(case, config, unet_params, latents.shape[0],
+                                              latents.shape[1], ctx.shape[1])
+  batch = dict(batch, latent_mean=latents, context=ctx)
+  carry, compiled = [state], []
 
   def run():
-    carry[0], metrics = step(carry[0], frozen, batch)
+    if not compiled:
+      compiled.append(step.lower(carry[0], frozen, batch).compile())
+      run.xla_memory = xla_memory_mb(compiled[0])
+    carry[0], metrics = compiled[0](carry[0], frozen, batch)
     jax.block_until_ready(metrics["loss"])
   return run
 

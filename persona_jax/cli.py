@@ -126,9 +126,11 @@ def _bench(args) -> int:
 
   from persona_jax.benchmark import DEFAULT_CASES
 
-  from persona_jax.benchmark import DB_VARIANTS, bench, memory_plan
+  from persona_jax.benchmark import ADAPTER_CASES, DB_VARIANTS, bench, memory_plan
   if args.memory_plan:
-    cases = [c for c in args.cases if c in DB_VARIANTS] if args.cases != list(DEFAULT_CASES) else DB_VARIANTS
+    plannable = DB_VARIANTS + ADAPTER_CASES
+    cases = ([c for c in args.cases if c in plannable] if args.cases != list(DEFAULT_CASES)
+             else plannable)
     result = memory_plan(args.preset, cases, batch_size=args.memory_plan_batch)
     if args.json:
       args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -233,8 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
                  help=f"do not set GLIBC_TUNABLES={MALLOC_TUNABLE} for the workers")
   p.add_argument("--json", type=Path, default=None, help="also write the full results here")
   p.add_argument("--memory-plan", action="store_true",
-                 help="only compile the DreamBooth step per memory option from shapes (no weights) "
-                      "and print XLA's buffer plan; works for --preset sd15 on a laptop")
+                 help="only compile the DreamBooth step per memory option, and the LoRA and Custom "
+                      "Diffusion steps, from shapes (no weights) and print XLA's buffer plans; "
+                      "works for --preset sd15 on a laptop")
   p.add_argument("--memory-plan-batch", type=int, default=2,
                  help="rows per step for --memory-plan (instance + class)")
   p.set_defaults(func=_bench)
