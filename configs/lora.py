@@ -10,6 +10,11 @@ encoder's) weights, trained on a few images of a subject.
     diffusers' train_dreambooth_lora.py recipe: rank 4, alpha 4, lr 1e-4, 500 steps, batch 1,
     "a photo of sks toy". Per-block ranks: --config.method.block_ranks='{"IN01": 8, "OUT11": 0}'
     (block names IN00..OUT11, MID, BASE; rank 0 skips a block); LoCon: --config.method.conv_rank=4.
+  persona-jax train --config lora:blocks=MIDD --workdir runs/lora ...
+    The same recipe with factors only in the blocks of one of sd-webui-lora-block-weight's
+    17-block presets (ALL, INS, IND, INALL, MIDD, OUTD, OUTS, OUTALL; methods.md 4.2), i.e.
+    block-wise LoRA; in any config: --config.method.blocks=MIDD, or 17 / 26 numbers
+    ("1,0,0,...": 0 skips a block). SD 1.x/2.x block layout.
 
 Writes WORKDIR/lora.safetensors (the factors by param path; diffusers/kohya exports come with
 the export work).
@@ -20,11 +25,14 @@ from ml_collections import ConfigDict
 
 def get_config(arg=None):
   tiny = arg == "tiny"
+  blocks = arg.split("=", 1)[1] if arg and arg.startswith("blocks=") else ""
+  if arg and not tiny and not blocks:
+    raise ValueError(f"lora config variant '{arg}': use 'tiny' or 'blocks=PRESET' (e.g. MIDD)")
   c = ConfigDict()
   c.model = "default" if tiny else "/path/to/stable-diffusion-v1-5"
   # One uniform rank in the tiny variant: block names depend on the UNet's shape.
   c.method = ConfigDict(dict(name="lora", rank=4, alpha=0.0, conv_rank=0, conv_alpha=0.0,
-                             text_encoder=False, block_ranks={}, block_alphas={},
+                             text_encoder=False, block_ranks={}, block_alphas={}, blocks=blocks,
                              targets=("attn", "ff", "proj")))
   c.data = ConfigDict(dict(instance_dir="" if tiny else "/path/to/images", caption_source="prompt",
                            prompt="a photo of sks toy", templates="object",

@@ -53,8 +53,13 @@ class LoRAConfig:
   conv_rank: int = 0                 # LoCon on resnet and sampler convs; 0: off
   conv_alpha: float = 0.0            # 0: alpha = conv_rank
   text_encoder: bool = False         # LoRA on the text encoder too (block BASE)
-  block_ranks: Mapping = dataclasses.field(default_factory=dict)   # {block: rank}; 0 skips it
-  block_alphas: Mapping = dataclasses.field(default_factory=dict)  # {block: alpha}
+  # Per block: {block: value}, or 26 / 17 values in the preset's order (BASE, IN00.., MID, OUT..;
+  # or BASE and the attention blocks). Rank 0 skips a block.
+  block_ranks: Mapping | tuple = dataclasses.field(default_factory=dict)
+  block_alphas: Mapping | tuple = dataclasses.field(default_factory=dict)
+  # Blocks that get factors: "" all; a lora-block-weight preset (ALL, INS, IND, INALL, MIDD,
+  # OUTD, OUTS, OUTALL) or 17 / 26 numbers in the preset order, 0 skipping a block (SD 1.x names).
+  blocks: str = ""
   targets: tuple = ("attn", "ff", "proj")   # transformer linears: attention q/k/v/out, ff, proj
 
 
@@ -74,15 +79,25 @@ class Target:
     return f"{LORA}/{self.kernel.rsplit('/', 1)[0]}"
 
 
+def _per_block(values, unet_config: UNetConfig, field: str) -> dict:
+  """{block: value} for the blocks given: a {name: value} mapping, or one value per block of the
+  26 or 17 preset in its order (kohya's block_dims with BASE first; the lbw extension's order)."""
+  if not values:
+    return {}
+  given = block_names.per_block(dict(values) if isinstance(values, Mapping) else tuple(values),
+                                unet_config, field)
+  return {b: v for b, v in given.items() if v is not None}
+
+
 def targets(config: LoRAConfig, base_params, unet_config: UNetConfig) -> tuple[Target, ...]:
   """The kernels that get factors, with their rank and scale (blocks resolved)."""
   for name, value in (("rank", config.rank), ("conv_rank", config.conv_rank)):
     if value < 0:
       raise ConfigError(f"method.{name} must be >= 0, got {value}")
-  ranks = {block_names.canonical(b, unet_config, "method.block_ranks"): int(r)
-           for b, r in dict(config.block_ranks).items()}
-  alphas = {block_names.canonical(b, unet_config, "method.block_alphas"): float(a)
-            for b, a in dict(config.block_alphas).items()}
+  ranks = {b: int(r) for b, r in _per_block(config.block_ranks, unet_config, "method.block_ranks").items()}
+  alphas = {b: float(a) for b, a in _per_block(config.block_alphas, unet_config, "method.block_alphas").items()}
+  enabled = (None if not config.blocks else
+             {b for b, v in block_names.block_values(config.blocks, unet_config, "method.blocks").items() if v})
   unknown = sorted(set(config.targets) - set(LINEAR_TARGETS))
   if unknown:
     raise ConfigError(f"method.targets: '{unknown[0]}' is not one of {', '.join(LINEAR_TARGETS)}")
@@ -97,7 +112,7 @@ def targets(config: LoRAConfig, base_params, unet_config: UNetConfig) -> tuple[T
       continue
     block = block_names.param_block(path, unet_config)
     rank = ranks.get(block, rank)
-    if rank <= 0:
+    if rank <= 0 or (enabled is not None and block not in enabled):
       continue
     alpha = alphas.get(block, alpha) or rank
     out.append(Target(path, tuple(leaf.shape), rank, float(alpha)))

@@ -31,15 +31,18 @@ from persona_jax.models.configs import UNetConfig
 
 
 def block_weights(spec: str, unet_config: UNetConfig, field: str = "blocks") -> np.ndarray:
-  """Per-block weights from a user string, over `all_blocks(unet_config)`. Two forms:
-  `IN01=0,OUT03=0.5,MID=1` (names as `block_names.canonical`; blocks not named get 1), or one
+  """Per-block weights from a user string, over `all_blocks(unet_config)`. Three forms:
+  `IN01=0,OUT03=0.5,MID=1` (names as `block_names.canonical`; blocks not named get 1), one
   number per block of the 26 or 17 preset in its order (`1,0,0,...`; blocks outside the 17 get 1,
-  as in the extension).
+  as in the extension), or a named preset of the extension (`MIDD`, `OUTALL`, ...).
 
   Returns:
     [n_blocks] float32.
   """
   blocks = block_names.all_blocks(unet_config)
+  if spec.strip().upper() in block_names.LBW_PRESETS:
+    values = block_names.block_values(spec, unet_config, field)
+    return np.asarray([values[b] for b in blocks], np.float32)
   entries = [e.strip() for e in spec.split(",")]
   out = dict.fromkeys(blocks, 1.0)
 

@@ -92,6 +92,35 @@ def attention_blocks(config: UNetConfig) -> tuple[str, ...]:
 
 PRESETS = {"26": all_blocks, "17": attention_blocks}
 
+# sd-webui-lora-block-weight's named presets (methods.md 4.2), values in the 17-block order
+# (BASE, IN01, IN02, IN04, IN05, IN07, IN08, MID, OUT03..OUT11 on SD 1.x).
+LBW_PRESETS = {
+    "ALL": (1,) * 17,
+    "INS": (1, 1, 1, 1) + (0,) * 13,
+    "IND": (1, 0, 0, 0, 1, 1, 1) + (0,) * 10,
+    "INALL": (1,) * 7 + (0,) * 10,
+    "MIDD": (1, 0, 0, 0) + (1,) * 8 + (0,) * 5,
+    "OUTD": (1,) + (0,) * 7 + (1,) * 4 + (0,) * 5,
+    "OUTS": (1,) + (0,) * 11 + (1,) * 5,
+    "OUTALL": (1,) + (0,) * 7 + (1,) * 9,
+}
+
+
+def block_values(spec: str, config: UNetConfig, field: str, default: float = 1.0) -> dict[str, float]:
+  """{block: value} for every block from a named preset (LBW_PRESETS) or 17 / 26 comma-separated
+  numbers in the preset's order; blocks outside a 17-value list get `default`."""
+  text = spec.strip()
+  if text.upper() in LBW_PRESETS:
+    values = LBW_PRESETS[text.upper()]
+  else:
+    try:
+      values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+      raise ConfigError(f"{field}: '{spec}' is neither a preset ({', '.join(LBW_PRESETS)}) nor "
+                        "17 or 26 comma-separated numbers") from None
+  return {b: float(default if v is None else v)
+          for b, v in per_block(values, config, field).items()}
+
 
 def preset(name: str, config: UNetConfig) -> tuple[str, ...]:
   if name not in PRESETS:

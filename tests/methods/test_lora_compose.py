@@ -151,6 +151,7 @@ def test_block_weight_strings():
   w = dict(zip(blocks, block_weights("1,0,0,0,0,0,0,0,1,1,1,1,0,0,0,0,0", sd15)))
   assert [b for b, v in w.items() if v == 0] == ["IN01", "IN02", "IN04", "IN05", "IN07", "IN08",
                                                  "MID", "OUT07", "OUT08", "OUT09", "OUT10", "OUT11"]
+  np.testing.assert_array_equal(block_weights("outd", sd15), list(w.values()))   # by name
   values = [i / 10 for i in range(26)]
   np.testing.assert_allclose(block_weights(",".join(map(str, values)), sd15), values, rtol=1e-6)
 

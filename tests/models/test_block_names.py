@@ -85,3 +85,36 @@ def test_per_block_values():
     bn.per_block(range(5), SD1, "weights")
   with pytest.raises(ConfigError, match="block 'OUT12' does not exist"):
     bn.per_block({"OUT12": 1}, SD1, "ranks")
+
+
+@pytest.mark.parametrize("preset, blocks", [
+    ("MIDD", {"IN05", "IN07", "IN08", "MID", "OUT03", "OUT04", "OUT05", "OUT06"}),
+    ("OUTALL", {"OUT03", "OUT04", "OUT05", "OUT06", "OUT07", "OUT08", "OUT09", "OUT10", "OUT11"}),
+])
+def test_lora_block_preset_configs_select_their_blocks(preset, blocks):
+  """`--config lora:blocks=PRESET` trains factors only in the preset's blocks on SD 1.x."""
+  import importlib.resources
+  import importlib.util
+
+  from persona_jax.methods import lora
+  from persona_jax.train.config import run_config
+  path = importlib.resources.files("persona_jax.configs") / "lora.py"
+  spec = importlib.util.spec_from_file_location("lora_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  options = run_config(module.get_config(f"blocks={preset.lower()}")).method_options
+  base = {"unet": abstract_params("unet", SD1)}
+  chosen = lora.targets(lora.LoRAConfig(**dict(options, rank=8)), base, SD1)
+  assert {bn.param_block(t.kernel, SD1) for t in chosen} == blocks
+  assert {t.rank for t in chosen} == {8}
+  # The same blocks as 17 numbers; kohya-style per-block ranks as 26 values.
+  numbers = ",".join(str(v) for v in bn.LBW_PRESETS[preset])
+  again = lora.targets(lora.LoRAConfig(blocks=numbers), base, SD1)
+  assert [t.kernel for t in again] == [t.kernel for t in chosen]
+  ranks = (0,) * 8 + (2,) + (0,) * 17                     # IN07 only, rank 2
+  only = lora.targets(lora.LoRAConfig(block_ranks=ranks), base, SD1)
+  assert {bn.param_block(t.kernel, SD1) for t in only} == {"IN07"} and {t.rank for t in only} == {2}
+  with pytest.raises(ConfigError, match="method.block_ranks: 3 values"):
+    lora.targets(lora.LoRAConfig(block_ranks=(1, 2, 3)), base, SD1)
+  with pytest.raises(ConfigError, match="method.blocks: 'MIDDLE' is neither a preset"):
+    lora.targets(lora.LoRAConfig(blocks="MIDDLE"), base, SD1)
