@@ -1,0 +1,1 @@
+"""The toy world: scenes (the image generator), and later its models and metrics."""

@@ -1,0 +1,262 @@
+"""The toy world: a deterministic, seeded generator of small RGB images with plain-English captions.
+
+A scene is one object (a class, a colour, a pattern with a second colour, a size, a position)
+on a background (a named colour or a simple texture), e.g. "a photo of a small red and white
+striped ball on the left on a blue background". Images are rendered 4x supersampled and
+box-filtered, so edges are anti-aliased.
+
+A *subject* is a specific instance: a class with a (pattern, colour, pattern colour) look that
+pre-training never shows (`HELD_OUT_LOOKS`), so personalizing it teaches a new concept while
+"a photo of a ball" keeps a real class prior. Splits:
+  "train"  scenes whose look is not held out (pre-training, the metric encoder's training set)
+  "test"   held-out scenes of the same distribution (other seeds) for the metric encoder
+Scene k of a split with seed s is the same on every machine: its generator is seeded with
+(s, split, k) and nothing else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+
+import numpy as np
+
+CLASSES = ("ball", "box", "flower", "star", "ring", "heart")
+COLOURS = {
+    "red": (214, 39, 40), "orange": (245, 130, 32), "yellow": (240, 214, 36),
+    "green": (44, 160, 64), "blue": (40, 82, 214), "purple": (132, 58, 186),
+    "pink": (240, 128, 184), "white": (242, 242, 242), "black": (24, 24, 24),
+    "brown": (128, 80, 40), "gray": (128, 128, 128),
+}
+PATTERNS = ("plain", "striped", "dotted", "checked")
+SIZES = {"small": 0.16, "medium": 0.22, "large": 0.29}          # radius / image side
+POSITIONS = {"left": 0.33, "center": 0.5, "right": 0.67}            # x of the centre / image side
+BG_COLOURS = ("white", "black", "gray", "blue", "green", "red", "yellow", "pink", "brown",
+              "purple", "orange")
+TEXTURES = {"grass": ((52, 140, 48), (96, 188, 72)), "sand": ((214, 190, 140), (236, 216, 170)),
+            "brick": ((150, 60, 44), (200, 190, 180)), "water": ((30, 90, 170), (90, 160, 220))}
+BACKGROUNDS = BG_COLOURS + tuple(TEXTURES)
+SUPERSAMPLE = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class Look:
+  """What makes an instance itself: colour, pattern and the pattern's second colour."""
+  colour: str
+  pattern: str = "plain"
+  pattern_colour: str | None = None     # None for plain
+
+
+@dataclasses.dataclass(frozen=True)
+class Scene:
+  cls: str
+  look: Look
+  size: str
+  position: str
+  background: str
+  dx: float = 0.0                       # jitter of the centre, image-side units
+  dy: float = 0.0
+  angle: float = 0.0                    # rotation of the shape and its pattern, radians
+
+
+def all_looks() -> list[Look]:
+  plain = [Look(c) for c in COLOURS]
+  patterned = [Look(c, p, q) for p in PATTERNS[1:] for c in COLOURS for q in COLOURS if q != c]
+  return plain + patterned
+
+
+def _stable_hash(text: str) -> int:
+  return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
+
+
+# One patterned look in ten is never shown in pre-training: subjects are drawn from these.
+HELD_OUT_LOOKS = frozenset(l for l in all_looks()
+                           if l.pattern != "plain" and _stable_hash(repr(l)) % 10 == 0)
+
+
+_TRAIN_PATTERNED = tuple(l for l in all_looks() if l.pattern != "plain" and l not in HELD_OUT_LOOKS)
+
+
+@dataclasses.dataclass(frozen=True)
+class Subject:
+  """A specific instance: a class with a held-out look."""
+  cls: str
+  look: Look
+
+  @property
+  def words(self) -> str:
+    """The subject's description without the identifier, e.g. 'blue and yellow striped ball'."""
+    return f"{describe_look(self.look)} {self.cls}"
+
+
+def subjects() -> list[Subject]:
+  """Every (class, held-out look) pair, in a fixed order."""
+  return [Subject(c, l) for c in CLASSES for l in sorted(HELD_OUT_LOOKS, key=repr)]
+
+
+def describe_look(look: Look) -> str:
+  if look.pattern == "plain":
+    return look.colour
+  return f"{look.colour} and {look.pattern_colour} {look.pattern}"
+
+
+def _rng(seed: int, *key) -> np.random.Generator:
+  return np.random.default_rng([seed & 0xFFFFFFFF] + [_stable_hash(str(k)) & 0xFFFFFFFF for k in key])
+
+
+def _layout(rng: np.random.Generator, cls: str, look: Look, backgrounds=BACKGROUNDS) -> Scene:
+  """Size, position, background (never the object's colour) and jitter for an object."""
+  taken = {look.colour, look.pattern_colour}
+  options = [b for b in backgrounds if b not in taken]
+  return Scene(cls, look, str(rng.choice(list(SIZES))), str(rng.choice(list(POSITIONS))),
+               str(rng.choice(options)), dx=float(rng.uniform(-0.04, 0.04)),
+               dy=float(rng.uniform(-0.12, 0.12)), angle=float(rng.uniform(0, 2 * np.pi)))
+
+
+def sample_scene(seed: int, split: str, index: int) -> Scene:
+  """Scene `index` of a split ("train" or "test"): any class, a look that is not held out."""
+  if split not in ("train", "test"):
+    raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+  rng = _rng(seed, split, index)
+  # Half the scenes are plain: colours, classes and backgrounds are learned before patterns.
+  if rng.random() < 0.5:
+    look = Look(str(rng.choice(list(COLOURS))))
+  else:
+    look = _TRAIN_PATTERNED[int(rng.integers(len(_TRAIN_PATTERNED)))]
+  return _layout(rng, str(rng.choice(CLASSES)), look)
+
+
+def subject_scenes(subject: Subject, n: int, seed: int = 0, backgrounds=None) -> list[Scene]:
+  """`n` reference scenes of a subject (varied size, position and background; by default
+  backgrounds from the first half of BACKGROUNDS, so the rest stay unseen for
+  recontextualization prompts)."""
+  backgrounds = backgrounds or reference_backgrounds()
+  return [_layout(_rng(seed, "subject", repr(subject), k), subject.cls, subject.look, backgrounds)
+          for k in range(n)]
+
+
+def reference_backgrounds() -> tuple[str, ...]:
+  """The backgrounds a subject's reference images use; the others are for new contexts."""
+  return BG_COLOURS[: len(BG_COLOURS) // 2 + 1]
+
+
+def caption(scene: Scene, rng: np.random.Generator | None = None, *, identifier: str = "") -> str:
+  """The caption of a scene. With `rng`, optional parts are dropped at random (pre-training
+  captions: colour and pattern dropped 10% of the time, so "a photo of a ball" means any ball;
+  size and position half the time; the background 20%); without, every part is said.
+  `identifier` (e.g. "sks") goes before the class word."""
+  keep = (lambda p: True) if rng is None else (lambda p: rng.random() < p)
+  words = ["a photo of a"]
+  if keep(0.5):
+    words.append(scene.size)
+  if keep(0.9):
+    words.append(describe_look(scene.look))
+  if identifier:
+    words.append(identifier)
+  words.append(scene.cls)
+  if keep(0.5):
+    words.append({"left": "on the left", "center": "in the center", "right": "on the right"}[scene.position])
+  if keep(0.8):
+    words.append(background_phrase(scene.background))
+  return " ".join(words)
+
+
+def background_phrase(background: str) -> str:
+  return f"on {background}" if background in TEXTURES else f"on a {background} background"
+
+
+def render(scene: Scene, size: int = 32) -> np.ndarray:
+  """The scene as uint8 [size, size, 3] (rendered at 4x and box-filtered)."""
+  s = size * SUPERSAMPLE
+  yy, xx = (np.mgrid[0:s, 0:s] + 0.5) / s                          # [s, s] in (0, 1)
+  rng = np.random.default_rng(_stable_hash(repr(scene)) & 0xFFFFFFFF)   # texture noise
+  image = _background(scene.background, xx, yy, rng)
+  cx, cy = POSITIONS[scene.position] + scene.dx, 0.5 + scene.dy
+  r = SIZES[scene.size]
+  # Object-centred, rotated coordinates in units of the radius.
+  u, v = (xx - cx) / r, (yy - cy) / r
+  c, si = np.cos(scene.angle), np.sin(scene.angle)
+  u, v = c * u + si * v, -si * u + c * v
+  mask = _shape(scene.cls, u, v)
+  colour = np.asarray(COLOURS[scene.look.colour], np.float32)
+  fill = np.broadcast_to(colour, image.shape).copy()
+  if scene.look.pattern != "plain":
+    second = np.asarray(COLOURS[scene.look.pattern_colour], np.float32)
+    fill[_pattern(scene.look.pattern, u, v)] = second
+  image = np.where(mask[..., None], fill, image)
+  return image.reshape(size, SUPERSAMPLE, size, SUPERSAMPLE, 3).mean(axis=(1, 3)).round().astype(np.uint8)
+
+
+def _background(name: str, xx, yy, rng) -> np.ndarray:
+  s = xx.shape[0]
+  if name in COLOURS:
+    return np.broadcast_to(np.asarray(COLOURS[name], np.float32), (s, s, 3)).copy()
+  a, b = (np.asarray(c, np.float32) for c in TEXTURES[name])
+  if name == "brick":
+    row = np.floor(yy * 8)
+    shift = (row % 2) * 0.125
+    mortar = ((yy * 8) % 1 < 0.12) | (((xx + shift) * 4) % 1 < 0.06)
+    return np.where(mortar[..., None], b, a)
+  if name == "water":
+    t = 0.5 + 0.5 * np.sin(2 * np.pi * (6 * yy + 0.6 * np.sin(2 * np.pi * 3 * xx)))
+    return a + (b - a) * t[..., None]
+  # grass, sand: speckle noise at 1/4 resolution
+  noise = rng.random((s // 4, s // 4)).repeat(4, 0).repeat(4, 1)
+  return a + (b - a) * noise[..., None]
+
+
+def _shape(cls: str, u, v) -> np.ndarray:
+  """Mask of a class in object coordinates (radius 1)."""
+  rho, theta = np.hypot(u, v), np.arctan2(v, u)
+  if cls == "ball":
+    return rho < 1.0
+  if cls == "box":
+    return (np.abs(u) < 0.82) & (np.abs(v) < 0.82)
+  if cls == "flower":
+    return rho < 0.55 + 0.45 * np.abs(np.cos(2.5 * theta))
+  if cls == "star":
+    spikes = np.abs(((theta * 5 / (2 * np.pi)) % 1) - 0.5) * 2    # 0 at a point, 1 between
+    return rho < 1.0 - 0.55 * spikes
+  if cls == "ring":
+    return (rho < 1.0) & (rho > 0.55)
+  if cls == "heart":
+    x, y = u * 1.15, -v * 1.15 + 0.25
+    return (x * x + y * y - 1) ** 3 - x * x * y ** 3 < 0
+  raise ValueError(f"unknown class {cls!r}")
+
+
+def _pattern(name: str, u, v) -> np.ndarray:
+  """Where the pattern's second colour goes, in object coordinates."""
+  if name == "striped":
+    return (u * 2.5) % 1 < 0.5
+  if name == "dotted":
+    gu, gv = (u * 2.2) % 1 - 0.5, (v * 2.2) % 1 - 0.5
+    return gu * gu + gv * gv < 0.09
+  if name == "checked":
+    return ((np.floor(u * 2.5) + np.floor(v * 2.5)) % 2) == 0
+  raise ValueError(f"unknown pattern {name!r}")
+
+
+def scene_attributes(scene: Scene) -> dict[str, str]:
+  """The attributes a metric encoder predicts: class, colour, pattern, pattern colour, background."""
+  return {"class": scene.cls, "colour": scene.look.colour, "pattern": scene.look.pattern,
+          "pattern_colour": scene.look.pattern_colour or "none", "background": scene.background}
+
+
+ATTRIBUTES = {"class": CLASSES, "colour": tuple(COLOURS), "pattern": PATTERNS,
+              "pattern_colour": ("none",) + tuple(COLOURS), "background": BACKGROUNDS}
+
+
+def batch(seed: int, split: str, start: int, n: int, size: int = 32, captions: bool = True):
+  """Scenes start..start+n-1 of a split: (uint8 [n, size, size, 3], captions, scenes)."""
+  scenes = [sample_scene(seed, split, k) for k in range(start, start + n)]
+  images = np.stack([render(sc, size) for sc in scenes])
+  texts = [caption(sc, _rng(seed, split, k, "caption")) for k, sc in zip(range(start, start + n), scenes)] \
+      if captions else []
+  return images, texts, scenes
+
+
+__all__ = ["CLASSES", "COLOURS", "PATTERNS", "SIZES", "POSITIONS", "BACKGROUNDS", "TEXTURES",
+           "ATTRIBUTES", "HELD_OUT_LOOKS", "Look", "Scene", "Subject", "all_looks", "subjects",
+           "sample_scene", "subject_scenes", "reference_backgrounds", "caption", "render",
+           "scene_attributes", "describe_look", "background_phrase", "batch"]
