@@ -10,7 +10,8 @@ Name rules (reference/formats.md 2.5):
   * a path segment `name_N` of a list container (`down_blocks_0`, `resnets_1`, `to_out_0`,
     `net_2`, `layers_11`, ...) is `name.N` in PyTorch; other names (`linear_1`) stay;
   * leaves: Dense `kernel` (in, out) <-> `weight` (out, in), transposed; Conv `kernel`
-    (kh, kw, in, out) <-> `weight` (out, in, kh, kw); norm `scale` and `embedding` <-> `weight`.
+    (kh, kw, in, out) <-> `weight` (out, in, kh, kw); norm `scale` and `embedding` <-> `weight`;
+    a bare parameter keeps its name (CLIP vision's `embeddings/class_embedding`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ LIST_CONTAINERS = frozenset({
     "upsamplers", "to_out", "net", "layers",
 })
 _LIST_SEGMENT = re.compile(r"^(.*)_(\d+)$")
+_WEIGHT_LEAVES = frozenset({"kernel", "scale", "embedding"})     # `bias` and bare params keep names
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +56,7 @@ def torch_name(path: tuple[str, ...]) -> str:
   for seg in path[:-1]:
     m = _LIST_SEGMENT.match(seg)
     parts.append(f"{m[1]}.{m[2]}" if m and m[1] in LIST_CONTAINERS else seg)
-  parts.append("bias" if path[-1] == "bias" else "weight")
+  parts.append("weight" if path[-1] in _WEIGHT_LEAVES else path[-1])
   return ".".join(parts)
 
 
@@ -158,7 +160,19 @@ def text_encoder_adapt(key, w, table):
 
 
 def text_encoder_ignore(key: str) -> bool:
+  """The `position_ids` buffer older transformers saved (CLIP text and vision)."""
   return key.endswith("embeddings.position_ids")
+
+
+VISION_MODEL_PREFIX = "vision_model."
+VISUAL_PROJECTION = "visual_projection."
+
+
+def image_encoder_adapt(key, w, table):
+  """Adds `vision_model.` to the tower's keys when missing (transformers 5's CLIPVisionModel)."""
+  if key.startswith((VISION_MODEL_PREFIX, VISUAL_PROJECTION)):
+    return None
+  return VISION_MODEL_PREFIX + key, w
 
 
 _OLD_VAE_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}

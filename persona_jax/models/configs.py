@@ -297,6 +297,57 @@ class TextEncoderConfig:
 
 
 # ----------------------------------------------------------------------------------------------
+# CLIP vision encoder
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIPVisionConfig:
+  """transformers `CLIPVisionConfig` (the fields that shape the network).
+
+  `with_projection` is not in config.json: the loader sets it when the weights hold
+  `visual_projection` (CLIPVisionModelWithProjection).
+  """
+  hidden_size: int = 768
+  intermediate_size: int = 3072
+  projection_dim: int = 512
+  num_hidden_layers: int = 12
+  num_attention_heads: int = 12
+  num_channels: int = 3
+  image_size: int = 224
+  patch_size: int = 32
+  hidden_act: str = "quick_gelu"
+  layer_norm_eps: float = 1e-5
+  with_projection: bool = dataclasses.field(default=False, metadata=_RUNTIME)
+  dtype: Any = dataclasses.field(default=jnp.float32, metadata=_RUNTIME)
+  param_dtype: Any = dataclasses.field(default=jnp.float32, metadata=_RUNTIME)
+  attention: str = dataclasses.field(default="auto", metadata=_RUNTIME)
+
+  @classmethod
+  def from_dict(cls, raw, source="image_encoder/config.json") -> "CLIPVisionConfig":
+    model_type = raw.get("model_type", "clip_vision_model") if isinstance(raw, Mapping) else None
+    if model_type not in (None, "clip_vision_model"):
+      raise ConfigError(f"{source}: model_type '{model_type}' is not a CLIP vision model "
+                        "(persona_jax reads CLIPVisionModel / CLIPVisionModelWithProjection folders)")
+    return read_config(cls, raw, source=source, ignored=TRANSFORMERS_GENERIC_KEYS,
+                       unsupported={"dropout": 0.0, "attention_dropout": 0.0})
+
+  def validate(self, source: str) -> None:
+    if self.hidden_act not in CLIP_ACTIVATIONS:
+      raise ConfigError(f"{source}: hidden_act '{self.hidden_act}' is not supported "
+                        f"({', '.join(CLIP_ACTIVATIONS)})")
+    if self.hidden_size % self.num_attention_heads:
+      raise ConfigError(f"{source}: hidden_size {self.hidden_size} is not divisible by "
+                        f"num_attention_heads {self.num_attention_heads}")
+    if not 0 < self.patch_size <= self.image_size:
+      raise ConfigError(f"{source}: patch_size {self.patch_size} does not fit image_size "
+                        f"{self.image_size}")
+
+  @property
+  def num_patches(self) -> int:
+    return (self.image_size // self.patch_size) ** 2
+
+
+# ----------------------------------------------------------------------------------------------
 # AutoencoderKL
 
 
