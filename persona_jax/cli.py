@@ -114,6 +114,19 @@ def _merge(args) -> int:
   return 0
 
 
+def _make_toy_model(args) -> int:
+  from persona_jax.world.toy_model import VAETraining, build_base, pretrain
+  vae = VAETraining(steps=args.vae_steps)
+  if args.stop_after_init:
+    print(build_base(args.workdir, num_images=args.images, vae=vae))
+    return 0
+  result = pretrain(args.workdir, num_images=args.images, vae=vae, unet_steps=args.unet_steps,
+                    batch_size=args.batch_size)
+  for path in result["outputs"] + ([result["samples"]] if result["samples"] else []):
+    print(path)
+  return 0
+
+
 def _verify(args) -> int:
   from persona_jax.verify import verify
   ok = verify(args.model, tolerance=args.tolerance, variant=args.variant,
@@ -252,6 +265,18 @@ def build_parser() -> argparse.ArgumentParser:
                  help="regularization captions, one per line (default: 200 generic captions "
                       "shipped with persona_jax; the paper uses 200 LAION captions)")
   p.set_defaults(func=_merge)
+
+  p = sub.add_parser("make-toy-model",
+                     help="pre-train the toy-world base model from scratch (resumable; hours on CPU)")
+  p.add_argument("--workdir", required=True, type=Path,
+                 help="stages go to WORKDIR/{world,vae,init,unet}; the same command resumes")
+  p.add_argument("--images", type=int, default=20000, help="rendered training scenes")
+  p.add_argument("--vae-steps", type=int, default=3000)
+  p.add_argument("--unet-steps", type=int, default=None, help="default: configs/toy_pretrain.py's")
+  p.add_argument("--batch-size", type=int, default=None, help="default: configs/toy_pretrain.py's")
+  p.add_argument("--stop-after-init", action="store_true",
+                 help="only the scene folder, the VAE and the initial pipeline")
+  p.set_defaults(func=_make_toy_model)
 
   p = sub.add_parser("verify", help="compare persona_jax with diffusers/transformers on a model folder")
   p.add_argument("model", type=Path, help="a diffusers folder (model_index.json, unet/, ...)")

@@ -115,22 +115,30 @@ def parse_configs(raw: dict, *, dtype=jnp.float32, attention: str = "auto", root
   )
 
 
-def abstract_params(name: str, config) -> Any:
-  """The param tree of a component as shapes only (`jax.eval_shape`: nothing is initialized)."""
-  rng = jax.random.key(0)
+def _component(name: str, config):
+  """(module, example inputs) of a component, for creating its params."""
   if name == "unet":
     f = config.downsample_factor
-    args = (jnp.zeros((1, f, f, config.in_channels)), jnp.zeros((1,)),
-            jnp.zeros((1, 1, config.cross_attention_dims[0])))
-    model = UNet2DConditionModel(config)
-  elif name == "text_encoder":
-    args, model = (jnp.zeros((1, 1), jnp.int32),), CLIPTextModel(config)
-  elif name == "vae":
+    return UNet2DConditionModel(config), (jnp.zeros((1, f, f, config.in_channels)), jnp.zeros((1,)),
+                                          jnp.zeros((1, 1, config.cross_attention_dims[0])))
+  if name == "text_encoder":
+    return CLIPTextModel(config), (jnp.zeros((1, 1), jnp.int32),)
+  if name == "vae":
     f = config.downsample_factor
-    args, model = (jnp.zeros((1, f, f, config.in_channels)),), AutoencoderKL(config)
-  else:
-    raise KeyError(name)
-  return jax.eval_shape(model.init, rng, *args)["params"]
+    return AutoencoderKL(config), (jnp.zeros((1, f, f, config.in_channels)),)
+  raise KeyError(name)
+
+
+def abstract_params(name: str, config) -> Any:
+  """The param tree of a component as shapes only (`jax.eval_shape`: nothing is initialized)."""
+  model, args = _component(name, config)
+  return jax.eval_shape(model.init, jax.random.key(0), *args)["params"]
+
+
+def init_params(name: str, config, rng) -> Any:
+  """Freshly initialized params of a component (flax's initializers: for training from scratch)."""
+  model, args = _component(name, config)
+  return model.init(rng, *args)["params"]
 
 
 def _check_model_index(index: dict, root: Path) -> None:

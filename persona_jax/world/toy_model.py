@@ -1,0 +1,265 @@
+"""The toy-world base model, pre-trained from random initialization by our own code
+(`persona-jax make-toy-model`). Stages, each resumable and skipped once done:
+
+  world   WORKDIR/world: N rendered training scenes with one sampled caption each
+          (metadata.jsonl), the folder the UNet stage trains on
+  vae     WORKDIR/vae: an AutoencoderKL (32x32 -> 8x8x4) trained on fresh scenes every step with
+          reconstruction MSE + a small KL; its scaling_factor is 1 / the measured latent std
+  init    WORKDIR/init: the pipeline to pre-train: the trained VAE, a freshly initialized UNet and
+          CLIP text encoder (real 49408-token vocabulary), a zero-terminal-SNR v-prediction DDIM
+          schedule with trailing spacing (SD's schedule keeps ~7% of the signal at its last
+          step, which leaks exactly the colours this world tests)
+The UNet and text encoder then train together through the ordinary `train` command
+(configs/toy_pretrain.py: a full fine-tune of both with caption dropout).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from persona_jax.convert.files import write_json
+from persona_jax.world import scenes
+
+log = logging.getLogger(__name__)
+
+RESOLUTION = 32
+DIFFUSERS_VERSION = "0.42.1"
+
+
+def toy_configs() -> dict:
+  """Raw configs (diffusers/transformers JSON) of the toy pipeline: ~4.7M-param UNet on 8x8x4
+  latents, a 64-wide 4-layer CLIP text encoder, a 4x VAE."""
+  unet = {
+      "_class_name": "UNet2DConditionModel", "_diffusers_version": DIFFUSERS_VERSION,
+      "sample_size": RESOLUTION // 4, "in_channels": 4, "out_channels": 4,
+      "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+      "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+      "block_out_channels": [64, 96, 128], "layers_per_block": 1, "norm_num_groups": 32,
+      "cross_attention_dim": 64, "attention_head_dim": 4, "use_linear_projection": True,
+      "flip_sin_to_cos": True, "freq_shift": 0, "act_fn": "silu", "norm_eps": 1e-5,
+  }
+  vae = {
+      "_class_name": "AutoencoderKL", "_diffusers_version": DIFFUSERS_VERSION,
+      "in_channels": 3, "out_channels": 3, "latent_channels": 4,
+      "down_block_types": ["DownEncoderBlock2D"] * 3, "up_block_types": ["UpDecoderBlock2D"] * 3,
+      "block_out_channels": [32, 64, 64], "layers_per_block": 1, "norm_num_groups": 16,
+      "act_fn": "silu", "sample_size": RESOLUTION, "scaling_factor": 1.0, "force_upcast": True,
+  }
+  text_encoder = {
+      "architectures": ["CLIPTextModel"], "model_type": "clip_text_model",
+      "vocab_size": 49408, "hidden_size": 64, "intermediate_size": 256, "projection_dim": 64,
+      "num_hidden_layers": 4, "num_attention_heads": 4, "max_position_embeddings": 77,
+      "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5,
+      "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 49407,
+      "attention_dropout": 0.0, "initializer_range": 0.02, "initializer_factor": 1.0,
+  }
+  scheduler = {
+      "_class_name": "DDIMScheduler", "_diffusers_version": DIFFUSERS_VERSION,
+      "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
+      "beta_schedule": "scaled_linear", "clip_sample": False, "set_alpha_to_one": False,
+      "steps_offset": 0, "prediction_type": "v_prediction", "timestep_spacing": "trailing",
+      "rescale_betas_zero_snr": True,
+  }
+  return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "scheduler": scheduler}
+
+
+# ---------------------------------------------------------------------------------------------
+# world: the UNet stage's training folder
+
+def write_world(folder: Path, num_images: int, seed: int = 0, progress: bool = True) -> Path:
+  """Renders `num_images` training scenes into `folder` (PNG + metadata.jsonl). Resumable: images
+  already written are kept (image k is the same whenever it is drawn); metadata.jsonl is written
+  last, so a folder with it is complete."""
+  from PIL import Image
+  folder = Path(folder)
+  if (folder / "metadata.jsonl").is_file():
+    return folder
+  folder.mkdir(parents=True, exist_ok=True)
+  rows = []
+  for k in tqdm(range(num_images), desc="world images", unit="img", disable=not progress):
+    name = f"{k:06d}.png"
+    scene = scenes.sample_scene(seed, "train", k)
+    if not (folder / name).is_file():
+      tmp = folder / f".{name}.tmp"
+      Image.fromarray(scenes.render(scene, RESOLUTION)).save(tmp, format="PNG")
+      tmp.replace(folder / name)
+    rows.append({"file_name": name,
+                 "text": scenes.caption(scene, np.random.default_rng([seed, k, 7]))})
+  tmp = folder / ".metadata.jsonl.tmp"
+  tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+  tmp.replace(folder / "metadata.jsonl")
+  return folder
+
+
+# ---------------------------------------------------------------------------------------------
+# vae
+
+@dataclasses.dataclass(frozen=True)
+class VAETraining:
+  steps: int = 3000
+  batch_size: int = 32
+  lr: float = 1e-3
+  warmup_steps: int = 100
+  kl_weight: float = 1e-4          # on the per-element mean KL; MSE is a per-pixel mean
+  checkpoint_every: int = 250
+  seed: int = 0
+
+
+def vae_loss(vae, params, images, rng, kl_weight: float):
+  """(loss, metrics) of one batch: MSE of the reconstruction from a posterior sample + KL."""
+  moments = vae.apply({"params": params}, images, method="encode")
+  z = moments.sample(rng)
+  recon = vae.apply({"params": params}, z, method="decode")
+  mse = jnp.mean(jnp.square(recon.astype(jnp.float32) - images))
+  kl = 0.5 * jnp.mean(jnp.square(moments.mean) + jnp.exp(moments.logvar) - 1.0 - moments.logvar)
+  return mse + kl_weight * kl, {"mse": mse, "kl": kl}
+
+
+def _vae_optimizer(t: VAETraining):
+  schedule = optax.join_schedules([optax.linear_schedule(0.0, t.lr, t.warmup_steps),
+                                   optax.cosine_decay_schedule(t.lr, max(1, t.steps - t.warmup_steps), 0.1)],
+                                  [t.warmup_steps])
+  return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=1e-4))
+
+
+def world_images(seed: int, step: int, batch_size: int) -> np.ndarray:
+  """Batch `step` of fresh training scenes in [-1, 1]: [B, 32, 32, 3] float32."""
+  images, _, _ = scenes.batch(seed, "train", step * batch_size, batch_size, RESOLUTION, captions=False)
+  return images.astype(np.float32) / 127.5 - 1.0
+
+
+def train_vae(workdir: Path, config, t: VAETraining = VAETraining(), progress: bool = True):
+  """Trains the VAE (resumably, checkpoints in workdir/checkpoints). Returns the params."""
+  import orbax.checkpoint as ocp
+
+  from persona_jax.models.vae import AutoencoderKL
+  from persona_jax.pipeline import init_params
+  workdir = Path(workdir)
+  vae = AutoencoderKL(config)
+  tx = _vae_optimizer(t)
+  params = init_params("vae", config, jax.random.PRNGKey(t.seed))
+  state = {"params": params, "opt": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+  manager = ocp.CheckpointManager(workdir.absolute() / "checkpoints",
+                                  options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
+  start = manager.latest_step() or 0
+  if start:
+    state = manager.restore(start, args=ocp.args.StandardRestore(state))
+    log.info("resuming the VAE from step %d", start)
+
+  @functools.partial(jax.jit, donate_argnums=0)
+  def step_fn(state, images):
+    rng = jax.random.fold_in(jax.random.PRNGKey(t.seed + 1), state["step"])
+    (loss, metrics), grads = jax.value_and_grad(
+        lambda p: vae_loss(vae, p, images, rng, t.kl_weight), has_aux=True)(state["params"])
+    updates, opt = tx.update(grads, state["opt"], state["params"])
+    return ({"params": optax.apply_updates(state["params"], updates), "opt": opt,
+             "step": state["step"] + 1}, dict(metrics, loss=loss))
+
+  log_file = open(workdir / "metrics.jsonl", "a", encoding="utf-8")
+  bar = tqdm(total=t.steps, initial=start, desc="train vae", unit="step", disable=not progress)
+  try:
+    last = time.perf_counter()
+    for step in range(start, t.steps):
+      state, metrics = step_fn(state, world_images(t.seed, step, t.batch_size))
+      bar.update(1)
+      done = step + 1
+      if done % 25 == 0 or done == t.steps:
+        m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        now = time.perf_counter()
+        log_file.write(json.dumps({"step": done, **m, "sec_per_step": (now - last) / 25}) + "\n")
+        log_file.flush()
+        last = now
+        bar.set_postfix(mse=f"{m['mse']:.4f}", kl=f"{m['kl']:.2f}")
+      if done % t.checkpoint_every == 0 or done == t.steps:
+        manager.save(done, args=ocp.args.StandardSave(state))
+    manager.wait_until_finished()
+  finally:
+    bar.close()
+    log_file.close()
+    manager.close()
+  return state["params"]
+
+
+def latent_std(vae, params, seed: int = 12345, n: int = 512) -> float:
+  """The std of the posterior means over `n` held-out scenes (SD's scaling_factor is 1 / it)."""
+  encode = jax.jit(lambda p, x: vae.apply({"params": p}, x, method="encode").mean)
+  images, _, _ = scenes.batch(seed, "test", 0, n, RESOLUTION, captions=False)
+  means = np.concatenate([np.asarray(encode(params, images[i: i + 64].astype(np.float32) / 127.5 - 1))
+                          for i in range(0, n, 64)])
+  return float(means.std())
+
+
+# ---------------------------------------------------------------------------------------------
+# init: the pipeline the UNet stage starts from
+
+def initial_pipeline(vae_params, scaling_factor: float, seed: int = 0):
+  """The toy Pipeline: trained VAE (with its scaling factor), fresh UNet and text encoder."""
+  from persona_jax.pipeline import Pipeline, init_params, model_index, parse_configs
+  from persona_jax.tokenizer import shipped_tokenizer_dir
+  raw = toy_configs()
+  raw["vae"] = dict(raw["vae"], scaling_factor=scaling_factor)
+  raw["model_index"] = model_index()
+  configs = parse_configs(raw)
+  rng = jax.random.PRNGKey(seed)
+  params = {"vae": vae_params,
+            "unet": init_params("unet", configs["unet_config"], jax.random.fold_in(rng, 1)),
+            "text_encoder": init_params("text_encoder", configs["text_encoder_config"],
+                                        jax.random.fold_in(rng, 2))}
+  return Pipeline(**configs, params=params, tokenizer_dir=shipped_tokenizer_dir(), raw_configs=raw)
+
+
+def build_base(workdir, *, num_images: int = 20000, vae: VAETraining = VAETraining(),
+               progress: bool = True) -> Path:
+  """Runs the world, vae and init stages (each skipped when done); returns WORKDIR/init."""
+  from persona_jax.models.configs import VAEConfig
+  from persona_jax.models.vae import AutoencoderKL
+  from persona_jax.pipeline import save_pipeline
+  workdir = Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  write_world(workdir / "world", num_images, progress=progress)
+  init = workdir / "init"
+  if (init / "model_index.json").is_file():
+    return init
+  (workdir / "vae").mkdir(exist_ok=True)
+  config = VAEConfig.from_dict(toy_configs()["vae"])
+  params = train_vae(workdir / "vae", config, vae, progress=progress)
+  std = latent_std(AutoencoderKL(config), params)
+  log.info("VAE latent std %.4f: scaling_factor %.4f", std, 1.0 / std)
+  write_json(workdir / "vae" / "result.json", {"latent_std": std, "scaling_factor": 1.0 / std,
+                                              "steps": vae.steps})
+  save_pipeline(initial_pipeline(params, 1.0 / std), init, overwrite=True)
+  return init
+
+
+def pretrain(workdir, *, num_images: int = 20000, vae: VAETraining = VAETraining(),
+             unet_steps: int | None = None, batch_size: int | None = None,
+             progress: bool = True) -> dict:
+  """The whole recipe: build_base, then the UNet + text encoder stage (configs/toy_pretrain.py)
+  in WORKDIR/unet, whose result is WORKDIR/unet/model. Every stage resumes."""
+  from persona_jax.cli import config_path
+  from persona_jax.train.config import run_config
+  from persona_jax.train.loop import train
+  import importlib.util
+  workdir = Path(workdir)
+  init = build_base(workdir, num_images=num_images, vae=vae, progress=progress)
+  spec = importlib.util.spec_from_file_location("toy_pretrain", config_path("toy_pretrain"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config()
+  c.model, c.data.instance_dir = str(init), str(workdir / "world")
+  if unet_steps is not None:
+    c.steps = unet_steps
+  if batch_size is not None:
+    c.batch_size = batch_size
+  return train(run_config(c), workdir / "unet", progress=progress)

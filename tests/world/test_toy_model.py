@@ -1,0 +1,50 @@
+"""Building the toy-world base: the scene folder, the VAE trainer (resumable), the initial
+pipeline's configs."""
+
+import json
+
+import numpy as np
+from PIL import Image
+
+from persona_jax.models.configs import VAEConfig
+from persona_jax.world import scenes
+from persona_jax.world import toy_model as tm
+
+
+def test_world_folder_is_the_scene_stream_and_resumes(tmp_path):
+  folder = tm.write_world(tmp_path / "world", 5, seed=2, progress=False)
+  rows = [json.loads(l) for l in (folder / "metadata.jsonl").read_text().splitlines()]
+  assert [r["file_name"] for r in rows] == [f"{k:06d}.png" for k in range(5)]
+  first = np.asarray(Image.open(folder / "000003.png"))
+  np.testing.assert_array_equal(first, scenes.render(scenes.sample_scene(2, "train", 3)))
+  assert scenes.sample_scene(2, "train", 3).cls in rows[3]["text"]
+  # An interrupted folder (no metadata yet, one image missing) completes to the same bytes.
+  (folder / "metadata.jsonl").unlink()
+  (folder / "000003.png").unlink()
+  tm.write_world(folder, 5, seed=2, progress=False)
+  np.testing.assert_array_equal(np.asarray(Image.open(folder / "000003.png")), first)
+  assert [json.loads(l) for l in (folder / "metadata.jsonl").read_text().splitlines()] == rows
+
+
+def test_vae_training_logs_checkpoints_and_resumes(tmp_path):
+  config = VAEConfig.from_dict(dict(tm.toy_configs()["vae"], block_out_channels=[8, 8],
+                                    down_block_types=["DownEncoderBlock2D"] * 2,
+                                    up_block_types=["UpDecoderBlock2D"] * 2, norm_num_groups=4))
+  t = tm.VAETraining(steps=3, batch_size=2, warmup_steps=1, checkpoint_every=3)
+  tm.train_vae(tmp_path, config, t, progress=False)
+  tm.train_vae(tmp_path, config, tm.VAETraining(steps=4, batch_size=2, warmup_steps=1,
+                                                checkpoint_every=3), progress=False)
+  logged = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in logged] == [3, 4]                 # the second call ran step 4 only
+  assert all(np.isfinite(r["loss"]) and r["mse"] > 0 for r in logged)
+  assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [3, 4]
+
+
+def test_toy_configs_are_the_zero_snr_v_prediction_family():
+  from persona_jax.pipeline import model_index, parse_configs
+  raw = dict(tm.toy_configs(), model_index=model_index())
+  configs = parse_configs(raw)
+  s = configs["scheduler_config"]
+  assert (s.prediction_type, s.timestep_spacing, s.rescale_betas_zero_snr) == ("v_prediction", "trailing", True)
+  assert configs["unet_config"].sample_size * configs["vae_config"].downsample_factor == tm.RESOLUTION
+  assert configs["text_encoder_config"].vocab_size == 49408
