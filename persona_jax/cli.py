@@ -130,7 +130,7 @@ def _make_toy_model(args) -> int:
 def _verify(args) -> int:
   from persona_jax.verify import verify
   ok = verify(args.model, tolerance=args.tolerance, variant=args.variant,
-              allow_pickle=args.allow_pickle, seed=args.seed)
+              allow_pickle=args.allow_pickle, seed=args.seed, image_encoder=args.image_encoder)
   return 0 if ok else 1
 
 
@@ -287,6 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--allow-pickle", action="store_true",
                  help="read .bin/.ckpt pickle files (only files you trust)")
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--image-encoder", type=Path, default=None, metavar="DIR",
+                 help="also compare a CLIP image encoder folder (CLIPVisionModel[WithProjection], "
+                      "preprocessing included; default: MODEL/image_encoder when it exists)")
   p.set_defaults(func=_verify)
   return parser
 

@@ -1,5 +1,7 @@
 """`persona-jax verify`: run a model folder in persona_jax and in diffusers/transformers PyTorch on
-identical inputs and report the largest error per component.
+identical inputs and report the largest error per component. With an image encoder (`--image-encoder
+DIR`, or the model's `image_encoder/`), random images also go through both CLIP preprocessors
+(ours and transformers' PIL `CLIPImageProcessorPil`) and both vision encoders.
 
 Both sides run in float32 at the highest matmul precision. The relative error is
 max|ours - reference| / max|reference| over the whole output. torch, diffusers and transformers'
@@ -17,6 +19,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from persona_jax.errors import ModelFileError
 from persona_jax.pipeline import Pipeline, load_pipeline
 from persona_jax.tokenizer import tokenize
 
@@ -155,13 +158,82 @@ def _compare_sampling(pipe, unet_t, vae_t, text_t, path, latents):
           compare(f"{name}: images", run(), want_images)]
 
 
+def _reference_image_processor(folder: Path, image_size: int):
+  """transformers' PIL CLIP processor from the folder's preprocessor_config.json, else CLIP's
+  defaults at the model's image size (as `load_image_processor`)."""
+  try:
+    from transformers import CLIPImageProcessorPil as Processor      # transformers 5
+  except ImportError:                                                 # pragma: no cover
+    from transformers import CLIPImageProcessor as Processor          # 4.x: the PIL one
+  from persona_jax.data.clip_images import PROCESSOR_FILE
+  if (folder / PROCESSOR_FILE).is_file():
+    return Processor.from_pretrained(folder, local_files_only=True)
+  return Processor(size={"shortest_edge": image_size},
+                   crop_size={"height": image_size, "width": image_size})
+
+
+def compare_image_encoder(folder, *, variant=None, allow_pickle=False,
+                          seed: int = 0) -> list[Comparison]:
+  """Random odd-sized images through our preprocessing + encoder and through transformers' PIL
+  processor + CLIPVisionModel(WithProjection); returns the errors."""
+  import torch
+  from PIL import Image
+  from transformers import CLIPVisionModel, CLIPVisionModelWithProjection
+
+  from persona_jax.data.clip_images import load_image_processor, preprocess
+  from persona_jax.image_encoder import load_image_encoder
+  from persona_jax.models.clip_vision import CLIPVisionModel as OurModel
+  folder = Path(folder)
+  config, params = load_image_encoder(folder, variant=variant, allow_pickle=allow_pickle)
+  cls = CLIPVisionModelWithProjection if config.with_projection else CLIPVisionModel
+  ref = cls.from_pretrained(folder, variant=variant, local_files_only=True,
+                            use_safetensors=None if allow_pickle else True).eval().float()
+  s = config.image_size
+  rng = np.random.default_rng(seed)
+  sizes = ((s * 4 // 3 + 1, s * 5 // 6 + 3), (s // 2 + 1, s + 7))        # (H, W): down and up
+  images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in sizes]
+  processor = load_image_processor(folder, image_size=s)
+  pixels = preprocess(images, processor)
+  ref_pixels = _reference_image_processor(folder, s)(images=images, return_tensors="pt").pixel_values
+  results = [compare("image_encoder.preprocess", nchw(pixels), ref_pixels.numpy())]
+  with torch.no_grad(), jax.default_matmul_precision("highest"):
+    want = ref(ref_pixels, output_hidden_states=True)
+    # CLIPVisionModelWithProjection returns no pooler_output: take it from its tower.
+    pooled = (ref.vision_model(ref_pixels) if config.with_projection else want).pooler_output
+    got = jax.jit(OurModel(config).apply)({"params": params}, pixels)
+  name = "image_encoder."
+  results += [compare(name + "last_hidden_state", got.last_hidden_state,
+                      want.last_hidden_state.numpy()),
+              compare(name + "hidden_states[-2]", got.hidden_states[-2],
+                      want.hidden_states[-2].numpy()),
+              compare(name + "pooler_output", got.pooler_output, pooled.numpy())]
+  if config.with_projection:
+    results.append(compare(name + "image_embeds", got.image_embeds, want.image_embeds.numpy()))
+  return results
+
+
+def find_image_encoder(path: Path, image_encoder=None) -> Path | None:
+  """The image encoder folder to verify: the one given, else `path/image_encoder` if present."""
+  if image_encoder is not None:
+    if not Path(image_encoder).is_dir():
+      raise ModelFileError(f"{image_encoder}: image encoder folder not found")
+    return Path(image_encoder)
+  default = Path(path) / "image_encoder"
+  return default if (default / "config.json").is_file() else None
+
+
 def verify(path, *, tolerance: float = DEFAULT_TOLERANCE, variant: str | None = None,
-           allow_pickle: bool = False, seed: int = 0, print_fn=print) -> bool:
-  """Loads `path` on both sides, prints one line per output and returns whether all pass."""
+           allow_pickle: bool = False, seed: int = 0, image_encoder=None, print_fn=print) -> bool:
+  """Loads `path` (and the image encoder, see `find_image_encoder`) on both sides, prints one
+  line per output and returns whether all pass."""
   path = Path(path)
+  encoder = find_image_encoder(path, image_encoder)
   pipe = load_pipeline(path, variant=variant, allow_pickle=allow_pickle, attention="auto")
   results = compare_components(pipe, path, variant=variant, allow_pickle=allow_pickle, seed=seed)
-  print_fn(f"verify {path} (float32, highest matmul precision, tolerance {tolerance:.0e} relative)")
+  if encoder is not None:
+    results += compare_image_encoder(encoder, variant=variant, allow_pickle=allow_pickle, seed=seed)
+  print_fn(f"verify {path}" + (f" + image encoder {encoder}" if encoder is not None else "")
+           + f" (float32, highest matmul precision, tolerance {tolerance:.0e} relative)")
   print_fn(f"{'output':38s} {'max abs err':>12s} {'max rel err':>12s}")
   for r in results:
     print_fn(f"{r.name:38s} {r.max_abs:12.3e} {r.max_rel:12.3e}  {'ok' if r.ok(tolerance) else 'FAIL'}")

@@ -3,7 +3,8 @@
 Param names are transformers' without the `text_model.` level (as transformers >= 5.6 flattens
 it): `embeddings/token_embedding/embedding`, `encoder/layers_N/self_attn/q_proj`, `final_layer_norm`.
 Methods that add tokens (Textual Inversion, Custom Diffusion, E4T, ...) build `inputs_embeds`
-themselves and pass them instead of looking ids up in a bigger table.
+themselves and pass them instead of looking ids up in a bigger table. The encoder layers serve
+the CLIP vision tower too (`clip_vision.py`, with `causal=False`).
 """
 
 from __future__ import annotations
@@ -34,11 +35,12 @@ def eos_positions(input_ids, eos_token_id: int):
 
 
 class CLIPAttention(nn.Module):
-  config: TextEncoderConfig
+  config: TextEncoderConfig      # or CLIPVisionConfig: the same field names
+  causal: bool = True
 
   @nn.compact
   def __call__(self, x):
-    """Causal self-attention. x: [B, L, D] -> [B, L, D]."""
+    """Self-attention, causal for text. x: [B, L, D] -> [B, L, D]."""
     c = self.config
     b, l, d = x.shape
     heads = c.num_attention_heads
@@ -46,19 +48,20 @@ class CLIPAttention(nn.Module):
     q = dense(name="q_proj")(x).reshape(b, l, heads, d // heads)      # [B, L, N, Dh]
     k = dense(name="k_proj")(x).reshape(b, l, heads, d // heads)
     v = dense(name="v_proj")(x).reshape(b, l, heads, d // heads)
-    h = dot_product_attention(q, k, v, kernel=c.attention, causal=True).astype(c.dtype)
+    h = dot_product_attention(q, k, v, kernel=c.attention, causal=self.causal).astype(c.dtype)
     return dense(name="out_proj")(h.reshape(b, l, d))
 
 
 class CLIPEncoder(nn.Module):
   """The stack of layers `layers_N`; returns the input and every layer's output."""
   config: TextEncoderConfig
+  causal: bool = True
 
   @nn.compact
   def __call__(self, x):
     hidden = [x]
     for n in range(self.config.num_hidden_layers):
-      x = CLIPEncoderLayer(self.config, name=f"layers_{n}")(x)
+      x = CLIPEncoderLayer(self.config, self.causal, name=f"layers_{n}")(x)
       hidden.append(x)
     return tuple(hidden)
 
@@ -66,12 +69,13 @@ class CLIPEncoder(nn.Module):
 class CLIPEncoderLayer(nn.Module):
   """Pre-norm layer: x + self_attn(layer_norm1(x)), then x + mlp(layer_norm2(x))."""
   config: TextEncoderConfig
+  causal: bool = True
 
   @nn.compact
   def __call__(self, x):
     c = self.config
     ln = functools.partial(LayerNorm, c.layer_norm_eps, c.dtype, c.param_dtype)
-    x = x + CLIPAttention(c, name="self_attn")(ln(name="layer_norm1")(x))
+    x = x + CLIPAttention(c, self.causal, name="self_attn")(ln(name="layer_norm1")(x))
     return x + CLIPMLP(c, name="mlp")(ln(name="layer_norm2")(x))
 
 
