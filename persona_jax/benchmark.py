@@ -449,7 +449,6 @@ _BENCH_TEXT_TABLE = {"embeddings": {"token_embedding": {"embedding": np.zeros((4
 def _torch_cd_step(unet, x, noise, t, ctx, sync):
   """diffusers' train_custom_diffusion.py step (no modifier token): CustomDiffusionAttnProcessor2_0
   with train_kv on every cross-attention, initialized from to_k/to_v, AdamW over them, clip 1.0."""
-  import torch
   from diffusers.models.attention_processor import CustomDiffusionAttnProcessor2_0
   unet.requires_grad_(False)
   weights = unet.state_dict()
@@ -468,8 +467,15 @@ def _torch_cd_step(unet, x, noise, t, ctx, sync):
                                  "to_v_custom_diffusion.weight": weights[layer + ".to_v.weight"]})
   params = [p for proc in procs.values() for p in proc.parameters()]
   unet.set_attn_processor(dict(procs))         # diffusers pops the entries of the dict it gets
+  return _torch_adapter_run(unet, params, 1e-5, x, noise, t, ctx, sync)
+
+
+def _torch_adapter_run(unet, params, lr, x, noise, t, ctx, sync):
+  """The timed step of a frozen UNet with trainable `params` (LoRA, Custom Diffusion): forward,
+  backward, clipping 1.0, AdamW."""
+  import torch
   unet.train()
-  opt = torch.optim.AdamW(params, lr=1e-5)
+  opt = torch.optim.AdamW(params, lr=lr)
 
   def run():
     loss = torch.nn.functional.mse_loss(unet(x, t, ctx).sample.float(), noise.float())
@@ -484,23 +490,12 @@ def _torch_cd_step(unet, x, noise, t, ctx, sync):
 def _torch_lora_step(unet, x, noise, t, ctx, sync):
   """diffusers' train_dreambooth_lora.py step: peft LoRA (rank 4, alpha 4, gaussian init) on
   to_q/to_k/to_v/to_out.0, UNet frozen, AdamW over the adapter, clipping 1.0."""
-  import torch
   from peft import LoraConfig
   unet.requires_grad_(False)
   unet.add_adapter(LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK, init_lora_weights="gaussian",
                               target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
   params = [p for p in unet.parameters() if p.requires_grad]
-  unet.train()
-  opt = torch.optim.AdamW(params, lr=1e-4)
-
-  def run():
-    loss = torch.nn.functional.mse_loss(unet(x, t, ctx).sample.float(), noise.float())
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(params, 1.0)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    sync()
-  return run
+  return _torch_adapter_run(unet, params, 1e-4, x, noise, t, ctx, sync)
 
 
 def _torch_ti_step(unet, text_dir: Path, x, noise, t, tdtype, device, sync):

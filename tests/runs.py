@@ -73,3 +73,30 @@ def one_device_mesh():
 
   from persona_jax.parallel.mesh import make_mesh
   return make_mesh(devices=jax.devices()[:1])
+
+
+def fixed_batch_trajectory(run, steps: int = 8):
+  """Steps on the run's first batch: step 0 has lr 0 (the configs' one warm-up step); the last
+  step re-runs with the step counter at 0, i.e. step 0's noise, timesteps and latents, so the two
+  losses are comparable. One compiled step."""
+  import functools
+
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from persona_jax.data.pipeline import make_iterator
+  from persona_jax.train.state import init_state
+  from persona_jax.train.step import train_step
+  batch = jax.tree.map(jnp.asarray, next(make_iterator(run.dataset)))
+  step = jax.jit(functools.partial(train_step, method=run.method, models=run.models,
+                                   objective=run.objective, tx=run.tx))
+  frozen_before = jax.tree.map(np.array, run.frozen)
+  state, m0 = step(init_state(run.trainable, run.tx, seed=0), run.frozen, batch)
+  after_lr0 = jax.device_get(state.trainable)
+  for _ in range(steps):
+    state, _ = step(state, run.frozen, batch)
+  _, m_end = step(state.replace(step=jnp.zeros((), jnp.int32)), run.frozen, batch)
+  return dict(batch=jax.device_get(batch), frozen_before=frozen_before, after_lr0=after_lr0,
+              loss0=float(m0["loss"]), loss_end=float(m_end["loss"]),
+              trained=jax.device_get(state.trainable))

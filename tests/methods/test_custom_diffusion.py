@@ -1,7 +1,6 @@
 """Custom Diffusion on the training core: the method test bar (two concepts trained jointly, zoom
 augmentation, regularization images), the BOS detach, the result file and the closed-form merge."""
 
-import functools
 import json
 
 import jax
@@ -11,15 +10,12 @@ import pytest
 
 from persona_jax import ConfigError, tree
 from persona_jax.cli import main
-from persona_jax.data.pipeline import make_iterator
 from persona_jax.methods import custom_diffusion as cd
 from persona_jax.methods.base import encode_text
 from persona_jax.methods.custom_diffusion_merge import constrained_merge, text_features
 from persona_jax.models.attention import Attention
 from persona_jax.train import loop
-from persona_jax.train.state import init_state
-from persona_jax.train.step import train_step
-from tests.runs import _merge, one_device_mesh, write_class_images
+from tests.runs import fixed_batch_trajectory, _merge, one_device_mesh, write_class_images
 
 TRANSFORMERS = ["down_blocks_0/attentions_0", "down_blocks_0/attentions_1",
                 "up_blocks_1/attentions_0", "up_blocks_1/attentions_1", "up_blocks_1/attentions_2",
@@ -52,19 +48,7 @@ def run(model_dirs, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trajectory(run):
-  """As the LoRA test: step 0 has lr 0; the last step re-runs step 0's randomness."""
-  batch = jax.tree.map(jnp.asarray, next(make_iterator(run.dataset)))
-  step = jax.jit(functools.partial(train_step, method=run.method, models=run.models,
-                                   objective=run.objective, tx=run.tx))
-  frozen_before = jax.tree.map(np.array, run.frozen)
-  state, m0 = step(init_state(run.trainable, run.tx, seed=0), run.frozen, batch)
-  after_lr0 = jax.device_get(state.trainable)
-  for _ in range(8):
-    state, _ = step(state, run.frozen, batch)
-  _, m_end = step(state.replace(step=jnp.zeros((), jnp.int32)), run.frozen, batch)
-  return dict(batch=jax.device_get(batch), frozen_before=frozen_before, after_lr0=after_lr0,
-              loss0=float(m0["loss"]), loss_end=float(m_end["loss"]),
-              trained=jax.device_get(state.trainable))
+  return fixed_batch_trajectory(run)
 
 
 def test_trainable_set_is_literal(run):

@@ -1,6 +1,5 @@
 """LoRA / LoCon on the training core: the method test bar, block ranks, merge transform."""
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -8,11 +7,8 @@ import numpy as np
 import pytest
 
 from persona_jax import ConfigError, tree
-from persona_jax.data.pipeline import make_iterator
 from persona_jax.train import loop
-from persona_jax.train.state import init_state
-from persona_jax.train.step import train_step
-from tests.runs import lora_config, one_device_mesh
+from tests.runs import fixed_batch_trajectory, lora_config, one_device_mesh
 
 ATTENTION_TARGETS = {"attn1/to_q", "attn1/to_k", "attn1/to_v", "attn1/to_out_0", "attn2/to_q",
                      "attn2/to_k", "attn2/to_v", "attn2/to_out_0", "ff/net_0/proj", "ff/net_2",
@@ -32,19 +28,7 @@ def run(request, model_dirs):
 
 @pytest.fixture(scope="module")
 def trajectory(run):
-  """Steps on one batch: step 0 has lr 0 (warm-up); the last step re-runs with the step counter at
-  0, i.e. step 0's noise, timesteps and latents, so the two losses are comparable."""
-  batch = jax.tree.map(jnp.asarray, next(make_iterator(run.dataset)))
-  step = jax.jit(functools.partial(train_step, method=run.method, models=run.models,
-                                   objective=run.objective, tx=run.tx))
-  frozen_before = jax.tree.map(np.array, run.frozen)
-  state, m0 = step(init_state(run.trainable, run.tx, seed=0), run.frozen, batch)
-  after_lr0 = jax.device_get(state.trainable)
-  for _ in range(8):
-    state, _ = step(state, run.frozen, batch)
-  _, m_end = step(state.replace(step=jnp.zeros((), jnp.int32)), run.frozen, batch)
-  return dict(frozen_before=frozen_before, after_lr0=after_lr0, loss0=float(m0["loss"]),
-              loss_end=float(m_end["loss"]), trained=jax.device_get(state.trainable))
+  return fixed_batch_trajectory(run)
 
 
 def factor_keys(run):
