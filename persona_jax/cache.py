@@ -17,8 +17,11 @@ def cache_dir() -> Path:
 
 
 def enable_compilation_cache(folder: Path | None = None, min_compile_secs: float = 1.0) -> Path:
-  """Turns on JAX's persistent compilation cache, so a second run skips XLA compilation."""
+  """Turns on JAX's persistent compilation cache, so a second run skips XLA compilation. A cache
+  folder already configured (JAX_COMPILATION_CACHE_DIR, or by the embedding program) is kept."""
   import jax
+  if folder is None and jax.config.jax_compilation_cache_dir:
+    return Path(jax.config.jax_compilation_cache_dir)
   folder = Path(folder) if folder is not None else cache_dir() / "jax_compilation_cache"
   folder.mkdir(parents=True, exist_ok=True)
   jax.config.update("jax_compilation_cache_dir", str(folder))

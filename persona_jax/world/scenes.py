@@ -205,17 +205,17 @@ def _background(name: str, xx, yy, rng) -> np.ndarray:
   return a + (b - a) * noise[..., None]
 
 
-def _shape(cls: str, u, v) -> np.ndarray:
-  """Mask of a class in object coordinates (radius 1)."""
-  rho, theta = np.hypot(u, v), np.arctan2(v, u)
+def _shape(cls: str, u, v, xp=np) -> np.ndarray:
+  """Mask of a class in object coordinates (radius 1); `xp` is numpy or jax.numpy."""
+  rho, theta = xp.hypot(u, v), xp.arctan2(v, u)
   if cls == "ball":
     return rho < 1.0
   if cls == "box":
-    return (np.abs(u) < 0.82) & (np.abs(v) < 0.82)
+    return (xp.abs(u) < 0.82) & (xp.abs(v) < 0.82)
   if cls == "flower":
-    return rho < 0.55 + 0.45 * np.abs(np.cos(2.5 * theta))
+    return rho < 0.55 + 0.45 * xp.abs(xp.cos(2.5 * theta))
   if cls == "star":
-    spikes = np.abs(((theta * 5 / (2 * np.pi)) % 1) - 0.5) * 2    # 0 at a point, 1 between
+    spikes = xp.abs(((theta * 5 / (2 * np.pi)) % 1) - 0.5) * 2    # 0 at a point, 1 between
     return rho < 1.0 - 0.55 * spikes
   if cls == "ring":
     return (rho < 1.0) & (rho > 0.55)
@@ -225,7 +225,7 @@ def _shape(cls: str, u, v) -> np.ndarray:
   raise ValueError(f"unknown class {cls!r}")
 
 
-def _pattern(name: str, u, v) -> np.ndarray:
+def _pattern(name: str, u, v, xp=np) -> np.ndarray:
   """Where the pattern's second colour goes, in object coordinates."""
   if name == "striped":
     return (u * 2.5) % 1 < 0.5
@@ -233,8 +233,72 @@ def _pattern(name: str, u, v) -> np.ndarray:
     gu, gv = (u * 2.2) % 1 - 0.5, (v * 2.2) % 1 - 0.5
     return gu * gu + gv * gv < 0.09
   if name == "checked":
-    return ((np.floor(u * 2.5) + np.floor(v * 2.5)) % 2) == 0
+    return ((xp.floor(u * 2.5) + xp.floor(v * 2.5)) % 2) == 0
   raise ValueError(f"unknown pattern {name!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The same renderer in JAX, batched: ~20x faster on CPU, for training on fresh scenes every step
+# (the metric encoder). `render` stays the reference: equal up to rounding at edges and the
+# texture noise, which is drawn from JAX's generator (tested to agree pixel for pixel on most
+# of the image).
+
+_BG_RGB = np.asarray([COLOURS[b] if b in COLOURS else TEXTURES[b][0] for b in BACKGROUNDS], np.float32)
+_BG_RGB2 = np.asarray([TEXTURES[b][1] if b in TEXTURES else COLOURS[b] for b in BACKGROUNDS], np.float32)
+_COLOUR_RGB = np.asarray(list(COLOURS.values()), np.float32)
+
+
+def scene_arrays(scene_list) -> dict[str, np.ndarray]:
+  """The per-scene numbers `render_batch` draws from: indices, centre, radius, angle, noise seed."""
+  def index(table, name):
+    return list(table).index(name)
+  return {
+      "cls": np.asarray([index(CLASSES, s.cls) for s in scene_list], np.int32),
+      "colour": np.asarray([index(COLOURS, s.look.colour) for s in scene_list], np.int32),
+      "pattern": np.asarray([index(PATTERNS, s.look.pattern) for s in scene_list], np.int32),
+      "pattern_colour": np.asarray([index(COLOURS, s.look.pattern_colour or s.look.colour)
+                                    for s in scene_list], np.int32),
+      "background": np.asarray([index(BACKGROUNDS, s.background) for s in scene_list], np.int32),
+      "centre": np.asarray([(POSITIONS[s.position] + s.dx, 0.5 + s.dy) for s in scene_list], np.float32),
+      "radius": np.asarray([SIZES[s.size] for s in scene_list], np.float32),
+      "angle": np.asarray([s.angle for s in scene_list], np.float32),
+      "noise_seed": np.asarray([_stable_hash(repr(s)) & 0x7FFFFFFF for s in scene_list], np.uint32),
+  }
+
+
+def render_batch(arrays: dict, size: int = 32):
+  """`render` for a batch given by `scene_arrays` (jit it): float32 [B, size, size, 3] in 0..255,
+  not rounded."""
+  import jax
+  import jax.numpy as jnp
+  s = size * SUPERSAMPLE
+  grid = (jnp.arange(s, dtype=jnp.float32) + 0.5) / s
+  yy, xx = jnp.meshgrid(grid, grid, indexing="ij")
+
+  def one(a):
+    # Background: a colour, or one of the textures between its two colours.
+    t_brick = ((yy * 8) % 1 < 0.12) | (((xx + (jnp.floor(yy * 8) % 2) * 0.125) * 4) % 1 < 0.06)
+    t_water = 0.5 + 0.5 * jnp.sin(2 * jnp.pi * (6 * yy + 0.6 * jnp.sin(2 * jnp.pi * 3 * xx)))
+    noise = jax.random.uniform(jax.random.PRNGKey(a["noise_seed"]), (s // 4, s // 4))
+    t_noise = jnp.repeat(jnp.repeat(noise, 4, 0), 4, 1)
+    textures = {"brick": t_brick.astype(jnp.float32), "water": t_water, "grass": t_noise,
+                "sand": t_noise}
+    t = jnp.stack([textures.get(b, jnp.zeros_like(t_water)) for b in BACKGROUNDS])[a["background"]]
+    lo = jnp.asarray(_BG_RGB)[a["background"]][None, None, :]
+    hi = jnp.asarray(_BG_RGB2)[a["background"]][None, None, :]
+    image = lo + (hi - lo) * t[..., None]
+    # Object coordinates, rotated, in units of the radius.
+    u, v = (xx - a["centre"][0]) / a["radius"], (yy - a["centre"][1]) / a["radius"]
+    c, si = jnp.cos(a["angle"]), jnp.sin(a["angle"])
+    u, v = c * u + si * v, -si * u + c * v
+    mask = jnp.stack([_shape(cls, u, v, xp=jnp) for cls in CLASSES])[a["cls"]]
+    second = jnp.stack([jnp.zeros_like(mask)] + [_pattern(p, u, v, xp=jnp) for p in PATTERNS[1:]])[a["pattern"]]
+    fill = jnp.where(second[..., None], jnp.asarray(_COLOUR_RGB)[a["pattern_colour"]][None, None, :],
+                     jnp.asarray(_COLOUR_RGB)[a["colour"]][None, None, :])
+    image = jnp.where(mask[..., None], fill, image)
+    return image.reshape(size, SUPERSAMPLE, size, SUPERSAMPLE, 3).mean(axis=(1, 3))
+
+  return jax.vmap(one)(arrays)
 
 
 def scene_attributes(scene: Scene) -> dict[str, str]:
@@ -259,4 +323,5 @@ def batch(seed: int, split: str, start: int, n: int, size: int = 32, captions: b
 __all__ = ["CLASSES", "COLOURS", "PATTERNS", "SIZES", "POSITIONS", "BACKGROUNDS", "TEXTURES",
            "ATTRIBUTES", "HELD_OUT_LOOKS", "Look", "Scene", "Subject", "all_looks", "subjects",
            "sample_scene", "subject_scenes", "reference_backgrounds", "caption", "render",
-           "scene_attributes", "describe_look", "background_phrase", "batch"]
+           "scene_attributes", "describe_look", "background_phrase", "batch", "scene_arrays",
+           "render_batch"]
