@@ -127,6 +127,19 @@ def _make_toy_model(args) -> int:
   return 0
 
 
+def _eval(args) -> int:
+  from persona_jax.world.efficacy import TABLE_HEADER, EvalConfig, evaluate, table_row
+  fields = ("method", "model", "subjects", "seeds", "references", "contexts", "steps", "lr",
+            "batch_size", "class_images", "sample_steps", "guidance", "seed", "metric")
+  cfg = EvalConfig(**{f: getattr(args, f) for f in fields if getattr(args, f) is not None})
+  summary = evaluate(cfg, args.out, progress=not args.noprogress)
+  print(TABLE_HEADER)
+  print(table_row(summary))
+  print(f"{args.out / 'eval.json'} (per-subject rows), samples in {args.out / 'samples'}",
+        file=sys.stderr)
+  return 0
+
+
 def _verify(args) -> int:
   from persona_jax.verify import verify
   ok = verify(args.model, tolerance=args.tolerance, variant=args.variant,
@@ -278,6 +291,27 @@ def build_parser() -> argparse.ArgumentParser:
                  help="only the scene folder, the VAE and the initial pipeline")
   p.set_defaults(func=_make_toy_model)
 
+  p = sub.add_parser("eval", help="the toy-world efficacy benchmark of a method: subject fidelity, "
+                     "prompt fidelity, drift")
+  from persona_jax.world.efficacy import METHODS
+  p.add_argument("--method", required=True, choices=METHODS)
+  p.add_argument("--out", required=True, type=Path, help="folder for eval.json, samples, runs")
+  p.add_argument("--model", default=None, help="base model folder (default: the embedded default)")
+  p.add_argument("--subjects", type=int, default=None, help="held-out subjects (default 2)")
+  p.add_argument("--seeds", type=int, default=None, help="images per prompt (default 4)")
+  p.add_argument("--references", type=int, default=None, help="reference images per subject (4)")
+  p.add_argument("--contexts", type=int, default=None, help="new backgrounds per subject (2)")
+  p.add_argument("--steps", type=int, default=None, help="training steps (default: per method)")
+  p.add_argument("--lr", type=float, default=None, help="learning rate (default: per method)")
+  p.add_argument("--batch-size", type=int, default=None)
+  p.add_argument("--class-images", type=int, default=None, help="prior images per class (16)")
+  p.add_argument("--sample-steps", type=int, default=None)
+  p.add_argument("--guidance", type=float, default=None)
+  p.add_argument("--seed", type=int, default=None)
+  p.add_argument("--metric", default=None, help="metric encoder folder (default: the shipped one)")
+  p.add_argument("--noprogress", action="store_true")
+  p.set_defaults(func=_eval)
+
   p = sub.add_parser("verify", help="compare persona_jax with diffusers/transformers on a model folder")
   p.add_argument("model", type=Path, help="a diffusers folder (model_index.json, unet/, ...)")
   from persona_jax.verify import DEFAULT_TOLERANCE
@@ -339,6 +373,16 @@ def config_path(arg: str) -> str:
       raise ConfigError(f"--config {arg}: no shipped config '{path}' (shipped: {', '.join(names)})")
     path = str(shipped)
   return f"{path}:{variant}" if variant else path
+
+
+def load_config(arg: str):
+  """The ConfigDict of `--config NAME[:variant]` (or a path), as `train` builds it."""
+  import importlib.util
+  path, _, variant = config_path(arg).partition(":")
+  spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(variant or None)
 
 
 def _train(argv) -> int:

@@ -352,7 +352,7 @@ def train(config: RunConfig, workdir, *, progress: bool = True, mesh=None) -> di
   final = jax.device_get(state.ema if state.ema is not None else state.trainable)
   outputs = write_outputs(run, final, workdir)
   grid_path = sample_grid(run, final, total, workdir, progress=progress)
-  return {"workdir": str(workdir), "steps": total, "state": state, "outputs": outputs,
+  return {"workdir": str(workdir), "steps": total, "state": state, "run": run, "outputs": outputs,
           "samples": str(grid_path) if grid_path else None}
 
 

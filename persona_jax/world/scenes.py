@@ -113,16 +113,22 @@ def _layout(rng: np.random.Generator, cls: str, look: Look, backgrounds=BACKGROU
                dy=float(rng.uniform(-0.12, 0.12)), angle=float(rng.uniform(0, 2 * np.pi)))
 
 
-def sample_scene(seed: int, split: str, index: int) -> Scene:
-  """Scene `index` of a split ("train" or "test"): any class, a look that is not held out."""
+_ALL_PATTERNED = tuple(l for l in all_looks() if l.pattern != "plain")
+
+
+def sample_scene(seed: int, split: str, index: int, *, held_out: bool = False) -> Scene:
+  """Scene `index` of a split ("train" or "test"): any class, a look that is not held out
+  (`held_out=True`: any look, held-out ones included: the metric encoder, which judges
+  subjects, learns from these; it is no generative model's training data)."""
   if split not in ("train", "test"):
     raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-  rng = _rng(seed, split, index)
+  rng = _rng(seed, split, index) if not held_out else _rng(seed, split, "any look", index)
   # Half the scenes are plain: colours, classes and backgrounds are learned before patterns.
   if rng.random() < 0.5:
     look = Look(str(rng.choice(list(COLOURS))))
   else:
-    look = _TRAIN_PATTERNED[int(rng.integers(len(_TRAIN_PATTERNED)))]
+    looks = _ALL_PATTERNED if held_out else _TRAIN_PATTERNED
+    look = looks[int(rng.integers(len(looks)))]
   return _layout(rng, str(rng.choice(CLASSES)), look)
 
 

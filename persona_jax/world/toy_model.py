@@ -247,16 +247,12 @@ def pretrain(workdir, *, num_images: int = 20000, vae: VAETraining = VAETraining
              progress: bool = True) -> dict:
   """The whole recipe: build_base, then the UNet + text encoder stage (configs/toy_pretrain.py)
   in WORKDIR/unet, whose result is WORKDIR/unet/model. Every stage resumes."""
-  from persona_jax.cli import config_path
+  from persona_jax.cli import load_config
   from persona_jax.train.config import run_config
   from persona_jax.train.loop import train
-  import importlib.util
   workdir = Path(workdir)
   init = build_base(workdir, num_images=num_images, vae=vae, progress=progress)
-  spec = importlib.util.spec_from_file_location("toy_pretrain", config_path("toy_pretrain"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config()
+  c = load_config("toy_pretrain")
   c.model, c.data.instance_dir = str(init), str(workdir / "world")
   if unet_steps is not None:
     c.steps = unet_steps

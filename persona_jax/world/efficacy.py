@@ -1,0 +1,284 @@
+"""Our DreamBench on the toy world: does a method learn a subject, keep following prompts, and
+leave the class alone? (`persona-jax eval --method NAME`.)
+
+For each of K held-out subjects (a class with a look pre-training never showed), the method
+trains on `references` rendered images of it through the ordinary `train` function, then
+generates `seeds` images for each of three kinds of prompt:
+
+  subject   "a photo of a PHRASE"                       (PHRASE: the method's words for the
+  context   "a photo of a PHRASE on grass", ...           subject, e.g. "sks ball", "<sks>")
+  class     "a photo of a ball on grass", ...           (the class without the identifier)
+
+The world's metric encoder (never seen by any method) scores them:
+
+  subject_similarity  mean cosine similarity of the metric encoder's features between subject
+                      and context generations and the reference images (DINO / CLIP-I analog)
+  subject_match       fraction of subject and context generations whose class, colour, pattern
+                      and pattern colour are all the subject's
+  prompt_fidelity     fraction of context generations showing the prompt's background (CLIP-T
+                      analog: the subject in a new context)
+  class_fidelity      fraction of class generations showing the prompt's class and background
+  drift               fraction of class generations that show the subject's look: the class
+                      collapsed onto the subject (what prior preservation prevents)
+
+Context and class prompts use backgrounds the references never show. The rows "base" (the class
+prompt alone) and "base_described" (the look said in words, e.g. "a photo of a red and white
+striped ball") are the untrained references.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+from persona_jax.errors import ConfigError
+from persona_jax.world import scenes
+
+log = logging.getLogger(__name__)
+
+IDENTIFIER = "sks"
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+  """How a method is run on one subject: its config, its words for the subject, overrides."""
+  config: str                               # configs/ name (its :tiny variant is the start)
+  phrase: str                               # the subject in prompts; {cls} is the class word
+  steps: int
+  lr: float
+  options: tuple = ()                        # (dotted config key, value) pairs
+  prior: bool = False                        # class images of "a photo of a {cls}"
+
+
+RECIPES = {
+    "textual_inversion": Recipe("textual_inversion", "<sks>", 300, 5e-3,
+                                (("method.placeholder", "<sks>"), ("method.initializer", "{cls}"),
+                                 ("data.caption_source", "prompt"),
+                                 ("data.prompt", "a photo of a <sks>"))),
+    "dreambooth": Recipe("dreambooth", f"{IDENTIFIER} {{cls}}", 150, 2e-4,
+                         (("data.prompt", f"a photo of a {IDENTIFIER} {{cls}}"),), prior=True),
+    "dreambooth_noprior": Recipe("dreambooth", f"{IDENTIFIER} {{cls}}", 150, 2e-4,
+                                 (("data.prompt", f"a photo of a {IDENTIFIER} {{cls}}"),
+                                  ("method.prior_loss_weight", 0.0))),
+    "lora": Recipe("lora", f"{IDENTIFIER} {{cls}}", 200, 1e-3,
+                   (("data.prompt", f"a photo of a {IDENTIFIER} {{cls}}"),)),
+    "custom_diffusion": Recipe("custom_diffusion", "<new1> {cls}", 150, 1e-3,
+                               (("data.prompt", "a photo of a <new1> {cls}"),
+                                ("data.zoom_augment", False)), prior=True),
+}
+UNTRAINED = ("base", "base_described")
+METHODS = UNTRAINED + tuple(RECIPES)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+  method: str
+  model: str = "default"
+  subjects: int = 2
+  seeds: int = 4                       # images per prompt
+  references: int = 4
+  contexts: int = 2                    # new backgrounds per subject
+  steps: int | None = None             # training steps (default: the recipe's)
+  lr: float | None = None              # learning rate (default: the recipe's; 0 = a control run)
+  batch_size: int = 4
+  class_images: int = 16
+  sample_steps: int = 25
+  guidance: float = 4.0
+  seed: int = 0
+  metric: str | None = None            # metric encoder folder (default: the shipped one)
+
+  def __post_init__(self):
+    if self.method not in METHODS:
+      raise ConfigError(f"--method {self.method!r}: not one of {', '.join(METHODS)}")
+    if self.subjects < 1 or self.seeds < 1 or self.references < 1:
+      raise ConfigError("--subjects, --seeds and --references must be at least 1")
+
+
+def eval_subjects(k: int) -> list[scenes.Subject]:
+  """The first k subjects of a fixed order that cycles through the classes."""
+  pool = scenes.subjects()
+  rng = np.random.default_rng(1234)
+  order = [pool[i] for i in rng.permutation(len(pool))]
+  by_class = {c: [s for s in order if s.cls == c] for c in scenes.CLASSES}
+  picked, i = [], 0
+  while len(picked) < k:
+    picked.append(by_class[scenes.CLASSES[i % len(scenes.CLASSES)]][i // len(scenes.CLASSES)])
+    i += 1
+  return picked
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalPrompt:
+  text: str
+  kind: str                 # subject | context | class
+  background: str | None    # the background the prompt asks for
+
+
+def prompts_for(subject: scenes.Subject, phrase: str, contexts: int) -> list[EvalPrompt]:
+  """The subject, context and class prompts of one subject (backgrounds the references lack)."""
+  seen = set(scenes.reference_backgrounds())
+  new = [b for b in scenes.BACKGROUNDS if b not in seen
+         and b not in (subject.look.colour, subject.look.pattern_colour)]
+  rng = np.random.default_rng(scenes._stable_hash(repr(subject)) & 0xFFFFFFFF)
+  backgrounds = [str(b) for b in rng.choice(new, size=min(contexts, len(new)), replace=False)]
+  out = [EvalPrompt(f"a photo of a {phrase}", "subject", None)]
+  out += [EvalPrompt(f"a photo of a {phrase} {scenes.background_phrase(b)}", "context", b)
+          for b in backgrounds]
+  out += [EvalPrompt(f"a photo of a {subject.cls} {scenes.background_phrase(b)}", "class", b)
+          for b in backgrounds]
+  return out
+
+
+def subject_phrase(method: str, subject: scenes.Subject) -> str:
+  if method == "base":
+    return subject.cls
+  if method == "base_described":
+    return subject.words
+  return RECIPES[method].phrase.format(cls=subject.cls)
+
+
+def write_references(subject: scenes.Subject, folder: Path, n: int) -> Path:
+  """n rendered reference images of a subject as PNGs (the method's instance folder)."""
+  from PIL import Image
+  folder = Path(folder)
+  folder.mkdir(parents=True, exist_ok=True)
+  for k, scene in enumerate(scenes.subject_scenes(subject, n)):
+    Image.fromarray(scenes.render(scene)).save(folder / f"{k:03d}.png")
+  return folder
+
+
+def score(metric, images: np.ndarray, prompts: list[EvalPrompt], seeds: int,
+          subject: scenes.Subject, references: np.ndarray) -> dict[str, float]:
+  """The five numbers of one subject. images [len(prompts) * seeds, 32, 32, 3] uint8 in
+  prompt-major order; references uint8 [R, 32, 32, 3]. `metric` is (config, params)."""
+  from persona_jax.world import metric_encoder as me
+  feats, pred = me.predict(*metric, images)
+  ref_feats, _ = me.predict(*metric, references)
+  kinds = np.repeat([p.kind for p in prompts], seeds)
+  backgrounds = np.repeat([p.background or "" for p in prompts], seeds)
+  names = lambda k: np.asarray(scenes.ATTRIBUTES[k])[pred[k]]
+  look = dict(colour=subject.look.colour, pattern=subject.look.pattern,
+              pattern_colour=subject.look.pattern_colour or "none")
+  is_look = np.all([names(k) == v for k, v in look.items()], axis=0)
+  is_class = names("class") == subject.cls
+  on_background = names("background") == backgrounds
+  personal = kinds != "class"
+  similarity = feats[personal] @ ref_feats.T
+  return {
+      "subject_similarity": float(similarity.mean()),
+      "subject_match": float(np.mean((is_look & is_class)[personal])),
+      "prompt_fidelity": float(np.mean(on_background[kinds == "context"])),
+      "class_fidelity": float(np.mean((is_class & on_background)[kinds == "class"])),
+      "drift": float(np.mean(is_look[kinds == "class"])),
+  }
+
+
+def _train(cfg: EvalConfig, subject: scenes.Subject, instance_dir: Path, workdir: Path,
+           class_dir: Path):
+  """Trains the method on one subject; returns (run, final trainable params, seconds)."""
+  from ml_collections import ConfigDict
+
+  from persona_jax.cli import load_config
+  from persona_jax.train.config import run_config
+  from persona_jax.train.loop import train
+  recipe = RECIPES[cfg.method]
+  c: ConfigDict = load_config(f"{recipe.config}:tiny")
+  steps = recipe.steps if cfg.steps is None else cfg.steps
+  values = {"model": cfg.model, "data.instance_dir": str(instance_dir), "data.resolution": 32,
+            "data.random_flip": 0.0, "steps": steps, "batch_size": cfg.batch_size,
+            "optim.lr": recipe.lr if cfg.lr is None else cfg.lr, "optim.scale_lr": False,
+            "seed": cfg.seed, "log_every": max(1, min(25, steps)), "checkpoint_every": steps,
+            "keep_checkpoints": 1, "sample_every": 0, "sample_prompts": (),
+            "mixed_precision": "no"}
+  for key, value in recipe.options:
+    values[key] = value.format(cls=subject.cls) if isinstance(value, str) else value
+  if recipe.prior:
+    values.update({"data.class_prompt": f"a photo of a {subject.cls}",
+                   "data.class_dir": str(class_dir), "data.num_class_images": cfg.class_images,
+                   "data.class_sample_steps": cfg.sample_steps, "data.class_guidance": cfg.guidance})
+  for key, value in values.items():
+    node = c
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  start = time.perf_counter()
+  summary = train(run_config(c), workdir, progress=False)
+  state = summary["state"]
+  final = state.ema if state.ema is not None else state.trainable
+  return summary["run"], final, time.perf_counter() - start
+
+
+def evaluate(cfg: EvalConfig, out: Path, progress: bool = True) -> dict:
+  """Runs the evaluation; writes OUT/eval.json and a sample grid per subject; returns the
+  summary (mean metrics over subjects, per-subject rows, wall times)."""
+  import jax
+
+  from persona_jax.default_model import resolve_model
+  from persona_jax.images import grid, save_png
+  from persona_jax.methods.base import MethodConditioning
+  from persona_jax.pipeline import load_pipeline
+  from persona_jax.text_to_image import SampleOptions, text_to_image
+  from persona_jax.world import metric_encoder as me
+  out = Path(out)
+  out.mkdir(parents=True, exist_ok=True)
+  metric = me.load(cfg.metric)
+  options = SampleOptions(steps=cfg.sample_steps, guidance=cfg.guidance, seed=cfg.seed,
+                          height=32, width=32, batch_size=16)
+  base = None
+  rows = []
+  for subject in eval_subjects(cfg.subjects):
+    name = subject.words.replace(" ", "_")
+    refs_dir = write_references(subject, out / "references" / name, cfg.references)
+    references = np.stack([scenes.render(s) for s in scenes.subject_scenes(subject, cfg.references)])
+    prompts = prompts_for(subject, subject_phrase(cfg.method, subject), cfg.contexts)
+    train_seconds = 0.0
+    if cfg.method in UNTRAINED:
+      base = base or load_pipeline(resolve_model(cfg.model))
+      kwargs = {}
+      pipe = base
+    else:
+      run, final, train_seconds = _train(cfg, subject, refs_dir, out / "runs" / name,
+                                         out / "class_images" / subject.cls)
+      pipe = run.pipe
+      kwargs = dict(params=run.full_params(jax.device_get(final)), tokenizer=run.tokenizer,
+                    conditioning=MethodConditioning(run.method),
+                    expand_prompt=run.method.expand_prompt)
+    start = time.perf_counter()
+    images = text_to_image(pipe, [p.text for p in prompts], "", cfg.seeds, options,
+                           progress=progress, **kwargs)
+    sample_seconds = time.perf_counter() - start
+    save_png(grid(images, cols=cfg.seeds), out / "samples" / f"{name}.png")
+    row = {"subject": subject.words, **score(metric, images, prompts, cfg.seeds, subject, references),
+           "train_seconds": round(train_seconds, 1), "sample_seconds": round(sample_seconds, 1),
+           "prompts": [p.text for p in prompts]}
+    log.info("%s on %s: %s", cfg.method, subject.words,
+             ", ".join(f"{k} {v:.3f}" for k, v in row.items() if isinstance(v, float)))
+    rows.append(row)
+  keys = ("subject_similarity", "subject_match", "prompt_fidelity", "class_fidelity", "drift")
+  summary = {"method": cfg.method, "config": dataclasses.asdict(cfg),
+             "steps": 0 if cfg.method in UNTRAINED else (cfg.steps or RECIPES[cfg.method].steps),
+             **{k: float(np.mean([r[k] for r in rows])) for k in keys},
+             "train_seconds": float(np.mean([r["train_seconds"] for r in rows])),
+             "subjects": rows}
+  tmp = out / ".eval.json.tmp"
+  tmp.write_text(json.dumps(summary, indent=2))
+  tmp.replace(out / "eval.json")
+  return summary
+
+
+def table_row(summary: dict) -> str:
+  """One markdown row: method, steps, train seconds per subject, the five numbers."""
+  return (f"| {summary['method']} | {summary['steps']} | {summary['train_seconds']:.0f} | "
+          f"{summary['subject_similarity']:.3f} | {summary['subject_match']:.2f} | "
+          f"{summary['prompt_fidelity']:.2f} | {summary['class_fidelity']:.2f} | "
+          f"{summary['drift']:.2f} |")
+
+
+TABLE_HEADER = ("| method | steps | train s / subject | subject similarity | subject match | "
+                "prompt fidelity | class fidelity | drift |\n|---|---|---|---|---|---|---|---|")

@@ -1,0 +1,65 @@
+"""The efficacy benchmark's subjects, prompts and scores (scored here by an oracle that knows each
+image's scene, so the arithmetic is checked apart from the metric encoder)."""
+
+import numpy as np
+import pytest
+
+from persona_jax.errors import ConfigError
+from persona_jax.world import efficacy as ef
+from persona_jax.world import metric_encoder as me
+from persona_jax.world import scenes
+
+
+def test_subjects_are_held_out_fixed_and_cycle_through_the_classes():
+  picked = ef.eval_subjects(8)
+  assert picked == ef.eval_subjects(8) and picked[:3] == ef.eval_subjects(3)
+  assert all(s.look in scenes.HELD_OUT_LOOKS for s in picked)
+  assert [s.cls for s in picked[:6]] == list(scenes.CLASSES)
+  assert len(set(picked)) == 8
+
+
+def test_prompts_use_new_backgrounds_and_the_class_prompts_drop_the_identifier():
+  subject = ef.eval_subjects(1)[0]
+  prompts = ef.prompts_for(subject, f"sks {subject.cls}", contexts=2)
+  assert [p.kind for p in prompts] == ["subject", "context", "context", "class", "class"]
+  assert prompts[0].text == f"a photo of a sks {subject.cls}"
+  for p in prompts[1:]:
+    assert p.background not in scenes.reference_backgrounds()
+    assert p.background not in (subject.look.colour, subject.look.pattern_colour)
+    assert p.text.endswith(scenes.background_phrase(p.background))
+    assert ("sks" in p.text) == (p.kind == "context")
+  assert ef.subject_phrase("base_described", subject) == subject.words
+  assert ef.subject_phrase("textual_inversion", subject) == "<sks>"
+  with pytest.raises(ConfigError, match="not one of"):
+    ef.EvalConfig(method="dreambooh")
+
+
+def test_scores_count_matches_backgrounds_and_drift(monkeypatch):
+  subject = ef.eval_subjects(1)[0]
+  prompts = ef.prompts_for(subject, f"sks {subject.cls}", contexts=2)
+  other = scenes.Look("red") if subject.look.colour != "red" else scenes.Look("blue")
+  # Two seeds per prompt. Subject prompt: the subject twice. Context prompts: the subject on the
+  # asked background, then a wrong look on it. Class prompts: one generic, one collapsed onto the
+  # subject's look, both on the asked background.
+  shown = [scenes.Scene(subject.cls, subject.look, "large", "center", "white")] * 2
+  for p in prompts[1:3]:
+    shown += [scenes.Scene(subject.cls, subject.look, "large", "center", p.background),
+              scenes.Scene(subject.cls, other, "large", "center", p.background)]
+  for p in prompts[3:]:
+    shown += [scenes.Scene(subject.cls, other, "large", "center", p.background),
+              scenes.Scene(subject.cls, subject.look, "large", "center", p.background)]
+  images = np.stack([scenes.render(s) for s in shown])
+  references = np.stack([scenes.render(s) for s in scenes.subject_scenes(subject, 3)])
+  lookup = {images[i].tobytes(): s for i, s in enumerate(shown)}
+  lookup.update({r.tobytes(): s for r, s in zip(references, scenes.subject_scenes(subject, 3))})
+
+  def oracle(config, params, batch):
+    truth = [lookup[np.asarray(x).tobytes()] for x in batch]
+    feats = np.asarray([[1.0, 0.0] if s.look == subject.look else [0.0, 1.0] for s in truth])
+    return feats, me.labels(truth)
+
+  monkeypatch.setattr(me, "predict", oracle)
+  got = ef.score((None, None), images, prompts, 2, subject, references)
+  # Subject and context rows: 4 of 6 are the subject; similarity is 1 for those, 0 otherwise.
+  assert got == pytest.approx({"subject_similarity": 4 / 6, "subject_match": 4 / 6,
+                               "prompt_fidelity": 1.0, "class_fidelity": 1.0, "drift": 0.5})
