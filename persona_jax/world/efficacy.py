@@ -162,8 +162,7 @@ def score(metric, images: np.ndarray, prompts: list[EvalPrompt], seeds: int,
   kinds = np.repeat([p.kind for p in prompts], seeds)
   backgrounds = np.repeat([p.background or "" for p in prompts], seeds)
   names = lambda k: np.asarray(scenes.ATTRIBUTES[k])[pred[k]]
-  look = dict(colour=subject.look.colour, pattern=subject.look.pattern,
-              pattern_colour=subject.look.pattern_colour or "none")
+  look = scenes.look_attributes(subject.look)
   is_look = np.all([names(k) == v for k, v in look.items()], axis=0)
   is_class = names("class") == subject.cls
   on_background = names("background") == backgrounds

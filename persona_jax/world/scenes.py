@@ -69,9 +69,23 @@ def _stable_hash(text: str) -> int:
   return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
 
 
-# One patterned look in ten is never shown in pre-training: subjects are drawn from these.
+# Stripes and checks give both colours half the object, so "red and white striped" and "white and
+# red striped" look the same: the canonical look names those colours in COLOURS order.
+SYMMETRIC_PATTERNS = ("striped", "checked")
+
+
+def canonical_look(look: Look) -> Look:
+  """The look as the image shows it (symmetric patterns: colours in COLOURS order)."""
+  if look.pattern in SYMMETRIC_PATTERNS:
+    first, second = sorted((look.colour, look.pattern_colour), key=list(COLOURS).index)
+    return Look(first, look.pattern, second)
+  return look
+
+
+# One patterned look in ten (both orders of a symmetric one) is never shown in pre-training:
+# subjects are drawn from these.
 HELD_OUT_LOOKS = frozenset(l for l in all_looks()
-                           if l.pattern != "plain" and _stable_hash(repr(l)) % 10 == 0)
+                           if l.pattern != "plain" and _stable_hash(repr(canonical_look(l))) % 10 == 0)
 
 
 _TRAIN_PATTERNED = tuple(l for l in all_looks() if l.pattern != "plain" and l not in HELD_OUT_LOOKS)
@@ -90,8 +104,9 @@ class Subject:
 
 
 def subjects() -> list[Subject]:
-  """Every (class, held-out look) pair, in a fixed order."""
-  return [Subject(c, l) for c in CLASSES for l in sorted(HELD_OUT_LOOKS, key=repr)]
+  """Every (class, held-out canonical look) pair, in a fixed order."""
+  looks = sorted((l for l in HELD_OUT_LOOKS if l == canonical_look(l)), key=repr)
+  return [Subject(c, l) for c in CLASSES for l in looks]
 
 
 def describe_look(look: Look) -> str:
@@ -307,10 +322,17 @@ def render_batch(arrays: dict, size: int = 32):
   return jax.vmap(one)(arrays)
 
 
+def look_attributes(look: Look) -> dict[str, str]:
+  """colour, pattern, pattern colour ("none" when plain) of the canonical look."""
+  look = canonical_look(look)
+  return {"colour": look.colour, "pattern": look.pattern,
+          "pattern_colour": look.pattern_colour or "none"}
+
+
 def scene_attributes(scene: Scene) -> dict[str, str]:
-  """The attributes a metric encoder predicts: class, colour, pattern, pattern colour, background."""
-  return {"class": scene.cls, "colour": scene.look.colour, "pattern": scene.look.pattern,
-          "pattern_colour": scene.look.pattern_colour or "none", "background": scene.background}
+  """The attributes a metric encoder predicts (what the image shows): class, colour, pattern,
+  pattern colour, background."""
+  return {"class": scene.cls, **look_attributes(scene.look), "background": scene.background}
 
 
 ATTRIBUTES = {"class": CLASSES, "colour": tuple(COLOURS), "pattern": PATTERNS,
@@ -329,5 +351,5 @@ def batch(seed: int, split: str, start: int, n: int, size: int = 32, captions: b
 __all__ = ["CLASSES", "COLOURS", "PATTERNS", "SIZES", "POSITIONS", "BACKGROUNDS", "TEXTURES",
            "ATTRIBUTES", "HELD_OUT_LOOKS", "Look", "Scene", "Subject", "all_looks", "subjects",
            "sample_scene", "subject_scenes", "reference_backgrounds", "caption", "render",
-           "scene_attributes", "describe_look", "background_phrase", "batch", "scene_arrays",
+           "scene_attributes", "look_attributes", "canonical_look", "describe_look", "background_phrase", "batch", "scene_arrays",
            "render_batch"]
