@@ -10,7 +10,8 @@
           schedule with trailing spacing (SD's schedule keeps ~7% of the signal at its last
           step, which leaks exactly the colours this world tests)
 The UNet and text encoder then train together through the ordinary `train` command
-(configs/toy_pretrain.py: a full fine-tune of both with caption dropout).
+(configs/toy_pretrain.py: a full fine-tune of both with caption dropout), and last a CLIP image
+encoder trains contrastively against that text encoder (MODEL/image_encoder).
 """
 
 from __future__ import annotations
@@ -244,9 +245,10 @@ def build_base(workdir, *, num_images: int = 20000, vae: VAETraining = VAETraini
 
 def pretrain(workdir, *, num_images: int = 20000, vae: VAETraining = VAETraining(),
              unet_steps: int | None = None, batch_size: int | None = None,
-             progress: bool = True) -> dict:
+             image_encoder=None, progress: bool = True) -> dict:
   """The whole recipe: build_base, then the UNet + text encoder stage (configs/toy_pretrain.py)
-  in WORKDIR/unet, whose result is WORKDIR/unet/model. Every stage resumes."""
+  in WORKDIR/unet, whose result is WORKDIR/unet/model, then its image_encoder/. Every stage
+  resumes or is skipped when done."""
   from persona_jax.cli import load_config
   from persona_jax.train.config import run_config
   from persona_jax.train.loop import train
@@ -258,4 +260,23 @@ def pretrain(workdir, *, num_images: int = 20000, vae: VAETraining = VAETraining
     c.steps = unet_steps
   if batch_size is not None:
     c.batch_size = batch_size
-  return train(run_config(c), workdir / "unet", progress=progress)
+  result = train(run_config(c), workdir / "unet", progress=progress)
+  model = workdir / "unet" / "model"
+  if not (model / "image_encoder" / "config.json").is_file():
+    result["outputs"].append(str(add_image_encoder(model, image_encoder)))
+  return result
+
+
+def add_image_encoder(model_dir: Path, t=None) -> Path:
+  """The image_encoder stage: a CLIP image encoder trained contrastively against the model's
+  text encoder (world/toy_image_encoder.py), written into MODEL/image_encoder."""
+  from persona_jax.pipeline import load_pipeline
+  from persona_jax.world import toy_image_encoder as tie
+  pipe = load_pipeline(model_dir)
+  config, params, loss = tie.train_image_encoder(pipe, t or tie.ContrastiveTraining())
+  accuracy = tie.retrieval_accuracy(pipe, config, params)
+  log.info("image encoder: final loss %.4f, caption retrieval top-1 %.3f on held-out scenes",
+           loss, accuracy)
+  write_json(Path(model_dir) / "image_encoder_training.json",
+             {"loss": loss, "retrieval_top1": accuracy})
+  return tie.write_image_encoder(model_dir, config, params)
