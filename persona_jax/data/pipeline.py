@@ -90,7 +90,9 @@ def concept_configs(config: DataConfig) -> list[DataConfig]:
 
 
 def example_subject_dir() -> Path:
-  """The bundled example subject images (package data)."""
+  """The bundled example subject (package data): four 128x128 renders of the toy world's first
+  evaluation subject, a pink ball with yellow dots (`world.efficacy.eval_subjects(1)[0]`), a look
+  the toy base model never saw in pre-training."""
   import importlib.resources
   return Path(str(importlib.resources.files("persona_jax") / "assets" / "example_subject"))
 

@@ -63,3 +63,14 @@ def test_scores_count_matches_backgrounds_and_drift(monkeypatch):
   # Subject and context rows: 4 of 6 are the subject; similarity is 1 for those, 0 otherwise.
   assert got == pytest.approx({"subject_similarity": 4 / 6, "subject_match": 4 / 6,
                                "prompt_fidelity": 1.0, "class_fidelity": 1.0, "drift": 0.5})
+
+
+def test_bundled_example_subject_is_the_first_eval_subject():
+  from PIL import Image
+
+  from persona_jax.data.pipeline import example_subject_dir
+  subject = ef.eval_subjects(1)[0]
+  files = sorted(example_subject_dir().glob("*.png"))
+  assert len(files) == 4
+  for f, scene in zip(files, scenes.subject_scenes(subject, 4)):
+    np.testing.assert_array_equal(np.asarray(Image.open(f)), scenes.render(scene, 128))
