@@ -45,6 +45,8 @@ class MetricEncoder(nn.Module):
   def __call__(self, images):
     x = images.astype(jnp.float32) / 127.5 - 1.0
     x = nn.silu(nn.Conv(self.config.widths[0], (3, 3), name="stem")(x))       # 32 x 32
+    x = nn.silu(nn.GroupNorm(8, name="stem_norm")(nn.Conv(self.config.widths[0], (3, 3),
+                                                          name="stem_conv")(x)))
     for i, w in enumerate(self.config.widths):           # 32 -> 16 -> 8 -> 4
       x = nn.Conv(w, (3, 3), strides=2, name=f"down{i}")(x)
       for j in range(2 if i else 1):

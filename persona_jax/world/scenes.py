@@ -29,7 +29,7 @@ COLOURS = {
     "brown": (128, 80, 40), "gray": (128, 128, 128),
 }
 PATTERNS = ("plain", "striped", "dotted", "checked")
-SIZES = {"small": 0.16, "medium": 0.22, "large": 0.29}          # radius / image side
+SIZES = {"small": 0.2, "medium": 0.26, "large": 0.32}           # radius / image side
 POSITIONS = {"left": 0.33, "center": 0.5, "right": 0.67}            # x of the centre / image side
 BG_COLOURS = ("white", "black", "gray", "blue", "green", "red", "yellow", "pink", "brown",
               "purple", "orange")
@@ -248,13 +248,15 @@ def _shape(cls: str, u, v, xp=np) -> np.ndarray:
 
 def _pattern(name: str, u, v, xp=np) -> np.ndarray:
   """Where the pattern's second colour goes, in object coordinates."""
+  # Periods of 0.7-0.8 radius: at 32x32 even a small object's stripes, dots and checks are
+  # two or more pixels wide.
   if name == "striped":
-    return (u * 2.5) % 1 < 0.5
+    return (u * 1.25) % 1 < 0.5
   if name == "dotted":
-    gu, gv = (u * 2.2) % 1 - 0.5, (v * 2.2) % 1 - 0.5
+    gu, gv = (u * 1.4) % 1 - 0.5, (v * 1.4) % 1 - 0.5
     return gu * gu + gv * gv < 0.09
   if name == "checked":
-    return ((xp.floor(u * 2.5) + xp.floor(v * 2.5)) % 2) == 0
+    return ((xp.floor(u * 1.4) + xp.floor(v * 1.4)) % 2) == 0
   raise ValueError(f"unknown pattern {name!r}")
 
 
