@@ -1,0 +1,229 @@
+"""Textual Inversion embedding files: our exports load in diffusers and encode prompts as we do;
+every layout we read comes back as {token: float32 [N, D]}; bad files and tokens are named."""
+
+import copy
+
+import ml_dtypes
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from persona_jax.convert import embedding_formats as ef
+from persona_jax.errors import ConfigError, ModelFileError, PickleRefusedError
+from persona_jax.text_to_image import SampleOptions, text_to_image
+from persona_jax.tokenizer import tokenize
+from tests.torch_reference import require_torch
+
+D = 32   # the random sd1 model's text width
+
+
+def rows(n, seed=0):
+  return np.random.default_rng(seed).normal(size=(n, D)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def diffusers_pipe(model_dirs):
+  """diffusers' StableDiffusionPipeline (torch, float32) over the random sd1 folder."""
+  require_torch()
+  from diffusers import StableDiffusionPipeline
+  from diffusers.utils import logging
+  logging.disable_progress_bar()
+  return StableDiffusionPipeline.from_pretrained(model_dirs["sd1"], safety_checker=None)
+
+
+@pytest.fixture
+def fresh(diffusers_pipe):
+  """(tokenizer, text_encoder) copies for one test, so new ids start at the vocabulary size."""
+  return copy.deepcopy(diffusers_pipe.tokenizer), copy.deepcopy(diffusers_pipe.text_encoder)
+
+
+def diffusers_encode(pipe, tokenizer, text_encoder, prompt):
+  """diffusers' prompt path: maybe_convert_prompt, pad to 77, the text encoder's last state."""
+  import torch
+  prompt = pipe.maybe_convert_prompt(prompt, tokenizer)
+  ids = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length,
+                  truncation=True, return_tensors="pt").input_ids
+  with torch.no_grad():
+    return ids.numpy(), text_encoder(ids)[0].numpy()
+
+
+def ours_encode(result, prompt):
+  ids = tokenize(result.tokenizer, [result.expand_prompt(prompt)])
+  te = result.pipe.text_encoder
+  return ids, np.asarray(te.apply({"params": result.pipe.params["text_encoder"]}, ids).last_hidden_state)
+
+
+def check_same_as_diffusers(diffusers_pipe, fresh, result, prompt, new_rows):
+  """The loader grew diffusers' table by our rows; ids and last hidden states match ours."""
+  tokenizer, text_encoder = fresh
+  v = len(diffusers_pipe.tokenizer)
+  assert len(tokenizer) == v + len(new_rows)
+  table = text_encoder.get_input_embeddings().weight.detach().numpy()
+  np.testing.assert_array_equal(table[v:], new_rows)
+  assert tokenizer.convert_ids_to_tokens(list(range(v, v + len(new_rows)))) == list(
+      result.tokenizer.convert_ids_to_tokens(list(range(v, v + len(new_rows)))))
+  theirs_ids, theirs = diffusers_encode(diffusers_pipe, tokenizer, text_encoder, prompt)
+  ours_ids, ours = ours_encode(result, prompt)
+  np.testing.assert_array_equal(ours_ids, theirs_ids)
+  assert set(range(v, v + len(new_rows))) <= set(ours_ids[0].tolist())
+  np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
+
+
+# --- export -> diffusers' own loader ------------------------------------------------------------
+
+def test_diffusers_file_multi_vector_loads_in_diffusers(diffusers_pipe, fresh, pipes, tmp_path):
+  vectors = rows(2)
+  path = ef.write_diffusers_embedding({"<cat-toy>": vectors}, tmp_path, {"base_model": "sd1"})
+  assert path == tmp_path / "learned_embeds.safetensors"
+  from safetensors import safe_open
+  with safe_open(str(path), "np") as f:
+    assert f.metadata()["format"] == "pt" and f.metadata()["base_model"] == "sd1"
+    assert list(f.keys()) == ["<cat-toy>"] and f.get_tensor("<cat-toy>").dtype == np.float32
+  diffusers_pipe.load_textual_inversion(str(tmp_path), tokenizer=fresh[0], text_encoder=fresh[1])
+  assert fresh[0].convert_tokens_to_ids(["<cat-toy>", "<cat-toy>_1"]) == [49408, 49409]
+  result = ef.with_embeddings(pipes["sd1"], ef.read_embedding_file(tmp_path))
+  assert result.expand_prompt("a <cat-toy> toy") == "a <cat-toy> <cat-toy>_1 toy"
+  check_same_as_diffusers(diffusers_pipe, fresh, result, "a photo of <cat-toy> on a table", vectors)
+
+
+def test_a1111_file_loads_in_diffusers_with_its_trigger_word(diffusers_pipe, fresh, pipes, tmp_path):
+  vectors = rows(1, seed=1)
+  path = ef.write_a1111_embedding("<my/style>", vectors, tmp_path)
+  assert path.name == "mystyle.safetensors"
+  from safetensors.numpy import load_file
+  assert list(load_file(path)) == ["emb_params"]
+  diffusers_pipe.load_textual_inversion(str(path), token="mystyle", tokenizer=fresh[0],
+                                        text_encoder=fresh[1])
+  embeddings = ef.read_embedding_file(path, width=D)
+  assert list(embeddings) == ["mystyle"]
+  result = ef.with_embeddings(pipes["sd1"], embeddings)
+  check_same_as_diffusers(diffusers_pipe, fresh, result, "a house in mystyle, detailed", vectors)
+
+
+def test_custom_diffusion_token_file_loads_in_diffusers(diffusers_pipe, fresh, pipes, tmp_path):
+  vector = rows(1, seed=2)[0]
+  save_file({"<new1>": vector}, str(tmp_path / "<new1>.safetensors"))
+  diffusers_pipe.load_textual_inversion(str(tmp_path), weight_name="<new1>.safetensors",
+                                        tokenizer=fresh[0], text_encoder=fresh[1])
+  result = ef.with_embeddings(pipes["sd1"], ef.read_embedding_file(tmp_path / "<new1>.safetensors"))
+  check_same_as_diffusers(diffusers_pipe, fresh, result, "a <new1> cat", vector[None])
+
+
+def test_diffusers_file_holds_one_token(tmp_path):
+  with pytest.raises(ConfigError, match="exactly one token"):
+    ef.write_diffusers_embedding({"<a>": rows(1), "<b>": rows(1)}, tmp_path)
+
+
+def test_a1111_file_names():
+  assert ef.a1111_file_name("<cat-toy>") == "cat-toy.safetensors"
+  assert ef.a1111_file_name('a b:c?"d*|\\') == "abcd.safetensors"
+  with pytest.raises(ConfigError, match="no characters usable"):
+    ef.a1111_file_name("<>")
+
+
+# --- sampling -----------------------------------------------------------------------------------
+
+def test_text_to_image_samples_with_the_embedding(pipes):
+  """A 2-vector token holding the rows of 'red' and 'ball' draws the image 'red ball' draws."""
+  pipe = pipes["sd1"]
+  table = np.asarray(pipe.params["text_encoder"]["embeddings"]["token_embedding"]["embedding"])
+  red_ball = tokenize(pipe.tokenizer, ["red ball"])[0][1:3]
+  result = ef.with_embeddings(pipe, {"<rb>": table[red_ball]})
+  assert result.pipe.text_encoder_config.vocab_size == table.shape[0] + 2
+  assert result.pipe.tokenizer is result.tokenizer
+  options = SampleOptions(steps=2, batch_size=1)
+
+  def draw(prompt):
+    return text_to_image(result.pipe, prompt, options=options, tokenizer=result.tokenizer,
+                         expand_prompt=result.expand_prompt, progress=False)
+  with_token = draw("a photo of <RB>")       # CLIP matches added tokens case-insensitively
+  np.testing.assert_array_equal(with_token, draw("a photo of red ball"))
+  assert not np.array_equal(with_token, draw("a photo of ball"))
+
+
+def test_with_embeddings_refuses_vocabulary_tokens(pipes):
+  with pytest.raises(ConfigError, match="'dog' is already a token"):
+    ef.with_embeddings(pipes["sd1"], {"dog": rows(1)})
+  with pytest.raises(ConfigError, match="embedding token 'Dog'.*'dog' is already a token"):
+    ef.with_embeddings(pipes["sd1"], {"Dog": rows(1)})
+  with pytest.raises(ConfigError, match="repeat"):
+    ef.with_embeddings(pipes["sd1"], {"<a>": rows(2), "<A>_1": rows(1)})
+  with pytest.raises(ConfigError, match="width 7, but this model's text encoder needs 32"):
+    ef.with_embeddings(pipes["sd1"], {"<a>": np.zeros((1, 7), np.float32)})
+
+
+# --- import -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name,tensors,token,want_token,n", [
+    ("learned_embeds.safetensors", {"<tok>": rows(3)}, None, "<tok>", 3),          # diffusers
+    ("learned_embeds.safetensors", {"<tok>": rows(1)[0]}, None, "<tok>", 1),       # diffusers (D,)
+    ("learned_embeds.safetensors", {"<tok>": rows(1)}, "<other>", "<other>", 1),   # token=
+    ("my-style.safetensors", {"emb_params": rows(2)}, None, "my-style", 2),        # A1111/OneTrainer
+    ("my-style.safetensors", {"emb_params": rows(2)}, "<s>", "<s>", 2),
+    ("old.safetensors", {"string_to_param.*": rows(4),
+                         "string_to_token.*": np.array([265], np.int64)}, None, "old", 4),
+    ("<new1>.safetensors", {"<new1>": rows(1)[0]}, None, "<new1>", 1),             # Custom Diffusion
+])
+def test_read_layouts(tmp_path, name, tensors, token, want_token, n):
+  path = tmp_path / name
+  save_file(tensors, str(path))
+  out = ef.read_embedding_file(path, token=token, width=D)
+  assert list(out) == [want_token]
+  value = out[want_token]
+  assert value.dtype == np.float32 and value.shape == (n, D)
+  source = next(v for k, v in tensors.items() if not k.startswith("string_to_token"))
+  np.testing.assert_array_equal(value, source.reshape(n, D))
+
+
+def test_read_half_precision_and_folder(tmp_path):
+  half = rows(2).astype(ml_dtypes.bfloat16)
+  ef.write_diffusers_embedding({"<h>": rows(2)}, tmp_path / "run")
+  save_file({"<h>": half}, str(tmp_path / "bf16.safetensors"))
+  out = ef.read_embedding_file(tmp_path / "bf16.safetensors")
+  assert out["<h>"].dtype == np.float32
+  np.testing.assert_array_equal(out["<h>"], half.astype(np.float32))
+  np.testing.assert_array_equal(ef.read_embedding_file(tmp_path / "run")["<h>"], rows(2))
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".bin", ".ckpt"])
+def test_read_refuses_pickles(tmp_path, suffix):
+  path = tmp_path / f"style{suffix}"
+  path.write_bytes(b"\x80\x04not read")
+  with pytest.raises(PickleRefusedError, match=rf"style\{suffix}: a pickle file; persona_jax does "
+                                               "not read pickles"):
+    ef.read_embedding_file(path)
+
+
+@pytest.mark.parametrize("tensors,match", [
+    ({"lora_unet_down.lora_down.weight": rows(4), "lora_unet_down.lora_up.weight": rows(4)},
+     "key 'lora_unet_down.lora_down.weight' fits no layout"),
+    ({"string_to_param.*": rows(1), "step": np.array([3])}, "key 'step' does not belong"),
+    ({"clip_g": rows(1), "clip_l": rows(1)}, "an SDXL embedding"),
+    ({"<t>": np.zeros((1, 2, D), np.float32)}, r"key '<t>': expected a float \[D\] or \[N, D\] "
+                                               r"tensor, got float32 \(1, 2, 32\)"),
+    ({"<t>": np.zeros((1, D), np.int32)}, "got int32"),
+])
+def test_read_names_the_key_that_fits_no_layout(tmp_path, tensors, match):
+  path = tmp_path / "thing.safetensors"
+  save_file(tensors, str(path))
+  with pytest.raises(ModelFileError, match=match) as e:
+    ef.read_embedding_file(path)
+  assert str(path) in str(e.value)
+
+
+def test_read_checks_the_width(tmp_path):
+  path = tmp_path / "wide.safetensors"
+  save_file({"emb_params": np.zeros((2, 1024), np.float32)}, str(path))
+  with pytest.raises(ModelFileError, match=r"wide.safetensors: embedding width 1024, but this "
+                                           "model's text encoder needs 768"):
+    ef.read_embedding_file(path, width=768)
+
+
+def test_read_missing_or_garbled_files(tmp_path):
+  with pytest.raises(ModelFileError, match="embedding file not found"):
+    ef.read_embedding_file(tmp_path / "nope.safetensors")
+  with pytest.raises(ModelFileError, match="embedding file not found"):
+    ef.read_embedding_file(tmp_path)            # a folder without learned_embeds.safetensors
+  (tmp_path / "bad.safetensors").write_bytes(b"garbage")
+  with pytest.raises(ModelFileError, match="bad.safetensors: cannot read safetensors"):
+    ef.read_embedding_file(tmp_path / "bad.safetensors")
