@@ -25,7 +25,7 @@ import numpy as np
 
 from persona_jax import tree
 from persona_jax.errors import ConfigError, ModelFileError
-from persona_jax.methods.lora import LoRAFactors, load_lora_file
+from persona_jax.methods.lora import LoRAFactors
 from persona_jax.models import block_names
 from persona_jax.models.configs import UNetConfig
 
@@ -158,7 +158,8 @@ def _number(text: str) -> float | None:
 
 def with_loras(base_params, specs: Sequence[LoRASpec], unet_config: UNetConfig):
   """The base params with the LoRA files of `specs` merged in, each at its weight x blocks."""
-  loras = [load_lora_file(s.path, base_params) for s in specs]
+  from persona_jax.convert.lora_formats import read_lora_file
+  loras = [read_lora_file(s.path, base_params) for s in specs]
   weights = np.stack([
       s.weight * (block_weights(s.blocks, unet_config, f"--lora {s.path}: blocks") if s.blocks
                   else np.ones(len(block_names.all_blocks(unet_config)), np.float32))

@@ -1,0 +1,306 @@
+"""LoRA files in the formats other tools read and write (formats.md 4.1).
+
+Every format holds, per adapted module, a down factor A and an up factor B with
+`W' = W + s * B @ A` (PyTorch layout: A [r, in(, kh, kw)], B [out, r(, 1, 1)]). Ours
+(`lora.safetensors`, methods/lora.py) holds a [fan_in, r], b [r, out] and alpha per kernel path.
+
+  diffusers / PEFT   `unet.<module>.lora_A.weight` / `.lora_B.weight`, text encoder under
+                     `text_encoder.text_model.<module>`; we fold the scale into B and write
+                     `lora_adapter_metadata` with lora_alpha = r (so it loads at scale 1 in
+                     diffusers >= 0.34 and, without reading the metadata, in older ones)
+  kohya / A1111      `lora_unet_<module, . -> _>.lora_down.weight` / `.lora_up.weight` / `.alpha`
+  (ComfyUI too)      and `lora_te_text_model_<...>`; scale = alpha / r
+  old diffusers      `unet.<module>.processor.to_q_lora.down.weight` (attention processors),
+                     `<module>.lora.down.weight`, `text_encoder.<...>.q_proj.lora_linear_layer.down`
+                     (read only)
+
+`read_lora_file` recognises each (and ours) by its keys and returns our LoRAFactors; a key it
+cannot place is an error naming the file and the key (diffusers silently ignores UNet keys
+without the `unet.` prefix; we do not).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from persona_jax import tree
+from persona_jax.convert.diffusers import torch_name
+from persona_jax.errors import ModelFileError
+from persona_jax.methods.lora import FILE_KEY, Factor, LoRAFactors, load_lora_file
+
+COMPONENTS = ("unet", "text_encoder")
+KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+PEFT_FILE = "pytorch_lora_weights.safetensors"
+
+
+def module_names(base_params) -> dict[str, str]:
+  """Our kernel path -> diffusers module name with its component prefix, for every UNet and text
+  encoder kernel: 'unet/down_blocks_0/.../to_q/kernel' -> 'unet.down_blocks.0....to_q',
+  'text_encoder/encoder/layers_0/self_attn/q_proj/kernel' ->
+  'text_encoder.text_model.encoder.layers.0.self_attn.q_proj'."""
+  out = {}
+  for path in tree.flatten(base_params):
+    parts = path.split("/")
+    if parts[0] not in COMPONENTS or parts[-1] != "kernel":
+      continue
+    module = torch_name(tuple(parts[1:]))[: -len(".weight")]
+    out[path] = f"{parts[0]}.{'text_model.' if parts[0] == 'text_encoder' else ''}{module}"
+  return out
+
+
+def kohya_name(module: str) -> str:
+  """'unet.down_blocks.0.attentions.0...' -> 'lora_unet_down_blocks_0_attentions_0...'."""
+  component, _, rest = module.partition(".")
+  return KOHYA_PREFIX[component] + rest.replace(".", "_")
+
+
+def to_torch(factor: Factor, kernel_shape) -> tuple[np.ndarray, np.ndarray]:
+  """(A [r, in(, kh, kw)], B [out, r(, 1, 1)]) of our factor for a kernel of `kernel_shape`
+  ([in, out] or HWIO); the scale is not applied."""
+  r = factor.a.shape[1]
+  if len(kernel_shape) == 4:
+    kh, kw, cin, cout = kernel_shape
+    down = factor.a.reshape(kh, kw, cin, r).transpose(3, 2, 0, 1)
+    return np.ascontiguousarray(down), np.ascontiguousarray(factor.b.T[:, :, None, None])
+  return np.ascontiguousarray(factor.a.T), np.ascontiguousarray(factor.b.T)
+
+
+def from_torch(down: np.ndarray, up: np.ndarray, kernel_shape, scale: float, where: str) -> Factor:
+  """Our Factor from PyTorch-layout factors (the inverse of `to_torch`); `where` names the key
+  in errors."""
+  down, up = np.asarray(down, np.float32), np.asarray(up, np.float32)
+  if up.ndim == 4:
+    if up.shape[2:] != (1, 1):
+      raise ModelFileError(f"{where}: up factor {list(up.shape)} is not [out, r, 1, 1]")
+    up = up[:, :, 0, 0]
+  r = down.shape[0]
+  if up.ndim != 2 or up.shape[1] != r:
+    raise ModelFileError(f"{where}: down {list(down.shape)} and up {list(up.shape)} do not share a rank")
+  if len(kernel_shape) == 4:
+    kh, kw, cin, cout = kernel_shape
+    if down.ndim == 2 and kh == kw == 1:
+      down = down[:, :, None, None]
+    if down.shape != (r, cin, kh, kw) or up.shape[0] != cout:
+      raise ModelFileError(f"{where}: factors {list(down.shape)} / {list(up.shape)} do not fit the "
+                           f"base's {kh}x{kw} conv from {cin} to {cout} channels")
+    a = down.transpose(2, 3, 1, 0).reshape(kh * kw * cin, r)
+  else:
+    cin, cout = kernel_shape
+    if down.ndim == 4 and down.shape[2:] == (1, 1):
+      down = down[:, :, 0, 0]
+    if down.shape != (r, cin) or up.shape[0] != cout:
+      raise ModelFileError(f"{where}: factors {list(down.shape)} / {list(up.shape)} do not fit the "
+                           f"base's linear layer from {cin} to {cout}")
+    a = down.T
+  return Factor(np.ascontiguousarray(a), np.ascontiguousarray(up.T), np.asarray(scale, np.float32))
+
+
+# ---------------------------------------------------------------------------------------------
+# writing
+
+def _shapes(base_params) -> dict[str, tuple]:
+  return {p: tuple(v.shape) for p, v in tree.flatten(base_params).items()}
+
+
+def peft_state_dict(factors: LoRAFactors, base_params) -> tuple[dict, dict]:
+  """(tensors, metadata) of the diffusers/PEFT file, the scale folded into B."""
+  names, shapes = module_names(base_params), _shapes(base_params)
+  tensors, ranks = {}, {}
+  for path, f in sorted(factors.items()):
+    down, up = to_torch(f, shapes[path])
+    module = names[path]
+    tensors[f"{module}.lora_A.weight"] = down
+    tensors[f"{module}.lora_B.weight"] = (up * np.float32(f.scale)).astype(np.float32)
+    ranks[module] = down.shape[0]
+  config = {}
+  for component in COMPONENTS:
+    # Module names relative to the component; the text encoder's without `text_model.`: PEFT
+    # matches target names as suffixes, so they fit transformers 4 (text_model.encoder...) and
+    # 5 (encoder...) alike.
+    mine = {m[len(component) + 1:].removeprefix("text_model."): r for m, r in ranks.items()
+            if m.startswith(component + ".")}
+    if not mine:
+      continue
+    r = Counter(mine.values()).most_common(1)[0][0]
+    pattern = {m: v for m, v in mine.items() if v != r}
+    config.update({f"{component}.r": r, f"{component}.lora_alpha": r,
+                   f"{component}.target_modules": sorted(mine),
+                   f"{component}.rank_pattern": pattern, f"{component}.alpha_pattern": dict(pattern),
+                   f"{component}.use_dora": False, f"{component}.lora_bias": False})
+  return tensors, {"lora_adapter_metadata": json.dumps(config, indent=2, sort_keys=True),
+                   "format": "pt"}
+
+
+def kohya_state_dict(factors: LoRAFactors, base_params, *, base_version: str) -> tuple[dict, dict]:
+  """(tensors, metadata) of the kohya / A1111 / ComfyUI file; `base_version` is kohya's
+  ss_base_model_version ("sd_v1", "sd_v2", "sd_v2_v")."""
+  names, shapes = module_names(base_params), _shapes(base_params)
+  tensors, ranks, alphas = {}, [], []
+  for path, f in sorted(factors.items()):
+    down, up = to_torch(f, shapes[path])
+    name = kohya_name(names[path])
+    r = down.shape[0]
+    alpha = np.float32(f.scale) * r
+    tensors[f"{name}.lora_down.weight"] = down
+    tensors[f"{name}.lora_up.weight"] = up
+    tensors[f"{name}.alpha"] = np.asarray(alpha, np.float32)
+    ranks.append(r)
+    alphas.append(float(alpha))
+  metadata = {"ss_network_module": "networks.lora", "ss_network_dim": str(max(ranks)),
+              "ss_network_alpha": str(max(alphas)), "ss_base_model_version": base_version,
+              "ss_v2": str(base_version.startswith("sd_v2")),
+              "modelspec.sai_model_spec": "1.0.1",
+              "modelspec.architecture": ("stable-diffusion-v2-768-v" if base_version == "sd_v2_v"
+                                         else "stable-diffusion-v2-512" if base_version == "sd_v2"
+                                         else "stable-diffusion-v1") + "/lora"}
+  return tensors, metadata
+
+
+def base_version(pipe) -> str:
+  """kohya's ss_base_model_version of a pipeline: SD 2.x has a 1024-wide text encoder."""
+  if pipe.text_encoder_config.hidden_size >= 1024:
+    return "sd_v2_v" if pipe.scheduler_config.get("prediction_type") == "v_prediction" else "sd_v2"
+  return "sd_v1"
+
+
+# ---------------------------------------------------------------------------------------------
+# reading
+
+_PEFT = re.compile(r"(.+)\.lora_([AB])\.weight")
+_KOHYA = re.compile(r"(lora_(?:unet|te)_.+)\.(lora_down\.weight|lora_up\.weight|alpha)")
+_OLD = [  # (pattern, module rewrite): the older diffusers spellings
+    (re.compile(r"(.+)\.processor\.(to_q|to_k|to_v)_lora\.(down|up)\.weight"), r"\1.\2"),
+    (re.compile(r"(.+)\.processor\.to_out_lora\.(down|up)\.weight"), r"\1.to_out.0"),
+    (re.compile(r"(.+)\.to_(q|k|v)_lora\.(down|up)\.weight"), r"\1.\2_proj"),
+    (re.compile(r"(.+)\.to_out_lora\.(down|up)\.weight"), r"\1.out_proj"),
+    (re.compile(r"(.+)\.lora_linear_layer\.(down|up)\.weight"), r"\1"),
+    (re.compile(r"(.+)\.lora\.(down|up)\.weight"), r"\1"),
+]
+
+
+def _diffusers_key(key: str):
+  """(module, 'down' | 'up') of a diffusers-family key (PEFT or an older spelling), else None.
+  diffusers itself mixes them: `convert_state_dict_to_diffusers` writes text-encoder attention
+  as `q_proj.lora_linear_layer.down` beside `fc1.lora_A`."""
+  m = _PEFT.fullmatch(key)
+  if m:
+    return m[1], {"A": "down", "B": "up"}[m[2]]
+  for pattern, rewrite in _OLD:
+    m = pattern.fullmatch(key)
+    if m:
+      return m.expand(rewrite), m[m.lastindex]
+  return None
+
+
+def detect_format(keys) -> str:
+  """'persona_jax', 'kohya' or 'diffusers' (PEFT and the older spellings) from a file's keys
+  (the first that all keys fit); 'unknown' otherwise."""
+  keys = list(keys)
+  if keys and all(FILE_KEY.fullmatch(k) for k in keys):
+    return "persona_jax"
+  if keys and all(_KOHYA.fullmatch(k) for k in keys):
+    return "kohya"
+  if keys and all(_diffusers_key(k) for k in keys):
+    return "diffusers"
+  return "unknown"
+
+
+def _component_module(module: str, path: Path, key: str) -> str:
+  """A diffusers module name with its component prefix, the text encoder's `text_model.` added
+  when the file leaves it out (transformers >= 5.6 spelling)."""
+  component = module.split(".", 1)[0]
+  if component not in COMPONENTS:
+    raise ModelFileError(f"{path}: key '{key}' has no 'unet.' or 'text_encoder.' prefix (diffusers "
+                         "would silently skip it); add the prefix of the model part it adapts")
+  if component == "text_encoder" and not module.startswith("text_encoder.text_model."):
+    module = "text_encoder.text_model." + module[len("text_encoder."):]
+  return module
+
+
+def read_lora_file(path, base_params) -> LoRAFactors:
+  """Reads a LoRA file in any supported format against the base it applies to (the pipeline's
+  params). Returns {base kernel path: Factor}. Errors name the file and the first bad key."""
+  from persona_jax.convert.files import read_safetensors
+  path = Path(path)
+  if path.suffix != ".safetensors":
+    raise ModelFileError(f"{path}: LoRA files are read as .safetensors only (pickle formats such as "
+                         ".pt/.ckpt/.bin are refused)")
+  if not path.is_file():
+    raise ModelFileError(f"{path}: LoRA file not found")
+  tensors = read_safetensors(path)
+  kind = detect_format(tensors)
+  if kind == "persona_jax":
+    return load_lora_file(path, base_params)
+  if kind == "unknown":
+    bad = next((k for k in sorted(tensors) if not (FILE_KEY.fullmatch(k) or _KOHYA.fullmatch(k)
+                                                    or _diffusers_key(k))),
+               next(iter(sorted(tensors)), "(no keys)"))
+    raise ModelFileError(f"{path}: key '{bad}' fits no LoRA format persona_jax reads (diffusers/PEFT "
+                         "'unet.<module>.lora_A.weight', kohya 'lora_unet_<module>.lora_down.weight', "
+                         "older diffusers '...processor.to_q_lora.down.weight', or ours); "
+                         "mixed formats in one file are not read")
+  names = {m: p for p, m in module_names(base_params).items()}
+  shapes = _shapes(base_params)
+  parts: dict[str, dict[str, np.ndarray]] = {}
+  if kind == "kohya":
+    by_kohya = {kohya_name(m): m for m in names}
+    for key, value in sorted(tensors.items()):
+      m = _KOHYA.fullmatch(key)
+      if m[1] not in by_kohya:
+        raise ModelFileError(f"{path}: key '{key}': the base model has no module {m[1]} (a LoRA "
+                             "for another model, or SDXL's lora_te1_/lora_te2_?)")
+      parts.setdefault(by_kohya[m[1]], {})[m[2].split(".")[0].replace("lora_", "")] = value
+  else:
+    for key, value in sorted(tensors.items()):
+      module, which = _diffusers_key(key)
+      module = _component_module(module, path, key)
+      if module not in names:
+        raise ModelFileError(f"{path}: key '{key}': the base model has no module {module}")
+      parts.setdefault(module, {})[which] = value
+  alphas = _peft_alphas(tensors, path) if kind == "diffusers" else {}
+  out = {}
+  for module, p in parts.items():
+    where = f"{path}: {module}"
+    for name in ("down", "up"):
+      if name not in p:
+        raise ModelFileError(f"{where}: the {name} factor is missing")
+    r = p["down"].shape[0]
+    alpha = float(np.ravel(p["alpha"])[0]) if "alpha" in p else alphas.get(module, float(r))
+    if not np.isfinite(alpha):
+      raise ModelFileError(f"{where}: alpha is not finite")
+    alpha = alpha or float(r)                 # kohya: a missing or zero alpha means alpha = r
+    kernel = names[module]
+    out[kernel] = from_torch(p["down"], p["up"], shapes[kernel], alpha / r, where)
+  return out
+
+
+def _peft_alphas(tensors, path: Path) -> dict[str, float]:
+  """Per-module lora_alpha from a PEFT file's `lora_adapter_metadata` (none: alpha = r)."""
+  from safetensors import safe_open
+  with safe_open(str(path), "np") as f:
+    metadata = f.metadata() or {}
+  if "lora_adapter_metadata" not in metadata:
+    return {}
+  try:
+    config = json.loads(metadata["lora_adapter_metadata"])
+  except json.JSONDecodeError as e:
+    raise ModelFileError(f"{path}: metadata 'lora_adapter_metadata' is not JSON ({e})") from None
+  out = {}
+  modules = {_component_module(_diffusers_key(k)[0], path, k) for k in tensors}
+  for module in modules:
+    component = module.split(".", 1)[0]
+    rest = module[len(component) + 1:]
+    short = rest[len("text_model."):] if rest.startswith("text_model.") else rest
+    r_alpha = config.get(f"{component}.lora_alpha")
+    pattern = config.get(f"{component}.alpha_pattern") or {}
+    hit = next((v for k, v in pattern.items() if rest.endswith(k) or short.endswith(k)), None)
+    if hit is not None:
+      out[module] = float(hit)
+    elif r_alpha is not None:
+      out[module] = float(r_alpha)
+  return out
