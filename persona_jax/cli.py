@@ -62,8 +62,19 @@ def _sample(args) -> int:
                           height=args.height, width=args.width, batch_size=args.batch_size,
                           clip_skip=args.clip_skip)
   start = time.perf_counter()
+  tokenizer = conditioning = expand = None
+  if args.embedding:
+    if args.custom_diffusion is not None:
+      raise PersonaError("--embedding does not combine with --custom-diffusion (both add tokens)")
+    from persona_jax.convert.embedding_formats import read_embedding_file, with_embeddings
+    embeddings = {}
+    for spec in args.embedding:
+      file, _, token = spec.partition(":") if not Path(spec).exists() else (spec, "", "")
+      embeddings.update(read_embedding_file(file, token or None,
+                                            width=pipe.text_encoder_config.hidden_size))
+    added = with_embeddings(pipe, embeddings)
+    pipe, tokenizer, expand = added.pipe, added.tokenizer, added.expand_prompt
   params = with_loras(pipe.params, loras, pipe.unet_config) if loras else None
-  tokenizer = conditioning = None
   if args.custom_diffusion is not None:
     from persona_jax.methods import custom_diffusion as cd
     if args.clip_skip is not None:
@@ -71,7 +82,8 @@ def _sample(args) -> int:
     params, tokenizer, conditioning = cd.for_sampling(cd.load_result(args.custom_diffusion), pipe,
                                                       params)
   images = text_to_image(pipe, args.prompt, args.negative_prompt, args.num_images, options,
-                         params=params, tokenizer=tokenizer, conditioning=conditioning)
+                         params=params, tokenizer=tokenizer, conditioning=conditioning,
+                         expand_prompt=expand)
   seconds = time.perf_counter() - start
   out = Path(args.out)
   paths = [save_png(img, out / f"{args.seed:04d}_{i:04d}.png") for i, img in enumerate(images)]
@@ -123,6 +135,13 @@ def _make_toy_model(args) -> int:
   result = pretrain(args.workdir, num_images=args.images, vae=vae, unet_steps=args.unet_steps,
                     batch_size=args.batch_size)
   for path in result["outputs"] + ([result["samples"]] if result["samples"] else []):
+    print(path)
+  return 0
+
+
+def _export(args) -> int:
+  from persona_jax.export import export
+  for path in export(args.workdir, args.format, args.out):
     print(path)
   return 0
 
@@ -213,11 +232,15 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--batch-size", type=int, default=4, help="images per compiled batch")
   p.add_argument("--clip-skip", type=int, default=None, help="use an earlier text-encoder layer")
   p.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT[:BLOCKS]]",
-                 help="merge a lora.safetensors from `persona-jax train` (repeat to add several; "
-                      "they sum). WEIGHT scales it (default 1); BLOCKS are per-block weights as "
+                 help="merge a LoRA file: ours (lora.safetensors), diffusers/PEFT or "
+                      "kohya/A1111 (repeat to add several; they sum). WEIGHT scales it (default 1); BLOCKS are per-block weights as "
                       "A1111's lbw: NAME=VALUE pairs (e.g. IN01=0,MID=0.5,OUT03=0; blocks not "
                       "named: 1; BASE is the text encoder) or the 17 or 26 numbers of the "
                       "sd-webui-lora-block-weight presets, e.g. a.safetensors:0.8:IN01=0,BASE=0")
+  p.add_argument("--embedding", action="append", default=[], metavar="FILE[:TOKEN]",
+                 help="a textual-inversion embedding (diffusers learned_embeds.safetensors, an "
+                      "A1111/ComfyUI .safetensors embedding, a TI workdir); TOKEN names it in "
+                      "prompts (default: the name in the file, or its file name). Repeatable")
   p.add_argument("--custom-diffusion", type=Path, default=None, metavar="DIR",
                  help="a custom_diffusion run's workdir or a merged folder: its K/V weights and "
                       "modifier tokens (use them in the prompt, e.g. 'photo of a <new1> cat')")
@@ -290,6 +313,15 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--stop-after-init", action="store_true",
                  help="only the scene folder, the VAE and the initial pipeline")
   p.set_defaults(func=_make_toy_model)
+
+  p = sub.add_parser("export", help="write a run's result for diffusers, kohya, AUTOMATIC1111, "
+                     "ComfyUI")
+  from persona_jax.export import ALL_FORMATS
+  p.add_argument("workdir", type=Path, help="a `persona-jax train` workdir")
+  p.add_argument("--format", required=True, choices=ALL_FORMATS,
+                 help="diffusers | kohya | a1111 (which fit depends on the method)")
+  p.add_argument("--out", required=True, type=Path, help="folder to write (created)")
+  p.set_defaults(func=_export)
 
   p = sub.add_parser("eval", help="the toy-world efficacy benchmark of a method: subject fidelity, "
                      "prompt fidelity, drift")

@@ -1,0 +1,114 @@
+"""`persona-jax export WORKDIR --format FORMAT --out DIR`: a training run's result in the format
+another tool reads (formats.md 4). Which formats fit depends on the run's method:
+
+  lora                diffusers   OUT/pytorch_lora_weights.safetensors (PEFT keys, scale folded;
+                                  `pipe.load_lora_weights(OUT)`)
+                      kohya       OUT/NAME.safetensors (lora_unet_/lora_te_ keys with .alpha; kohya,
+                      a1111       AUTOMATIC1111, ComfyUI and diffusers read it)
+  textual_inversion   diffusers   OUT/learned_embeds.safetensors (one token; several tokens: one
+                                  OUT/TOKEN/learned_embeds.safetensors each)
+                      a1111       OUT/TRIGGER.safetensors ({"emb_params": [n, D]}; the file name
+                                  is the trigger word)
+  dreambooth          diffusers   OUT/ a full diffusers folder (from_pretrained(OUT))
+
+Every file is written under a temporary name and renamed; OUT/export.json records the run, the
+base model, the method config and the files.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from persona_jax.errors import ConfigError, ModelFileError
+
+FORMATS = {
+    "lora": ("diffusers", "kohya", "a1111"),
+    "textual_inversion": ("diffusers", "a1111"),
+    "dreambooth": ("diffusers",),
+}
+ALL_FORMATS = ("diffusers", "kohya", "a1111", "single-file", "merged")
+
+
+def read_run(workdir: Path) -> dict:
+  """WORKDIR/config.json (the resolved run config), checked to be a finished run's."""
+  path = Path(workdir) / "config.json"
+  if not path.is_file():
+    raise ModelFileError(f"{workdir}: no config.json; export takes a `persona-jax train` workdir")
+  return json.loads(path.read_text())
+
+
+def export(workdir, fmt: str, out) -> list[Path]:
+  """Writes the run's result in `fmt` into the folder `out` (created); returns the paths."""
+  from persona_jax.default_model import resolve_model
+  workdir, out = Path(workdir), Path(out)
+  config = read_run(workdir)
+  method = config["method"]["name"]
+  fits = FORMATS.get(method, ())
+  if fmt not in fits:
+    raise ConfigError(f"--format {fmt}: a {method} run exports as "
+                      f"{', '.join(fits) if fits else 'nothing yet'}"
+                      + ("" if fmt in ALL_FORMATS else f" (formats: {', '.join(ALL_FORMATS)})"))
+  base = resolve_model(config["model"])
+  out.mkdir(parents=True, exist_ok=True)
+  written = {"lora": _lora, "textual_inversion": _textual_inversion,
+             "dreambooth": _dreambooth}[method](workdir, fmt, out, base)
+  record = {"run": str(workdir.absolute()), "base_model": str(base), "method": config["method"],
+            "format": fmt, "files": [str(p) for p in written]}
+  from persona_jax.convert.files import write_json
+  write_json(out / "export.json", record)
+  return written
+
+
+def _result(workdir: Path, name: str) -> Path:
+  path = workdir / name
+  if not path.exists():
+    raise ModelFileError(f"{workdir}: no {name}; the run has not finished (run the same `train` "
+                         "command again to complete it)")
+  return path
+
+
+def _lora(workdir: Path, fmt: str, out: Path, base: Path) -> list[Path]:
+  from persona_jax.convert import lora_formats as lf
+  from persona_jax.convert.files import write_safetensors
+  from persona_jax.methods.lora import load_lora_file
+  from persona_jax.pipeline import load_pipeline
+  pipe = load_pipeline(base)
+  factors = load_lora_file(_result(workdir, "lora.safetensors"), pipe.params)
+  if fmt == "diffusers":
+    tensors, metadata = lf.peft_state_dict(factors, pipe.params)
+    path = out / lf.PEFT_FILE
+  else:
+    tensors, metadata = lf.kohya_state_dict(factors, pipe.params, base_version=lf.base_version(pipe))
+    path = out / f"{workdir.absolute().name}.safetensors"
+  write_safetensors(path, tensors, {**metadata, "persona_jax_base_model": str(base)})
+  return [path]
+
+
+def _textual_inversion(workdir: Path, fmt: str, out: Path, base: Path) -> list[Path]:
+  from persona_jax.convert import embedding_formats as ef
+  embeddings = ef.read_embedding_file(_result(workdir, "learned_embeds.safetensors"))
+  written = []
+  for token, rows in embeddings.items():
+    if fmt == "a1111":
+      written.append(ef.write_a1111_embedding(token, rows, out))
+    else:
+      folder = out if len(embeddings) == 1 else out / ef.a1111_file_name(token).removesuffix(".safetensors")
+      written.append(ef.write_diffusers_embedding({token: rows}, folder,
+                                                  metadata={"base_model": str(base)}))
+  return written
+
+
+def _dreambooth(workdir: Path, fmt: str, out: Path, base: Path) -> list[Path]:
+  """The run's model folder copied whole (the base's tokenizer files are already in it)."""
+  model = _result(workdir, "model")
+  written = []
+  for src in sorted(p for p in model.rglob("*") if p.is_file()):
+    dst = out / src.relative_to(model)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    shutil.copyfile(src, tmp)
+    tmp.replace(dst)
+    written.append(dst)
+  return [out] if written else []

@@ -1,0 +1,106 @@
+"""`persona-jax export`: each method's formats from a run folder, the round trip through kohya
+back into `sample --lora`, and the error for a format the method lacks. (The files' contents
+are checked against diffusers' own loaders in tests/convert.)"""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+from safetensors.numpy import load_file, save_file
+
+from persona_jax import tree
+from persona_jax.cli import main
+from persona_jax.convert import embedding_formats as ef
+from persona_jax.convert import lora_formats as lf
+from persona_jax.pipeline import load_pipeline
+from tests.convert.test_lora_formats import merged, random_factors
+
+
+def run_folder(path, model, method):
+  path.mkdir(parents=True)
+  (path / "config.json").write_text(json.dumps({"model": str(model), "method": {"name": method}}))
+  return path
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory, model_dirs, pipes):
+  """A LoRA run folder whose lora.safetensors holds random factors (LoCon convs and text encoder
+  included) in our own format."""
+  pipe = pipes["sd1"]
+  factors = random_factors(pipe, seed=5)
+  wd = run_folder(tmp_path_factory.mktemp("runs") / "my_lora", model_dirs["sd1"], "lora")
+  flat = {}
+  for path, f in factors.items():
+    target = path[: -len("/kernel")]
+    flat.update({f"{target}/a": f.a, f"{target}/b": f.b,
+                 f"{target}/alpha": np.asarray(f.scale * f.a.shape[1], np.float32)})
+  save_file(flat, str(wd / "lora.safetensors"), metadata={"format": "persona_jax-lora"})
+  return wd, factors
+
+
+@pytest.mark.parametrize("fmt,name", [("diffusers", "pytorch_lora_weights.safetensors"),
+                                      ("kohya", "my_lora.safetensors"),
+                                      ("a1111", "my_lora.safetensors")])
+def test_lora_exports_read_back_to_the_same_weights(lora_run, pipes, tmp_path, capsys, fmt, name):
+  wd, factors = lora_run
+  out = tmp_path / "out"
+  assert main(["export", str(wd), "--format", fmt, "--out", str(out)]) == 0
+  assert capsys.readouterr().out.split() == [str(out / name)]
+  record = json.loads((out / "export.json").read_text())
+  assert record["method"]["name"] == "lora" and record["format"] == fmt
+  pipe = pipes["sd1"]
+  back = lf.read_lora_file(out / name, pipe.params)
+  want, got = tree.flatten(merged(pipe, factors)), tree.flatten(merged(pipe, back))
+  for p in factors:
+    np.testing.assert_allclose(np.asarray(got[p]), np.asarray(want[p]), rtol=1e-5, atol=1e-6)
+
+
+def test_kohya_round_trip_samples_identically(lora_run, model_dirs, tmp_path, capsys):
+  wd, _ = lora_run
+  assert main(["export", str(wd), "--format", "kohya", "--out", str(tmp_path / "k")]) == 0
+  kohya = capsys.readouterr().out.split()[0]
+  grids = []
+  for i, lora in enumerate((str(wd / "lora.safetensors"), kohya)):
+    assert main(["sample", "--model", str(model_dirs["sd1"]), "--prompt", "a photo of a ball",
+                 "--steps", "3", "--height", "32", "--width", "32", "--lora", lora,
+                 "--out", str(tmp_path / f"s{i}")]) == 0
+    grids.append(np.asarray(Image.open(tmp_path / f"s{i}" / "grid.png")))
+  capsys.readouterr()
+  np.testing.assert_array_equal(grids[0], grids[1])
+
+
+def test_textual_inversion_exports(model_dirs, tmp_path, capsys):
+  wd = run_folder(tmp_path / "ti", model_dirs["sd1"], "textual_inversion")
+  rows = np.random.default_rng(0).normal(size=(2, 32)).astype(np.float32)
+  save_file({"<my-toy>": rows}, str(wd / "learned_embeds.safetensors"), metadata={"format": "pt"})
+  assert main(["export", str(wd), "--format", "diffusers", "--out", str(tmp_path / "d")]) == 0
+  assert main(["export", str(wd), "--format", "a1111", "--out", str(tmp_path / "a")]) == 0
+  d, a = capsys.readouterr().out.split()
+  np.testing.assert_array_equal(load_file(d)["<my-toy>"], rows)
+  assert a.endswith("my-toy.safetensors")
+  np.testing.assert_array_equal(ef.read_embedding_file(a)["my-toy"], rows)
+
+
+def test_dreambooth_exports_a_diffusers_folder(model_dirs, pipes, tmp_path, capsys):
+  wd = run_folder(tmp_path / "db", model_dirs["sd1"], "dreambooth")
+  shutil.copytree(model_dirs["sd1"], wd / "model")
+  out = tmp_path / "out"
+  assert main(["export", str(wd), "--format", "diffusers", "--out", str(out)]) == 0
+  assert capsys.readouterr().out.split() == [str(out)]
+  keys = load_file(out / "text_encoder" / "model.safetensors")
+  assert all(k.startswith("text_model.") for k in keys)          # transformers 4.x and 5.x load it
+  assert (out / "tokenizer" / "vocab.json").is_file() and (out / "tokenizer" / "merges.txt").is_file()
+  got = tree.flatten(load_pipeline(out).params)
+  for k, v in tree.flatten(pipes["sd1"].params).items():
+    np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(v))
+
+
+def test_a_format_the_method_lacks_is_an_error(lora_run, tmp_path, capsys):
+  wd, _ = lora_run
+  assert main(["export", str(wd), "--format", "single-file", "--out", str(tmp_path / "x")]) == 2
+  err = capsys.readouterr().err
+  assert "a lora run exports as diffusers, kohya, a1111" in err
+  assert main(["export", str(tmp_path), "--format", "kohya", "--out", str(tmp_path / "y")]) == 2
+  assert "no config.json" in capsys.readouterr().err
