@@ -83,10 +83,13 @@ def augment(rng, images):
   return jnp.clip(x, 0, 255)
 
 
-def train_metric_encoder(out: Path | None = None, *, steps: int = 6000, batch_size: int = 128,
-                         lr: float = 2e-3, seed: int = 0, log=print):
+def train_metric_encoder(out: Path | None = None, *, steps: int = 4000, batch_size: int = 128,
+                         lr: float = 2e-3, seed: int = 0, log=print, checkpoint_every: int = 250):
   """Trains on fresh "train"-split scenes of every look at each step (rendered by
-  `scenes.render_batch`, augmented); returns (config, params)."""
+  `scenes.render_batch`, augmented); returns (config, params). With `out`, resumable: the state
+  is saved to OUT/checkpoint.msgpack every `checkpoint_every` steps (step k's scenes depend on k
+  only, so a resumed run is the uninterrupted one)."""
+  from flax import serialization
   config = MetricConfig()
   model = MetricEncoder(config)
   t0 = time.perf_counter()
@@ -107,10 +110,22 @@ def train_metric_encoder(out: Path | None = None, *, steps: int = 6000, batch_si
     updates, opt = tx.update(grads, opt, params)
     return optax.apply_updates(params, updates), opt, loss
 
-  for k in range(steps):
+  start = 0
+  checkpoint = Path(out) / "checkpoint.msgpack" if out is not None else None
+  if checkpoint is not None and checkpoint.is_file():
+    restored = serialization.from_bytes({"params": params, "opt": opt, "step": 0},
+                                        checkpoint.read_bytes())
+    params, opt, start = restored["params"], restored["opt"], int(restored["step"])
+    log(f"resuming from step {start} ({checkpoint})")
+  for k in range(start, steps):
     scene_list = scene_batch(seed, "train", k * batch_size, batch_size)
     params, opt, loss = step(params, opt, scenes.scene_arrays(scene_list), labels(scene_list),
                              jax.random.fold_in(jax.random.PRNGKey(seed), k))
+    if checkpoint is not None and ((k + 1) % checkpoint_every == 0 or k + 1 == steps):
+      checkpoint.parent.mkdir(parents=True, exist_ok=True)
+      tmp = checkpoint.with_suffix(".tmp")
+      tmp.write_bytes(serialization.to_bytes({"params": params, "opt": opt, "step": k + 1}))
+      tmp.replace(checkpoint)
     if (k + 1) % 500 == 0:
       acc = accuracy(config, params, n=500, fast=True)
       log(f"step {k + 1}: loss {float(loss):.4f}, held-out "
