@@ -10,6 +10,19 @@ another tool reads (formats.md 4). Which formats fit depends on the run's method
                       a1111       OUT/TRIGGER.safetensors ({"emb_params": [n, D]}; the file name
                                   is the trigger word)
   dreambooth          diffusers   OUT/ a full diffusers folder (from_pretrained(OUT))
+  custom_diffusion    diffusers   OUT/pytorch_custom_diffusion_weights.safetensors (attention-
+                                  processor weights; also the .bin when torch is installed) and
+                                  OUT/<new1>.safetensors per modifier token (load_textual_inversion)
+                      merged      OUT/ a full diffusers folder whose UNet holds the new K/V (loads
+                                  everywhere) and OUT/tokens/<new1>.safetensors
+
+diffusers' `unet.load_attn_procs` cannot load the Custom Diffusion .safetensors it writes itself
+(diffusers issue #9320; formats.md 4.3); what works with diffusers 0.42:
+  pipe.unet.load_attn_procs(OUT, weight_name="pytorch_custom_diffusion_weights.bin", _pipeline=pipe)
+or, from the .safetensors,
+  procs = pipe.unet._process_custom_diffusion(safetensors.torch.load_file(FILE))
+  pipe.unet.set_attn_processor({n: procs.get(n, AttnProcessor2_0()) for n in pipe.unet.attn_processors})
+then `pipe.load_textual_inversion(OUT, weight_name="<new1>.safetensors")` for each token.
 
 Every file is written under a temporary name and renamed; OUT/export.json records the run, the
 base model, the method config and the files.
@@ -21,13 +34,17 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
+
 from persona_jax.errors import ConfigError, ModelFileError
 
 FORMATS = {
     "lora": ("diffusers", "kohya", "a1111"),
     "textual_inversion": ("diffusers", "a1111"),
     "dreambooth": ("diffusers",),
+    "custom_diffusion": ("diffusers", "merged"),
 }
+CUSTOM_DIFFUSION_FILE = "pytorch_custom_diffusion_weights"
 ALL_FORMATS = ("diffusers", "kohya", "a1111", "single-file", "merged")
 
 
@@ -53,7 +70,8 @@ def export(workdir, fmt: str, out) -> list[Path]:
   base = resolve_model(config["model"])
   out.mkdir(parents=True, exist_ok=True)
   written = {"lora": _lora, "textual_inversion": _textual_inversion,
-             "dreambooth": _dreambooth}[method](workdir, fmt, out, base)
+             "dreambooth": _dreambooth, "custom_diffusion": _custom_diffusion}[method](
+                 workdir, fmt, out, base)
   record = {"run": str(workdir.absolute()), "base_model": str(base), "method": config["method"],
             "format": fmt, "files": [str(p) for p in written]}
   from persona_jax.convert.files import write_json
@@ -112,3 +130,62 @@ def _dreambooth(workdir: Path, fmt: str, out: Path, base: Path) -> list[Path]:
     tmp.replace(dst)
     written.append(dst)
   return [out] if written else []
+
+
+def _token_files(result, folder: Path) -> list[Path]:
+  """One {token: [D]} file per modifier token, as diffusers' Custom Diffusion example saves them."""
+  from persona_jax.convert.files import write_safetensors
+  written = []
+  for concept, row in zip(result.concepts, result.tokens):
+    path = folder / f"{concept['token']}.safetensors"
+    write_safetensors(path, {concept["token"]: np.asarray(row, np.float32)}, {"format": "pt"})
+    written.append(path)
+  return written
+
+
+def custom_diffusion_processors(weights: dict) -> dict:
+  """Our attn2 leaves by param path -> diffusers' attention-processor state dict
+  (`<block>.attn2.processor.to_k_custom_diffusion.weight` [out, in], ...)."""
+  from persona_jax.convert.diffusers import torch_name
+  names = {"to_k": "to_k_custom_diffusion", "to_v": "to_v_custom_diffusion",
+           "to_q": "to_q_custom_diffusion", "to_out_0": "to_out_custom_diffusion.0"}
+  out = {}
+  for path, value in sorted(weights.items()):
+    parts = path.split("/")[1:]                       # drop "unet"
+    *block, layer, leaf = parts                       # [..., "attn2"], "to_k", "kernel"|"bias"
+    prefix = torch_name((*block, "x"))[: -len(".x")]
+    key = f"{prefix}.processor.{names[layer]}.{'weight' if leaf == 'kernel' else 'bias'}"
+    out[key] = np.ascontiguousarray(value.T if leaf == "kernel" else value, np.float32)
+  return out
+
+
+def _custom_diffusion(workdir: Path, fmt: str, out: Path, base: Path) -> list[Path]:
+  from persona_jax.methods import custom_diffusion as cd
+  result = cd.load_result(_result(workdir, cd.RESULT_FILE))
+  if fmt == "diffusers":
+    from persona_jax.convert.files import write_safetensors
+    state = custom_diffusion_processors(result.weights)
+    path = out / f"{CUSTOM_DIFFUSION_FILE}.safetensors"
+    write_safetensors(path, state)
+    written = [path]
+    try:
+      import torch
+    except ImportError:
+      torch = None
+    if torch is not None:          # the file diffusers' load_attn_procs(..., _pipeline=) takes
+      attn1 = {k.replace("attn2.processor", "attn1.processor").rsplit(".processor.", 1)[0]
+               + ".processor" for k in state}
+      blob = {k: torch.from_numpy(v) for k, v in state.items()}
+      blob.update({name: {} for name in attn1})
+      tmp = out / f".{CUSTOM_DIFFUSION_FILE}.bin.tmp"
+      torch.save(blob, tmp)
+      tmp.replace(out / f"{CUSTOM_DIFFUSION_FILE}.bin")
+      written.append(out / f"{CUSTOM_DIFFUSION_FILE}.bin")
+    return written + _token_files(result, out)
+  import dataclasses
+
+  from persona_jax.pipeline import load_pipeline, save_pipeline
+  pipe = load_pipeline(base)
+  params, _, _ = cd.for_sampling(dataclasses.replace(result, concepts=[]), pipe)
+  merged = save_pipeline(dataclasses.replace(pipe, params=params), out, overwrite=True)
+  return [merged] + _token_files(result, out / "tokens")

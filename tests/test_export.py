@@ -15,7 +15,9 @@ from persona_jax.cli import main
 from persona_jax.convert import embedding_formats as ef
 from persona_jax.convert import lora_formats as lf
 from persona_jax.pipeline import load_pipeline
+from persona_jax.verify import nchw
 from tests.convert.test_lora_formats import merged, random_factors
+from tests.torch_reference import require_torch
 
 
 def run_folder(path, model, method):
@@ -104,3 +106,75 @@ def test_a_format_the_method_lacks_is_an_error(lora_run, tmp_path, capsys):
   assert "a lora run exports as diffusers, kohya, a1111" in err
   assert main(["export", str(tmp_path), "--format", "kohya", "--out", str(tmp_path / "y")]) == 2
   assert "no config.json" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def cd_run(tmp_path_factory, model_dirs, pipes):
+  """A Custom Diffusion run folder: attn2 K/V moved off the base and one modifier token."""
+  import re
+  from persona_jax.methods import custom_diffusion as cd
+  pipe = pipes["sd1"]
+  rng = np.random.default_rng(2)
+  flat = {p: np.asarray(v) + rng.normal(0, 0.2, v.shape).astype(np.float32)
+          for p, v in tree.flatten(pipe.params).items() if re.fullmatch(r"unet/.*/attn2/to_(k|v)/kernel", p)}
+  flat["tokens"] = rng.normal(0, 0.5, (1, 32)).astype(np.float32)
+  wd = run_folder(tmp_path_factory.mktemp("cd") / "cd", model_dirs["sd1"], "custom_diffusion")
+  save_file(flat, str(wd / cd.RESULT_FILE), metadata={
+      "format": cd.FORMAT, "base_model": str(model_dirs["sd1"]),
+      "concepts": json.dumps([{"token": "<new1>", "prompt": "a photo of a <new1> ball"}])})
+  return wd
+
+
+def _cd_outputs_ours(pipe, wd):
+  from persona_jax.diffusion.sampling import SDModels
+  from persona_jax.methods import custom_diffusion as cd
+  from persona_jax.methods.base import encode_text
+  from persona_jax.tokenizer import tokenize
+  params, tokenizer, conditioning = cd.for_sampling(cd.load_result(wd), pipe)
+  ids = tokenize(tokenizer, ["a photo of a <new1> ball"])
+  ctx = encode_text(conditioning.method, SDModels(pipe.unet, pipe.text_encoder, pipe.vae), params, ids)
+  x = np.random.default_rng(3).standard_normal((1, 16, 16, 4)).astype(np.float32)
+  eps = pipe.unet.apply({"params": params["unet"]}, x, np.array([500]), ctx)
+  return x, np.asarray(ctx), nchw(np.asarray(eps))
+
+
+def _cd_outputs_diffusers(pipe_t, x):
+  import torch
+  ids = pipe_t.tokenizer(["a photo of a <new1> ball"], padding="max_length", max_length=77,
+                         return_tensors="pt").input_ids
+  with torch.no_grad():
+    ctx = pipe_t.text_encoder(ids)[0]
+    eps = pipe_t.unet(torch.from_numpy(nchw(x)), torch.tensor([500]), ctx).sample
+  return ctx.numpy(), eps.numpy()
+
+
+@pytest.mark.parametrize("load", ["safetensors", "bin", "merged"])
+def test_custom_diffusion_exports_load_in_diffusers(cd_run, model_dirs, pipes, tmp_path, capsys, load):
+  require_torch()
+  from diffusers import StableDiffusionPipeline
+  from diffusers.models.attention_processor import AttnProcessor2_0
+  from safetensors.torch import load_file as load_torch
+  out = tmp_path / "out"
+  fmt = "merged" if load == "merged" else "diffusers"
+  assert main(["export", str(cd_run), "--format", fmt, "--out", str(out)]) == 0
+  capsys.readouterr()
+  x, ctx_ours, eps_ours = _cd_outputs_ours(pipes["sd1"], cd_run)
+  if load == "merged":
+    pipe_t = StableDiffusionPipeline.from_pretrained(out, safety_checker=None)
+    pipe_t.load_textual_inversion(out / "tokens", weight_name="<new1>.safetensors")
+  else:
+    pipe_t = StableDiffusionPipeline.from_pretrained(model_dirs["sd1"], safety_checker=None)
+    if load == "bin":
+      pipe_t.unet.load_attn_procs(out, weight_name="pytorch_custom_diffusion_weights.bin",
+                                  _pipeline=pipe_t)
+    else:            # the documented workaround for diffusers' own .safetensors loader
+      procs = pipe_t.unet._process_custom_diffusion(
+          load_torch(out / "pytorch_custom_diffusion_weights.safetensors"))
+      pipe_t.unet.set_attn_processor({n: procs.get(n, AttnProcessor2_0())
+                                      for n in pipe_t.unet.attn_processors})
+    assert "CustomDiffusion" in type(pipe_t.unet.down_blocks[0].attentions[0].transformer_blocks[0]
+                                     .attn2.processor).__name__
+    pipe_t.load_textual_inversion(out, weight_name="<new1>.safetensors")
+  ctx, eps = _cd_outputs_diffusers(pipe_t, x)
+  np.testing.assert_allclose(ctx_ours, ctx, atol=1e-4, rtol=1e-3)
+  np.testing.assert_allclose(eps_ours, eps, atol=2e-4, rtol=1e-3)
