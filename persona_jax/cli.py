@@ -162,7 +162,8 @@ def _eval(args) -> int:
 def _verify(args) -> int:
   from persona_jax.verify import verify
   ok = verify(args.model, tolerance=args.tolerance, variant=args.variant,
-              allow_pickle=args.allow_pickle, seed=args.seed, image_encoder=args.image_encoder)
+              allow_pickle=args.allow_pickle, seed=args.seed, image_encoder=args.image_encoder,
+              lora=args.lora, embedding=args.embedding, custom_diffusion=args.custom_diffusion)
   return 0 if ok else 1
 
 
@@ -353,6 +354,13 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--allow-pickle", action="store_true",
                  help="read .bin/.ckpt pickle files (only files you trust)")
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--lora", default=None, metavar="FILE",
+                 help="compare one LoRA file (ours, diffusers/PEFT, kohya) loaded by diffusers "
+                      "and by persona_jax")
+  p.add_argument("--embedding", default=None, metavar="FILE[:TOKEN]",
+                 help="compare one textual-inversion embedding (diffusers, A1111)")
+  p.add_argument("--custom-diffusion", type=Path, default=None, metavar="DIR",
+                 help="compare a Custom Diffusion result (run folder or merged folder)")
   p.add_argument("--image-encoder", type=Path, default=None, metavar="DIR",
                  help="also compare a CLIP image encoder folder (CLIPVisionModel[WithProjection], "
                       "preprocessing included; default: MODEL/image_encoder when it exists)")

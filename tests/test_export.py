@@ -178,3 +178,25 @@ def test_custom_diffusion_exports_load_in_diffusers(cd_run, model_dirs, pipes, t
   ctx, eps = _cd_outputs_diffusers(pipe_t, x)
   np.testing.assert_allclose(ctx_ours, ctx, atol=1e-4, rtol=1e-3)
   np.testing.assert_allclose(eps_ours, eps, atol=2e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("kind", ["lora-ours", "lora-kohya", "embedding", "custom-diffusion"])
+def test_verify_compares_an_adapter_with_diffusers(lora_run, cd_run, model_dirs, tmp_path, capsys, kind):
+  require_torch()
+  wd, _ = lora_run
+  if kind == "lora-ours":
+    flag = ["--lora", str(wd / "lora.safetensors")]
+  elif kind == "lora-kohya":
+    assert main(["export", str(wd), "--format", "kohya", "--out", str(tmp_path / "k")]) == 0
+    flag = ["--lora", capsys.readouterr().out.split()[0]]
+  elif kind == "embedding":
+    rows = np.random.default_rng(1).normal(0, 0.5, (2, 32)).astype(np.float32)
+    save_file({"emb_params": rows}, str(tmp_path / "trigger.safetensors"))
+    flag = ["--embedding", f"{tmp_path / 'trigger.safetensors'}:<trig>"]
+  else:
+    flag = ["--custom-diffusion", str(cd_run)]
+  assert main(["verify", str(model_dirs["sd1"]), *flag]) == 0, capsys.readouterr().out
+  out = capsys.readouterr().out
+  assert "adapter: unet" in out and "adapter moved diffusers' unet by" in out and "PASS" in out
+  assert main(["verify", str(model_dirs["sd1"]), *flag, "--tolerance", "0"]) == 1
+  capsys.readouterr()
