@@ -23,7 +23,7 @@ import numpy as np
 from persona_jax.convert import diffusers as convert
 from persona_jax.convert.files import read_weights, write_json, write_safetensors
 from persona_jax.diffusion.schedules import SchedulerConfig
-from persona_jax.errors import ModelFileError
+from persona_jax.errors import ConfigError, ModelFileError
 from persona_jax.models.configs import TextEncoderConfig, UNetConfig, VAEConfig, read_json
 from persona_jax.models.text_encoder import CLIPTextModel
 from persona_jax.models.unet import UNet2DConditionModel
@@ -169,26 +169,41 @@ def _check_model_index(index: dict, root: Path) -> None:
                entry[1])
 
 
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
+
+
 def load_pipeline(path, *, dtype=jnp.float32, variant: str | None = None,
-                  allow_pickle: bool = False, attention: str = "auto") -> Pipeline:
-  """Loads a diffusers-format SD 1.x/2.x folder.
+                  allow_pickle: bool = False, attention: str = "auto", config_dir=None,
+                  prediction_type: str | None = None) -> Pipeline:
+  """Loads a diffusers-format SD 1.x/2.x folder, or an original single-file checkpoint.
 
   Args:
-    path: the folder holding `model_index.json`.
+    path: the folder holding `model_index.json`, or a single `.safetensors` (`.ckpt`) file:
+      then `convert.single_file.load_single_file(path, config_dir=, prediction_type=, ...)`.
     dtype: dtype of params and computation (float32 on CPU; bfloat16 on accelerators).
     variant: weight-file variant, e.g. "fp16" for `diffusion_pytorch_model.fp16.safetensors`.
     allow_pickle: read `.bin`/`.ckpt` files (with torch) when no safetensors exist. Only for
       files you trust: unpickling can run code.
     attention: the attention kernel (auto|einsum|xla|cudnn).
+    config_dir, prediction_type: for single files only (see `load_single_file`).
   Raises:
     ModelFileError naming the file (and key) that is missing, malformed or inconsistent.
   """
   root = Path(path)
+  if root.suffix in SINGLE_FILE_SUFFIXES and not root.is_dir():
+    if variant is not None:
+      raise ConfigError(f"{root}: variant '{variant}' is for diffusers folders, not single files")
+    from persona_jax.convert.single_file import load_single_file
+    return load_single_file(root, config_dir=config_dir, prediction_type=prediction_type,
+                            dtype=dtype, allow_pickle=allow_pickle, attention=attention)
+  if config_dir is not None or prediction_type is not None:
+    raise ConfigError(f"{root}: config_dir and prediction_type are for single-file checkpoints "
+                      "(a .safetensors file); a diffusers folder has its own configs")
   if not root.is_dir():
     raise ModelFileError(f"{root}: model folder not found")
   if not (root / "model_index.json").is_file():
     raise ModelFileError(f"{root}: no model_index.json; is this a diffusers pipeline folder? "
-                         "(single-file checkpoints need their own loader)")
+                         "(a single-file checkpoint is a .safetensors file)")
   index = read_json(root / "model_index.json")
   _check_model_index(index, root)
   raw = {"model_index": index, "scheduler": read_json(root / SCHEDULER_FILE)}
