@@ -56,7 +56,8 @@ def _sample(args) -> int:
   from persona_jax.text_to_image import SampleOptions, text_to_image
   loras = [LoRASpec.parse(s) for s in args.lora]
   model = resolve_model(args.model)
-  pipe = load_pipeline(model, variant=args.variant, allow_pickle=args.allow_pickle)
+  pipe = load_pipeline(model, variant=args.variant, allow_pickle=args.allow_pickle,
+                       **_single_file_options(args))
   options = SampleOptions(steps=args.steps, guidance=args.guidance,
                           guidance_rescale=args.guidance_rescale, eta=args.eta, seed=args.seed,
                           height=args.height, width=args.width, batch_size=args.batch_size,
@@ -95,13 +96,29 @@ def _sample(args) -> int:
   return 0
 
 
+def _single_file_options(args) -> dict:
+  """load_pipeline's options for an original single-file checkpoint (only those given)."""
+  return {k: v for k, v in (("config_dir", args.config), ("prediction_type", args.prediction_type))
+          if v is not None}
+
+
+def _add_single_file_flags(p) -> None:
+  p.add_argument("--config", type=Path, default=None, metavar="DIR",
+                 help="with a single-file --model (.safetensors): a diffusers folder of the same "
+                      "family giving what the file does not say (head counts, scheduler)")
+  p.add_argument("--prediction-type", default=None, choices=("epsilon", "v_prediction"),
+                 help="with a single-file --model and no --config: the model's prediction type "
+                      "(standard SD 1.x/2.x widths are then inferred from the weights)")
+
+
 def _make_class_images(args) -> int:
   from persona_jax.class_images import make_class_images
   from persona_jax.default_model import resolve_model
   from persona_jax.pipeline import load_pipeline
   from persona_jax.text_to_image import SampleOptions
   model = resolve_model(args.model)
-  pipe = load_pipeline(model, variant=args.variant, allow_pickle=args.allow_pickle)
+  pipe = load_pipeline(model, variant=args.variant, allow_pickle=args.allow_pickle,
+                       **_single_file_options(args))
   options = SampleOptions(steps=args.steps, guidance=args.guidance, seed=args.seed,
                           height=args.height, width=args.width, batch_size=args.batch_size)
   written = make_class_images(pipe, args.prompt, args.num, args.out, options=options,
@@ -141,7 +158,7 @@ def _make_toy_model(args) -> int:
 
 def _export(args) -> int:
   from persona_jax.export import export
-  for path in export(args.workdir, args.format, args.out):
+  for path in export(args.workdir, args.format, args.out, base_single_file=args.base_single_file):
     print(path)
   return 0
 
@@ -218,7 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
 
   p = sub.add_parser("sample", help="text-to-image with DDIM: one PNG per image and a grid")
   p.add_argument("--model", default=None,
-                 help="a diffusers folder (default: the embedded default model)")
+                 help="a diffusers folder or an original single-file .safetensors (default: the "
+                      "embedded default model)")
+  _add_single_file_flags(p)
   p.add_argument("--prompt", required=True, nargs="+", help="one or more prompts")
   p.add_argument("--negative-prompt", default="", help="negative prompt (default: empty)")
   p.add_argument("--steps", type=int, default=50)
@@ -253,7 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
   p = sub.add_parser("make-class-images",
                      help="sample class images for prior preservation (resumable: tops up OUT)")
   p.add_argument("--model", default=None,
-                 help="a diffusers folder (default: the embedded default model)")
+                 help="a diffusers folder or an original single-file .safetensors (default: the "
+                      "embedded default model)")
+  _add_single_file_flags(p)
   p.add_argument("--prompt", required=True, help='the class prompt, e.g. "a photo of a dog"')
   p.add_argument("--num", type=int, required=True, help="how many images OUT should hold")
   p.add_argument("--negative-prompt", default="")
@@ -322,6 +343,10 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--format", required=True, choices=ALL_FORMATS,
                  help="diffusers | kohya | a1111 (which fit depends on the method)")
   p.add_argument("--out", required=True, type=Path, help="folder to write (created)")
+  p.add_argument("--base-single-file", type=Path, default=None, metavar="FILE",
+                 help="single-file export of an SD 2.x run: the base's own single file (its "
+                      "extra text-encoder layer is carried over; default: the run's base if it "
+                      "is a single file)")
   p.set_defaults(func=_export)
 
   p = sub.add_parser("eval", help="the toy-world efficacy benchmark of a method: subject fidelity, "

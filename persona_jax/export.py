@@ -10,6 +10,10 @@ another tool reads (formats.md 4). Which formats fit depends on the run's method
                       a1111       OUT/TRIGGER.safetensors ({"emb_params": [n, D]}; the file name
                                   is the trigger word)
   dreambooth          diffusers   OUT/ a full diffusers folder (from_pretrained(OUT))
+                      single-file OUT/NAME.safetensors, the original (LDM) layout A1111 and
+                                  ComfyUI load; SD 2.x only when the base was itself a single file
+                                  (or `--base-single-file`), whose extra OpenCLIP layer and
+                                  text_projection it carries (diffusers folders drop them)
   custom_diffusion    diffusers   OUT/pytorch_custom_diffusion_weights.safetensors (attention-
                                   processor weights; also the .bin when torch is installed) and
                                   OUT/<new1>.safetensors per modifier token (load_textual_inversion)
@@ -41,7 +45,7 @@ from persona_jax.errors import ConfigError, ModelFileError
 FORMATS = {
     "lora": ("diffusers", "kohya", "a1111"),
     "textual_inversion": ("diffusers", "a1111"),
-    "dreambooth": ("diffusers",),
+    "dreambooth": ("diffusers", "single-file"),
     "custom_diffusion": ("diffusers", "merged"),
 }
 CUSTOM_DIFFUSION_FILE = "pytorch_custom_diffusion_weights"
@@ -56,8 +60,10 @@ def read_run(workdir: Path) -> dict:
   return json.loads(path.read_text())
 
 
-def export(workdir, fmt: str, out) -> list[Path]:
-  """Writes the run's result in `fmt` into the folder `out` (created); returns the paths."""
+def export(workdir, fmt: str, out, *, base_single_file=None) -> list[Path]:
+  """Writes the run's result in `fmt` into the folder `out` (created); returns the paths.
+  `base_single_file`: the single file an SD 2.x base came from (default: the run's base when it
+  is one), for `single-file` exports."""
   from persona_jax.default_model import resolve_model
   workdir, out = Path(workdir), Path(out)
   config = read_run(workdir)
@@ -69,9 +75,18 @@ def export(workdir, fmt: str, out) -> list[Path]:
                       + ("" if fmt in ALL_FORMATS else f" (formats: {', '.join(ALL_FORMATS)})"))
   base = resolve_model(config["model"])
   out.mkdir(parents=True, exist_ok=True)
-  written = {"lora": _lora, "textual_inversion": _textual_inversion,
-             "dreambooth": _dreambooth, "custom_diffusion": _custom_diffusion}[method](
-                 workdir, fmt, out, base)
+  if method == "dreambooth" and fmt == "single-file":
+    from persona_jax.convert.single_file import save_single_file
+    from persona_jax.pipeline import load_pipeline
+    if base_single_file is None and Path(base).is_file():
+      base_single_file = base
+    path = out / f"{workdir.absolute().name}.safetensors"
+    written = [save_single_file(load_pipeline(_result(workdir, "model")), path,
+                                base_single_file=base_single_file)]
+  else:
+    written = {"lora": _lora, "textual_inversion": _textual_inversion,
+               "dreambooth": _dreambooth, "custom_diffusion": _custom_diffusion}[method](
+                   workdir, fmt, out, base)
   record = {"run": str(workdir.absolute()), "base_model": str(base), "method": config["method"],
             "format": fmt, "files": [str(p) for p in written]}
   from persona_jax.convert.files import write_json

@@ -449,9 +449,9 @@ def _check_openclip_extras(extras: dict, config: TextEncoderConfig, source: str,
     if given is None:
       raise ConfigError(
           "an SD 2.x single file holds the base model's last OpenCLIP text layer and "
-          "text_projection, which diffusers folders drop; pass base_single_file= (the original "
-          ".safetensors single file the base model came from), or export a diffusers folder "
-          "instead")
+          "text_projection, which diffusers folders drop; pass base_single_file= (`persona-jax "
+          "export --base-single-file FILE`: the original .safetensors single file the base model "
+          "came from), or export a diffusers folder instead")
     raise ModelFileError(f"{source}: no '{layer}*' and '{projection}' tensors; it is not the "
                          f"original SD 2.x single file of a model with {config.num_hidden_layers} "
                          "text layers (+1)")
