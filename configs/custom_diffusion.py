@@ -32,6 +32,8 @@ def get_config(arg=None):
   tiny = arg == "tiny"
   c = ConfigDict()
   c.model = "default" if tiny else "/path/to/stable-diffusion-v1-5"
+  c.model_config = ""       # a single-file model: a diffusers folder of its family (head counts)
+  c.prediction_type = ""    # ... or, without one: epsilon | v_prediction
   c.method = ConfigDict(dict(name="custom_diffusion", modifier_tokens=("<new1>",),
                              initializer_tokens=(42170,), freeze_model="crossattn_kv",
                              prior_loss_weight=1.0, detach_bos=True))

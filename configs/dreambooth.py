@@ -24,6 +24,8 @@ def get_config(arg=None):
   tiny = arg == "tiny"
   c = ConfigDict()
   c.model = "default" if tiny else "/path/to/stable-diffusion-v1-5"
+  c.model_config = ""       # a single-file model: a diffusers folder of its family (head counts)
+  c.prediction_type = ""    # ... or, without one: epsilon | v_prediction
   c.method = ConfigDict(dict(name="dreambooth", train_text_encoder=False, text_encoder_lr=0.0,
                              prior_loss_weight=1.0))
   c.data = ConfigDict(dict(

@@ -30,6 +30,8 @@ def get_config(arg=None):
     raise ValueError(f"lora config variant '{arg}': use 'tiny' or 'blocks=PRESET' (e.g. MIDD)")
   c = ConfigDict()
   c.model = "default" if tiny else "/path/to/stable-diffusion-v1-5"
+  c.model_config = ""       # a single-file model: a diffusers folder of its family (head counts)
+  c.prediction_type = ""    # ... or, without one: epsilon | v_prediction
   # One uniform rank in the tiny variant: block names depend on the UNet's shape.
   c.method = ConfigDict(dict(name="lora", rank=4, alpha=0.0, conv_rank=0, conv_alpha=0.0,
                              text_encoder=False, block_ranks={}, block_alphas={}, blocks=blocks,

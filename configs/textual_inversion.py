@@ -18,6 +18,8 @@ def get_config(arg=None):
   tiny = arg == "tiny"
   c = ConfigDict()
   c.model = "default" if tiny else "/path/to/stable-diffusion-v1-5"
+  c.model_config = ""       # a single-file model: a diffusers folder of its family (head counts)
+  c.prediction_type = ""    # ... or, without one: epsilon | v_prediction
   c.method = ConfigDict(dict(name="textual_inversion", placeholder="<my-toy>",
                              initializer="ball" if tiny else "toy", num_vectors=1))
   c.data = ConfigDict(dict(instance_dir="" if tiny else "/path/to/images",

@@ -18,6 +18,8 @@ def get_config(arg=None):
   tiny = arg == "tiny"
   c = ConfigDict()
   c.model = "default" if tiny else ""
+  c.model_config = ""       # a single-file model: a diffusers folder of its family (head counts)
+  c.prediction_type = ""    # ... or, without one: epsilon | v_prediction
   c.method = ConfigDict(dict(name="dreambooth", train_text_encoder=True, text_encoder_lr=0.0,
                              prior_loss_weight=1.0))
   # Captions name positions (left/right): no flips. 10% empty captions for classifier-free guidance.

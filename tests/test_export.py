@@ -219,3 +219,18 @@ def test_dreambooth_single_file_export_samples_like_the_folder(model_dirs, tmp_p
   capsys.readouterr()
   assert main(["export", str(wd2), "--format", "single-file", "--out", str(tmp_path / "o2")]) == 2
   assert "--base-single-file" in capsys.readouterr().err
+
+
+def test_train_from_a_single_file(model_dirs, pipes, tmp_path, capsys):
+  """`--config.model=FILE.safetensors --config.model_config=DIR`: a run on an original single
+  file (the same flags as the TI tiny CLI test, so its compiled programs are shared)."""
+  from persona_jax.convert.single_file import save_single_file
+  file = save_single_file(pipes["sd1"], tmp_path / "sd1.safetensors")
+  wd = tmp_path / "ti"
+  args = ["train", "--config", "textual_inversion:tiny", "--workdir", str(wd),
+          f"--config.model={file}", "--config.steps=2", "--config.sample_steps=2",
+          "--config.batch_size=8", "--noprogress"]
+  assert main(args) == 2
+  assert "--prediction-type" in capsys.readouterr().err           # says what to pass
+  assert main(args + [f"--config.model_config={model_dirs['sd1']}"]) == 0
+  assert capsys.readouterr().out.split()[0] == str(wd / "learned_embeds.safetensors")

@@ -23,13 +23,14 @@ log = logging.getLogger(__name__)
 
 
 def base_fingerprint(model_dir: Path) -> str:
-  """A fast content fingerprint of a diffusers folder: every config, every weight file's size,
+  """A fast content fingerprint of a diffusers folder (or a single-file checkpoint): every config, every weight file's size,
   safetensors header and 16 evenly spaced 64 KB chunks (sha256). Changes to any tensor's bytes
   that land in a sampled chunk, any shape or name, or any config change it."""
   h = hashlib.sha256()
   root = Path(model_dir)
-  for f in sorted(p for p in root.rglob("*") if p.is_file()):
-    rel = f.relative_to(root).as_posix()
+  files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+  for f in files:                      # a folder's files, or a single-file checkpoint
+    rel = f.relative_to(root).as_posix() if f != root else f.name
     if rel.startswith("tokenizer/") or f.name.startswith("."):
       continue
     size = f.stat().st_size

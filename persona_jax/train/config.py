@@ -16,7 +16,9 @@ from persona_jax.train.optim import OptimConfig
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-  model: str = "default"             # a diffusers folder, or "default": the embedded default
+  model: str = "default"             # a diffusers folder, a single .safetensors file, or "default"
+  model_config: str = ""             # single-file model: a diffusers folder of its family
+  prediction_type: str = ""          # single-file model without model_config: epsilon | v_prediction
   method: Mapping[str, Any] = dataclasses.field(default_factory=dict)   # {"name": ..., options}
   data: DataConfig = DataConfig()
   optim: OptimConfig = OptimConfig()

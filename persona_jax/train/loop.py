@@ -88,7 +88,9 @@ def build(config: RunConfig, *, mesh=None, workdir=None, progress: bool = False)
   """Loads the base, builds the method, the data and the optimizer of a run. Missing class
   images (prior preservation) are generated here, into `data.class_dir` or WORKDIR/class_images."""
   model_dir = resolve_model(config.model)
-  pipe = load_pipeline(model_dir)
+  single_file = {k: v for k, v in (("config_dir", config.model_config),
+                                   ("prediction_type", config.prediction_type)) if v}
+  pipe = load_pipeline(model_dir, **single_file)
   compute = jnp.bfloat16 if config.mixed_precision == "bf16" else jnp.float32
   method = make_method(config.method_name, config.method_options, pipe.params, pipe.tokenizer_dir,
                        pipe.unet_config)
@@ -238,13 +240,25 @@ RESUMABLE_CHANGES = frozenset({
     "sample_negative_prompt", "sample_steps", "sample_guidance", "sample_images", "sample_seed"})
 
 
+def _with_defaults(saved: dict) -> dict:
+  from persona_jax.train.config import run_config
+  try:
+    return run_config(saved).to_dict()
+  except PersonaError:
+    return saved
+
+
 def _write_config(workdir: Path, config: RunConfig) -> None:
   """Writes the resolved config; a resumed run must match it (up to RESUMABLE_CHANGES, and
-  `steps` with a constant learning rate, so a finished run can be extended)."""
+  `steps` with a constant learning rate, so a finished run can be extended). A workdir without a
+  checkpoint (a start that failed, e.g. on a wrong flag) takes the new config."""
   path = workdir / "config.json"
   resolved = config.to_dict()
-  if path.is_file():
-    saved, new = tree.flatten(json.loads(path.read_text())), tree.flatten(resolved)
+  started = any(p.name.isdigit() for p in (workdir / "checkpoints").glob("*"))
+  if path.is_file() and started:
+    # Compared with defaults filled in, so options added since the run started do not block it.
+    saved = tree.flatten(_with_defaults(json.loads(path.read_text())))
+    new = tree.flatten(resolved)
     diff = sorted(k for k in set(saved) | set(new) if saved.get(k) != new.get(k))
     allowed = set(RESUMABLE_CHANGES) | ({"steps"} if config.optim.schedule == "constant" else set())
     blocking = [k for k in diff if k not in allowed]

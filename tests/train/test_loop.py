@@ -57,7 +57,14 @@ def test_resume_against_a_changed_base_is_an_error(model_dirs, tmp_path):
 def test_changed_config_is_an_error_but_more_steps_resume(model_dirs, tmp_path):
   wd = tmp_path / "run"
   (wd).mkdir()
-  (wd / "config.json").write_text(json.dumps(ti_config(model_dirs["sd1"]).to_dict()))
+  saved = ti_config(model_dirs["sd1"]).to_dict()
+  del saved["model_config"]             # a run started before an option existed still resumes
+  (wd / "config.json").write_text(json.dumps(saved))
+  # Before the first checkpoint (a start that failed) any new config is taken.
+  loop._write_config(wd, ti_config(model_dirs["sd1"], data=dict(resolution=64)))
+  assert json.loads((wd / "config.json").read_text())["data"]["resolution"] == 64
+  (wd / "config.json").write_text(json.dumps(saved))
+  (wd / "checkpoints" / "2").mkdir(parents=True)
   with pytest.raises(ConfigError, match="differs in data.resolution"):
     loop._write_config(wd, ti_config(model_dirs["sd1"], data=dict(resolution=64)))
   loop._write_config(wd, ti_config(model_dirs["sd1"], steps=10, log_every=3))
