@@ -298,10 +298,10 @@ def compare_adapter(pipe: Pipeline, path: Path, *, lora=None, embedding=None,
   with jax.default_matmul_precision("highest"):
     ids = tokenize(tokenizer, [ADAPTER_PROMPT.format(token=token)])
     if method is not None:
-      ctx = encode_text(method, models, params, ids)
+      ctx = jax.jit(functools.partial(encode_text, method, models))(params, ids)
     else:
-      ctx = pipe.text_encoder.apply({"params": params["text_encoder"]}, ids).last_hidden_state
-    eps = pipe.unet.apply({"params": params["unet"]}, latents, t, ctx)
+      ctx = jax.jit(pipe.text_encoder.apply)({"params": params["text_encoder"]}, ids).last_hidden_state
+    eps = jax.jit(pipe.unet.apply)({"params": params["unet"]}, latents, t, ctx)
   moved = float(np.abs(eps_ref - base_eps).max() / max(np.abs(base_eps).max(), 1e-12))
   return [compare("adapter: text_encoder.last_hidden_state", ctx, ctx_ref),
           compare("adapter: unet", nchw(eps), eps_ref),

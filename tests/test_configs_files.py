@@ -10,6 +10,7 @@ from safetensors.numpy import load_file
 
 from persona_jax.cli import main
 from persona_jax.train.config import run_config
+from tests.markers import slow
 
 CONFIGS = sorted(p.name[:-3] for p in importlib.resources.files("persona_jax.configs").iterdir()
                  if p.name.endswith(".py") and not p.name.startswith("_"))
@@ -43,9 +44,11 @@ def test_textual_inversion_tiny_runs_through_the_cli(tmp_path, monkeypatch, caps
   assert load_file(out[0])["<my-toy>"].shape == (1, 32)
 
 
+@slow
 def test_dreambooth_tiny_runs_through_the_cli(tmp_path, monkeypatch, capsys):
   """Class images are sampled into WORKDIR/class_images, then 2 steps of 4 instance + 4 class
-  rows over the 8 test devices; the result is a diffusers folder."""
+  rows over the 8 test devices; the result is a diffusers folder. (Slow-only: DreamBooth, class
+  images, the CLI and the folder's loading in diffusers each have cheaper tests.)"""
   monkeypatch.setenv("PERSONA_JAX_CACHE", str(tmp_path / "cache"))
   wd = tmp_path / "db"
   assert main(["train", "--config", "dreambooth:tiny", "--workdir", str(wd), "--config.steps=2",

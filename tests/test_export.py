@@ -97,6 +97,11 @@ def test_dreambooth_exports_a_diffusers_folder(model_dirs, pipes, tmp_path, caps
   got = tree.flatten(load_pipeline(out).params)
   for k, v in tree.flatten(pipes["sd1"].params).items():
     np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(v))
+  require_torch()
+  from diffusers import StableDiffusionPipeline
+  loaded = StableDiffusionPipeline.from_pretrained(out, safety_checker=None)     # diffusers' loader
+  np.testing.assert_array_equal(loaded.unet.conv_in.weight.detach().numpy().transpose(2, 3, 1, 0),
+                                np.asarray(got["unet/conv_in/kernel"]))
 
 
 def test_a_format_the_method_lacks_is_an_error(lora_run, tmp_path, capsys):
@@ -221,16 +226,17 @@ def test_dreambooth_single_file_export_samples_like_the_folder(model_dirs, tmp_p
   assert "--base-single-file" in capsys.readouterr().err
 
 
-def test_train_from_a_single_file(model_dirs, pipes, tmp_path, capsys):
-  """`--config.model=FILE.safetensors --config.model_config=DIR`: a run on an original single
-  file (the same flags as the TI tiny CLI test, so its compiled programs are shared)."""
+def test_train_from_a_single_file(model_dirs, pipes, tmp_path):
+  """`--config.model=FILE.safetensors --config.model_config=DIR`: a run builds on an original
+  single file, and without a config folder or prediction type says what to pass."""
   from persona_jax.convert.single_file import save_single_file
+  from persona_jax.errors import ConfigError
+  from persona_jax.train import loop
+  from tests.runs import one_device_mesh, ti_config
   file = save_single_file(pipes["sd1"], tmp_path / "sd1.safetensors")
-  wd = tmp_path / "ti"
-  args = ["train", "--config", "textual_inversion:tiny", "--workdir", str(wd),
-          f"--config.model={file}", "--config.steps=2", "--config.sample_steps=2",
-          "--config.batch_size=8", "--noprogress"]
-  assert main(args) == 2
-  assert "--prediction-type" in capsys.readouterr().err           # says what to pass
-  assert main(args + [f"--config.model_config={model_dirs['sd1']}"]) == 0
-  assert capsys.readouterr().out.split()[0] == str(wd / "learned_embeds.safetensors")
+  with pytest.raises(ConfigError, match="prediction"):
+    loop.build(ti_config(file), mesh=one_device_mesh())
+  run = loop.build(ti_config(file, model_config=str(model_dirs["sd1"])), mesh=one_device_mesh())
+  for k, v in tree.flatten(pipes["sd1"].params).items():
+    np.testing.assert_array_equal(np.asarray(tree.flatten(run.pipe.params)[k]), np.asarray(v))
+  assert run.model_dir == file and len(run.fingerprint) == 16

@@ -4,6 +4,7 @@ import pytest
 
 from persona_jax import load_pipeline
 from persona_jax.cli import main
+from tests.markers import slow
 from tests.torch_reference import randomize_affine_, require_torch
 
 
@@ -67,6 +68,7 @@ def test_verify_passes_on_folder_saved_by_diffusers(diffusers_folder, capsys):
   assert out.strip().endswith("PASS")
 
 
+@slow
 def test_verify_passes_on_make_random_model_folder(model_dirs, capsys):
   require_torch()
   assert main(["verify", str(model_dirs["sd1"])]) == 0

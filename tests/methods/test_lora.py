@@ -119,3 +119,26 @@ def test_result_file_holds_the_factors(run, trajectory, tmp_path):
     alpha = f.get_tensor(key[:-len("/b")] + "/alpha")
     assert alpha.shape == () and alpha.dtype == np.float32 and float(alpha) == (1.0 if blocks else 2.0)
   assert np.any(trained["lora/" + key])
+
+
+def test_trained_lora_survives_a_kohya_round_trip(run, trajectory, tmp_path):
+  """Trained factors -> our file -> kohya file (what A1111/ComfyUI read) -> read back: the merged
+  weights, hence every sample, are bit-identical."""
+  from safetensors.numpy import save_file
+
+  from persona_jax.convert import lora_formats as lf
+  from persona_jax.methods.lora import load_lora_file
+  from persona_jax.methods.lora_compose import apply_loras
+  from persona_jax.models import block_names
+  loop.write_outputs(run, trajectory["trained"], tmp_path)
+  base = run.pipe.params
+  ours = load_lora_file(tmp_path / "lora.safetensors", base)
+  tensors, metadata = lf.kohya_state_dict(ours, base, base_version="sd_v1")
+  save_file(tensors, str(tmp_path / "kohya.safetensors"), metadata=metadata)
+  back = lf.read_lora_file(tmp_path / "kohya.safetensors", base)
+  ones = np.ones((1, len(block_names.all_blocks(run.pipe.unet_config))), np.float32)
+  a = tree.flatten(apply_loras(base, [ours], ones, run.pipe.unet_config))
+  b = tree.flatten(apply_loras(base, [back], ones, run.pipe.unet_config))
+  assert any(not np.array_equal(a[p], base_v) for p, base_v in tree.flatten(base).items() if p in ours)
+  for p in ours:
+    np.testing.assert_array_equal(np.asarray(a[p]), np.asarray(b[p]))

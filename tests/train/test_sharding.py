@@ -92,6 +92,8 @@ def test_fsdp_shards_the_unet_and_its_moments_and_matches_single_device(model_di
   assert per_device < 0.35 * total
   s1, m1 = one_step(single)
   np.testing.assert_allclose(float(m8["loss"]), float(m1["loss"]), rtol=1e-5)
+  # Sharded reductions sum in another order; Adam's normalized update turns that into ~1e-7
+  # absolute differences on params of size ~0.1 (4.7e-7 seen once in 18k elements).
   for a, b in zip(jax.tree.leaves(s8), jax.tree.leaves(s1)):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
   assert not np.array_equal(np.asarray(kernel), np.asarray(multi.trainable["unet"]["conv_in"]["kernel"]))
