@@ -51,7 +51,7 @@ def diffusers_pipeline_folder(path, *, sd2: bool):
   return path
 
 
-@pytest.fixture(scope="module", params=["sd1", "sd2"])
+@pytest.fixture(scope="module", params=["sd2", pytest.param("sd1", marks=slow)])
 def diffusers_folder(request, tmp_path_factory):
   return diffusers_pipeline_folder(tmp_path_factory.mktemp("diffusers") / request.param,
                                    sd2=request.param == "sd2")
@@ -76,6 +76,7 @@ def test_verify_passes_on_make_random_model_folder(model_dirs, capsys):
   assert "ddim 3 steps, cfg 7.5: images" in out and out.strip().endswith("PASS")
 
 
+@slow
 def test_verify_fails_when_outputs_differ(model_dirs, monkeypatch, capsys):
   """A conversion error (here: one bias off by 1) makes verify report FAIL and exit non-zero."""
   require_torch()

@@ -16,6 +16,7 @@ from persona_jax.train import loop
 from persona_jax.train.state import init_state
 from persona_jax.train.step import train_step
 from tests.runs import db_config, one_device_mesh, write_class_images
+from tests.markers import slow
 
 VARIANTS = {
     # UNet only: VAE moments and text contexts are cached, nothing else is needed in the step.
@@ -135,7 +136,7 @@ def test_text_encoder_has_its_own_learning_rate(run, trajectory):
   assert 0.9e-4 < max(jax.tree.leaves(moved["unet"])) <= 1.05e-4
 
 
-@pytest.mark.parametrize("base", ["sd1", "sd2"])     # epsilon and v-prediction
+@pytest.mark.parametrize("base", ["sd1", pytest.param("sd2", marks=slow)])   # epsilon, v-prediction
 def test_prior_term_is_the_class_half_with_its_weight(base, model_dirs, class_dir):
   run = loop.build(db_config(model_dirs[base], class_dir, batch_size=2,
                              method=dict(name="dreambooth", prior_loss_weight=0.3)),

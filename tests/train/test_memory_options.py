@@ -9,9 +9,11 @@ import numpy as np
 from persona_jax.data.pipeline import make_iterator
 from persona_jax.models.unet import UNet2DConditionModel
 from persona_jax.train import loop
+from tests.markers import slow
 from tests.runs import one_device_mesh, ti_config
 
 
+@slow
 def test_remat_blocks_gives_the_same_gradients(pipes):
   pipe = pipes["sd1"]
   rng = np.random.default_rng(0)
