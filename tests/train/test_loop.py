@@ -16,6 +16,7 @@ from safetensors.numpy import load_file, save_file
 from persona_jax import ConfigError, PersonaError
 from persona_jax.cli import main
 from persona_jax.train import loop
+from tests.markers import slow
 from tests.runs import one_device_mesh, ti_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -95,16 +96,15 @@ def _final_state(workdir, step):
           for path, v in jax.tree_util.tree_flatten_with_path(restored)[0]}
 
 
-KILL_AFTER = [4]
-if os.environ.get("PERSONA_JAX_SLOW_TESTS"):                 # also at seeded random steps
-  KILL_AFTER += sorted(np.random.default_rng(0).choice(np.arange(1, 8), 2, replace=False).tolist())
+KILL_AFTER = [4] + sorted(np.random.default_rng(0).choice(np.arange(1, 8), 2, replace=False).tolist())
 
 
+@slow             # three subprocesses compiling the step: ~75 s of the 15-minute CI budget
 @pytest.mark.parametrize("kill_after", KILL_AFTER)
 def test_sigkill_and_resume_ends_bitwise_equal(model_dirs, tmp_path, kill_after):
   """A run killed with SIGKILL after its step-K checkpoint and resumed by the identical command
   ends with the same trainable params and optimizer state, bit for bit, as an uninterrupted run.
-  (PERSONA_JAX_SLOW_TESTS=1 adds two seeded random K.)"""
+  (Slow-only, with two more seeded random K.)"""
   values = ti_config(model_dirs["sd1"], steps=8, checkpoint_every=1, keep_checkpoints=10).to_dict()
   config_file = tmp_path / "ti.py"
   config_file.write_text("import json\nfrom ml_collections import ConfigDict\n\n"
