@@ -67,12 +67,10 @@ def _sample(args) -> int:
   if args.embedding:
     if args.custom_diffusion is not None:
       raise PersonaError("--embedding does not combine with --custom-diffusion (both add tokens)")
-    from persona_jax.convert.embedding_formats import read_embedding_file, with_embeddings
+    from persona_jax.convert.embedding_formats import read_embedding_spec, with_embeddings
     embeddings = {}
     for spec in args.embedding:
-      file, _, token = spec.partition(":") if not Path(spec).exists() else (spec, "", "")
-      embeddings.update(read_embedding_file(file, token or None,
-                                            width=pipe.text_encoder_config.hidden_size))
+      embeddings.update(read_embedding_spec(spec, width=pipe.text_encoder_config.hidden_size))
     added = with_embeddings(pipe, embeddings)
     pipe, tokenizer, expand = added.pipe, added.tokenizer, added.expand_prompt
   params = with_loras(pipe.params, loras, pipe.unet_config) if loras else None

@@ -61,17 +61,24 @@ SAMPLING_STEPS = 3
 GUIDANCE = 7.5
 
 
-def _torch_components(path: Path, variant, allow_pickle):
+def _require_reference() -> None:
+  """Imports torch, diffusers and transformers (the `verify` extra), or exits saying how to
+  install them; quiets transformers' advisories and turns off TF32."""
+  import importlib
   try:
-    import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel
+    torch, _, transformers = (importlib.import_module(m)
+                              for m in ("torch", "diffusers", "transformers"))
   except ImportError as e:
     raise SystemExit(f"verify needs the reference implementations: pip install "
                      f"'persona-jax[verify]' -c constraints.txt ({e})") from None
-  import transformers
   transformers.utils.logging.set_verbosity_error()     # no advisories about torchvision etc.
   torch.backends.cuda.matmul.allow_tf32 = False
+
+
+def _torch_components(path: Path, variant, allow_pickle):
+  _require_reference()
+  from diffusers import AutoencoderKL, UNet2DConditionModel
+  from transformers import CLIPTextModel
   kw = dict(variant=variant, use_safetensors=None if allow_pickle else True, local_files_only=True)
   unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kw).eval().float()
   vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **kw).eval().float()
@@ -270,9 +277,8 @@ def compare_adapter(pipe: Pipeline, path: Path, *, lora=None, embedding=None,
       ref.fuse_lora()
       params = with_loras(pipe.params, [LoRASpec(Path(lora))], pipe.unet_config)
     elif embedding is not None:
-      from persona_jax.convert.embedding_formats import read_embedding_file, with_embeddings
-      file, _, name = str(embedding).partition(":") if not Path(embedding).exists() else (str(embedding), "", "")
-      rows = read_embedding_file(file, name or None, width=pipe.text_encoder_config.hidden_size)
+      from persona_jax.convert.embedding_formats import read_embedding_spec, with_embeddings
+      rows = read_embedding_spec(str(embedding), width=pipe.text_encoder_config.hidden_size)
       (token, vectors), = rows.items()
       added = with_embeddings(pipe, rows)
       ref.load_textual_inversion({token: torch.from_numpy(vectors)}, token=token)
@@ -332,7 +338,7 @@ def verify(path, *, tolerance: float = DEFAULT_TOLERANCE, variant: str | None = 
   pipe = load_pipeline(path, variant=variant, allow_pickle=allow_pickle, attention="auto")
   encoder = None
   if adapters:
-    _torch_components(path, variant, allow_pickle)            # a clear message without the extra
+    _require_reference()
     results = compare_adapter(pipe, path, lora=lora, embedding=embedding,
                               custom_diffusion=custom_diffusion, seed=seed)
   else:

@@ -103,6 +103,12 @@ def write_a1111_embedding(token: str, vectors: np.ndarray, out_dir) -> Path:
   return path
 
 
+def read_embedding_spec(spec: str, width: int | None = None) -> dict[str, np.ndarray]:
+  """`--embedding FILE[:TOKEN]`: an existing path is taken whole (its name may hold `:`)."""
+  file, _, token = (spec, "", "") if Path(spec).exists() else str(spec).partition(":")
+  return read_embedding_file(file, token or None, width=width)
+
+
 def read_embedding_file(path, token: str | None = None,
                         width: int | None = None) -> dict[str, np.ndarray]:
   """Reads a Textual Inversion embedding file -> {token: float32 [N, D]}.

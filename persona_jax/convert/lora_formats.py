@@ -31,7 +31,7 @@ import numpy as np
 from persona_jax import tree
 from persona_jax.convert.diffusers import torch_name
 from persona_jax.errors import ModelFileError
-from persona_jax.methods.lora import FILE_KEY, Factor, LoRAFactors, load_lora_file
+from persona_jax.methods.lora import FILE_KEY, Factor, LoRAFactors, load_lora_file, read_lora_tensors
 
 COMPONENTS = ("unet", "text_encoder")
 KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
@@ -225,17 +225,11 @@ def _component_module(module: str, path: Path, key: str) -> str:
 def read_lora_file(path, base_params) -> LoRAFactors:
   """Reads a LoRA file in any supported format against the base it applies to (the pipeline's
   params). Returns {base kernel path: Factor}. Errors name the file and the first bad key."""
-  from persona_jax.convert.files import read_safetensors
   path = Path(path)
-  if path.suffix != ".safetensors":
-    raise ModelFileError(f"{path}: LoRA files are read as .safetensors only (pickle formats such as "
-                         ".pt/.ckpt/.bin are refused)")
-  if not path.is_file():
-    raise ModelFileError(f"{path}: LoRA file not found")
-  tensors = read_safetensors(path)
+  tensors = read_lora_tensors(path)
   kind = detect_format(tensors)
   if kind == "persona_jax":
-    return load_lora_file(path, base_params)
+    return load_lora_file(path, base_params, tensors=tensors)
   if kind == "unknown":
     bad = next((k for k in sorted(tensors) if not (FILE_KEY.fullmatch(k) or _KOHYA.fullmatch(k)
                                                     or _diffusers_key(k))),

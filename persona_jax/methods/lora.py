@@ -182,13 +182,8 @@ class Factor(NamedTuple):
 LoRAFactors = dict[str, Factor]     # base kernel path (`unet/.../to_q/kernel`) -> its factors
 
 
-def load_lora_file(path, base_params=None) -> LoRAFactors:
-  """Reads a lora.safetensors written by `save_result`. A target without `alpha` (files from
-  before it was stored) gets alpha = r (scale 1, kohya's rule for a missing alpha).
-
-  With `base_params` (the pipeline's tree) every target must name a kernel of that base, with
-  a @ b of the kernel's [fan_in, out]. Errors name the file and the first bad key.
-  """
+def read_lora_tensors(path) -> dict[str, np.ndarray]:
+  """The tensors of a LoRA file, which must be a .safetensors (pickles are refused)."""
   from persona_jax.convert.files import read_safetensors
   path = Path(path)
   if path.suffix != ".safetensors":
@@ -196,13 +191,25 @@ def load_lora_file(path, base_params=None) -> LoRAFactors:
                          ".pt/.ckpt/.bin are refused)")
   if not path.is_file():
     raise ModelFileError(f"{path}: LoRA file not found")
+  return read_safetensors(path)
+
+
+def load_lora_file(path, base_params=None, *, tensors=None) -> LoRAFactors:
+  """Reads a lora.safetensors written by `save_result` (`tensors`: its contents, when already
+  read). A target without `alpha` (files from before it was stored) gets alpha = r (scale 1,
+  kohya's rule for a missing alpha). Other tools' formats: convert/lora_formats.read_lora_file.
+
+  With `base_params` (the pipeline's tree) every target must name a kernel of that base, with
+  a @ b of the kernel's [fan_in, out]. Errors name the file and the first bad key.
+  """
+  path = Path(path)
   parts: dict[str, dict[str, np.ndarray]] = {}
-  for key, value in sorted(read_safetensors(path).items()):
+  for key, value in sorted((read_lora_tensors(path) if tensors is None else tensors).items()):
     m = FILE_KEY.fullmatch(key)
     if not m:
       raise ModelFileError(f"{path}: key '{key}' is not a persona_jax LoRA key (<target>/a, /b, "
-                           "/alpha); only the lora.safetensors that `persona-jax train` writes is "
-                           "read so far (diffusers/kohya LoRA files are not supported yet)")
+                           "/alpha); files of other tools are read by `sample --lora` "
+                           "(convert/lora_formats.py)")
     parts.setdefault(m[1], {})[m[2]] = value
   if not parts:
     raise ModelFileError(f"{path}: holds no LoRA factors")

@@ -142,14 +142,16 @@ def subject_phrase(method: str, subject: scenes.Subject) -> str:
   return RECIPES[method].phrase.format(cls=subject.cls)
 
 
-def write_references(subject: scenes.Subject, folder: Path, n: int) -> Path:
-  """n rendered reference images of a subject as PNGs (the method's instance folder)."""
+def write_references(subject: scenes.Subject, folder: Path, n: int) -> np.ndarray:
+  """Renders n reference images of a subject into `folder` as PNGs (the method's instance
+  folder); returns them, uint8 [n, 32, 32, 3]."""
   from PIL import Image
   folder = Path(folder)
   folder.mkdir(parents=True, exist_ok=True)
-  for k, scene in enumerate(scenes.subject_scenes(subject, n)):
-    Image.fromarray(scenes.render(scene)).save(folder / f"{k:03d}.png")
-  return folder
+  images = np.stack([scenes.render(scene) for scene in scenes.subject_scenes(subject, n)])
+  for k, image in enumerate(images):
+    Image.fromarray(image).save(folder / f"{k:03d}.png")
+  return images
 
 
 def score(metric, images: np.ndarray, prompts: list[EvalPrompt], seeds: int,
@@ -233,8 +235,8 @@ def evaluate(cfg: EvalConfig, out: Path, progress: bool = True) -> dict:
   rows = []
   for subject in eval_subjects(cfg.subjects):
     name = subject.words.replace(" ", "_")
-    refs_dir = write_references(subject, out / "references" / name, cfg.references)
-    references = np.stack([scenes.render(s) for s in scenes.subject_scenes(subject, cfg.references)])
+    refs_dir = out / "references" / name
+    references = write_references(subject, refs_dir, cfg.references)
     prompts = prompts_for(subject, subject_phrase(cfg.method, subject), cfg.contexts)
     train_seconds = 0.0
     if cfg.method in UNTRAINED:
