@@ -29,26 +29,8 @@ class UNet2DConditionModel(nn.Module):
     """
     c = self.config
     n = len(c.block_out_channels)
-    b, height, width = sample.shape[:3]
-    sample = sample.astype(c.dtype)
-    context = encoder_hidden_states.astype(c.dtype)
-    if c.center_input_sample:
-      sample = 2 * sample - 1.0
-
-    t = jnp.broadcast_to(jnp.asarray(timesteps), (b,))
-    temb = timestep_embedding(t, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift)
-    temb = TimestepEmbedding(c.time_embed_dim, c.act_fn, c.dtype, c.param_dtype,
-                             name="time_embedding")(temb.astype(c.dtype))      # [B, T]
-
-    x = conv(c.block_out_channels[0], c.conv_in_kernel, dtype=c.dtype, param_dtype=c.param_dtype,
-             name="conv_in")(sample)
-    skips = [x]
-    for i in range(n):
-      x, block_skips = UNetDownBlock(c, i, name=f"down_blocks_{i}")(x, temb, context)
-      skips.extend(block_skips)
-
-    if c.mid_block_type is not None:
-      x = UNetMidBlock2DCrossAttn(c, name="mid_block")(x, temb, context)
+    height, width = sample.shape[1:3]
+    x, skips, temb, context = down_path(c, sample, timesteps, encoder_hidden_states)
 
     # When H or W is not a multiple of 2**(n-1), upsample to the skip's exact size (as diffusers).
     exact_sizes = height % c.downsample_factor or width % c.downsample_factor
@@ -63,3 +45,67 @@ class UNet2DConditionModel(nn.Module):
     x = get_activation(c.act_fn)(x)
     return conv(c.out_channels, c.conv_out_kernel, dtype=c.dtype, param_dtype=c.param_dtype,
                 name="conv_out")(x)
+
+
+def down_path(c: UNetConfig, sample, timesteps, encoder_hidden_states):
+  """conv_in, the down blocks and the mid block, creating their submodules in the calling
+  module's scope (so both modules below share diffusers' param names).
+
+  Returns:
+    (x [B, h, w, C] after the mid block, skips: conv_in's output then every down-block output
+    as the up path consumes them, temb [B, T], context [B, L, D] in the compute dtype).
+  """
+  b = sample.shape[0]
+  sample = sample.astype(c.dtype)
+  context = encoder_hidden_states.astype(c.dtype)
+  if c.center_input_sample:
+    sample = 2 * sample - 1.0
+
+  t = jnp.broadcast_to(jnp.asarray(timesteps), (b,))
+  temb = timestep_embedding(t, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift)
+  temb = TimestepEmbedding(c.time_embed_dim, c.act_fn, c.dtype, c.param_dtype,
+                           name="time_embedding")(temb.astype(c.dtype))      # [B, T]
+
+  x = conv(c.block_out_channels[0], c.conv_in_kernel, dtype=c.dtype, param_dtype=c.param_dtype,
+           name="conv_in")(sample)
+  skips = [x]
+  for i in range(len(c.block_out_channels)):
+    x, block_skips = UNetDownBlock(c, i, name=f"down_blocks_{i}")(x, temb, context)
+    skips.extend(block_skips)
+
+  if c.mid_block_type is not None:
+    x = UNetMidBlock2DCrossAttn(c, name="mid_block")(x, temb, context)
+  return x, skips, temb, context
+
+
+def encoder_feature_dim(c: UNetConfig) -> int:
+  """Width of `UNetEncoderFeatures`' output: the channels of every skip plus the mid block's."""
+  widths = [c.block_out_channels[0]]
+  for i, (ch, layers) in enumerate(zip(c.block_out_channels, c.layers_per_block_list)):
+    widths += [ch] * (layers + (i < len(c.block_out_channels) - 1))
+  if c.mid_block_type is not None:
+    widths.append(c.block_out_channels[-1])
+  return sum(widths)
+
+
+class UNetEncoderFeatures(nn.Module):
+  """The UNet's encoder half as a feature extractor (E4T; mkshing/e4t-diffusion's
+  `return_encoder_outputs`): only conv_in, the down blocks and the mid block run. Applied to the
+  UNet's own params (the up path's params are simply not read)."""
+  config: UNetConfig
+
+  @nn.compact
+  def __call__(self, sample, timesteps, encoder_hidden_states):
+    """Pooled encoder features.
+
+    Args:
+      sample: [B, H, W, in_channels] noisy latents; timesteps: [B] or scalar;
+      encoder_hidden_states: [B, L, D] (E4T passes the empty prompt's).
+    Returns:
+      [B, encoder_feature_dim(config)] float32: conv_in's output, every down-block resnet /
+      attention / downsampler output, then the mid block's, each averaged over H and W and
+      concatenated in that order (SD 1.5: 12 skips + mid = 10880 features).
+    """
+    x, skips, _, _ = down_path(self.config, sample, timesteps, encoder_hidden_states)
+    outputs = skips + ([x] if self.config.mid_block_type is not None else [])
+    return jnp.concatenate([h.astype(jnp.float32).mean(axis=(1, 2)) for h in outputs], axis=-1)
