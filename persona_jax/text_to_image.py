@@ -47,13 +47,14 @@ def image_size(pipe: Pipeline, height: int | None, width: int | None) -> tuple[i
 def text_to_image(pipe: Pipeline, prompts: str | list[str], negative_prompt: str | list[str] = "",
                   num_images: int = 1, options: SampleOptions = SampleOptions(),
                   start_index: int = 0, params=None, progress: bool = True, tokenizer=None,
-                  conditioning=None, expand_prompt=None) -> np.ndarray:
+                  conditioning=None, expand_prompt=None, inputs=None) -> np.ndarray:
   """Generates `num_images` images per prompt (prompt-major order).
 
   Image k of the run uses the key fold_in(key(seed), start_index + k), so it is the same image
   whatever the batch size. The last batch is padded to the batch size (one compilation).
   A method's sampling passes its own `params` (the transformed tree), `tokenizer` (with added
-  tokens), `conditioning` hook and `expand_prompt`.
+  tokens), `conditioning` hook and `expand_prompt`; `inputs` are the hook's extra inputs, the
+  same for every image ({key: [1, ...] array}, e.g. E4T's clip_pixels), repeated to each batch.
 
   Returns:
     [len(prompts) * num_images, H, W, 3] uint8.
@@ -82,9 +83,10 @@ def text_to_image(pipe: Pipeline, prompts: str | list[str], negative_prompt: str
     for start in range(0, total, bs):
       chunk = list(range(start, min(start + bs, total)))
       padded = chunk + [chunk[-1]] * (bs - len(chunk))
-      inputs = {"ids": tokenize(tokenizer, [all_prompts[i] for i in padded]),
-                "negative_ids": tokenize(tokenizer, [all_negatives[i] for i in padded])}
-      images = generate(params, inputs, options.seed, np.asarray(padded) + start_index,
+      batch = {"ids": tokenize(tokenizer, [all_prompts[i] for i in padded]),
+               "negative_ids": tokenize(tokenizer, [all_negatives[i] for i in padded])}
+      batch.update({k: np.repeat(np.asarray(v), bs, axis=0) for k, v in (inputs or {}).items()})
+      images = generate(params, batch, options.seed, np.asarray(padded) + start_index,
                         options.guidance, options.guidance_rescale, options.eta, models=models,
                         scheduler=pipeline_scheduler(pipe.scheduler_config), num_steps=options.steps,
                         latent_shape=latent_shape, conditioning=conditioning,

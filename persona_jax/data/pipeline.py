@@ -47,6 +47,11 @@ class DataConfig:
   resolution: int = 512
   center_crop: bool = True          # False: random crops, encoded by the VAE every step
   random_flip: float = 0.5
+  # > 1 (random crops only): each example is first scaled up by a random factor in
+  # [1, random_zoom], so even a square image gives differently framed crops (E4T's augmented
+  # copies of one image).
+  random_zoom: float = 1.0
+  num_images: int = 0               # > 0: only the first N images of the folder (by name)
   caption_dropout: float = 0.0      # probability of training on the empty caption (for CFG)
   # Class images (DreamBooth's prior preservation, Custom Diffusion's regularization):
   num_class_images: int = 0         # 0: no class stream. Missing images are generated from the base
@@ -138,6 +143,8 @@ def load_instances(config: DataConfig, expand: Callable[[str], str]) -> Instance
                         f"{', '.join(CAPTION_SOURCES)}")
     folder = Path(concept.instance_dir) if concept.instance_dir else example_subject_dir()
     examples = read_image_folder(folder, need_captions=concept.caption_source == "files")
+    if config.num_images > 0:
+      examples = examples[: config.num_images]
     images += [prepare_image(e.path, concept) for e in examples]
     captions += [caption_pool(concept, e.caption, expand) for e in examples]
     log.info("%s: %d instance image(s) at %dpx", folder, len(examples), config.resolution)
@@ -190,6 +197,7 @@ class Augment(grain.transforms.RandomMap):
   contexts: np.ndarray | None                             # [K, L, D]
   prior: float | None = None                              # the `prior` value, when there are classes
   latent_factor: int = 8                                  # the VAE's downsampling (loss masks)
+  image_inputs: Callable | None = None                    # uint8 image -> extra keys (a method's)
 
   def random_map(self, index, rng: np.random.Generator):
     c = self.config
@@ -202,9 +210,14 @@ class Augment(grain.transforms.RandomMap):
     if self.moments is not None:
       out[LATENT_MEAN] = self.moments[0][index, flip]
       out[LATENT_LOGVAR] = self.moments[1][index, flip]
+      image = self.instances.images[index]
+      image = image[:, ::-1] if flip else image
     else:
       image = self.instances.images[index]
       r = c.resolution
+      if c.random_zoom > 1:
+        image = img_ops.resize_shorter_side(
+            image, int(round(min(image.shape[:2]) * rng.uniform(1.0, c.random_zoom))))
       top = int(rng.integers(image.shape[0] - r + 1))
       left = int(rng.integers(image.shape[1] - r + 1))
       image = img_ops.crop(image, r, top, left)
@@ -222,6 +235,8 @@ class Augment(grain.transforms.RandomMap):
       out[IDS] = self.tokenize([caption])[0]
     if self.prior is not None:
       out[PRIOR] = np.float32(self.prior)
+    if self.image_inputs is not None:
+      out.update(self.image_inputs(np.ascontiguousarray(image)))
     return out
 
   def zoom(self, image, rng: np.random.Generator):
@@ -256,18 +271,23 @@ class Concatenate(grain.transforms.Map):
 
 def make_dataset(config: DataConfig, instances: InstanceSet, batch_size: int, seed: int, *,
                  tokenize=None, moments=None, caption_index=None, contexts=None,
-                 classes: InstanceSet | None = None, class_moments=None, latent_factor: int = 8):
+                 classes: InstanceSet | None = None, class_moments=None, latent_factor: int = 8,
+                 image_inputs=None):
   """The infinite, reshuffled-every-epoch batch dataset (grain MapDataset). With `classes`,
-  every batch is `batch_size` instance rows then `batch_size` class rows."""
+  every batch is `batch_size` instance rows then `batch_size` class rows. `image_inputs`: a
+  method's per-example extra keys from the augmented uint8 image (`Method.image_inputs`)."""
   if batch_size < 1:
     raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+  if config.random_zoom < 1 or (config.random_zoom > 1 and moments is not None):
+    raise ConfigError(f"data.random_zoom: {config.random_zoom} must be >= 1, and > 1 only with "
+                      "random crops (data.center_crop=False)")
   if config.zoom_augment and moments is not None:
     raise ConfigError("data.zoom_augment: zoomed images are VAE-encoded in the step; do not pass "
                       "cached moments")
 
   def stream(images, moments_, prior, stream_seed):
     augment = Augment(config, images, tokenize, moments_, caption_index, contexts, prior,
-                      latent_factor)
+                      latent_factor, image_inputs)
     return (grain.MapDataset.source(list(range(len(images.images)))).seed(stream_seed).shuffle()
             .repeat().random_map(augment).batch(batch_size, drop_remainder=True))
   if classes is None:

@@ -9,12 +9,14 @@ Batch keys (numpy arrays with a leading batch axis; only the ones a run needs ar
   context                     [B, L, D]     cached text-encoder output (nothing in the text path trains)
   prior                       [B] float     1 for class (prior-preservation) examples, 0 for instances
   mask                        [B, h, w, 1]  loss mask
+  clip_pixels                 [B, S, S, 3]  the example's image for a CLIP image encoder (E4T)
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +28,7 @@ from persona_jax.models.vae import Moments
 
 LATENT_MEAN, LATENT_LOGVAR, PIXELS = "latent_mean", "latent_logvar", "pixels"
 IDS, CONTEXT, MASK, PRIOR = "ids", "context", "mask", "prior"
+CLIP_PIXELS = "clip_pixels"
 
 
 def no_new_params(rng, base):
@@ -34,6 +37,25 @@ def no_new_params(rng, base):
 
 def identity_prompt(prompt: str) -> str:
   return prompt
+
+
+class LatentConditioning(Protocol):
+  """Conditioning that depends on the noised latent and its timestep (E4T's per-step word
+  embedding). A hashable object: it is part of the Method, a static argument of the jit.
+
+  Training runs `prepare` once per batch and `context` inside the loss's `predict(noisy, t)`;
+  sampling (`MethodConditioning`) runs `prepare` once and `context` at every denoising step on
+  the current latents. `input_keys`: the batch keys besides `ids` it reads (e.g. clip_pixels),
+  which sampling takes as extra inputs.
+  """
+  input_keys: tuple[str, ...]
+
+  def prepare(self, models: SDModels, params, batch) -> Any:
+    """What does not depend on the latent (e.g. image features): a pytree `state`."""
+
+  def context(self, models: SDModels, params, state, noisy, t) -> tuple[Any, dict]:
+    """(conditioning [B, L, D], {name: penalty scalar added to the loss}); noisy: [B, h, w, c],
+    t: [B]."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +82,12 @@ class Method:
       Diffusion's (("detach_context_tokens", 1),).
     scale_lr_with_class_rows: with `optim.scale_lr`, class rows count in the batch size (Custom
       Diffusion's recipe doubles the lr with prior preservation; DreamBooth's does not).
+    latent_conditioning: a `LatentConditioning` that replaces the text path's conditioning
+      (E4T); None: the prompt's text-encoder output.
+    components: () -> {component: params}: frozen networks the method brings beside the
+      pipeline's (E4T's image encoder); `select` may pick their leaves too.
+    image_inputs: (uint8 [R, R, 3] image after augmentation) -> {batch key: array}: per-example
+      inputs the data pipeline adds (E4T's clip_pixels).
   """
   name: str
   select: tree.Rules = ()
@@ -75,11 +103,15 @@ class Method:
   trains_text: bool = False
   unet_options: tuple[tuple[str, object], ...] = ()
   scale_lr_with_class_rows: bool = False
+  latent_conditioning: LatentConditioning | None = None
+  components: Callable[[], dict] | None = None
+  image_inputs: Callable | None = None
 
   def text_trains(self) -> bool:
     """Whether anything in the text path trains (then text embeddings cannot be cached)."""
-    return self.trains_text or self.input_embeddings is not None or any(
-        p.startswith("text_encoder") for p, _ in self.select)
+    return (self.trains_text or self.input_embeddings is not None
+            or self.latent_conditioning is not None
+            or any(p.startswith("text_encoder") for p, _ in self.select))
 
 
 def encode_text(method: Method, models: SDModels, params, ids):
@@ -104,16 +136,29 @@ def method_loss(method: Method, models: SDModels, objective: Objective, params, 
   """The denoising loss plus the method's regularizers. Returns (loss, metrics)."""
   latent_rng, loss_rng = jax.random.split(rng)
   latents = batch_latents(models, params, batch, latent_rng)
-  context = batch[CONTEXT] if CONTEXT in batch else encode_text(method, models, params, batch[IDS])
+  penalties = []                   # filled by `predict` (traced once, in this same trace)
+  if method.latent_conditioning is not None:
+    conditioning = method.latent_conditioning
+    state = conditioning.prepare(models, params, batch)
 
-  def predict(noisy, t):
-    return models.unet.apply({"params": params["unet"]}, noisy, t, context)
+    def predict(noisy, t):
+      context, terms = conditioning.context(models, params, state, noisy, t)
+      penalties.append(terms)
+      return models.unet.apply({"params": params["unet"]}, noisy, t, context)
+  else:
+    context = batch[CONTEXT] if CONTEXT in batch else encode_text(method, models, params, batch[IDS])
+
+    def predict(noisy, t):
+      return models.unet.apply({"params": params["unet"]}, noisy, t, context)
   if PRIOR in batch:
     loss, metrics = prior_preservation_loss(objective, latents, predict, loss_rng, batch[PRIOR],
                                             method.prior_loss_weight, batch.get(MASK))
   else:
     loss, metrics = objective.loss(latents, predict, loss_rng, batch.get(MASK))
   metrics = dict(metrics, denoising_loss=loss)
+  for name, value in (penalties[0] if penalties else {}).items():
+    metrics[name] = value
+    loss = loss + value
   for regularizer in method.regularizers:
     name, value = regularizer(params, trainable, batch)
     metrics[name] = value
@@ -136,12 +181,27 @@ def prior_preservation_loss(objective: Objective, latents, predict, rng, prior, 
 
 @dataclasses.dataclass(frozen=True)
 class MethodConditioning:
-  """The sampler's conditioning hook for a method's text path (see diffusion.sampling)."""
+  """The sampler's conditioning hook for a method's text path (see diffusion.sampling).
+
+  inputs: {"ids", "negative_ids"} and, with a `latent_conditioning`, its `input_keys`. The
+  negative prompt goes through the text path once; a latent conditioning recomputes the prompt's
+  conditioning from the current latents at every step.
+  """
   method: Method
 
   def prepare(self, models, params, inputs):
-    return {"cond": encode_text(self.method, models, params, inputs["ids"]),
-            "uncond": encode_text(self.method, models, params, inputs["negative_ids"])}
+    uncond = encode_text(self.method, models, params, inputs["negative_ids"])
+    conditioning = self.method.latent_conditioning
+    if conditioning is None:
+      return {"cond": encode_text(self.method, models, params, inputs["ids"]), "uncond": uncond}
+    batch = {k: inputs[k] for k in (IDS,) + tuple(conditioning.input_keys)}
+    return {"latent_state": conditioning.prepare(models, params, batch), "uncond": uncond}
 
   def at_step(self, models, params, state, step, t, latents):
-    return {"encoder_hidden_states": state["cond"]}, {"encoder_hidden_states": state["uncond"]}
+    if "latent_state" in state:
+      t = jnp.broadcast_to(t, latents.shape[:1])
+      cond, _ = self.method.latent_conditioning.context(models, params, state["latent_state"],
+                                                        latents, t)
+    else:
+      cond = state["cond"]
+    return {"encoder_hidden_states": cond}, {"encoder_hidden_states": state["uncond"]}

@@ -70,6 +70,7 @@ class Run:
   mesh: object
   fingerprint: str
   model_dir: Path
+  components: dict = dataclasses.field(default_factory=dict)   # the method's own frozen networks
 
   def tokenize(self, prompts):
     return tokenize(self.tokenizer, [self.method.expand_prompt(p) for p in prompts])
@@ -80,7 +81,8 @@ class Run:
 
   def pipe_frozen_all(self):
     trainable_paths = set(tree.flatten(self.trainable))
-    flat = {p: v for p, v in tree.flatten(self.pipe.params).items() if p not in trainable_paths}
+    base = {**self.pipe.params, **self.components}
+    flat = {p: v for p, v in tree.flatten(base).items() if p not in trainable_paths}
     return tree.unflatten(flat)
 
 
@@ -101,16 +103,19 @@ def build(config: RunConfig, *, mesh=None, workdir=None, progress: bool = False)
       pipe.vae)
   tokenizer = tokenizer_with_tokens(pipe.tokenizer_dir, method.added_tokens)
 
-  existing, rest = tree.split(pipe.params, method.select)
-  new = method.init_trainable(jax.random.PRNGKey(config.seed + 1), pipe.params)
+  components = method.components() if method.components is not None else {}
+  base = {**pipe.params, **components}
+  existing, rest = tree.split(base, method.select)
+  new = method.init_trainable(jax.random.PRNGKey(config.seed + 1), base)
   trainable = tree.merge(jax.tree.map(lambda x: x.astype(jnp.float32), existing), new)
   if not tree.flatten(trainable):
     raise ConfigError(f"method {config.method_name} selects no trainable parameters")
 
   instances = data.load_instances(config.data, method.expand_prompt)
   classes = class_images(config, method, pipe, workdir, progress)
-  dataset_kwargs = {"classes": classes, "latent_factor": pipe.vae_scale_factor}
-  needed = {"unet"}
+  dataset_kwargs = {"classes": classes, "latent_factor": pipe.vae_scale_factor,
+                    "image_inputs": method.image_inputs}
+  needed = {"unet"} | set(components)
   if config.data.center_crop and not config.data.zoom_augment:
     encode = functools.partial(data.encode_moments, pipe.vae, pipe.params["vae"])
     dataset_kwargs["moments"] = encode(np.stack(instances.images))
@@ -144,7 +149,7 @@ def build(config: RunConfig, *, mesh=None, workdir=None, progress: bool = False)
   objective = Objective(pipe.scheduler_config, pipe.vae_config.scaling_factor,
                         config.min_snr_gamma, config.offset_noise)
   return Run(config, pipe, method, models, objective, tokenizer, frozen, trainable, tx, schedule,
-             dataset, mesh, ckpt.base_fingerprint(model_dir), model_dir)
+             dataset, mesh, ckpt.base_fingerprint(model_dir), model_dir, components)
 
 
 def optim_config(config: RunConfig, method) -> OptimConfig:
@@ -280,10 +285,15 @@ def sample_grid(run: Run, trainable, step: int, workdir: Path, progress: bool = 
   params = run.full_params(trainable)
   options = SampleOptions(steps=c.sample_steps, guidance=c.sample_guidance, seed=c.sample_seed,
                           height=c.data.resolution, width=c.data.resolution, batch_size=4)
+  inputs = None
+  latent = run.method.latent_conditioning
+  if latent is not None and latent.input_keys:     # e.g. E4T's image: the first training example's
+    first = run.dataset[0]
+    inputs = {k: np.asarray(first[k][:1]) for k in latent.input_keys}
   images = text_to_image(run.pipe, list(c.sample_prompts), c.sample_negative_prompt,
                          c.sample_images, options, params=params, progress=progress,
                          tokenizer=run.tokenizer, conditioning=MethodConditioning(run.method),
-                         expand_prompt=run.method.expand_prompt)
+                         expand_prompt=run.method.expand_prompt, inputs=inputs)
   return save_png(grid(images, cols=c.sample_images), workdir / "samples" / f"step_{step:06d}.png")
 
 
