@@ -55,6 +55,7 @@ def _sample(args) -> int:
   from persona_jax.pipeline import load_pipeline
   from persona_jax.text_to_image import SampleOptions, text_to_image
   loras = [LoRASpec.parse(s) for s in args.lora]
+  e4t_result = _e4t_result(args)
   model = resolve_model(args.model)
   pipe = load_pipeline(model, variant=args.variant, allow_pickle=args.allow_pickle,
                        **_single_file_options(args))
@@ -80,9 +81,15 @@ def _sample(args) -> int:
       raise PersonaError("--clip-skip does not combine with --custom-diffusion")
     params, tokenizer, conditioning = cd.for_sampling(cd.load_result(args.custom_diffusion), pipe,
                                                       params)
+  inputs = None
+  if e4t_result is not None:
+    from persona_jax.methods import e4t
+    sampling = e4t.for_sampling(e4t_result, pipe, args.image)
+    params, tokenizer, conditioning, inputs = (sampling.params, sampling.tokenizer,
+                                               sampling.conditioning, sampling.inputs)
   images = text_to_image(pipe, args.prompt, args.negative_prompt, args.num_images, options,
                          params=params, tokenizer=tokenizer, conditioning=conditioning,
-                         expand_prompt=expand)
+                         expand_prompt=expand, inputs=inputs)
   seconds = time.perf_counter() - start
   out = Path(args.out)
   paths = [save_png(img, out / f"{args.seed:04d}_{i:04d}.png") for i, img in enumerate(images)]
@@ -92,6 +99,24 @@ def _sample(args) -> int:
   print(f"{len(images)} image(s) {images.shape[2]}x{images.shape[1]} from {model} in {seconds:.1f} s "
         "(including compilation)", file=sys.stderr)
   return 0
+
+
+def _e4t_result(args):
+  """`sample --e4t WORKDIR --image PATH`: the E4T result (its base model unless --model)."""
+  if args.e4t is None:
+    if args.image is not None:
+      raise PersonaError("--image is the subject image of --e4t WORKDIR")
+    return None
+  if args.image is None:
+    raise PersonaError("--e4t needs --image PATH (the subject's image the encoder reads)")
+  if args.embedding or args.lora or args.custom_diffusion is not None or args.clip_skip is not None:
+    raise PersonaError("--e4t does not combine with --embedding, --lora, --custom-diffusion or "
+                       "--clip-skip")
+  from persona_jax.methods import e4t
+  result = e4t.load_result(args.e4t)
+  if args.model is None:
+    args.model = result.meta.get("base_model") or None
+  return result
 
 
 def _single_file_options(args) -> dict:
@@ -156,7 +181,8 @@ def _make_toy_model(args) -> int:
 
 def _export(args) -> int:
   from persona_jax.export import export
-  for path in export(args.workdir, args.format, args.out, base_single_file=args.base_single_file):
+  for path in export(args.workdir, args.format, args.out, base_single_file=args.base_single_file,
+                     timestep=args.timestep):
     print(path)
   return 0
 
@@ -262,6 +288,11 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--custom-diffusion", type=Path, default=None, metavar="DIR",
                  help="a custom_diffusion run's workdir or a merged folder: its K/V weights and "
                       "modifier tokens (use them in the prompt, e.g. 'photo of a <new1> cat')")
+  p.add_argument("--e4t", type=Path, default=None, metavar="DIR",
+                 help="an e4t run's workdir: its encoder, weight offsets (and tuned UNet); the "
+                      "placeholder's embedding is predicted from --image at every step (e.g. "
+                      "--prompt 'a painting of *s'; default --model: the run's base)")
+  p.add_argument("--image", type=Path, default=None, metavar="PATH", help="the subject image for --e4t")
   p.add_argument("--variant", default=None, help="weight-file variant, e.g. fp16")
   p.add_argument("--allow-pickle", action="store_true", help="read .bin/.ckpt files (trusted only)")
   p.add_argument("--out", required=True, type=Path, help="output folder")
@@ -345,6 +376,8 @@ def build_parser() -> argparse.ArgumentParser:
                  help="single-file export of an SD 2.x run: the base's own single file (its "
                       "extra text-encoder layer is carried over; default: the run's base if it "
                       "is a single file)")
+  p.add_argument("--timestep", type=int, default=None,
+                 help="e4t: the timestep of the exported embedding (default 500)")
   p.set_defaults(func=_export)
 
   p = sub.add_parser("eval", help="the toy-world efficacy benchmark of a method: subject fidelity, "

@@ -19,6 +19,14 @@ another tool reads (formats.md 4). Which formats fit depends on the run's method
                                   OUT/<new1>.safetensors per modifier token (load_textual_inversion)
                       merged      OUT/ a full diffusers folder whose UNet holds the new K/V (loads
                                   everywhere) and OUT/tokens/<new1>.safetensors
+  e4t (tune)          diffusers   OUT/ a full diffusers folder (the tuned UNet with the weight
+                                  offsets merged) and OUT/e4t_embedding/learned_embeds.safetensors:
+                                  the placeholder's embedding for the run's image at one stated
+                                  timestep (`--timestep`, default 500; in export.json)
+
+diffusers cannot recompute E4T's embedding at every denoising step from the current latents (it
+has no E4T encoder): `pipe.load_textual_inversion(OUT/e4t_embedding)` fixes it at the exported
+timestep's value, an approximation of what `persona-jax sample --e4t` does.
 
 diffusers' `unet.load_attn_procs` cannot load the Custom Diffusion .safetensors it writes itself
 (diffusers issue #9320; formats.md 4.3); what works with diffusers 0.42:
@@ -47,6 +55,7 @@ FORMATS = {
     "textual_inversion": ("diffusers", "a1111"),
     "dreambooth": ("diffusers", "single-file"),
     "custom_diffusion": ("diffusers", "merged"),
+    "e4t": ("diffusers",),
 }
 CUSTOM_DIFFUSION_FILE = "pytorch_custom_diffusion_weights"
 ALL_FORMATS = ("diffusers", "kohya", "a1111", "single-file", "merged")
@@ -60,10 +69,10 @@ def read_run(workdir: Path) -> dict:
   return json.loads(path.read_text())
 
 
-def export(workdir, fmt: str, out, *, base_single_file=None) -> list[Path]:
+def export(workdir, fmt: str, out, *, base_single_file=None, timestep: int | None = None) -> list[Path]:
   """Writes the run's result in `fmt` into the folder `out` (created); returns the paths.
   `base_single_file`: the single file an SD 2.x base came from (default: the run's base when it
-  is one), for `single-file` exports."""
+  is one), for `single-file` exports. `timestep`: E4T's embedding is exported at this one."""
   from persona_jax.default_model import resolve_model
   workdir, out = Path(workdir), Path(out)
   config = read_run(workdir)
@@ -75,7 +84,10 @@ def export(workdir, fmt: str, out, *, base_single_file=None) -> list[Path]:
                       + ("" if fmt in ALL_FORMATS else f" (formats: {', '.join(ALL_FORMATS)})"))
   base = resolve_model(config["model"])
   out.mkdir(parents=True, exist_ok=True)
-  if method == "dreambooth" and fmt == "single-file":
+  extra = {}
+  if method == "e4t":
+    written, extra["e4t_embedding"] = _e4t(workdir, config, out, base, timestep)
+  elif method == "dreambooth" and fmt == "single-file":
     from persona_jax.convert.single_file import save_single_file
     from persona_jax.pipeline import load_pipeline
     if base_single_file is None and Path(base).is_file():
@@ -88,7 +100,7 @@ def export(workdir, fmt: str, out, *, base_single_file=None) -> list[Path]:
                "dreambooth": _dreambooth, "custom_diffusion": _custom_diffusion}[method](
                    workdir, fmt, out, base)
   record = {"run": str(workdir.absolute()), "base_model": str(base), "method": config["method"],
-            "format": fmt, "files": [str(p) for p in written]}
+            "format": fmt, "files": [str(p) for p in written], **extra}
   from persona_jax.convert.files import write_json
   write_json(out / "export.json", record)
   return written
@@ -204,3 +216,37 @@ def _custom_diffusion(workdir: Path, fmt: str, out: Path, base: Path) -> list[Pa
   params, _, _ = cd.for_sampling(dataclasses.replace(result, concepts=[]), pipe)
   merged = save_pipeline(dataclasses.replace(pipe, params=params), out, overwrite=True)
   return [merged] + _token_files(result, out / "tokens")
+
+
+def _e4t(workdir: Path, config: dict, out: Path, base: Path, timestep: int | None):
+  """The tuned pipeline with offsets merged, and the embedding at `timestep` for the run's first
+  image. Returns (paths, a record of the embedding)."""
+  import dataclasses
+
+  from persona_jax.convert.embedding_formats import write_diffusers_embedding
+  from persona_jax.data.pipeline import example_subject_dir
+  from persona_jax.data.sources import read_image_folder
+  from persona_jax.methods import e4t
+  from persona_jax.pipeline import load_pipeline, save_pipeline
+  result = e4t.load_result(_result(workdir, e4t.RESULT_FILE))
+  if result.config.phase != "tune":
+    raise ConfigError(f"{workdir}: an e4t pre-training run has no subject to export; export an "
+                      "e4t_tune run")
+  pipe = load_pipeline(base)
+  t = e4t.EXPORT_TIMESTEP if timestep is None else int(timestep)
+  if not 0 <= t < pipe.scheduler_config.num_train_timesteps:
+    raise ConfigError(f"--timestep {t}: must be in 0..{pipe.scheduler_config.num_train_timesteps - 1}")
+  folder = config["data"].get("instance_dir") or example_subject_dir()
+  image = read_image_folder(folder)[0].path
+  sampling = e4t.for_sampling(result, pipe, image)
+  resolution = int(result.meta.get("resolution", config["data"]["resolution"]))
+  word = e4t.embedding_at(sampling, pipe, image, resolution, t)
+  params = {k: sampling.params[k] for k in pipe.params}
+  merged = save_pipeline(dataclasses.replace(pipe, params=params), out, overwrite=True)
+  token = result.config.placeholder
+  note = (f"E4T's embedding of {token} for {image.name} at timestep {t}; persona-jax sample --e4t "
+          "recomputes it at every denoising step, diffusers keeps this one")
+  path = write_diffusers_embedding({token: word[None]}, out / "e4t_embedding",
+                                   metadata={"timestep": t, "image": str(image), "note": note})
+  return [merged, path], {"token": token, "timestep": t, "image": str(image), "file": str(path),
+                          "note": note}
