@@ -11,7 +11,7 @@ import logging
 import sys
 from pathlib import Path
 
-from persona_jax.errors import PersonaError
+from persona_jax.errors import ConfigError, PersonaError
 
 
 def _make_random_model(args) -> int:
@@ -179,6 +179,13 @@ def _make_toy_model(args) -> int:
   return 0
 
 
+def _plot(args) -> int:
+  from persona_jax.plots import loss_curve
+  print(loss_curve(args.workdir, args.out, keys=tuple(args.keys), window=args.window,
+                   log_y=not args.linear))
+  return 0
+
+
 def _export(args) -> int:
   from persona_jax.export import export
   for path in export(args.workdir, args.format, args.out, base_single_file=args.base_single_file,
@@ -188,7 +195,22 @@ def _export(args) -> int:
 
 
 def _eval(args) -> int:
+  import json
+
   from persona_jax.world.efficacy import TABLE_HEADER, EvalConfig, evaluate, table_row
+  if args.prompt_following is not None:
+    from persona_jax.world import metric_encoder
+    from persona_jax.world.prompt_following import prompt_following
+    metric = metric_encoder.load(args.metric) if args.metric else None
+    result = prompt_following(args.model or "default", args.prompt_following,
+                              args.seed if args.seed is not None else 1, metric=metric,
+                              sample_steps=args.sample_steps or 25,
+                              guidance=args.guidance if args.guidance is not None else 4.0,
+                              progress=not args.noprogress, out=args.out)
+    print(json.dumps(result, indent=2))
+    return 0
+  if args.method is None:
+    raise ConfigError("eval: give --method NAME (or --prompt-following N)")
   fields = ("method", "model", "subjects", "seeds", "references", "contexts", "steps", "lr",
             "batch_size", "class_images", "sample_steps", "guidance", "seed", "metric")
   cfg = EvalConfig(**{f: getattr(args, f) for f in fields if getattr(args, f) is not None})
@@ -365,6 +387,14 @@ def build_parser() -> argparse.ArgumentParser:
                  help="only the scene folder, the VAE and the initial pipeline")
   p.set_defaults(func=_make_toy_model)
 
+  p = sub.add_parser("plot", help="draw a run's loss curve (WORKDIR/metrics.jsonl -> loss.png)")
+  p.add_argument("workdir", type=Path, help="a `persona-jax train` workdir")
+  p.add_argument("--out", type=Path, default=None, help="default: WORKDIR/loss.png")
+  p.add_argument("--keys", nargs="+", default=["loss"], help="metrics to draw (e.g. loss lr)")
+  p.add_argument("--window", type=int, default=20, help="moving-average window, in log records")
+  p.add_argument("--linear", action="store_true", help="a linear y axis (default: log)")
+  p.set_defaults(func=_plot)
+
   p = sub.add_parser("export", help="write a run's result for diffusers, kohya, AUTOMATIC1111, "
                      "ComfyUI")
   from persona_jax.export import ALL_FORMATS
@@ -383,7 +413,10 @@ def build_parser() -> argparse.ArgumentParser:
   p = sub.add_parser("eval", help="the toy-world efficacy benchmark of a method: subject fidelity, "
                      "prompt fidelity, drift")
   from persona_jax.world.efficacy import METHODS
-  p.add_argument("--method", required=True, choices=METHODS)
+  p.add_argument("--method", choices=METHODS, help="the method to evaluate")
+  p.add_argument("--prompt-following", type=int, default=None, metavar="N",
+                 help="instead: how well the model follows N held-out full captions (class, "
+                      "colour, pattern, background accuracy by the metric encoder)")
   p.add_argument("--out", required=True, type=Path, help="folder for eval.json, samples, runs")
   p.add_argument("--model", default=None, help="base model folder (default: the embedded default)")
   p.add_argument("--subjects", type=int, default=None, help="held-out subjects (default 2)")
@@ -463,7 +496,6 @@ def config_path(arg: str) -> str:
   if not path.endswith(".py") and "/" not in path:
     shipped = importlib.resources.files("persona_jax.configs") / f"{path}.py"
     if not shipped.is_file():
-      from persona_jax.errors import ConfigError
       names = sorted(p.name[:-3] for p in importlib.resources.files("persona_jax.configs").iterdir()
                      if p.name.endswith(".py") and not p.name.startswith("_"))
       raise ConfigError(f"--config {arg}: no shipped config '{path}' (shipped: {', '.join(names)})")

@@ -1,29 +1,57 @@
 """The embedded default model: the small SD pipeline persona_jax provides when no --model is given.
 
-It is written on first use into the user cache (`cache.cache_dir()`), in a folder named by its
-version, so an old cached default never shadows a newer one. Until the toy-world base model lands
-it is a random-weight `sd1` pipeline: samples show the pipeline working, not a learned subject.
+It is the toy-world base (`persona-jax make-toy-model`, docs/toy_world.md), shipped as package
+data (`assets/toy_base/`: float16 weights in the diffusers layout, `image_encoder/` included) and
+copied on first use, with the shipped tokenizer, into the user cache (`cache.cache_dir()`) as a
+complete diffusers folder named by its version, so an old cached default never shadows a newer
+one. Until a base is shipped it is a random-weight `sd1` pipeline.
 """
 
 from __future__ import annotations
 
+import importlib.resources
 import logging
+import shutil
+import tempfile
 from pathlib import Path
 
 from persona_jax.cache import cache_dir
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL_NAME = "default-random-sd1-seed0-v1"
+TOY_BASE_NAME = "toy-world-base-v1"
+RANDOM_MODEL_NAME = "default-random-sd1-seed0-v1"
+
+
+def shipped_base_dir() -> Path:
+  """Where the package holds the toy-world base (it may be absent in a development checkout)."""
+  return Path(str(importlib.resources.files("persona_jax") / "assets" / "toy_base"))
+
+
+def default_model_name() -> str:
+  return TOY_BASE_NAME if (shipped_base_dir() / "model_index.json").is_file() else RANDOM_MODEL_NAME
 
 
 def default_model_dir() -> Path:
   """The embedded default's folder, written on first use."""
-  folder = cache_dir() / "models" / DEFAULT_MODEL_NAME
-  if not (folder / "model_index.json").is_file():
+  name = default_model_name()
+  folder = cache_dir() / "models" / name
+  if (folder / "model_index.json").is_file():
+    return folder
+  log.info("writing the embedded default model (%s) to %s", name, folder)
+  if name == RANDOM_MODEL_NAME:
     from persona_jax.random_model import make_random_model
-    log.info("writing the embedded default model (%s) to %s", DEFAULT_MODEL_NAME, folder)
     make_random_model(folder, "sd1", seed=0, overwrite=True)
+    return folder
+  from persona_jax.tokenizer import shipped_tokenizer_dir
+  folder.parent.mkdir(parents=True, exist_ok=True)
+  with tempfile.TemporaryDirectory(prefix=f".{name}.", dir=folder.parent) as tmp:
+    staged = Path(tmp) / name
+    shutil.copytree(shipped_base_dir(), staged)
+    shutil.copytree(shipped_tokenizer_dir(), staged / "tokenizer")
+    if folder.exists():           # a half-written copy from an interrupted first use
+      shutil.rmtree(folder)
+    staged.rename(folder)
   return folder
 
 

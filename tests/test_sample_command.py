@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from persona_jax.cli import main
-from persona_jax.default_model import DEFAULT_MODEL_NAME, default_model_dir
+from persona_jax.default_model import default_model_dir, default_model_name
 
 
 def test_sample_from_the_embedded_default(tmp_path, monkeypatch, capsys):
@@ -14,7 +14,7 @@ def test_sample_from_the_embedded_default(tmp_path, monkeypatch, capsys):
   assert main(["sample", "--prompt", "a photo of a dog", "--num-images", "3", "--batch-size", "2",
                "--steps", "3", "--out", str(out)]) == 0
   folder = default_model_dir()
-  assert folder == tmp_path / "cache" / "models" / DEFAULT_MODEL_NAME
+  assert folder == tmp_path / "cache" / "models" / default_model_name()
   assert (folder / "model_index.json").is_file()
   written = capsys.readouterr().out.split()
   assert sorted(p.rsplit("/", 1)[1] for p in written) == [

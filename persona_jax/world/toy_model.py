@@ -267,6 +267,64 @@ def pretrain(workdir, *, num_images: int = 20000, vae: VAETraining = VAETraining
   return result
 
 
+def snapshot(unet_workdir, out, step: int | None = None) -> Path:
+  """A look at the UNet stage while it runs: the model at a checkpoint (the latest by default;
+  the EMA weights, which are what the finished run writes) as a diffusers folder in OUT."""
+  import orbax.checkpoint as ocp
+
+  from persona_jax import tree
+  from persona_jax.pipeline import load_pipeline, save_pipeline
+  from persona_jax.train import checkpoint as ckpt
+  unet_workdir = Path(unet_workdir)
+  config = json.loads((unet_workdir / "config.json").read_text())
+  manager = ckpt.make_manager(unet_workdir, keep=1000)
+  step = step if step is not None else manager.latest_step()
+  if step is None:
+    raise FileNotFoundError(f"{unet_workdir / 'checkpoints'}: no checkpoint yet")
+  state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+  manager.close()
+  trained = state["ema"] if state.get("ema") is not None else state["trainable"]
+  pipe = load_pipeline(config["model"])
+  flat, new = tree.flatten(pipe.params), tree.flatten(jax.tree.map(np.asarray, trained))
+  missing = sorted(set(new) - set(flat))
+  if missing:
+    raise ValueError(f"{unet_workdir}: checkpoint params not in the base model: {missing[:3]}")
+  params = tree.unflatten({**flat, **new})
+  save_pipeline(dataclasses.replace(pipe, params=params), out, overwrite=True)
+  log.info("wrote the model at step %d of %s to %s", step, unet_workdir, out)
+  return Path(out)
+
+
+def ship(model_dir, dest=None) -> Path:
+  """Writes a finished base into the package as the embedded default (`default_model.py`):
+  float16 weights in the diffusers layout, `image_encoder/` included, without tokenizer files
+  (the shipped tokenizer is added when the default is first copied to the user cache)."""
+  import shutil
+  import tempfile
+
+  from persona_jax.convert.files import read_safetensors, write_safetensors
+  from persona_jax.default_model import shipped_base_dir
+  from persona_jax.pipeline import load_pipeline, save_pipeline
+  model_dir, dest = Path(model_dir), Path(dest) if dest is not None else shipped_base_dir()
+  with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
+    staged = save_pipeline(load_pipeline(model_dir), Path(tmp) / "base", dtype=np.float16)
+    shutil.rmtree(staged / "tokenizer")
+    if (model_dir / "image_encoder" / "config.json").is_file():
+      shutil.copytree(model_dir / "image_encoder", staged / "image_encoder")
+      for weights in (staged / "image_encoder").glob("*.safetensors"):
+        write_safetensors(weights, {k: np.asarray(v, np.float16)
+                                    for k, v in read_safetensors(weights).items()})
+    for name in ("image_encoder_training.json",):
+      if (model_dir / name).is_file():
+        shutil.copy2(model_dir / name, staged / name)
+    if dest.exists():
+      shutil.rmtree(dest)
+    staged.rename(dest)
+  size = sum(f.stat().st_size for f in dest.rglob("*") if f.is_file())
+  log.info("shipped %s to %s (%.1f MB)", model_dir, dest, size / 1e6)
+  return dest
+
+
 def add_image_encoder(model_dir: Path, t=None) -> Path:
   """The image_encoder stage: a CLIP image encoder trained contrastively against the model's
   text encoder (world/toy_image_encoder.py), written into MODEL/image_encoder."""
