@@ -60,10 +60,16 @@ def pipeline_scheduler(config: SchedulerConfig) -> SchedulerConfig:
   """
   fixed = dataclasses.replace(config, steps_offset=1, clip_sample=False)
   if fixed != config:
-    log.info("scheduler config: using steps_offset=1 and clip_sample=False for sampling, as "
-             "diffusers' StableDiffusionPipeline does (the config says %s, %s)",
-             config.steps_offset, config.clip_sample)
+    _log_rewrite(config.steps_offset, config.clip_sample)
   return fixed
+
+
+@functools.lru_cache(maxsize=None)
+def _log_rewrite(steps_offset, clip_sample) -> None:
+  """Logs the rewrite once per process and config, not once per batch."""
+  log.info("scheduler config: using steps_offset=1 and clip_sample=False for sampling, as "
+           "diffusers' StableDiffusionPipeline does (the config says %s, %s)",
+           steps_offset, clip_sample)
 
 
 def predict_x0_and_eps(prediction_type: str, model_output, sample, alpha):
