@@ -73,6 +73,17 @@ def center_crop_offsets(image: np.ndarray, size: int) -> tuple[int, int]:
   return (h - size) // 2, (w - size) // 2
 
 
+def center_crop(image: np.ndarray, size: int) -> np.ndarray:
+  """The [size, size] middle of an image at least that large."""
+  return crop(image, size, *center_crop_offsets(image, size))
+
+
+def load_square(path: Path, size: int) -> np.ndarray:
+  """An image file decoded, its shorter side resized to `size`, center-cropped: uint8
+  [size, size, 3]."""
+  return center_crop(resize_shorter_side(load_image(path), size), size)
+
+
 def to_model_range(image: np.ndarray) -> np.ndarray:
   """uint8 [H, W, 3] -> float32 in [-1, 1]."""
   return image.astype(np.float32) / 127.5 - 1.0

@@ -128,10 +128,9 @@ def caption_pool(config: DataConfig, file_caption: str | None, expand: Callable[
 def prepare_image(path: Path, config: DataConfig) -> np.ndarray:
   """An image decoded, its shorter side resized to `resolution` and, with center crops, cropped:
   uint8 [R, R, 3] (center crop) or [>=R, >=R, 3]."""
-  image = img_ops.resize_shorter_side(img_ops.load_image(path), config.resolution)
   if config.center_crop:
-    image = img_ops.crop(image, config.resolution, *img_ops.center_crop_offsets(image, config.resolution))
-  return image
+    return img_ops.load_square(path, config.resolution)
+  return img_ops.resize_shorter_side(img_ops.load_image(path), config.resolution)
 
 
 def load_instances(config: DataConfig, expand: Callable[[str], str]) -> InstanceSet:

@@ -427,8 +427,7 @@ def prepare_image(image_path, resolution: int, processor) -> np.ndarray:
   """An image file as training saw it (shorter side to `resolution`, center crop), then
   CLIP-preprocessed: [1, S, S, 3]."""
   from persona_jax.data import images as img_ops
-  image = img_ops.resize_shorter_side(img_ops.load_image(Path(image_path)), resolution)
-  image = img_ops.crop(image, resolution, *img_ops.center_crop_offsets(image, resolution))
+  image = img_ops.load_square(Path(image_path), resolution)
   return clip_inputs(image, processor=processor)[CLIP_PIXELS][None]
 
 
@@ -460,8 +459,7 @@ def embedding_at(sampling: ForSampling, pipe, image_path, resolution: int, times
   from persona_jax.data import images as img_ops
   from persona_jax.diffusion.sampling import SDModels
   from persona_jax.diffusion.schedules import add_noise, alphas_cumprod
-  image = img_ops.resize_shorter_side(img_ops.load_image(Path(image_path)), resolution)
-  image = img_ops.crop(image, resolution, *img_ops.center_crop_offsets(image, resolution))
+  image = img_ops.load_square(Path(image_path), resolution)
   models = SDModels(pipe.unet, pipe.text_encoder, pipe.vae)
   params, cond = sampling.params, sampling.parts.conditioning
 
