@@ -51,7 +51,7 @@ def line_plot(series: dict[str, tuple[np.ndarray, np.ndarray]], title: str = "",
   xs = np.concatenate([np.asarray(x, float) for x, _ in series.values()])
   ys = np.concatenate([np.asarray(y, float) for _, y in series.values()])
   ys_t = np.log10(np.maximum(ys, 1e-12)) if log_y else ys
-  x0, x1 = float(xs.min()), float(xs.max()) or 1.0
+  x0, x1 = float(xs.min()), float(xs.max())
   y0, y1 = float(np.nanmin(ys_t)), float(np.nanmax(ys_t))
   if x1 == x0:
     x1 = x0 + 1

@@ -10,6 +10,8 @@ background at once (`class_colour_background`), the number the issue's 90% aim i
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from persona_jax.world import scenes
@@ -41,8 +43,6 @@ def prompt_following(model="default", n: int = 96, seed: int = 1, *, metric=None
   """Samples the held-out captions with `model` and scores them (see the module docstring).
   With `out`, writes OUT/prompt_following.png (the images in caption order, 8 per row) and
   OUT/prompt_following.json."""
-  from pathlib import Path
-
   from persona_jax.convert.files import write_json
   from persona_jax.default_model import resolve_model
   from persona_jax.images import grid, save_png

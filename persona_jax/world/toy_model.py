@@ -314,9 +314,8 @@ def ship(model_dir, dest=None) -> Path:
       for weights in (staged / "image_encoder").glob("*.safetensors"):
         write_safetensors(weights, {k: np.asarray(v, np.float16)
                                     for k, v in read_safetensors(weights).items()})
-    for name in ("image_encoder_training.json",):
-      if (model_dir / name).is_file():
-        shutil.copy2(model_dir / name, staged / name)
+    if (model_dir / "image_encoder_training.json").is_file():
+      shutil.copy2(model_dir / "image_encoder_training.json", staged)
     if dest.exists():
       shutil.rmtree(dest)
     staged.rename(dest)

@@ -48,3 +48,27 @@ def test_toy_configs_are_the_zero_snr_v_prediction_family():
   assert (s.prediction_type, s.timestep_spacing, s.rescale_betas_zero_snr) == ("v_prediction", "trailing", True)
   assert configs["unet_config"].sample_size * configs["vae_config"].downsample_factor == tm.RESOLUTION
   assert configs["text_encoder_config"].vocab_size == 49408
+
+
+def test_shipped_base_becomes_the_default_in_the_cache(model_dirs, tmp_path, monkeypatch):
+  """ship() writes float16 weights without tokenizer files; the default copies them with the
+  shipped tokenizer into a complete folder that loads as the same model (to float16 rounding)."""
+  from persona_jax import default_model
+  from persona_jax.convert.files import read_safetensors
+  from persona_jax.pipeline import load_pipeline
+  from persona_jax.tree import flatten
+  shipped = tm.ship(model_dirs["sd1"], tmp_path / "toy_base")
+  assert not (shipped / "tokenizer").exists()
+  weights = read_safetensors(shipped / "unet" / "diffusion_pytorch_model.safetensors")
+  assert {v.dtype for v in weights.values()} == {np.dtype(np.float16)}
+  monkeypatch.setattr(default_model, "shipped_base_dir", lambda: shipped)
+  monkeypatch.setenv("PERSONA_JAX_CACHE", str(tmp_path / "cache"))
+  folder = default_model.default_model_dir()
+  assert folder == tmp_path / "cache" / "models" / default_model.TOY_BASE_NAME
+  assert (folder / "tokenizer" / "vocab.json").is_file()
+  ours, base = flatten(load_pipeline(folder).params), flatten(load_pipeline(model_dirs["sd1"]).params)
+  assert ours.keys() == base.keys()
+  for path, value in base.items():
+    np.testing.assert_allclose(ours[path], np.asarray(value, np.float16).astype(np.float32),
+                               err_msg=path)
+  assert default_model.default_model_dir() == folder      # the second call reuses the copy
