@@ -170,10 +170,10 @@ def _make_toy_model(args) -> int:
   from persona_jax.world.toy_model import VAETraining, build_base, pretrain
   vae = VAETraining(steps=args.vae_steps)
   if args.stop_after_init:
-    print(build_base(args.workdir, num_images=args.images, vae=vae))
+    print(build_base(args.workdir, num_images=args.images, vae=vae, start_from=args.start_from))
     return 0
   result = pretrain(args.workdir, num_images=args.images, vae=vae, unet_steps=args.unet_steps,
-                    batch_size=args.batch_size)
+                    batch_size=args.batch_size, start_from=args.start_from)
   for path in result["outputs"] + ([result["samples"]] if result["samples"] else []):
     print(path)
   return 0
@@ -385,6 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--batch-size", type=int, default=None, help="default: configs/toy_pretrain.py's")
   p.add_argument("--stop-after-init", action="store_true",
                  help="only the scene folder, the VAE and the initial pipeline")
+  p.add_argument("--start-from", type=Path, default=None, metavar="MODEL",
+                 help="continue pre-training from a toy pipeline folder (an earlier sitting's "
+                      "snapshot, or persona_jax/assets/toy_base) instead of a fresh VAE and UNet")
   p.set_defaults(func=_make_toy_model)
 
   p = sub.add_parser("plot", help="draw a run's loss curve (WORKDIR/metrics.jsonl -> loss.png)")

@@ -208,6 +208,19 @@ def render(scene: Scene, size: int = 32) -> np.ndarray:
   return image.reshape(size, SUPERSAMPLE, size, SUPERSAMPLE, 3).mean(axis=(1, 3)).round().astype(np.uint8)
 
 
+def coverage(scene: Scene, size: int = 32) -> np.ndarray:
+  """The fraction of each pixel the object covers: float32 [size, size] in 0..1 (the render's
+  box filter applied to its object mask)."""
+  s = size * SUPERSAMPLE
+  yy, xx = (np.mgrid[0:s, 0:s] + 0.5) / s
+  cx, cy = POSITIONS[scene.position] + scene.dx, 0.5 + scene.dy
+  r = SIZES[scene.size]
+  u, v = (xx - cx) / r, (yy - cy) / r
+  c, si = np.cos(scene.angle), np.sin(scene.angle)
+  mask = _shape(scene.cls, c * u + si * v, -si * u + c * v).astype(np.float32)
+  return mask.reshape(size, SUPERSAMPLE, size, SUPERSAMPLE).mean(axis=(1, 3))
+
+
 def _background(name: str, xx, yy, rng) -> np.ndarray:
   s = xx.shape[0]
   if name in COLOURS:
@@ -352,6 +365,6 @@ def batch(seed: int, split: str, start: int, n: int, size: int = 32, captions: b
 
 __all__ = ["CLASSES", "COLOURS", "PATTERNS", "SIZES", "POSITIONS", "BACKGROUNDS", "TEXTURES",
            "ATTRIBUTES", "HELD_OUT_LOOKS", "Look", "Scene", "Subject", "all_looks", "subjects",
-           "sample_scene", "subject_scenes", "reference_backgrounds", "caption", "render",
+           "sample_scene", "subject_scenes", "reference_backgrounds", "caption", "render", "coverage",
            "scene_attributes", "look_attributes", "canonical_look", "describe_look", "background_phrase", "batch", "scene_arrays",
            "render_batch"]

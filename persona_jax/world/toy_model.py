@@ -3,8 +3,10 @@
 
   world   WORKDIR/world: N rendered training scenes with one sampled caption each
           (metadata.jsonl), the folder the UNet stage trains on
-  vae     WORKDIR/vae: an AutoencoderKL (32x32 -> 8x8x4) trained on fresh scenes every step with
-          reconstruction MSE + a small KL; its scaling_factor is 1 / the measured latent std
+  vae     WORKDIR/vae: an AutoencoderKL (32x32 -> 8x8x8) trained on fresh scenes every step with
+          reconstruction MSE (the object's pixels weighted up) + a small KL; its scaling_factor
+          is 1 / the measured latent std; vae/result.json holds the metric encoder's accuracy on
+          its reconstructions (the ceiling of the base)
   init    WORKDIR/init: the pipeline to pre-train: the trained VAE, a freshly initialized UNet and
           CLIP text encoder (real 49408-token vocabulary), a zero-terminal-SNR v-prediction DDIM
           schedule with trailing spacing (SD's schedule keeps ~7% of the signal at its last
@@ -35,15 +37,18 @@ from persona_jax.world import scenes
 log = logging.getLogger(__name__)
 
 RESOLUTION = 32
+LATENT_CHANNELS = 8
 DIFFUSERS_VERSION = "0.42.1"
 
 
 def toy_configs() -> dict:
-  """Raw configs (diffusers/transformers JSON) of the toy pipeline: ~4.7M-param UNet on 8x8x4
-  latents, a 64-wide 4-layer CLIP text encoder, a 4x VAE."""
+  """Raw configs (diffusers/transformers JSON) of the toy pipeline: ~4.7M-param UNet on 8x8x8
+  latents, a 64-wide 4-layer CLIP text encoder, a 3.8M-param 4x VAE with 8 latent channels (4
+  lost the world's small shapes and stripes: the metric encoder recognized ~60% of the patterns
+  in its reconstructions)."""
   unet = {
       "_class_name": "UNet2DConditionModel", "_diffusers_version": DIFFUSERS_VERSION,
-      "sample_size": RESOLUTION // 4, "in_channels": 4, "out_channels": 4,
+      "sample_size": RESOLUTION // 4, "in_channels": LATENT_CHANNELS, "out_channels": LATENT_CHANNELS,
       "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
       "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
       "block_out_channels": [64, 96, 128], "layers_per_block": 1, "norm_num_groups": 32,
@@ -52,9 +57,9 @@ def toy_configs() -> dict:
   }
   vae = {
       "_class_name": "AutoencoderKL", "_diffusers_version": DIFFUSERS_VERSION,
-      "in_channels": 3, "out_channels": 3, "latent_channels": 4,
+      "in_channels": 3, "out_channels": 3, "latent_channels": LATENT_CHANNELS,
       "down_block_types": ["DownEncoderBlock2D"] * 3, "up_block_types": ["UpDecoderBlock2D"] * 3,
-      "block_out_channels": [32, 64, 64], "layers_per_block": 1, "norm_num_groups": 16,
+      "block_out_channels": [64, 128, 128], "layers_per_block": 1, "norm_num_groups": 32,
       "act_fn": "silu", "sample_size": RESOLUTION, "scaling_factor": 1.0, "force_upcast": True,
   }
   text_encoder = {
@@ -113,18 +118,22 @@ class VAETraining:
   lr: float = 1e-3
   warmup_steps: int = 100
   kl_weight: float = 1e-4          # on the per-element mean KL; MSE is a per-pixel mean
+  object_weight: float = 4.0       # pixels the object covers count 1 + this in the MSE
   checkpoint_every: int = 250
   seed: int = 0
 
 
-def vae_loss(vae, params, images, rng, kl_weight: float):
-  """(loss, metrics) of one batch: MSE of the reconstruction from a posterior sample + KL."""
+def vae_loss(vae, params, images, weights, rng, kl_weight: float):
+  """(loss, metrics) of one batch: the weighted MSE of the reconstruction from a posterior sample
+  (weights [B, H, W]: the object's pixels count more, the attributes this world tests live there)
+  + KL. `mse` in the metrics is the plain per-pixel mean."""
   moments = vae.apply({"params": params}, images, method="encode")
   z = moments.sample(rng)
   recon = vae.apply({"params": params}, z, method="decode")
-  mse = jnp.mean(jnp.square(recon.astype(jnp.float32) - images))
+  err = jnp.mean(jnp.square(recon.astype(jnp.float32) - images), axis=-1)      # [B, H, W]
+  weighted = jnp.sum(err * weights) / jnp.sum(weights)
   kl = 0.5 * jnp.mean(jnp.square(moments.mean) + jnp.exp(moments.logvar) - 1.0 - moments.logvar)
-  return mse + kl_weight * kl, {"mse": mse, "kl": kl}
+  return weighted + kl_weight * kl, {"mse": jnp.mean(err), "weighted_mse": weighted, "kl": kl}
 
 
 def _vae_optimizer(t: VAETraining):
@@ -134,10 +143,13 @@ def _vae_optimizer(t: VAETraining):
   return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=1e-4))
 
 
-def world_images(seed: int, step: int, batch_size: int) -> np.ndarray:
-  """Batch `step` of fresh training scenes in [-1, 1]: [B, 32, 32, 3] float32."""
-  images, _, _ = scenes.batch(seed, "train", step * batch_size, batch_size, RESOLUTION, captions=False)
-  return images.astype(np.float32) / 127.5 - 1.0
+def world_images(seed: int, step: int, batch_size: int, object_weight: float = 0.0):
+  """Batch `step` of fresh training scenes: (images in [-1, 1] float32 [B, 32, 32, 3], pixel
+  weights 1 + object_weight * object coverage, float32 [B, 32, 32])."""
+  images, _, scene_list = scenes.batch(seed, "train", step * batch_size, batch_size, RESOLUTION,
+                                       captions=False)
+  weights = 1.0 + object_weight * np.stack([scenes.coverage(sc, RESOLUTION) for sc in scene_list])
+  return images.astype(np.float32) / 127.5 - 1.0, weights.astype(np.float32)
 
 
 def train_vae(workdir: Path, config, t: VAETraining = VAETraining(), progress: bool = True):
@@ -159,10 +171,10 @@ def train_vae(workdir: Path, config, t: VAETraining = VAETraining(), progress: b
     log.info("resuming the VAE from step %d", start)
 
   @functools.partial(jax.jit, donate_argnums=0)
-  def step_fn(state, images):
+  def step_fn(state, images, weights):
     rng = jax.random.fold_in(jax.random.PRNGKey(t.seed + 1), state["step"])
     (loss, metrics), grads = jax.value_and_grad(
-        lambda p: vae_loss(vae, p, images, rng, t.kl_weight), has_aux=True)(state["params"])
+        lambda p: vae_loss(vae, p, images, weights, rng, t.kl_weight), has_aux=True)(state["params"])
     updates, opt = tx.update(grads, state["opt"], state["params"])
     return ({"params": optax.apply_updates(state["params"], updates), "opt": opt,
              "step": state["step"] + 1}, dict(metrics, loss=loss))
@@ -172,7 +184,7 @@ def train_vae(workdir: Path, config, t: VAETraining = VAETraining(), progress: b
   try:
     last = time.perf_counter()
     for step in range(start, t.steps):
-      state, metrics = step_fn(state, world_images(t.seed, step, t.batch_size))
+      state, metrics = step_fn(state, *world_images(t.seed, step, t.batch_size, t.object_weight))
       bar.update(1)
       done = step + 1
       if done % 25 == 0 or done == t.steps:
@@ -201,6 +213,25 @@ def latent_std(vae, params, seed: int = 12345, n: int = 512) -> float:
   return float(means.std())
 
 
+def reconstruction_accuracy(vae, params, n: int = 400, seed: int = 1) -> dict[str, float]:
+  """The VAE's ceiling on the base: the metric encoder's per-attribute accuracy on
+  reconstructions (posterior mean, decoded) of `n` held-out scenes, and their MSE. A UNet on
+  these latents can follow prompts no better than this."""
+  from persona_jax.world import metric_encoder
+  scene_list = metric_encoder.scene_batch(seed, "test", 0, n)
+  images = np.stack([scenes.render(sc, RESOLUTION) for sc in scene_list]).astype(np.float32) / 127.5 - 1
+  roundtrip = jax.jit(lambda p, x: vae.apply(
+      {"params": p}, vae.apply({"params": p}, x, method="encode").mean, method="decode"))
+  recon = np.concatenate([np.asarray(roundtrip(params, images[i: i + 100]), np.float32)
+                          for i in range(0, n, 100)])
+  config, metric_params = metric_encoder.load()
+  _, predicted = metric_encoder.predict(config, metric_params,
+                                        np.clip((recon + 1) * 127.5, 0, 255).round().astype(np.uint8))
+  truth = metric_encoder.labels(scene_list)
+  return {"mse": float(np.mean(np.square(recon - images))),
+          **{k: float(np.mean(predicted[k] == truth[k])) for k in metric_encoder.HEADS}}
+
+
 # ---------------------------------------------------------------------------------------------
 # init: the pipeline the UNet stage starts from
 
@@ -221,31 +252,45 @@ def initial_pipeline(vae_params, scaling_factor: float, seed: int = 0):
 
 
 def build_base(workdir, *, num_images: int = 20000, vae: VAETraining = VAETraining(),
-               progress: bool = True) -> Path:
-  """Runs the world, vae and init stages (each skipped when done); returns WORKDIR/init."""
+               start_from=None, progress: bool = True) -> Path:
+  """Runs the world, vae and init stages (each skipped when done); returns WORKDIR/init.
+
+  start_from: a toy pipeline folder (e.g. the shipped base, or an earlier sitting's snapshot) to
+  continue pre-training from: its VAE, UNet and text encoder, in float32, become WORKDIR/init
+  and the VAE stage is skipped. The UNet stage then starts a fresh optimizer and schedule.
+  """
   from persona_jax.models.configs import VAEConfig
   from persona_jax.models.vae import AutoencoderKL
-  from persona_jax.pipeline import save_pipeline
+  from persona_jax.pipeline import load_pipeline, save_pipeline
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   write_world(workdir / "world", num_images, progress=progress)
   init = workdir / "init"
   if (init / "model_index.json").is_file():
     return init
+  if start_from is not None:
+    pipe = load_pipeline(start_from)
+    params = jax.tree.map(lambda a: np.asarray(a, np.float32), pipe.params)
+    save_pipeline(dataclasses.replace(pipe, params=params), init, overwrite=True)
+    log.info("continuing pre-training from %s", start_from)
+    return init
   (workdir / "vae").mkdir(exist_ok=True)
   config = VAEConfig.from_dict(toy_configs()["vae"])
   params = train_vae(workdir / "vae", config, vae, progress=progress)
   std = latent_std(AutoencoderKL(config), params)
-  log.info("VAE latent std %.4f: scaling_factor %.4f", std, 1.0 / std)
+  ceiling = reconstruction_accuracy(AutoencoderKL(config), params)
+  log.info("VAE latent std %.4f: scaling_factor %.4f; the metric encoder on its reconstructions "
+           "of held-out scenes: %s", std, 1.0 / std,
+           ", ".join(f"{k} {v:.3f}" for k, v in ceiling.items()))
   write_json(workdir / "vae" / "result.json", {"latent_std": std, "scaling_factor": 1.0 / std,
-                                              "steps": vae.steps})
+                                              "steps": vae.steps, "reconstruction": ceiling})
   save_pipeline(initial_pipeline(params, 1.0 / std), init, overwrite=True)
   return init
 
 
 def pretrain(workdir, *, num_images: int = 20000, vae: VAETraining = VAETraining(),
              unet_steps: int | None = None, batch_size: int | None = None,
-             image_encoder=None, progress: bool = True) -> dict:
+             image_encoder=None, start_from=None, progress: bool = True) -> dict:
   """The whole recipe: build_base, then the UNet + text encoder stage (configs/toy_pretrain.py)
   in WORKDIR/unet, whose result is WORKDIR/unet/model, then its image_encoder/. Every stage
   resumes or is skipped when done."""
@@ -253,7 +298,8 @@ def pretrain(workdir, *, num_images: int = 20000, vae: VAETraining = VAETraining
   from persona_jax.train.config import run_config
   from persona_jax.train.loop import train
   workdir = Path(workdir)
-  init = build_base(workdir, num_images=num_images, vae=vae, progress=progress)
+  init = build_base(workdir, num_images=num_images, vae=vae, start_from=start_from,
+                    progress=progress)
   c = load_config("toy_pretrain")
   c.model, c.data.instance_dir = str(init), str(workdir / "world")
   if unet_steps is not None:

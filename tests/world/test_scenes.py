@@ -54,6 +54,16 @@ def test_render_shows_the_captioned_colours():
   assert near("yellow").any() and near("black").any()                  # both stripe colours
 
 
+def test_coverage_is_the_objects_share_of_each_pixel():
+  scene = w.Scene("heart", w.Look("red"), "medium", "left", "blue", dx=0.03, angle=0.4)
+  cover, image = w.coverage(scene), w.render(scene).astype(float)
+  assert cover.shape == (32, 32) and 0.0 <= cover.min() and cover.max() <= 1.0
+  red, blue = np.asarray(w.COLOURS["red"], float), np.asarray(w.COLOURS["blue"], float)
+  # The render is the coverage-weighted mix of object and background colours, pixel for pixel.
+  np.testing.assert_allclose(image, cover[..., None] * red + (1 - cover[..., None]) * blue, atol=0.51)
+  assert 0.1 < cover.mean() < 0.4 and (cover == 1).any() and (cover == 0).any()
+
+
 def test_captions_say_every_attribute_when_asked():
   scene = w.Scene("star", w.Look("green", "dotted", "white"), "small", "left", "grass")
   assert w.caption(scene) == ("a photo of a small green and white dotted star on the left on grass")

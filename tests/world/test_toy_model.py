@@ -40,6 +40,43 @@ def test_vae_training_logs_checkpoints_and_resumes(tmp_path):
   assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [3, 4]
 
 
+def test_vae_loss_weights_the_objects_pixels():
+  import jax
+  import jax.numpy as jnp
+
+  from persona_jax.models.vae import AutoencoderKL
+  from persona_jax.pipeline import init_params
+  config = VAEConfig.from_dict(dict(tm.toy_configs()["vae"], block_out_channels=[8, 8],
+                                    down_block_types=["DownEncoderBlock2D"] * 2,
+                                    up_block_types=["UpDecoderBlock2D"] * 2, norm_num_groups=4))
+  vae, params = AutoencoderKL(config), init_params("vae", config, jax.random.PRNGKey(0))
+  images, weights = tm.world_images(0, 0, 2, object_weight=4.0)
+  assert weights.shape == (2, 32, 32) and weights.min() == 1.0 and weights.max() == 5.0
+  rng = jax.random.PRNGKey(1)
+  _, plain = tm.vae_loss(vae, params, images, np.ones_like(weights), rng, 0.0)
+  _, weighted = tm.vae_loss(vae, params, images, weights, rng, 0.0)
+  np.testing.assert_allclose(plain["weighted_mse"], plain["mse"], rtol=1e-6)
+  assert weighted["mse"] == plain["mse"] and weighted["weighted_mse"] != plain["weighted_mse"]
+  # By hand: the weighted mean of the per-pixel squared error.
+  moments = vae.apply({"params": params}, jnp.asarray(images), method="encode")
+  recon = vae.apply({"params": params}, moments.sample(rng), method="decode")
+  err = np.mean(np.square(np.asarray(recon) - images), -1)
+  np.testing.assert_allclose(weighted["weighted_mse"], np.sum(err * weights) / np.sum(weights), rtol=1e-5)
+
+
+def test_pretraining_can_start_from_an_earlier_model(model_dirs, tmp_path):
+  """--start-from: the model's weights (float32) become the init stage; no VAE is trained."""
+  from persona_jax.pipeline import load_pipeline
+  from persona_jax.tree import flatten
+  init = tm.build_base(tmp_path, num_images=2, start_from=model_dirs["sd1"], progress=False)
+  assert not (tmp_path / "vae").exists()
+  source, started = (flatten(load_pipeline(d).params) for d in (model_dirs["sd1"], init))
+  assert source.keys() == started.keys()
+  for path, value in started.items():
+    assert value.dtype == np.float32
+    np.testing.assert_array_equal(value, np.asarray(source[path], np.float32))
+
+
 def test_toy_configs_are_the_zero_snr_v_prediction_family():
   from persona_jax.pipeline import model_index, parse_configs
   raw = dict(tm.toy_configs(), model_index=model_index())
