@@ -269,9 +269,18 @@ def build_base(workdir, *, num_images: int = 20000, vae: VAETraining = VAETraini
   if (init / "model_index.json").is_file():
     return init
   if start_from is not None:
-    pipe = load_pipeline(start_from)
-    params = jax.tree.map(lambda a: np.asarray(a, np.float32), pipe.params)
-    save_pipeline(dataclasses.replace(pipe, params=params), init, overwrite=True)
+    import shutil
+    import tempfile
+
+    from persona_jax.tokenizer import shipped_tokenizer_dir
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+      source = Path(start_from)
+      if not (source / "tokenizer").is_dir():      # a shipped model: float16, no tokenizer files
+        source = Path(shutil.copytree(source, Path(tmp) / "model"))
+        shutil.copytree(shipped_tokenizer_dir(), source / "tokenizer")
+      pipe = load_pipeline(source)
+      params = jax.tree.map(lambda a: np.asarray(a, np.float32), pipe.params)
+      save_pipeline(dataclasses.replace(pipe, params=params), init, overwrite=True)
     log.info("continuing pre-training from %s", start_from)
     return init
   (workdir / "vae").mkdir(exist_ok=True)

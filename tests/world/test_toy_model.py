@@ -68,13 +68,19 @@ def test_pretraining_can_start_from_an_earlier_model(model_dirs, tmp_path):
   """--start-from: the model's weights (float32) become the init stage; no VAE is trained."""
   from persona_jax.pipeline import load_pipeline
   from persona_jax.tree import flatten
-  init = tm.build_base(tmp_path, num_images=2, start_from=model_dirs["sd1"], progress=False)
-  assert not (tmp_path / "vae").exists()
+  init = tm.build_base(tmp_path / "a", num_images=2, start_from=model_dirs["sd1"], progress=False)
+  assert not (tmp_path / "a" / "vae").exists()
   source, started = (flatten(load_pipeline(d).params) for d in (model_dirs["sd1"], init))
   assert source.keys() == started.keys()
   for path, value in started.items():
     assert value.dtype == np.float32
     np.testing.assert_array_equal(value, np.asarray(source[path], np.float32))
+  # A shipped model (float16, no tokenizer files) works as well.
+  shipped = tm.ship(model_dirs["sd1"], tmp_path / "shipped")
+  init = tm.build_base(tmp_path / "b", num_images=2, start_from=shipped, progress=False)
+  for path, value in flatten(load_pipeline(init).params).items():
+    assert value.dtype == np.float32
+    np.testing.assert_array_equal(value, np.asarray(source[path], np.float16).astype(np.float32))
 
 
 def test_toy_configs_are_the_zero_snr_v_prediction_family():
