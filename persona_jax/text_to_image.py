@@ -14,6 +14,7 @@ from persona_jax.diffusion.sampling import (SDModels, TextConditioning, generate
                                             progress_to)
 from persona_jax.errors import ConfigError
 from persona_jax.images import to_uint8
+from persona_jax.models.unet import UNet2DConditionModel
 from persona_jax.pipeline import Pipeline
 from persona_jax.tokenizer import tokenize
 
@@ -47,14 +48,17 @@ def image_size(pipe: Pipeline, height: int | None, width: int | None) -> tuple[i
 def text_to_image(pipe: Pipeline, prompts: str | list[str], negative_prompt: str | list[str] = "",
                   num_images: int = 1, options: SampleOptions = SampleOptions(),
                   start_index: int = 0, params=None, progress: bool = True, tokenizer=None,
-                  conditioning=None, expand_prompt=None, inputs=None) -> np.ndarray:
+                  conditioning=None, expand_prompt=None, inputs=None,
+                  unet_options: tuple = ()) -> np.ndarray:
   """Generates `num_images` images per prompt (prompt-major order).
 
   Image k of the run uses the key fold_in(key(seed), start_index + k), so it is the same image
   whatever the batch size. The last batch is padded to the batch size (one compilation).
   A method's sampling passes its own `params` (the transformed tree), `tokenizer` (with added
   tokens), `conditioning` hook and `expand_prompt`; `inputs` are the hook's extra inputs, the
-  same for every image ({key: [1, ...] array}, e.g. E4T's clip_pixels), repeated to each batch.
+  same for every image ({key: [1, ...] array}, e.g. E4T's clip_pixels), repeated to each batch;
+  `unet_options` ((UNetConfig runtime field, value), ...) builds the UNet with a method's added
+  layers (its `Method.unet_options`).
 
   Returns:
     [len(prompts) * num_images, H, W, 3] uint8.
@@ -72,7 +76,10 @@ def text_to_image(pipe: Pipeline, prompts: str | list[str], negative_prompt: str
   h, w = image_size(pipe, options.height, options.width)
   f = pipe.vae_scale_factor
   latent_shape = (h // f, w // f, pipe.unet_config.in_channels)
-  models = SDModels(pipe.unet, pipe.text_encoder, pipe.vae)
+  unet = pipe.unet
+  if unet_options:
+    unet = UNet2DConditionModel(dataclasses.replace(unet.config, **dict(unet_options)))
+  models = SDModels(unet, pipe.text_encoder, pipe.vae)
   params = pipe.params if params is None else params
   total = len(all_prompts)
   bs = max(1, min(options.batch_size, total))

@@ -10,7 +10,11 @@ Per-step conditioning is a hook: `Conditioning.prepare` runs once (e.g. encode t
 `Conditioning.at_step` gives the UNet's keyword arguments for the conditional and unconditional
 halves at every step and may depend on the step, the timestep and the current latents (E4T
 recomputes its word embedding from the noisy latent; FastComposer switches conditioning after a
-few steps).
+few steps). The keyword arguments may carry the UNet's extra streams (`"extra":
+ExtraConditioning(...)`, models/extra_conditioning.py); a hook whose conditioning is computed once
+returns a `PreparedConditioning` from `prepare` and `state.at(step)` from `at_step`. Whatever the
+hook reads from `inputs` is traced (scales such as IP-Adapter's, the adapter's beta, a
+concept-token alpha, a delay step): changing it does not recompile.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from persona_jax.diffusion.schedules import SchedulerConfig, alphas_cumprod, inference_timesteps
+from persona_jax.models.extra_conditioning import ExtraConditioning
 from persona_jax.models.norms import LayerNorm
 from persona_jax.models.text_encoder import CLIPTextModel
 from persona_jax.models.unet import UNet2DConditionModel
@@ -136,6 +141,36 @@ class SDModels(NamedTuple):
   vae: AutoencoderKL
 
 
+class PreparedConditioning(NamedTuple):
+  """UNet keyword arguments computed once per sampling call, with optional delayed conditioning.
+
+  cond, uncond: keyword arguments of the conditional / unconditional halves, e.g.
+    {"encoder_hidden_states": [B, L, D], "extra": ExtraConditioning(ip_tokens=..., ip_scale=[B])};
+    the two must have the same tree structure (they are concatenated on the batch axis; a
+    scalar leaf counts for every example), so a stream absent from one half is given there with
+    scale 0 (exactly the base model's output).
+  before: None, or conditional kwargs of the same structure as `cond` for the steps before
+    `start` (delayed subject conditioning: FastComposer's plain-prompt context, or the streams
+    at scale 0).
+  start: the first step (0-based) that uses `cond`: an int, a traced int scalar, or [B] (per
+    image; then every leaf has the batch axis first).
+  """
+  cond: dict
+  uncond: dict
+  before: dict | None = None
+  start: Any = 0
+
+  def at(self, step) -> tuple[dict, dict]:
+    """(cond, uncond) kwargs at `step` (traced): `before` while step < start, then `cond`."""
+    if self.before is None:
+      return self.cond, self.uncond
+    late = jnp.asarray(step) >= jnp.asarray(self.start)                  # [] or [B]
+
+    def pick(early, now):
+      return jnp.where(late.reshape(late.shape + (1,) * (jnp.ndim(now) - late.ndim)), now, early)
+    return jax.tree.map(pick, self.before, self.cond), self.uncond
+
+
 class Conditioning(Protocol):
   """Per-step conditioning hook (a hashable object: it is a static argument of the jit)."""
 
@@ -143,7 +178,7 @@ class Conditioning(Protocol):
     """Runs once per sampling call; returns a pytree `state` for `at_step`."""
 
   def at_step(self, models: SDModels, params, state, step, t, latents) -> tuple[dict, dict]:
-    """UNet keyword arguments (conditional, unconditional) for this step."""
+    """UNet keyword arguments (conditional, unconditional) for this step; `step` is traced."""
 
 
 def encode_text(text_encoder: CLIPTextModel, params, ids, clip_skip: int | None = None):
@@ -172,6 +207,46 @@ class TextConditioning:
 
   def at_step(self, models, params, state, step, t, latents):
     return {"encoder_hidden_states": state["cond"]}, {"encoder_hidden_states": state["uncond"]}
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamConditioning:
+  """Text conditioning plus the UNet's extra streams given as inputs, with optional delayed
+  subject conditioning (for a UNet built with the matching `ip_adapter` / `gated_adapter`).
+
+  inputs: "ids", "negative_ids" [B, L] as TextConditioning, and any of
+    "ip_tokens" [B, N, D] / "adapter_tokens" [B, P, Dp] with "ip_scale" / "adapter_scale"
+      (scalar or [B], default 1): the conditional half's streams;
+    "negative_ip_tokens" / "negative_adapter_tokens": the unconditional half's tokens at the same
+      scale (IP-Adapter's tokens of a zero image embedding); without them that half uses the
+      same tokens at scale 0, i.e. the base model;
+    "start" (int, scalar or [B]): the conditional half uses its streams from this step on and the
+      text alone before.
+  All are traced: changing a scale or the start step does not recompile.
+  """
+  clip_skip: int | None = None
+
+  def prepare(self, models, params, inputs):
+    text = TextConditioning(self.clip_skip).prepare(models, params, inputs)
+    b = inputs["ids"].shape[0]
+    cond, uncond, off = {}, {}, {}
+    for tokens, scale in (("ip_tokens", "ip_scale"), ("adapter_tokens", "adapter_scale")):
+      if tokens not in inputs:
+        continue
+      s = jnp.broadcast_to(jnp.asarray(inputs.get(scale, 1.0), jnp.float32), (b,))
+      stream_off = {tokens: inputs[tokens], scale: jnp.zeros_like(s)}
+      negative = inputs.get("negative_" + tokens)
+      cond.update({tokens: inputs[tokens], scale: s})
+      off.update(stream_off)
+      uncond.update(stream_off if negative is None else {tokens: negative, scale: s})
+    kwargs = lambda context, streams: {"encoder_hidden_states": context,
+                                       "extra": ExtraConditioning(**streams)}
+    before = kwargs(text["cond"], off) if "start" in inputs else None
+    return PreparedConditioning(kwargs(text["cond"], cond), kwargs(text["uncond"], uncond), before,
+                                inputs.get("start", 0))
+
+  def at_step(self, models, params, state, step, t, latents):
+    return state.at(step)
 
 
 def image_keys(seed, indices):
@@ -212,10 +287,15 @@ def denoise(models: SDModels, scheduler: SchedulerConfig, num_steps: int,
   sched = ddim_arrays(scheduler, num_steps)
   timesteps, alpha, alpha_prev = (jnp.asarray(a) for a in sched)
 
+  def halves(u, c):
+    """[uncond; cond] on the batch axis; a scalar leaf (a scale) applies to every example."""
+    u, c = (jnp.broadcast_to(a, latents.shape[:1]) if jnp.ndim(a) == 0 else a for a in (u, c))
+    return jnp.concatenate([u, c], axis=0)
+
   def body(i, x):
     t = timesteps[i]
     cond, uncond = conditioning.at_step(models, params, state, i, t, x)
-    both = jax.tree.map(lambda u, c: jnp.concatenate([u, c], axis=0), uncond, cond)
+    both = jax.tree.map(halves, uncond, cond)
     out = models.unet.apply({"params": params["unet"]}, jnp.concatenate([x, x], axis=0),
                             jnp.broadcast_to(t, (2 * x.shape[0],)), **both)
     out_uncond, out_cond = jnp.split(out.astype(jnp.float32), 2, axis=0)

@@ -19,7 +19,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from persona_jax.models.attention_maps import ATTENTION_MAPS, head_mean_probs
 from persona_jax.models.blocked_attention import blocked_attention
+from persona_jax.models.extra_conditioning import per_example
 from persona_jax.models.norms import GroupNorm
 
 log = logging.getLogger(__name__)
@@ -94,6 +96,14 @@ class Attention(nn.Module):
   Self-attention when `context` is None, cross-attention otherwise. With `norm_num_groups` set
   (the VAE's mid-block attention), the input is [B, H, W, C], group-normalized first and added
   back at the end (`residual_connection`).
+
+  Two default-off hooks of the UNet's attn2 (models/extra_conditioning.py):
+    * `ip_context` (IP-Adapter's decoupled cross-attention, diffusers' IPAdapterAttnProcessor2_0):
+      `Attn(Q, K, V) + ip_scale * Attn(Q, K_ip, V_ip)` before the shared to_out_0, with new
+      `to_k_ip`/`to_v_ip` (no bias) on the image tokens, created in this layer's subtree
+      (`.../attn2/to_k_ip/kernel` [D, inner] is `ip_adapter.{id}.to_k_ip.weight` transposed);
+    * `attention_maps`: sow the head-averaged softmax over the context into the ATTENTION_MAPS
+      collection (models/attention_maps.py), only when that collection is mutable.
   """
   heads: int
   dim_head: int
@@ -104,12 +114,14 @@ class Attention(nn.Module):
   residual_connection: bool = False
   detach_context_tokens: int = 0     # cross-attention: K/V of the first N context tokens get no gradient
   kernel: str = "auto"
+  attention_maps: bool = False       # sow [B, T, S] probabilities when ATTENTION_MAPS is mutable
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, context=None):
-    """x: [B, T, C] (or [B, H, W, C] with a group norm); context: [B, S, D] or None."""
+  def __call__(self, x, context=None, ip_context=None, ip_scale=None):
+    """x: [B, T, C] (or [B, H, W, C] with a group norm); context: [B, S, D] or None;
+    ip_context: [B, N, D] image tokens or None; ip_scale: scalar or [B] (None: 1)."""
     residual, in_shape = x, x.shape
     if self.norm_num_groups is not None:
       x = GroupNorm(self.norm_num_groups, self.norm_eps, self.dtype, self.param_dtype,
@@ -128,7 +140,19 @@ class Attention(nn.Module):
       k, v = (detach_prefix(a, self.detach_context_tokens) for a in (k, v))
     if self.upcast_attention:
       q, k, v = (a.astype(jnp.float32) for a in (q, k, v))
-    h = dot_product_attention(q, k, v, kernel=self.kernel).astype(self.dtype)
+    if self.attention_maps and self.is_mutable_collection(ATTENTION_MAPS):
+      self.sow(ATTENTION_MAPS, "probs", head_mean_probs(q, k, scale=self.dim_head ** -0.5),
+               init_fn=lambda: None, reduce_fn=lambda _, new: new)
+    h = dot_product_attention(q, k, v, kernel=self.kernel).astype(self.dtype)    # [B, T, N, Dh]
+    if ip_context is not None:
+      ip_dense = functools.partial(nn.Dense, inner, use_bias=False, dtype=self.dtype,
+                                   param_dtype=self.param_dtype)
+      k_ip = ip_dense(name="to_k_ip")(ip_context).reshape(b, -1, self.heads, self.dim_head)
+      v_ip = ip_dense(name="to_v_ip")(ip_context).reshape(b, -1, self.heads, self.dim_head)
+      if self.upcast_attention:
+        k_ip, v_ip = k_ip.astype(jnp.float32), v_ip.astype(jnp.float32)
+      h_ip = dot_product_attention(q, k_ip, v_ip, kernel=self.kernel).astype(self.dtype)
+      h = h + per_example(ip_scale, b, 4, self.dtype) * h_ip                     # [B, T, N, Dh]
     h = nn.Dense(c, dtype=self.dtype, param_dtype=self.param_dtype,
                  name="to_out_0")(h.reshape(b, -1, inner))            # [B, T, C]
     h = h.reshape(in_shape)

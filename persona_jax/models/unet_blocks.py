@@ -3,6 +3,10 @@
 Param names follow diffusers one-to-one (`resnets_0/conv1`, `attentions_0/transformer_blocks_0/
 attn2/to_k`, `downsamplers_0/conv`, `ff/net_0/proj`), so `convert/diffusers.py` only has to turn
 `name_N` into `name.N` and transpose kernels.
+
+Every transformer block takes an optional `extra` (`ExtraConditioning`) for the default-off added
+layers of tuning-free methods (IP-Adapter's `attn2/to_[kv]_ip`, InstantBooth's `adapter`);
+without its stream a layer is skipped, so the output is the base model's exactly.
 """
 
 from __future__ import annotations
@@ -15,8 +19,11 @@ import jax
 import jax.numpy as jnp
 
 from persona_jax.models.activations import get_activation
+from persona_jax.models.adapters import GatedSelfAttention
 from persona_jax.models.attention import Attention
+from persona_jax.models.attention_maps import reports_maps
 from persona_jax.models.configs import UNetConfig
+from persona_jax.models.extra_conditioning import ExtraConditioning
 from persona_jax.models.norms import GroupNorm, LayerNorm
 
 
@@ -120,22 +127,37 @@ class _GEGLU(nn.Module):
 
 
 class BasicTransformerBlock(nn.Module):
-  """norm1 -> attn1 (self) -> norm2 -> attn2 (cross) -> norm3 -> ff, each with a residual."""
+  """norm1 -> attn1 (self) -> [adapter] -> norm2 -> attn2 (cross) -> norm3 -> ff, with residuals.
+
+  Added layers (default off), each run only when its stream is given:
+    * `adapter` (config.gated_adapter, extra.adapter_tokens): InstantBooth's gated self-attention
+      between attn1 and attn2 (models/adapters.py);
+    * attn2's `to_k_ip`/`to_v_ip` (config.ip_adapter, extra.ip_tokens): IP-Adapter's decoupled
+      cross-attention (models/attention.py).
+  """
   config: UNetConfig
   dim: int
   heads: int
+  attention_maps: bool = False       # attn2 sows its maps (models/attention_maps.py)
 
   @nn.compact
-  def __call__(self, x, context):
-    """x: [B, T, C]; context: [B, L, D] -> [B, T, C]."""
+  def __call__(self, x, context, extra: ExtraConditioning | None = None):
+    """x: [B, T, C]; context: [B, L, D]; extra: optional streams -> [B, T, C]."""
     c = self.config
+    extra = ExtraConditioning() if extra is None else extra
     attn = functools.partial(Attention, self.heads, self.dim // self.heads,
                              upcast_attention=c.upcast_attention, kernel=c.attention,
                              dtype=c.dtype, param_dtype=c.param_dtype)
     ln = functools.partial(LayerNorm, 1e-5, c.dtype, c.param_dtype)
     x = x + attn(name="attn1")(ln(name="norm1")(x))
-    x = x + attn(name="attn2", detach_context_tokens=c.detach_context_tokens)(
-        ln(name="norm2")(x), context)
+    if c.gated_adapter and extra.adapter_tokens is not None:
+      x = GatedSelfAttention(self.dim, self.heads, c.upcast_attention, c.attention, c.dtype,
+                             c.param_dtype, name="adapter")(x, extra.adapter_tokens,
+                                                            extra.adapter_scale)
+    ip_tokens = extra.ip_tokens if c.ip_adapter else None
+    x = x + attn(name="attn2", detach_context_tokens=c.detach_context_tokens,
+                 attention_maps=self.attention_maps)(ln(name="norm2")(x), context, ip_tokens,
+                                                     extra.ip_scale)
     x = x + FeedForward(self.dim, dtype=c.dtype, param_dtype=c.param_dtype,
                         name="ff")(ln(name="norm3")(x))
     return x
@@ -147,10 +169,11 @@ class Transformer2DModel(nn.Module):
   channels: int
   heads: int
   num_layers: int = 1
+  attention_maps: bool = False       # every block's attn2 sows its maps
 
   @nn.compact
-  def __call__(self, x, context):
-    """x: [B, H, W, C]; context: [B, L, D] -> [B, H, W, C]."""
+  def __call__(self, x, context, extra: ExtraConditioning | None = None):
+    """x: [B, H, W, C]; context: [B, L, D]; extra: optional streams -> [B, H, W, C]."""
     c = self.config
     b, hh, ww, ch = x.shape
     h = GroupNorm(c.norm_num_groups, 1e-6, c.dtype, c.param_dtype, name="norm")(x)
@@ -161,7 +184,8 @@ class Transformer2DModel(nn.Module):
     h = proj(name="proj_in")(h)                                   # [B, H, W, C]
     h = h.reshape(b, hh * ww, self.channels)                      # [B, HW, C]
     for k in range(self.num_layers):
-      h = BasicTransformerBlock(c, self.channels, self.heads, name=f"transformer_blocks_{k}")(h, context)
+      h = BasicTransformerBlock(c, self.channels, self.heads, self.attention_maps,
+                                name=f"transformer_blocks_{k}")(h, context, extra)
     h = h.reshape(b, hh, ww, self.channels)
     h = proj(name="proj_out")(h)
     return h + x
@@ -185,8 +209,10 @@ def _resnet(c: UNetConfig, out_channels: int, name: str, output_scale_factor: fl
                                        output_scale_factor, c.dtype, c.param_dtype, name=name)
 
 
-def _transformer(c: UNetConfig, channels: int, heads: int, layers: int, name: str):
-  return maybe_remat(Transformer2DModel, c)(c, channels, heads, layers, name=name)
+def _transformer(c: UNetConfig, channels: int, heads: int, layers: int, path: str):
+  """The Transformer2DModel at `path` (`down_blocks_0/attentions_1`), named by its last part."""
+  return maybe_remat(Transformer2DModel, c)(c, channels, heads, layers, reports_maps(c, path),
+                                            name=path.rsplit("/", 1)[-1])
 
 
 class UNetDownBlock(nn.Module):
@@ -195,7 +221,7 @@ class UNetDownBlock(nn.Module):
   index: int
 
   @nn.compact
-  def __call__(self, x, temb, context):
+  def __call__(self, x, temb, context, extra=None):
     """Returns (x, skips): the block output and the tensors the up path concatenates."""
     c, i = self.config, self.index
     out = c.block_out_channels[i]
@@ -205,7 +231,7 @@ class UNetDownBlock(nn.Module):
       x = _resnet(c, out, f"resnets_{j}")(x, temb)
       if cross:
         x = _transformer(c, out, c.heads_per_block[i], c.transformer_layers[i],
-                         f"attentions_{j}")(x, context)
+                         f"down_blocks_{i}/attentions_{j}")(x, context, extra)
       skips.append(x)
     if i < len(c.block_out_channels) - 1:
       x = Downsample2D(out, c.downsample_padding, c.dtype, c.param_dtype, name="downsamplers_0")(x)
@@ -218,12 +244,12 @@ class UNetMidBlock2DCrossAttn(nn.Module):
   config: UNetConfig
 
   @nn.compact
-  def __call__(self, x, temb, context):
+  def __call__(self, x, temb, context, extra=None):
     c = self.config
     ch = c.block_out_channels[-1]
     x = _resnet(c, ch, "resnets_0", c.mid_block_scale_factor)(x, temb)
     x = _transformer(c, ch, c.heads_per_block[-1], c.transformer_layers[-1],
-                     "attentions_0")(x, context)
+                     "mid_block/attentions_0")(x, context, extra)
     return _resnet(c, ch, "resnets_1", c.mid_block_scale_factor)(x, temb)
 
 
@@ -233,7 +259,7 @@ class UNetUpBlock(nn.Module):
   index: int
 
   @nn.compact
-  def __call__(self, x, skips, temb, context, upsample_size=None):
+  def __call__(self, x, skips, temb, context, upsample_size=None, extra=None):
     """skips: this block's skip tensors, in the order they are consumed (last pushed first)."""
     c, i = self.config, self.index
     n = len(c.block_out_channels)
@@ -244,7 +270,8 @@ class UNetUpBlock(nn.Module):
       x = jnp.concatenate([x, skip], axis=-1)
       x = _resnet(c, out, f"resnets_{j}")(x, temb)
       if cross:
-        x = _transformer(c, out, heads, c.transformer_layers[::-1][i], f"attentions_{j}")(x, context)
+        x = _transformer(c, out, heads, c.transformer_layers[::-1][i],
+                         f"up_blocks_{i}/attentions_{j}")(x, context, extra)
     if i < n - 1:
       x = Upsample2D(out, c.dtype, c.param_dtype, name="upsamplers_0")(x, upsample_size)
     return x

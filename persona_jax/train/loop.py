@@ -293,7 +293,8 @@ def sample_grid(run: Run, trainable, step: int, workdir: Path, progress: bool = 
   images = text_to_image(run.pipe, list(c.sample_prompts), c.sample_negative_prompt,
                          c.sample_images, options, params=params, progress=progress,
                          tokenizer=run.tokenizer, conditioning=MethodConditioning(run.method),
-                         expand_prompt=run.method.expand_prompt, inputs=inputs)
+                         expand_prompt=run.method.expand_prompt, inputs=inputs,
+                         unet_options=run.method.unet_options)
   return save_png(grid(images, cols=c.sample_images), workdir / "samples" / f"step_{step:06d}.png")
 
 
