@@ -24,6 +24,8 @@ import jax.numpy as jnp
 from persona_jax import tree
 from persona_jax.diffusion.losses import Objective
 from persona_jax.diffusion.sampling import SDModels
+from persona_jax.models.attention_maps import ATTENTION_MAPS
+from persona_jax.models.attention_maps import collect as collect_maps
 from persona_jax.models.vae import Moments
 
 LATENT_MEAN, LATENT_LOGVAR, PIXELS = "latent_mean", "latent_logvar", "pixels"
@@ -40,13 +42,16 @@ def identity_prompt(prompt: str) -> str:
 
 
 class LatentConditioning(Protocol):
-  """Conditioning that depends on the noised latent and its timestep (E4T's per-step word
-  embedding). A hashable object: it is part of the Method, a static argument of the jit.
+  """Conditioning computed in the step from the batch's inputs and, for E4T's per-step word
+  embedding, the noised latent and its timestep; also the image-conditioned methods' streams
+  (IP-Adapter's image tokens, InstantBooth's concept and patch tokens, FastComposer's fused
+  text). A hashable object: it is part of the Method, a static argument of the jit.
 
   Training runs `prepare` once per batch and `context` inside the loss's `predict(noisy, t)`;
-  sampling (`MethodConditioning`) runs `prepare` once and `context` at every denoising step on
-  the current latents. `input_keys`: the batch keys besides `ids` it reads (e.g. clip_pixels),
-  which sampling takes as extra inputs.
+  sampling (`MethodConditioning`) runs `prepare` once and then either `sampling` once (when the
+  object defines it: conditioning that does not depend on the latent) or `context` at every
+  denoising step on the current latents. `input_keys`: the batch keys besides `ids` it reads
+  (e.g. clip_pixels), which sampling takes as extra inputs.
   """
   input_keys: tuple[str, ...]
 
@@ -54,8 +59,14 @@ class LatentConditioning(Protocol):
     """What does not depend on the latent (e.g. image features): a pytree `state`."""
 
   def context(self, models: SDModels, params, state, noisy, t) -> tuple[Any, dict]:
-    """(conditioning [B, L, D], {name: penalty scalar added to the loss}); noisy: [B, h, w, c],
-    t: [B]."""
+    """(conditioning, {name: penalty scalar added to the loss}); noisy: [B, h, w, c], t: [B].
+    The conditioning is the context [B, L, D], or the UNet's keyword arguments
+    {"encoder_hidden_states": [B, L, D], "extra": ExtraConditioning(...)}."""
+
+  # Optional:
+  # def sampling(self, models, params, state, uncond, inputs) -> PreparedConditioning:
+  #   """The sampler's (cond, uncond[, before, start]) kwargs, computed once; `uncond` is the
+  #   negative prompt's context [B, L, D], `inputs` the sampler's inputs (traced scales)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +99,10 @@ class Method:
       pipeline's (E4T's image encoder); `select` may pick their leaves too.
     image_inputs: (uint8 [R, R, 3] image after augmentation) -> {batch key: array}: per-example
       inputs the data pipeline adds (E4T's clip_pixels).
+    attention_terms: (maps, batch) -> {name: scalar added to the loss}, from the cross-attention
+      maps of the blocks in the UNet option `attention_maps` (`models.attention_maps.collect`:
+      {attn2 path: [B, h, w, L]}), e.g. FastComposer's localization loss; None: the UNet runs
+      without reporting maps.
   """
   name: str
   select: tree.Rules = ()
@@ -106,6 +121,7 @@ class Method:
   latent_conditioning: LatentConditioning | None = None
   components: Callable[[], dict] | None = None
   image_inputs: Callable | None = None
+  attention_terms: Callable | None = None
 
   def text_trains(self) -> bool:
     """Whether anything in the text path trains (then text embeddings cannot be cached)."""
@@ -131,6 +147,25 @@ def batch_latents(models: SDModels, params, batch, rng):
   return jax.lax.stop_gradient(moments.sample(rng).astype(jnp.float32) * scale)
 
 
+def unet_kwargs(conditioning) -> dict:
+  """The UNet's keyword arguments from a context [B, L, D] or a dict of them."""
+  return dict(conditioning) if isinstance(conditioning, dict) else {"encoder_hidden_states": conditioning}
+
+
+def apply_unet(method: Method, models: SDModels, params, noisy, t, conditioning, batch,
+               penalties: list):
+  """The UNet on `noisy` [B, h, w, c] at `t` [B]; with `method.attention_terms`, the maps of the
+  asked blocks are read from the same forward and its terms appended to `penalties`."""
+  variables = {"params": params["unet"]}
+  if method.attention_terms is None:
+    return models.unet.apply(variables, noisy, t, **unet_kwargs(conditioning))
+  out, state = models.unet.apply(variables, noisy, t, **unet_kwargs(conditioning),
+                                 mutable=[ATTENTION_MAPS])
+  penalties.append(method.attention_terms(collect_maps(state, models.unet.config, noisy.shape[1:3]),
+                                          batch))
+  return out
+
+
 def method_loss(method: Method, models: SDModels, objective: Objective, params, trainable, batch,
                 rng):
   """The denoising loss plus the method's regularizers. Returns (loss, metrics)."""
@@ -144,19 +179,19 @@ def method_loss(method: Method, models: SDModels, objective: Objective, params, 
     def predict(noisy, t):
       context, terms = conditioning.context(models, params, state, noisy, t)
       penalties.append(terms)
-      return models.unet.apply({"params": params["unet"]}, noisy, t, context)
+      return apply_unet(method, models, params, noisy, t, context, batch, penalties)
   else:
     context = batch[CONTEXT] if CONTEXT in batch else encode_text(method, models, params, batch[IDS])
 
     def predict(noisy, t):
-      return models.unet.apply({"params": params["unet"]}, noisy, t, context)
+      return apply_unet(method, models, params, noisy, t, context, batch, penalties)
   if PRIOR in batch:
     loss, metrics = prior_preservation_loss(objective, latents, predict, loss_rng, batch[PRIOR],
                                             method.prior_loss_weight, batch.get(MASK))
   else:
     loss, metrics = objective.loss(latents, predict, loss_rng, batch.get(MASK))
   metrics = dict(metrics, denoising_loss=loss)
-  for name, value in (penalties[0] if penalties else {}).items():
+  for name, value in {k: v for terms in penalties for k, v in terms.items()}.items():
     metrics[name] = value
     loss = loss + value
   for regularizer in method.regularizers:
@@ -195,9 +230,14 @@ class MethodConditioning:
     if conditioning is None:
       return {"cond": encode_text(self.method, models, params, inputs["ids"]), "uncond": uncond}
     batch = {k: inputs[k] for k in (IDS,) + tuple(conditioning.input_keys)}
-    return {"latent_state": conditioning.prepare(models, params, batch), "uncond": uncond}
+    state = conditioning.prepare(models, params, batch)
+    if hasattr(conditioning, "sampling"):
+      return {"prepared": conditioning.sampling(models, params, state, uncond, inputs)}
+    return {"latent_state": state, "uncond": uncond}
 
   def at_step(self, models, params, state, step, t, latents):
+    if "prepared" in state:
+      return state["prepared"].at(step)
     if "latent_state" in state:
       t = jnp.broadcast_to(t, latents.shape[:1])
       cond, _ = self.method.latent_conditioning.context(models, params, state["latent_state"],
