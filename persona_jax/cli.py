@@ -56,6 +56,7 @@ def _sample(args) -> int:
   from persona_jax.text_to_image import SampleOptions, text_to_image
   loras = [LoRASpec.parse(s) for s in args.lora]
   e4t_result = _e4t_result(args)
+  instantbooth_result = _instantbooth_result(args)
   model = resolve_model(args.model)
   pipe = load_pipeline(model, variant=args.variant, allow_pickle=args.allow_pickle,
                        **_single_file_options(args))
@@ -82,14 +83,21 @@ def _sample(args) -> int:
     params, tokenizer, conditioning = cd.for_sampling(cd.load_result(args.custom_diffusion), pipe,
                                                       params)
   inputs = None
+  unet_options = ()
   if e4t_result is not None:
     from persona_jax.methods import e4t
-    sampling = e4t.for_sampling(e4t_result, pipe, args.image)
+    sampling = e4t.for_sampling(e4t_result, pipe, args.image[0])
     params, tokenizer, conditioning, inputs = (sampling.params, sampling.tokenizer,
                                                sampling.conditioning, sampling.inputs)
+  if instantbooth_result is not None:
+    from persona_jax.methods import instantbooth
+    sampling = instantbooth.for_sampling(instantbooth_result, pipe, args.image, args.beta,
+                                         args.alpha)
+    params, conditioning, inputs, unet_options = (sampling.params, sampling.conditioning,
+                                                  sampling.inputs, sampling.unet_options)
   images = text_to_image(pipe, args.prompt, args.negative_prompt, args.num_images, options,
                          params=params, tokenizer=tokenizer, conditioning=conditioning,
-                         expand_prompt=expand, inputs=inputs)
+                         expand_prompt=expand, inputs=inputs, unet_options=unet_options)
   seconds = time.perf_counter() - start
   out = Path(args.out)
   paths = [save_png(img, out / f"{args.seed:04d}_{i:04d}.png") for i, img in enumerate(images)]
@@ -104,16 +112,38 @@ def _sample(args) -> int:
 def _e4t_result(args):
   """`sample --e4t WORKDIR --image PATH`: the E4T result (its base model unless --model)."""
   if args.e4t is None:
-    if args.image is not None:
-      raise PersonaError("--image is the subject image of --e4t WORKDIR")
+    if args.image is not None and args.instantbooth is None:
+      raise PersonaError("--image is the subject image of --e4t WORKDIR or --instantbooth WORKDIR")
     return None
   if args.image is None:
     raise PersonaError("--e4t needs --image PATH (the subject's image the encoder reads)")
+  if len(args.image) > 1:
+    raise PersonaError("--e4t reads one --image")
   if args.embedding or args.lora or args.custom_diffusion is not None or args.clip_skip is not None:
     raise PersonaError("--e4t does not combine with --embedding, --lora, --custom-diffusion or "
                        "--clip-skip")
   from persona_jax.methods import e4t
   result = e4t.load_result(args.e4t)
+  if args.model is None:
+    args.model = result.meta.get("base_model") or None
+  return result
+
+
+def _instantbooth_result(args):
+  """`sample --instantbooth WORKDIR --image A [--image B]`: the result (its base model unless
+  --model)."""
+  if args.instantbooth is None:
+    if args.beta is not None or args.alpha is not None:
+      raise PersonaError("--beta and --alpha are InstantBooth's knobs (--instantbooth WORKDIR)")
+    return None
+  if not args.image:
+    raise PersonaError("--instantbooth needs --image PATH (repeat for several images of the subject)")
+  if (args.e4t is not None or args.embedding or args.lora or args.custom_diffusion is not None
+      or args.clip_skip is not None):
+    raise PersonaError("--instantbooth does not combine with --e4t, --embedding, --lora, "
+                       "--custom-diffusion or --clip-skip")
+  from persona_jax.methods import instantbooth
+  result = instantbooth.load_result(args.instantbooth)
   if args.model is None:
     args.model = result.meta.get("base_model") or None
   return result
@@ -314,7 +344,18 @@ def build_parser() -> argparse.ArgumentParser:
                  help="an e4t run's workdir: its encoder, weight offsets (and tuned UNet); the "
                       "placeholder's embedding is predicted from --image at every step (e.g. "
                       "--prompt 'a painting of *s'; default --model: the run's base)")
-  p.add_argument("--image", type=Path, default=None, metavar="PATH", help="the subject image for --e4t")
+  p.add_argument("--instantbooth", type=Path, default=None, metavar="DIR",
+                 help="an instantbooth run's workdir: its concept and patch encoders and adapters "
+                      "read the subject from --image (repeat for several: the concept token is "
+                      "their average); put the identifier before the class noun, e.g. --prompt "
+                      "'a photo of sks ball on the beach'. A mask NAME.mask.png beside an image "
+                      "masks it to the subject")
+  p.add_argument("--beta", type=float, default=None,
+                 help="instantbooth: the adapters' weight (default: the run's, 0.3)")
+  p.add_argument("--alpha", type=float, default=None,
+                 help="instantbooth: the concept token's scale (default: the run's, 0.4)")
+  p.add_argument("--image", type=Path, action="append", default=None, metavar="PATH",
+                 help="the subject image for --e4t (one) or --instantbooth (repeatable)")
   p.add_argument("--variant", default=None, help="weight-file variant, e.g. fp16")
   p.add_argument("--allow-pickle", action="store_true", help="read .bin/.ckpt files (trusted only)")
   p.add_argument("--out", required=True, type=Path, help="output folder")

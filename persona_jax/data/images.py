@@ -54,6 +54,27 @@ def load_image(path: Path) -> np.ndarray:
   return np.asarray(rgb, dtype=np.uint8)
 
 
+def image_shape(path: Path) -> tuple[int, int]:
+  """(H, W) of an image file, upright (EXIF orientation applied), without decoding its pixels."""
+  try:
+    with Image.open(path) as img:
+      w, h = img.size
+      orientation = img.getexif().get(0x0112, 1)
+  except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    raise DataError(f"{path}: cannot read this image ({e}); fix or remove the file") from None
+  return (w, h) if orientation in (5, 6, 7, 8) else (h, w)
+
+
+def load_mask(path: Path, shape: tuple[int, int]) -> np.ndarray:
+  """A subject mask file (white = subject) as uint8 [H, W] (its gray level), or a DataError
+  naming the file when it is unreadable or its size is not the image's `shape` (H, W)."""
+  mask = load_image(path).mean(axis=-1).round().astype(np.uint8)
+  if mask.shape != tuple(shape):
+    raise DataError(f"{path}: the mask is {mask.shape[1]}x{mask.shape[0]} but its image is "
+                    f"{shape[1]}x{shape[0]}; a mask must have its image's size")
+  return mask
+
+
 def resize_shorter_side(image: np.ndarray, size: int) -> np.ndarray:
   """Bicubic resize so the shorter side is `size` (as the Textual Inversion/DreamBooth examples)."""
   h, w = image.shape[:2]

@@ -108,6 +108,9 @@ class InstanceSet:
   images: list[np.ndarray]          # uint8 [R, R, 3] (center crop) or [>=R, >=R, 3]
   captions: list[str]               # the caption pool of each image
   folder: Path
+  # Subject masks (NAME.mask.png, data/sources.py), uint8 [R, R] / [>=R, >=R] resized and
+  # cropped as their images, or None per image; None: no image of the set has one.
+  masks: list[np.ndarray | None] | None = None
 
 
 def caption_pool(config: DataConfig, file_caption: str | None, expand: Callable[[str], str]):
@@ -133,9 +136,17 @@ def prepare_image(path: Path, config: DataConfig) -> np.ndarray:
   return img_ops.resize_shorter_side(img_ops.load_image(path), config.resolution)
 
 
+def prepare_mask(path: Path, image_path: Path, config: DataConfig) -> np.ndarray:
+  """A subject mask resized and cropped as `prepare_image` does its image: uint8 [R, R] or
+  [>=R, >=R]; a DataError naming the mask when its size is not the image's."""
+  mask = img_ops.load_mask(path, img_ops.image_shape(image_path))
+  mask = img_ops.resize_shorter_side(mask, config.resolution)
+  return img_ops.center_crop(mask, config.resolution) if config.center_crop else mask
+
+
 def load_instances(config: DataConfig, expand: Callable[[str], str]) -> InstanceSet:
-  """The instance images of every concept, each with its caption pool."""
-  images, captions = [], []
+  """The instance images of every concept, each with its caption pool (and its mask, if any)."""
+  images, captions, masks = [], [], []
   for concept in concept_configs(config):
     if concept.caption_source not in CAPTION_SOURCES:
       raise ConfigError(f"data.caption_source: '{concept.caption_source}' is not one of "
@@ -146,8 +157,10 @@ def load_instances(config: DataConfig, expand: Callable[[str], str]) -> Instance
       examples = examples[: config.num_images]
     images += [prepare_image(e.path, concept) for e in examples]
     captions += [caption_pool(concept, e.caption, expand) for e in examples]
+    masks += [None if e.mask is None else prepare_mask(e.mask, e.path, concept) for e in examples]
     log.info("%s: %d instance image(s) at %dpx", folder, len(examples), config.resolution)
-  return InstanceSet(images, captions, folder)
+  return InstanceSet(images, captions, folder,
+                     masks if any(m is not None for m in masks) else None)
 
 
 def load_class_images(config: DataConfig, folder: Path) -> InstanceSet:
@@ -197,6 +210,8 @@ class Augment(grain.transforms.RandomMap):
   prior: float | None = None                              # the `prior` value, when there are classes
   latent_factor: int = 8                                  # the VAE's downsampling (loss masks)
   image_inputs: Callable | None = None                    # uint8 image -> extra keys (a method's)
+  # A hook with `takes_mask = True` is called as image_inputs(image, mask=, rng=): the subject
+  # mask (uint8, cropped and flipped as the image; None without one) and the example's rng.
 
   def random_map(self, index, rng: np.random.Generator):
     c = self.config
@@ -206,21 +221,30 @@ class Augment(grain.transforms.RandomMap):
     if c.caption_dropout and not self.prior and rng.random() < c.caption_dropout:
       caption = ""
     out = {}
+    masks = getattr(self.instances, "masks", None)
+    mask = None if masks is None else masks[index]
     if self.moments is not None:
       out[LATENT_MEAN] = self.moments[0][index, flip]
       out[LATENT_LOGVAR] = self.moments[1][index, flip]
       image = self.instances.images[index]
       image = image[:, ::-1] if flip else image
+      if mask is not None:
+        mask = mask[:, ::-1] if flip else mask
     else:
       image = self.instances.images[index]
       r = c.resolution
       if c.random_zoom > 1:
         image = img_ops.resize_shorter_side(
             image, int(round(min(image.shape[:2]) * rng.uniform(1.0, c.random_zoom))))
+        if mask is not None:
+          mask = img_ops.resize_shorter_side(mask, min(image.shape[:2]))
       top = int(rng.integers(image.shape[0] - r + 1))
       left = int(rng.integers(image.shape[1] - r + 1))
       image = img_ops.crop(image, r, top, left)
       image = image[:, ::-1] if flip else image
+      if mask is not None:
+        mask = img_ops.crop(mask, r, top, left)
+        mask = mask[:, ::-1] if flip else mask
       if c.zoom_augment and not self.prior:
         out[PIXELS], out[MASK], words = self.zoom(image, rng)
         caption = words + caption
@@ -234,7 +258,11 @@ class Augment(grain.transforms.RandomMap):
       out[IDS] = self.tokenize([caption])[0]
     if self.prior is not None:
       out[PRIOR] = np.float32(self.prior)
-    if self.image_inputs is not None:
+    if self.image_inputs is not None and getattr(self.image_inputs, "takes_mask", False):
+      out.update(self.image_inputs(np.ascontiguousarray(image),
+                                   mask=None if mask is None else np.ascontiguousarray(mask),
+                                   rng=rng))
+    elif self.image_inputs is not None:
       out.update(self.image_inputs(np.ascontiguousarray(image)))
     return out
 

@@ -1,5 +1,7 @@
 """Image folders with optional captions: sidecar `NAME.txt` files or a `metadata.jsonl`
-(`{"file_name": ..., "text": ...}` per line, the Hugging Face imagefolder convention)."""
+(`{"file_name": ..., "text": ...}` per line, the Hugging Face imagefolder convention), and
+optional subject masks: `NAME.mask.png` beside `NAME.png` / `NAME.jpg` / ... (white = subject,
+the image's size; read by methods that mask their condition image, e.g. InstantBooth)."""
 
 from __future__ import annotations
 
@@ -15,12 +17,19 @@ log = logging.getLogger(__name__)
 CAPTION_KEYS = ("text", "caption", "prompt")
 # Files of ours that live beside images and are not skipped with a warning.
 SIDECAR_FILES = ("metadata.jsonl", "class_images.json")
+MASK_SUFFIX = ".mask.png"
 
 
 @dataclasses.dataclass(frozen=True)
 class Example:
   path: Path
   caption: str | None = None
+  mask: Path | None = None          # NAME.mask.png, when it exists
+
+
+def mask_path(image: Path) -> Path:
+  """Where the subject mask of an image file lies: NAME.mask.png beside NAME.EXT."""
+  return image.with_name(image.stem + MASK_SUFFIX)
 
 
 def _metadata(folder: Path) -> dict[str, str]:
@@ -58,6 +67,8 @@ def read_image_folder(folder, *, need_captions: bool = False) -> list[Example]:
   for f in sorted(folder.iterdir()):
     if f.name.startswith(".") or f.is_dir() or f.name in SIDECAR_FILES:
       continue
+    if f.name.endswith(MASK_SUFFIX):
+      continue
     if f.suffix.lower() not in IMAGE_SUFFIXES:
       if not (f.suffix == ".txt" and any(f.with_suffix(s).exists() for s in IMAGE_SUFFIXES)):
         skipped.append(f.name)
@@ -66,7 +77,8 @@ def read_image_folder(folder, *, need_captions: bool = False) -> list[Example]:
     sidecar = f.with_suffix(".txt")
     if caption is None and sidecar.is_file():
       caption = sidecar.read_text(encoding="utf-8").strip()
-    examples.append(Example(f, caption))
+    mask = mask_path(f)
+    examples.append(Example(f, caption, mask if mask.is_file() else None))
   if skipped:
     log.warning("%s: skipping %d file(s) that are not images: %s", folder, len(skipped),
                 ", ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else ""))

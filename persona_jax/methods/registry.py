@@ -7,11 +7,13 @@ from collections.abc import Mapping
 
 from persona_jax.errors import ConfigError
 from persona_jax.methods import custom_diffusion, dreambooth, e4t, lora, textual_inversion
+from persona_jax.methods import instantbooth
 
 METHODS = {
     "custom_diffusion": (custom_diffusion.CustomDiffusionConfig, custom_diffusion.make),
     "dreambooth": (dreambooth.DreamBoothConfig, dreambooth.make),
     "e4t": (e4t.E4TConfig, e4t.make),
+    "instantbooth": (instantbooth.InstantBoothConfig, instantbooth.make),
     "lora": (lora.LoRAConfig, lora.make),
     "textual_inversion": (textual_inversion.TextualInversionConfig, textual_inversion.make),
 }
