@@ -1,0 +1,194 @@
+"""IP-Adapter on the training core: the method test bar (trainable leaves a literal list, non-zero
+gradients, frozen bit-identical, loss falls, lr 0 moves nothing), the base reproduced with the
+branch off and the decoupled attention on its own, the condition drops, several images, and the
+official file layout both ways against diffusers' `load_ip_adapter` (basic and plus). The sd1
+preset with one layer per block and a tiny random CLIP image encoder (tests/methods/test_e4t.py)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from persona_jax import tree
+from persona_jax.data.pipeline import make_iterator
+from persona_jax.methods import ip_adapter as ipa
+from persona_jax.methods.base import CLIP_PIXELS, IDS
+from persona_jax.models.extra_conditioning import ExtraConditioning
+from persona_jax.train import loop
+from tests.methods.test_e4t import write_image_encoder, write_model
+from tests.runs import _merge, fixed_batch_trajectory, one_device_mesh
+
+TRANSFORMERS = ["down_blocks_0/attentions_0", "up_blocks_1/attentions_0",
+                "up_blocks_1/attentions_1", "mid_block/attentions_0"]
+IP_LAYERS = [f"unet/{t}/transformer_blocks_0/attn2/to_{m}_ip/kernel"
+             for t in TRANSFORMERS for m in "kv"]
+PROJECTION = ["ip_adapter/image_proj/proj/kernel", "ip_adapter/image_proj/proj/bias",
+              "ip_adapter/image_proj/norm/scale", "ip_adapter/image_proj/norm/bias"]
+# diffusers' attn_processors order: down, up, mid (ids 1, 3, 5, 7)
+OFFICIAL_IDS = {1: TRANSFORMERS[0], 3: TRANSFORMERS[1], 5: TRANSFORMERS[2], 7: TRANSFORMERS[3]}
+
+
+def ip_config(model_dir, encoder_dir, **overrides):
+  """The example subject's 4 images, 32px, batch 2, one warm-up step (lr 0 at step 0)."""
+  values = dict(
+      model=str(model_dir),
+      method=dict(name="ip_adapter", image_encoder=str(encoder_dir)),
+      data=dict(caption_source="templates", prompt="ball", templates="object", resolution=32),
+      optim=dict(lr=1e-2, clip_grad_norm=0.0, weight_decay=0.0, warmup_steps=1),
+      steps=2, batch_size=2, log_every=1, checkpoint_every=2, sample_prompts=())
+  return _merge(values, overrides)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+  return write_model(tmp_path_factory.mktemp("ip_model") / "model")
+
+
+@pytest.fixture(scope="module")
+def encoder_dir(tmp_path_factory):
+  return write_image_encoder(tmp_path_factory.mktemp("ip_image_encoder"))
+
+
+@pytest.fixture(scope="module")
+def run(model_dir, encoder_dir):
+  return loop.build(ip_config(model_dir, encoder_dir), mesh=one_device_mesh())
+
+
+@pytest.fixture(scope="module")
+def trajectory(run):
+  return fixed_batch_trajectory(run, steps=4)
+
+
+def test_trainable_set_is_literal(run):
+  assert set(tree.paths(run.trainable)) == set(PROJECTION + IP_LAYERS)
+  assert set(run.frozen) == {"unet", "text_encoder", "image_encoder"}       # VAE moments cached
+  assert dict(run.method.unet_options) == {"ip_adapter": True}
+  flat, base = tree.flatten(run.trainable), tree.flatten(run.pipe.params)
+  for path in IP_LAYERS:                       # to_k_ip / to_v_ip start as the layer's to_k / to_v
+    np.testing.assert_array_equal(flat[path], base["unet/" + path[5:].replace("_ip/", "/")])
+  assert flat[PROJECTION[0]].shape == (16, 4 * 32)          # projection_dim 16 -> 4 tokens of 32
+
+
+def test_training_bar(run, trajectory):
+  """Every trainable leaf moves, frozen params are bit-identical, the loss falls on a fixed
+  batch, lr 0 moves nothing; each example is conditioned on its own image."""
+  for a, b in zip(jax.tree.leaves(trajectory["after_lr0"]), jax.tree.leaves(run.trainable)):
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+  init, trained = tree.flatten(run.trainable), tree.flatten(trajectory["trained"])
+  still = [p for p in init if np.array_equal(np.asarray(trained[p]), np.asarray(init[p]))]
+  assert not still, f"{still[:3]} never got a gradient"
+  assert trajectory["loss_end"] < trajectory["loss0"]
+  for a, b in zip(jax.tree.leaves(trajectory["frozen_before"]), jax.tree.leaves(run.frozen)):
+    assert np.array_equal(a, np.asarray(b))
+  batch = trajectory["batch"]
+  assert batch[CLIP_PIXELS].shape == (2, 16, 16, 3)
+  assert not np.array_equal(batch[CLIP_PIXELS][0], batch[CLIP_PIXELS][1])
+
+
+@pytest.fixture(scope="module")
+def probe(run):
+  """One compiled program with the initial adapter (to_[kv]_ip = to_[kv]) on the first batch's
+  latents shape: the base UNet; the adapter UNet at scale 0 and at per-example scales; with the
+  text context as the image tokens (the branch on its own); the conditioning's tokens and
+  context for each condition drop; one image vs the same image twice at sampling."""
+
+  from persona_jax.models.unet import UNet2DConditionModel
+  params = run.method.transform(run.frozen, run.trainable)
+  cond = run.method.latent_conditioning
+  base_unet = UNet2DConditionModel(run.pipe.unet_config)
+  ip_unet = run.models.unet
+  batch = jax.tree.map(jnp.asarray, next(make_iterator(run.dataset)))
+  noisy = jax.random.normal(jax.random.PRNGKey(0), (2, 16, 16, 4))
+  t = jnp.asarray([10, 700])
+
+  @jax.jit
+  def go(params, batch):
+    out = {}
+    m = run.models
+    state = cond.prepare(m, params, {IDS: batch[IDS], CLIP_PIXELS: batch[CLIP_PIXELS]})
+    ctx, tokens = state["context"], state["tokens"]
+    out["tokens"], out["ctx"] = tokens, ctx
+    unet = lambda p, extra: ip_unet.apply({"params": p}, noisy, t, ctx, extra)
+    out["scale0"] = unet(params["unet"], ExtraConditioning(ip_tokens=tokens, ip_scale=0.0))
+    out["scales"] = unet(params["unet"], ExtraConditioning(ip_tokens=tokens,
+                                                           ip_scale=jnp.asarray([0.0, 1.0])))
+    out["on"] = unet(params["unet"], ExtraConditioning(ip_tokens=tokens))
+    # to_k_ip/to_v_ip = to_k/to_v and the text as image tokens: Attn + Attn = 2 Attn, i.e. the
+    # base with every attn2 to_out_0 kernel doubled.
+    out["self"] = unet(params["unet"], ExtraConditioning(ip_tokens=ctx))
+    doubled = tree.unflatten({p: (2 * v if p.endswith("attn2/to_out_0/kernel") else v)
+                              for p, v in tree.flatten(run.pipe.params["unet"]).items()})
+    out["doubled"] = base_unet.apply({"params": doubled}, noisy, t, ctx)
+    drops = {}
+    for d in range(4):
+      s = cond.prepare(m, params, {IDS: batch[IDS], CLIP_PIXELS: batch[CLIP_PIXELS],
+                                   ipa.DROP: jnp.asarray([d, 0], jnp.int32)})
+      drops[d] = (s["context"][0], s["tokens"][0])
+    out["drops"] = drops
+    out["zeros"] = cond.project(params, jnp.zeros((1, cond.projection.image_dim)))[0]
+    empty = jnp.asarray([cond.empty_ids], jnp.int32)
+    out["empty"] = m.text_encoder.apply({"params": params["text_encoder"]}, empty).last_hidden_state[0]
+    one = batch[CLIP_PIXELS][:1, None]                                  # [1, 1, S, S, 3]
+    two = jnp.concatenate([one, one], axis=1)                           # [1, 2, S, S, 3]
+    inputs = lambda px: {IDS: batch[IDS][:1], "negative_ids": batch[IDS][:1], CLIP_PIXELS: px}
+    for name, px in (("one", one), ("two", two)):
+      prepared = cond.sampling(m, params, cond.prepare(m, params, inputs(px)), ctx[:1],
+                               dict(inputs(px), ip_scale=jnp.asarray([0.7])))
+      c, u = prepared.at(0)
+      out[name] = ip_unet.apply({"params": params["unet"]}, noisy[:1], t[:1], **c)
+      out[name + "_uncond"] = ip_unet.apply({"params": params["unet"]}, noisy[:1], t[:1], **u)
+      out[name + "_tokens"] = c["extra"].ip_tokens
+    return out
+  out = jax.device_get(go(params, batch))
+  # The base in its own program (one program holding both may fuse them differently).
+  out["base"] = jax.device_get(jax.jit(lambda p, c: base_unet.apply({"params": p}, noisy, t, c))(
+      run.pipe.params["unet"], out["ctx"]))
+  return out
+
+
+def test_branch_off_reproduces_the_base_exactly(probe):
+  np.testing.assert_array_equal(probe["scale0"], probe["base"])
+  np.testing.assert_array_equal(probe["scales"][0], probe["base"][0])      # per-example scale
+  np.testing.assert_array_equal(probe["scales"][1], probe["on"][1])
+  assert np.abs(probe["on"] - probe["base"]).max() > 1e-3
+
+
+def test_decoupled_attention_on_its_own(probe):
+  """Attn(Q, K, V) + 1 * Attn(Q, K_ip, V_ip) with K_ip, V_ip of the same tokens = 2 Attn."""
+  np.testing.assert_allclose(probe["self"], probe["doubled"], rtol=1e-5, atol=1e-5)
+
+
+def test_condition_drops_in_the_step(probe):
+  """1: the image's tokens become the zeros'; 2: the caption the empty one; 3: both."""
+  keep_ctx, keep_tokens = probe["drops"][0]
+  assert probe["tokens"].shape == (2, 4, 32)
+  np.testing.assert_allclose(probe["drops"][1][1], probe["zeros"], rtol=0, atol=1e-5)
+  np.testing.assert_array_equal(probe["drops"][1][0], keep_ctx)
+  np.testing.assert_array_equal(probe["drops"][2][1], keep_tokens)
+  np.testing.assert_allclose(probe["drops"][2][0], probe["empty"], rtol=0, atol=1e-5)
+  np.testing.assert_allclose(probe["drops"][3][1], probe["zeros"], rtol=0, atol=1e-5)
+  np.testing.assert_allclose(probe["drops"][3][0], probe["empty"], rtol=0, atol=1e-5)
+  assert not np.allclose(keep_tokens, probe["zeros"])
+  assert not np.allclose(keep_ctx, probe["empty"])
+
+
+def test_condition_drop_draws():
+  """The data hook's one uniform draw per example: image only, text only, both at their rates;
+  without the pipeline's generator nothing is dropped."""
+  from persona_jax.data.clip_images import CLIPImageProcessorConfig
+  hook = ipa.ConditionInputs(CLIPImageProcessorConfig.for_image_size(16), 0.05, 0.1, 0.15)
+  image = np.zeros((20, 20, 3), np.uint8)
+  rng = np.random.default_rng(0)
+  drops = np.asarray([hook(image, rng=rng)[ipa.DROP] for _ in range(3000)])
+  np.testing.assert_allclose([np.mean(drops == d) for d in range(4)], [0.7, 0.05, 0.1, 0.15],
+                             atol=0.02)
+  out = hook(image)
+  assert out[ipa.DROP] == 0 and out[CLIP_PIXELS].shape == (16, 16, 3)
+
+
+def test_two_identical_images_give_the_one_image_result(probe):
+  """Several images: their tokens concatenated (diffusers' multi-image handling)."""
+  assert probe["one_tokens"].shape == (1, 4, 32) and probe["two_tokens"].shape == (1, 8, 32)
+  np.testing.assert_allclose(probe["two"], probe["one"], rtol=0, atol=1e-5)
+  np.testing.assert_allclose(probe["two_uncond"], probe["one_uncond"], rtol=0, atol=1e-5)
+  assert np.abs(probe["one"] - probe["one_uncond"]).max() > 1e-4
