@@ -8,12 +8,14 @@ from collections.abc import Mapping
 from persona_jax.errors import ConfigError
 from persona_jax.methods import custom_diffusion, dreambooth, e4t, ip_adapter, lora, textual_inversion
 from persona_jax.methods import instantbooth
+from persona_jax.methods import fastcomposer
 
 METHODS = {
     "custom_diffusion": (custom_diffusion.CustomDiffusionConfig, custom_diffusion.make),
     "dreambooth": (dreambooth.DreamBoothConfig, dreambooth.make),
     "e4t": (e4t.E4TConfig, e4t.make),
     "ip_adapter": (ip_adapter.IPAdapterConfig, ip_adapter.make),
+    "fastcomposer": (fastcomposer.FastComposerConfig, fastcomposer.make),
     "instantbooth": (instantbooth.InstantBoothConfig, instantbooth.make),
     "lora": (lora.LoRAConfig, lora.make),
     "textual_inversion": (textual_inversion.TextualInversionConfig, textual_inversion.make),

@@ -111,6 +111,9 @@ def build(config: RunConfig, *, mesh=None, workdir=None, progress: bool = False)
   if not tree.flatten(trainable):
     raise ConfigError(f"method {config.method_name} selects no trainable parameters")
 
+  if getattr(method, "dataset", None) is not None:     # a method with its own data (FastComposer)
+    return build_own_data(config, pipe, method, models, tokenizer, components, rest, trainable,
+                          compute, mesh, model_dir)
   instances = data.load_instances(config.data, method.expand_prompt)
   classes = class_images(config, method, pipe, workdir, progress)
   dataset_kwargs = {"classes": classes, "latent_factor": pipe.vae_scale_factor,
@@ -146,6 +149,25 @@ def build(config: RunConfig, *, mesh=None, workdir=None, progress: bool = False)
   lr_batch = config.batch_size * (2 if classes is not None and method.scale_lr_with_class_rows else 1)
   tx, schedule = make_optimizer(optim_config(config, method), trainable, total_steps=config.steps,
                                 batch_size=lr_batch)
+  objective = Objective(pipe.scheduler_config, pipe.vae_config.scaling_factor,
+                        config.min_snr_gamma, config.offset_noise)
+  return Run(config, pipe, method, models, objective, tokenizer, frozen, trainable, tx, schedule,
+             dataset, mesh, ckpt.base_fingerprint(model_dir), model_dir, components)
+
+
+def build_own_data(config: RunConfig, pipe, method, models, tokenizer, components, rest,
+                   trainable, compute, mesh, model_dir) -> Run:
+  """`build`'s end for a method with its own dataset (`method.dataset(config, pipe, tokenizer)`):
+  pixels are VAE-encoded and token ids text-encoded in the step."""
+  dataset = method.dataset(config, pipe, tokenizer)
+  needed = {"unet", "vae", "text_encoder"} | set(components)
+  frozen = {k: v for k, v in rest.items() if k in needed}
+  if compute != jnp.float32:
+    frozen = jax.tree.map(lambda x: x.astype(compute), frozen)
+  mesh = mesh or mesh_lib.make_mesh(config.fsdp)
+  mesh_lib.check_batch_size(config.batch_size, mesh, 0)
+  tx, schedule = make_optimizer(optim_config(config, method), trainable, total_steps=config.steps,
+                                batch_size=config.batch_size)
   objective = Objective(pipe.scheduler_config, pipe.vae_config.scaling_factor,
                         config.min_snr_gamma, config.offset_noise)
   return Run(config, pipe, method, models, objective, tokenizer, frozen, trainable, tx, schedule,

@@ -1,0 +1,200 @@
+"""FastComposer's training data: images, captions with subject markers, one mask per subject.
+
+A folder (`data.instance_dir`) holds the images and a `metadata.jsonl`, one JSON object per image:
+  {"file_name": "0001.png", "text": "a dog <|image|> and a cat <|image|> on a sofa",
+   "masks": ["0001.dog.mask.png", "0001.cat.mask.png"]}
+`<|image|>` goes right after each subject's noun (the official code's convention); "masks" names
+one mask file per marker, in marker order (white = the subject; the image's size). With one
+marker "masks" may be left out: NAME.mask.png beside the image is its mask. Mask files are not
+training images. Errors name the file and the field.
+`data.instance_dir` = "": toy-world scenes (`world.scenes`: render, caption with the marker
+after the class word, coverage as the mask), `toy_examples`.
+
+Each example (grain RandomMap, as data/pipeline.py): flip; with `uncondition_prob` the empty
+caption and no subjects; each subject kept with `object_appear_prob` (a dropped one loses its
+marker, its noun stays plain text); the subject's CLIP input is its crop (the mask's bounding
+box, squared) with the background white; with `mask_loss_prob` the loss mask is the union of
+the subjects' masks. Keys: ids [L] (with markers), pixels [R, R, 3], mask [h, w, 1],
+subject_pixels [K, S, S, 3], subject_masks [K, h, w] (h = R / the VAE's factor).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import grain
+import numpy as np
+
+from persona_jax.data import images as img_ops
+from persona_jax.data.clip_images import preprocess_image
+from persona_jax.data.images import DataError
+from persona_jax.errors import ConfigError
+from persona_jax.methods.base import IDS, MASK, PIXELS
+
+IMAGE_TOKEN = "<|image|>"
+METADATA = "metadata.jsonl"
+
+
+@dataclasses.dataclass
+class Example:
+  image: np.ndarray           # uint8 [R, R, 3]
+  caption: str                # with markers
+  masks: np.ndarray           # float32 [N, R, R] in [0, 1], one per marker
+
+
+def _square_mask(path: Path, size: int, image_hw) -> np.ndarray:
+  """A mask file as the image was made square: float32 [size, size] in [0, 1]."""
+  mask = img_ops.load_image(path)
+  if mask.shape[:2] != tuple(image_hw):
+    raise DataError(f"{path}: the mask is {mask.shape[1]}x{mask.shape[0]} but its image is "
+                    f"{image_hw[1]}x{image_hw[0]}; a mask must have its image's size")
+  square = img_ops.center_crop(img_ops.resize_shorter_side(mask, size), size)
+  return square.mean(axis=-1).astype(np.float32) / 255.0
+
+
+def read_folder(folder, resolution: int) -> list[Example]:
+  """The examples of a FastComposer folder (see the module docstring)."""
+  folder = Path(folder)
+  meta = folder / METADATA
+  if not meta.is_file():
+    raise DataError(f"{folder}: no {METADATA} (FastComposer needs captions with {IMAGE_TOKEN} "
+                    "markers and subject masks; see persona_jax/data/fastcomposer.py)")
+  out = []
+  for n, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), 1):
+    if not line.strip():
+      continue
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError:
+      raise DataError(f"{meta}: line {n} is not JSON") from None
+    if not isinstance(row, dict) or "file_name" not in row or "text" not in row:
+      raise DataError(f"{meta}: line {n} needs 'file_name' and 'text'")
+    name, caption = str(row["file_name"]), str(row["text"])
+    path = folder / name
+    if not path.is_file():
+      raise DataError(f"{meta}: line {n}: file_name '{name}' is not in {folder}")
+    markers = caption.count(IMAGE_TOKEN)
+    masks = row.get("masks")
+    if masks is None:
+      if markers != 1:
+        raise DataError(f"{meta}: line {n}: 'text' has {markers} {IMAGE_TOKEN} markers; give "
+                        "one mask file per marker in 'masks'")
+      masks = [f"{path.stem}.mask.png"]
+    if not isinstance(masks, list) or len(masks) != markers:
+      raise DataError(f"{meta}: line {n}: 'masks' must list {markers} file(s), one per "
+                      f"{IMAGE_TOKEN} marker in 'text'")
+    raw = img_ops.load_image(path)
+    image = img_ops.center_crop(img_ops.resize_shorter_side(raw, resolution), resolution)
+    mask_arrays = []
+    for m in masks:
+      if not (folder / m).is_file():
+        raise DataError(f"{meta}: line {n}: mask '{m}' is not in {folder}")
+      mask_arrays.append(_square_mask(folder / m, resolution, raw.shape[:2]))
+    out.append(Example(image, caption, np.stack(mask_arrays) if mask_arrays
+                       else np.zeros((0, resolution, resolution), np.float32)))
+  if not out:
+    raise DataError(f"{meta}: no examples")
+  return out
+
+
+def toy_examples(n: int, resolution: int, seed: int = 0) -> list[Example]:
+  """`n` toy-world training scenes: render, full caption with the marker after the class word,
+  coverage as the mask."""
+  from persona_jax.world import scenes
+  out = []
+  for i in range(n):
+    scene = scenes.sample_scene(seed, "train", i)
+    caption = scenes.caption(scene).replace(f" {scene.cls}", f" {scene.cls} {IMAGE_TOKEN}", 1)
+    out.append(Example(scenes.render(scene, resolution), caption,
+                       scenes.coverage(scene, resolution)[None].astype(np.float32)))
+  return out
+
+
+def subject_crop(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+  """uint8 [H, W, 3], mask [H, W] -> the mask's bounding box made square (clipped to the image),
+  the background (mask < 0.5) white: uint8 [s, s, 3]."""
+  ys, xs = np.nonzero(mask >= 0.5)
+  out = np.where((mask >= 0.5)[..., None], image, 255).astype(np.uint8)
+  if len(ys) == 0:
+    return out
+  top, bottom, left, right = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+  side = max(bottom - top, right - left)
+  cy, cx = (top + bottom) // 2, (left + right) // 2
+  h, w = mask.shape
+  top = int(np.clip(cy - side // 2, 0, max(0, h - side)))
+  left = int(np.clip(cx - side // 2, 0, max(0, w - side)))
+  return out[top: top + side, left: left + side]
+
+
+def subject_pixels_from_file(path, resolution: int, processor) -> np.ndarray:
+  """A subject image file (a crop of the subject) as the encoder's input [S, S, 3]."""
+  return preprocess_image(img_ops.load_square(Path(path), resolution), processor)
+
+
+def pool_masks(masks: np.ndarray, factor: int) -> np.ndarray:
+  """[N, R, R] -> [N, R/f, R/f] (box mean)."""
+  n, r, _ = masks.shape
+  return masks.reshape(n, r // factor, factor, r // factor, factor).mean(axis=(2, 4))
+
+
+@dataclasses.dataclass
+class Augment(grain.transforms.RandomMap):
+  examples: list
+  tokenize: object                   # list[str] -> [B, L] ids (the tokenizer with the marker)
+  processor: object
+  max_subjects: int
+  random_flip: float
+  uncondition_prob: float
+  object_appear_prob: float
+  mask_loss_prob: float
+  latent_factor: int
+
+  def random_map(self, index, rng: np.random.Generator):
+    ex = self.examples[index]
+    image, masks = ex.image, ex.masks
+    if rng.random() < self.random_flip:
+      image, masks = image[:, ::-1], masks[:, :, ::-1]
+    keep = [rng.random() < self.object_appear_prob for _ in range(len(masks))][: self.max_subjects]
+    caption = ex.caption
+    if rng.random() < self.uncondition_prob:
+      caption, keep = "", []
+    else:
+      parts = caption.split(IMAGE_TOKEN)
+      caption = parts[0] + "".join((IMAGE_TOKEN if k < len(keep) and keep[k] else "") + p
+                                   for k, p in enumerate(parts[1:]))
+    kept = [k for k, on in enumerate(keep) if on]
+    r, f = image.shape[0], self.latent_factor
+    s = self.processor.crop_size
+    pixels = np.zeros((self.max_subjects, s[0], s[1], 3), np.float32)
+    small = np.zeros((self.max_subjects, r // f, r // f), np.float32)
+    for slot, k in enumerate(kept):
+      pixels[slot] = preprocess_image(subject_crop(np.ascontiguousarray(image), masks[k]),
+                                      self.processor)
+      small[slot] = pool_masks(masks[k: k + 1], f)[0]
+    loss_mask = np.ones((r // f, r // f, 1), np.float32)
+    if kept and rng.random() < self.mask_loss_prob:
+      loss_mask = (small[: len(kept)].max(axis=0) > 0).astype(np.float32)[..., None]
+    return {IDS: self.tokenize([caption])[0], PIXELS: img_ops.to_model_range(image),
+            MASK: loss_mask, "subject_pixels": pixels, "subject_masks": small}
+
+
+def make_dataset(run_config, fc_config, tokenizer, processor, latent_factor: int):
+  """The infinite, reshuffled-every-epoch batch dataset of a FastComposer run."""
+  from persona_jax.tokenizer import tokenize
+  d = run_config.data
+  if d.resolution % latent_factor:
+    raise ConfigError(f"data.resolution: {d.resolution} is not a multiple of the VAE's factor "
+                      f"{latent_factor}")
+  if d.instance_dir:
+    examples = read_folder(d.instance_dir, d.resolution)
+  else:
+    examples = toy_examples(d.num_images or 16, d.resolution, run_config.seed)
+  if d.num_images > 0:
+    examples = examples[: d.num_images]
+  augment = Augment(examples, lambda prompts: tokenize(tokenizer, prompts), processor,
+                    fc_config.max_subjects, d.random_flip, fc_config.uncondition_prob,
+                    fc_config.object_appear_prob, fc_config.mask_loss_prob, latent_factor)
+  return (grain.MapDataset.source(list(range(len(examples)))).seed(run_config.seed).shuffle()
+          .repeat().random_map(augment).batch(run_config.batch_size, drop_remainder=True))

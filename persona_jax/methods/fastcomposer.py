@@ -1,0 +1,484 @@
+"""FastComposer, tuning-free multi-subject generation (Xiao et al. 2023; methods.md 8;
+mit-han-lab/fastcomposer).
+
+  persona-jax train --config fastcomposer:tiny --workdir runs/fc          # toy-world subjects
+  persona-jax train --config configs/fastcomposer.py --workdir runs/fc \\
+      --config.model=/path/to/stable-diffusion-v1-5 --config.data.instance_dir=/path/to/folder
+  persona-jax sample --fastcomposer runs/fc --image ball.png --image box.png \\
+      --prompt "a ball <|image|> next to a box <|image|> on grass" --out out/
+
+Subjects are marked in the caption as in the official code: `<|image|>` right after the subject's
+noun. The markers are removed from the token ids and the preceding (noun) token is flagged; the
+k-th marker is the k-th subject image (`--image`, in order). At the text encoder's OUTPUT each
+flagged token t is replaced by the post-fuse MLP of t and the subject's image embedding e (CLIP
+image encoder + visual_projection):
+  h = MLP1([t; e]) + t;  h = MLP2(h) (residual);  out = LayerNorm(h)
+(MLP: LayerNorm -> Linear -> GELU -> Linear). Other tokens are the text encoder's, unchanged;
+without markers (or without subject images at sampling) this is the plain text path.
+
+Losses (`method_loss`): the denoising MSE, for `mask_loss_prob` of the examples restricted to the
+union of the subject masks (the `mask` batch key; our Objective averages over the masked area,
+the reference over the whole latent), plus `localization_weight` (1e-3) times the
+cross-attention localization loss (balanced L1, `localization_loss`) on the attn2 layers of the
+middle min(`localization_layers`, n) of the UNet's n cross-attention blocks (`localization_blocks`;
+SD 1.5: down_blocks.1, down_blocks.2, mid_block, up_blocks.1, up_blocks.2).
+
+Variants (`variant`):
+  full   the paper's: the whole UNet, the fuse MLP and the last `image_encoder_trainable_layers`
+         (2) transformer layers of the image encoder train;
+  light  for small machines: the fuse MLP and LoRA factors on the UNet's transformer linears
+         (methods/lora.py's init and transform; rank `lora_rank`); the image encoder is frozen.
+Sampling: delayed subject conditioning, the plain prompt (markers removed) for the first
+`start_merge_step` steps, the fused one after (`PreparedConditioning(before=plain, start=...)`).
+
+Data (`data/fastcomposer.py`): image, caption with markers, one mask per marker; batch keys
+`ids` (with markers), `pixels`, `mask`, `subject_pixels` [B, K, S, S, 3] (CLIP-preprocessed
+subject crops, K = `max_subjects`, zeros where absent) and `subject_masks` [B, K, h, w].
+
+Result WORKDIR/fastcomposer.safetensors: every trained leaf by path (float32), metadata: the
+format, the base model, the image encoder folder and the method options.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from persona_jax import tree
+from persona_jax.diffusion.sampling import PreparedConditioning
+from persona_jax.errors import ConfigError, ModelFileError
+from persona_jax.methods.base import IDS, Method
+from persona_jax.models import block_names
+from persona_jax.models.clip_vision import CLIPVisionModel
+from persona_jax.models.configs import CLIPVisionConfig, UNetConfig
+
+FASTCOMPOSER = "fastcomposer"
+RESULT_FILE = "fastcomposer.safetensors"
+FORMAT = "persona_jax-fastcomposer"
+IMAGE_TOKEN = "<|image|>"
+VARIANTS = ("full", "light")
+SUBJECT_PIXELS, SUBJECT_MASKS = "subject_pixels", "subject_masks"
+START = "start_merge_step"           # a sampler input: the first step with subject conditioning
+
+
+@dataclasses.dataclass(frozen=True)
+class FastComposerConfig:
+  variant: str = "full"                  # full | light (see the module docstring)
+  image_encoder: str = ""                # a CLIPVisionModel(WithProjection) folder; "": MODEL/image_encoder
+  image_encoder_trainable_layers: int = 2   # full: the last N transformer layers train
+  lora_rank: int = 4                     # light: rank of the UNet's LoRA factors
+  localization_weight: float = 1e-3      # lambda of the localization loss (0: off)
+  localization_layers: int = 5           # the middle min(N, n) cross-attention blocks
+  mask_loss_prob: float = 0.5            # share of examples whose denoising loss is masked
+  max_subjects: int = 4                  # K: subject slots per example
+  start_merge_step: int = 10             # sampling: steps with the plain prompt first
+  uncondition_prob: float = 0.1          # data: empty caption, no subjects (for CFG)
+  object_appear_prob: float = 0.9        # data: each subject keeps its marker with this probability
+
+
+# ---------------------------------------------------------------------------------------------
+# The fuse MLP (FastComposerPostfuseModule; param names as the reference's).
+
+
+class MLP(nn.Module):
+  """LayerNorm -> Linear(hidden) -> GELU -> Linear(out) (+ x with `residual`)."""
+  hidden: int
+  out: int
+  residual: bool
+
+  @nn.compact
+  def __call__(self, x):
+    h = nn.LayerNorm(epsilon=1e-5, name="layernorm")(x)
+    h = nn.Dense(self.hidden, name="fc1")(h)
+    h = nn.Dense(self.out, name="fc2")(nn.gelu(h, approximate=False))
+    return h + x if self.residual else h
+
+
+class PostfuseModule(nn.Module):
+  """(text [..., D], image [..., E]) -> [..., D]."""
+  dim: int
+
+  @nn.compact
+  def __call__(self, text, image):
+    h = MLP(self.dim, self.dim, False, name="mlp1")(jnp.concatenate([text, image], -1)) + text
+    h = MLP(self.dim, self.dim, True, name="mlp2")(h)
+    return nn.LayerNorm(epsilon=1e-5, name="layer_norm")(h)
+
+
+def init_fuse(rng, text_dim: int, image_dim: int) -> dict:
+  return PostfuseModule(text_dim).init(rng, jnp.zeros((1, text_dim)), jnp.zeros((1, image_dim)))["params"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Markers: `<|image|>` tokens removed, the preceding token flagged.
+
+
+def split_markers(ids, marker_id: int, pad_id: int, max_subjects: int):
+  """Token ids with markers -> (ids without them [B, L] (padded with `pad_id` at the end),
+  subject token positions [B, K] int32 (0 where absent), valid [B, K] float32): subject k is the
+  token before the k-th marker. Traceable."""
+  ids = jnp.asarray(ids)
+  b, length = ids.shape
+  is_marker = ids == marker_id
+  keep = ~is_marker
+  new_pos = jnp.cumsum(keep, axis=1) - 1                                       # [B, L]
+  dest = jnp.where(keep, new_pos, length)
+  rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, length))
+  plain = jnp.full((b, length + 1), pad_id, ids.dtype).at[rows, dest].set(ids)[:, :length]
+  rank = jnp.cumsum(is_marker, axis=1) - 1                                     # k of each marker
+  onehot = is_marker[:, None, :] & (rank[:, None, :] == jnp.arange(max_subjects)[None, :, None])
+  before = jnp.concatenate([jnp.zeros((b, 1), new_pos.dtype), new_pos[:, :-1]], axis=1)
+  index = jnp.sum(jnp.where(onehot, before[:, None, :], 0), axis=2).astype(jnp.int32)
+  return plain, index, jnp.any(onehot, axis=2).astype(jnp.float32)
+
+
+def fuse_text(fuse_params, plain, image_embeds, index, valid):
+  """plain [B, L, D], image_embeds [B, K, E], index/valid [B, K] -> [B, L, D]: the flagged
+  tokens replaced by the fuse MLP's output, every other token `plain` exactly."""
+  b, length, d = plain.shape
+  tokens = jnp.take_along_axis(plain, index[..., None], axis=1)                # [B, K, D]
+  fused = PostfuseModule(d).apply({"params": fuse_params}, tokens.astype(jnp.float32),
+                                  image_embeds.astype(jnp.float32))             # [B, K, D]
+  onehot = (index[..., None] == jnp.arange(length)[None, None]) & (valid[..., None] > 0)   # [B, K, L]
+  at = jnp.einsum("bkl,bkd->bld", onehot.astype(jnp.float32), fused,
+                  precision=jax.lax.Precision.HIGHEST)
+  hit = jnp.any(onehot, axis=1)[..., None]                                     # [B, L, 1]
+  return jnp.where(hit, at.astype(plain.dtype), plain)
+
+
+def image_embeddings(clip: CLIPVisionConfig, params, pixels):
+  """[B, K, S, S, 3] CLIP pixels -> [B, K, E]: visual_projection(pooled) (or the pooled output
+  of an encoder without a projection)."""
+  b, k = pixels.shape[:2]
+  out = CLIPVisionModel(clip).apply({"params": params}, pixels.reshape((b * k,) + pixels.shape[2:]))
+  embeds = out.image_embeds if out.image_embeds is not None else out.pooler_output
+  return embeds.reshape(b, k, -1).astype(jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class FastComposerConditioning:
+  """FastComposer's `LatentConditioning` (methods/base.py): the prompt's text-encoder output with
+  each marked noun fused with its subject's image embedding; not latent-dependent, so sampling
+  prepares it once (`sampling`) with delayed subject conditioning."""
+  clip: CLIPVisionConfig
+  marker_id: int
+  pad_id: int
+  max_subjects: int
+  start_merge_step: int
+  train_image_encoder: bool
+  input_keys: tuple[str, ...] = (SUBJECT_PIXELS,)
+
+  def prepare(self, models, params, batch):
+    """{"plain": [B, L, D] the prompt without markers, "fused": [B, L, D]}."""
+    ids, index, valid = split_markers(batch[IDS], self.marker_id, self.pad_id, self.max_subjects)
+    plain = models.text_encoder.apply({"params": params["text_encoder"]}, ids).last_hidden_state
+    embeds = image_embeddings(self.clip, params["image_encoder"], batch[SUBJECT_PIXELS])
+    if not self.train_image_encoder:
+      embeds = jax.lax.stop_gradient(embeds)
+    fused = fuse_text(params[FASTCOMPOSER]["fuse"], plain, embeds, index, valid)
+    return {"plain": plain, "fused": fused}
+
+  def context(self, models, params, state, noisy, t):
+    return state["fused"], {}
+
+  def sampling(self, models, params, state, uncond, inputs):
+    """The plain prompt before step `start_merge_step` (an input, traced; default the
+    config's), the fused one from it on."""
+    start = jnp.asarray(inputs.get(START, self.start_merge_step), jnp.int32)
+    start = start.reshape(-1)[0] if start.ndim else start
+    return PreparedConditioning({"encoder_hidden_states": state["fused"]},
+                                {"encoder_hidden_states": uncond},
+                                {"encoder_hidden_states": state["plain"]}, start)
+
+
+# ---------------------------------------------------------------------------------------------
+# The localization loss.
+
+
+def cross_attention_blocks(config: UNetConfig) -> tuple[tuple[str, tuple[str, ...]], ...]:
+  """The UNet's blocks holding cross-attention in forward order, diffusers-named (down_blocks_1,
+  mid_block, up_blocks_2, ...), each with its block names (IN04, ...) for `attention_maps`."""
+  down = config.layers_per_block_list
+  out = []
+  for i, kind in enumerate(config.down_block_types):
+    if kind.startswith("CrossAttn"):
+      out.append((f"down_blocks_{i}", tuple(block_names.unet_block(
+          f"down_blocks_{i}/attentions_{j}/", config) for j in range(down[i]))))
+  if config.mid_block_type is not None:
+    out.append(("mid_block", (block_names.MID,)))
+  up = tuple(n + 1 for n in reversed(down))
+  for i, kind in enumerate(config.up_block_types):
+    if kind.startswith("CrossAttn"):
+      out.append((f"up_blocks_{i}", tuple(block_names.unet_block(
+          f"up_blocks_{i}/attentions_{j}/", config) for j in range(up[i]))))
+  return tuple(out)
+
+
+def localization_blocks(config: UNetConfig, layers: int = 5) -> tuple[str, ...]:
+  """The middle min(layers, n) of the n cross-attention blocks (the reference's
+  `UNET_LAYER_NAMES[(n - k) // 2:][:k]`; SD 1.5: down_blocks_1, down_blocks_2, mid_block,
+  up_blocks_1, up_blocks_2), diffusers-named."""
+  blocks = [name for name, _ in cross_attention_blocks(config)]
+  k = min(layers, len(blocks))
+  start = (len(blocks) - k) // 2
+  return tuple(blocks[start: start + k])
+
+
+def localization_map_names(config: UNetConfig, layers: int = 5) -> tuple[str, ...]:
+  """The `attention_maps` option (block names) of `localization_blocks`."""
+  chosen = set(localization_blocks(config, layers))
+  return tuple(n for name, names in cross_attention_blocks(config) if name in chosen for n in names)
+
+
+def resize_masks(masks, hw: tuple[int, int]):
+  """[B, K, H, W] -> [B, K, h, w] (bilinear, antialiased; unchanged at the same size)."""
+  if tuple(masks.shape[2:]) == tuple(hw):
+    return masks
+  return jax.image.resize(masks, masks.shape[:2] + tuple(hw), "linear", antialias=True)
+
+
+def localization_loss(maps: dict, masks, index, valid, eps: float = 1e-5):
+  """FastComposer's balanced L1 localization loss.
+
+  Args:
+    maps: {attn2 path: [B, h, w, L]} cross-attention probabilities (head mean: the loss is linear
+      in the map, so it equals the reference's per-head mean).
+    masks: [B, K, H, W] subject masks in [0, 1]; index, valid: [B, K] subject token positions.
+  Returns:
+    mean over layers of mean over b of [sum_k valid_k (bg_k - fg_k) / (sum_k valid_k + eps)],
+    bg_k = sum(A_k (1 - m_k)) / (sum(1 - m_k) + eps), fg_k = sum(A_k m_k) / (sum(m_k) + eps).
+  """
+  losses = []
+  for a in maps.values():
+    b, h, w, length = a.shape
+    m = resize_masks(masks.astype(jnp.float32), (h, w)).reshape(b, -1, h * w)   # [B, K, hw]
+    probs = jnp.take_along_axis(a.reshape(b, h * w, length), index[:, None, :], axis=2)
+    probs = jnp.swapaxes(probs, 1, 2).astype(jnp.float32)                       # [B, K, hw]
+    bg = jnp.sum(probs * (1 - m), -1) / (jnp.sum(1 - m, -1) + eps)
+    fg = jnp.sum(probs * m, -1) / (jnp.sum(m, -1) + eps)
+    per = jnp.sum((bg - fg) * valid, -1) / (jnp.sum(valid, -1) + eps)           # [B]
+    losses.append(per.mean())
+  return sum(losses) / len(losses)
+
+
+def attention_terms(maps, batch, *, marker_id: int, pad_id: int, max_subjects: int,
+                    weight: float):
+  """`Method.attention_terms`: {"localization_loss": weight * L_loc}."""
+  _, index, valid = split_markers(batch[IDS], marker_id, pad_id, max_subjects)
+  return {"localization_loss": weight * localization_loss(maps, batch[SUBJECT_MASKS], index, valid)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Building the method.
+
+
+@dataclasses.dataclass(frozen=True)
+class FastComposerMethod(Method):
+  """A Method that brings its own training data (`dataset(config, pipe, tokenizer)` -> a grain
+  dataset of batches; train/loop.py uses it instead of the image-folder pipeline)."""
+  dataset: Callable | None = None
+
+
+@dataclasses.dataclass
+class Parts:
+  conditioning: FastComposerConditioning
+  clip_params: dict
+  processor: object
+  image_encoder_dir: Path
+  text_dim: int
+  image_dim: int
+
+
+def build_parts(config: FastComposerConfig, base_params, tokenizer_dir) -> Parts:
+  from persona_jax.data.clip_images import load_image_processor
+  from persona_jax.image_encoder import load_image_encoder
+  from persona_jax.methods.e4t import image_encoder_dir
+  from persona_jax.tokenizer import load_tokenizer, tokenize
+  if config.variant not in VARIANTS:
+    raise ConfigError(f"method.variant: '{config.variant}' is not one of {', '.join(VARIANTS)}")
+  for name in ("localization_weight", "mask_loss_prob", "uncondition_prob", "object_appear_prob",
+               "start_merge_step", "image_encoder_trainable_layers"):
+    if getattr(config, name) < 0:
+      raise ConfigError(f"method.{name} must be >= 0, got {getattr(config, name)}")
+  if config.max_subjects < 1 or config.localization_layers < 1 or config.lora_rank < 1:
+    raise ConfigError("method.max_subjects, method.localization_layers and method.lora_rank "
+                      "must be >= 1")
+  folder = image_encoder_dir(config, tokenizer_dir)
+  clip_config, clip_params = load_image_encoder(folder)
+  if config.image_encoder_trainable_layers > clip_config.num_hidden_layers:
+    raise ConfigError(f"method.image_encoder_trainable_layers: {config.image_encoder_trainable_layers}"
+                      f" > the image encoder's {clip_config.num_hidden_layers} layers")
+  table = base_params["text_encoder"]["embeddings"]["token_embedding"]["embedding"]     # [V, D]
+  empty = tokenize(load_tokenizer(tokenizer_dir), [""])[0]
+  pad_id = int(empty[-1])
+  conditioning = FastComposerConditioning(
+      clip_config, int(table.shape[0]), pad_id, config.max_subjects, config.start_merge_step,
+      config.variant == "full" and config.image_encoder_trainable_layers > 0)
+  image_dim = clip_config.projection_dim if clip_config.with_projection else clip_config.hidden_size
+  return Parts(conditioning, clip_params, load_image_processor(folder, clip_config.image_size),
+               folder, int(table.shape[1]), int(image_dim))
+
+
+def select_rules(config: FastComposerConfig, clip: CLIPVisionConfig) -> tuple:
+  """Existing leaves that train: full: the UNet and the image encoder's last N layers."""
+  if config.variant != "full":
+    return ()
+  rules = [(r"unet/.*", True)]
+  n = config.image_encoder_trainable_layers
+  if n:
+    last = "|".join(str(i) for i in range(clip.num_hidden_layers - n, clip.num_hidden_layers))
+    rules.append((rf"image_encoder/vision_model/encoder/layers_({last})/.*", True))
+  return tuple(rules)
+
+
+def make(config: FastComposerConfig, base_params, tokenizer_dir=None,
+         unet_config: UNetConfig | None = None) -> Method:
+  """The FastComposer method (either variant) for a base model."""
+  from persona_jax.methods import lora
+  if unet_config is None:
+    raise ConfigError("FastComposer needs the UNet's config (its localization blocks)")
+  parts = build_parts(config, base_params, tokenizer_dir)
+  cond = parts.conditioning
+  lora_method = (lora.make(lora.LoRAConfig(rank=config.lora_rank), base_params, None, unet_config)
+                 if config.variant == "light" else None)
+  clip_params = {"image_encoder": parts.clip_params}
+
+  def init_trainable(rng, base):
+    fuse_rng, lora_rng = jax.random.split(rng)
+    out = {FASTCOMPOSER: {"fuse": init_fuse(fuse_rng, parts.text_dim, parts.image_dim)}}
+    if lora_method is not None:
+      out = tree.merge(out, lora_method.init_trainable(lora_rng, base))
+    return out
+
+  def transform(frozen, trainable):
+    merged = tree.merge(frozen, trainable)
+    return merged if lora_method is None else lora_method.transform(merged, trainable)
+
+  terms = None
+  options = ()
+  if config.localization_weight > 0:
+    terms = functools.partial(attention_terms, marker_id=cond.marker_id, pad_id=cond.pad_id,
+                              max_subjects=cond.max_subjects, weight=config.localization_weight)
+    options = (("attention_maps", localization_map_names(unet_config, config.localization_layers)),)
+
+  def dataset(run_config, pipe, tokenizer):
+    from persona_jax.data import fastcomposer as fc_data
+    return fc_data.make_dataset(run_config, config, tokenizer, parts.processor,
+                                pipe.vae_scale_factor)
+
+  return FastComposerMethod(
+      name=FASTCOMPOSER, select=select_rules(config, cond.clip), init_trainable=init_trainable,
+      transform=transform, added_tokens=(IMAGE_TOKEN,), save_result=save_result,
+      unet_options=options, latent_conditioning=cond, components=lambda: clip_params,
+      attention_terms=terms, dataset=dataset)
+
+
+# ---------------------------------------------------------------------------------------------
+# Result file and sampling.
+
+
+def save_result(run, trainable, workdir):
+  """WORKDIR/fastcomposer.safetensors: the trained leaves by path; metadata for sampling."""
+  from persona_jax.convert.files import write_safetensors
+  from persona_jax.methods.e4t import image_encoder_dir
+  options = FastComposerConfig(**run.config.method_options)
+  folder = image_encoder_dir(options, run.pipe.tokenizer_dir)
+  flat = {p: np.asarray(v, np.float32) for p, v in tree.flatten(trainable).items()}
+  path = Path(workdir) / RESULT_FILE
+  write_safetensors(path, flat, {
+      "format": FORMAT, "base_model": str(run.model_dir), "image_encoder": str(folder.absolute()),
+      "method": json.dumps(dict(run.config.method_options), default=str)})
+  return [str(path)]
+
+
+@dataclasses.dataclass
+class Result:
+  path: Path
+  weights: dict
+  meta: dict
+
+  @property
+  def config(self) -> FastComposerConfig:
+    values = {k: v for k, v in json.loads(self.meta.get("method", "{}")).items()
+              if k in {f.name for f in dataclasses.fields(FastComposerConfig)}}
+    return FastComposerConfig(**{**values, "image_encoder": self.meta.get("image_encoder", "")})
+
+
+def load_result(path) -> Result:
+  """Reads WORKDIR/fastcomposer.safetensors (or the file itself)."""
+  from safetensors import safe_open
+
+  from persona_jax.convert.files import read_safetensors
+  path = Path(path)
+  if path.is_dir():
+    path = path / RESULT_FILE
+  if not path.is_file():
+    raise ModelFileError(f"{path}: no FastComposer result here (expected {RESULT_FILE} written "
+                         "by a fastcomposer run)")
+  with safe_open(str(path), "np") as f:
+    meta = f.metadata() or {}
+  if meta.get("format") != FORMAT:
+    raise ModelFileError(f"{path}: not a persona_jax FastComposer result (metadata format "
+                         f"{meta.get('format')!r}, expected {FORMAT!r})")
+  return Result(path, read_safetensors(path), meta)
+
+
+@dataclasses.dataclass
+class ForSampling:
+  """What `text_to_image` needs to sample with a FastComposer result and subject images."""
+  params: dict
+  tokenizer: object
+  conditioning: object       # MethodConditioning
+  inputs: dict               # {"subject_pixels": [1, K, S, S, 3], "start_merge_step": [1]}
+  method: Method
+
+
+def count_markers(prompt: str) -> int:
+  return prompt.count(IMAGE_TOKEN)
+
+
+def for_sampling(result: Result, pipe, image_paths, start_merge_step: int | None = None,
+                 resolution: int = 512) -> ForSampling:
+  """Params, tokenizer, conditioning hook and inputs that sample `pipe` with a result and the
+  subject images (in marker order). Without images: the plain text path (markers removed by the
+  caller), the trained UNet untouched by any subject."""
+  from persona_jax.data import fastcomposer as fc_data
+  from persona_jax.methods.base import MethodConditioning
+  from persona_jax.tokenizer import tokenizer_with_tokens
+  config = result.config
+  parts = build_parts(config, pipe.params, pipe.tokenizer_dir)
+  flat = tree.flatten({**pipe.params, "image_encoder": parts.clip_params})
+  for path, value in result.weights.items():
+    if path.startswith("unet/") or path.startswith("image_encoder/"):
+      if path not in flat or flat[path].shape != value.shape:
+        raise ModelFileError(f"{result.path}: {path} {list(value.shape)} does not fit this model; "
+                             f"it was trained on {result.meta.get('base_model')}")
+  trainable = tree.unflatten({p: jnp.asarray(v) for p, v in result.weights.items()})
+  frozen = tree.unflatten({p: v for p, v in flat.items() if p not in result.weights})
+  made = make(dataclasses.replace(config, image_encoder=str(parts.image_encoder_dir)), pipe.params,
+              pipe.tokenizer_dir, pipe.unet_config)
+  params = made.transform(frozen, trainable)
+  tokenizer = tokenizer_with_tokens(pipe.tokenizer_dir, (IMAGE_TOKEN,))
+  if not image_paths:
+    return ForSampling(params, tokenizer, MethodConditioning(Method(name=FASTCOMPOSER)), {},
+                       Method(name=FASTCOMPOSER))
+  if len(image_paths) > config.max_subjects:
+    raise ConfigError(f"--image: {len(image_paths)} subject images, this model takes at most "
+                      f"{config.max_subjects}")
+  pixels = np.zeros((1, config.max_subjects) + (parts.conditioning.clip.image_size,) * 2 + (3,),
+                    np.float32)
+  for k, image_path in enumerate(image_paths):
+    pixels[0, k] = fc_data.subject_pixels_from_file(image_path, resolution, parts.processor)
+  method = Method(name=FASTCOMPOSER, added_tokens=(IMAGE_TOKEN,),
+                  latent_conditioning=parts.conditioning)
+  start = config.start_merge_step if start_merge_step is None else start_merge_step
+  return ForSampling(params, tokenizer, MethodConditioning(method),
+                     {SUBJECT_PIXELS: pixels, START: np.asarray([start], np.int32)}, method)

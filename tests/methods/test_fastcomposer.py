@@ -1,0 +1,365 @@
+"""FastComposer on the training core: both variants' literal trainable sets and the method test bar
+(non-zero gradients everywhere, frozen bit-identical, loss falls, lr 0 moves nothing), the branch
+off (no subjects: the base's text path and output bit for bit) and on its own (only the marked
+nouns change), the marker convention, delayed conditioning, the localization loss against a
+hand-written reference, the middle-min(5, n) block rule, the data folder and `sample
+--fastcomposer`. The model and image encoder are E4T's test stand-ins (toy-world scenes as data)."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from persona_jax import tree
+from persona_jax.data import fastcomposer as fc_data
+from persona_jax.data.images import DataError
+from persona_jax.data.pipeline import make_iterator
+from persona_jax.methods import fastcomposer as fc
+from persona_jax.methods.base import IDS, MethodConditioning
+from persona_jax.models.configs import UNetConfig
+from persona_jax.train import loop
+from tests.methods.test_e4t import write_image_encoder, write_model
+from tests.runs import _merge, fixed_batch_trajectory, one_device_mesh
+
+FUSE = [f"fastcomposer/fuse/{m}/{layer}/{leaf}"
+        for m in ("mlp1", "mlp2") for layer, leaves in (("layernorm", ("scale", "bias")),
+                                                         ("fc1", ("kernel", "bias")),
+                                                         ("fc2", ("kernel", "bias")))
+        for leaf in leaves] + ["fastcomposer/fuse/layer_norm/scale", "fastcomposer/fuse/layer_norm/bias"]
+IMAGE_LAYERS = [f"image_encoder/vision_model/encoder/layers_{i}/{p}/{leaf}"
+                for i in (2, 3)
+                for p, leaves in (("layer_norm1", ("scale", "bias")), ("layer_norm2", ("scale", "bias")),
+                                  ("mlp/fc1", ("kernel", "bias")), ("mlp/fc2", ("kernel", "bias")),
+                                  ("self_attn/q_proj", ("kernel", "bias")),
+                                  ("self_attn/k_proj", ("kernel", "bias")),
+                                  ("self_attn/v_proj", ("kernel", "bias")),
+                                  ("self_attn/out_proj", ("kernel", "bias")))
+                for leaf in leaves]
+TRANSFORMERS = ["down_blocks_0/attentions_0", "mid_block/attentions_0", "up_blocks_1/attentions_0",
+                "up_blocks_1/attentions_1"]
+LORA = [f"lora/unet/{t}/{layer}/{f}" for t in TRANSFORMERS
+        for layer in ["proj_in", "proj_out", "transformer_blocks_0/ff/net_0/proj",
+                      "transformer_blocks_0/ff/net_2"]
+        + [f"transformer_blocks_0/attn{i}/to_{m}" for i in (1, 2) for m in ("q", "k", "v", "out_0")]
+        for f in "ab"]
+
+
+def fc_config(model_dir, encoder_dir, **overrides):
+  """32px toy-world scenes, batch 2, every subject shown, one warm-up step (lr 0 at step 0)."""
+  values = dict(
+      model=str(model_dir),
+      method=dict(name="fastcomposer", variant="full", image_encoder=str(encoder_dir),
+                  max_subjects=2, uncondition_prob=0.0, object_appear_prob=1.0,
+                  localization_weight=1.0),
+      data=dict(resolution=32, num_images=4, random_flip=0.0),
+      optim=dict(lr=1e-2, clip_grad_norm=0.0, weight_decay=0.0, warmup_steps=1),
+      steps=2, batch_size=2, log_every=1, checkpoint_every=2, sample_prompts=())
+  return _merge(values, overrides)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+  return write_model(tmp_path_factory.mktemp("fc_model") / "model")
+
+
+@pytest.fixture(scope="module")
+def encoder_dir(tmp_path_factory):
+  return write_image_encoder(tmp_path_factory.mktemp("fc_image_encoder"))
+
+
+@pytest.fixture(scope="module")
+def full(model_dir, encoder_dir):
+  return loop.build(fc_config(model_dir, encoder_dir), mesh=one_device_mesh())
+
+
+@pytest.fixture(scope="module")
+def light(model_dir, encoder_dir):
+  return loop.build(fc_config(model_dir, encoder_dir, method=dict(variant="light", lora_rank=2)),
+                    mesh=one_device_mesh())
+
+
+@pytest.fixture(scope="module")
+def full_trajectory(full):
+  """Plain SGD: AdamW over every UNet leaf doubles the compile time and is not what is tested."""
+  return fixed_batch_trajectory(dataclasses.replace(full, tx=optax.sgd(full.schedule)), steps=3)
+
+
+@pytest.fixture(scope="module")
+def light_trajectory(light):
+  return fixed_batch_trajectory(light, steps=3)
+
+
+def test_trainable_sets_are_literal(full, light):
+  unet = {f"unet/{p}" for p in tree.paths(full.pipe.params["unet"])}
+  assert set(tree.paths(full.trainable)) == set(FUSE + IMAGE_LAYERS) | unet
+  assert set(tree.paths(light.trainable)) == set(FUSE + LORA)
+  assert set(full.frozen) == {"text_encoder", "image_encoder", "vae"}
+  assert set(light.frozen) == {"unet", "text_encoder", "image_encoder", "vae"}
+  assert full.method.added_tokens == (fc.IMAGE_TOKEN,)
+  assert full.method.unet_options == (("attention_maps", ("IN01", "MID", "OUT02", "OUT03")),)
+
+
+@pytest.mark.parametrize("variant", ["full", "light"])
+def test_training_bar(variant, request):
+  """Every trainable leaf moves (non-zero gradients), frozen params are bit-identical, the loss
+  falls on a fixed batch, and lr 0 (the warm-up step) moves nothing."""
+  run = request.getfixturevalue(variant)
+  trajectory = request.getfixturevalue(f"{variant}_trajectory")
+  for a, b in zip(jax.tree.leaves(trajectory["after_lr0"]), jax.tree.leaves(run.trainable)):
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+  init, trained = tree.flatten(run.trainable), tree.flatten(trajectory["trained"])
+  still = [p for p in init if np.array_equal(np.asarray(trained[p]), np.asarray(init[p]))]
+  assert not still, f"{still[:3]} never got a gradient"
+  assert trajectory["loss_end"] < trajectory["loss0"]
+  for a, b in zip(jax.tree.leaves(trajectory["frozen_before"]), jax.tree.leaves(run.frozen)):
+    assert np.array_equal(a, np.asarray(b))
+  batch = trajectory["batch"]
+  assert (batch[IDS] == full_marker(run)).sum() == 2          # one subject per toy scene
+
+
+def full_marker(run):
+  return run.method.latent_conditioning.marker_id
+
+
+def test_localization_loss_is_in_the_step(full):
+  """The step's metrics carry the weighted localization loss, from the asked blocks' maps."""
+  from persona_jax.methods.base import method_loss
+  batch = jax.tree.map(jnp.asarray, next(make_iterator(full.dataset)))
+  params = full.method.transform(full.frozen, full.trainable)
+  _, metrics = jax.jit(lambda p, b: method_loss(full.method, full.models, full.objective, p,
+                                                full.trainable, b, jax.random.PRNGKey(0)))(params, batch)
+  assert np.isfinite(float(metrics["localization_loss"])) and float(metrics["localization_loss"]) != 0
+
+
+def test_split_markers():
+  m, pad = 100, 7
+  ids = np.asarray([[1, 10, 11, m, 12, 13, m, 2, pad, pad],
+                    [1, 10, 2, pad, pad, pad, pad, pad, pad, pad]])
+  plain, index, valid = jax.device_get(fc.split_markers(ids, m, pad, 3))
+  np.testing.assert_array_equal(plain[0], [1, 10, 11, 12, 13, 2, pad, pad, pad, pad])
+  np.testing.assert_array_equal(plain[1], ids[1])
+  np.testing.assert_array_equal(index, [[2, 4, 0], [0, 0, 0]])
+  np.testing.assert_array_equal(valid, [[1, 1, 0], [0, 0, 0]])
+
+
+@pytest.fixture(scope="module")
+def probe(full, light):
+  """The conditioning of one batch: a prompt with markers and the same prompt without, each with
+  two sets of subject images; and the sampler's delayed conditioning at steps 0, 1 and 2."""
+  cond = full.method.latent_conditioning
+  tok = full.tokenizer
+  from persona_jax.tokenizer import tokenize
+  marked = tokenize(tok, ["a photo of a ball <|image|> on grass"] * 2)
+  bare = tokenize(tok, ["a photo of a ball on grass"] * 2)
+  rng = np.random.default_rng(0)
+  pixels = rng.standard_normal((2, 2, 16, 16, 3)).astype(np.float32)
+  pixels[1] = pixels[1] * 2 + 1
+  params = full.method.transform(full.frozen, full.trainable)
+  hook = MethodConditioning(full.method)
+
+  @jax.jit
+  def run(params):
+    m = full.models
+    out = {}
+    for name, ids in (("marked", marked), ("bare", bare)):
+      state = cond.prepare(m, params, {IDS: ids, fc.SUBJECT_PIXELS: pixels})
+      out[name] = state
+    out["text"] = m.text_encoder.apply({"params": params["text_encoder"]}, bare).last_hidden_state
+    inputs = {"ids": marked, "negative_ids": bare, fc.SUBJECT_PIXELS: pixels,
+              fc.START: jnp.asarray([2, 2])}
+    state = hook.prepare(m, params, inputs)
+    out["steps"] = [hook.at_step(m, params, state, jnp.asarray(s), 500, None) for s in (0, 1, 2)]
+    return out
+  return jax.device_get(run(params)), np.asarray(bare)
+
+
+def test_branch_off_is_the_text_path(probe):
+  """No marker: the fused context is the text encoder's output bit for bit (whatever the
+  images); with markers, the plain context is the prompt without them."""
+  out, _ = probe
+  np.testing.assert_array_equal(out["bare"]["fused"], out["text"])
+  np.testing.assert_array_equal(out["bare"]["plain"], out["text"])
+  np.testing.assert_array_equal(out["marked"]["plain"], out["text"])
+
+
+def test_branch_on_changes_only_the_marked_noun(probe, full):
+  out, bare = probe
+  ball = 5                                  # BOS a photo of a ball
+  diff = np.abs(out["marked"]["fused"] - out["text"]).max(axis=-1)          # [B, L]
+  assert (diff[:, ball] > 0).all()
+  diff[:, ball] = 0
+  assert diff.max() == 0
+  fused = out["marked"]["fused"][:, ball]
+  assert not np.allclose(fused[0], fused[1])                                # another image
+
+
+def test_delayed_subject_conditioning(probe):
+  """Steps before start_merge_step use the plain prompt, later ones the fused; the negative
+  prompt is the same throughout."""
+  out, _ = probe
+  (c0, u0), (c1, _), (c2, u2) = out["steps"]
+  np.testing.assert_array_equal(c0["encoder_hidden_states"], out["marked"]["plain"])
+  np.testing.assert_array_equal(c1["encoder_hidden_states"], out["marked"]["plain"])
+  np.testing.assert_array_equal(c2["encoder_hidden_states"], out["marked"]["fused"])
+  np.testing.assert_array_equal(u0["encoder_hidden_states"], u2["encoder_hidden_states"])
+
+
+def reference_localization(maps, masks, index, valid, eps=1e-5):
+  """The reference's loop, written out (masks already at each map's size)."""
+  layer_losses = []
+  for a in maps:
+    b = a.shape[0]
+    total = 0.0
+    for i in range(b):
+      acc, count = 0.0, 0.0
+      for k in range(index.shape[1]):
+        prob = a[i, :, :, index[i, k]]
+        m = masks[i, k]
+        bg = (prob * (1 - m)).sum() / ((1 - m).sum() + eps)
+        fg = (prob * m).sum() / (m.sum() + eps)
+        acc += valid[i, k] * (bg - fg)
+        count += valid[i, k]
+      total += acc / (count + eps)
+    layer_losses.append(total / b)
+  return sum(layer_losses) / len(layer_losses)
+
+
+def test_localization_loss_matches_a_hand_written_reference():
+  rng = np.random.default_rng(0)
+  logits = rng.standard_normal((2, 2, 4, 4, 6))
+  maps = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)           # two layers
+  masks = (rng.random((2, 3, 4, 4)) > 0.5).astype(np.float32)
+  index = np.asarray([[2, 4, 0], [1, 0, 0]], np.int32)
+  valid = np.asarray([[1, 1, 0], [1, 0, 0]], np.float32)
+  got = fc.localization_loss({"a": jnp.asarray(maps[0]), "b": jnp.asarray(maps[1])},
+                             jnp.asarray(masks), jnp.asarray(index), jnp.asarray(valid))
+  np.testing.assert_allclose(float(got), reference_localization(maps, masks, index, valid),
+                             rtol=1e-5)
+  # A map concentrated on the mask gives a negative loss.
+  m = np.zeros((1, 4, 4, 6), np.float32)
+  m[0, :, :, 2] = masks[0, 0] / masks[0, 0].sum()
+  one = fc.localization_loss({"a": jnp.asarray(m)}, jnp.asarray(masks[:1, :1]),
+                             jnp.asarray([[2]]), jnp.asarray([[1.0]]))
+  assert float(one) < 0
+  # Masks of another size are resized (antialiased bilinear) to each map's size.
+  big = np.repeat(np.repeat(masks, 2, axis=2), 2, axis=3)
+  small = np.asarray(fc.resize_masks(jnp.asarray(big), (4, 4)))
+  np.testing.assert_allclose(np.asarray(fc.resize_masks(jnp.ones((1, 1, 8, 8)), (4, 4))), 1.0,
+                             rtol=1e-6)
+  got_big = fc.localization_loss({"a": jnp.asarray(maps[0])}, jnp.asarray(big),
+                                 jnp.asarray(index), jnp.asarray(valid))
+  np.testing.assert_allclose(float(got_big), reference_localization(maps[:1], small, index, valid),
+                             rtol=1e-5)
+
+
+def unet_config(down, up, layers=2):
+  return UNetConfig(down_block_types=tuple(down), up_block_types=tuple(up),
+                    block_out_channels=(32,) * len(down), layers_per_block=layers)
+
+
+def test_middle_blocks_rule():
+  """The middle min(5, n) of the n cross-attention blocks (reference: `(n - k) // 2` on)."""
+  sd15 = unet_config(["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+                     ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3)
+  assert fc.localization_blocks(sd15) == ("down_blocks_1", "down_blocks_2", "mid_block",
+                                          "up_blocks_1", "up_blocks_2")
+  assert fc.localization_map_names(sd15) == ("IN04", "IN05", "IN07", "IN08", "MID",
+                                             "OUT03", "OUT04", "OUT05", "OUT06", "OUT07", "OUT08")
+  small = unet_config(["CrossAttnDownBlock2D", "DownBlock2D"], ["UpBlock2D", "CrossAttnUpBlock2D"], 1)
+  assert fc.localization_blocks(small) == ("down_blocks_0", "mid_block", "up_blocks_1")
+  assert fc.localization_blocks(small, 1) == ("mid_block",)
+  six = unet_config(["CrossAttnDownBlock2D"] * 2 + ["DownBlock2D"],
+                    ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 2)           # 5 blocks: all
+  assert fc.localization_blocks(six) == ("down_blocks_0", "down_blocks_1", "mid_block",
+                                         "up_blocks_1", "up_blocks_2")
+  assert fc.localization_blocks(six, 3) == ("down_blocks_1", "mid_block", "up_blocks_1")
+
+
+def test_maps_come_from_the_middle_blocks_of_a_small_unet(full):
+  """On the test UNet (3 cross-attention blocks, all chosen; with 1, only the mid block) the
+  UNet reports exactly those blocks' attn2 maps (shapes only: nothing is compiled)."""
+  from persona_jax.models.attention_maps import ATTENTION_MAPS
+  from persona_jax.models.unet import UNet2DConditionModel
+  config = full.pipe.unet_config
+  got = {}
+  for layers in (5, 1):
+    c = dataclasses.replace(config, attention_maps=fc.localization_map_names(config, layers))
+    _, state = jax.eval_shape(
+        lambda p: UNet2DConditionModel(c).apply({"params": p}, jnp.zeros((1, 8, 8, 4)),
+                                                jnp.asarray([10]), jnp.zeros((1, 77, 32)),
+                                                mutable=[ATTENTION_MAPS]),
+        full.pipe.params["unet"])
+    got[layers] = sorted(p.split("/transformer_blocks")[0]
+                         for p in tree.flatten(dict(state[ATTENTION_MAPS])))
+  assert got[5] == sorted(TRANSFORMERS)
+  assert got[1] == ["mid_block/attentions_0"]
+
+
+def write_folder(folder, n=2, two_subjects=False):
+  from PIL import Image
+  folder.mkdir(parents=True, exist_ok=True)
+  lines = []
+  for i, ex in enumerate(fc_data.toy_examples(n, 32)):
+    Image.fromarray(ex.image).save(folder / f"{i}.png")
+    Image.fromarray((ex.masks[0] * 255).astype(np.uint8)).save(folder / f"{i}.mask.png")
+    lines.append({"file_name": f"{i}.png", "text": ex.caption})
+  import json
+  (folder / "metadata.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
+  return folder
+
+
+def test_data_folder_and_its_errors(tmp_path):
+  import json
+  folder = write_folder(tmp_path / "data")
+  examples = fc_data.read_folder(folder, 32)
+  toy = fc_data.toy_examples(2, 32)
+  assert [e.caption for e in examples] == [e.caption for e in toy]
+  assert examples[0].caption.count(fc.IMAGE_TOKEN) == 1 and examples[0].masks.shape == (1, 32, 32)
+  np.testing.assert_allclose(examples[0].masks, toy[0].masks, atol=1 / 255 + 1e-6)
+  meta = folder / "metadata.jsonl"
+  meta.write_text(json.dumps({"file_name": "0.png", "text": "a <|image|> and b <|image|>"}))
+  with pytest.raises(DataError, match="one mask file per marker in 'masks'"):
+    fc_data.read_folder(folder, 32)
+  meta.write_text(json.dumps({"file_name": "0.png", "text": "a <|image|> and b <|image|>",
+                              "masks": ["0.mask.png", "absent.png"]}))
+  with pytest.raises(DataError, match="mask 'absent.png' is not in"):
+    fc_data.read_folder(folder, 32)
+  meta.write_text(json.dumps({"file_name": "0.png", "text": "a <|image|>", "masks": []}))
+  with pytest.raises(DataError, match="'masks' must list 1 file"):
+    fc_data.read_folder(folder, 32)
+  (folder / "metadata.jsonl").unlink()
+  with pytest.raises(DataError, match="no metadata.jsonl"):
+    fc_data.read_folder(folder, 32)
+
+
+def test_batch_keys(full):
+  batch = next(make_iterator(full.dataset))
+  assert batch[fc.SUBJECT_PIXELS].shape == (2, 2, 16, 16, 3)
+  assert batch[fc.SUBJECT_MASKS].shape == (2, 2, 16, 16) and batch["mask"].shape == (2, 16, 16, 1)
+  assert batch[fc.SUBJECT_MASKS][:, 0].max() > 0 and batch[fc.SUBJECT_MASKS][:, 1].max() == 0
+  assert np.abs(batch[fc.SUBJECT_PIXELS][:, 1]).max() == 0                  # one subject each
+
+
+def test_sampling_without_subjects_is_the_base_and_with_them_differs(full, tmp_path):
+  """No subject images: `for_sampling` samples the plain text path, the base's output bit for bit
+  (untrained full variant: the UNet is the base's); with one, the image changes."""
+  from persona_jax.text_to_image import SampleOptions, text_to_image
+  loop.write_outputs(full, full.trainable, tmp_path)
+  result = fc.load_result(tmp_path)
+  options = SampleOptions(steps=3, guidance=5.0, seed=0, height=32, width=32)
+  base = text_to_image(full.pipe, "a photo of a ball on grass", options=options, progress=False)
+  s = fc.for_sampling(result, full.pipe, [])
+  off = text_to_image(full.pipe, "a photo of a ball on grass", options=options, progress=False,
+                      params=s.params, tokenizer=s.tokenizer, conditioning=s.conditioning)
+  np.testing.assert_array_equal(off, base)
+  image = tmp_path / "subject.png"
+  from PIL import Image
+  Image.fromarray(fc_data.toy_examples(1, 32)[0].image).save(image)
+  on = fc.for_sampling(result, full.pipe, [image], start_merge_step=0)
+  with_subject = text_to_image(full.pipe, "a photo of a ball <|image|> on grass", options=options,
+                               progress=False, params=on.params, tokenizer=on.tokenizer,
+                               conditioning=on.conditioning, inputs=on.inputs)
+  assert not np.array_equal(with_subject, base)
