@@ -3,8 +3,12 @@ gated self-attention adapters, trained on image-caption pairs of a class with th
 frozen; a new subject then needs no tuning, only its images (Shi et al. 2023).
 
   persona-jax train --config instantbooth:tiny --workdir runs/ib
-    ~1 minute on 2 CPU cores: 30 steps on the embedded default (its image_encoder/) with the
-    bundled example subject's 4 images captioned "a photo of a sks ball" (templates).
+    ~1 minute on 2 CPU cores (36 s measured): 30 steps on the embedded default (its
+    image_encoder/; the random default has none: add --config.method.image_encoder=PATH, any
+    CLIPVisionModel folder) with the bundled example subject's 4 images captioned "a photo of a
+    sks ball" (templates). Toy-world pairs with captions and masks for a real run:
+    `python scripts/make_instantbooth_data.py runs/ib_data --images 2000`, then
+    --config.data.instance_dir=runs/ib_data --config.data.caption_source=files.
   persona-jax train --config configs/instantbooth.py --workdir runs/ib_cats \\
       --config.model=/path/to/stable-diffusion-v1-4 --config.data.instance_dir=/path/to/cats \\
       --config.method.image_encoder=/path/to/clip-vit-large-patch14

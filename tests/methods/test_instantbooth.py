@@ -22,7 +22,7 @@ from persona_jax.methods import instantbooth as ib
 from persona_jax.methods.base import CLIP_PIXELS, IDS, MethodConditioning
 from persona_jax.models.unet import UNet2DConditionModel
 from persona_jax.train import loop
-from persona_jax.world import scenes
+from persona_jax.world.captioned_folder import write_captioned_folder
 from tests.methods.test_e4t import write_image_encoder, write_model
 from tests.runs import _merge, fixed_batch_trajectory, one_device_mesh
 
@@ -35,20 +35,6 @@ ADAPTERS = [f"unet/{t}/transformer_blocks_0/adapter/{leaf}"
             for t in TRANSFORMERS for leaf in ADAPTER_LEAVES]
 HEADS = ["instantbooth/concept/kernel", "instantbooth/concept/bias",
          "instantbooth/patch/kernel", "instantbooth/patch/bias"]
-
-
-def world_folder(folder, n=4, size=32, seed=0):
-  """`n` toy-world scenes with captions naming 'sks' before the class word and subject masks
-  (scenes.coverage): NAME.png, NAME.txt, NAME.mask.png."""
-  folder.mkdir(parents=True, exist_ok=True)
-  rng = np.random.default_rng(seed)
-  for i in range(n):
-    scene = scenes.sample_scene(seed, "train", i)
-    Image.fromarray(scenes.render(scene, size)).save(folder / f"{i:03d}.png")
-    (folder / f"{i:03d}.txt").write_text(scenes.caption(scene, rng, identifier="sks"))
-    mask = (scenes.coverage(scene, size) * 255).round().astype(np.uint8)
-    Image.fromarray(mask).save(folder / f"{i:03d}.mask.png")
-  return folder
 
 
 def ib_config(model_dir, encoder_dir, data_dir, **overrides):
@@ -76,7 +62,7 @@ def encoder_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-  return world_folder(tmp_path_factory.mktemp("ib_data") / "world")
+  return write_captioned_folder(tmp_path_factory.mktemp("ib_data") / "world", 4)
 
 
 @pytest.fixture(scope="module")
@@ -201,7 +187,7 @@ def sampling(run, trajectory, data_dir, tmp_path_factory):
   """The trained result written and read back for sampling with two of the training images."""
   workdir = tmp_path_factory.mktemp("ib_result")
   loop.write_outputs(run, trajectory["trained"], workdir)
-  images = sorted(data_dir.glob("00[01].png"))
+  images = sorted(data_dir.glob("0000[01].png"))
   return workdir, images, ib.for_sampling(ib.load_result(workdir), run.pipe, images)
 
 
@@ -216,7 +202,7 @@ def test_result_gives_the_trained_params_back(run, trajectory, sampling):
   from persona_jax.data.clip_images import preprocess_image
   from persona_jax.data.images import load_image, load_mask
   image = load_image(images[0])
-  mask = load_mask(images[0].with_name("000.mask.png"), image.shape[:2])
+  mask = load_mask(images[0].with_name("00000.mask.png"), image.shape[:2])
   want = preprocess_image(ib.condition_image(image, mask), s.parts.processor)
   np.testing.assert_array_equal(s.inputs[CLIP_PIXELS][0, 0], want)
   assert not np.array_equal(want, preprocess_image(image, s.parts.processor))
