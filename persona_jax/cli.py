@@ -57,6 +57,7 @@ def _sample(args) -> int:
   loras = [LoRASpec.parse(s) for s in args.lora]
   e4t_result = _e4t_result(args)
   instantbooth_result = _instantbooth_result(args)
+  fastcomposer_result = _fastcomposer_result(args)
   model = resolve_model(args.model)
   pipe = load_pipeline(model, variant=args.variant, allow_pickle=args.allow_pickle,
                        **_single_file_options(args))
@@ -95,7 +96,15 @@ def _sample(args) -> int:
                                          args.alpha)
     params, conditioning, inputs, unet_options = (sampling.params, sampling.conditioning,
                                                   sampling.inputs, sampling.unet_options)
-  images = text_to_image(pipe, args.prompt, args.negative_prompt, args.num_images, options,
+  prompts = args.prompt
+  if fastcomposer_result is not None:
+    from persona_jax.methods import fastcomposer
+    prompts = fastcomposer.sampling_prompts(prompts, args.image or [])
+    sampling = fastcomposer.for_sampling(fastcomposer_result, pipe, args.image or [],
+                                         args.start_merge_step)
+    params, tokenizer, conditioning, inputs = (sampling.params, sampling.tokenizer,
+                                               sampling.conditioning, sampling.inputs)
+  images = text_to_image(pipe, prompts, args.negative_prompt, args.num_images, options,
                          params=params, tokenizer=tokenizer, conditioning=conditioning,
                          expand_prompt=expand, inputs=inputs, unet_options=unet_options)
   seconds = time.perf_counter() - start
@@ -112,7 +121,7 @@ def _sample(args) -> int:
 def _e4t_result(args):
   """`sample --e4t WORKDIR --image PATH`: the E4T result (its base model unless --model)."""
   if args.e4t is None:
-    if args.image is not None and args.instantbooth is None:
+    if args.image is not None and args.instantbooth is None and args.fastcomposer is None:
       raise PersonaError("--image is the subject image of --e4t WORKDIR or --instantbooth WORKDIR")
     return None
   if args.image is None:
@@ -144,6 +153,24 @@ def _instantbooth_result(args):
                        "--custom-diffusion or --clip-skip")
   from persona_jax.methods import instantbooth
   result = instantbooth.load_result(args.instantbooth)
+  if args.model is None:
+    args.model = result.meta.get("base_model") or None
+  return result
+
+
+def _fastcomposer_result(args):
+  """`sample --fastcomposer WORKDIR [--image A --image B]`: the result (its base model unless
+  --model)."""
+  if args.fastcomposer is None:
+    if args.start_merge_step is not None:
+      raise PersonaError("--start-merge-step is FastComposer's knob (--fastcomposer WORKDIR)")
+    return None
+  if (args.e4t is not None or args.instantbooth is not None or args.embedding or args.lora
+      or args.custom_diffusion is not None or args.clip_skip is not None):
+    raise PersonaError("--fastcomposer does not combine with --e4t, --instantbooth, --embedding, "
+                       "--lora, --custom-diffusion or --clip-skip")
+  from persona_jax.methods import fastcomposer
+  result = fastcomposer.load_result(args.fastcomposer)
   if args.model is None:
     args.model = result.meta.get("base_model") or None
   return result
@@ -354,8 +381,16 @@ def build_parser() -> argparse.ArgumentParser:
                  help="instantbooth: the adapters' weight (default: the run's, 0.3)")
   p.add_argument("--alpha", type=float, default=None,
                  help="instantbooth: the concept token's scale (default: the run's, 0.4)")
+  p.add_argument("--fastcomposer", type=Path, default=None, metavar="DIR",
+                 help="a fastcomposer run's workdir: mark each subject's noun with <|image|> "
+                      "and give one --image per marker, in order, e.g. --prompt 'a ball <|image|> "
+                      "next to a box <|image|> on grass' --image ball.png --image box.png; "
+                      "without --image the prompt is sampled as plain text (markers removed)")
+  p.add_argument("--start-merge-step", type=int, default=None,
+                 help="fastcomposer: the steps before it use the plain prompt (default: the run's)")
   p.add_argument("--image", type=Path, action="append", default=None, metavar="PATH",
-                 help="the subject image for --e4t (one) or --instantbooth (repeatable)")
+                 help="the subject image for --e4t (one), --instantbooth or --fastcomposer "
+                      "(repeatable)")
   p.add_argument("--variant", default=None, help="weight-file variant, e.g. fp16")
   p.add_argument("--allow-pickle", action="store_true", help="read .bin/.ckpt files (trusted only)")
   p.add_argument("--out", required=True, type=Path, help="output folder")

@@ -395,7 +395,7 @@ def save_result(run, trainable, workdir):
   path = Path(workdir) / RESULT_FILE
   write_safetensors(path, flat, {
       "format": FORMAT, "base_model": str(run.model_dir), "image_encoder": str(folder.absolute()),
-      "method": json.dumps(dict(run.config.method_options), default=str)})
+      "resolution": str(run.config.data.resolution), "method": json.dumps(dict(run.config.method_options), default=str)})
   return [str(path)]
 
 
@@ -441,12 +441,22 @@ class ForSampling:
   method: Method
 
 
-def count_markers(prompt: str) -> int:
-  return prompt.count(IMAGE_TOKEN)
+def sampling_prompts(prompts, image_paths) -> list[str]:
+  """The prompts to sample: with subject images each must hold one `<|image|>` marker per
+  image; without, the markers are removed (the plain text path)."""
+  prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+  if not image_paths:
+    return [" ".join(p.replace(IMAGE_TOKEN, " ").split()) for p in prompts]
+  for p in prompts:
+    if p.count(IMAGE_TOKEN) != len(image_paths):
+      raise ConfigError(f"--prompt '{p}' has {p.count(IMAGE_TOKEN)} {IMAGE_TOKEN} marker(s) for "
+                        f"{len(image_paths)} --image(s); put one marker right after each "
+                        "subject's noun, in the order of the images")
+  return prompts
 
 
 def for_sampling(result: Result, pipe, image_paths, start_merge_step: int | None = None,
-                 resolution: int = 512) -> ForSampling:
+                 resolution: int | None = None) -> ForSampling:
   """Params, tokenizer, conditioning hook and inputs that sample `pipe` with a result and the
   subject images (in marker order). Without images: the plain text path (markers removed by the
   caller), the trained UNet untouched by any subject."""
@@ -475,10 +485,13 @@ def for_sampling(result: Result, pipe, image_paths, start_merge_step: int | None
                       f"{config.max_subjects}")
   pixels = np.zeros((1, config.max_subjects) + (parts.conditioning.clip.image_size,) * 2 + (3,),
                     np.float32)
+  resolution = resolution or int(result.meta.get("resolution", 512))
   for k, image_path in enumerate(image_paths):
     pixels[0, k] = fc_data.subject_pixels_from_file(image_path, resolution, parts.processor)
   method = Method(name=FASTCOMPOSER, added_tokens=(IMAGE_TOKEN,),
                   latent_conditioning=parts.conditioning)
   start = config.start_merge_step if start_merge_step is None else start_merge_step
+  if start < 0:
+    raise ConfigError(f"--start-merge-step must be >= 0, got {start}")
   return ForSampling(params, tokenizer, MethodConditioning(method),
                      {SUBJECT_PIXELS: pixels, START: np.asarray([start], np.int32)}, method)

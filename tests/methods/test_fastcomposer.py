@@ -13,7 +13,8 @@ import numpy as np
 import optax
 import pytest
 
-from persona_jax import tree
+from persona_jax import ConfigError, tree
+from persona_jax.cli import main
 from persona_jax.data import fastcomposer as fc_data
 from persona_jax.data.images import DataError
 from persona_jax.data.pipeline import make_iterator
@@ -358,8 +359,16 @@ def test_sampling_without_subjects_is_the_base_and_with_them_differs(full, tmp_p
   image = tmp_path / "subject.png"
   from PIL import Image
   Image.fromarray(fc_data.toy_examples(1, 32)[0].image).save(image)
-  on = fc.for_sampling(result, full.pipe, [image], start_merge_step=0)
-  with_subject = text_to_image(full.pipe, "a photo of a ball <|image|> on grass", options=options,
-                               progress=False, params=on.params, tokenizer=on.tokenizer,
-                               conditioning=on.conditioning, inputs=on.inputs)
-  assert not np.array_equal(with_subject, base)
+  out = tmp_path / "samples"
+  assert main(["sample", "--fastcomposer", str(tmp_path), "--image", str(image), "--prompt",
+               "a photo of a ball <|image|> on grass", "--steps", "3", "--guidance", "5",
+               "--start-merge-step", "1", "--out", str(out)]) == 0
+  from persona_jax.data.images import load_image
+  assert not np.array_equal(load_image(out / "0000_0000.png"), base[0])
+
+
+def test_sampling_prompts():
+  assert fc.sampling_prompts("a ball <|image|> and a box <|image|>", []) == ["a ball and a box"]
+  assert fc.sampling_prompts(["a ball <|image|>"], ["x.png"]) == ["a ball <|image|>"]
+  with pytest.raises(ConfigError, match="has 1 <|image|> marker"):
+    fc.sampling_prompts(["a ball <|image|>"], ["x.png", "y.png"])
