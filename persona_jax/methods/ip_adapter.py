@@ -59,7 +59,7 @@ DROP = "ip_drop"          # batch key: 0 keep, 1 drop the image, 2 drop the text
 KINDS = (BASIC, PLUS)
 ATTN2_KERNEL = re.compile(
     r"unet/(?:(down|up)_blocks_(\d+)|mid_block)/attentions_(\d+)/transformer_blocks_(\d+)/attn2/"
-    r"to_k/kernel")
+    r"to_k(?:_ip)?/kernel")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,16 +171,16 @@ class ConditionInputs:
 
 
 def attn2_paths(unet_params) -> list[str]:
-  """Every attn2 module path (`unet/.../attn2`) in diffusers' attn_processors order (down blocks,
-  up blocks, then the mid block; within a block by attention and transformer index): the
-  IP-Adapter id of the i-th is 2 i + 1."""
-  found = []
+  """Every attn2 module path (`unet/.../attn2`, found by its to_k or to_k_ip kernel) in
+  diffusers' attn_processors order (down blocks, up blocks, then the mid block; within a block by
+  attention and transformer index): the IP-Adapter id of the i-th is 2 i + 1."""
+  found = set()
   for p in tree.flatten({"unet": unet_params}):
     m = ATTN2_KERNEL.fullmatch(p)
     if m:
       section = {"down": 0, "up": 1, None: 2}[m.group(1)]
-      found.append(((section, int(m.group(2) or 0), int(m.group(3)), int(m.group(4))),
-                    p.rsplit("/", 2)[0]))
+      found.add(((section, int(m.group(2) or 0), int(m.group(3)), int(m.group(4))),
+                 p.rsplit("/", 2)[0]))
   return [p for _, p in sorted(found)]
 
 
@@ -233,16 +233,19 @@ def projection_config(state: dict, cross_attention_dim: int, source: str) -> Pro
     latents = state["image_proj.latents"]
     depth = len({k.split(".")[2] for k in state if k.startswith("image_proj.layers.")})
     dim = latents.shape[2]
-    return ProjectionConfig(PLUS, latents.shape[1], state["image_proj.proj_in.weight"].shape[1],
-                            state["image_proj.proj_out.weight"].shape[0], depth,
-                            state["image_proj.layers.0.0.to_q.weight"].shape[0] // DIM_HEAD,
-                            state["image_proj.layers.0.1.1.weight"].shape[0] // dim)
+    return ProjectionConfig(
+        PLUS, num_tokens=latents.shape[1], image_dim=state["image_proj.proj_in.weight"].shape[1],
+        cross_attention_dim=state["image_proj.proj_out.weight"].shape[0], depth=depth,
+        heads=state["image_proj.layers.0.0.to_q.weight"].shape[0] // DIM_HEAD,
+        ff_mult=state["image_proj.layers.0.1.1.weight"].shape[0] // dim,
+        hidden_dim=0 if dim == cross_attention_dim else dim)
   if "image_proj.proj.weight" in state:
     w = state["image_proj.proj.weight"]
     if w.shape[0] % cross_attention_dim:
       raise ModelFileError(f"{source}: image_proj.proj.weight {list(w.shape)} does not fit a UNet "
                            f"with cross_attention_dim {cross_attention_dim}")
-    return ProjectionConfig(BASIC, w.shape[0] // cross_attention_dim, w.shape[1], cross_attention_dim)
+    return ProjectionConfig(BASIC, num_tokens=w.shape[0] // cross_attention_dim, image_dim=w.shape[1],
+                            cross_attention_dim=cross_attention_dim)
   raise ModelFileError(f"{source}: not an IP-Adapter file this version reads (basic or plus: "
                        "image_proj.proj.weight or image_proj.latents); Full and FaceID are not "
                        "supported")
@@ -320,9 +323,11 @@ def projection_for(config: IPAdapterConfig, clip: CLIPVisionConfig,
     if not clip.with_projection:
       raise ConfigError("method.image_encoder: the basic IP-Adapter reads the projected image "
                         "embedding; this encoder has no visual_projection (use kind=plus)")
-    return ProjectionConfig(BASIC, config.num_tokens or 4, clip.projection_dim, cross_attention_dim)
-  return ProjectionConfig(PLUS, config.num_tokens or 16, clip.hidden_size, cross_attention_dim,
-                          config.depth, config.heads or max(1, cross_attention_dim // DIM_HEAD))
+    return ProjectionConfig(BASIC, num_tokens=config.num_tokens or 4, image_dim=clip.projection_dim,
+                            cross_attention_dim=cross_attention_dim)
+  return ProjectionConfig(PLUS, num_tokens=config.num_tokens or 16, image_dim=clip.hidden_size,
+                          cross_attention_dim=cross_attention_dim, depth=config.depth,
+                          heads=config.heads or max(1, cross_attention_dim // DIM_HEAD))
 
 
 def cross_attention_dim(unet_config) -> int:
@@ -357,11 +362,11 @@ def make(config: IPAdapterConfig, base_params, tokenizer_dir=None, unet_config=N
     loaded, pretrained = from_official(read_official(config.pretrained, config.allow_pickle),
                                        base_params["unet"], cond.projection.cross_attention_dim,
                                        config.pretrained)
-    cond = dataclasses.replace(cond, projection=dataclasses.replace(
-        loaded, image_dim=cond.projection.image_dim))
-    if loaded != cond.projection:
-      raise ConfigError(f"method.pretrained: {config.pretrained} holds a {loaded} projection; "
-                        f"this config and image encoder make {cond.projection}")
+    if (loaded.kind, loaded.image_dim) != (cond.projection.kind, cond.projection.image_dim):
+      raise ConfigError(f"method.pretrained: {config.pretrained} holds a {loaded.kind} projection "
+                        f"of {loaded.image_dim} image features; this config and image encoder "
+                        f"need {cond.projection.kind} of {cond.projection.image_dim}")
+    cond = dataclasses.replace(cond, projection=loaded)       # the file's token count, depth...
 
   def init_trainable(rng, base):
     if pretrained is not None:

@@ -28,7 +28,8 @@ class ProjectionConfig:
   num_tokens: int = 4                # basic: 4 (diffusers assumes it); plus: the query count (16)
   image_dim: int = 1024              # basic: the encoder's projection_dim; plus: its hidden_size
   cross_attention_dim: int = 768
-  depth: int = 4                     # plus only
+  depth: int = 4                     # plus only (diffusers reads depth 4 only)
+  hidden_dim: int = 0                # plus only: the latents' width; 0: cross_attention_dim
   heads: int = 12                    # plus only
   ff_mult: int = 4                   # plus only
 
@@ -82,7 +83,7 @@ class Resampler(nn.Module):
   @nn.compact
   def __call__(self, features):
     c = self.config
-    dim = c.cross_attention_dim
+    dim = c.hidden_dim or c.cross_attention_dim
     latents = self.param("latents", lambda k, s: jax.random.normal(k, s) / dim ** 0.5,
                          (1, c.num_tokens, dim))
     latents = jnp.broadcast_to(latents, (features.shape[0],) + latents.shape[1:])

@@ -192,3 +192,96 @@ def test_two_identical_images_give_the_one_image_result(probe):
   np.testing.assert_allclose(probe["two"], probe["one"], rtol=0, atol=1e-5)
   np.testing.assert_allclose(probe["two_uncond"], probe["one_uncond"], rtol=0, atol=1e-5)
   assert np.abs(probe["one"] - probe["one_uncond"]).max() > 1e-4
+
+
+# ---------------------------------------------------------------------------------------------
+# The official layout, both ways, against diffusers' load_ip_adapter.
+
+
+def official_keys(n_layers=4):
+  return {f"ip_adapter.{2 * i + 1}.to_{m}_ip.weight" for i in range(n_layers) for m in "kv"}
+
+
+def check_against_diffusers(run, model_dir, encoder_dir, file, kind):
+  from persona_jax.verify_ip_adapter import compare_ip_adapter
+  results = compare_ip_adapter(run.pipe, model_dir, file, encoder_dir, scale=0.6)
+  assert [r.name for r in results][:3] == [f"ip_adapter({kind}).image_features",
+                                           f"ip_adapter({kind}).image_proj tokens",
+                                           f"ip_adapter({kind}).unet (scale 0.6)"]
+  for r in results[:3]:
+    assert r.ok(1e-4), r
+  assert results[3].max_rel > 1e-3                       # diffusers really used the file
+
+
+def test_our_file_loads_in_diffusers(run, model_dir, encoder_dir, tmp_path):
+  """Training's result is the official layout: diffusers' load_ip_adapter reads it and gives
+  our features, tokens and UNet output; reading it back gives the trained leaves."""
+  from tests.torch_reference import require_torch
+  require_torch()
+  rng = np.random.default_rng(1)
+  trained = jax.tree.map(lambda x: np.asarray(x) + 0.05 * rng.standard_normal(x.shape).astype(np.float32),
+                         jax.device_get(run.trainable))
+  (file,) = loop.write_outputs(run, trained, tmp_path)
+  state = ipa.read_official(file)
+  assert set(state) == official_keys() | {"image_proj.proj.weight", "image_proj.proj.bias",
+                                          "image_proj.norm.weight", "image_proj.norm.bias"}
+  for i, block in OFFICIAL_IDS.items():
+    np.testing.assert_array_equal(
+        state[f"ip_adapter.{i}.to_k_ip.weight"],
+        tree.flatten(trained)[f"unet/{block}/transformer_blocks_0/attn2/to_k_ip/kernel"].T)
+  _, back = ipa.from_official(state, run.pipe.params["unet"], 32, "test")
+  for path, value in tree.flatten(trained).items():
+    np.testing.assert_array_equal(np.asarray(tree.flatten(back)[path]), value, err_msg=path)
+  check_against_diffusers(run, model_dir, encoder_dir, file, "basic")
+
+
+def write_torch_official(path, kind, seed=0):
+  """A random IP-Adapter in the official key layout, written with torch + safetensors as a
+  diffusers user would (basic: 4 tokens; plus: a 4-layer resampler (the only depth diffusers
+  reads), 1 head of 64, 4 queries)."""
+  import torch
+  from safetensors.torch import save_file
+  g = torch.Generator().manual_seed(seed)
+  r = lambda *shape: 0.2 * torch.randn(*shape, generator=g)
+  d, e, h = 32, 16, 16                        # cross-attention, projection_dim, hidden_size
+  if kind == "basic":
+    state = {"image_proj.proj.weight": r(4 * d, e), "image_proj.proj.bias": r(4 * d),
+             "image_proj.norm.weight": 1 + r(d), "image_proj.norm.bias": r(d)}
+  else:
+    state = {"image_proj.latents": r(1, 4, d), "image_proj.proj_in.weight": r(d, h),
+             "image_proj.proj_in.bias": r(d), "image_proj.proj_out.weight": r(d, d),
+             "image_proj.proj_out.bias": r(d), "image_proj.norm_out.weight": 1 + r(d),
+             "image_proj.norm_out.bias": r(d)}
+    for n in range(4):
+      p = f"image_proj.layers.{n}."
+      state.update({p + "0.norm1.weight": 1 + r(d), p + "0.norm1.bias": r(d),
+                    p + "0.norm2.weight": 1 + r(d), p + "0.norm2.bias": r(d),
+                    p + "0.to_q.weight": r(64, d), p + "0.to_kv.weight": r(128, d),
+                    p + "0.to_out.weight": r(d, 64), p + "1.0.weight": 1 + r(d),
+                    p + "1.0.bias": r(d), p + "1.1.weight": r(4 * d, d), p + "1.3.weight": r(d, 4 * d)})
+  widths = {1: 32, 3: 32, 5: 32, 7: 64}       # block_out_channels (32, 64): down 0, up 1, up 1, mid
+  for i, width in widths.items():
+    state[f"ip_adapter.{i}.to_k_ip.weight"] = r(width, d)
+    state[f"ip_adapter.{i}.to_v_ip.weight"] = r(width, d)
+  save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+  return path
+
+
+@pytest.mark.parametrize("kind", ["basic", "plus"])
+def test_official_file_written_by_torch_loads_and_matches_diffusers(run, model_dir, encoder_dir,
+                                                                    tmp_path, kind):
+  from tests.torch_reference import require_torch
+  require_torch()
+  file = write_torch_official(tmp_path / f"ip-adapter-{kind}_sd15.safetensors", kind)
+  config, _ = ipa.from_official(ipa.read_official(file), run.pipe.params["unet"], 32, "test")
+  assert config.kind == kind
+  if kind == "plus":
+    assert (config.num_tokens, config.depth, config.heads, config.image_dim, config.ff_mult) == (4, 4, 1, 16, 4)
+  check_against_diffusers(run, model_dir, encoder_dir, file, kind)
+
+
+def test_pickled_file_needs_opt_in(tmp_path):
+  from persona_jax.errors import PickleRefusedError
+  (tmp_path / "ip-adapter_sd15.bin").write_bytes(b"not read")
+  with pytest.raises(PickleRefusedError, match="refusing to load a pickle file"):
+    ipa.read_official(tmp_path / "ip-adapter_sd15.bin")

@@ -1,0 +1,89 @@
+"""`persona-jax verify MODEL --ip-adapter FILE [--image-encoder DIR]`: one IP-Adapter file loaded by
+diffusers (`pipe.load_ip_adapter`) and by persona_jax (methods/ip_adapter.py), compared on the
+same random CLIP pixels: the image features (transformers' encoder vs ours), the projected
+tokens (diffusers' `encoder_hid_proj` vs ours) and the UNet's output with the decoupled
+cross-attention at a scale. A last line reports how much the adapter moved diffusers' UNet (a
+loader that silently skipped the file shows 0 there). torch/diffusers are imported only here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from persona_jax import tree
+
+VERIFY_SCALE = 0.6
+
+
+def compare_ip_adapter(pipe, model_path, file, image_encoder, *, scale: float = VERIFY_SCALE,
+                       allow_pickle: bool = False, seed: int = 0):
+  """[Comparison] of `file` (official layout) on both sides; `pipe` is persona_jax's pipeline of
+  the diffusers folder `model_path`, `image_encoder` a CLIPVisionModel(WithProjection) folder."""
+  import dataclasses
+
+  import torch
+  from diffusers import StableDiffusionPipeline
+  from transformers import CLIPVisionModel, CLIPVisionModelWithProjection
+
+  from persona_jax.image_encoder import load_image_encoder
+  from persona_jax.methods import ip_adapter as ipa
+  from persona_jax.models.extra_conditioning import ExtraConditioning
+  from persona_jax.models.image_projection import PLUS, projection_model
+  from persona_jax.models.unet import UNet2DConditionModel
+  from persona_jax.verify import Comparison, compare, nchw
+  file, image_encoder = Path(file), Path(image_encoder)
+  state = ipa.read_official(file, allow_pickle)                  # refuses a pickle unless allowed
+  projection, trainable = ipa.from_official(state, pipe.params["unet"],
+                                            ipa.cross_attention_dim(pipe.unet_config), str(file))
+  clip_config, clip_params = load_image_encoder(image_encoder)
+  ref = StableDiffusionPipeline.from_pretrained(model_path, safety_checker=None,
+                                                local_files_only=True, dtype=torch.float32)
+  ref.load_ip_adapter(str(file.parent), subfolder="", weight_name=file.name,
+                      image_encoder_folder=None)
+  cls = CLIPVisionModelWithProjection if clip_config.with_projection else CLIPVisionModel
+  encoder = cls.from_pretrained(image_encoder, local_files_only=True).eval().float()
+
+  rng = np.random.default_rng(seed)
+  s, f, c = clip_config.image_size, pipe.unet_config.downsample_factor, pipe.unet_config
+  pixels = rng.standard_normal((2, s, s, 3)).astype(np.float32)
+  latents = rng.standard_normal((2, 4 * f, 3 * f, c.in_channels)).astype(np.float32)
+  t = np.array([500, 80])
+  ctx = rng.standard_normal((2, 7, ipa.cross_attention_dim(c))).astype(np.float32)
+  unet = UNet2DConditionModel(dataclasses.replace(c, ip_adapter=True))
+  params = jax.tree.map(jnp.asarray, tree.merge({"unet": pipe.params["unet"]}, trainable))
+
+  @jax.jit
+  def ours(params, clip_params, pixels, scale):
+    feats = ipa.image_features(clip_config, projection.kind, clip_params, pixels)
+    tokens = projection_model(projection).apply({"params": params["ip_adapter"]["image_proj"]}, feats)
+    out = unet.apply({"params": params["unet"]}, latents, t, ctx,
+                     ExtraConditioning(ip_tokens=tokens, ip_scale=scale))
+    return feats, tokens, out
+
+  with torch.no_grad(), jax.default_matmul_precision("highest"):
+    got = jax.device_get(ours(params, clip_params, pixels, jnp.float32(scale)))
+    out = encoder(torch.from_numpy(nchw(pixels)), output_hidden_states=True)
+    feats = out.hidden_states[-2] if projection.kind == PLUS else out.image_embeds
+    embeds = [feats[:, None]]                               # [B, 1 image, ...]
+    tokens = ref.unet.encoder_hid_proj(embeds)[0][:, 0]
+    run_ref = lambda: ref.unet(torch.from_numpy(nchw(latents)), torch.from_numpy(t),
+                               encoder_hidden_states=torch.from_numpy(ctx),
+                               added_cond_kwargs={"image_embeds": embeds}).sample.numpy()
+    ref.set_ip_adapter_scale(scale)
+    want = run_ref()
+    ref.set_ip_adapter_scale(0.0)
+    off = run_ref()
+  moved = float(np.abs(want - off).max() / max(np.abs(off).max(), 1e-30))
+  name = f"ip_adapter({projection.kind})."
+  return [compare(name + "image_features", got[0], feats.numpy()),
+          compare(name + "image_proj tokens", got[1], tokens.numpy()),
+          compare(name + f"unet (scale {scale})", got[2], out_nhwc(want)),
+          Comparison("adapter moved diffusers' UNet output", moved, moved)]
+
+
+def out_nhwc(x):
+  return np.asarray(x).transpose(0, 2, 3, 1)
