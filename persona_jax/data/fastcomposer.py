@@ -8,7 +8,7 @@ one mask file per marker, in marker order (white = the subject; the image's size
 marker "masks" may be left out: NAME.mask.png beside the image is its mask. Mask files are not
 training images. Errors name the file and the field.
 `data.instance_dir` = "": toy-world scenes (`world.scenes`: render, caption with the marker
-after the class word, coverage as the mask), `toy_examples`.
+after the class word, coverage as the mask; every second one two objects), `toy_examples`.
 
 Each example (grain RandomMap, as data/pipeline.py): flip; with `uncondition_prob` the empty
 caption and no subjects; each subject kept with `object_appear_prob` (a dropped one loses its
@@ -99,13 +99,29 @@ def read_folder(folder, resolution: int) -> list[Example]:
   return out
 
 
-def toy_examples(n: int, resolution: int, seed: int = 0) -> list[Example]:
+def toy_examples(n: int, resolution: int, seed: int = 0, pairs: bool = False) -> list[Example]:
   """`n` toy-world training scenes: render, full caption with the marker after the class word,
-  coverage as the mask."""
+  coverage as the mask. With `pairs`, every second example holds two subjects (scene k's object
+  on the left, scene k+1's on the right over the same background; "a photo of A <|image|> and
+  B <|image|> on BG", the left one's mask without the right one's cover)."""
+  import dataclasses as dc
+
   from persona_jax.world import scenes
   out = []
   for i in range(n):
     scene = scenes.sample_scene(seed, "train", i)
+    if pairs and i % 2:
+      other = scenes.sample_scene(seed, "train", n + i)
+      left = dc.replace(scene, size="small", position="left")
+      right = dc.replace(other, size="small", position="right", background=scene.background)
+      a, b = scenes.coverage(left, resolution), scenes.coverage(right, resolution)
+      image = np.where((b >= 0.5)[..., None], scenes.render(right, resolution),
+                       scenes.render(left, resolution))
+      caption = (f"a photo of a {scenes.describe_look(left.look)} {left.cls} {IMAGE_TOKEN} and a "
+                 f"{scenes.describe_look(right.look)} {right.cls} {IMAGE_TOKEN} "
+                 f"{scenes.background_phrase(left.background)}")
+      out.append(Example(image, caption, np.stack([a * (b < 0.5), b]).astype(np.float32)))
+      continue
     caption = scenes.caption(scene).replace(f" {scene.cls}", f" {scene.cls} {IMAGE_TOKEN}", 1)
     out.append(Example(scenes.render(scene, resolution), caption,
                        scenes.coverage(scene, resolution)[None].astype(np.float32)))
@@ -190,7 +206,8 @@ def make_dataset(run_config, fc_config, tokenizer, processor, latent_factor: int
   if d.instance_dir:
     examples = read_folder(d.instance_dir, d.resolution)
   else:
-    examples = toy_examples(d.num_images or 16, d.resolution, run_config.seed)
+    examples = toy_examples(d.num_images or 16, d.resolution, run_config.seed,
+                            pairs=fc_config.max_subjects >= 2)
   if d.num_images > 0:
     examples = examples[: d.num_images]
   augment = Augment(examples, lambda prompts: tokenize(tokenizer, prompts), processor,

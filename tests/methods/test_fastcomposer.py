@@ -118,7 +118,7 @@ def test_training_bar(variant, request):
   for a, b in zip(jax.tree.leaves(trajectory["frozen_before"]), jax.tree.leaves(run.frozen)):
     assert np.array_equal(a, np.asarray(b))
   batch = trajectory["batch"]
-  assert (batch[IDS] == full_marker(run)).sum() == 2          # one subject per toy scene
+  assert (batch[IDS] == full_marker(run)).sum() >= 2          # one or two subjects per scene
 
 
 def full_marker(run):
@@ -155,6 +155,8 @@ def probe(full, light):
   from persona_jax.tokenizer import tokenize
   marked = tokenize(tok, ["a photo of a ball <|image|> on grass"] * 2)
   bare = tokenize(tok, ["a photo of a ball on grass"] * 2)
+  two = tokenize(tok, ["a ball <|image|> and a box <|image|> on grass"] * 2)
+  two_bare = tokenize(tok, ["a ball and a box on grass"] * 2)
   rng = np.random.default_rng(0)
   pixels = rng.standard_normal((2, 2, 16, 16, 3)).astype(np.float32)
   pixels[1] = pixels[1] * 2 + 1
@@ -169,6 +171,9 @@ def probe(full, light):
       state = cond.prepare(m, params, {IDS: ids, fc.SUBJECT_PIXELS: pixels})
       out[name] = state
     out["text"] = m.text_encoder.apply({"params": params["text_encoder"]}, bare).last_hidden_state
+    out["two"] = cond.prepare(m, params, {IDS: two, fc.SUBJECT_PIXELS: pixels})["fused"]
+    out["two_text"] = m.text_encoder.apply({"params": params["text_encoder"]},
+                                           two_bare).last_hidden_state
     inputs = {"ids": marked, "negative_ids": bare, fc.SUBJECT_PIXELS: pixels,
               fc.START: jnp.asarray([2, 2])}
     state = hook.prepare(m, params, inputs)
@@ -195,6 +200,16 @@ def test_branch_on_changes_only_the_marked_noun(probe, full):
   assert diff.max() == 0
   fused = out["marked"]["fused"][:, ball]
   assert not np.allclose(fused[0], fused[1])                                # another image
+
+
+def test_two_subjects_change_their_two_nouns(probe):
+  out, _ = probe
+  ball, box = 2, 5                          # BOS a ball and a box
+  diff = np.abs(out["two"] - out["two_text"]).max(axis=-1)
+  assert (diff[:, ball] > 0).all() and (diff[:, box] > 0).all()
+  diff[:, [ball, box]] = 0
+  assert diff.max() == 0
+  assert not np.allclose(out["two"][0, ball], out["two"][0, box])
 
 
 def test_delayed_subject_conditioning(probe):
@@ -340,8 +355,19 @@ def test_batch_keys(full):
   batch = next(make_iterator(full.dataset))
   assert batch[fc.SUBJECT_PIXELS].shape == (2, 2, 16, 16, 3)
   assert batch[fc.SUBJECT_MASKS].shape == (2, 2, 16, 16) and batch["mask"].shape == (2, 16, 16, 1)
-  assert batch[fc.SUBJECT_MASKS][:, 0].max() > 0 and batch[fc.SUBJECT_MASKS][:, 1].max() == 0
-  assert np.abs(batch[fc.SUBJECT_PIXELS][:, 1]).max() == 0                  # one subject each
+  markers = (batch[IDS] == full.method.latent_conditioning.marker_id).sum(axis=1)    # [B]
+  for row, n in enumerate(markers):       # the slots of the subjects hold masks and pixels
+    assert n in (1, 2)
+    assert (batch[fc.SUBJECT_MASKS][row].max(axis=(1, 2)) > 0).tolist() == [True, n == 2]
+    assert (np.abs(batch[fc.SUBJECT_PIXELS][row]).max(axis=(1, 2, 3)) > 0).tolist() == [True, n == 2]
+
+
+def test_toy_pairs():
+  ex = fc_data.toy_examples(2, 32, pairs=True)
+  assert ex[0].caption.count(fc.IMAGE_TOKEN) == 1 and ex[0].masks.shape == (1, 32, 32)
+  assert ex[1].caption.count(fc.IMAGE_TOKEN) == 2 and ex[1].masks.shape == (2, 32, 32)
+  assert ex[1].masks[0].max() > 0 and ex[1].masks[1].max() > 0
+  assert (ex[1].masks[0] * (ex[1].masks[1] >= 0.5)).max() == 0       # the right one is in front
 
 
 def test_sampling_without_subjects_is_the_base_and_with_them_differs(full, tmp_path):
