@@ -58,6 +58,7 @@ def _sample(args) -> int:
   e4t_result = _e4t_result(args)
   instantbooth_result = _instantbooth_result(args)
   fastcomposer_result = _fastcomposer_result(args)
+  _check_ip_adapter(args)
   model = resolve_model(args.model)
   pipe = load_pipeline(model, variant=args.variant, allow_pickle=args.allow_pickle,
                        **_single_file_options(args))
@@ -96,6 +97,13 @@ def _sample(args) -> int:
                                          args.alpha)
     params, conditioning, inputs, unet_options = (sampling.params, sampling.conditioning,
                                                   sampling.inputs, sampling.unet_options)
+  if args.ip_adapter is not None:
+    from persona_jax.methods import ip_adapter
+    sampling = ip_adapter.load_for_sampling(
+        args.ip_adapter, pipe, args.image, image_encoder=args.image_encoder,
+        scale=1.0 if args.ip_scale is None else args.ip_scale, allow_pickle=args.allow_pickle)
+    params, conditioning, inputs, unet_options = (sampling.params, sampling.conditioning,
+                                                  sampling.inputs, sampling.unet_options)
   prompts = args.prompt
   if fastcomposer_result is not None:
     from persona_jax.methods import fastcomposer
@@ -121,7 +129,8 @@ def _sample(args) -> int:
 def _e4t_result(args):
   """`sample --e4t WORKDIR --image PATH`: the E4T result (its base model unless --model)."""
   if args.e4t is None:
-    if args.image is not None and args.instantbooth is None and args.fastcomposer is None:
+    if (args.image is not None and args.instantbooth is None and args.fastcomposer is None
+        and args.ip_adapter is None):
       raise PersonaError("--image is the subject image of --e4t WORKDIR or --instantbooth WORKDIR")
     return None
   if args.image is None:
@@ -156,6 +165,25 @@ def _instantbooth_result(args):
   if args.model is None:
     args.model = result.meta.get("base_model") or None
   return result
+
+
+def _check_ip_adapter(args):
+  """`sample --ip-adapter FILE --image A [--image B] [--ip-scale S] [--image-encoder DIR]`; the
+  base model defaults to the one a persona_jax result records."""
+  if args.ip_adapter is None:
+    if args.ip_scale is not None or args.image_encoder is not None:
+      raise PersonaError("--ip-scale and --image-encoder go with --ip-adapter FILE")
+    return
+  if not args.image:
+    raise PersonaError("--ip-adapter needs --image PATH (repeat for several images)")
+  if (args.e4t is not None or args.instantbooth is not None or args.fastcomposer is not None
+      or args.embedding or args.lora or args.custom_diffusion is not None
+      or args.clip_skip is not None):
+    raise PersonaError("--ip-adapter does not combine with --e4t, --instantbooth, --fastcomposer, "
+                       "--embedding, --lora, --custom-diffusion or --clip-skip")
+  if args.model is None:
+    from persona_jax.methods import ip_adapter
+    args.model = ip_adapter.file_metadata(args.ip_adapter).get("base_model") or None
 
 
 def _fastcomposer_result(args):
@@ -281,6 +309,13 @@ def _eval(args) -> int:
 
 def _verify(args) -> int:
   from persona_jax.verify import verify
+  if args.ip_adapter is not None:
+    if args.lora or args.embedding or args.custom_diffusion is not None:
+      raise PersonaError("verify compares one adapter at a time")
+    from persona_jax.verify_ip_adapter import verify_ip_adapter
+    ok = verify_ip_adapter(args.model, args.ip_adapter, image_encoder=args.image_encoder,
+                           tolerance=args.tolerance, allow_pickle=args.allow_pickle, seed=args.seed)
+    return 0 if ok else 1
   ok = verify(args.model, tolerance=args.tolerance, variant=args.variant,
               allow_pickle=args.allow_pickle, seed=args.seed, image_encoder=args.image_encoder,
               lora=args.lora, embedding=args.embedding, custom_diffusion=args.custom_diffusion)
@@ -388,9 +423,18 @@ def build_parser() -> argparse.ArgumentParser:
                       "without --image the prompt is sampled as plain text (markers removed)")
   p.add_argument("--start-merge-step", type=int, default=None,
                  help="fastcomposer: the steps before it use the plain prompt (default: the run's)")
+  p.add_argument("--ip-adapter", type=Path, default=None, metavar="FILE",
+                 help="an IP-Adapter file (official layout: ip-adapter_sd15.safetensors, a "
+                      "pickled .bin with --allow-pickle, or an ip_adapter run's result): the "
+                      "image prompt is --image (repeat for several: their tokens are concatenated)")
+  p.add_argument("--ip-scale", type=float, default=None,
+                 help="ip-adapter: the image branch's weight (default 1; 0.5 to let the text lead)")
+  p.add_argument("--image-encoder", type=Path, default=None, metavar="DIR",
+                 help="ip-adapter: the CLIP image encoder folder (default: the one our result "
+                      "records, else MODEL/image_encoder)")
   p.add_argument("--image", type=Path, action="append", default=None, metavar="PATH",
                  help="the subject image for --e4t (one), --instantbooth or --fastcomposer "
-                      "(repeatable)")
+                      "(repeatable), the image prompt of --ip-adapter")
   p.add_argument("--variant", default=None, help="weight-file variant, e.g. fp16")
   p.add_argument("--allow-pickle", action="store_true", help="read .bin/.ckpt files (trusted only)")
   p.add_argument("--out", required=True, type=Path, help="output folder")
@@ -532,6 +576,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--image-encoder", type=Path, default=None, metavar="DIR",
                  help="also compare a CLIP image encoder folder (CLIPVisionModel[WithProjection], "
                       "preprocessing included; default: MODEL/image_encoder when it exists)")
+  p.add_argument("--ip-adapter", type=Path, default=None, metavar="FILE",
+                 help="compare one IP-Adapter file (official layout) loaded by diffusers' "
+                      "load_ip_adapter and by persona_jax, with the --image-encoder")
   p.set_defaults(func=_verify)
   return parser
 

@@ -87,3 +87,35 @@ def compare_ip_adapter(pipe, model_path, file, image_encoder, *, scale: float = 
 
 def out_nhwc(x):
   return np.asarray(x).transpose(0, 2, 3, 1)
+
+
+def verify_ip_adapter(path, file, *, image_encoder=None, tolerance: float | None = None,
+                      allow_pickle: bool = False, seed: int = 0, print_fn=print) -> bool:
+  """`persona-jax verify MODEL --ip-adapter FILE`: the image encoder (`--image-encoder`, else
+  MODEL/image_encoder) with its preprocessing, then the file on both sides; prints one line per
+  output in `verify`'s format and returns whether all pass."""
+  from persona_jax.errors import ModelFileError
+  from persona_jax.pipeline import load_pipeline
+  from persona_jax.verify import (DEFAULT_TOLERANCE, _require_reference, compare_image_encoder,
+                                  find_image_encoder)
+  tolerance = DEFAULT_TOLERANCE if tolerance is None else tolerance
+  path = Path(path)
+  encoder = find_image_encoder(path, image_encoder)
+  if encoder is None:
+    raise ModelFileError(f"{path} has no image_encoder/; pass --image-encoder DIR (the CLIP image "
+                         "encoder the IP-Adapter was trained with)")
+  _require_reference()
+  pipe = load_pipeline(path, allow_pickle=allow_pickle)
+  results = compare_image_encoder(encoder, allow_pickle=allow_pickle, seed=seed)
+  results += compare_ip_adapter(pipe, path, file, encoder, allow_pickle=allow_pickle, seed=seed)
+  print_fn(f"verify {path} + IP-Adapter {file} + image encoder {encoder} (float32, highest "
+           f"matmul precision, tolerance {tolerance:.0e} relative)")
+  print_fn(f"{'output':38s} {'max abs err':>12s} {'max rel err':>12s}")
+  compared, moved = results[:-1], results[-1]
+  for r in compared:
+    print_fn(f"{r.name:38s} {r.max_abs:12.3e} {r.max_rel:12.3e}  {'ok' if r.ok(tolerance) else 'FAIL'}")
+  print_fn(f"{moved.name:38s} {'':12s} {moved.max_rel:12.3e}  "
+           f"{'ok' if moved.max_rel > 0 else 'FAIL (not loaded)'}")
+  passed = all(r.ok(tolerance) for r in compared) and moved.max_rel > 0
+  print_fn("PASS" if passed else "FAIL: some outputs differ beyond the tolerance")
+  return passed

@@ -408,17 +408,24 @@ class ForSampling:
   unet_options: tuple = (("ip_adapter", True),)
 
 
+def file_metadata(path) -> dict:
+  """The safetensors metadata of an IP-Adapter file ({} for official files and pickles)."""
+  path = Path(path)
+  path = path / RESULT_FILE if path.is_dir() else path
+  if path.suffix != ".safetensors" or not path.is_file():
+    return {}
+  from safetensors import safe_open
+  with safe_open(str(path), "np") as f:
+    return dict(f.metadata() or {})
+
+
 def file_image_encoder(path, image_encoder, tokenizer_dir) -> Path:
   """--image-encoder, else the file's recorded encoder (our results), else MODEL/image_encoder."""
   if image_encoder:
     return Path(image_encoder)
-  path = Path(path)
-  if path.suffix == ".safetensors" and path.is_file():
-    from safetensors import safe_open
-    with safe_open(str(path), "np") as f:
-      recorded = (f.metadata() or {}).get("image_encoder")
-    if recorded and Path(recorded).is_dir():
-      return Path(recorded)
+  recorded = file_metadata(path).get("image_encoder")
+  if recorded and Path(recorded).is_dir():
+    return Path(recorded)
   return image_encoder_dir(IPAdapterConfig(), tokenizer_dir)
 
 

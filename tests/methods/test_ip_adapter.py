@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from persona_jax import tree
+from persona_jax.cli import main
 from persona_jax.data.pipeline import make_iterator
 from persona_jax.methods import ip_adapter as ipa
 from persona_jax.methods.base import CLIP_PIXELS, IDS
@@ -213,15 +214,22 @@ def check_against_diffusers(run, model_dir, encoder_dir, file, kind):
   assert results[3].max_rel > 1e-3                       # diffusers really used the file
 
 
-def test_our_file_loads_in_diffusers(run, model_dir, encoder_dir, tmp_path):
+@pytest.fixture(scope="module")
+def exported(run, tmp_path_factory):
+  """(result file, trained leaves): a stand-in for a trained state (every leaf moved)."""
+  rng = np.random.default_rng(1)
+  trained = jax.tree.map(lambda x: np.asarray(x) + 0.05 * rng.standard_normal(x.shape).astype(np.float32),
+                         jax.device_get(run.trainable))
+  (file,) = loop.write_outputs(run, trained, tmp_path_factory.mktemp("ip_run"))
+  return file, trained
+
+
+def test_our_file_loads_in_diffusers(run, model_dir, encoder_dir, exported):
   """Training's result is the official layout: diffusers' load_ip_adapter reads it and gives
   our features, tokens and UNet output; reading it back gives the trained leaves."""
   from tests.torch_reference import require_torch
   require_torch()
-  rng = np.random.default_rng(1)
-  trained = jax.tree.map(lambda x: np.asarray(x) + 0.05 * rng.standard_normal(x.shape).astype(np.float32),
-                         jax.device_get(run.trainable))
-  (file,) = loop.write_outputs(run, trained, tmp_path)
+  file, trained = exported
   state = ipa.read_official(file)
   assert set(state) == official_keys() | {"image_proj.proj.weight", "image_proj.proj.bias",
                                           "image_proj.norm.weight", "image_proj.norm.bias"}
@@ -269,7 +277,9 @@ def write_torch_official(path, kind, seed=0):
 
 @pytest.mark.parametrize("kind", ["basic", "plus"])
 def test_official_file_written_by_torch_loads_and_matches_diffusers(run, model_dir, encoder_dir,
-                                                                    tmp_path, kind):
+                                                                    tmp_path, kind, capsys):
+  """A torch-written official file: persona_jax reads its projection (basic or plus) and
+  `persona-jax verify MODEL --ip-adapter FILE --image-encoder DIR` matches diffusers."""
   from tests.torch_reference import require_torch
   require_torch()
   file = write_torch_official(tmp_path / f"ip-adapter-{kind}_sd15.safetensors", kind)
@@ -277,7 +287,25 @@ def test_official_file_written_by_torch_loads_and_matches_diffusers(run, model_d
   assert config.kind == kind
   if kind == "plus":
     assert (config.num_tokens, config.depth, config.heads, config.image_dim, config.ff_mult) == (4, 4, 1, 16, 4)
-  check_against_diffusers(run, model_dir, encoder_dir, file, kind)
+  assert main(["verify", str(model_dir), "--ip-adapter", str(file), "--image-encoder",
+               str(encoder_dir)]) == 0
+  out = capsys.readouterr().out
+  assert f"ip_adapter({kind}).unet (scale 0.6)" in out and "image_encoder.image_embeds" in out
+  assert out.strip().endswith("PASS")
+
+
+def test_sample_command_with_two_images(exported, tmp_path, capsys):
+  """`sample --ip-adapter FILE --image A --image B`: the base model and image encoder come from
+  the result's metadata; the scale is a traced input."""
+  file, _ = exported
+  images = sorted(loop.data.example_subject_dir().glob("*.png"))[:2]
+  out = tmp_path / "samples"
+  assert main(["sample", "--ip-adapter", str(file), "--image", str(images[0]), "--image",
+               str(images[1]), "--ip-scale", "0.5", "--prompt", "a ball", "--steps", "2",
+               "--out", str(out)]) == 0
+  assert (out / "grid.png").is_file()
+  assert main(["sample", "--ip-adapter", str(file), "--prompt", "a ball", "--out", str(out)]) != 0
+  assert "--ip-adapter needs --image PATH" in capsys.readouterr().err
 
 
 def test_pickled_file_needs_opt_in(tmp_path):
