@@ -17,13 +17,14 @@ from persona_jax import ConfigError, tree
 from persona_jax.cli import main
 from persona_jax.data.images import DataError
 from persona_jax.data.pipeline import DataConfig, load_instances, make_dataset, make_iterator
-from persona_jax.diffusion.sampling import SDModels, generate
+from persona_jax.diffusion.sampling import SDModels, TextConditioning, generate
 from persona_jax.methods import instantbooth as ib
 from persona_jax.methods.base import CLIP_PIXELS, IDS, MethodConditioning
 from persona_jax.models.unet import UNet2DConditionModel
 from persona_jax.train import loop
 from persona_jax.world.captioned_folder import write_captioned_folder
 from tests.methods.test_e4t import write_image_encoder, write_model
+from tests.markers import slow
 from tests.runs import _merge, fixed_batch_trajectory, one_device_mesh
 
 TRANSFORMERS = ["down_blocks_0/attentions_0", "up_blocks_1/attentions_0",
@@ -96,6 +97,9 @@ def test_trainable_set_is_literal(run):
   method = ib.make(ib.InstantBoothConfig(image_encoder=run.config.method_options["image_encoder"]),
                    run.pipe.params, run.pipe.tokenizer_dir, run.pipe.unet_config)
   assert method.lr_groups == ((ib.ENCODER_LEAVES, 1e-4), (ib.ADAPTER_LEAVES, 1e-6))
+  lrs = tree.flatten(tree.label(run.trainable, method.lr_groups))
+  assert {p for p, lr in lrs.items() if lr == 1e-4} == set(HEADS)
+  assert {p for p, lr in lrs.items() if lr == 1e-6} == set(ADAPTERS)
   assert (ib.InstantBoothConfig().beta, ib.InstantBoothConfig().alpha) == (0.3, 0.4)
 
 
@@ -140,7 +144,6 @@ def probe(run, trajectory):
     state = no_concept.prepare(m, trained, batch)
     out["beta0"] = apply(trained, no_concept.unet_kwargs(state, 1.0, 0.0))          # beta 0
     out["adapter_alone"] = apply(trained, no_concept.unet_kwargs(state, 1.0, 1.0))
-    out["no_image"] = apply(trained, {"encoder_hidden_states": text})               # no stream
     state = no_patch.prepare(m, trained, batch)
     kw = no_patch.unet_kwargs(state, 0.4, 1.0)
     out["concept_alone"], out["concept_context"] = apply(trained, kw), kw["encoder_hidden_states"]
@@ -154,11 +157,11 @@ def probe(run, trajectory):
 
 
 def test_branches_off_reproduce_the_base(probe):
-  """Concept token off and gamma 0 (fresh), or beta 0 (trained gamma): the base bit for bit."""
+  """Concept token off and gamma 0 (fresh), or beta 0 (trained gamma): the base bit for bit.
+  (No image, i.e. no adapter stream: tests/models/test_unet_hooks.py.)"""
   out, _ = probe
   assert np.array_equal(out["fresh_off"], out["base"])
   assert np.array_equal(out["beta0"], out["base"])
-  assert np.array_equal(out["no_image"], out["base"])
   assert np.abs(out["adapter_alone"] - out["base"]).max() > 1e-4       # the adapters alone act
 
 
@@ -209,8 +212,9 @@ def test_result_gives_the_trained_params_back(run, trajectory, sampling):
 
 
 def test_beta_and_alpha_are_traced_at_sampling(run, sampling):
-  """Changing beta or alpha does not recompile; beta 0 with the concept token off samples the
-  base model exactly; each knob changes the images."""
+  """Changing beta or alpha does not recompile and changes the samples. Concept token off and
+  beta 0: the sampler's conditioning is the base's text conditioning with the adapters at scale
+  0 in both halves (which the UNet computes as the base bit for bit: the probe above)."""
   _, _, s = sampling
   pipe = run.pipe
   models = SDModels(UNet2DConditionModel(dataclasses.replace(
@@ -218,13 +222,13 @@ def test_beta_and_alpha_are_traced_at_sampling(run, sampling):
   from persona_jax.tokenizer import tokenize
   text = {"ids": tokenize(pipe.tokenizer, ["a photo of a sks ball"]),
           "negative_ids": tokenize(pipe.tokenizer, [""])}
+  inputs = lambda beta, alpha: {**text, CLIP_PIXELS: s.inputs[CLIP_PIXELS],
+                                ib.BETA: np.float32([beta]), ib.ALPHA: np.float32([alpha])}
 
-  def sample(beta, alpha, conditioning=s.conditioning, params=s.params, models=models):
-    inputs = {**text, CLIP_PIXELS: s.inputs[CLIP_PIXELS], ib.BETA: np.float32([beta]),
-              ib.ALPHA: np.float32([alpha])}
-    return generate(params, inputs, 0, np.arange(1), 7.5, 0.0, 0.0, models=models,
+  def sample(beta, alpha):
+    return generate(s.params, inputs(beta, alpha), 0, np.arange(1), 7.5, 0.0, 0.0, models=models,
                     scheduler=pipe.scheduler_config, num_steps=3, latent_shape=(4, 4, 4),
-                    conditioning=conditioning, decode=False)
+                    conditioning=s.conditioning, decode=False)
   first = sample(0.3, 0.4)
   n = generate._cache_size()
   other_beta, other_alpha = sample(1.0, 0.4), sample(0.3, 1.0)
@@ -232,18 +236,45 @@ def test_beta_and_alpha_are_traced_at_sampling(run, sampling):
   assert generate._cache_size() == n, "changing beta or alpha recompiled"
   assert np.abs(np.asarray(other_beta - first)).max() > 1e-5
   assert np.abs(np.asarray(other_alpha - first)).max() > 1e-5
-  # Concept token off, beta 0: the base model's sampling.
-  off = dataclasses.replace(s.method, latent_conditioning=dataclasses.replace(
-      s.method.latent_conditioning, concept_token=False))
-  got = sample(0.0, 0.4, MethodConditioning(off))
-  base = generate(pipe.params, text, 0, np.arange(1), 7.5, 0.0, 0.0,
-                  models=SDModels(pipe.unet, pipe.text_encoder, pipe.vae),
-                  scheduler=pipe.scheduler_config, num_steps=3, latent_shape=(4, 4, 4),
-                  decode=False)
-  assert np.array_equal(np.asarray(got), np.asarray(base))
+
+  off = MethodConditioning(dataclasses.replace(s.method, latent_conditioning=dataclasses.replace(
+      s.method.latent_conditioning, concept_token=False)))
+
+  @jax.jit
+  def prepared(params, base_params, inputs):
+    cond, uncond = off.at_step(models, params, off.prepare(models, params, inputs), 0, 0, None)
+    return cond, uncond, TextConditioning().prepare(models, base_params, inputs)
+  cond, uncond, base = jax.device_get(prepared(s.params, pipe.params, inputs(0.0, 0.4)))
+  assert np.array_equal(cond["encoder_hidden_states"], base["cond"])
+  assert np.array_equal(uncond["encoder_hidden_states"], base["uncond"])
+  assert cond["extra"].adapter_scale.tolist() == [0.0] == uncond["extra"].adapter_scale.tolist()
 
 
-def test_sample_command(sampling, tmp_path):
+def test_sample_command(sampling, tmp_path, monkeypatch):
+  """The command's wiring (the images, beta and alpha reach the sampler); the real sampling
+  path is the test above, and a real run of the command is slow-only."""
+  import persona_jax.text_to_image as t2i
+  workdir, images, _ = sampling
+  seen = {}
+
+  def fake(pipe, prompts, *args, **kwargs):
+    seen.update(kwargs, prompts=prompts)
+    return np.zeros((1, 32, 32, 3), np.uint8)
+  monkeypatch.setattr(t2i, "text_to_image", fake)
+  args = ["sample", "--instantbooth", str(workdir), "--prompt", "a photo of a sks ball",
+          "--beta", "0.5", "--alpha", "0.25", "--out", str(tmp_path / "out")]
+  assert main(args + sum((["--image", str(p)] for p in images), [])) == 0
+  inputs = seen["inputs"]
+  assert inputs[CLIP_PIXELS].shape == (1, 2, 16, 16, 3)
+  assert (inputs[ib.BETA].tolist(), inputs[ib.ALPHA].tolist()) == ([0.5], [0.25])
+  assert seen["unet_options"] == (("gated_adapter", True),)
+  assert isinstance(seen["conditioning"], MethodConditioning)
+  assert main(["sample", "--instantbooth", str(workdir), "--prompt", "x", "--out",
+               str(tmp_path)]) == 2                                        # no --image
+
+
+@slow
+def test_sample_command_runs(sampling, tmp_path):
   workdir, images, _ = sampling
   out = tmp_path / "samples"
   args = ["sample", "--instantbooth", str(workdir), "--prompt", "a photo of a sks ball",
