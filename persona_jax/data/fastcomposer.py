@@ -178,8 +178,8 @@ class Augment(grain.transforms.RandomMap):
       caption, keep = "", []
     else:
       parts = caption.split(IMAGE_TOKEN)
-      caption = parts[0] + "".join((IMAGE_TOKEN if k < len(keep) and keep[k] else "") + p
-                                   for k, p in enumerate(parts[1:]))
+      caption = " ".join((parts[0] + "".join((IMAGE_TOKEN if k < len(keep) and keep[k] else "")
+                                             + p for k, p in enumerate(parts[1:]))).split())
     kept = [k for k, on in enumerate(keep) if on]
     r, f = image.shape[0], self.latent_factor
     s = self.processor.crop_size

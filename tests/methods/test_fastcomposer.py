@@ -400,3 +400,34 @@ def test_sampling_prompts():
   assert fc.sampling_prompts(["a ball <|image|>"], ["x.png"]) == ["a ball <|image|>"]
   with pytest.raises(ConfigError, match="has 1 <|image|> marker"):
     fc.sampling_prompts(["a ball <|image|>"], ["x.png", "y.png"])
+
+
+def test_augment_drops_and_masks():
+  """uncondition_prob 1: the empty caption, no subjects; object_appear_prob 0: the markers go,
+  the nouns stay; mask_loss_prob 1: the loss mask is the subjects' union, 0: everywhere."""
+  from persona_jax.data.clip_images import CLIPImageProcessorConfig
+  seen = []
+
+  def tokenize(captions):
+    seen.extend(captions)
+    return np.zeros((len(captions), 77), np.int32)
+  examples = fc_data.toy_examples(2, 32, pairs=True)
+
+  def draw(**probs):
+    seen.clear()
+    values = dict(random_flip=0.0, uncondition_prob=0.0, object_appear_prob=1.0, mask_loss_prob=0.0)
+    augment = fc_data.Augment(examples, tokenize, CLIPImageProcessorConfig.for_image_size(16), 2,
+                              **{**values, **probs}, latent_factor=2)
+    return augment.random_map(1, np.random.default_rng(0)), seen[0]
+  out, caption = draw()
+  assert caption == examples[1].caption and out["mask"].min() == 1
+  assert (out[fc.SUBJECT_MASKS].max(axis=(1, 2)) > 0).tolist() == [True, True]
+  out, caption = draw(uncondition_prob=1.0)
+  assert caption == "" and out[fc.SUBJECT_MASKS].max() == 0 and np.abs(out[fc.SUBJECT_PIXELS]).max() == 0
+  out, caption = draw(object_appear_prob=0.0)
+  assert caption == examples[1].caption.replace(" " + fc.IMAGE_TOKEN, "")
+  assert out[fc.SUBJECT_MASKS].max() == 0
+  out, _ = draw(mask_loss_prob=1.0)
+  union = (out[fc.SUBJECT_MASKS].max(axis=0) > 0).astype(np.float32)
+  np.testing.assert_array_equal(out["mask"][..., 0], union)
+  assert 0 < union.mean() < 1
