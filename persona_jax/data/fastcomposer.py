@@ -12,8 +12,9 @@ after the class word, coverage as the mask; every second one two objects), `toy_
 
 Each example (grain RandomMap, as data/pipeline.py): flip; with `uncondition_prob` the empty
 caption and no subjects; each subject kept with `object_appear_prob` (a dropped one loses its
-marker, its noun stays plain text); the subject's CLIP input is its crop (the mask's bounding
-box, squared) with the background white; with `mask_loss_prob` the loss mask is the union of
+marker, its noun stays plain text); the subject's CLIP input is the reference's: the background
+replaced by noise, cropped to the mask's bounding box, padded to a square with black (the
+reference's random object augmentations are not applied); with `mask_loss_prob` the loss mask is the union of
 the subjects' masks. Keys: ids [L] (with markers), pixels [R, R, 3], mask [h, w, 1],
 subject_pixels [K, S, S, 3], subject_masks [K, h, w] (h = R / the VAE's factor).
 """
@@ -128,25 +129,34 @@ def toy_examples(n: int, resolution: int, seed: int = 0, pairs: bool = False) ->
   return out
 
 
-def subject_crop(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
-  """uint8 [H, W, 3], mask [H, W] -> the mask's bounding box made square (clipped to the image),
-  the background (mask < 0.5) white: uint8 [s, s, 3]."""
-  ys, xs = np.nonzero(mask >= 0.5)
-  out = np.where((mask >= 0.5)[..., None], image, 255).astype(np.uint8)
-  if len(ys) == 0:
-    return out
-  top, bottom, left, right = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
-  side = max(bottom - top, right - left)
-  cy, cx = (top + bottom) // 2, (left + right) // 2
-  h, w = mask.shape
-  top = int(np.clip(cy - side // 2, 0, max(0, h - side)))
-  left = int(np.clip(cx - side // 2, 0, max(0, w - side)))
-  return out[top: top + side, left: left + side]
+def pad_to_square(image: np.ndarray) -> np.ndarray:
+  """uint8 [H, W, 3] -> [S, S, 3], S = max(H, W): centered, padded with black (the reference's
+  PadToSquare)."""
+  h, w = image.shape[:2]
+  side = max(h, w)
+  out = np.zeros((side, side, 3), np.uint8)
+  top, left = (side - h) // 2, (side - w) // 2
+  out[top: top + h, left: left + w] = image
+  return out
 
 
-def subject_pixels_from_file(path, resolution: int, processor) -> np.ndarray:
-  """A subject image file (a crop of the subject) as the encoder's input [S, S, 3]."""
-  return preprocess_image(img_ops.load_square(Path(path), resolution), processor)
+def subject_crop(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+  """uint8 [H, W, 3], mask [H, W] -> the subject as the reference's RandomSegmentProcessor and
+  PadToSquare make it: the background (mask < 0.5) replaced by uniform noise, cropped to the
+  mask's bounding box, padded to a square with black. uint8 [S, S, 3]."""
+  inside = mask >= 0.5
+  noise = rng.integers(0, 255, image.shape, dtype=np.uint8)
+  out = np.where(inside[..., None], image, noise).astype(np.uint8)
+  ys, xs = np.nonzero(inside)
+  if len(ys):
+    out = out[ys.min(): ys.max() + 1, xs.min(): xs.max() + 1]
+  return pad_to_square(out)
+
+
+def subject_pixels_from_file(path, processor) -> np.ndarray:
+  """A subject image file (the subject, segmented or cropped) as the encoder's input
+  [S, S, 3]: padded to a square with black, then the image encoder's preprocessing."""
+  return preprocess_image(pad_to_square(img_ops.load_image(Path(path))), processor)
 
 
 def pool_masks(masks: np.ndarray, factor: int) -> np.ndarray:
@@ -186,7 +196,7 @@ class Augment(grain.transforms.RandomMap):
     pixels = np.zeros((self.max_subjects, s[0], s[1], 3), np.float32)
     small = np.zeros((self.max_subjects, r // f, r // f), np.float32)
     for slot, k in enumerate(kept):
-      pixels[slot] = preprocess_image(subject_crop(np.ascontiguousarray(image), masks[k]),
+      pixels[slot] = preprocess_image(subject_crop(np.ascontiguousarray(image), masks[k], rng),
                                       self.processor)
       small[slot] = pool_masks(masks[k: k + 1], f)[0]
     loss_mask = np.ones((r // f, r // f, 1), np.float32)

@@ -455,10 +455,11 @@ def sampling_prompts(prompts, image_paths) -> list[str]:
   return prompts
 
 
-def for_sampling(result: Result, pipe, image_paths, start_merge_step: int | None = None,
-                 resolution: int | None = None) -> ForSampling:
+def for_sampling(result: Result, pipe, image_paths, start_merge_step: int | None = None
+                 ) -> ForSampling:
   """Params, tokenizer, conditioning hook and inputs that sample `pipe` with a result and the
-  subject images (in marker order). Without images: the plain text path (markers removed by the
+  subject images (in marker order; each the subject segmented or cropped, padded to a square
+  with black as the reference does). Without images: the plain text path (markers removed by the
   caller), the trained UNet untouched by any subject."""
   from persona_jax.data import fastcomposer as fc_data
   from persona_jax.methods.base import MethodConditioning
@@ -485,9 +486,8 @@ def for_sampling(result: Result, pipe, image_paths, start_merge_step: int | None
                       f"{config.max_subjects}")
   pixels = np.zeros((1, config.max_subjects) + (parts.conditioning.clip.image_size,) * 2 + (3,),
                     np.float32)
-  resolution = resolution or int(result.meta.get("resolution", 512))
   for k, image_path in enumerate(image_paths):
-    pixels[0, k] = fc_data.subject_pixels_from_file(image_path, resolution, parts.processor)
+    pixels[0, k] = fc_data.subject_pixels_from_file(image_path, parts.processor)
   method = Method(name=FASTCOMPOSER, added_tokens=(IMAGE_TOKEN,),
                   latent_conditioning=parts.conditioning)
   start = config.start_merge_step if start_merge_step is None else start_merge_step

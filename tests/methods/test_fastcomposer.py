@@ -431,3 +431,19 @@ def test_augment_drops_and_masks():
   union = (out[fc.SUBJECT_MASKS].max(axis=0) > 0).astype(np.float32)
   np.testing.assert_array_equal(out["mask"][..., 0], union)
   assert 0 < union.mean() < 1
+
+
+def test_subject_crop_is_the_references():
+  """Background noise, the mask's bounding box, padded to a square with black."""
+  image = np.full((8, 8, 3), 200, np.uint8)
+  mask = np.zeros((8, 8), np.float32)
+  mask[2:4, 1:7] = 1                        # 2 x 6 box
+  mask[3, 1] = 0                            # one background pixel inside the box
+  crop = fc_data.subject_crop(image, mask, np.random.default_rng(0))
+  assert crop.shape == (6, 6, 3)
+  np.testing.assert_array_equal(crop[:2], 0)                   # black padding above
+  np.testing.assert_array_equal(crop[4:], 0)                   # and below
+  assert (crop[2:4] == 200).all(axis=-1).sum() == 11
+  assert not (crop[3, 0] == 200).all()                         # noise in the background
+  np.testing.assert_array_equal(fc_data.pad_to_square(np.ones((2, 4, 3), np.uint8))[:, :, 0],
+                                [[0] * 4, [1] * 4, [1] * 4, [0] * 4])
