@@ -94,7 +94,7 @@ def _sample(args) -> int:
   if instantbooth_result is not None:
     from persona_jax.methods import instantbooth
     sampling = instantbooth.for_sampling(instantbooth_result, pipe, args.image, args.beta,
-                                         args.alpha)
+                                         args.alpha, prompts=args.prompt)
     params, conditioning, inputs, unet_options = (sampling.params, sampling.conditioning,
                                                   sampling.inputs, sampling.unet_options)
   if args.ip_adapter is not None:

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -56,6 +57,8 @@ from persona_jax.models.clip_vision import CLIPVisionModel
 from persona_jax.models.configs import CLIPVisionConfig
 from persona_jax.models.extra_conditioning import ExtraConditioning, per_example
 from persona_jax.models.norms import LayerNorm
+
+log = logging.getLogger(__name__)
 
 INSTANTBOOTH = "instantbooth"
 RESULT_FILE = "instantbooth.safetensors"
@@ -398,9 +401,21 @@ def image_pixels(image_paths, processor) -> np.ndarray:
   return np.stack(out)[None]
 
 
+def prompts_without_identifier(prompts, tokenizer, identifier: int) -> list[str]:
+  """The prompts where the identifier's token (id) does not occur: the concept token has no
+  place there (only the adapters see the images)."""
+  from persona_jax.tokenizer import tokenize
+  prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+  if not prompts:
+    return []
+  ids = tokenize(tokenizer, prompts)
+  return [p for p, row in zip(prompts, ids) if identifier not in row]
+
+
 def for_sampling(result: Result, pipe, image_paths, beta: float | None = None,
-                 alpha: float | None = None) -> ForSampling:
-  """Params, conditioning hook and inputs that sample `pipe` with a result and 1+ images."""
+                 alpha: float | None = None, prompts=None) -> ForSampling:
+  """Params, conditioning hook and inputs that sample `pipe` with a result and 1+ images;
+  `prompts` (optional) are checked for the identifier (a warning per prompt without it)."""
   from persona_jax.methods.base import MethodConditioning
   if not image_paths:
     raise ConfigError("InstantBooth samples from one or more subject images (--image PATH)")
@@ -424,6 +439,11 @@ def for_sampling(result: Result, pipe, image_paths, beta: float | None = None,
       raise ModelFileError(f"{result.path}: its adapters do not fit this UNet; it was trained on "
                            f"{result.meta.get('base_model')}")
   method = Method(name=INSTANTBOOTH, latent_conditioning=parts.conditioning)
+  for prompt in prompts_without_identifier(prompts or [], pipe.tokenizer,
+                                           parts.conditioning.identifier_id):
+    log.warning("prompt '%s' does not contain the identifier '%s': the concept token is not used "
+                "(write it before the class noun, e.g. 'a photo of %s dog')", prompt,
+                config.identifier, config.identifier)
   pixels = image_pixels(image_paths, parts.processor)
   inputs = {CLIP_PIXELS: pixels,
             BETA: np.float32([config.beta if beta is None else beta]),

@@ -352,3 +352,6 @@ def test_config_errors(run):
             params, tok, run.pipe.unet_config)
   with pytest.raises(ConfigError, match="one or more subject images"):
     ib.for_sampling(None, run.pipe, [])
+  sks = run.method.latent_conditioning.identifier_id
+  assert ib.prompts_without_identifier(["a sks ball", "a ball", "sks"], run.pipe.tokenizer,
+                                       sks) == ["a ball"]
