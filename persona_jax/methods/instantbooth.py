@@ -281,8 +281,9 @@ def build_parts(config: InstantBoothConfig, base_params, tokenizer_dir) -> Parts
 def init_heads(rng, config: InstantBoothConfig, clip_width: int, text_width: int) -> dict:
   """{concept, patch: {kernel [Dv, D] (lecun normal), bias [D] zeros}} of the branches on."""
   out = {}
-  for i, name in enumerate(("concept", "patch")):
-    if getattr(config, f"{name}_token" if name == "concept" else "patch_tokens"):
+  for i, (name, on) in enumerate((("concept", config.concept_token),
+                                  ("patch", config.patch_tokens))):
+    if on:
       kernel = jax.random.normal(jax.random.fold_in(rng, i), (clip_width, text_width))
       out[name] = {"kernel": kernel / math.sqrt(clip_width),
                    "bias": jnp.zeros((text_width,), jnp.float32)}
