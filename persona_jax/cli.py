@@ -219,6 +219,15 @@ def _add_single_file_flags(p) -> None:
                       "(standard SD 1.x/2.x widths are then inferred from the weights)")
 
 
+def _import_fastcomposer(args) -> int:
+  from persona_jax.default_model import resolve_model
+  from persona_jax.methods.fastcomposer_official import import_official
+  path = import_official(args.checkpoint, resolve_model(args.model), args.image_encoder, args.out,
+                         allow_pickle=args.allow_pickle)
+  print(path)
+  return 0
+
+
 def _make_class_images(args) -> int:
   from persona_jax.class_images import make_class_images
   from persona_jax.default_model import resolve_model
@@ -439,6 +448,19 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--allow-pickle", action="store_true", help="read .bin/.ckpt files (trusted only)")
   p.add_argument("--out", required=True, type=Path, help="output folder")
   p.set_defaults(func=_sample)
+
+  p = sub.add_parser("import-fastcomposer",
+                     help="the official FastComposer release (pytorch_model.bin) as a result "
+                          "`sample --fastcomposer OUT` reads")
+  p.add_argument("checkpoint", type=Path, help="the release's pytorch_model.bin (or .safetensors)")
+  p.add_argument("--model", required=True,
+                 help="the base model it was trained from (a Stable Diffusion 1.5 diffusers folder)")
+  p.add_argument("--image-encoder", required=True, type=Path, metavar="DIR",
+                 help="the CLIP image encoder it was trained from: a CLIPVisionModelWithProjection "
+                      "folder of openai/clip-vit-large-patch14")
+  p.add_argument("--out", required=True, type=Path, help="output folder")
+  p.add_argument("--allow-pickle", action="store_true", help="read a .bin file (trusted only)")
+  p.set_defaults(func=_import_fastcomposer)
 
   p = sub.add_parser("make-class-images",
                      help="sample class images for prior preservation (resumable: tops up OUT)")

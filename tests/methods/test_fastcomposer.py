@@ -14,6 +14,7 @@ import optax
 import pytest
 
 from persona_jax import ConfigError, tree
+from persona_jax.errors import ModelFileError
 from persona_jax.cli import main
 from persona_jax.data import fastcomposer as fc_data
 from persona_jax.data.images import DataError
@@ -447,3 +448,69 @@ def test_subject_crop_is_the_references():
   assert not (crop[3, 0] == 200).all()                         # noise in the background
   np.testing.assert_array_equal(fc_data.pad_to_square(np.ones((2, 4, 3), np.uint8))[:, :, 0],
                                 [[0] * 4, [1] * 4, [1] * 4, [0] * 4])
+
+
+def torch_layer_norm(x, w, b, eps=1e-5):
+  mean = x.mean(-1, keepdims=True)
+  return (x - mean) / np.sqrt(((x - mean) ** 2).mean(-1, keepdims=True) + eps) * w + b
+
+
+def torch_postfuse(sd, text, image):
+  """The reference's FastComposerPostfuseModule.fuse_fn on its own state dict (Linear: x W^T + b)."""
+  def mlp(name, x, residual):
+    h = torch_layer_norm(x, sd[f"{name}.layernorm.weight"], sd[f"{name}.layernorm.bias"])
+    h = h @ sd[f"{name}.fc1.weight"].T + sd[f"{name}.fc1.bias"]
+    h = np.asarray(jax.nn.gelu(h, approximate=False))
+    h = h @ sd[f"{name}.fc2.weight"].T + sd[f"{name}.fc2.bias"]
+    return h + x if residual else h
+  h = mlp("mlp1", np.concatenate([text, image], -1), False) + text
+  h = mlp("mlp2", h, True)
+  return torch_layer_norm(h, sd["layer_norm.weight"], sd["layer_norm.bias"])
+
+
+def test_official_checkpoint_imports(full, model_dir, encoder_dir, tmp_path):
+  """A FastComposerModel state dict in the official layout (unet., image_encoder., postfuse_module.,
+  text_encoder. and vae. ignored) becomes our result: the same UNet and image encoder, and a fuse
+  MLP computing the reference's fuse_fn."""
+  from persona_jax.convert.diffusers import params_to_state_dict
+  from persona_jax.convert.files import write_safetensors
+  from persona_jax.methods.fastcomposer_official import import_official
+  rng = np.random.default_rng(0)
+  noisy = lambda tree_: jax.tree.map(
+      lambda x: np.asarray(x) + 0.01 * rng.standard_normal(np.shape(x)).astype(np.float32), tree_)
+  unet, image = noisy(full.pipe.params["unet"]), noisy(full.components["image_encoder"])
+  postfuse = {}
+  for name, dims in (("mlp1", (48, 32)), ("mlp2", (32, 32))):     # text 32 + image 16
+    postfuse[f"{name}.layernorm.weight"] = 1 + 0.1 * rng.standard_normal(dims[0])
+    postfuse[f"{name}.layernorm.bias"] = 0.1 * rng.standard_normal(dims[0])
+    postfuse[f"{name}.fc1.weight"] = 0.2 * rng.standard_normal((32, dims[0]))
+    postfuse[f"{name}.fc1.bias"] = 0.1 * rng.standard_normal(32)
+    postfuse[f"{name}.fc2.weight"] = 0.2 * rng.standard_normal((32, 32))
+    postfuse[f"{name}.fc2.bias"] = 0.1 * rng.standard_normal(32)
+  postfuse["layer_norm.weight"] = 1 + 0.1 * rng.standard_normal(32)
+  postfuse["layer_norm.bias"] = 0.1 * rng.standard_normal(32)
+  postfuse = {k: v.astype(np.float32) for k, v in postfuse.items()}
+  state = {**params_to_state_dict(unet, prefix="unet."),
+           **params_to_state_dict(image, prefix="image_encoder."),
+           **{f"postfuse_module.{k}": v for k, v in postfuse.items()},
+           "text_encoder.final_layer_norm.weight": np.ones(32, np.float32)}
+  write_safetensors(tmp_path / "pytorch_model.safetensors", state)
+  out = tmp_path / "imported"
+  assert main(["import-fastcomposer", str(tmp_path / "pytorch_model.safetensors"), "--model",
+               str(model_dir), "--image-encoder", str(encoder_dir), "--out", str(out)]) == 0
+  result = fc.load_result(out)
+  assert result.config.variant == "full" and result.config.max_subjects == 4
+  s = fc.for_sampling(result, full.pipe, [])
+  for path, value in {**tree.flatten({"unet": unet, "image_encoder": image})}.items():
+    np.testing.assert_array_equal(np.asarray(tree.flatten(s.params)[path]), value, err_msg=path)
+  text = rng.standard_normal((3, 32)).astype(np.float32)
+  embeds = rng.standard_normal((3, 16)).astype(np.float32)
+  fuse = tree.unflatten({p[len("fastcomposer/fuse/"):]: v for p, v in result.weights.items()
+                         if p.startswith("fastcomposer/fuse/")})
+  got = fc.PostfuseModule(32).apply({"params": fuse}, text, embeds)
+  np.testing.assert_allclose(np.asarray(got), torch_postfuse(postfuse, text, embeds), atol=1e-5)
+  state["postfuse_module.mlp3.fc1.weight"] = np.ones((2, 2), np.float32)
+  write_safetensors(tmp_path / "bad" / "pytorch_model.safetensors", state)
+  with pytest.raises(ModelFileError, match="unexpected tensor 'postfuse_module.mlp3.fc1.weight'"):
+    import_official(tmp_path / "bad" / "pytorch_model.safetensors", model_dir, encoder_dir,
+                    tmp_path / "bad_out")
