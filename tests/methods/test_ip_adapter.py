@@ -17,6 +17,7 @@ from persona_jax.methods.base import CLIP_PIXELS, IDS
 from persona_jax.models.extra_conditioning import ExtraConditioning
 from persona_jax.train import loop
 from tests.methods.test_e4t import write_image_encoder, write_model
+from tests.markers import slow
 from tests.runs import _merge, fixed_batch_trajectory, one_device_mesh
 
 TRANSFORMERS = ["down_blocks_0/attentions_0", "up_blocks_1/attentions_0",
@@ -113,7 +114,6 @@ def probe(run):
     out["scale0"] = unet(params["unet"], ExtraConditioning(ip_tokens=tokens, ip_scale=0.0))
     out["scales"] = unet(params["unet"], ExtraConditioning(ip_tokens=tokens,
                                                            ip_scale=jnp.asarray([0.0, 1.0])))
-    out["on"] = unet(params["unet"], ExtraConditioning(ip_tokens=tokens))
     # to_k_ip/to_v_ip = to_k/to_v and the text as image tokens: Attn + Attn = 2 Attn, i.e. the
     # base with every attn2 to_out_0 kernel doubled.
     out["self"] = unet(params["unet"], ExtraConditioning(ip_tokens=ctx))
@@ -137,8 +137,10 @@ def probe(run):
                                dict(inputs(px), ip_scale=jnp.asarray([0.7])))
       c, u = prepared.at(0)
       out[name] = ip_unet.apply({"params": params["unet"]}, noisy[:1], t[:1], **c)
-      out[name + "_uncond"] = ip_unet.apply({"params": params["unet"]}, noisy[:1], t[:1], **u)
-      out[name + "_tokens"] = c["extra"].ip_tokens
+      if name == "one":
+        out["one_uncond"] = ip_unet.apply({"params": params["unet"]}, noisy[:1], t[:1], **u)
+      out[name + "_tokens"], out[name + "_negative"] = c["extra"].ip_tokens, u["extra"].ip_tokens
+      out[name + "_scales"] = (c["extra"].ip_scale, u["extra"].ip_scale)
     return out
   out = jax.device_get(go(params, batch))
   # The base in its own program (one program holding both may fuse them differently).
@@ -150,8 +152,7 @@ def probe(run):
 def test_branch_off_reproduces_the_base_exactly(probe):
   np.testing.assert_array_equal(probe["scale0"], probe["base"])
   np.testing.assert_array_equal(probe["scales"][0], probe["base"][0])      # per-example scale
-  np.testing.assert_array_equal(probe["scales"][1], probe["on"][1])
-  assert np.abs(probe["on"] - probe["base"]).max() > 1e-3
+  assert np.abs(probe["scales"][1] - probe["base"][1]).max() > 1e-3
 
 
 def test_decoupled_attention_on_its_own(probe):
@@ -191,8 +192,73 @@ def test_two_identical_images_give_the_one_image_result(probe):
   """Several images: their tokens concatenated (diffusers' multi-image handling)."""
   assert probe["one_tokens"].shape == (1, 4, 32) and probe["two_tokens"].shape == (1, 8, 32)
   np.testing.assert_allclose(probe["two"], probe["one"], rtol=0, atol=1e-5)
-  np.testing.assert_allclose(probe["two_uncond"], probe["one_uncond"], rtol=0, atol=1e-5)
+  # The negative half: the zeros' tokens, once per image, at the same traced scale.
+  np.testing.assert_array_equal(probe["two_negative"],
+                                np.concatenate([probe["one_negative"]] * 2, axis=1))
+  np.testing.assert_allclose(probe["one_negative"][0], probe["zeros"], rtol=0, atol=1e-5)
+  for s in probe["one_scales"]:
+    np.testing.assert_allclose(s, [0.7])
   assert np.abs(probe["one"] - probe["one_uncond"]).max() > 1e-4
+
+
+PLUS_PROJECTION = (
+    [f"ip_adapter/image_proj/{leaf}" for leaf in (
+        "latents", "proj_in/kernel", "proj_in/bias", "proj_out/kernel", "proj_out/bias",
+        "norm_out/scale", "norm_out/bias")]
+    + [f"ip_adapter/image_proj/layers_0_attn/{leaf}" for leaf in (
+        "norm1/scale", "norm1/bias", "norm2/scale", "norm2/bias", "to_q/kernel", "to_kv/kernel",
+        "to_out/kernel")]
+    + [f"ip_adapter/image_proj/layers_0_ff/{leaf}" for leaf in (
+        "norm/scale", "norm/bias", "fc1/kernel", "fc2/kernel")])
+
+
+def method_for(run, **options):
+  """The method of `run`'s base with other options, and its initial trainable leaves."""
+  from persona_jax.methods.registry import make_method
+  method = make_method("ip_adapter", dict(run.config.method_options, **options), run.pipe.params,
+                       run.pipe.tokenizer_dir, run.pipe.unet_config)
+  return method, method.init_trainable(jax.random.PRNGKey(0), run.pipe.params)
+
+
+@pytest.fixture(scope="module")
+def plus_run(model_dir, encoder_dir):
+  """The Plus variant: a one-layer resampler over the penultimate layer's 5 tokens."""
+  return loop.build(ip_config(model_dir, encoder_dir, method=dict(kind="plus", depth=1)),
+                    mesh=one_device_mesh())
+
+
+def test_plus_trainable_set_is_literal(run):
+  """Nothing of the base trains (no select rules): the trainable leaves are the added ones."""
+  method, trainable = method_for(run, kind="plus", depth=1)
+  assert method.select == ()
+  assert set(tree.paths(trainable)) == set(PLUS_PROJECTION + IP_LAYERS)
+  flat = tree.flatten(trainable)
+  assert flat["ip_adapter/image_proj/latents"].shape == (1, 16, 32)        # 16 queries
+  assert flat["ip_adapter/image_proj/proj_in/kernel"].shape == (16, 32)    # hidden_size 16 -> 32
+  assert flat["ip_adapter/image_proj/layers_0_attn/to_q/kernel"].shape == (32, 64)   # 1 head of 64
+
+
+@slow
+def test_plus_training_bar(plus_run):
+  """The bar for the Plus variant (its own train-step compilation: slow only)."""
+  trajectory = fixed_batch_trajectory(plus_run, steps=4)
+  init, trained = tree.flatten(plus_run.trainable), tree.flatten(trajectory["trained"])
+  still = [p for p in init if np.array_equal(np.asarray(trained[p]), np.asarray(init[p]))]
+  assert not still, f"{still[:3]} never got a gradient"
+  assert trajectory["loss_end"] < trajectory["loss0"]
+  for a, b in zip(jax.tree.leaves(trajectory["after_lr0"]), jax.tree.leaves(plus_run.trainable)):
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+  for a, b in zip(jax.tree.leaves(trajectory["frozen_before"]), jax.tree.leaves(plus_run.frozen)):
+    assert np.array_equal(a, np.asarray(b))
+
+
+def test_training_starts_from_an_official_file(run, exported):
+  """method.pretrained: the file's leaves are the initial trainable state."""
+  file, trained = exported
+  _, start = method_for(run, pretrained=str(file))
+  assert set(tree.flatten(start)) == set(tree.flatten(trained))
+  for path, value in tree.flatten(trained).items():
+    np.testing.assert_array_equal(np.asarray(tree.flatten(start)[path]), value, err_msg=path)
 
 
 # ---------------------------------------------------------------------------------------------
