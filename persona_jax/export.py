@@ -19,6 +19,10 @@ another tool reads (formats.md 4). Which formats fit depends on the run's method
                                   OUT/<new1>.safetensors per modifier token (load_textual_inversion)
                       merged      OUT/ a full diffusers folder whose UNet holds the new K/V (loads
                                   everywhere) and OUT/tokens/<new1>.safetensors
+  ip_adapter          diffusers   OUT/ip_adapter.safetensors (the official layout) and
+                                  OUT/image_encoder/ (the run's CLIP image encoder):
+                                  `pipe.load_ip_adapter(OUT, subfolder="", weight_name=
+                                  "ip_adapter.safetensors", image_encoder_folder="image_encoder")`
   e4t (tune)          diffusers   OUT/ a full diffusers folder (the tuned UNet with the weight
                                   offsets merged) and OUT/e4t_embedding/learned_embeds.safetensors:
                                   the placeholder's embedding for the run's image at one stated
@@ -56,6 +60,7 @@ FORMATS = {
     "dreambooth": ("diffusers", "single-file"),
     "custom_diffusion": ("diffusers", "merged"),
     "e4t": ("diffusers",),
+    "ip_adapter": ("diffusers",),
 }
 CUSTOM_DIFFUSION_FILE = "pytorch_custom_diffusion_weights"
 ALL_FORMATS = ("diffusers", "kohya", "a1111", "single-file", "merged")
@@ -87,6 +92,8 @@ def export(workdir, fmt: str, out, *, base_single_file=None, timestep: int | Non
   extra = {}
   if method == "e4t":
     written, extra["e4t_embedding"] = _e4t(workdir, config, out, base, timestep)
+  elif method == "ip_adapter":
+    written = _ip_adapter(workdir, out)
   elif method == "dreambooth" and fmt == "single-file":
     from persona_jax.convert.single_file import save_single_file
     from persona_jax.pipeline import load_pipeline
@@ -250,3 +257,18 @@ def _e4t(workdir: Path, config: dict, out: Path, base: Path, timestep: int | Non
                                    metadata={"timestep": t, "image": str(image), "note": note})
   return [merged, path], {"token": token, "timestep": t, "image": str(image), "file": str(path),
                           "note": note}
+
+
+def _ip_adapter(workdir: Path, out: Path) -> list[Path]:
+  """The run's ip_adapter.safetensors (already the official layout) and its image encoder."""
+  from persona_jax.methods import ip_adapter
+  source = _result(workdir, ip_adapter.RESULT_FILE)
+  encoder = ip_adapter.file_metadata(source).get("image_encoder")
+  if not encoder or not Path(encoder).is_dir():
+    raise ModelFileError(f"{source}: its image encoder folder ({encoder}) is gone; copy "
+                         f"{source.name} and pass the encoder to load_ip_adapter yourself")
+  path = out / ip_adapter.RESULT_FILE
+  shutil.copyfile(source, path)
+  encoder_out = out / "image_encoder"
+  shutil.copytree(encoder, encoder_out, dirs_exist_ok=True)
+  return [path, encoder_out]

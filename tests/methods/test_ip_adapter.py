@@ -4,6 +4,8 @@ branch off and the decoupled attention on its own, the condition drops, several 
 official file layout both ways against diffusers' `load_ip_adapter` (basic and plus). The sd1
 preset with one layer per block and a tiny random CLIP image encoder (tests/methods/test_e4t.py)."""
 
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -374,8 +376,45 @@ def test_sample_command_with_two_images(exported, tmp_path, capsys):
   assert "--ip-adapter needs --image PATH" in capsys.readouterr().err
 
 
-def test_pickled_file_needs_opt_in(tmp_path):
+def test_pickled_file_needs_opt_in(exported, tmp_path):
+  """The official .bin ({"image_proj": {...}, "ip_adapter": {...}}, a torch pickle) is read only
+  with allow_pickle, and then gives the safetensors file's state."""
   from persona_jax.errors import PickleRefusedError
-  (tmp_path / "ip-adapter_sd15.bin").write_bytes(b"not read")
+  from tests.torch_reference import require_torch
+  torch = require_torch()
+  state = ipa.read_official(exported[0])
+  nested = {group: {k[len(group) + 1:]: torch.from_numpy(v) for k, v in state.items()
+                    if k.startswith(group + ".")} for group in ("image_proj", "ip_adapter")}
+  path = tmp_path / "ip-adapter_sd15.bin"
+  torch.save(nested, str(path))
   with pytest.raises(PickleRefusedError, match="refusing to load a pickle file"):
-    ipa.read_official(tmp_path / "ip-adapter_sd15.bin")
+    ipa.read_official(path)
+  back = ipa.read_official(path, allow_pickle=True)
+  assert set(back) == set(state)
+  for k, v in state.items():
+    np.testing.assert_array_equal(back[k], v, err_msg=k)
+
+
+def test_export_command_writes_the_file_and_its_image_encoder(run, exported, tmp_path):
+  """`export WORKDIR --format diffusers`: the official file and OUT/image_encoder/, which
+  diffusers' load_ip_adapter(..., image_encoder_folder="image_encoder") loads too."""
+  import shutil
+
+  from persona_jax.train.loop import _write_config
+  from tests.torch_reference import require_torch
+  require_torch()
+  file, _ = exported
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  _write_config(workdir, run.config)
+  shutil.copyfile(file, workdir / ipa.RESULT_FILE)
+  out = tmp_path / "exported"
+  assert main(["export", str(workdir), "--format", "diffusers", "--out", str(out)]) == 0
+  assert (out / ipa.RESULT_FILE).read_bytes() == Path(file).read_bytes()
+  import torch
+  from diffusers import StableDiffusionPipeline
+  pipe = StableDiffusionPipeline.from_pretrained(run.model_dir, safety_checker=None,
+                                                 local_files_only=True, dtype=torch.float32)
+  pipe.load_ip_adapter(str(out), subfolder="", weight_name=ipa.RESULT_FILE,
+                       image_encoder_folder="image_encoder")
+  assert pipe.image_encoder is not None and pipe.image_encoder.config.projection_dim == 16
