@@ -436,7 +436,7 @@ class ForSampling:
   """What `text_to_image` needs to sample with a FastComposer result and subject images."""
   params: dict
   tokenizer: object
-  conditioning: object       # MethodConditioning
+  conditioning: object       # MethodConditioning (None: the text sampler)
   inputs: dict               # {"subject_pixels": [1, K, S, S, 3], "start_merge_step": [1]}
   method: Method
 
@@ -478,9 +478,9 @@ def for_sampling(result: Result, pipe, image_paths, start_merge_step: int | None
               pipe.tokenizer_dir, pipe.unet_config)
   params = made.transform(frozen, trainable)
   tokenizer = tokenizer_with_tokens(pipe.tokenizer_dir, (IMAGE_TOKEN,))
-  if not image_paths:
-    return ForSampling(params, tokenizer, MethodConditioning(Method(name=FASTCOMPOSER)), {},
-                       Method(name=FASTCOMPOSER))
+  if not image_paths:        # the plain text path: the pipeline's components, the text sampler
+    plain = {k: params[k] for k in ("unet", "text_encoder", "vae")}
+    return ForSampling(plain, tokenizer, None, {}, Method(name=FASTCOMPOSER))
   if len(image_paths) > config.max_subjects:
     raise ConfigError(f"--image: {len(image_paths)} subject images, this model takes at most "
                       f"{config.max_subjects}")
