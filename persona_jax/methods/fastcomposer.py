@@ -36,7 +36,16 @@ Data (`data/fastcomposer.py`): image, caption with markers, one mask per marker;
 subject crops, K = `max_subjects`, zeros where absent) and `subject_masks` [B, K, h, w].
 
 Result WORKDIR/fastcomposer.safetensors: every trained leaf by path (float32), metadata: the
-format, the base model, the image encoder folder and the method options.
+format, the base model, the image encoder folder and the method options. The official release
+becomes one with `persona-jax import-fastcomposer` (methods/fastcomposer_official.py).
+
+Differences from the reference: the masked denoising loss is drawn per example (the reference:
+one draw per batch) and averaged over the masked area (the reference: over the whole latent,
+masked-out positions counting as zero error); the union mask is box-pooled to the latent size
+and binarized (the reference: bilinear, soft); the subject crops get no random augmentation
+(the reference's `--no_object_augmentation`); the image embedding is visual_projection of the
+pooled output, or the pooled output itself for an encoder without a projection (then the fuse
+MLP's input width follows it).
 """
 
 from __future__ import annotations
