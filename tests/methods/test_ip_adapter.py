@@ -355,10 +355,15 @@ def test_official_file_written_by_torch_loads_and_matches_diffusers(run, model_d
   assert config.kind == kind
   if kind == "plus":
     assert (config.num_tokens, config.depth, config.heads, config.image_dim, config.ff_mult) == (4, 4, 1, 16, 4)
-  assert main(["verify", str(model_dir), "--ip-adapter", str(file), "--image-encoder",
-               str(encoder_dir)]) == 0
+  if kind == "basic":           # the command, with 3 DDIM steps against diffusers' pipeline
+    assert main(["verify", str(model_dir), "--ip-adapter", str(file), "--image-encoder",
+                 str(encoder_dir)]) == 0
+  else:                         # the same check without the steps (one sampler compilation)
+    from persona_jax.verify_ip_adapter import verify_ip_adapter
+    assert verify_ip_adapter(model_dir, file, image_encoder=encoder_dir, sampling_steps=0)
   out = capsys.readouterr().out
   assert f"ip_adapter({kind}).unet (scale 0.6)" in out and "image_encoder.image_embeds" in out
+  assert (f"ip_adapter({kind}).ddim 3 steps, cfg 7.5: latents" in out) == (kind == "basic")
   assert out.strip().endswith("PASS")
 
 
