@@ -17,13 +17,28 @@ import jax.numpy as jnp
 from persona_jax.convert import diffusers as convert
 from persona_jax.convert.files import read_weights, write_json, write_safetensors
 from persona_jax.data.clip_images import PROCESSOR_FILE, CLIPImageProcessorConfig
-from persona_jax.errors import ModelFileError
+from persona_jax.errors import ConfigError, ModelFileError
 from persona_jax.models.clip_vision import CLIPVisionModel
 from persona_jax.models.configs import CLIPVisionConfig, read_json
 
 CONFIG_FILE = "config.json"
 WEIGHTS_STEM = "model"
 WITH_PROJECTION = "CLIPVisionModelWithProjection"
+
+
+def image_encoder_dir(image_encoder: str, tokenizer_dir) -> Path:
+  """The image encoder a method uses: `image_encoder` (a method's `image_encoder` option) when
+  set, else the base model's `image_encoder/` (the model is the folder holding `tokenizer_dir`)."""
+  if image_encoder:
+    return Path(image_encoder)
+  model = Path(tokenizer_dir).parent if tokenizer_dir is not None else None
+  if model is None or not (model / "model_index.json").is_file():
+    raise ConfigError("method.image_encoder: set the CLIP image encoder folder (this base model "
+                      "is not a diffusers folder that could hold image_encoder/)")
+  if not (model / "image_encoder" / "config.json").is_file():
+    raise ConfigError(f"method.image_encoder: {model} has no image_encoder/; pass a "
+                      "CLIPVisionModel folder with --config.method.image_encoder=PATH")
+  return model / "image_encoder"
 
 
 def abstract_params(config: CLIPVisionConfig):

@@ -29,6 +29,7 @@ import numpy as np
 
 from persona_jax import tree
 from persona_jax.errors import ConfigError, ModelFileError
+from persona_jax.methods import result_file
 from persona_jax.methods.base import Method
 from persona_jax.methods.textual_inversion import TOKENS, check_new_tokens, embed_with_new_rows
 from persona_jax.tokenizer import load_tokenizer
@@ -60,17 +61,12 @@ def select_rules(config: CustomDiffusionConfig):
 def save_result(run, trainable, workdir):
   """WORKDIR/custom_diffusion.safetensors: the trained tree (float32) by path; metadata: the
   format, the base model, the concepts [{token, prompt}] and the method options."""
-  from persona_jax.convert.files import write_safetensors
   from persona_jax.data.pipeline import concept_configs
   tokens = run.method.added_tokens
   prompts = [c.prompt for c in concept_configs(run.config.data)]
   concepts = [{"token": t, "prompt": next((p for p in prompts if t in p), "")} for t in tokens]
-  flat = {p: np.asarray(v, np.float32) for p, v in tree.flatten(trainable).items()}
-  path = Path(workdir) / RESULT_FILE
-  write_safetensors(path, flat, {"format": FORMAT, "base_model": str(run.model_dir),
-                                 "concepts": json.dumps(concepts),
-                                 "method": json.dumps(dict(run.config.method_options), default=str)})
-  return [str(path)]
+  return result_file.write(workdir, RESULT_FILE, trainable, result_file.run_metadata(
+      run, FORMAT, concepts=json.dumps(concepts)))
 
 
 @dataclasses.dataclass
@@ -85,24 +81,11 @@ class Result:
 
 def load_result(path) -> Result:
   """Reads WORKDIR/custom_diffusion.safetensors (or a folder holding it)."""
-  from safetensors import safe_open
-
-  from persona_jax.convert.files import read_safetensors
-  path = Path(path)
-  if path.is_dir():
-    path = path / RESULT_FILE
-  if not path.is_file():
-    raise ModelFileError(f"{path}: no Custom Diffusion result here (expected {RESULT_FILE} "
-                         "written by a custom_diffusion run)")
-  with safe_open(str(path), "np") as f:
-    meta = f.metadata() or {}
-  if meta.get("format") != FORMAT:
-    raise ModelFileError(f"{path}: not a persona_jax Custom Diffusion result (metadata format "
-                         f"{meta.get('format')!r}, expected {FORMAT!r})")
-  flat = read_safetensors(path)
+  read = result_file.read(path, RESULT_FILE, FORMAT, "Custom Diffusion", "a custom_diffusion run")
+  flat = dict(read.weights)
   tokens = flat.pop(TOKENS, np.zeros((0, 0), np.float32))
-  return Result(path, flat, tokens, json.loads(meta.get("concepts", "[]")),
-                meta.get("base_model", ""))
+  return Result(read.path, flat, tokens, json.loads(read.meta.get("concepts", "[]")),
+                read.meta.get("base_model", ""))
 
 
 def make(config: CustomDiffusionConfig, base_params, tokenizer_dir=None, unet_config=None) -> Method:

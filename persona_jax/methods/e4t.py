@@ -37,7 +37,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib.resources
-import json
 import re
 from pathlib import Path
 
@@ -47,6 +46,8 @@ import numpy as np
 
 from persona_jax import tree
 from persona_jax.errors import ConfigError, ModelFileError
+from persona_jax.image_encoder import image_encoder_dir
+from persona_jax.methods import result_file
 from persona_jax.methods.base import CLIP_PIXELS, IDS, Method
 from persona_jax.models.clip_vision import CLIPVisionModel
 from persona_jax.models.configs import CLIPVisionConfig
@@ -214,19 +215,6 @@ class Parts:
   image_encoder_dir: Path
 
 
-def image_encoder_dir(config: E4TConfig, tokenizer_dir) -> Path:
-  if config.image_encoder:
-    return Path(config.image_encoder)
-  model = Path(tokenizer_dir).parent if tokenizer_dir is not None else None
-  if model is None or not (model / "model_index.json").is_file():
-    raise ConfigError("method.image_encoder: set the CLIP image encoder folder (this base model "
-                      "is not a diffusers folder that could hold image_encoder/)")
-  if not (model / "image_encoder" / "config.json").is_file():
-    raise ConfigError(f"method.image_encoder: {model} has no image_encoder/; pass a "
-                      "CLIPVisionModel folder with --config.method.image_encoder=PATH")
-  return model / "image_encoder"
-
-
 def clip_inputs(image, *, processor):
   """Data pipeline hook: uint8 [H, W, 3] -> {clip_pixels: [S, S, 3] float32}."""
   from persona_jax.data.clip_images import preprocess_image
@@ -249,7 +237,7 @@ def build_parts(config: E4TConfig, base_params, tokenizer_dir, unet_config) -> P
   (class_id,) = check_new_tokens(load_tokenizer(tokenizer_dir), (config.placeholder,),
                                  [config.class_word], table.shape[0],
                                  ("method.placeholder", "method.class_word"))
-  folder = image_encoder_dir(config, tokenizer_dir)
+  folder = image_encoder_dir(config.image_encoder, tokenizer_dir)
   clip_config, clip_params = load_image_encoder(folder)
   layers = clip_layers(clip_config)
   encoder = E4TEncoderConfig(len(layers), clip_config.hidden_size, encoder_feature_dim(unet_config),
@@ -365,51 +353,16 @@ def make(config: E4TConfig, base_params, tokenizer_dir=None, unet_config=None) -
 
 def save_result(run, trainable, workdir):
   """WORKDIR/e4t.safetensors: the trained leaves by path; metadata for sampling and export."""
-  from persona_jax.convert.files import write_safetensors
   options = E4TConfig(**run.config.method_options)
-  folder = image_encoder_dir(options, run.pipe.tokenizer_dir)
-  flat = {p: np.asarray(v, np.float32) for p, v in tree.flatten(trainable).items()}
-  path = Path(workdir) / RESULT_FILE
-  write_safetensors(path, flat, {
-      "format": FORMAT, "base_model": str(run.model_dir), "image_encoder": str(folder.absolute()),
-      "class_word": options.class_word, "placeholder": options.placeholder,
-      "resolution": str(run.config.data.resolution),
-      "method": json.dumps(dict(run.config.method_options), default=str)})
-  return [str(path)]
+  folder = image_encoder_dir(options.image_encoder, run.pipe.tokenizer_dir)
+  return result_file.write(workdir, RESULT_FILE, trainable, result_file.run_metadata(
+      run, FORMAT, image_encoder=str(folder.absolute()), class_word=options.class_word,
+      placeholder=options.placeholder))
 
 
-@dataclasses.dataclass
-class Result:
-  """An E4T result file read back."""
-  path: Path
-  weights: dict              # param path -> float32 array
-  meta: dict
-
-  @property
-  def config(self) -> E4TConfig:
-    """The run's method options, with the image encoder it used."""
-    values = {k: v for k, v in json.loads(self.meta.get("method", "{}")).items()
-              if k in {f.name for f in dataclasses.fields(E4TConfig)}}
-    return E4TConfig(**{**values, "image_encoder": self.meta.get("image_encoder", ""),
-                        "pretrained": ""})
-
-
-def load_result(path) -> Result:
-  """Reads WORKDIR/e4t.safetensors (or the file itself)."""
-  from safetensors import safe_open
-
-  from persona_jax.convert.files import read_safetensors
-  path = Path(path)
-  if path.is_dir():
-    path = path / RESULT_FILE
-  if not path.is_file():
-    raise ModelFileError(f"{path}: no E4T result here (expected {RESULT_FILE} written by an e4t run)")
-  with safe_open(str(path), "np") as f:
-    meta = f.metadata() or {}
-  if meta.get("format") != FORMAT:
-    raise ModelFileError(f"{path}: not a persona_jax E4T result (metadata format "
-                         f"{meta.get('format')!r}, expected {FORMAT!r})")
-  return Result(path, read_safetensors(path), meta)
+def load_result(path) -> result_file.Result:
+  """Reads WORKDIR/e4t.safetensors (or the file itself); `.config` is the run's E4TConfig."""
+  return result_file.read(path, RESULT_FILE, FORMAT, "E4T", "an e4t run", E4TConfig, pretrained="")
 
 
 @dataclasses.dataclass
@@ -431,7 +384,7 @@ def prepare_image(image_path, resolution: int, processor) -> np.ndarray:
   return clip_inputs(image, processor=processor)[CLIP_PIXELS][None]
 
 
-def for_sampling(result: Result, pipe, image_path) -> ForSampling:
+def for_sampling(result: result_file.Result, pipe, image_path) -> ForSampling:
   """Params, tokenizer, conditioning hook and inputs that sample `pipe` with an E4T result."""
   from persona_jax.methods.base import MethodConditioning
   from persona_jax.tokenizer import tokenizer_with_tokens

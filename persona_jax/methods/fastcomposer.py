@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -64,6 +63,8 @@ import numpy as np
 from persona_jax import tree
 from persona_jax.diffusion.sampling import PreparedConditioning
 from persona_jax.errors import ConfigError, ModelFileError
+from persona_jax.image_encoder import image_encoder_dir
+from persona_jax.methods import result_file
 from persona_jax.methods.base import IDS, Method
 from persona_jax.models import block_names
 from persona_jax.models.clip_vision import CLIPVisionModel
@@ -309,7 +310,6 @@ class Parts:
 def build_parts(config: FastComposerConfig, base_params, tokenizer_dir) -> Parts:
   from persona_jax.data.clip_images import load_image_processor
   from persona_jax.image_encoder import load_image_encoder
-  from persona_jax.methods.e4t import image_encoder_dir
   from persona_jax.tokenizer import load_tokenizer, tokenize
   if config.variant not in VARIANTS:
     raise ConfigError(f"method.variant: '{config.variant}' is not one of {', '.join(VARIANTS)}")
@@ -320,7 +320,7 @@ def build_parts(config: FastComposerConfig, base_params, tokenizer_dir) -> Parts
   if config.max_subjects < 1 or config.localization_layers < 1 or config.lora_rank < 1:
     raise ConfigError("method.max_subjects, method.localization_layers and method.lora_rank "
                       "must be >= 1")
-  folder = image_encoder_dir(config, tokenizer_dir)
+  folder = image_encoder_dir(config.image_encoder, tokenizer_dir)
   clip_config, clip_params = load_image_encoder(folder)
   if config.image_encoder_trainable_layers > clip_config.num_hidden_layers:
     raise ConfigError(f"method.image_encoder_trainable_layers: {config.image_encoder_trainable_layers}"
@@ -396,48 +396,17 @@ def make(config: FastComposerConfig, base_params, tokenizer_dir=None,
 
 def save_result(run, trainable, workdir):
   """WORKDIR/fastcomposer.safetensors: the trained leaves by path; metadata for sampling."""
-  from persona_jax.convert.files import write_safetensors
-  from persona_jax.methods.e4t import image_encoder_dir
   options = FastComposerConfig(**run.config.method_options)
-  folder = image_encoder_dir(options, run.pipe.tokenizer_dir)
-  flat = {p: np.asarray(v, np.float32) for p, v in tree.flatten(trainable).items()}
-  path = Path(workdir) / RESULT_FILE
-  write_safetensors(path, flat, {
-      "format": FORMAT, "base_model": str(run.model_dir), "image_encoder": str(folder.absolute()),
-      "resolution": str(run.config.data.resolution), "method": json.dumps(dict(run.config.method_options), default=str)})
-  return [str(path)]
+  folder = image_encoder_dir(options.image_encoder, run.pipe.tokenizer_dir)
+  return result_file.write(workdir, RESULT_FILE, trainable, result_file.run_metadata(
+      run, FORMAT, image_encoder=str(folder.absolute())))
 
 
-@dataclasses.dataclass
-class Result:
-  path: Path
-  weights: dict
-  meta: dict
-
-  @property
-  def config(self) -> FastComposerConfig:
-    values = {k: v for k, v in json.loads(self.meta.get("method", "{}")).items()
-              if k in {f.name for f in dataclasses.fields(FastComposerConfig)}}
-    return FastComposerConfig(**{**values, "image_encoder": self.meta.get("image_encoder", "")})
-
-
-def load_result(path) -> Result:
-  """Reads WORKDIR/fastcomposer.safetensors (or the file itself)."""
-  from safetensors import safe_open
-
-  from persona_jax.convert.files import read_safetensors
-  path = Path(path)
-  if path.is_dir():
-    path = path / RESULT_FILE
-  if not path.is_file():
-    raise ModelFileError(f"{path}: no FastComposer result here (expected {RESULT_FILE} written "
-                         "by a fastcomposer run)")
-  with safe_open(str(path), "np") as f:
-    meta = f.metadata() or {}
-  if meta.get("format") != FORMAT:
-    raise ModelFileError(f"{path}: not a persona_jax FastComposer result (metadata format "
-                         f"{meta.get('format')!r}, expected {FORMAT!r})")
-  return Result(path, read_safetensors(path), meta)
+def load_result(path) -> result_file.Result:
+  """Reads WORKDIR/fastcomposer.safetensors (or the file itself); `.config` is the run's
+  FastComposerConfig."""
+  return result_file.read(path, RESULT_FILE, FORMAT, "FastComposer", "a fastcomposer run",
+                          FastComposerConfig)
 
 
 @dataclasses.dataclass
@@ -464,7 +433,7 @@ def sampling_prompts(prompts, image_paths) -> list[str]:
   return prompts
 
 
-def for_sampling(result: Result, pipe, image_paths, start_merge_step: int | None = None
+def for_sampling(result: result_file.Result, pipe, image_paths, start_merge_step: int | None = None
                  ) -> ForSampling:
   """Params, tokenizer, conditioning hook and inputs that sample `pipe` with a result and the
   subject images (in marker order; each the subject segmented or cropped, padded to a square

@@ -40,7 +40,6 @@ format, the base model, the image encoder folder, the data resolution and the me
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 from pathlib import Path
@@ -52,6 +51,8 @@ import numpy as np
 from persona_jax import tree
 from persona_jax.diffusion.sampling import PreparedConditioning
 from persona_jax.errors import ConfigError, ModelFileError
+from persona_jax.image_encoder import image_encoder_dir
+from persona_jax.methods import result_file
 from persona_jax.methods.base import CLIP_PIXELS, IDS, Method
 from persona_jax.models.clip_vision import CLIPVisionModel
 from persona_jax.models.configs import CLIPVisionConfig
@@ -265,10 +266,9 @@ def check_config(config: InstantBoothConfig) -> None:
 def build_parts(config: InstantBoothConfig, base_params, tokenizer_dir) -> Parts:
   from persona_jax.data.clip_images import load_image_processor
   from persona_jax.image_encoder import load_image_encoder
-  from persona_jax.methods.e4t import E4TConfig, image_encoder_dir
   from persona_jax.tokenizer import load_tokenizer
   check_config(config)
-  folder = image_encoder_dir(E4TConfig(image_encoder=config.image_encoder), tokenizer_dir)
+  folder = image_encoder_dir(config.image_encoder, tokenizer_dir)
   clip_config, clip_params = load_image_encoder(folder)
   text_width = base_params["text_encoder"]["embeddings"]["token_embedding"]["embedding"].shape[1]
   conditioning = InstantBoothConditioning(
@@ -330,51 +330,17 @@ def make(config: InstantBoothConfig, base_params, tokenizer_dir=None, unet_confi
 
 def save_result(run, trainable, workdir):
   """WORKDIR/instantbooth.safetensors: the trained leaves by path; metadata for sampling."""
-  from persona_jax.convert.files import write_safetensors
-  from persona_jax.methods.e4t import E4TConfig, image_encoder_dir
   options = InstantBoothConfig(**run.config.method_options)
-  folder = image_encoder_dir(E4TConfig(image_encoder=options.image_encoder), run.pipe.tokenizer_dir)
-  flat = {p: np.asarray(v, np.float32) for p, v in tree.flatten(trainable).items()}
-  path = Path(workdir) / RESULT_FILE
-  write_safetensors(path, flat, {
-      "format": FORMAT, "base_model": str(run.model_dir), "image_encoder": str(folder.absolute()),
-      "identifier": options.identifier, "resolution": str(run.config.data.resolution),
-      "method": json.dumps(dict(run.config.method_options), default=str)})
-  return [str(path)]
+  folder = image_encoder_dir(options.image_encoder, run.pipe.tokenizer_dir)
+  return result_file.write(workdir, RESULT_FILE, trainable, result_file.run_metadata(
+      run, FORMAT, image_encoder=str(folder.absolute()), identifier=options.identifier))
 
 
-@dataclasses.dataclass
-class Result:
-  """An InstantBooth result file read back."""
-  path: Path
-  weights: dict              # param path -> float32 array
-  meta: dict
-
-  @property
-  def config(self) -> InstantBoothConfig:
-    """The run's method options, with the image encoder it used."""
-    values = {k: v for k, v in json.loads(self.meta.get("method", "{}")).items()
-              if k in {f.name for f in dataclasses.fields(InstantBoothConfig)}}
-    return InstantBoothConfig(**{**values, "image_encoder": self.meta.get("image_encoder", "")})
-
-
-def load_result(path) -> Result:
-  """Reads WORKDIR/instantbooth.safetensors (or the file itself)."""
-  from safetensors import safe_open
-
-  from persona_jax.convert.files import read_safetensors
-  path = Path(path)
-  if path.is_dir():
-    path = path / RESULT_FILE
-  if not path.is_file():
-    raise ModelFileError(f"{path}: no InstantBooth result here (expected {RESULT_FILE} written "
-                         "by an instantbooth run)")
-  with safe_open(str(path), "np") as f:
-    meta = f.metadata() or {}
-  if meta.get("format") != FORMAT:
-    raise ModelFileError(f"{path}: not a persona_jax InstantBooth result (metadata format "
-                         f"{meta.get('format')!r}, expected {FORMAT!r})")
-  return Result(path, read_safetensors(path), meta)
+def load_result(path) -> result_file.Result:
+  """Reads WORKDIR/instantbooth.safetensors (or the file itself); `.config` is the run's
+  InstantBoothConfig."""
+  return result_file.read(path, RESULT_FILE, FORMAT, "InstantBooth", "an instantbooth run",
+                          InstantBoothConfig)
 
 
 @dataclasses.dataclass
@@ -413,7 +379,7 @@ def prompts_without_identifier(prompts, tokenizer, identifier: int) -> list[str]
   return [p for p, row in zip(prompts, ids) if identifier not in row]
 
 
-def for_sampling(result: Result, pipe, image_paths, beta: float | None = None,
+def for_sampling(result: result_file.Result, pipe, image_paths, beta: float | None = None,
                  alpha: float | None = None, prompts=None) -> ForSampling:
   """Params, conditioning hook and inputs that sample `pipe` with a result and 1+ images;
   `prompts` (optional) are checked for the identifier (a warning per prompt without it)."""

@@ -45,6 +45,7 @@ import numpy as np
 from persona_jax import tree
 from persona_jax.diffusion.sampling import PreparedConditioning
 from persona_jax.errors import ConfigError, ModelFileError
+from persona_jax.image_encoder import image_encoder_dir
 from persona_jax.methods.base import CLIP_PIXELS, IDS, Method
 from persona_jax.models.clip_vision import CLIPVisionModel
 from persona_jax.models.configs import CLIPVisionConfig
@@ -310,11 +311,6 @@ def write_official(path, trainable, config: ProjectionConfig, metadata=None) -> 
 # Building the method.
 
 
-def image_encoder_dir(config: IPAdapterConfig, tokenizer_dir) -> Path:
-  from persona_jax.methods import e4t
-  return e4t.image_encoder_dir(config, tokenizer_dir)
-
-
 def projection_for(config: IPAdapterConfig, clip: CLIPVisionConfig,
                    cross_attention_dim: int) -> ProjectionConfig:
   if config.kind not in KINDS:
@@ -354,7 +350,7 @@ def make(config: IPAdapterConfig, base_params, tokenizer_dir=None, unet_config=N
   drops = (config.drop_image, config.drop_text, config.drop_both)
   if min(drops) < 0 or sum(drops) > 1:
     raise ConfigError(f"method.drop_image/drop_text/drop_both: each >= 0, together <= 1; got {drops}")
-  folder = image_encoder_dir(config, tokenizer_dir)
+  folder = image_encoder_dir(config.image_encoder, tokenizer_dir)
   clip_config, clip_params = load_image_encoder(folder)
   cond = build_conditioning(config, base_params, tokenizer_dir, unet_config, clip_config)
   pretrained = None
@@ -385,7 +381,7 @@ def make(config: IPAdapterConfig, base_params, tokenizer_dir=None, unet_config=N
 def save_result(run, trainable, workdir):
   """WORKDIR/ip_adapter.safetensors in the official layout (diffusers' load_ip_adapter reads it)."""
   options = IPAdapterConfig(**run.config.method_options)
-  folder = image_encoder_dir(options, run.pipe.tokenizer_dir)
+  folder = image_encoder_dir(options.image_encoder, run.pipe.tokenizer_dir)
   projection = run.method.latent_conditioning.projection
   path = write_official(Path(workdir) / RESULT_FILE, trainable, projection, {
       "base_model": str(run.model_dir), "image_encoder": str(folder.absolute()),
@@ -426,7 +422,7 @@ def file_image_encoder(path, image_encoder, tokenizer_dir) -> Path:
   recorded = file_metadata(path).get("image_encoder")
   if recorded and Path(recorded).is_dir():
     return Path(recorded)
-  return image_encoder_dir(IPAdapterConfig(), tokenizer_dir)
+  return image_encoder_dir("", tokenizer_dir)
 
 
 def load_for_sampling(path, pipe, image_paths, *, image_encoder=None, scale: float = 1.0,

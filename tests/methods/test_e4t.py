@@ -262,16 +262,17 @@ def test_tuning_needs_a_pretrained_state(monkeypatch, tmp_path):
 
 
 def test_image_encoder_defaults_to_the_model_folder(tmp_path):
+  from persona_jax.image_encoder import image_encoder_dir
   (tmp_path / "tokenizer").mkdir()
   with pytest.raises(ConfigError, match="set the CLIP image encoder folder"):
-    e4t.image_encoder_dir(e4t.E4TConfig(), tmp_path / "tokenizer")
+    image_encoder_dir("", tmp_path / "tokenizer")
   (tmp_path / "model_index.json").write_text("{}")
   with pytest.raises(ConfigError, match="has no image_encoder/"):
-    e4t.image_encoder_dir(e4t.E4TConfig(), tmp_path / "tokenizer")
+    image_encoder_dir("", tmp_path / "tokenizer")
   (tmp_path / "image_encoder").mkdir()
   (tmp_path / "image_encoder" / "config.json").write_text("{}")
-  assert e4t.image_encoder_dir(e4t.E4TConfig(), tmp_path / "tokenizer") == tmp_path / "image_encoder"
-  assert e4t.image_encoder_dir(e4t.E4TConfig(image_encoder="/x"), None) == e4t.Path("/x")
+  assert image_encoder_dir("", tmp_path / "tokenizer") == tmp_path / "image_encoder"
+  assert image_encoder_dir("/x", None) == e4t.Path("/x")
 
 
 def test_result_samples_through_the_command_line(tune, tuned, tmp_path):

@@ -1,0 +1,72 @@
+"""A method's result file: its trained leaves by param path (float32) in WORKDIR/<name>.safetensors,
+with string metadata (a format tag, the base model, the run's method options, ...) that sampling
+and export read back. Custom Diffusion, E4T, InstantBooth and FastComposer keep theirs here."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+
+from persona_jax import tree
+from persona_jax.errors import ModelFileError
+
+
+def run_metadata(run, fmt: str, **more: str) -> dict[str, str]:
+  """The metadata every result records: format, base model, resolution, the method options."""
+  return {"format": fmt, "base_model": str(run.model_dir),
+          "resolution": str(run.config.data.resolution),
+          "method": json.dumps(dict(run.config.method_options), default=str), **more}
+
+
+def write(workdir, file_name: str, trainable, metadata: dict[str, str]) -> list[str]:
+  """Writes WORKDIR/file_name (float32 leaves by path); returns [its path] (a save_result)."""
+  from persona_jax.convert.files import write_safetensors
+  flat = {p: np.asarray(v, np.float32) for p, v in tree.flatten(trainable).items()}
+  path = Path(workdir) / file_name
+  write_safetensors(path, flat, metadata)
+  return [str(path)]
+
+
+@dataclasses.dataclass
+class Result:
+  """A result file read back.
+
+  `config` rebuilds the run's method options as `config_cls`, with the image encoder it used
+  (when it recorded one) and `fixed` overriding the recorded values."""
+  path: Path
+  weights: dict              # param path -> float32 array
+  meta: dict
+  config_cls: type | None = None
+  fixed: dict = dataclasses.field(default_factory=dict)
+
+  @property
+  def config(self):
+    names = {f.name for f in dataclasses.fields(self.config_cls)}
+    values = {k: v for k, v in json.loads(self.meta.get("method", "{}")).items() if k in names}
+    if "image_encoder" in names and "image_encoder" in self.meta:
+      values["image_encoder"] = self.meta["image_encoder"]
+    return self.config_cls(**{**values, **self.fixed})
+
+
+def read(path, file_name: str, fmt: str, what: str, made_by: str, config_cls=None,
+         **fixed) -> Result:
+  """Reads WORKDIR/file_name (or the file itself), checking its format tag.
+
+  what: the method's name in messages ("E4T"); made_by: the run that writes it ("an e4t run")."""
+  from safetensors import safe_open
+
+  from persona_jax.convert.files import read_safetensors
+  path = Path(path)
+  if path.is_dir():
+    path = path / file_name
+  if not path.is_file():
+    raise ModelFileError(f"{path}: no {what} result here (expected {file_name} written by {made_by})")
+  with safe_open(str(path), "np") as f:
+    meta = f.metadata() or {}
+  if meta.get("format") != fmt:
+    raise ModelFileError(f"{path}: not a persona_jax {what} result (metadata format "
+                         f"{meta.get('format')!r}, expected {fmt!r})")
+  return Result(path, read_safetensors(path), meta, config_cls, fixed)
