@@ -111,9 +111,35 @@ def build(config: RunConfig, *, mesh=None, workdir=None, progress: bool = False)
   if not tree.flatten(trainable):
     raise ConfigError(f"method {config.method_name} selects no trainable parameters")
 
-  if getattr(method, "dataset", None) is not None:     # a method with its own data (FastComposer)
-    return build_own_data(config, pipe, method, models, tokenizer, components, rest, trainable,
-                          compute, mesh, model_dir)
+  if getattr(method, "dataset", None) is not None:
+    # A method with its own data (FastComposer): pixels and token ids, encoded in the step.
+    dataset, classes = method.dataset(config, pipe, tokenizer), None
+    needed = {"unet", "vae", "text_encoder"} | set(components)
+  else:
+    dataset, classes, needed = instance_dataset(config, pipe, method, models, tokenizer,
+                                                components, workdir, progress)
+
+  frozen = {k: v for k, v in rest.items() if k in needed}
+  if compute != jnp.float32:
+    frozen = jax.tree.map(lambda x: x.astype(compute), frozen)
+  mesh = mesh or mesh_lib.make_mesh(config.fsdp)
+  mesh_lib.check_batch_size(config.batch_size, mesh,
+                            config.batch_size if classes is not None else 0)
+  # scale_lr counts the class rows too when the method's recipe does (Custom Diffusion).
+  lr_batch = config.batch_size * (2 if classes is not None and method.scale_lr_with_class_rows else 1)
+  tx, schedule = make_optimizer(optim_config(config, method), trainable, total_steps=config.steps,
+                                batch_size=lr_batch)
+  objective = Objective(pipe.scheduler_config, pipe.vae_config.scaling_factor,
+                        config.min_snr_gamma, config.offset_noise)
+  return Run(config, pipe, method, models, objective, tokenizer, frozen, trainable, tx, schedule,
+             dataset, mesh, ckpt.base_fingerprint(model_dir), model_dir, components)
+
+
+def instance_dataset(config: RunConfig, pipe, method, models, tokenizer, components, workdir,
+                     progress):
+  """The instance (and class) examples as a dataset, with what can be encoded once cached (VAE
+  moments without random crops, text contexts when nothing in the text path trains). Returns
+  (dataset, class images or None, the frozen components the step still needs)."""
   instances = data.load_instances(config.data, method.expand_prompt)
   classes = class_images(config, method, pipe, workdir, progress)
   dataset_kwargs = {"classes": classes, "latent_factor": pipe.vae_scale_factor,
@@ -138,40 +164,7 @@ def build(config: RunConfig, *, mesh=None, workdir=None, progress: bool = False)
     dataset_kwargs["contexts"] = data.encode_captions(encode, tokenize_fn, captions)
     dataset_kwargs["caption_index"] = {c: i for i, c in enumerate(captions)}
   dataset = data.make_dataset(config.data, instances, config.batch_size, config.seed, **dataset_kwargs)
-
-  frozen = {k: v for k, v in rest.items() if k in needed}
-  if compute != jnp.float32:
-    frozen = jax.tree.map(lambda x: x.astype(compute), frozen)
-  mesh = mesh or mesh_lib.make_mesh(config.fsdp)
-  mesh_lib.check_batch_size(config.batch_size, mesh,
-                            config.batch_size if classes is not None else 0)
-  # scale_lr counts the class rows too when the method's recipe does (Custom Diffusion).
-  lr_batch = config.batch_size * (2 if classes is not None and method.scale_lr_with_class_rows else 1)
-  tx, schedule = make_optimizer(optim_config(config, method), trainable, total_steps=config.steps,
-                                batch_size=lr_batch)
-  objective = Objective(pipe.scheduler_config, pipe.vae_config.scaling_factor,
-                        config.min_snr_gamma, config.offset_noise)
-  return Run(config, pipe, method, models, objective, tokenizer, frozen, trainable, tx, schedule,
-             dataset, mesh, ckpt.base_fingerprint(model_dir), model_dir, components)
-
-
-def build_own_data(config: RunConfig, pipe, method, models, tokenizer, components, rest,
-                   trainable, compute, mesh, model_dir) -> Run:
-  """`build`'s end for a method with its own dataset (`method.dataset(config, pipe, tokenizer)`):
-  pixels are VAE-encoded and token ids text-encoded in the step."""
-  dataset = method.dataset(config, pipe, tokenizer)
-  needed = {"unet", "vae", "text_encoder"} | set(components)
-  frozen = {k: v for k, v in rest.items() if k in needed}
-  if compute != jnp.float32:
-    frozen = jax.tree.map(lambda x: x.astype(compute), frozen)
-  mesh = mesh or mesh_lib.make_mesh(config.fsdp)
-  mesh_lib.check_batch_size(config.batch_size, mesh, 0)
-  tx, schedule = make_optimizer(optim_config(config, method), trainable, total_steps=config.steps,
-                                batch_size=config.batch_size)
-  objective = Objective(pipe.scheduler_config, pipe.vae_config.scaling_factor,
-                        config.min_snr_gamma, config.offset_noise)
-  return Run(config, pipe, method, models, objective, tokenizer, frozen, trainable, tx, schedule,
-             dataset, mesh, ckpt.base_fingerprint(model_dir), model_dir, components)
+  return dataset, classes, needed
 
 
 def optim_config(config: RunConfig, method) -> OptimConfig:
