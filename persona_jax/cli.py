@@ -55,10 +55,7 @@ def _sample(args) -> int:
   from persona_jax.pipeline import load_pipeline
   from persona_jax.text_to_image import SampleOptions, text_to_image
   loras = [LoRASpec.parse(s) for s in args.lora]
-  e4t_result = _e4t_result(args)
-  instantbooth_result = _instantbooth_result(args)
-  fastcomposer_result = _fastcomposer_result(args)
-  _check_ip_adapter(args)
+  image_method, result = _image_method(args)
   model = resolve_model(args.model)
   pipe = load_pipeline(model, variant=args.variant, allow_pickle=args.allow_pickle,
                        **_single_file_options(args))
@@ -86,18 +83,18 @@ def _sample(args) -> int:
                                                       params)
   inputs = None
   unet_options = ()
-  if e4t_result is not None:
+  if image_method == "e4t":
     from persona_jax.methods import e4t
-    sampling = e4t.for_sampling(e4t_result, pipe, args.image[0])
+    sampling = e4t.for_sampling(result, pipe, args.image[0])
     params, tokenizer, conditioning, inputs = (sampling.params, sampling.tokenizer,
                                                sampling.conditioning, sampling.inputs)
-  if instantbooth_result is not None:
+  if image_method == "instantbooth":
     from persona_jax.methods import instantbooth
-    sampling = instantbooth.for_sampling(instantbooth_result, pipe, args.image, args.beta,
+    sampling = instantbooth.for_sampling(result, pipe, args.image, args.beta,
                                          args.alpha, prompts=args.prompt)
     params, conditioning, inputs, unet_options = (sampling.params, sampling.conditioning,
                                                   sampling.inputs, sampling.unet_options)
-  if args.ip_adapter is not None:
+  if image_method == "ip_adapter":
     from persona_jax.methods import ip_adapter
     sampling = ip_adapter.load_for_sampling(
         args.ip_adapter, pipe, args.image, image_encoder=args.image_encoder,
@@ -105,10 +102,10 @@ def _sample(args) -> int:
     params, conditioning, inputs, unet_options = (sampling.params, sampling.conditioning,
                                                   sampling.inputs, sampling.unet_options)
   prompts = args.prompt
-  if fastcomposer_result is not None:
+  if image_method == "fastcomposer":
     from persona_jax.methods import fastcomposer
     prompts = fastcomposer.sampling_prompts(prompts, args.image or [])
-    sampling = fastcomposer.for_sampling(fastcomposer_result, pipe, args.image or [],
+    sampling = fastcomposer.for_sampling(result, pipe, args.image or [],
                                          args.start_merge_step)
     params, tokenizer, conditioning, inputs = (sampling.params, sampling.tokenizer,
                                                sampling.conditioning, sampling.inputs)
@@ -126,82 +123,50 @@ def _sample(args) -> int:
   return 0
 
 
-def _e4t_result(args):
-  """`sample --e4t WORKDIR --image PATH`: the E4T result (its base model unless --model)."""
-  if args.e4t is None:
-    if (args.image is not None and args.instantbooth is None and args.fastcomposer is None
-        and args.ip_adapter is None):
-      raise PersonaError("--image is the subject image of --e4t WORKDIR or --instantbooth WORKDIR")
-    return None
-  if args.image is None:
-    raise PersonaError("--e4t needs --image PATH (the subject's image the encoder reads)")
-  if len(args.image) > 1:
-    raise PersonaError("--e4t reads one --image")
+# The image-conditioned sampling flags: (flag, its knobs (attribute names), how many --image it
+# takes: "one", "some" (at least one) or "any").
+IMAGE_METHODS = {
+    "e4t": ("--e4t", (), "one"),
+    "instantbooth": ("--instantbooth", ("beta", "alpha"), "some"),
+    "ip_adapter": ("--ip-adapter", ("ip_scale", "image_encoder"), "some"),
+    "fastcomposer": ("--fastcomposer", ("start_merge_step",), "any"),
+}
+
+
+def _image_method(args):
+  """Checks the image-conditioned flags of `sample` and returns (method name, its result or None
+  for IP-Adapter files) or (None, None); the base model defaults to the one the result records."""
+  chosen = [name for name in IMAGE_METHODS if getattr(args, name) is not None]
+  for name, (flag, knobs, _) in IMAGE_METHODS.items():
+    given = [k for k in knobs if getattr(args, k) is not None]
+    if given and name not in chosen:
+      raise PersonaError(f"{' and '.join('--' + k.replace('_', '-') for k in given)} go with {flag}")
+  if len(chosen) > 1:
+    raise PersonaError(" and ".join(IMAGE_METHODS[n][0] for n in chosen) + " do not combine")
+  if not chosen:
+    if args.image:
+      raise PersonaError("--image is the subject image of "
+                         + ", ".join(flag for flag, _, _ in IMAGE_METHODS.values()))
+    return None, None
+  name = chosen[0]
+  flag, _, images = IMAGE_METHODS[name]
+  if images != "any" and not args.image:
+    raise PersonaError(f"{flag} needs --image PATH" + (" (repeat for several images)" if images == "some" else ""))
+  if images == "one" and len(args.image) > 1:
+    raise PersonaError(f"{flag} reads one --image")
   if args.embedding or args.lora or args.custom_diffusion is not None or args.clip_skip is not None:
-    raise PersonaError("--e4t does not combine with --embedding, --lora, --custom-diffusion or "
+    raise PersonaError(f"{flag} does not combine with --embedding, --lora, --custom-diffusion or "
                        "--clip-skip")
-  from persona_jax.methods import e4t
-  result = e4t.load_result(args.e4t)
+  import importlib
+  module = importlib.import_module(f"persona_jax.methods.{name}")
+  if name == "ip_adapter":
+    result, meta = None, module.file_metadata(args.ip_adapter)
+  else:
+    result = module.load_result(getattr(args, name))
+    meta = result.meta
   if args.model is None:
-    args.model = result.meta.get("base_model") or None
-  return result
-
-
-def _instantbooth_result(args):
-  """`sample --instantbooth WORKDIR --image A [--image B]`: the result (its base model unless
-  --model)."""
-  if args.instantbooth is None:
-    if args.beta is not None or args.alpha is not None:
-      raise PersonaError("--beta and --alpha are InstantBooth's knobs (--instantbooth WORKDIR)")
-    return None
-  if not args.image:
-    raise PersonaError("--instantbooth needs --image PATH (repeat for several images of the subject)")
-  if (args.e4t is not None or args.embedding or args.lora or args.custom_diffusion is not None
-      or args.clip_skip is not None):
-    raise PersonaError("--instantbooth does not combine with --e4t, --embedding, --lora, "
-                       "--custom-diffusion or --clip-skip")
-  from persona_jax.methods import instantbooth
-  result = instantbooth.load_result(args.instantbooth)
-  if args.model is None:
-    args.model = result.meta.get("base_model") or None
-  return result
-
-
-def _check_ip_adapter(args):
-  """`sample --ip-adapter FILE --image A [--image B] [--ip-scale S] [--image-encoder DIR]`; the
-  base model defaults to the one a persona_jax result records."""
-  if args.ip_adapter is None:
-    if args.ip_scale is not None or args.image_encoder is not None:
-      raise PersonaError("--ip-scale and --image-encoder go with --ip-adapter FILE")
-    return
-  if not args.image:
-    raise PersonaError("--ip-adapter needs --image PATH (repeat for several images)")
-  if (args.e4t is not None or args.instantbooth is not None or args.fastcomposer is not None
-      or args.embedding or args.lora or args.custom_diffusion is not None
-      or args.clip_skip is not None):
-    raise PersonaError("--ip-adapter does not combine with --e4t, --instantbooth, --fastcomposer, "
-                       "--embedding, --lora, --custom-diffusion or --clip-skip")
-  if args.model is None:
-    from persona_jax.methods import ip_adapter
-    args.model = ip_adapter.file_metadata(args.ip_adapter).get("base_model") or None
-
-
-def _fastcomposer_result(args):
-  """`sample --fastcomposer WORKDIR [--image A --image B]`: the result (its base model unless
-  --model)."""
-  if args.fastcomposer is None:
-    if args.start_merge_step is not None:
-      raise PersonaError("--start-merge-step is FastComposer's knob (--fastcomposer WORKDIR)")
-    return None
-  if (args.e4t is not None or args.instantbooth is not None or args.embedding or args.lora
-      or args.custom_diffusion is not None or args.clip_skip is not None):
-    raise PersonaError("--fastcomposer does not combine with --e4t, --instantbooth, --embedding, "
-                       "--lora, --custom-diffusion or --clip-skip")
-  from persona_jax.methods import fastcomposer
-  result = fastcomposer.load_result(args.fastcomposer)
-  if args.model is None:
-    args.model = result.meta.get("base_model") or None
-  return result
+    args.model = meta.get("base_model") or None
+  return name, result
 
 
 def _single_file_options(args) -> dict:

@@ -39,3 +39,20 @@ def test_bad_size_is_a_clear_error(model_dirs, tmp_path, capsys):
   assert main(["sample", "--model", str(model_dirs["sd1"]), "--prompt", "x", "--height", "33",
                "--out", str(tmp_path)]) == 2
   assert "--height 33 must be a positive multiple of 2" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--beta", "0.5"], "--beta go with --instantbooth"),
+    (["--ip-scale", "0.5", "--image-encoder", "enc"], "--ip-scale and --image-encoder go with --ip-adapter"),
+    (["--start-merge-step", "3"], "--start-merge-step go with --fastcomposer"),
+    (["--e4t", "a", "--instantbooth", "b"], "--e4t and --instantbooth do not combine"),
+    (["--image", "x.png"], "--image is the subject image of --e4t, --instantbooth, --ip-adapter, --fastcomposer"),
+    (["--e4t", "a"], "--e4t needs --image PATH"),
+    (["--e4t", "a", "--image", "x.png", "--image", "y.png"], "--e4t reads one --image"),
+    (["--fastcomposer", "a", "--clip-skip", "2"], "--fastcomposer does not combine with --embedding"),
+])
+def test_image_method_flags_are_checked_before_anything_loads(flags, message, tmp_path, capsys):
+  """The image-conditioned flags of `sample` (one table in cli.IMAGE_METHODS): knobs only with
+  their method, one method at a time, the --image count each takes; nothing is read first."""
+  assert main(["sample", "--prompt", "x", "--out", str(tmp_path), *flags]) == 2
+  assert message in capsys.readouterr().err
