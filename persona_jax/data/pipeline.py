@@ -69,6 +69,10 @@ class DataConfig:
   # pasted on a blank canvas, "a far away "/"very small " below 0.6x) and the loss masked to
   # the image. Images are then VAE-encoded in the step.
   zoom_augment: bool = False
+  # > 0: subject masks (NAME.mask.png) weight the denoising loss, as kohya's masked loss does but
+  # keeping the background: a latent pixel counts 1 + mask_loss_weight * (the mask's mean over
+  # it), and each example's loss is the weighted mean. Images without a mask weigh 1 everywhere.
+  mask_loss_weight: float = 0.0
 
 
 CONCEPT_FIELDS = ("instance_dir", "caption_source", "prompt", "templates", "class_prompt",
@@ -252,6 +256,8 @@ class Augment(grain.transforms.RandomMap):
         out[PIXELS] = img_ops.to_model_range(image)
         if c.zoom_augment:
           out[MASK] = np.ones((r // self.latent_factor,) * 2 + (1,), np.float32)
+    if c.mask_loss_weight:
+      out[MASK] = mask_loss_weights(mask, c.resolution, self.latent_factor, c.mask_loss_weight)
     if self.contexts is not None:
       out[CONTEXT] = self.contexts[self.caption_index[caption]]
     else:
@@ -285,6 +291,17 @@ class Augment(grain.transforms.RandomMap):
     return pixels, mask, words
 
 
+def mask_loss_weights(mask: np.ndarray | None, resolution: int, latent_factor: int,
+                      weight: float) -> np.ndarray:
+  """Per-latent-pixel loss weights float32 [R/f, R/f, 1] of one example: 1 + weight * the
+  subject mask (uint8 [R, R], 255 = subject) averaged over each f x f block; ones without a mask."""
+  h = resolution // latent_factor
+  if mask is None:
+    return np.ones((h, h, 1), np.float32)
+  cover = mask.astype(np.float32).reshape(h, latent_factor, h, latent_factor).mean(axis=(1, 3)) / 255.0
+  return (1.0 + weight * cover)[..., None].astype(np.float32)
+
+
 @dataclasses.dataclass
 class Concatenate(grain.transforms.Map):
   """Batch index -> the instance batch followed by the class batch (one array per key)."""
@@ -311,6 +328,12 @@ def make_dataset(config: DataConfig, instances: InstanceSet, batch_size: int, se
   if config.zoom_augment and moments is not None:
     raise ConfigError("data.zoom_augment: zoomed images are VAE-encoded in the step; do not pass "
                       "cached moments")
+  if config.mask_loss_weight < 0 or (config.mask_loss_weight and config.zoom_augment):
+    raise ConfigError(f"data.mask_loss_weight: {config.mask_loss_weight} must be >= 0, and 0 with "
+                      "data.zoom_augment (which masks the loss itself)")
+  if config.mask_loss_weight and instances.masks is None:
+    raise ConfigError(f"data.mask_loss_weight: no image in {instances.folder} has a subject mask "
+                      "(NAME.mask.png beside NAME.png, white = subject); add masks or set it to 0")
 
   def stream(images, moments_, prior, stream_seed):
     augment = Augment(config, images, tokenize, moments_, caption_index, contexts, prior,

@@ -62,7 +62,8 @@ class Objective:
       latents: [B, h, w, c] clean latents (already scaled by the VAE's scaling factor).
       predict: (noisy latents [B, h, w, c], timesteps [B]) -> model output [B, h, w, c].
       rng: key for noise and timesteps (`draw`).
-      mask: optional [B, h, w, 1] in {0, 1}: only masked positions count.
+      mask: optional [B, h, w, 1] weights >= 0: each example's loss is the weighted mean (in
+        {0, 1}: only masked positions count; `data.mask_loss_weight`: 1 + w * subject).
     Returns:
       ([B] losses, min-SNR weighted if on; metrics dict of scalars).
     """

@@ -84,27 +84,37 @@ def toy_configs() -> dict:
 # world: the UNet stage's training folder
 
 def write_world(folder: Path, num_images: int, seed: int = 0, progress: bool = True) -> Path:
-  """Renders `num_images` training scenes into `folder` (PNG + metadata.jsonl). Resumable: images
-  already written are kept (image k is the same whenever it is drawn); metadata.jsonl is written
-  last, so a folder with it is complete."""
+  """Renders `num_images` training scenes into `folder`: NAME.png, the object's coverage as the
+  subject mask NAME.mask.png (the UNet stage's loss weights, `data.mask_loss_weight`) and
+  metadata.jsonl. Resumable: files already written are kept (scene k is the same whenever it
+  is drawn); metadata.jsonl is written last, so a folder with it is complete (a folder written
+  before masks existed gets them added)."""
   from PIL import Image
   folder = Path(folder)
-  if (folder / "metadata.jsonl").is_file():
+  last = f"{num_images - 1:06d}"
+  if (folder / "metadata.jsonl").is_file() and (folder / f"{last}.mask.png").is_file():
     return folder
   folder.mkdir(parents=True, exist_ok=True)
+
+  def write_png(array, name):
+    if not (folder / name).is_file():
+      tmp = folder / f".{name}.tmp"
+      Image.fromarray(array).save(tmp, format="PNG")
+      tmp.replace(folder / name)
+
   rows = []
   for k in tqdm(range(num_images), desc="world images", unit="img", disable=not progress):
     name = f"{k:06d}.png"
     scene = scenes.sample_scene(seed, "train", k)
-    if not (folder / name).is_file():
-      tmp = folder / f".{name}.tmp"
-      Image.fromarray(scenes.render(scene, RESOLUTION)).save(tmp, format="PNG")
-      tmp.replace(folder / name)
+    write_png(scenes.render(scene, RESOLUTION), name)
+    write_png(np.round(scenes.coverage(scene, RESOLUTION) * 255).astype(np.uint8),
+              f"{k:06d}.mask.png")
     rows.append({"file_name": name,
                  "text": scenes.caption(scene, np.random.default_rng([seed, k, 7]))})
-  tmp = folder / ".metadata.jsonl.tmp"
-  tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-  tmp.replace(folder / "metadata.jsonl")
+  if not (folder / "metadata.jsonl").is_file():
+    tmp = folder / ".metadata.jsonl.tmp"
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    tmp.replace(folder / "metadata.jsonl")
   return folder
 
 

@@ -5,7 +5,7 @@ import pytest
 
 from persona_jax import ConfigError
 from persona_jax.data import pipeline as data
-from persona_jax.methods.base import CONTEXT, IDS, LATENT_LOGVAR, LATENT_MEAN, PIXELS
+from persona_jax.methods.base import CONTEXT, IDS, LATENT_LOGVAR, LATENT_MEAN, MASK, PIXELS
 
 
 def instances(config):
@@ -95,3 +95,42 @@ def test_class_stream_appends_class_rows(tmp_path):
                                                contexts=contexts, classes=classes))
   again.set_state(state)
   np.testing.assert_array_equal(next(again)[PIXELS], nxt[PIXELS])
+
+
+def test_subject_masks_weight_the_loss(tmp_path):
+  from PIL import Image
+  for k in range(2):
+    Image.fromarray(np.full((32, 32, 3), 40 * k, np.uint8)).save(tmp_path / f"{k}.png")
+  mask = np.zeros((32, 32), np.uint8)
+  mask[:, :8] = 255                                                # the left quarter: subject
+  mask[:4, 8:16] = 255                                             # half of one 8x8 block
+  Image.fromarray(mask).save(tmp_path / "0.mask.png")              # image 1 has no mask
+  config = data.DataConfig(instance_dir=str(tmp_path), caption_source="prompt", prompt="x",
+                           resolution=32, random_flip=0.5, mask_loss_weight=4.0)
+  inst = data.load_instances(config, lambda p: p)
+  n = len(inst.images)
+  # Moments whose value says (image, flip): row index * 2 + flip.
+  moments = (np.arange(n * 2, dtype=np.float32).reshape(n, 2, 1, 1, 1) * np.ones((1, 1, 4, 4, 2)),
+             np.zeros((n, 2, 4, 4, 2), np.float32))
+  ds = data.make_dataset(config, inst, 2, seed=0, moments=moments, caption_index={"x": 0},
+                         contexts=np.zeros((1, 3, 5), np.float32))
+  expected = np.ones((4, 4), np.float32)
+  expected[:, 0] = 5.0
+  expected[0, 1] = 1 + 4 * 0.5
+  seen = set()
+  it = data.make_iterator(ds)
+  for _ in range(8):
+    b = next(it)
+    assert b[MASK].shape == (2, 4, 4, 1)
+    for code, weights in zip(b[LATENT_MEAN][:, 0, 0, 0].astype(int), b[MASK][..., 0]):
+      image, flip = divmod(code, 2)
+      want = np.ones((4, 4)) if image == 1 else expected[:, ::-1] if flip else expected
+      np.testing.assert_allclose(weights, want, atol=1e-6)
+      seen.add((image, flip))
+  assert seen == {(0, 0), (0, 1), (1, 0), (1, 1)}
+  with pytest.raises(ConfigError, match="data.mask_loss_weight"):
+    data.make_dataset(data.DataConfig(mask_loss_weight=-1.0), inst, 2, seed=0, tokenize=fake_tokenize)
+  (tmp_path / "0.mask.png").unlink()
+  unmasked = data.load_instances(config, lambda p: p)
+  with pytest.raises(ConfigError, match="data.mask_loss_weight: no image in .* has a subject mask"):
+    data.make_dataset(config, unmasked, 2, seed=0, tokenize=fake_tokenize)

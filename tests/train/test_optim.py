@@ -94,3 +94,8 @@ def test_objective_per_example_losses_masks_and_offset_noise():
   for x in (masked, snr_loss, offset):
     assert np.isfinite(float(x))
   assert float(offset) != float(plain) and float(masked) != float(plain)
+  # Non-binary masks weight positions (data.mask_loss_weight): the weighted mean of the halves.
+  other, _ = Objective(sched, 0.18).per_example_loss(latents, predict, rng, 1 - half_mask)
+  top, _ = Objective(sched, 0.18).per_example_loss(latents, predict, rng, half_mask)
+  weighted, _ = Objective(sched, 0.18).per_example_loss(latents, predict, rng, 1 + 4 * half_mask)
+  np.testing.assert_allclose(weighted, (5 * top + other) / 6, rtol=1e-6)

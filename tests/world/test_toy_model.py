@@ -18,11 +18,18 @@ def test_world_folder_is_the_scene_stream_and_resumes(tmp_path):
   first = np.asarray(Image.open(folder / "000003.png"))
   np.testing.assert_array_equal(first, scenes.render(scenes.sample_scene(2, "train", 3)))
   assert scenes.sample_scene(2, "train", 3).cls in rows[3]["text"]
+  # The object's coverage is each scene's subject mask (the UNet stage's loss weights).
+  coverage = scenes.coverage(scenes.sample_scene(2, "train", 3))
+  np.testing.assert_allclose(np.asarray(Image.open(folder / "000003.mask.png")) / 255, coverage,
+                             atol=0.5 / 255)
+  assert coverage.max() == 1.0 and coverage.min() == 0.0
   # An interrupted folder (no metadata yet, one image missing) completes to the same bytes.
   (folder / "metadata.jsonl").unlink()
   (folder / "000003.png").unlink()
+  (folder / "000004.mask.png").unlink()
   tm.write_world(folder, 5, seed=2, progress=False)
   np.testing.assert_array_equal(np.asarray(Image.open(folder / "000003.png")), first)
+  assert (folder / "000004.mask.png").is_file()
   assert [json.loads(l) for l in (folder / "metadata.jsonl").read_text().splitlines()] == rows
 
 
