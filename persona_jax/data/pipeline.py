@@ -175,11 +175,17 @@ def load_class_images(config: DataConfig, folder: Path) -> InstanceSet:
   return InstanceSet(images, [[config.class_prompt]] * len(images), folder)
 
 
-def encode_moments(vae, vae_params, images: np.ndarray, batch: int = 8):
-  """VAE moments of every image and its mirror: (mean, logvar), each [N, 2, h, w, c] float32."""
+def encode_moments(vae, vae_params, images: np.ndarray, batch: int | None = None,
+                   mirror: bool = True):
+  """VAE moments of every image and its mirror: (mean, logvar), each [N, 2, h, w, c] float32
+  (row [:, flip]); without `mirror` (no flips) [N, 1, h, w, c], half the work. `batch` defaults
+  to as many images as 8 at 512x512 hold pixels (8 .. 256)."""
+  if batch is None:
+    batch = int(np.clip(8 * 512 * 512 // (images.shape[1] * images.shape[2]), 8, 256))
   encode = jax.jit(lambda p, x: vae.apply({"params": p}, x, method="encode"))
   pixels = img_ops.to_model_range(images)
-  both = np.stack([pixels, pixels[:, :, ::-1]], axis=1).reshape(-1, *pixels.shape[1:])
+  views = [pixels, pixels[:, :, ::-1]] if mirror else [pixels]
+  both = np.stack(views, axis=1).reshape(-1, *pixels.shape[1:])
   means, logvars = [], []
   for start in range(0, len(both), batch):
     chunk = both[start: start + batch]
@@ -187,7 +193,7 @@ def encode_moments(vae, vae_params, images: np.ndarray, batch: int = 8):
     m = encode(vae_params, np.concatenate([chunk, np.repeat(chunk[-1:], pad, 0)]) if pad else chunk)
     means.append(np.asarray(m.mean)[: len(chunk)])
     logvars.append(np.asarray(m.logvar)[: len(chunk)])
-  shape = (len(images), 2) + means[0].shape[1:]
+  shape = (len(images), len(views)) + means[0].shape[1:]
   return (np.concatenate(means).reshape(shape).astype(np.float32),
           np.concatenate(logvars).reshape(shape).astype(np.float32))
 
@@ -208,7 +214,7 @@ class Augment(grain.transforms.RandomMap):
   config: DataConfig
   instances: InstanceSet
   tokenize: Callable[[list[str]], np.ndarray] | None      # None when contexts are cached
-  moments: tuple[np.ndarray, np.ndarray] | None           # [N, 2, h, w, c] each, or None
+  moments: tuple[np.ndarray, np.ndarray] | None           # [N, 2 (1: no flips), h, w, c] each
   caption_index: dict[str, int] | None                    # caption -> row of the context table
   contexts: np.ndarray | None                             # [K, L, D]
   prior: float | None = None                              # the `prior` value, when there are classes

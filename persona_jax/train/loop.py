@@ -146,7 +146,8 @@ def instance_dataset(config: RunConfig, pipe, method, models, tokenizer, compone
                     "image_inputs": method.image_inputs}
   needed = {"unet"} | set(components)
   if config.data.center_crop and not config.data.zoom_augment:
-    encode = functools.partial(data.encode_moments, pipe.vae, pipe.params["vae"])
+    encode = functools.partial(data.encode_moments, pipe.vae, pipe.params["vae"],
+                               mirror=config.data.random_flip > 0)
     dataset_kwargs["moments"] = encode(np.stack(instances.images))
     if classes is not None:
       dataset_kwargs["class_moments"] = encode(np.stack(classes.images))

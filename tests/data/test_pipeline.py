@@ -134,3 +134,14 @@ def test_subject_masks_weight_the_loss(tmp_path):
   unmasked = data.load_instances(config, lambda p: p)
   with pytest.raises(ConfigError, match="data.mask_loss_weight: no image in .* has a subject mask"):
     data.make_dataset(config, unmasked, 2, seed=0, tokenize=fake_tokenize)
+
+
+def test_moments_of_unflipped_runs_skip_the_mirror_and_do_not_depend_on_the_batch(pipes):
+  pipe = pipes["sd1"]
+  images = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+  mean2, logvar2 = data.encode_moments(pipe.vae, pipe.params["vae"], images, batch=2)
+  mean1, logvar1 = data.encode_moments(pipe.vae, pipe.params["vae"], images, mirror=False)
+  assert mean2.shape == (3, 2, 16, 16, 4) and mean1.shape == (3, 1, 16, 16, 4)
+  np.testing.assert_allclose(mean1[:, 0], mean2[:, 0], atol=1e-5)
+  np.testing.assert_allclose(logvar1[:, 0], logvar2[:, 0], atol=1e-5)
+  assert not np.allclose(mean2[:, 0], mean2[:, 1])                  # the mirror differs
