@@ -179,14 +179,12 @@ def score(metric, images: np.ndarray, prompts: list[EvalPrompt], seeds: int,
   }
 
 
-def _train(cfg: EvalConfig, subject: scenes.Subject, instance_dir: Path, workdir: Path,
-           class_dir: Path):
-  """Trains the method on one subject; returns (run, final trainable params, seconds)."""
+def recipe_config(cfg: EvalConfig, subject: scenes.Subject, instance_dir: Path, class_dir: Path):
+  """The `train` config (ConfigDict) of the method's run on one subject: its recipe over the
+  method's :tiny config."""
   from ml_collections import ConfigDict
 
   from persona_jax.cli import load_config
-  from persona_jax.train.config import run_config
-  from persona_jax.train.loop import train
   recipe = RECIPES[cfg.method]
   c: ConfigDict = load_config(f"{recipe.config}:tiny")
   steps = recipe.steps if cfg.steps is None else cfg.steps
@@ -198,7 +196,9 @@ def _train(cfg: EvalConfig, subject: scenes.Subject, instance_dir: Path, workdir
             "mixed_precision": "no"}
   for key, value in recipe.options:
     values[key] = value.format(cls=subject.cls) if isinstance(value, str) else value
-  if recipe.prior:
+  if not recipe.prior:
+    values["data.num_class_images"] = 0     # dreambooth:tiny's class images, when they are off
+  else:
     values.update({"data.class_prompt": f"a photo of a {subject.cls}",
                    "data.class_dir": str(class_dir), "data.num_class_images": cfg.class_images,
                    "data.class_sample_steps": cfg.sample_steps, "data.class_guidance": cfg.guidance})
@@ -208,6 +208,15 @@ def _train(cfg: EvalConfig, subject: scenes.Subject, instance_dir: Path, workdir
     for p in parents:
       node = node[p]
     node[leaf] = value
+  return c
+
+
+def _train(cfg: EvalConfig, subject: scenes.Subject, instance_dir: Path, workdir: Path,
+           class_dir: Path):
+  """Trains the method on one subject; returns (run, final trainable params, seconds)."""
+  from persona_jax.train.config import run_config
+  from persona_jax.train.loop import train
+  c = recipe_config(cfg, subject, instance_dir, class_dir)
   start = time.perf_counter()
   summary = train(run_config(c), workdir, progress=False)
   state = summary["state"]

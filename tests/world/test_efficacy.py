@@ -74,3 +74,15 @@ def test_bundled_example_subject_is_the_first_eval_subject():
   assert len(files) == 4
   for f, scene in zip(files, scenes.subject_scenes(subject, 4)):
     np.testing.assert_array_equal(np.asarray(Image.open(f)), scenes.render(scene, 128))
+
+
+@pytest.mark.parametrize("method", sorted(ef.RECIPES))
+def test_every_recipe_is_a_valid_run_with_class_images_only_under_a_prior(method, tmp_path):
+  from persona_jax.train.config import run_config
+  subject = ef.eval_subjects(1)[0]
+  cfg = ef.EvalConfig(method, steps=7, lr=0.0)
+  run = run_config(ef.recipe_config(cfg, subject, tmp_path / "refs", tmp_path / "classes"))
+  assert run.steps == 7 and run.optim.lr == 0.0 and run.data.resolution == 32
+  assert (run.data.num_class_images > 0) == ef.RECIPES[method].prior
+  if ef.RECIPES[method].prior:
+    assert run.data.class_prompt == f"a photo of a {subject.cls}"
