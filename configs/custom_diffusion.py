@@ -39,9 +39,9 @@ def get_config(arg=None):
                              prior_loss_weight=1.0, detach_bos=True))
   c.data = ConfigDict(dict(
       instance_dir="" if tiny else "/path/to/images", caption_source="prompt",
-      prompt="photo of a <new1> toy", templates="object", resolution=32 if tiny else 512,
+      prompt="a photo of a <new1> ball" if tiny else "photo of a <new1> toy", templates="object", resolution=32 if tiny else 512,
       center_crop=True, random_flip=0.5, caption_dropout=0.0,
-      num_class_images=8 if tiny else 200, class_dir="", class_prompt="photo of a toy",
+      num_class_images=8 if tiny else 200, class_dir="", class_prompt="a photo of a ball" if tiny else "photo of a toy",
       class_generate=True, class_sample_steps=10 if tiny else 50, class_guidance=7.5,
       class_negative_prompt="", concepts=(), zoom_augment=True))
   c.optim = ConfigDict(dict(lr=1e-3 if tiny else 1e-5, scale_lr=not tiny, schedule="constant",
@@ -60,7 +60,8 @@ def get_config(arg=None):
   c.checkpoint_every = 10 if tiny else 125
   c.keep_checkpoints = 2
   c.sample_every = 0 if tiny else 125
-  c.sample_prompts = ("photo of a <new1> toy", "photo of a <new1> toy in the snow")
+  c.sample_prompts = (("a photo of a <new1> ball", "a photo of a <new1> ball on grass") if tiny else
+                      ("photo of a <new1> toy", "photo of a <new1> toy in the snow"))
   c.sample_negative_prompt = ""
   c.sample_steps = 10 if tiny else 50
   c.sample_guidance = 6.0

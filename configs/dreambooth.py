@@ -30,9 +30,9 @@ def get_config(arg=None):
                              prior_loss_weight=1.0))
   c.data = ConfigDict(dict(
       instance_dir="" if tiny else "/path/to/images", caption_source="prompt",
-      prompt="a photo of sks toy", templates="object", resolution=32 if tiny else 512,
+      prompt="a photo of a sks ball" if tiny else "a photo of sks toy", templates="object", resolution=32 if tiny else 512,
       center_crop=True, random_flip=0.5, caption_dropout=0.0,
-      num_class_images=8 if tiny else 200, class_dir="", class_prompt="a photo of toy",
+      num_class_images=8 if tiny else 200, class_dir="", class_prompt="a photo of a ball" if tiny else "a photo of toy",
       class_generate=True, class_sample_steps=10 if tiny else 50, class_guidance=7.5,
       class_negative_prompt=""))
   c.optim = ConfigDict(dict(lr=1e-4 if tiny else 5e-6, scale_lr=False, schedule="constant",
@@ -52,7 +52,8 @@ def get_config(arg=None):
   c.checkpoint_every = 10 if tiny else 200
   c.keep_checkpoints = 2
   c.sample_every = 0 if tiny else 200
-  c.sample_prompts = ("a photo of sks toy", "a photo of sks toy in the snow")
+  c.sample_prompts = (("a photo of a sks ball", "a photo of a sks ball on grass") if tiny else
+                      ("a photo of sks toy", "a photo of sks toy in the snow"))
   c.sample_negative_prompt = ""
   c.sample_steps = 10 if tiny else 50
   c.sample_guidance = 7.5

@@ -52,7 +52,8 @@ def get_config(arg=None):
   c.checkpoint_every = 15
   c.keep_checkpoints = 1
   c.sample_every = 0
-  c.sample_prompts = ("a photo of *s", "a painting of *s in the snow")
+  c.sample_prompts = (("a photo of a *s", "a photo of a *s on grass") if tiny else
+                      ("a photo of *s", "a painting of *s in the snow"))
   c.sample_negative_prompt = ""
   c.sample_steps = 10 if tiny else 50
   c.sample_guidance = 7.5

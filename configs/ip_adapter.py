@@ -53,7 +53,8 @@ def get_config(arg=None):
   c.checkpoint_every = 10 if tiny else 10000
   c.keep_checkpoints = 2
   c.sample_every = 0 if tiny else 10000
-  c.sample_prompts = ("a photo of a ball", "a painting of a ball in the snow")
+  c.sample_prompts = (("a photo of a ball", "a photo of a ball on grass") if tiny else
+                      ("a photo of a ball", "a painting of a ball in the snow"))
   c.sample_negative_prompt = ""
   c.sample_steps = 10 if tiny else 50
   c.sample_guidance = 7.5

@@ -37,7 +37,7 @@ def get_config(arg=None):
                              text_encoder=False, block_ranks={}, block_alphas={}, blocks=blocks,
                              targets=("attn", "ff", "proj")))
   c.data = ConfigDict(dict(instance_dir="" if tiny else "/path/to/images", caption_source="prompt",
-                           prompt="a photo of sks toy", templates="object",
+                           prompt="a photo of a sks ball" if tiny else "a photo of sks toy", templates="object",
                            resolution=32 if tiny else 512, center_crop=True, random_flip=0.5,
                            caption_dropout=0.0))
   c.optim = ConfigDict(dict(lr=1e-3 if tiny else 1e-4, scale_lr=False, schedule="constant",
@@ -56,7 +56,8 @@ def get_config(arg=None):
   c.checkpoint_every = 10 if tiny else 250
   c.keep_checkpoints = 2
   c.sample_every = 0 if tiny else 250
-  c.sample_prompts = ("a photo of sks toy", "a photo of sks toy in the snow")
+  c.sample_prompts = (("a photo of a sks ball", "a photo of a sks ball on grass") if tiny else
+                      ("a photo of sks toy", "a photo of sks toy in the snow"))
   c.sample_negative_prompt = ""
   c.sample_steps = 10 if tiny else 50
   c.sample_guidance = 7.5

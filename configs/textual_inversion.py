@@ -43,7 +43,8 @@ def get_config(arg=None):
   c.checkpoint_every = 10 if tiny else 500
   c.keep_checkpoints = 3
   c.sample_every = 0 if tiny else 500
-  c.sample_prompts = ("a photo of <my-toy>", "a painting of <my-toy> in the snow")
+  c.sample_prompts = (("a photo of a <my-toy>", "a photo of a <my-toy> on grass") if tiny else
+                      ("a photo of <my-toy>", "a painting of <my-toy> in the snow"))
   c.sample_negative_prompt = ""
   c.sample_steps = 10 if tiny else 50
   c.sample_guidance = 7.5
