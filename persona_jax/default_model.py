@@ -3,8 +3,9 @@
 It is the toy-world base (`persona-jax make-toy-model`, docs/toy_world.md), shipped as package
 data (`assets/toy_base/`: float16 weights in the diffusers layout, `image_encoder/` included) and
 copied on first use, with the shipped tokenizer, into the user cache (`cache.cache_dir()`) as a
-complete diffusers folder named by its version, so an old cached default never shadows a newer
-one. Until a base is shipped it is a random-weight `sd1` pipeline.
+complete diffusers folder named by the digest of its weights (`ship` writes it to
+`VERSION_FILE`), so an old cached default never shadows a newer one. Until a base is shipped it
+is a random-weight `sd1` pipeline.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from persona_jax.cache import cache_dir
 
 log = logging.getLogger(__name__)
 
-TOY_BASE_NAME = "toy-world-base-v1"
+TOY_BASE_PREFIX = "toy-world-base-"
+VERSION_FILE = "base_version.txt"     # in the shipped folder: the digest of its weights
 RANDOM_MODEL_NAME = "default-random-sd1-seed0-v1"
 
 
@@ -28,8 +30,17 @@ def shipped_base_dir() -> Path:
   return Path(str(importlib.resources.files("persona_jax") / "assets" / "toy_base"))
 
 
+def is_toy_base_shipped() -> bool:
+  return (shipped_base_dir() / "model_index.json").is_file()
+
+
 def default_model_name() -> str:
-  return TOY_BASE_NAME if (shipped_base_dir() / "model_index.json").is_file() else RANDOM_MODEL_NAME
+  """toy-world-base-DIGEST (the shipped base), else the random model's name."""
+  if not is_toy_base_shipped():
+    return RANDOM_MODEL_NAME
+  version = shipped_base_dir() / VERSION_FILE
+  digest = version.read_text().strip() if version.is_file() else "v1"
+  return TOY_BASE_PREFIX + digest
 
 
 def default_model_dir() -> Path:
@@ -39,7 +50,7 @@ def default_model_dir() -> Path:
   if (folder / "model_index.json").is_file():
     return folder
   log.info("writing the embedded default model (%s) to %s", name, folder)
-  if name == RANDOM_MODEL_NAME:
+  if not is_toy_base_shipped():
     from persona_jax.random_model import make_random_model
     make_random_model(folder, "sd1", seed=0, overwrite=True)
     return folder

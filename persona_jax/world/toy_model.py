@@ -368,7 +368,7 @@ def ship(model_dir, dest=None) -> Path:
   import tempfile
 
   from persona_jax.convert.files import read_safetensors, write_safetensors
-  from persona_jax.default_model import shipped_base_dir
+  from persona_jax.default_model import VERSION_FILE, shipped_base_dir
   from persona_jax.pipeline import load_pipeline, save_pipeline
   model_dir, dest = Path(model_dir), Path(dest) if dest is not None else shipped_base_dir()
   with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
@@ -381,12 +381,23 @@ def ship(model_dir, dest=None) -> Path:
                                     for k, v in read_safetensors(weights).items()})
     if (model_dir / "image_encoder_training.json").is_file():
       shutil.copy2(model_dir / "image_encoder_training.json", staged)
+    (staged / VERSION_FILE).write_text(weights_digest(staged) + "\n")
     if dest.exists():
       shutil.rmtree(dest)
     staged.rename(dest)
   size = sum(f.stat().st_size for f in dest.rglob("*") if f.is_file())
   log.info("shipped %s to %s (%.1f MB)", model_dir, dest, size / 1e6)
   return dest
+
+
+def weights_digest(folder: Path) -> str:
+  """12 hex digits of sha256 over a model folder's safetensors files (path and bytes)."""
+  import hashlib
+  h = hashlib.sha256()
+  for f in sorted(Path(folder).rglob("*.safetensors")):
+    h.update(f.relative_to(folder).as_posix().encode())
+    h.update(f.read_bytes())
+  return h.hexdigest()[:12]
 
 
 def add_image_encoder(model_dir: Path, t=None) -> Path:

@@ -114,7 +114,9 @@ def test_shipped_base_becomes_the_default_in_the_cache(model_dirs, tmp_path, mon
   monkeypatch.setattr(default_model, "shipped_base_dir", lambda: shipped)
   monkeypatch.setenv("PERSONA_JAX_CACHE", str(tmp_path / "cache"))
   folder = default_model.default_model_dir()
-  assert folder == tmp_path / "cache" / "models" / default_model.TOY_BASE_NAME
+  digest = (shipped / default_model.VERSION_FILE).read_text().strip()
+  assert digest == tm.weights_digest(shipped) and len(digest) == 12
+  assert folder == tmp_path / "cache" / "models" / f"toy-world-base-{digest}"
   assert (folder / "tokenizer" / "vocab.json").is_file()
   ours, base = flatten(load_pipeline(folder).params), flatten(load_pipeline(model_dirs["sd1"]).params)
   assert ours.keys() == base.keys()
@@ -122,3 +124,6 @@ def test_shipped_base_becomes_the_default_in_the_cache(model_dirs, tmp_path, mon
     np.testing.assert_allclose(ours[path], np.asarray(value, np.float16).astype(np.float32),
                                err_msg=path)
   assert default_model.default_model_dir() == folder      # the second call reuses the copy
+  # Another shipped base is another cache folder: an old copy never shadows it.
+  (shipped / default_model.VERSION_FILE).write_text("0123456789ab\n")
+  assert default_model.default_model_dir().name == "toy-world-base-0123456789ab"
