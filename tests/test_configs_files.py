@@ -41,7 +41,11 @@ def test_textual_inversion_tiny_runs_through_the_cli(tmp_path, monkeypatch, caps
                "--noprogress"]) == 0   # batch 8: data parallel over the 8 test devices
   out = capsys.readouterr().out.split()
   assert out == [str(wd / "learned_embeds.safetensors"), str(wd / "samples" / "step_000002.png")]
-  assert load_file(out[0])["<my-toy>"].shape == (1, 32)
+  import json
+
+  from persona_jax.default_model import default_model_dir
+  width = json.loads((default_model_dir() / "text_encoder" / "config.json").read_text())["hidden_size"]
+  assert load_file(out[0])["<my-toy>"].shape == (1, width)
 
 
 @slow
