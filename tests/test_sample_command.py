@@ -21,7 +21,10 @@ def test_sample_from_the_embedded_default(tmp_path, monkeypatch, capsys):
       "0000_0000.png", "0000_0001.png", "0000_0002.png", "grid.png"]
   img = np.asarray(Image.open(out / "0000_0002.png"))
   assert img.shape == (32, 32, 3) and img.dtype == np.uint8 and img.std() > 0
-  assert Image.open(out / "grid.png").size == (2 + 2 * 34, 2 + 2 * 34)
+  # The grid shows the 32x32 images 4x enlarged (pixel repetition), 2 per row.
+  tiles = np.asarray(Image.open(out / "grid.png"))
+  assert tiles.shape == (2 + 2 * 130, 2 + 2 * 130, 3)
+  np.testing.assert_array_equal(tiles[132:260:4, 2:130:4], np.asarray(Image.open(out / "0000_0002.png")))
 
 
 def test_sample_from_a_folder_with_size_and_seed(model_dirs, tmp_path):
