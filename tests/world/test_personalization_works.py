@@ -15,7 +15,8 @@ SEEDS = 6
 
 
 def evaluate(tmp_path, method, **kwargs):
-  cfg = ef.EvalConfig(method, subjects=1, seeds=SEEDS, contexts=1, **kwargs)
+  # Batch 8: the tests' 8 simulated devices split every batch.
+  cfg = ef.EvalConfig(method, subjects=1, seeds=SEEDS, contexts=1, batch_size=8, **kwargs)
   return ef.evaluate(cfg, tmp_path / f"{method}_{kwargs.get('lr', 'lr')}", progress=False)
 
 
