@@ -39,9 +39,11 @@ def get_config(arg=None):
                              prior_loss_weight=1.0, detach_bos=True))
   c.data = ConfigDict(dict(
       instance_dir="" if tiny else "/path/to/images", caption_source="prompt",
-      prompt="a photo of a <new1> ball" if tiny else "photo of a <new1> toy", templates="object", resolution=32 if tiny else 512,
+      prompt="a photo of a <new1> ball" if tiny else "photo of a <new1> toy", templates="object",
+      resolution=32 if tiny else 512,
       center_crop=True, random_flip=0.5, caption_dropout=0.0,
-      num_class_images=8 if tiny else 200, class_dir="", class_prompt="a photo of a ball" if tiny else "photo of a toy",
+      num_class_images=8 if tiny else 200, class_dir="",
+      class_prompt="a photo of a ball" if tiny else "photo of a toy",
       class_generate=True, class_sample_steps=10 if tiny else 50, class_guidance=7.5,
       class_negative_prompt="", concepts=(), zoom_augment=True))
   c.optim = ConfigDict(dict(lr=1e-3 if tiny else 1e-5, scale_lr=not tiny, schedule="constant",

@@ -31,10 +31,13 @@ def get_config(arg=None):
                              prior_loss_weight=1.0))
   c.data = ConfigDict(dict(
       instance_dir="" if tiny else "/path/to/images", caption_source="prompt",
-      prompt="a photo of a sks ball" if tiny else "a photo of sks toy", templates="object", resolution=32 if tiny else 512,
+      prompt="a photo of a sks ball" if tiny else "a photo of sks toy", templates="object",
+      resolution=32 if tiny else 512,
       center_crop=True, random_flip=0.5, caption_dropout=0.0,
-      num_class_images=8 if tiny else 200, class_dir="", class_prompt="a photo of a ball" if tiny else "a photo of toy",
-      class_generate=True, class_sample_steps=25 if tiny else 50, class_guidance=4.0 if tiny else 7.5,
+      num_class_images=8 if tiny else 200, class_dir="",
+      class_prompt="a photo of a ball" if tiny else "a photo of toy",
+      class_generate=True, class_sample_steps=25 if tiny else 50,
+      class_guidance=4.0 if tiny else 7.5,
       class_negative_prompt=""))
   c.optim = ConfigDict(dict(lr=2e-4 if tiny else 5e-6, scale_lr=False, schedule="constant",
                             warmup_steps=0, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-2,

@@ -37,7 +37,8 @@ def get_config(arg=None):
                              text_encoder=False, block_ranks={}, block_alphas={}, blocks=blocks,
                              targets=("attn", "ff", "proj")))
   c.data = ConfigDict(dict(instance_dir="" if tiny else "/path/to/images", caption_source="prompt",
-                           prompt="a photo of a sks ball" if tiny else "a photo of sks toy", templates="object",
+                           prompt="a photo of a sks ball" if tiny else "a photo of sks toy",
+                           templates="object",
                            resolution=32 if tiny else 512, center_crop=True, random_flip=0.5,
                            caption_dropout=0.0))
   c.optim = ConfigDict(dict(lr=1e-3 if tiny else 1e-4, scale_lr=False, schedule="constant",

@@ -38,9 +38,7 @@ def default_model_name() -> str:
   """toy-world-base-DIGEST (the shipped base), else the random model's name."""
   if not is_toy_base_shipped():
     return RANDOM_MODEL_NAME
-  version = shipped_base_dir() / VERSION_FILE
-  digest = version.read_text().strip() if version.is_file() else "v1"
-  return TOY_BASE_PREFIX + digest
+  return TOY_BASE_PREFIX + (shipped_base_dir() / VERSION_FILE).read_text().strip()
 
 
 def default_model_dir() -> Path:

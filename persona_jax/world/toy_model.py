@@ -96,19 +96,20 @@ def write_world(folder: Path, num_images: int, seed: int = 0, progress: bool = T
     return folder
   folder.mkdir(parents=True, exist_ok=True)
 
-  def write_png(array, name):
+  def write_png(name, draw):
+    """Writes draw() (uint8) as NAME unless it exists (a resumed folder renders only what lacks)."""
     if not (folder / name).is_file():
       tmp = folder / f".{name}.tmp"
-      Image.fromarray(array).save(tmp, format="PNG")
+      Image.fromarray(draw()).save(tmp, format="PNG")
       tmp.replace(folder / name)
 
   rows = []
   for k in tqdm(range(num_images), desc="world images", unit="img", disable=not progress):
     name = f"{k:06d}.png"
     scene = scenes.sample_scene(seed, "train", k)
-    write_png(scenes.render(scene, RESOLUTION), name)
-    write_png(np.round(scenes.coverage(scene, RESOLUTION) * 255).astype(np.uint8),
-              f"{k:06d}.mask.png")
+    write_png(name, lambda: scenes.render(scene, RESOLUTION))
+    write_png(f"{k:06d}.mask.png",
+              lambda: np.round(scenes.coverage(scene, RESOLUTION) * 255).astype(np.uint8))
     rows.append({"file_name": name,
                  "text": scenes.caption(scene, np.random.default_rng([seed, k, 7]))})
   if not (folder / "metadata.jsonl").is_file():

@@ -5,8 +5,6 @@ references, a train step that did not update, or a sampler that ignored the trai
 would all fail it.
 """
 
-import pytest
-
 from persona_jax.default_model import is_toy_base_shipped
 from persona_jax.world import efficacy as ef
 
@@ -21,8 +19,7 @@ def evaluate(tmp_path, method, **kwargs):
 
 
 def test_dreambooth_makes_the_base_draw_a_held_out_subject(tmp_path):
-  if not is_toy_base_shipped():
-    pytest.skip("the toy-world base is not shipped yet (docs/toy_world.md)")
+  assert is_toy_base_shipped(), "the embedded default is not the toy-world base"
   trained = evaluate(tmp_path, "dreambooth_noprior", steps=STEPS)
   control = evaluate(tmp_path, "dreambooth_noprior", steps=2, lr=0.0)  # lr 0: 2 steps move nothing
   base = evaluate(tmp_path, "base")
