@@ -3,25 +3,38 @@ make the base draw that subject. The control runs share the prompts' seeds: the 
 the class word, and DreamBooth at learning rate 0 with the identifier. A harness that scored the
 references, a train step that did not update, or a sampler that ignored the trained params
 would all fail it.
+
+The runs go through `persona-jax eval` in a subprocess, as a user runs it: one device and XLA's
+usual optimization (the tests' 8 simulated devices and -O0 compilation would make them ~4x
+slower).
 """
 
+import json
+import os
+import subprocess
+import sys
+
 from persona_jax.default_model import is_toy_base_shipped
-from persona_jax.world import efficacy as ef
 
 STEPS = 100
 SEEDS = 6
 
 
-def evaluate(tmp_path, method, **kwargs):
-  # Batch 8: the tests' 8 simulated devices split every batch.
-  cfg = ef.EvalConfig(method, subjects=1, seeds=SEEDS, contexts=1, batch_size=8, **kwargs)
-  return ef.evaluate(cfg, tmp_path / f"{method}_{kwargs.get('lr', 'lr')}", progress=False)
+def evaluate(tmp_path, method, *flags):
+  out = tmp_path / f"{method}{''.join(flags)}"
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  cmd = [sys.executable, "-m", "persona_jax", "eval", "--method", method, "--subjects", "1",
+         "--seeds", str(SEEDS), "--contexts", "1", "--batch-size", "8", "--out", str(out),
+         "--noprogress", *flags]
+  done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+  assert done.returncode == 0, done.stderr[-3000:]
+  return json.loads((out / "eval.json").read_text())
 
 
 def test_dreambooth_makes_the_base_draw_a_held_out_subject(tmp_path):
   assert is_toy_base_shipped(), "the embedded default is not the toy-world base"
-  trained = evaluate(tmp_path, "dreambooth_noprior", steps=STEPS)
-  control = evaluate(tmp_path, "dreambooth_noprior", steps=2, lr=0.0)  # lr 0: 2 steps move nothing
+  trained = evaluate(tmp_path, "dreambooth_noprior", "--steps", str(STEPS))
+  control = evaluate(tmp_path, "dreambooth_noprior", "--steps", "2", "--lr", "0")  # moves nothing
   base = evaluate(tmp_path, "base")
   match = {name: r["subject_match"] for name, r in
            (("dreambooth", trained), ("lr 0", control), ("base", base))}
