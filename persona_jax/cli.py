@@ -271,7 +271,8 @@ def _eval(args) -> int:
   if args.method is None:
     raise ConfigError("eval: give --method NAME (or --prompt-following N)")
   fields = ("method", "model", "subjects", "seeds", "references", "contexts", "steps", "lr",
-            "batch_size", "class_images", "sample_steps", "guidance", "seed", "metric")
+            "batch_size", "class_images", "sample_steps", "guidance", "seed", "metric",
+            "subject_class", "state", "ip_scale")
   cfg = EvalConfig(**{f: getattr(args, f) for f in fields if getattr(args, f) is not None})
   summary = evaluate(cfg, args.out, progress=not args.noprogress)
   print(TABLE_HEADER)
@@ -541,6 +542,12 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--guidance", type=float, default=None)
   p.add_argument("--seed", type=int, default=None)
   p.add_argument("--metric", default=None, help="metric encoder folder (default: the shipped one)")
+  p.add_argument("--subject-class", default=None, help="held-out subjects of this class only "
+                 "(e4t's shipped state knows balls: --subject-class ball)")
+  p.add_argument("--state", default=None, help="e4t: the pre-trained state (an e4t_pretrain "
+                 "workdir; default: the shipped one); instantbooth, ip_adapter, fastcomposer: "
+                 "the run trained once on the world")
+  p.add_argument("--ip-scale", type=float, default=None, help="ip_adapter: the image scale (1.0)")
   p.add_argument("--noprogress", action="store_true")
   p.set_defaults(func=_eval)
 

@@ -8,7 +8,8 @@ one mask file per marker, in marker order (white = the subject; the image's size
 marker "masks" may be left out: NAME.mask.png beside the image is its mask. Mask files are not
 training images. Errors name the file and the field.
 `data.instance_dir` = "": toy-world scenes (`world.scenes`: render, caption with the marker
-after the class word, coverage as the mask; every second one two objects), `toy_examples`.
+after the class word and without the look, coverage as the mask; every second one two objects),
+`toy_examples`.
 
 Each example (grain RandomMap, as data/pipeline.py): flip; with `uncondition_prob` the empty
 caption and no subjects; each subject kept with `object_appear_prob` (a dropped one loses its
@@ -101,10 +102,12 @@ def read_folder(folder, resolution: int) -> list[Example]:
 
 
 def toy_examples(n: int, resolution: int, seed: int = 0, pairs: bool = False) -> list[Example]:
-  """`n` toy-world training scenes: render, full caption with the marker after the class word,
-  coverage as the mask. With `pairs`, every second example holds two subjects (scene k's object
-  on the left, scene k+1's on the right over the same background; "a photo of A <|image|> and
-  B <|image|> on BG", the left one's mask without the right one's cover)."""
+  """`n` toy-world training scenes: render, caption with the marker after the class word,
+  coverage as the mask. Captions never say the look (colours and pattern): it is the subject's
+  identity, which the image carries, as FFHQ captions do not describe a face. With `pairs`, every
+  second example holds two subjects (scene k's object on the left, scene k+1's on the right over
+  the same background; "a photo of a ball <|image|> and a box <|image|> on BG", the left one's
+  mask without the right one's cover)."""
   import dataclasses as dc
 
   from persona_jax.world import scenes
@@ -118,12 +121,11 @@ def toy_examples(n: int, resolution: int, seed: int = 0, pairs: bool = False) ->
       a, b = scenes.coverage(left, resolution), scenes.coverage(right, resolution)
       image = np.where((b >= 0.5)[..., None], scenes.render(right, resolution),
                        scenes.render(left, resolution))
-      caption = (f"a photo of a {scenes.describe_look(left.look)} {left.cls} {IMAGE_TOKEN} and a "
-                 f"{scenes.describe_look(right.look)} {right.cls} {IMAGE_TOKEN} "
+      caption = (f"a photo of a {left.cls} {IMAGE_TOKEN} and a {right.cls} {IMAGE_TOKEN} "
                  f"{scenes.background_phrase(left.background)}")
       out.append(Example(image, caption, np.stack([a * (b < 0.5), b]).astype(np.float32)))
       continue
-    caption = scenes.caption(scene).replace(f" {scene.cls}", f" {scene.cls} {IMAGE_TOKEN}", 1)
+    caption = scenes.caption(scene, look=False).replace(f" {scene.cls}", f" {scene.cls} {IMAGE_TOKEN}", 1)
     out.append(Example(scenes.render(scene, resolution), caption,
                        scenes.coverage(scene, resolution)[None].astype(np.float32)))
   return out

@@ -24,6 +24,17 @@ The world's metric encoder (never seen by any method) scores them:
 Context and class prompts use backgrounds the references never show. The rows "base" (the class
 prompt alone) and "base_described" (the look said in words, e.g. "a photo of a red and white
 striped ball") are the untrained references.
+
+Three kinds of method:
+  tuned         (RECIPES) train on the subject's references, then sample every prompt;
+  e4t           tunes `steps` (15) on the first reference from a pre-trained E4T state (`state`,
+                default the shipped one, pre-trained on balls: use `subject_class="ball"`), and
+                samples with that image;
+  tuning-free   (TUNING_FREE: InstantBooth, IP-Adapter, FastComposer) need no training per
+                subject: `state` is a run trained once on the world; the subject and context
+                prompts sample with the references (one pass: encode + sample), the class
+                prompts without them (InstantBooth and IP-Adapter: the frozen base itself, so
+                their drift is 0 by construction; FastComposer: its own UNet's text path).
 """
 
 from __future__ import annotations
@@ -71,8 +82,15 @@ RECIPES = {
                                (("data.prompt", "a photo of a <new1> {cls}"),
                                 ("data.zoom_augment", False)), prior=True),
 }
+E4T_RECIPE = Recipe("e4t_tune", "*s", 15, 1e-4, (("method.class_word", "{cls}"),
+                                                   ("method.placeholder", "*s"),
+                                                   ("data.num_images", 1)))
+# A tuning-free method's words for the subject (InstantBooth: the identifier it was trained with;
+# IP-Adapter: the class, the look comes from the image; FastComposer: the noun and its marker).
+TUNING_FREE = {"instantbooth": f"{IDENTIFIER} {{cls}}", "ip_adapter": "{cls}",
+               "fastcomposer": "{cls} <|image|>"}
 UNTRAINED = ("base", "base_described")
-METHODS = UNTRAINED + tuple(RECIPES)
+METHODS = UNTRAINED + tuple(RECIPES) + ("e4t",) + tuple(TUNING_FREE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,23 +109,39 @@ class EvalConfig:
   guidance: float = 4.0
   seed: int = 0
   metric: str | None = None            # metric encoder folder (default: the shipped one)
+  subject_class: str | None = None     # held-out subjects of this class only (default: all)
+  state: str | None = None             # e4t: its pre-trained state ("shipped"); tuning-free: the
+                                       # method's trained run (workdir or result file)
+  ip_scale: float = 1.0                # ip_adapter: the image branch's scale
 
   def __post_init__(self):
     if self.method not in METHODS:
       raise ConfigError(f"--method {self.method!r}: not one of {', '.join(METHODS)}")
     if self.subjects < 1 or self.seeds < 1 or self.references < 1:
       raise ConfigError("--subjects, --seeds and --references must be at least 1")
+    if self.subject_class is not None and self.subject_class not in scenes.CLASSES:
+      raise ConfigError(f"--subject-class {self.subject_class!r}: not one of "
+                        f"{', '.join(scenes.CLASSES)}")
+    if self.method in TUNING_FREE and not self.state:
+      raise ConfigError(f"--method {self.method} personalizes with a run trained once on the "
+                        "world: give --state WORKDIR (BENCHMARKS.md has the training commands)")
+    if self.state and self.method not in TUNING_FREE and self.method != "e4t":
+      raise ConfigError(f"--state is for e4t and the tuning-free methods, not {self.method}")
 
 
-def eval_subjects(k: int) -> list[scenes.Subject]:
-  """The first k subjects of a fixed order that cycles through the classes."""
+def eval_subjects(k: int, cls: str | None = None) -> list[scenes.Subject]:
+  """The first k subjects of a fixed order that cycles through the classes (or of class `cls`)."""
   pool = scenes.subjects()
   rng = np.random.default_rng(1234)
   order = [pool[i] for i in rng.permutation(len(pool))]
-  by_class = {c: [s for s in order if s.cls == c] for c in scenes.CLASSES}
+  classes = scenes.CLASSES if cls is None else (cls,)
+  by_class = {c: [s for s in order if s.cls == c] for c in classes}
+  if k > sum(len(v) for v in by_class.values()):
+    raise ConfigError(f"--subjects {k}: the world holds out {sum(len(v) for v in by_class.values())}"
+                      f" subjects{'' if cls is None else ' of class ' + cls}")
   picked, i = [], 0
   while len(picked) < k:
-    picked.append(by_class[scenes.CLASSES[i % len(scenes.CLASSES)]][i // len(scenes.CLASSES)])
+    picked.append(by_class[classes[i % len(classes)]][i // len(classes)])
     i += 1
   return picked
 
@@ -139,18 +173,31 @@ def subject_phrase(method: str, subject: scenes.Subject) -> str:
     return subject.cls
   if method == "base_described":
     return subject.words
-  return RECIPES[method].phrase.format(cls=subject.cls)
+  if method in TUNING_FREE:
+    return TUNING_FREE[method].format(cls=subject.cls)
+  return recipe_of(method).phrase.format(cls=subject.cls)
+
+
+def recipe_of(method: str) -> Recipe:
+  return E4T_RECIPE if method == "e4t" else RECIPES[method]
 
 
 def write_references(subject: scenes.Subject, folder: Path, n: int) -> np.ndarray:
   """Renders n reference images of a subject into `folder` as PNGs (the method's instance
-  folder); returns them, uint8 [n, 32, 32, 3]."""
+  folder) and, into `folder`/segmented, each with its background replaced by noise, cropped to
+  the object (FastComposer's subject images); returns the references, uint8 [n, 32, 32, 3]."""
   from PIL import Image
+
+  from persona_jax.data.fastcomposer import subject_crop
   folder = Path(folder)
-  folder.mkdir(parents=True, exist_ok=True)
-  images = np.stack([scenes.render(scene) for scene in scenes.subject_scenes(subject, n)])
-  for k, image in enumerate(images):
+  (folder / "segmented").mkdir(parents=True, exist_ok=True)
+  scene_list = scenes.subject_scenes(subject, n)
+  images = np.stack([scenes.render(scene) for scene in scene_list])
+  rng = np.random.default_rng(0)
+  for k, (image, scene) in enumerate(zip(images, scene_list)):
     Image.fromarray(image).save(folder / f"{k:03d}.png")
+    Image.fromarray(subject_crop(image, scenes.coverage(scene), rng)).save(
+        folder / "segmented" / f"{k:03d}.png")
   return images
 
 
@@ -185,7 +232,7 @@ def recipe_config(cfg: EvalConfig, subject: scenes.Subject, instance_dir: Path, 
   from ml_collections import ConfigDict
 
   from persona_jax.cli import load_config
-  recipe = RECIPES[cfg.method]
+  recipe = recipe_of(cfg.method)
   c: ConfigDict = load_config(f"{recipe.config}:tiny")
   steps = recipe.steps if cfg.steps is None else cfg.steps
   values = {"model": cfg.model, "data.instance_dir": str(instance_dir), "data.resolution": 32,
@@ -196,6 +243,8 @@ def recipe_config(cfg: EvalConfig, subject: scenes.Subject, instance_dir: Path, 
             "mixed_precision": "no"}
   for key, value in recipe.options:
     values[key] = value.format(cls=subject.cls) if isinstance(value, str) else value
+  if cfg.method == "e4t":
+    values["method.pretrained"] = cfg.state or "shipped"
   if not recipe.prior:
     values["data.num_class_images"] = 0     # dreambooth:tiny's class images, when they are off
   else:
@@ -212,26 +261,59 @@ def recipe_config(cfg: EvalConfig, subject: scenes.Subject, instance_dir: Path, 
 
 
 def _train(cfg: EvalConfig, subject: scenes.Subject, instance_dir: Path, workdir: Path,
-           class_dir: Path):
-  """Trains the method on one subject; returns (run, final trainable params, seconds)."""
+           class_dir: Path, mesh=None):
+  """Trains the method on one subject (on `mesh`, default every device); returns (pipeline,
+  text_to_image keyword arguments, seconds)."""
+  import jax
+
+  from persona_jax.methods.base import MethodConditioning
   from persona_jax.train.config import run_config
   from persona_jax.train.loop import train
   c = recipe_config(cfg, subject, instance_dir, class_dir)
   start = time.perf_counter()
-  summary = train(run_config(c), workdir, progress=False)
-  state = summary["state"]
+  summary = train(run_config(c), workdir, progress=False, mesh=mesh)
+  seconds = time.perf_counter() - start
+  run, state = summary["run"], summary["state"]
+  if cfg.method == "e4t":
+    from persona_jax.methods import e4t
+    sampling = e4t.for_sampling(e4t.load_result(workdir), run.pipe, instance_dir / "000.png")
+    return run.pipe, dict(params=sampling.params, tokenizer=sampling.tokenizer,
+                          conditioning=sampling.conditioning, inputs=sampling.inputs), seconds
   final = state.ema if state.ema is not None else state.trainable
-  return summary["run"], final, time.perf_counter() - start
+  return run.pipe, dict(params=run.full_params(jax.device_get(final)), tokenizer=run.tokenizer,
+                        conditioning=MethodConditioning(run.method),
+                        expand_prompt=run.method.expand_prompt), seconds
 
 
-def evaluate(cfg: EvalConfig, out: Path, progress: bool = True) -> dict:
+def tuning_free_sampling(cfg: EvalConfig, pipe, references: list[Path], segmented: list[Path]):
+  """text_to_image keyword arguments of a tuning-free method: (with the subject's images, for
+  the subject and context prompts; without them, for the class prompts)."""
+  def kwargs(s, *names):
+    return {n: getattr(s, n) for n in names}
+  state = Path(cfg.state)
+  if cfg.method == "instantbooth":
+    from persona_jax.methods import instantbooth
+    s = instantbooth.for_sampling(instantbooth.load_result(state), pipe, references)
+    return kwargs(s, "params", "conditioning", "inputs", "unet_options"), {}
+  if cfg.method == "ip_adapter":
+    from persona_jax.methods import ip_adapter
+    path = state / ip_adapter.RESULT_FILE if state.is_dir() else state
+    s = ip_adapter.load_for_sampling(path, pipe, references, scale=cfg.ip_scale)
+    return kwargs(s, "params", "conditioning", "inputs", "unet_options"), {}
+  from persona_jax.methods import fastcomposer
+  result = fastcomposer.load_result(state)
+  with_subject = fastcomposer.for_sampling(result, pipe, segmented[:1])
+  plain = fastcomposer.for_sampling(result, pipe, [])
+  names = ("params", "tokenizer", "conditioning", "inputs")
+  return kwargs(with_subject, *names), kwargs(plain, *names)
+
+
+def evaluate(cfg: EvalConfig, out: Path, progress: bool = True, mesh=None) -> dict:
   """Runs the evaluation; writes OUT/eval.json and a sample grid per subject; returns the
-  summary (mean metrics over subjects, per-subject rows, wall times)."""
-  import jax
-
+  summary (mean metrics over subjects, per-subject rows, wall times). `mesh`: the training
+  runs' device mesh (default: every device)."""
   from persona_jax.default_model import resolve_model
   from persona_jax.images import grid, save_png
-  from persona_jax.methods.base import MethodConditioning
   from persona_jax.pipeline import load_pipeline
   from persona_jax.text_to_image import SampleOptions, text_to_image
   from persona_jax.world import metric_encoder as me
@@ -242,26 +324,32 @@ def evaluate(cfg: EvalConfig, out: Path, progress: bool = True) -> dict:
                           height=32, width=32, batch_size=16)
   base = None
   rows = []
-  for subject in eval_subjects(cfg.subjects):
+  for subject in eval_subjects(cfg.subjects, cfg.subject_class):
     name = subject.words.replace(" ", "_")
     refs_dir = out / "references" / name
     references = write_references(subject, refs_dir, cfg.references)
     prompts = prompts_for(subject, subject_phrase(cfg.method, subject), cfg.contexts)
     train_seconds = 0.0
-    if cfg.method in UNTRAINED:
-      base = base or load_pipeline(resolve_model(cfg.model))
-      kwargs = {}
-      pipe = base
-    else:
-      run, final, train_seconds = _train(cfg, subject, refs_dir, out / "runs" / name,
-                                         out / "class_images" / subject.cls)
-      pipe = run.pipe
-      kwargs = dict(params=run.full_params(jax.device_get(final)), tokenizer=run.tokenizer,
-                    conditioning=MethodConditioning(run.method),
-                    expand_prompt=run.method.expand_prompt)
     start = time.perf_counter()
-    images = text_to_image(pipe, [p.text for p in prompts], "", cfg.seeds, options,
-                           progress=progress, **kwargs)
+    if cfg.method in UNTRAINED or cfg.method in TUNING_FREE:
+      base = base or load_pipeline(resolve_model(cfg.model))
+      pipe, personal = base, {}
+      plain = personal
+      if cfg.method in TUNING_FREE:
+        files = [refs_dir / f"{k:03d}.png" for k in range(cfg.references)]
+        personal, plain = tuning_free_sampling(cfg, pipe, files,
+                                               [refs_dir / "segmented" / f.name for f in files])
+    else:
+      pipe, personal, train_seconds = _train(cfg, subject, refs_dir, out / "runs" / name,
+                                             out / "class_images" / subject.cls, mesh)
+      plain = personal
+      start = time.perf_counter()
+    split = sum(p.kind != "class" for p in prompts)       # prompts_for puts the class ones last
+    groups = [(prompts, personal)] if plain is personal else [(prompts[:split], personal),
+                                                               (prompts[split:], plain)]
+    images = np.concatenate([text_to_image(pipe, [p.text for p in group], "", cfg.seeds, options,
+                                           progress=progress, **kwargs)
+                             for group, kwargs in groups])
     sample_seconds = time.perf_counter() - start
     save_png(grid(images, cols=cfg.seeds), out / "samples" / f"{name}.png")
     row = {"subject": subject.words, **score(metric, images, prompts, cfg.seeds, subject, references),
@@ -272,9 +360,11 @@ def evaluate(cfg: EvalConfig, out: Path, progress: bool = True) -> dict:
     rows.append(row)
   keys = ("subject_similarity", "subject_match", "prompt_fidelity", "class_fidelity", "drift")
   summary = {"method": cfg.method, "config": dataclasses.asdict(cfg),
-             "steps": 0 if cfg.method in UNTRAINED else (cfg.steps or RECIPES[cfg.method].steps),
+             "steps": (0 if cfg.method in UNTRAINED or cfg.method in TUNING_FREE
+                       else cfg.steps or recipe_of(cfg.method).steps),
              **{k: float(np.mean([r[k] for r in rows])) for k in keys},
              "train_seconds": float(np.mean([r["train_seconds"] for r in rows])),
+             "sample_seconds": float(np.mean([r["sample_seconds"] for r in rows])),
              "subjects": rows}
   tmp = out / ".eval.json.tmp"
   tmp.write_text(json.dumps(summary, indent=2))
@@ -283,12 +373,14 @@ def evaluate(cfg: EvalConfig, out: Path, progress: bool = True) -> dict:
 
 
 def table_row(summary: dict) -> str:
-  """One markdown row: method, steps, train seconds per subject, the five numbers."""
+  """One markdown row: method, steps, train and sample seconds per subject, the five numbers."""
   return (f"| {summary['method']} | {summary['steps']} | {summary['train_seconds']:.0f} | "
+          f"{summary.get('sample_seconds', float('nan')):.0f} | "
           f"{summary['subject_similarity']:.3f} | {summary['subject_match']:.2f} | "
           f"{summary['prompt_fidelity']:.2f} | {summary['class_fidelity']:.2f} | "
           f"{summary['drift']:.2f} |")
 
 
-TABLE_HEADER = ("| method | steps | train s / subject | subject similarity | subject match | "
-                "prompt fidelity | class fidelity | drift |\n|---|---|---|---|---|---|---|---|")
+TABLE_HEADER = ("| method | steps | train s / subject | sample s / subject | subject similarity | "
+                "subject match | prompt fidelity | class fidelity | drift |\n"
+                "|---|---|---|---|---|---|---|---|---|")

@@ -161,16 +161,18 @@ def reference_backgrounds() -> tuple[str, ...]:
   return BG_COLOURS[: len(BG_COLOURS) // 2 + 1]
 
 
-def caption(scene: Scene, rng: np.random.Generator | None = None, *, identifier: str = "") -> str:
+def caption(scene: Scene, rng: np.random.Generator | None = None, *, identifier: str = "",
+            look: bool = True) -> str:
   """The caption of a scene. With `rng`, optional parts are dropped at random (pre-training
   captions: colour and pattern dropped 10% of the time, so "a photo of a ball" means any ball;
   size and position half the time; the background 20%); without, every part is said.
-  `identifier` (e.g. "sks") goes before the class word."""
+  `identifier` (e.g. "sks") goes before the class word. `look=False` never says the colours
+  and pattern (the training captions of methods that take the look from an image)."""
   keep = (lambda p: True) if rng is None else (lambda p: rng.random() < p)
   words = ["a photo of a"]
   if keep(0.5):
     words.append(scene.size)
-  if keep(0.9):
+  if keep(0.9) and look:
     words.append(describe_look(scene.look))
   if identifier:
     words.append(identifier)

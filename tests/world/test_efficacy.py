@@ -86,3 +86,48 @@ def test_every_recipe_is_a_valid_run_with_class_images_only_under_a_prior(method
   assert (run.data.num_class_images > 0) == ef.RECIPES[method].prior
   if ef.RECIPES[method].prior:
     assert run.data.class_prompt == f"a photo of a {subject.cls}"
+
+
+def test_subjects_of_one_class_and_the_image_methods_phrases():
+  balls = ef.eval_subjects(3, "ball")
+  assert [s.cls for s in balls] == ["ball"] * 3 and len(set(balls)) == 3
+  assert balls[0] == ef.eval_subjects(1)[0]          # the first subject is a ball either way
+  assert all(s.look in scenes.HELD_OUT_LOOKS for s in balls)
+  with pytest.raises(ConfigError, match="holds out"):
+    ef.eval_subjects(1000, "ball")
+  with pytest.raises(ConfigError, match="--subject-class 'cat'"):
+    ef.EvalConfig("e4t", subject_class="cat")
+  assert ef.subject_phrase("e4t", balls[0]) == "*s"
+  assert ef.subject_phrase("instantbooth", balls[0]) == "sks ball"
+  assert ef.subject_phrase("ip_adapter", balls[0]) == "ball"
+  assert ef.subject_phrase("fastcomposer", balls[0]) == "ball <|image|>"
+  for method in ef.TUNING_FREE:
+    with pytest.raises(ConfigError, match="give --state WORKDIR"):
+      ef.EvalConfig(method)
+  with pytest.raises(ConfigError, match="--state is for e4t"):
+    ef.EvalConfig("lora", state="runs/x")
+
+
+def test_references_and_their_segmented_subjects(tmp_path):
+  from PIL import Image
+  subject = ef.eval_subjects(1)[0]
+  refs = ef.write_references(subject, tmp_path, 2)
+  for k, scene in enumerate(scenes.subject_scenes(subject, 2)):
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / f"{k:03d}.png")), refs[k])
+    seg = np.asarray(Image.open(tmp_path / "segmented" / f"{k:03d}.png"))
+    inside = scenes.coverage(scene) >= 0.5
+    ys, xs = np.nonzero(inside)
+    side = max(np.ptp(ys), np.ptp(xs)) + 1
+    assert seg.shape == (side, side, 3)                 # cropped to the object, padded square
+    assert set(map(tuple, seg.reshape(-1, 3))) >= set(map(tuple, refs[k][inside][:4]))
+
+
+def test_e4t_recipe_tunes_the_first_reference_from_the_shipped_state(tmp_path):
+  from persona_jax.train.config import run_config
+  subject = ef.eval_subjects(1, "ball")[0]
+  run = run_config(ef.recipe_config(ef.EvalConfig("e4t"), subject, tmp_path, tmp_path / "c"))
+  assert run.steps == 15 and run.data.num_images == 1 and run.data.num_class_images == 0
+  assert run.method_options["class_word"] == "ball" and run.method_options["pretrained"] == "shipped"
+  run = run_config(ef.recipe_config(ef.EvalConfig("e4t", state="runs/e4t_pre"), subject, tmp_path,
+                                    tmp_path / "c"))
+  assert run.method_options["pretrained"] == "runs/e4t_pre"
