@@ -24,14 +24,22 @@ Cases (more join as methods land):
                  detached, cached text contexts, clipping 1.0, AdamW (persona_jax: the
                  custom_diffusion method without a modifier token; PyTorch: diffusers'
                  train_custom_diffusion.py, CustomDiffusionAttnProcessor2_0 with train_kv)
+  e4t_tune       E4T's 15 tuning steps at batch 4 (one timed iteration is all 15): the tune
+                 phase's trainable set (the whole UNet, the E4T encoder, rank-4 weight offsets on
+                 every attention q/k/v), a frozen CLIP image encoder (class tokens of every second
+                 layer) and the UNet's down/mid features recomputed for z_t in each step; the real
+                 method and train_step from a randomly initialized encoder (a pre-trained one
+                 costs the same). persona_jax only: diffusers has no E4T.
   db_train_bf16, db_train_remat, db_train_accum2
                  the same with one memory option: bf16 compute with float32 params (PyTorch:
                  autocast, as accelerate's --mixed_precision bf16), remat of UNet blocks
                  (PyTorch: gradient checkpointing), 2 accumulated micro-batches of 1 + 1 rows
 Presets:
   reduced  the SD 1.5 architecture at reduced width: block_out_channels (64, 128, 256, 256),
-           layers_per_block 2, 8 heads, cross_attention_dim 256, 32x32 latents (CPU-sized)
-  sd15     the real SD 1.5 UNet shapes, 64x64 latents (for GPU/TPU machines)
+           layers_per_block 2, 8 heads, cross_attention_dim 256, 32x32 latents (CPU-sized);
+           e4t_tune's image encoder a ViT-B/14-like tower at width 256 (12 layers, 224 px)
+  sd15     the real SD 1.5 UNet shapes, 64x64 latents (for GPU/TPU machines); e4t_tune's image
+           encoder has OpenCLIP ViT-H/14's shapes (the reference's)
 """
 
 from __future__ import annotations
@@ -52,7 +60,9 @@ import numpy as np
 
 DB_VARIANTS = ("db_train", "db_train_bf16", "db_train_remat", "db_train_accum2")
 ADAPTER_CASES = ("lora_train", "cd_train")
-CASES = ("unet_forward", "unet_train", "ti_train", "lora_train", "cd_train") + DB_VARIANTS
+CASES = ("unet_forward", "unet_train", "ti_train", "lora_train", "cd_train", "e4t_tune") + DB_VARIANTS
+JAX_ONLY = ("e4t_tune",)                                         # no diffusers counterpart
+E4T_STEPS = 15
 DEFAULT_CASES = ("unet_forward", "unet_train", "ti_train", "db_train", "lora_train",
                  "cd_train")                                     # the memory variants on request
 FRAMEWORKS = ("jax", "torch")
@@ -64,6 +74,7 @@ class Preset:
   latent: int          # latent height = width
   text_encoder: dict = dataclasses.field(default_factory=dict)
   context_len: int = 77
+  image_encoder: dict = dataclasses.field(default_factory=dict)   # CLIPVisionConfig fields
 
 
 _SD15_BLOCKS = dict(
@@ -77,14 +88,22 @@ PRESETS = {
                            cross_attention_dim=256, sample_size=32), latent=32,
                       text_encoder=dict(_CLIP, hidden_size=256, intermediate_size=1024,
                                         num_hidden_layers=12, num_attention_heads=4,
-                                        projection_dim=256)),
+                                        projection_dim=256),
+                      image_encoder=dict(hidden_size=256, intermediate_size=1024,
+                                         projection_dim=256, num_hidden_layers=12,
+                                         num_attention_heads=4, image_size=224, patch_size=14)),
     "sd15": Preset(dict(_SD15_BLOCKS, block_out_channels=[320, 640, 1280, 1280],
                         cross_attention_dim=768, sample_size=64), latent=64,
                    text_encoder=dict(_CLIP, hidden_size=768, intermediate_size=3072,
                                      num_hidden_layers=12, num_attention_heads=12,
-                                     projection_dim=768)),
+                                     projection_dim=768),
+                   image_encoder=dict(hidden_size=1280, intermediate_size=5120,
+                                      projection_dim=1024, num_hidden_layers=32,
+                                      num_attention_heads=16, image_size=224, patch_size=14,
+                                      hidden_act="gelu")),
 }
-BATCH = {"unet_forward": 2, "unet_train": 4, "ti_train": 4, "lora_train": 4, "cd_train": 4} | {c: 4 for c in DB_VARIANTS}
+BATCH = ({"unet_forward": 2, "unet_train": 4, "ti_train": 4, "lora_train": 4, "cd_train": 4,
+          "e4t_tune": 4} | {c: 4 for c in DB_VARIANTS})
 PLACEHOLDER_POSITION = 5
 
 
@@ -115,6 +134,22 @@ def write_text_encoder(folder: Path, preset: Preset, seed: int = 1) -> Path:
                                       "model_type": "clip_text_model", **preset.text_encoder})
   write_safetensors(folder / "model.safetensors", params_to_state_dict(params, prefix="text_model."))
   return folder
+
+
+def write_image_encoder(folder: Path, preset: Preset, seed: int = 3) -> Path:
+  """A random CLIPVisionModelWithProjection folder of the preset's image encoder."""
+  from persona_jax.data.clip_images import CLIPImageProcessorConfig
+  from persona_jax.image_encoder import save_image_encoder
+  import jax
+  import jax.numpy as jnp
+
+  from persona_jax.models.clip_vision import CLIPVisionModel
+  from persona_jax.models.configs import CLIPVisionConfig
+  config = CLIPVisionConfig(**preset.image_encoder, with_projection=True)
+  pixels = jnp.zeros((1, config.image_size, config.image_size, 3))
+  params = jax.jit(CLIPVisionModel(config).init)(jax.random.key(seed), pixels)["params"]
+  return save_image_encoder(folder, config, params,
+                            processor=CLIPImageProcessorConfig.for_image_size(config.image_size))
 
 
 def _ids(batch: int):
@@ -169,6 +204,8 @@ def _jax_case(case: str, unet_dir: Path, preset: Preset, dtype: str):
     return _jax_db_step(case, config, params, x, ctx)
   if case in ADAPTER_CASES:
     return _jax_adapter_step(case, config, params, x, ctx)
+  if case == "e4t_tune":
+    return _jax_e4t_tune(config, params, unet_dir.parent, x, jdtype)
   tx = optax.adamw(1e-5)
   opt_state = tx.init(params)
 
@@ -241,6 +278,62 @@ def _jax_ti_step(unet, unet_params, text_dir: Path, latents, noise, jdtype):
     carry[0], metrics = step(carry[0], frozen, batch)
     jax.block_until_ready(metrics["loss"])
   del noise
+  return run
+
+
+def _jax_e4t_tune(config, unet_params, folder: Path, latents, jdtype):
+  """E4T's 15 tuning steps (the real method and train_step), one timed iteration: the UNet, the
+  encoder and the offsets train; the text and image encoders are frozen. `folder` holds the
+  bench's text_encoder/ and image_encoder/."""
+  import importlib.resources
+
+  import jax
+  import jax.numpy as jnp
+
+  from persona_jax import tree
+  from persona_jax.convert.diffusers import state_dict_to_params, text_encoder_adapt
+  from persona_jax.convert.files import read_weights
+  from persona_jax.image_encoder import load_image_encoder
+  from persona_jax.methods import e4t
+  from persona_jax.methods.base import CLIP_PIXELS, IDS
+  from persona_jax.models.configs import TextEncoderConfig, read_json
+  from persona_jax.models.text_encoder import CLIPTextModel
+  from persona_jax.models.unet import UNet2DConditionModel
+  from persona_jax.pipeline import abstract_params
+  from persona_jax.train.optim import OptimConfig, make_optimizer
+  from persona_jax.train.state import init_state
+  text_dir = folder / "text_encoder"
+  text_config = dataclasses.replace(
+      TextEncoderConfig.from_dict(read_json(text_dir / "config.json")), dtype=jdtype)
+  state, source = read_weights(text_dir, "model")
+  text_params = state_dict_to_params(state, abstract_params("text_encoder", text_config),
+                                     source=source, adapt=text_encoder_adapt)
+  base = jax.device_put({"unet": unet_params, "text_encoder": text_params})
+  tokenizer = Path(str(importlib.resources.files("persona_jax") / "assets" / "tokenizer"))
+  # The pretrain phase builds the same encoder and offsets without a pre-trained file; the
+  # tune phase's trainable set adds the whole UNet, as below.
+  options = e4t.E4TConfig(phase="pretrain", class_word="face",
+                          image_encoder=str(folder / "image_encoder"), embedding_reg=1e-4)
+  method = e4t.make(options, base, tokenizer, unet_config=config)
+  trainable = tree.merge({"unet": base["unet"]},
+                         method.init_trainable(jax.random.PRNGKey(0), base))
+  frozen = {"text_encoder": base["text_encoder"], **jax.device_put(method.components())}
+  tx, _ = make_optimizer(OptimConfig(lr=1.6e-5, clip_grad_norm=1.0), trainable,
+                         total_steps=E4T_STEPS, batch_size=latents.shape[0])
+  step = _jitted_train_step(method, UNet2DConditionModel(config), CLIPTextModel(text_config), tx)
+  clip_config, _ = load_image_encoder(folder / "image_encoder")
+  rng = np.random.default_rng(4)
+  size = clip_config.image_size
+  batch = {"latent_mean": latents, "latent_logvar": jnp.full(latents.shape, -30.0),
+           IDS: jnp.asarray(_ids(latents.shape[0]), jnp.int32),
+           CLIP_PIXELS: jnp.asarray(rng.standard_normal((latents.shape[0], size, size, 3)),
+                                    jnp.float32)}
+  carry = [init_state(trainable, tx, seed=0)]
+
+  def run():
+    for _ in range(E4T_STEPS):
+      carry[0], metrics = step(carry[0], frozen, batch)
+    jax.block_until_ready(metrics["loss"])
   return run
 
 
@@ -660,9 +753,12 @@ def bench(preset: str = "reduced", cases=DEFAULT_CASES, frameworks=FRAMEWORKS, r
   with tempfile.TemporaryDirectory() as tmp:
     unet_dir = write_unet(Path(tmp) / "unet", PRESETS[preset])
     write_text_encoder(Path(tmp) / "text_encoder", PRESETS[preset])
+    if any(c in cases for c in JAX_ONLY):
+      write_image_encoder(Path(tmp) / "image_encoder", PRESETS[preset])
     for case in cases:
       for rep in range(reps):
         order = frameworks if rep % 2 == 0 else frameworks[::-1]
+        order = [fw for fw in order if fw == "jax" or case not in JAX_ONLY]
         for fw in order:
           r = _spawn(fw, case, unet_dir, preset, iters, dtype, env)
           r["rep"] = rep
@@ -675,6 +771,8 @@ def bench(preset: str = "reduced", cases=DEFAULT_CASES, frameworks=FRAMEWORKS, r
     row = {}
     for fw in frameworks:
       rs = [r for r in results if r["case"] == case and r["framework"] == fw]
+      if not rs:                     # a persona_jax-only case
+        continue
       row[fw] = dict(median_s=statistics.median(r["median_s"] for r in rs),
                      first_call_s=statistics.median(r["first_call_s"] for r in rs),
                      peak_rss_mb=max(r["peak_rss_mb"] for r in rs),
@@ -702,11 +800,10 @@ def format_summary(summary: dict, meta: dict) -> str:
   for case, row in summary.items():
     j, t = row.get("jax"), row.get("torch")
     fmt = lambda r: f"{r['median_s'] * 1e3:.0f} ms" if r else "-"
-    lines.append(
-        f"| {case} | {fmt(j)} | {fmt(t)} | {row.get('speedup', float('nan')):.2f}x | "
-        f"{j['first_call_s'] if j else float('nan'):.1f} s / {t['first_call_s'] if t else float('nan'):.1f} s | "
-        f"{j['peak_rss_mb'] if j else 0:.0f} / {t['peak_rss_mb'] if t else 0:.0f} MB | "
-        f"{j['steady_peak_rss_mb'] if j else 0:.0f} / {t['steady_peak_rss_mb'] if t else 0:.0f} MB |")
+    both = lambda key, unit, f: " / ".join(f"{r[key]:{f}} {unit}" if r else "-" for r in (j, t))
+    speedup = f"{row['speedup']:.2f}x" if "speedup" in row else "-"
+    lines.append(f"| {case} | {fmt(j)} | {fmt(t)} | {speedup} | {both('first_call_s', 's', '.1f')} | "
+                 f"{both('peak_rss_mb', 'MB', '.0f')} | {both('steady_peak_rss_mb', 'MB', '.0f')} |")
   planned = {case: row["jax"]["xla_memory_mb"] for case, row in summary.items()
              if row.get("jax", {}).get("xla_memory_mb")}
   if planned:
