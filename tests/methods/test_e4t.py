@@ -311,3 +311,26 @@ def test_export_merges_the_offsets_and_writes_the_embedding(tune, tuned, tmp_pat
   assert rows["*s"].shape == (1, 32)
   record = json.loads((out / "export.json").read_text())
   assert record["e4t_embedding"]["timestep"] == e4t.EXPORT_TIMESTEP
+
+
+def test_the_shipped_state_fits_the_shipped_base_and_starts_tiny_tuning():
+  """e4t_tune:tiny's default start: made on this very base (its cache name carries the base's
+  weights digest), for the class word the config uses, and every leaf loads."""
+  from pathlib import Path
+
+  from persona_jax.cli import load_config
+  from persona_jax.default_model import default_model_name, resolve_model
+  from persona_jax.pipeline import load_pipeline
+  shipped = e4t.load_result(e4t.shipped_state())
+  assert Path(shipped.meta["base_model"]).name == default_model_name(), \
+      "the base was re-shipped: remake the state with scripts/make_e4t_state.py"
+  tiny = load_config("e4t_tune:tiny").method
+  assert tiny.pretrained == e4t.SHIPPED and shipped.meta["class_word"] == tiny.class_word
+  pipe = load_pipeline(resolve_model("default"))
+  config = e4t.E4TConfig(**{k: v for k, v in tiny.to_dict().items() if k != "name"})
+  method = e4t.make(config, pipe.params, pipe.tokenizer_dir, pipe.unet_config)
+  start = tree.flatten(method.init_trainable(jax.random.PRNGKey(0), pipe.params))
+  assert set(start) == {p for p in shipped.weights if p.startswith("e4t/")}
+  for path, value in start.items():
+    np.testing.assert_array_equal(np.asarray(value), shipped.weights[path])
+  assert float(np.abs(shipped.weights[next(p for p in start if p.endswith("/b"))]).max()) > 0
