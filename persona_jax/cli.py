@@ -657,7 +657,10 @@ def _train(argv) -> int:
   flags.DEFINE_string("workdir", None, "run folder (created; an existing run resumes)", flag_values=fv)
   flags.DEFINE_bool("progress", True, "show a progress bar", flag_values=fv)
   if "--help" in argv or "-h" in argv:
-    print(fv.main_module_help() if hasattr(fv, "main_module_help") else fv)
+    print("usage: persona-jax train --config NAME[:variant] --workdir DIR [--config.a.b=VALUE ...] "
+          "[--noprogress]\n(NAME: a file of configs/, e.g. dreambooth:tiny; every field of the "
+          "config can be overridden)")
+    print(fv.module_help(__name__).strip())
     return 0
   try:
     fv(["persona-jax train", *argv])

@@ -77,3 +77,11 @@ def test_dreambooth_tiny_runs_through_the_cli(tmp_path, monkeypatch, capsys):
     assert np.array_equal(a, b)
   unet = UNet2DConditionModel.from_pretrained(wd / "model" / "unet")
   np.testing.assert_array_equal(unet.conv_in.weight.detach().numpy().transpose(2, 3, 1, 0), kernel)
+
+
+def test_train_help_names_its_flags(capsys):
+  assert main(["train", "--help"]) == 0
+  out = capsys.readouterr().out
+  assert out.startswith("usage: persona-jax train --config NAME")
+  for flag in ("--config:", "--workdir:", "--[no]progress:"):
+    assert flag in out
