@@ -272,7 +272,7 @@ def _eval(args) -> int:
     raise ConfigError("eval: give --method NAME (or --prompt-following N)")
   fields = ("method", "model", "subjects", "seeds", "references", "contexts", "steps", "lr",
             "batch_size", "class_images", "sample_steps", "guidance", "seed", "metric",
-            "subject_class", "state", "ip_scale")
+            "subject_class", "state", "ip_scale", "beta", "alpha")
   cfg = EvalConfig(**{f: getattr(args, f) for f in fields if getattr(args, f) is not None})
   summary = evaluate(cfg, args.out, progress=not args.noprogress)
   print(TABLE_HEADER)
@@ -548,6 +548,10 @@ def build_parser() -> argparse.ArgumentParser:
                  "workdir; default: the shipped one); instantbooth, ip_adapter, fastcomposer: "
                  "the run trained once on the world")
   p.add_argument("--ip-scale", type=float, default=None, help="ip_adapter: the image scale (1.0)")
+  p.add_argument("--beta", type=float, default=None,
+                 help="instantbooth: the adapters' weight (default: the run's, 0.3)")
+  p.add_argument("--alpha", type=float, default=None,
+                 help="instantbooth: the concept token's scale (default: the run's, 0.4)")
   p.add_argument("--noprogress", action="store_true")
   p.set_defaults(func=_eval)
 

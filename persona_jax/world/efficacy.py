@@ -113,6 +113,8 @@ class EvalConfig:
   state: str | None = None             # e4t: its pre-trained state ("shipped"); tuning-free: the
                                        # method's trained run (workdir or result file)
   ip_scale: float = 1.0                # ip_adapter: the image branch's scale
+  beta: float | None = None            # instantbooth: the adapters' weight (default: the run's)
+  alpha: float | None = None           # instantbooth: the concept token's scale (the run's)
 
   def __post_init__(self):
     if self.method not in METHODS:
@@ -293,7 +295,8 @@ def tuning_free_sampling(cfg: EvalConfig, pipe, references: list[Path], segmente
   state = Path(cfg.state)
   if cfg.method == "instantbooth":
     from persona_jax.methods import instantbooth
-    s = instantbooth.for_sampling(instantbooth.load_result(state), pipe, references)
+    s = instantbooth.for_sampling(instantbooth.load_result(state), pipe, references, cfg.beta,
+                                  cfg.alpha)
     return kwargs(s, "params", "conditioning", "inputs", "unet_options"), {}
   if cfg.method == "ip_adapter":
     from persona_jax.methods import ip_adapter
@@ -347,9 +350,12 @@ def evaluate(cfg: EvalConfig, out: Path, progress: bool = True, mesh=None) -> di
     split = sum(p.kind != "class" for p in prompts)       # prompts_for puts the class ones last
     groups = [(prompts, personal)] if plain is personal else [(prompts[:split], personal),
                                                                (prompts[split:], plain)]
-    images = np.concatenate([text_to_image(pipe, [p.text for p in group], "", cfg.seeds, options,
-                                           progress=progress, **kwargs)
-                             for group, kwargs in groups])
+    images = []               # image k keeps the noise of its place in the whole prompt list
+    for group, kwargs in groups:
+      images.append(text_to_image(pipe, [p.text for p in group], "", cfg.seeds, options,
+                                  start_index=sum(len(x) for x in images), progress=progress,
+                                  **kwargs))
+    images = np.concatenate(images)
     sample_seconds = time.perf_counter() - start
     save_png(grid(images, cols=cfg.seeds), out / "samples" / f"{name}.png")
     row = {"subject": subject.words, **score(metric, images, prompts, cfg.seeds, subject, references),
