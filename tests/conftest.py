@@ -22,6 +22,17 @@ jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 import pytest  # noqa: E402
 
+# The end-to-end files run the CLI in subprocesses for minutes. Collected first (and xdist told
+# to keep the collection order: pyproject's --no-loadscope-reorder; by default it sends files
+# with the most tests first, so one-test files came last), they start at once beside the rest of
+# the suite instead of running as a lone tail at the end.
+RUN_FIRST = ("tests/world/test_personalization_works.py",
+             "tests/world/test_efficacy_image_methods.py")
+
+
+def pytest_collection_modifyitems(items):
+  items.sort(key=lambda item: item.nodeid.split("::")[0] not in RUN_FIRST)
+
 from persona_jax.pipeline import load_pipeline  # noqa: E402
 from persona_jax.random_model import make_random_model  # noqa: E402
 
