@@ -245,25 +245,30 @@ def _jitted_train_step(method, unet, text_encoder, tx):
                                    tx=tx), donate_argnums=0)
 
 
+def _read_text_encoder(text_dir: Path, jdtype):
+  """(TextEncoderConfig with compute dtype `jdtype`, params) of the bench's text_encoder/."""
+  from persona_jax.convert.diffusers import state_dict_to_params, text_encoder_adapt
+  from persona_jax.convert.files import read_weights
+  from persona_jax.models.configs import TextEncoderConfig, read_json
+  from persona_jax.pipeline import abstract_params
+  config = dataclasses.replace(TextEncoderConfig.from_dict(read_json(text_dir / "config.json")),
+                               dtype=jdtype)
+  state, source = read_weights(text_dir, "model")
+  return config, state_dict_to_params(state, abstract_params("text_encoder", config),
+                                      source=source, adapt=text_encoder_adapt)
+
+
 def _jax_ti_step(unet, unet_params, text_dir: Path, latents, noise, jdtype):
   """Our Textual Inversion step (the real train_step and method) from cached-latent batches."""
 
   import jax
   import jax.numpy as jnp
 
-  from persona_jax.convert.diffusers import state_dict_to_params, text_encoder_adapt
-  from persona_jax.convert.files import read_weights
   from persona_jax.methods import textual_inversion as ti
-  from persona_jax.models.configs import TextEncoderConfig, read_json
   from persona_jax.models.text_encoder import CLIPTextModel
-  from persona_jax.pipeline import abstract_params
   from persona_jax.train.optim import OptimConfig, make_optimizer
   from persona_jax.train.state import init_state
-  config = dataclasses.replace(TextEncoderConfig.from_dict(read_json(text_dir / "config.json")),
-                               dtype=jdtype)
-  state, source = read_weights(text_dir, "model")
-  text_params = state_dict_to_params(state, abstract_params("text_encoder", config), source=source,
-                                     adapt=text_encoder_adapt)
+  config, text_params = _read_text_encoder(text_dir, jdtype)
   frozen = jax.device_put({"unet": unet_params, "text_encoder": text_params})
   method = ti.make(ti.TextualInversionConfig(placeholder="<bench>", initializer="toy"), frozen)
   trainable = method.init_trainable(jax.random.PRNGKey(0), frozen)
@@ -291,23 +296,14 @@ def _jax_e4t_tune(config, unet_params, folder: Path, latents, jdtype):
   import jax.numpy as jnp
 
   from persona_jax import tree
-  from persona_jax.convert.diffusers import state_dict_to_params, text_encoder_adapt
-  from persona_jax.convert.files import read_weights
   from persona_jax.image_encoder import load_image_encoder
   from persona_jax.methods import e4t
   from persona_jax.methods.base import CLIP_PIXELS, IDS
-  from persona_jax.models.configs import TextEncoderConfig, read_json
   from persona_jax.models.text_encoder import CLIPTextModel
   from persona_jax.models.unet import UNet2DConditionModel
-  from persona_jax.pipeline import abstract_params
   from persona_jax.train.optim import OptimConfig, make_optimizer
   from persona_jax.train.state import init_state
-  text_dir = folder / "text_encoder"
-  text_config = dataclasses.replace(
-      TextEncoderConfig.from_dict(read_json(text_dir / "config.json")), dtype=jdtype)
-  state, source = read_weights(text_dir, "model")
-  text_params = state_dict_to_params(state, abstract_params("text_encoder", text_config),
-                                     source=source, adapt=text_encoder_adapt)
+  text_config, text_params = _read_text_encoder(folder / "text_encoder", jdtype)
   base = jax.device_put({"unet": unet_params, "text_encoder": text_params})
   tokenizer = Path(str(importlib.resources.files("persona_jax") / "assets" / "tokenizer"))
   # The pretrain phase builds the same encoder and offsets without a pre-trained file; the

@@ -1,6 +1,9 @@
 """Small training runs for tests: configs on the sd1 random model and the example subject."""
 
 import dataclasses
+import os
+import subprocess
+import sys
 
 from persona_jax.train.config import run_config
 
@@ -100,3 +103,13 @@ def fixed_batch_trajectory(run, steps: int = 8):
   return dict(batch=jax.device_get(batch), frozen_before=frozen_before, after_lr0=after_lr0,
               loss0=float(m0["loss"]), loss_end=float(m_end["loss"]),
               trained=jax.device_get(state.trainable))
+
+
+def run_cli(*args, timeout: int = 900) -> None:
+  """`python -m persona_jax ARGS` in a subprocess as a user runs it: one device and XLA's usual
+  optimization (the tests' 8 simulated devices and -O0 compilation, from conftest's XLA_FLAGS,
+  would make long runs several times slower). Fails with the tail of its stderr."""
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  done = subprocess.run([sys.executable, "-m", "persona_jax", *args], env=env,
+                        capture_output=True, text=True, timeout=timeout)
+  assert done.returncode == 0, done.stderr[-3000:]

@@ -263,9 +263,9 @@ def recipe_config(cfg: EvalConfig, subject: scenes.Subject, instance_dir: Path, 
 
 
 def _train(cfg: EvalConfig, subject: scenes.Subject, instance_dir: Path, workdir: Path,
-           class_dir: Path, mesh=None):
-  """Trains the method on one subject (on `mesh`, default every device); returns (pipeline,
-  text_to_image keyword arguments, seconds)."""
+           class_dir: Path):
+  """Trains the method on one subject; returns (pipeline, text_to_image keyword arguments,
+  seconds)."""
   import jax
 
   from persona_jax.methods.base import MethodConditioning
@@ -273,7 +273,7 @@ def _train(cfg: EvalConfig, subject: scenes.Subject, instance_dir: Path, workdir
   from persona_jax.train.loop import train
   c = recipe_config(cfg, subject, instance_dir, class_dir)
   start = time.perf_counter()
-  summary = train(run_config(c), workdir, progress=False, mesh=mesh)
+  summary = train(run_config(c), workdir, progress=False)
   seconds = time.perf_counter() - start
   run, state = summary["run"], summary["state"]
   if cfg.method == "e4t":
@@ -311,10 +311,9 @@ def tuning_free_sampling(cfg: EvalConfig, pipe, references: list[Path], segmente
   return kwargs(with_subject, *names), kwargs(plain, *names)
 
 
-def evaluate(cfg: EvalConfig, out: Path, progress: bool = True, mesh=None) -> dict:
+def evaluate(cfg: EvalConfig, out: Path, progress: bool = True) -> dict:
   """Runs the evaluation; writes OUT/eval.json and a sample grid per subject; returns the
-  summary (mean metrics over subjects, per-subject rows, wall times). `mesh`: the training
-  runs' device mesh (default: every device)."""
+  summary (mean metrics over subjects, per-subject rows, wall times)."""
   from persona_jax.default_model import resolve_model
   from persona_jax.images import grid, save_png
   from persona_jax.pipeline import load_pipeline
@@ -344,7 +343,7 @@ def evaluate(cfg: EvalConfig, out: Path, progress: bool = True, mesh=None) -> di
                                                [refs_dir / "segmented" / f.name for f in files])
     else:
       pipe, personal, train_seconds = _train(cfg, subject, refs_dir, out / "runs" / name,
-                                             out / "class_images" / subject.cls, mesh)
+                                             out / "class_images" / subject.cls)
       plain = personal
       start = time.perf_counter()
     split = sum(p.kind != "class" for p in prompts)       # prompts_for puts the class ones last

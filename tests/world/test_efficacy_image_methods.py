@@ -3,21 +3,12 @@ another path than its subject prompts): an untrained run (lr 0) leaves the class
 the base's, with the same noise per prompt, while its subject images change. Through the CLI in
 subprocesses, as test_personalization_works.py (one device, XLA's usual optimization)."""
 
-import os
-import subprocess
-import sys
-
 import numpy as np
 from PIL import Image
 
+from tests.runs import run_cli as cli
+
 TILE, PAD = 128, 2                  # the grid's enlarged 32 px tiles and its padding
-
-
-def cli(*args):
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  done = subprocess.run([sys.executable, "-m", "persona_jax", *args], env=env,
-                        capture_output=True, text=True, timeout=900)
-  assert done.returncode == 0, done.stderr[-3000:]
 
 
 def rows(grid_file):

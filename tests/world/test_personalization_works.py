@@ -10,11 +10,9 @@ slower).
 """
 
 import json
-import os
-import subprocess
-import sys
 
 from persona_jax.default_model import is_toy_base_shipped
+from tests.runs import run_cli
 
 STEPS = 100
 SEEDS = 6
@@ -22,12 +20,8 @@ SEEDS = 6
 
 def evaluate(tmp_path, method, *flags):
   out = tmp_path / f"{method}{''.join(flags)}"
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  cmd = [sys.executable, "-m", "persona_jax", "eval", "--method", method, "--subjects", "1",
-         "--seeds", str(SEEDS), "--contexts", "1", "--batch-size", "8", "--out", str(out),
-         "--noprogress", *flags]
-  done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-  assert done.returncode == 0, done.stderr[-3000:]
+  run_cli("eval", "--method", method, "--subjects", "1", "--seeds", str(SEEDS), "--contexts", "1",
+          "--batch-size", "8", "--out", str(out), "--noprogress", *flags)
   return json.loads((out / "eval.json").read_text())
 
 
