@@ -53,7 +53,7 @@ def _sample(args) -> int:
   from persona_jax.images import grid, save_png
   from persona_jax.methods.lora_compose import LoRASpec, with_loras
   from persona_jax.pipeline import load_pipeline
-  from persona_jax.text_to_image import SampleOptions, text_to_image
+  from persona_jax.text_to_image import SampleOptions, sampling_kwargs, text_to_image
   loras = [LoRASpec.parse(s) for s in args.lora]
   image_method, result = _image_method(args)
   model = resolve_model(args.model)
@@ -81,37 +81,15 @@ def _sample(args) -> int:
       raise PersonaError("--clip-skip does not combine with --custom-diffusion")
     params, tokenizer, conditioning = cd.for_sampling(cd.load_result(args.custom_diffusion), pipe,
                                                       params)
-  inputs = None
-  unet_options = ()
-  if image_method == "e4t":
-    from persona_jax.methods import e4t
-    sampling = e4t.for_sampling(result, pipe, args.image[0])
-    params, tokenizer, conditioning, inputs = (sampling.params, sampling.tokenizer,
-                                               sampling.conditioning, sampling.inputs)
-  if image_method == "instantbooth":
-    from persona_jax.methods import instantbooth
-    sampling = instantbooth.for_sampling(result, pipe, args.image, args.beta,
-                                         args.alpha, prompts=args.prompt)
-    params, conditioning, inputs, unet_options = (sampling.params, sampling.conditioning,
-                                                  sampling.inputs, sampling.unet_options)
-  if image_method == "ip_adapter":
-    from persona_jax.methods import ip_adapter
-    sampling = ip_adapter.load_for_sampling(
-        args.ip_adapter, pipe, args.image, image_encoder=args.image_encoder,
-        scale=1.0 if args.ip_scale is None else args.ip_scale, allow_pickle=args.allow_pickle)
-    params, conditioning, inputs, unet_options = (sampling.params, sampling.conditioning,
-                                                  sampling.inputs, sampling.unet_options)
+  sampling = dict(params=params, tokenizer=tokenizer, conditioning=conditioning,
+                  expand_prompt=expand)
   prompts = args.prompt
-  if image_method == "fastcomposer":
-    from persona_jax.methods import fastcomposer
-    prompts = fastcomposer.sampling_prompts(prompts, args.image or [])
-    sampling = fastcomposer.for_sampling(result, pipe, args.image or [],
-                                         args.start_merge_step)
-    params, tokenizer, conditioning, inputs = (sampling.params, sampling.tokenizer,
-                                               sampling.conditioning, sampling.inputs)
-  images = text_to_image(pipe, prompts, args.negative_prompt, args.num_images, options,
-                         params=params, tokenizer=tokenizer, conditioning=conditioning,
-                         expand_prompt=expand, inputs=inputs, unet_options=unet_options)
+  if image_method is not None:        # alone (_image_method refused the other flags)
+    sampling = sampling_kwargs(_image_method_sampling(image_method, result, pipe, args))
+    if image_method == "fastcomposer":
+      from persona_jax.methods import fastcomposer
+      prompts = fastcomposer.sampling_prompts(prompts, args.image or [])
+  images = text_to_image(pipe, prompts, args.negative_prompt, args.num_images, options, **sampling)
   seconds = time.perf_counter() - start
   out = Path(args.out)
   paths = [save_png(img, out / f"{args.seed:04d}_{i:04d}.png") for i, img in enumerate(images)]
@@ -121,6 +99,24 @@ def _sample(args) -> int:
   print(f"{len(images)} image(s) {images.shape[2]}x{images.shape[1]} from {model} in {seconds:.1f} s "
         "(including compilation)", file=sys.stderr)
   return 0
+
+
+def _image_method_sampling(name: str, result, pipe, args):
+  """The `for_sampling` result of an image-conditioned method's flags (methods' ForSampling)."""
+  if name == "e4t":
+    from persona_jax.methods import e4t
+    return e4t.for_sampling(result, pipe, args.image[0])
+  if name == "instantbooth":
+    from persona_jax.methods import instantbooth
+    return instantbooth.for_sampling(result, pipe, args.image, args.beta, args.alpha,
+                                     prompts=args.prompt)
+  if name == "ip_adapter":
+    from persona_jax.methods import ip_adapter
+    return ip_adapter.load_for_sampling(
+        args.ip_adapter, pipe, args.image, image_encoder=args.image_encoder,
+        scale=1.0 if args.ip_scale is None else args.ip_scale, allow_pickle=args.allow_pickle)
+  from persona_jax.methods import fastcomposer
+  return fastcomposer.for_sampling(result, pipe, args.image or [], args.start_merge_step)
 
 
 # The image-conditioned sampling flags: (flag, its knobs (attribute names), how many --image it
@@ -225,14 +221,23 @@ def _merge(args) -> int:
   return 0
 
 
+def _int_list(text: str) -> tuple[int, ...]:
+  try:
+    return tuple(int(v) for v in text.split(","))
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"'{text}': expected comma-separated integers, e.g. 2,2,1")
+
+
 def _make_toy_model(args) -> int:
   from persona_jax.world.toy_model import VAETraining, build_base, pretrain
   vae = VAETraining(steps=args.vae_steps)
   if args.stop_after_init:
-    print(build_base(args.workdir, num_images=args.images, vae=vae, start_from=args.start_from))
+    print(build_base(args.workdir, num_images=args.images, vae=vae, start_from=args.start_from,
+                     grow_layers=args.grow_layers, lr=args.lr))
     return 0
   result = pretrain(args.workdir, num_images=args.images, vae=vae, unet_steps=args.unet_steps,
-                    batch_size=args.batch_size, start_from=args.start_from)
+                    batch_size=args.batch_size, start_from=args.start_from,
+                    grow_layers=args.grow_layers, lr=args.lr)
   for path in result["outputs"] + ([result["samples"]] if result["samples"] else []):
     print(path)
   return 0
@@ -496,6 +501,10 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--start-from", type=Path, default=None, metavar="MODEL",
                  help="continue pre-training from a toy pipeline folder (an earlier sitting's "
                       "snapshot, or persona_jax/assets/toy_base) instead of a fresh VAE and UNet")
+  p.add_argument("--grow-layers", type=_int_list, default=None, metavar="N,N,N",
+                 help="with --start-from: deepen the UNet to these layers per block first "
+                      "(new layers start as the identity, so it computes the same function)")
+  p.add_argument("--lr", type=float, default=None, help="default: configs/toy_pretrain.py's")
   p.set_defaults(func=_make_toy_model)
 
   p = sub.add_parser("plot", help="draw a run's loss curve (WORKDIR/metrics.jsonl -> loss.png)")

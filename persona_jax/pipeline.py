@@ -138,7 +138,7 @@ def abstract_params(name: str, config) -> Any:
 def init_params(name: str, config, rng) -> Any:
   """Freshly initialized params of a component (flax's initializers: for training from scratch)."""
   model, args = _component(name, config)
-  return model.init(rng, *args)["params"]
+  return jax.jit(model.init)(rng, *args)["params"]     # one compiled program, not op by op
 
 
 def _check_model_index(index: dict, root: Path) -> None:

@@ -45,6 +45,15 @@ def image_size(pipe: Pipeline, height: int | None, width: int | None) -> tuple[i
   return height, width
 
 
+SAMPLING_FIELDS = ("params", "tokenizer", "conditioning", "inputs", "unet_options")
+
+
+def sampling_kwargs(sampling) -> dict:
+  """`text_to_image` keyword arguments of a method's `for_sampling` result (the methods'
+  ForSampling dataclasses): those of its fields that `text_to_image` takes."""
+  return {n: getattr(sampling, n) for n in SAMPLING_FIELDS if hasattr(sampling, n)}
+
+
 def text_to_image(pipe: Pipeline, prompts: str | list[str], negative_prompt: str | list[str] = "",
                   num_images: int = 1, options: SampleOptions = SampleOptions(),
                   start_index: int = 0, params=None, progress: bool = True, tokenizer=None,

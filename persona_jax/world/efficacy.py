@@ -278,9 +278,9 @@ def _train(cfg: EvalConfig, subject: scenes.Subject, instance_dir: Path, workdir
   run, state = summary["run"], summary["state"]
   if cfg.method == "e4t":
     from persona_jax.methods import e4t
+    from persona_jax.text_to_image import sampling_kwargs
     sampling = e4t.for_sampling(e4t.load_result(workdir), run.pipe, instance_dir / "000.png")
-    return run.pipe, dict(params=sampling.params, tokenizer=sampling.tokenizer,
-                          conditioning=sampling.conditioning, inputs=sampling.inputs), seconds
+    return run.pipe, sampling_kwargs(sampling), seconds
   final = state.ema if state.ema is not None else state.trainable
   return run.pipe, dict(params=run.full_params(jax.device_get(final)), tokenizer=run.tokenizer,
                         conditioning=MethodConditioning(run.method),
@@ -290,25 +290,22 @@ def _train(cfg: EvalConfig, subject: scenes.Subject, instance_dir: Path, workdir
 def tuning_free_sampling(cfg: EvalConfig, pipe, references: list[Path], segmented: list[Path]):
   """text_to_image keyword arguments of a tuning-free method: (with the subject's images, for
   the subject and context prompts; without them, for the class prompts)."""
-  def kwargs(s, *names):
-    return {n: getattr(s, n) for n in names}
+  from persona_jax.text_to_image import sampling_kwargs
   state = Path(cfg.state)
   if cfg.method == "instantbooth":
     from persona_jax.methods import instantbooth
     s = instantbooth.for_sampling(instantbooth.load_result(state), pipe, references, cfg.beta,
                                   cfg.alpha)
-    return kwargs(s, "params", "conditioning", "inputs", "unet_options"), {}
+    return sampling_kwargs(s), {}
   if cfg.method == "ip_adapter":
     from persona_jax.methods import ip_adapter
     path = state / ip_adapter.RESULT_FILE if state.is_dir() else state
     s = ip_adapter.load_for_sampling(path, pipe, references, scale=cfg.ip_scale)
-    return kwargs(s, "params", "conditioning", "inputs", "unet_options"), {}
+    return sampling_kwargs(s), {}
   from persona_jax.methods import fastcomposer
   result = fastcomposer.load_result(state)
-  with_subject = fastcomposer.for_sampling(result, pipe, segmented[:1])
-  plain = fastcomposer.for_sampling(result, pipe, [])
-  names = ("params", "tokenizer", "conditioning", "inputs")
-  return kwargs(with_subject, *names), kwargs(plain, *names)
+  return (sampling_kwargs(fastcomposer.for_sampling(result, pipe, segmented[:1])),
+          sampling_kwargs(fastcomposer.for_sampling(result, pipe, [])))
 
 
 def evaluate(cfg: EvalConfig, out: Path, progress: bool = True) -> dict:

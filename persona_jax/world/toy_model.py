@@ -263,12 +263,14 @@ def initial_pipeline(vae_params, scaling_factor: float, seed: int = 0):
 
 
 def build_base(workdir, *, num_images: int = 20000, vae: VAETraining = VAETraining(),
-               start_from=None, progress: bool = True) -> Path:
+               start_from=None, grow_layers=None, progress: bool = True) -> Path:
   """Runs the world, vae and init stages (each skipped when done); returns WORKDIR/init.
 
   start_from: a toy pipeline folder (e.g. the shipped base, or an earlier sitting's snapshot) to
   continue pre-training from: its VAE, UNet and text encoder, in float32, become WORKDIR/init
   and the VAE stage is skipped. The UNet stage then starts a fresh optimizer and schedule.
+  grow_layers: with start_from, the UNet's new layers per block (e.g. (2, 2, 1)): it is deepened
+  without changing what it computes (models/unet_growth.py) and trains on from there.
   """
   from persona_jax.models.configs import VAEConfig
   from persona_jax.models.vae import AutoencoderKL
@@ -291,9 +293,15 @@ def build_base(workdir, *, num_images: int = 20000, vae: VAETraining = VAETraini
         shutil.copytree(shipped_tokenizer_dir(), source / "tokenizer")
       pipe = load_pipeline(source)
       params = jax.tree.map(lambda a: np.asarray(a, np.float32), pipe.params)
+      if grow_layers is not None:
+        pipe = _deepened(pipe, params, grow_layers)
+        params = pipe.params
       save_pipeline(dataclasses.replace(pipe, params=params), init, overwrite=True)
-    log.info("continuing pre-training from %s", start_from)
+    log.info("continuing pre-training from %s%s", start_from,
+             f" with {list(grow_layers)} layers per UNet block" if grow_layers else "")
     return init
+  if grow_layers is not None:
+    raise ValueError("grow_layers deepens a trained UNet: give start_from too")
   (workdir / "vae").mkdir(exist_ok=True)
   config = VAEConfig.from_dict(toy_configs()["vae"])
   params = train_vae(workdir / "vae", config, vae, progress=progress)
@@ -308,9 +316,20 @@ def build_base(workdir, *, num_images: int = 20000, vae: VAETraining = VAETraini
   return init
 
 
+def _deepened(pipe, params: dict, layers):
+  """`pipe` with `params` and its UNet deepened to `layers` per block (same function)."""
+  from persona_jax.models.configs import UNetConfig
+  from persona_jax.models.unet_growth import deepen
+  raw, unet = deepen(pipe.raw_configs["unet"], params["unet"], layers, jax.random.key(0))
+  return dataclasses.replace(pipe, unet_config=UNetConfig.from_dict(raw),
+                             raw_configs={**pipe.raw_configs, "unet": raw},
+                             params={**params, "unet": unet})
+
+
 def pretrain(workdir, *, num_images: int = 20000, vae: VAETraining = VAETraining(),
              unet_steps: int | None = None, batch_size: int | None = None,
-             image_encoder=None, start_from=None, progress: bool = True) -> dict:
+             image_encoder=None, start_from=None, grow_layers=None, lr: float | None = None,
+             progress: bool = True) -> dict:
   """The whole recipe: build_base, then the UNet + text encoder stage (configs/toy_pretrain.py)
   in WORKDIR/unet, whose result is WORKDIR/unet/model, then its image_encoder/. Every stage
   resumes or is skipped when done."""
@@ -319,13 +338,15 @@ def pretrain(workdir, *, num_images: int = 20000, vae: VAETraining = VAETraining
   from persona_jax.train.loop import train
   workdir = Path(workdir)
   init = build_base(workdir, num_images=num_images, vae=vae, start_from=start_from,
-                    progress=progress)
+                    grow_layers=grow_layers, progress=progress)
   c = load_config("toy_pretrain")
   c.model, c.data.instance_dir = str(init), str(workdir / "world")
   if unet_steps is not None:
     c.steps = unet_steps
   if batch_size is not None:
     c.batch_size = batch_size
+  if lr is not None:
+    c.optim.lr = lr
   result = train(run_config(c), workdir / "unet", progress=progress)
   model = workdir / "unet" / "model"
   if not (model / "image_encoder" / "config.json").is_file():
