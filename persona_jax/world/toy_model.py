@@ -32,6 +32,7 @@ import optax
 from tqdm.auto import tqdm
 
 from persona_jax.convert.files import write_json
+from persona_jax.errors import ConfigError
 from persona_jax.world import scenes
 
 log = logging.getLogger(__name__)
@@ -275,6 +276,8 @@ def build_base(workdir, *, num_images: int = 20000, vae: VAETraining = VAETraini
   from persona_jax.models.configs import VAEConfig
   from persona_jax.models.vae import AutoencoderKL
   from persona_jax.pipeline import load_pipeline, save_pipeline
+  if grow_layers is not None and start_from is None:
+    raise ConfigError("--grow-layers deepens a trained UNet: give --start-from MODEL too")
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   write_world(workdir / "world", num_images, progress=progress)
@@ -300,8 +303,6 @@ def build_base(workdir, *, num_images: int = 20000, vae: VAETraining = VAETraini
     log.info("continuing pre-training from %s%s", start_from,
              f" with {list(grow_layers)} layers per UNet block" if grow_layers else "")
     return init
-  if grow_layers is not None:
-    raise ValueError("grow_layers deepens a trained UNet: give start_from too")
   (workdir / "vae").mkdir(exist_ok=True)
   config = VAEConfig.from_dict(toy_configs()["vae"])
   params = train_vae(workdir / "vae", config, vae, progress=progress)

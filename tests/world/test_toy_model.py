@@ -90,6 +90,27 @@ def test_pretraining_can_start_from_an_earlier_model(model_dirs, tmp_path):
     np.testing.assert_array_equal(value, np.asarray(source[path], np.float16).astype(np.float32))
 
 
+def test_pretraining_can_deepen_the_model_it_starts_from(model_dirs, tmp_path, capsys):
+  """--grow-layers: the init stage is the deepened UNet (per-block layers_per_block); the text
+  encoder and VAE are the model's own. Without --start-from it is refused before any work."""
+  from persona_jax.cli import main
+  from persona_jax.pipeline import load_pipeline
+  from persona_jax.tree import flatten
+  init = tm.build_base(tmp_path / "a", num_images=2, start_from=model_dirs["sd1"],
+                       grow_layers=(3, 2), progress=False)
+  source, grown = load_pipeline(model_dirs["sd1"]), load_pipeline(init)
+  assert json.loads((init / "unet" / "config.json").read_text())["layers_per_block"] == [3, 2]
+  assert grown.unet_config.layers_per_block_list == (3, 2)
+  old, new = flatten(source.params["unet"]), flatten(grown.params["unet"])
+  assert set(old) < set(new) and "down_blocks_0/resnets_2/conv2/kernel" in new
+  for name in ("text_encoder", "vae"):
+    for path, value in flatten(grown.params[name]).items():
+      np.testing.assert_array_equal(value, flatten(source.params[name])[path])
+  assert main(["make-toy-model", "--workdir", str(tmp_path / "c"), "--grow-layers", "2,2"]) != 0
+  assert "--start-from" in capsys.readouterr().err
+  assert not (tmp_path / "c").exists()
+
+
 def test_toy_configs_are_the_zero_snr_v_prediction_family():
   from persona_jax.pipeline import model_index, parse_configs
   raw = dict(tm.toy_configs(), model_index=model_index())
