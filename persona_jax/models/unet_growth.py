@@ -26,18 +26,19 @@ from persona_jax.errors import ConfigError
 from persona_jax.models.configs import UNetConfig
 
 
-def deepen(raw_config: dict, params: dict, layers: Sequence[int], rng) -> tuple[dict, dict]:
+def deepen(raw_config: dict, params: dict, layers: Sequence[int],
+           seed: int = 0) -> tuple[dict, dict]:
   """A deeper UNet computing the same function.
 
   Args:
     raw_config: the UNet's diffusers config.json object.
     params: its param tree (float arrays).
     layers: the new layers per block, one per level, each at least the current count.
-    rng: jax key for the new layers' other weights (they start as the identity regardless).
+    seed: for the new layers' other weights (they start as the identity regardless).
   Returns:
     (the new config.json object, with a per-block `layers_per_block`; the new param tree).
   """
-  from persona_jax.pipeline import init_params
+  from persona_jax.pipeline import abstract_params
   old = UNetConfig.from_dict(raw_config)
   old_layers = old.layers_per_block_list
   layers = tuple(int(n) for n in layers)
@@ -45,21 +46,21 @@ def deepen(raw_config: dict, params: dict, layers: Sequence[int], rng) -> tuple[
     raise ConfigError(f"layers per block {list(layers)}: give one count per level "
                       f"({len(old_layers)}), none below the current {list(old_layers)}")
   new_raw = {**raw_config, "layers_per_block": list(layers)}
-  fresh = tree.flatten(jax.tree.map(np.asarray, init_params("unet", UNetConfig.from_dict(new_raw),
-                                                             rng)))
+  shapes = tree.flatten(abstract_params("unet", UNetConfig.from_dict(new_raw)))
+  rng = np.random.default_rng(seed)
   source = tree.flatten(jax.tree.map(np.asarray, params))
   out = {}
   n = len(layers)
-  for path, value in fresh.items():
+  for path, leaf in shapes.items():
     origin = _origin(path, old_layers, layers, n)
     if origin is not None:
-      if source[origin].shape != value.shape:
+      if source[origin].shape != leaf.shape:
         raise ValueError(f"{origin}: shape {source[origin].shape} does not fit {path} "
-                         f"{value.shape}")
+                         f"{leaf.shape}")
       out[path] = source[origin]
     else:
-      out[path] = _as_identity(path, value)
-  missing = set(source) - {_origin(p, old_layers, layers, n) for p in fresh}
+      out[path] = _as_identity(path, _fresh(path, leaf.shape, leaf.dtype, rng))
+  missing = set(source) - {_origin(p, old_layers, layers, n) for p in shapes}
   if missing:
     raise ValueError(f"params not carried into the deeper UNet: {sorted(missing)[:3]}")
   return new_raw, tree.unflatten(out)
@@ -79,6 +80,16 @@ def _origin(path: str, old_layers, layers, n: int) -> str | None:
   else:
     k = 0 if j == 0 else (None if j <= grown else j - grown)
   return None if k is None else "/".join([parts[0], f"{kind}_{k}", *parts[2:]])
+
+
+def _fresh(path: str, shape, dtype, rng: np.random.Generator) -> np.ndarray:
+  """flax's default initialization of a new leaf: LeCun-normal kernels, unit norm scales, zero
+  biases (numpy: nothing to compile)."""
+  name = path.rsplit("/", 1)[-1]
+  if name == "kernel":
+    fan_in = int(np.prod(shape[:-1]))
+    return (rng.standard_normal(shape) / np.sqrt(fan_in)).astype(dtype)
+  return (np.ones if name == "scale" else np.zeros)(shape, dtype)
 
 
 def _as_identity(path: str, value: np.ndarray) -> np.ndarray:

@@ -321,7 +321,7 @@ def _deepened(pipe, params: dict, layers):
   """`pipe` with `params` and its UNet deepened to `layers` per block (same function)."""
   from persona_jax.models.configs import UNetConfig
   from persona_jax.models.unet_growth import deepen
-  raw, unet = deepen(pipe.raw_configs["unet"], params["unet"], layers, jax.random.key(0))
+  raw, unet = deepen(pipe.raw_configs["unet"], params["unet"], layers)
   return dataclasses.replace(pipe, unet_config=UNetConfig.from_dict(raw),
                              raw_configs={**pipe.raw_configs, "unet": raw},
                              params={**params, "unet": unet})
