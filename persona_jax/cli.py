@@ -233,7 +233,7 @@ def _make_toy_model(args) -> int:
   vae = VAETraining(steps=args.vae_steps)
   if args.stop_after_init:
     print(build_base(args.workdir, num_images=args.images, vae=vae, start_from=args.start_from,
-                     grow_layers=args.grow_layers, lr=args.lr))
+                     grow_layers=args.grow_layers))
     return 0
   result = pretrain(args.workdir, num_images=args.images, vae=vae, unet_steps=args.unet_steps,
                     batch_size=args.batch_size, start_from=args.start_from,

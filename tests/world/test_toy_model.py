@@ -91,13 +91,15 @@ def test_pretraining_can_start_from_an_earlier_model(model_dirs, tmp_path):
 
 
 def test_pretraining_can_deepen_the_model_it_starts_from(model_dirs, tmp_path, capsys):
-  """--grow-layers: the init stage is the deepened UNet (per-block layers_per_block); the text
+  """make-toy-model --grow-layers: the init stage is the deepened UNet (per-block layers_per_block); the text
   encoder and VAE are the model's own. Without --start-from it is refused before any work."""
   from persona_jax.cli import main
   from persona_jax.pipeline import load_pipeline
   from persona_jax.tree import flatten
-  init = tm.build_base(tmp_path / "a", num_images=2, start_from=model_dirs["sd1"],
-                       grow_layers=(3, 2), progress=False)
+  assert main(["make-toy-model", "--workdir", str(tmp_path / "a"), "--images", "2",
+               "--start-from", str(model_dirs["sd1"]), "--grow-layers", "3,2",
+               "--stop-after-init"]) == 0
+  init = tmp_path / "a" / "init"
   source, grown = load_pipeline(model_dirs["sd1"]), load_pipeline(init)
   assert json.loads((init / "unet" / "config.json").read_text())["layers_per_block"] == [3, 2]
   assert grown.unet_config.layers_per_block_list == (3, 2)
