@@ -112,7 +112,7 @@ def write_unet(folder: Path, preset: Preset, seed: int = 0) -> Path:
   from persona_jax.convert.diffusers import params_to_state_dict
   from persona_jax.convert.files import write_json, write_safetensors
   from persona_jax.models.configs import UNetConfig
-  from persona_jax.pipeline import abstract_params
+  from persona_jax.models.components import abstract_params
   from persona_jax.random_model import random_params
   config = UNetConfig.from_dict(preset.unet)
   params = random_params(abstract_params("unet", config), np.random.default_rng(seed))
@@ -126,7 +126,7 @@ def write_text_encoder(folder: Path, preset: Preset, seed: int = 1) -> Path:
   from persona_jax.convert.diffusers import params_to_state_dict
   from persona_jax.convert.files import write_json, write_safetensors
   from persona_jax.models.configs import TextEncoderConfig
-  from persona_jax.pipeline import abstract_params
+  from persona_jax.models.components import abstract_params
   from persona_jax.random_model import random_params
   config = TextEncoderConfig.from_dict(preset.text_encoder)
   params = random_params(abstract_params("text_encoder", config), np.random.default_rng(seed))
@@ -187,7 +187,7 @@ def _jax_case(case: str, unet_dir: Path, preset: Preset, dtype: str):
   from persona_jax.convert.files import read_weights
   from persona_jax.models.configs import UNetConfig, read_json
   from persona_jax.models.unet import UNet2DConditionModel
-  from persona_jax.pipeline import abstract_params
+  from persona_jax.models.components import abstract_params
   jdtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]
   config = dataclasses.replace(UNetConfig.from_dict(read_json(unet_dir / "config.json")),
                                dtype=jdtype)
@@ -233,7 +233,7 @@ def _jitted_train_step(method, unet, text_encoder, tx):
   import jax
 
   from persona_jax.diffusion.losses import Objective
-  from persona_jax.diffusion.sampling import SDModels
+  from persona_jax.models.components import SDModels
   from persona_jax.diffusion.schedules import SchedulerConfig
   from persona_jax.models.configs import VAEConfig
   from persona_jax.models.vae import AutoencoderKL
@@ -250,7 +250,7 @@ def _read_text_encoder(text_dir: Path, jdtype):
   from persona_jax.convert.diffusers import state_dict_to_params, text_encoder_adapt
   from persona_jax.convert.files import read_weights
   from persona_jax.models.configs import TextEncoderConfig, read_json
-  from persona_jax.pipeline import abstract_params
+  from persona_jax.models.components import abstract_params
   config = dataclasses.replace(TextEncoderConfig.from_dict(read_json(text_dir / "config.json")),
                                dtype=jdtype)
   state, source = read_weights(text_dir, "model")
@@ -405,7 +405,7 @@ def memory_plan(preset: str = "sd15", cases=DB_VARIANTS, batch_size: int = 2, pr
   import jax.numpy as jnp
 
   from persona_jax.models.configs import UNetConfig
-  from persona_jax.pipeline import abstract_params
+  from persona_jax.models.components import abstract_params
   p = PRESETS[preset]
   config = UNetConfig.from_dict(p.unet)
   params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32),
@@ -740,7 +740,7 @@ def bench(preset: str = "reduced", cases=DEFAULT_CASES, frameworks=FRAMEWORKS, r
   """Alternates frameworks over `reps` repetitions per case; returns and prints the summary."""
   import jax
   import torch
-  from persona_jax.cli import MALLOC_TUNABLE
+  from persona_jax.runtime import MALLOC_TUNABLE
   env = dict(os.environ, PERSONA_JAX_NO_REEXEC="1")
   env.pop("JAX_COMPILATION_CACHE_DIR", None)    # compile time is measured cold
   if malloc_tunable:                            # the same allocator setting for both frameworks

@@ -7,11 +7,11 @@ Each subcommand parses its flags and calls one function that tests call too. A `
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
 from persona_jax.errors import ConfigError, PersonaError
+from persona_jax.runtime import reexec_with_malloc_tunable, setup_logging
 
 
 def _make_random_model(args) -> int:
@@ -326,15 +326,6 @@ def _bench(args) -> int:
   return 0
 
 
-def _setup_logging(verbose: bool) -> None:
-  logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                      format="%(levelname).1s %(name)s: %(message)s")
-  for noisy in ("jax", "absl", "orbax", "httpx", "urllib3", "grain"):
-    logging.getLogger(noisy).setLevel(logging.WARNING)
-  from persona_jax.cache import enable_compilation_cache
-  enable_compilation_cache()
-
-
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="persona-jax", description=__doc__.splitlines()[0])
   parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -467,7 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
   p.add_argument("--device", default="", help="a note on what ran where, recorded in the report")
   p.add_argument("--no-malloc-tunable", action="store_true",
-                 help=f"do not set GLIBC_TUNABLES={MALLOC_TUNABLE} for the workers")
+                 help="do not set GLIBC_TUNABLES (the malloc tunable) for the workers")
   p.add_argument("--json", type=Path, default=None, help="also write the full results here")
   p.add_argument("--memory-plan", action="store_true",
                  help="only compile the DreamBooth step per memory option, and the LoRA and Custom "
@@ -590,68 +581,12 @@ def build_parser() -> argparse.ArgumentParser:
   return parser
 
 
-# glibc >= 2.35 can back large allocations with transparent huge pages. XLA allocates and frees
-# its temporary buffers on every call; with 4 KB pages the page faults alone cost as much as the
-# computation on CPU (BENCHMARKS.md), so the console script re-executes itself once with it set.
-MALLOC_TUNABLE = "glibc.malloc.hugetlb=1"
-
-
-def _reexec_with_malloc_tunable() -> None:
-  import os
-  import platform
-  tunables = os.environ.get("GLIBC_TUNABLES", "")
-  if (sys.platform != "linux" or "glibc.malloc.hugetlb" in tunables
-      or os.environ.get("PERSONA_JAX_NO_REEXEC")):
-    return
-  lib, version = platform.libc_ver()
-  try:
-    if lib != "glibc" or tuple(int(v) for v in version.split(".")[:2]) < (2, 35):
-      return
-  except ValueError:
-    return
-  env = dict(os.environ, PERSONA_JAX_NO_REEXEC="1",
-             GLIBC_TUNABLES=":".join(t for t in (tunables, MALLOC_TUNABLE) if t))
-  # Re-run the console script itself (its folder, not the working directory, is on sys.path: from
-  # a source checkout's root `-m` would import the uninstalled tree, which lacks
-  # persona_jax.configs); `python -m persona_jax` re-runs as it was started.
-  script = sys.argv[0]
-  if os.path.basename(script) != "__main__.py" and os.path.isfile(script):
-    command = [sys.executable, script]
-  else:
-    command = [sys.executable, "-m", "persona_jax"]
-  os.execve(sys.executable, [*command, *sys.argv[1:]], env)
-
-
-def config_path(arg: str) -> str:
-  """`--config` value: a path (`configs/x.py[:variant]`) or a shipped config's name (`x[:variant]`)."""
-  import importlib.resources
-  path, _, variant = arg.partition(":")
-  if not path.endswith(".py") and "/" not in path:
-    shipped = importlib.resources.files("persona_jax.configs") / f"{path}.py"
-    if not shipped.is_file():
-      names = sorted(p.name[:-3] for p in importlib.resources.files("persona_jax.configs").iterdir()
-                     if p.name.endswith(".py") and not p.name.startswith("_"))
-      raise ConfigError(f"--config {arg}: no shipped config '{path}' (shipped: {', '.join(names)})")
-    path = str(shipped)
-  return f"{path}:{variant}" if variant else path
-
-
-def load_config(arg: str):
-  """The ConfigDict of `--config NAME[:variant]` (or a path), as `train` builds it."""
-  import importlib.util
-  path, _, variant = config_path(arg).partition(":")
-  spec = importlib.util.spec_from_file_location(Path(path).stem, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(variant or None)
-
-
 def _train(argv) -> int:
   """`persona-jax train --config NAME[:variant] --workdir DIR [--config.a.b=value ...]`."""
   from absl import flags
   from ml_collections import config_flags
 
-  from persona_jax.train.config import run_config
+  from persona_jax.train.config import config_path, run_config
   from persona_jax.train.loop import train
   # ml_collections finds the --config.a.b overrides in `sys_argv`, spelled `--config=PATH`.
   args = []
@@ -694,17 +629,17 @@ def _train(argv) -> int:
 
 def main(argv=None) -> int:
   if argv is None:
-    _reexec_with_malloc_tunable()
+    reexec_with_malloc_tunable()
   argv = sys.argv[1:] if argv is None else list(argv)
   if argv and argv[0] == "train":
-    _setup_logging(verbose=False)
+    setup_logging(verbose=False)
     try:
       return _train(argv[1:])
     except PersonaError as e:
       print(f"persona-jax train: error: {e}", file=sys.stderr)
       return 2
   args = build_parser().parse_args(argv)
-  _setup_logging(args.verbose)
+  setup_logging(args.verbose)
   try:
     return args.func(args)
   except PersonaError as e:

@@ -20,9 +20,10 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from persona_jax.convert.files import write_json
-from persona_jax.pipeline import (DIFFUSERS_VERSION, Pipeline, abstract_params, model_index,
-                                  parse_configs, save_pipeline)
-from persona_jax.tokenizer import TOKENIZER_FILES, shipped_tokenizer_dir
+from persona_jax.convert.diffusers_folder import DIFFUSERS_VERSION, Pipeline, model_index, parse_configs
+from persona_jax.models.components import abstract_params
+from persona_jax.pipeline import save_pipeline
+from persona_jax.tokenizer import shipped_tokenizer_dir, write_tokenizer
 
 PRESETS = ("sd1", "sd2")
 
@@ -101,21 +102,6 @@ def random_pipeline(preset: str = "sd1", seed: int = 0, *, dtype=jnp.float32,
   params = jax.device_put(jax.tree.map(lambda x: x.astype(dtype), params))
   return Pipeline(**configs, params=params, tokenizer_dir=tokenizer_dir or shipped_tokenizer_dir(),
                   raw_configs=raw)
-
-
-def write_tokenizer(out: Path, preset: str) -> Path:
-  """The shipped tokenizer, with SD 2.x's "!" padding for the sd2 preset."""
-  out.mkdir(parents=True, exist_ok=True)
-  src = shipped_tokenizer_dir()
-  for f in TOKENIZER_FILES:
-    if (src / f).is_file():
-      (out / f).write_bytes((src / f).read_bytes())
-  if preset == "sd2":
-    for name in ("tokenizer_config.json", "special_tokens_map.json"):
-      cfg = json.loads((out / name).read_text())
-      cfg["pad_token"] = "!"
-      write_json(out / name, cfg)
-  return out
 
 
 def make_random_model(out, preset: str = "sd1", seed: int = 0, overwrite: bool = False) -> Path:

@@ -10,7 +10,9 @@ import dataclasses
 import numpy as np
 from tqdm.auto import tqdm
 
-from persona_jax.diffusion.sampling import (SDModels, TextConditioning, generate, pipeline_scheduler,
+from persona_jax.models.components import SDModels
+
+from persona_jax.diffusion.sampling import (TextConditioning, generate, pipeline_scheduler,
                                             progress_to)
 from persona_jax.errors import ConfigError
 from persona_jax.images import to_uint8

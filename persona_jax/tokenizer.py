@@ -1,7 +1,11 @@
-"""CLIP tokenizer: transformers' `CLIPTokenizer` over a tokenizer folder, and the one we ship.
+"""CLIP tokenizer: transformers' `CLIPTokenizer` over a tokenizer folder, the one we ship, and
+the new tokens methods add.
 
 The shipped folder (`assets/tokenizer/`) is the real OpenAI CLIP BPE (49408 tokens) rebuilt
 offline by `scripts/build_tokenizer.py`, so small models tokenize exactly as SD 1.x does.
+New tokens (Textual Inversion's placeholders, Custom Diffusion's modifiers, embeddings read from
+files) are appended after the vocabulary: ids V, V+1, ...; a token of N vectors is N tokens
+`<tok> <tok>_1 ... <tok>_{N-1}` (`vector_tokens`), as diffusers names them.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from persona_jax.errors import ModelFileError
+from persona_jax.errors import ConfigError, ModelFileError
 
 log = logging.getLogger(__name__)
 
@@ -67,3 +71,55 @@ def tokenize(tokenizer, prompts: str | list[str], max_length: int | None = None)
   ids = tokenizer(list(prompts), padding="max_length", truncation=True, max_length=max_length,
                   return_attention_mask=False)["input_ids"]
   return np.asarray(ids, dtype=np.int32)
+
+
+def write_tokenizer(out: Path, preset: str = "sd1") -> Path:
+  """Writes the shipped tokenizer into `out`, with SD 2.x's "!" padding for the sd2 preset."""
+  import json
+
+  from persona_jax.convert.files import write_json
+  out.mkdir(parents=True, exist_ok=True)
+  src = shipped_tokenizer_dir()
+  for f in TOKENIZER_FILES:
+    if (src / f).is_file():
+      (out / f).write_bytes((src / f).read_bytes())
+  if preset == "sd2":
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+      cfg = json.loads((out / name).read_text())
+      cfg["pad_token"] = "!"
+      write_json(out / name, cfg)
+  return out
+
+
+def vector_tokens(token: str, num_vectors: int) -> tuple[str, ...]:
+  """The tokens of a token of `num_vectors` vectors: (token, token_1, ..., token_{N-1})."""
+  return (token,) + tuple(f"{token}_{i}" for i in range(1, num_vectors))
+
+
+def check_new_tokens(tokenizer, tokens, initializers, vocab_rows: int,
+                     fields=("method.placeholder", "method.initializer")) -> list[int]:
+  """Checks new token strings (absent from the vocabulary) and their initializers (one per token:
+  a word that is one token, or a token id) against the tokenizer; returns the initializers' ids.
+  `fields` name the config fields in messages."""
+  vocab = tokenizer.get_vocab()
+  for t in tokens:
+    if t in vocab or f"{t}</w>" in vocab:
+      raise ConfigError(f"{fields[0]}: '{t}' is already a token of the tokenizer; choose "
+                        "a new string such as '<my-concept>'")
+  init_ids = []
+  for word in initializers:
+    if isinstance(word, int) or str(word).isdigit():
+      if not 0 <= int(word) < vocab_rows:
+        raise ConfigError(f"{fields[1]}: token id {word} is outside the vocabulary (0..{vocab_rows - 1})")
+      init_ids.append(int(word))
+      continue
+    ids = tokenizer(word, add_special_tokens=False)["input_ids"]
+    if len(ids) != 1:
+      pieces = tokenizer.convert_ids_to_tokens(ids)
+      raise ConfigError(f"{fields[1]}: '{word}' is {len(ids)} tokens "
+                        f"({' '.join(pieces)}); use a word that is a single token")
+    init_ids.append(ids[0])
+  if len(tokenizer) != vocab_rows:
+    raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but the text encoder's table "
+                      f"has {vocab_rows} rows; new token ids would collide")
+  return init_ids

@@ -139,7 +139,9 @@ def _compare_sampling(pipe, unet_t, vae_t, text_t, path, latents):
   import torch
   from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-  from persona_jax.diffusion.sampling import SDModels, generate, pipeline_scheduler
+  from persona_jax.diffusion.sampling import generate, pipeline_scheduler
+
+  from persona_jax.models.components import SDModels
   scheduler = DDIMScheduler.from_config(DDIMScheduler.load_config(path, subfolder="scheduler"))
   ref = StableDiffusionPipeline(vae=vae_t, text_encoder=text_t, tokenizer=pipe.tokenizer,
                                 unet=unet_t, scheduler=scheduler, safety_checker=None,
@@ -245,7 +247,7 @@ def compare_adapter(pipe: Pipeline, path: Path, *, lora=None, embedding=None,
   import torch
   from diffusers import StableDiffusionPipeline
 
-  from persona_jax.diffusion.sampling import SDModels
+  from persona_jax.models.components import SDModels
   from persona_jax.methods.base import encode_text
   ref = StableDiffusionPipeline.from_pretrained(path, safety_checker=None, local_files_only=True,
                                                 torch_dtype=torch.float32)

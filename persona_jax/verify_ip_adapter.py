@@ -106,7 +106,9 @@ def _compare_sampling(pipe, ref, model_path, params, clip_params, clip_config, p
   import torch
   from diffusers import DDIMScheduler
 
-  from persona_jax.diffusion.sampling import SDModels, generate, pipeline_scheduler
+  from persona_jax.diffusion.sampling import generate, pipeline_scheduler
+
+  from persona_jax.models.components import SDModels
   from persona_jax.methods import ip_adapter as ipa
   from persona_jax.methods.base import CLIP_PIXELS, Method, MethodConditioning
   from persona_jax.models.unet import UNet2DConditionModel

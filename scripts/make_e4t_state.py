@@ -17,7 +17,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from persona_jax.cli import load_config
+from persona_jax.train.config import load_config
 from persona_jax.train.config import run_config
 from persona_jax.train.loop import train
 from persona_jax.world import scenes

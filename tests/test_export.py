@@ -131,7 +131,7 @@ def cd_run(tmp_path_factory, model_dirs, pipes):
 
 
 def _cd_outputs_ours(pipe, wd):
-  from persona_jax.diffusion.sampling import SDModels
+  from persona_jax.models.components import SDModels
   from persona_jax.methods import custom_diffusion as cd
   from persona_jax.methods.base import encode_text
   from persona_jax.tokenizer import tokenize

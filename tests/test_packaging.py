@@ -35,7 +35,7 @@ def test_console_script_reexecutes_itself_not_the_working_directory(monkeypatch)
   import platform
   import sys
 
-  from persona_jax import cli
+  from persona_jax import runtime
   calls = []
   monkeypatch.setattr(os, "execve", lambda exe, args, env: calls.append((exe, args, env)))
   monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
@@ -43,10 +43,10 @@ def test_console_script_reexecutes_itself_not_the_working_directory(monkeypatch)
   monkeypatch.setattr(platform, "libc_ver", lambda: ("glibc", "2.39"))
   monkeypatch.setattr(sys, "platform", "linux")
   monkeypatch.setattr(sys, "argv", [__file__, "sample", "--prompt", "x"])
-  cli._reexec_with_malloc_tunable()
+  runtime.reexec_with_malloc_tunable()
   exe, args, env = calls[-1]
   assert args == [sys.executable, __file__, "sample", "--prompt", "x"]
-  assert env["GLIBC_TUNABLES"] == cli.MALLOC_TUNABLE and env["PERSONA_JAX_NO_REEXEC"] == "1"
+  assert env["GLIBC_TUNABLES"] == runtime.MALLOC_TUNABLE and env["PERSONA_JAX_NO_REEXEC"] == "1"
   monkeypatch.setattr(sys, "argv", ["/somewhere/persona_jax/__main__.py", "verify"])
-  cli._reexec_with_malloc_tunable()
+  runtime.reexec_with_malloc_tunable()
   assert calls[-1][1] == [sys.executable, "-m", "persona_jax", "verify"]

@@ -31,9 +31,7 @@ import numpy as np
 
 from persona_jax.convert.files import PICKLE_SUFFIXES, read_safetensors, write_safetensors
 from persona_jax.errors import ConfigError, ModelFileError, PickleRefusedError
-from persona_jax.methods.textual_inversion import (TextualInversionConfig, check_new_tokens,
-                                                   placeholder_tokens)
-from persona_jax.tokenizer import load_tokenizer, tokenizer_with_tokens
+from persona_jax.tokenizer import check_new_tokens, load_tokenizer, tokenizer_with_tokens, vector_tokens
 
 DIFFUSERS_FILE = "learned_embeds.safetensors"
 A1111_KEY = "emb_params"
@@ -44,11 +42,6 @@ FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 # Characters Windows or POSIX refuse in file names, plus whitespace (A1111 trigger words are one
 # word); they are dropped from the A1111 file name.
 _BAD_NAME_CHARS = re.compile(r'[<>:"/\\|?*\x00-\x1f\s]+')
-
-
-def vector_tokens(token: str, num_vectors: int) -> tuple[str, ...]:
-  """The tokens of an N-vector embedding: (tok, tok_1, ..., tok_{N-1})."""
-  return placeholder_tokens(TextualInversionConfig(placeholder=token, num_vectors=num_vectors))
 
 
 def _as_rows(value, where: str) -> np.ndarray:

@@ -25,13 +25,109 @@ import json
 import re
 from collections import Counter
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
 from persona_jax import tree
 from persona_jax.convert.diffusers import torch_name
 from persona_jax.errors import ModelFileError
-from persona_jax.methods.lora import FILE_KEY, Factor, LoRAFactors, load_lora_file, read_lora_tensors
+
+# ---------------------------------------------------------------------------------------------
+# Ours: WORKDIR/lora.safetensors, `<target>/a` [fan_in, r], `<target>/b` [r, out] and
+# `<target>/alpha` [] per target (the kernel's path without `/kernel`), metadata format OURS.
+
+OURS = "persona_jax-lora"
+FILE_KEY = re.compile(r"((?:unet|text_encoder)/.+)/(a|b|alpha)")
+
+
+class Factor(NamedTuple):
+  """One target of a LoRA file (a pytree: under jit all three are traced)."""
+  a: np.ndarray       # [fan_in, r] float32
+  b: np.ndarray       # [r, out] float32
+  scale: np.ndarray   # [] float32: alpha / r
+
+
+LoRAFactors = dict[str, Factor]     # base kernel path (`unet/.../to_q/kernel`) -> its factors
+
+
+def read_lora_tensors(path) -> dict[str, np.ndarray]:
+  """The tensors of a LoRA file, which must be a .safetensors (pickles are refused)."""
+  from persona_jax.convert.files import read_safetensors
+  path = Path(path)
+  if path.suffix != ".safetensors":
+    raise ModelFileError(f"{path}: LoRA files are read as .safetensors only (pickle formats such as "
+                         ".pt/.ckpt/.bin are refused)")
+  if not path.is_file():
+    raise ModelFileError(f"{path}: LoRA file not found")
+  return read_safetensors(path)
+
+
+def load_lora_file(path, base_params=None, *, tensors=None) -> LoRAFactors:
+  """Reads a lora.safetensors written by `save_result` (`tensors`: its contents, when already
+  read). A target without `alpha` (files from before it was stored) gets alpha = r (scale 1,
+  kohya's rule for a missing alpha). Other tools' formats: `read_lora_file`.
+
+  With `base_params` (the pipeline's tree) every target must name a kernel of that base, with
+  a @ b of the kernel's [fan_in, out]. Errors name the file and the first bad key.
+  """
+  path = Path(path)
+  parts: dict[str, dict[str, np.ndarray]] = {}
+  for key, value in sorted((read_lora_tensors(path) if tensors is None else tensors).items()):
+    m = FILE_KEY.fullmatch(key)
+    if not m:
+      raise ModelFileError(f"{path}: key '{key}' is not a persona_jax LoRA key (<target>/a, /b, "
+                           "/alpha); files of other tools are read by `sample --lora` "
+                           "(read_lora_file below)")
+    parts.setdefault(m[1], {})[m[2]] = value
+  if not parts:
+    raise ModelFileError(f"{path}: holds no LoRA factors")
+  base = tree.flatten(base_params) if base_params is not None else None
+  out = {}
+  for target, p in parts.items():
+    for name in ("a", "b"):
+      if name not in p:
+        raise ModelFileError(f"{path}: '{target}/{name}' is missing (the target has only "
+                             f"{', '.join(sorted(p))})")
+    a, b = p["a"], p["b"]
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0] or a.shape[1] == 0:
+      raise ModelFileError(f"{path}: '{target}/a' {list(a.shape)} and '{target}/b' {list(b.shape)} "
+                           "are not [fan_in, r] and [r, out] with r >= 1")
+    rank = b.shape[0]
+    alpha = p.get("alpha", np.float32(rank))
+    if np.size(alpha) != 1 or not np.isfinite(alpha).all():
+      raise ModelFileError(f"{path}: '{target}/alpha' must be a finite scalar, got "
+                           f"{np.asarray(alpha).ravel()[:4]} of shape {list(np.shape(alpha))}")
+    kernel = f"{target}/kernel"
+    if base is not None:
+      if kernel not in base:
+        raise ModelFileError(f"{path}: '{target}/a': the base model has no kernel {kernel} "
+                             "(a LoRA trained on another model?)")
+      shape = base[kernel].shape
+      want = (int(np.prod(shape[:-1])), shape[-1])
+      if (a.shape[0], b.shape[1]) != want:
+        raise ModelFileError(f"{path}: '{target}/a' @ '{target}/b' is [{a.shape[0]}, {b.shape[1]}]; "
+                             f"the base kernel {list(shape)} needs [{want[0]}, {want[1]}]")
+    out[kernel] = Factor(a.astype(np.float32), b.astype(np.float32),
+                         np.asarray(float(np.ravel(alpha)[0]) / rank, np.float32))
+  return out
+
+
+def write_ours(path, factors: dict[str, tuple[np.ndarray, np.ndarray, float]], metadata: dict) -> Path:
+  """Writes our LoRA file: {target (kernel path without /kernel): (a, b, alpha)} (float32)."""
+  from persona_jax.convert.files import write_safetensors
+  flat = {}
+  for target, (a, b, alpha) in factors.items():
+    flat[f"{target}/a"] = np.asarray(a, np.float32)
+    flat[f"{target}/b"] = np.asarray(b, np.float32)
+    flat[f"{target}/alpha"] = np.asarray(alpha, np.float32)
+  path = Path(path)
+  write_safetensors(path, flat, {"format": OURS, **metadata})
+  return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Other tools' formats.
 
 COMPONENTS = ("unet", "text_encoder")
 KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_"}

@@ -41,9 +41,10 @@ from persona_jax.convert.diffusers import key_table
 from persona_jax.convert.files import PICKLE_SUFFIXES, _read_pickle, read_safetensors, write_safetensors
 from persona_jax.errors import ConfigError, ModelFileError
 from persona_jax.models.configs import TextEncoderConfig, UNetConfig, VAEConfig, read_json
-from persona_jax.pipeline import (SCHEDULER_FILE, Pipeline, abstract_params, model_index,
-                                  parse_configs)
-from persona_jax.tokenizer import load_tokenizer, shipped_tokenizer_dir
+from persona_jax.convert.diffusers_folder import (DIFFUSERS_VERSION, SCHEDULER_FILE, Pipeline,
+                                                  model_index, parse_configs)
+from persona_jax.models.components import abstract_params
+from persona_jax.tokenizer import load_tokenizer, shipped_tokenizer_dir, write_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -487,7 +488,6 @@ def infer_configs(tensors: Mapping, prediction_type: str, *, source: str = "sing
     folder.
   """
   from persona_jax.diffusion.schedules import PREDICTION_TYPES
-  from persona_jax.pipeline import DIFFUSERS_VERSION
   if prediction_type not in PREDICTION_TYPES:
     raise ConfigError(f"prediction_type '{prediction_type}' is not one of {', '.join(PREDICTION_TYPES)}")
   fmt = file_text_format(tensors, source)
@@ -610,7 +610,6 @@ def default_tokenizer_dir(fmt: str) -> Path:
   if fmt == "clip":
     return shipped_tokenizer_dir()
   from persona_jax.cache import cache_dir
-  from persona_jax.random_model import write_tokenizer
   folder = cache_dir() / "tokenizers" / "sd2-openclip"
   if not (folder / "tokenizer_config.json").is_file():
     write_tokenizer(folder, "sd2")

@@ -33,7 +33,7 @@ from persona_jax.data import images as img_ops
 from persona_jax.data.clip_images import preprocess_image
 from persona_jax.data.images import DataError
 from persona_jax.errors import ConfigError
-from persona_jax.methods.base import IDS, MASK, PIXELS
+from persona_jax.data.batch import IDS, MASK, PIXELS, SUBJECT_MASKS, SUBJECT_PIXELS
 
 IMAGE_TOKEN = "<|image|>"
 METADATA = "metadata.jsonl"
@@ -205,7 +205,7 @@ class Augment(grain.transforms.RandomMap):
     if kept and rng.random() < self.mask_loss_prob:
       loss_mask = (small[: len(kept)].max(axis=0) > 0).astype(np.float32)[..., None]
     return {IDS: self.tokenize([caption])[0], PIXELS: img_ops.to_model_range(image),
-            MASK: loss_mask, "subject_pixels": pixels, "subject_masks": small}
+            MASK: loss_mask, SUBJECT_PIXELS: pixels, SUBJECT_MASKS: small}
 
 
 def make_dataset(run_config, fc_config, tokenizer, processor, latent_factor: int):

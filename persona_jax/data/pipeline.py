@@ -31,7 +31,7 @@ from persona_jax.data.images import DataError
 from persona_jax.data.sources import read_image_folder
 from persona_jax.data.templates import TEMPLATES
 from persona_jax.errors import ConfigError
-from persona_jax.methods.base import CONTEXT, IDS, LATENT_LOGVAR, LATENT_MEAN, MASK, PIXELS, PRIOR
+from persona_jax.data.batch import CONTEXT, IDS, LATENT_LOGVAR, LATENT_MEAN, MASK, PIXELS, PRIOR
 
 log = logging.getLogger(__name__)
 

@@ -31,6 +31,7 @@ import numpy as np
 
 from persona_jax.diffusion.schedules import SchedulerConfig, alphas_cumprod, inference_timesteps
 from persona_jax.models.extra_conditioning import ExtraConditioning
+from persona_jax.models.components import SDModels
 from persona_jax.models.norms import LayerNorm
 from persona_jax.models.text_encoder import CLIPTextModel
 from persona_jax.models.unet import UNet2DConditionModel
@@ -132,13 +133,6 @@ def guide(out_uncond, out_cond, guidance, guidance_rescale):
   guided = jnp.where(guidance_rescale > 0,
                      guidance_rescale * rescaled + (1.0 - guidance_rescale) * guided, guided)
   return jnp.where(guidance > 1.0, guided, out_cond)
-
-
-class SDModels(NamedTuple):
-  """The three networks of a pipeline (static module objects; params come separately)."""
-  unet: UNet2DConditionModel
-  text_encoder: CLIPTextModel
-  vae: AutoencoderKL
 
 
 class PreparedConditioning(NamedTuple):

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from persona_jax import tree
 from persona_jax.diffusion.losses import Objective
-from persona_jax.diffusion.sampling import SDModels
+from persona_jax.models.components import SDModels
 from persona_jax.models.attention_maps import ATTENTION_MAPS
 from persona_jax.models.attention_maps import collect as collect_maps
 from persona_jax.models.vae import Moments

@@ -410,7 +410,7 @@ def embedding_at(sampling: ForSampling, pipe, image_path, resolution: int, times
   posterior mean) noised by N(0, I) from `seed`: what E4T computes for that image at that noise
   level. (At sampling w is recomputed from the current latents at every step instead.)"""
   from persona_jax.data import images as img_ops
-  from persona_jax.diffusion.sampling import SDModels
+  from persona_jax.models.components import SDModels
   from persona_jax.diffusion.schedules import add_noise, alphas_cumprod
   image = img_ops.load_square(Path(image_path), resolution)
   models = SDModels(pipe.unet, pipe.text_encoder, pipe.vae)

@@ -61,7 +61,7 @@ def import_official(checkpoint, model_dir, image_encoder_dir, out_dir, *,
   from persona_jax.image_encoder import abstract_params as image_abstract
   from persona_jax.image_encoder import load_image_encoder
   from persona_jax.models.configs import UNetConfig, read_json
-  from persona_jax.pipeline import abstract_params
+  from persona_jax.models.components import abstract_params
   checkpoint = Path(checkpoint)
   if not checkpoint.is_file():
     raise ModelFileError(f"{checkpoint}: FastComposer checkpoint not found")

@@ -25,7 +25,7 @@ import numpy as np
 
 from persona_jax import tree
 from persona_jax.errors import ConfigError, ModelFileError
-from persona_jax.methods.lora import LoRAFactors
+from persona_jax.convert.lora_formats import LoRAFactors
 from persona_jax.models import block_names
 from persona_jax.models.configs import UNetConfig
 

@@ -38,7 +38,7 @@ def deepen(raw_config: dict, params: dict, layers: Sequence[int],
   Returns:
     (the new config.json object, with a per-block `layers_per_block`; the new param tree).
   """
-  from persona_jax.pipeline import abstract_params
+  from persona_jax.models.components import abstract_params
   old = UNetConfig.from_dict(raw_config)
   old_layers = old.layers_per_block_list
   layers = tuple(int(n) for n in layers)

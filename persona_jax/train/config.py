@@ -5,6 +5,7 @@ naming it (`data.resolutoin`)."""
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from collections.abc import Mapping
 from typing import Any
 
@@ -101,3 +102,27 @@ def run_config(values) -> RunConfig:
     if getattr(config, name) < 1:
       raise ConfigError(f"{name} must be >= 1, got {getattr(config, name)}")
   return config
+
+
+def config_path(arg: str) -> str:
+  """`--config` value: a path (`configs/x.py[:variant]`) or a shipped config's name (`x[:variant]`)."""
+  import importlib.resources
+  path, _, variant = arg.partition(":")
+  if not path.endswith(".py") and "/" not in path:
+    shipped = importlib.resources.files("persona_jax.configs") / f"{path}.py"
+    if not shipped.is_file():
+      names = sorted(p.name[:-3] for p in importlib.resources.files("persona_jax.configs").iterdir()
+                     if p.name.endswith(".py") and not p.name.startswith("_"))
+      raise ConfigError(f"--config {arg}: no shipped config '{path}' (shipped: {', '.join(names)})")
+    path = str(shipped)
+  return f"{path}:{variant}" if variant else path
+
+
+def load_config(arg: str):
+  """The ConfigDict of `--config NAME[:variant]` (or a path), as `train` builds it."""
+  import importlib.util
+  path, _, variant = config_path(arg).partition(":")
+  spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(variant or None)

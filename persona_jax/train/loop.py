@@ -28,7 +28,7 @@ from persona_jax.class_images import count_images, make_class_images
 from persona_jax.data.images import DataError
 from persona_jax.default_model import resolve_model
 from persona_jax.diffusion.losses import Objective
-from persona_jax.diffusion.sampling import SDModels
+from persona_jax.models.components import SDModels
 from persona_jax.errors import ConfigError, PersonaError
 from persona_jax.images import grid, save_png
 from persona_jax.methods.base import MethodConditioning, encode_text

@@ -7,7 +7,7 @@ import jax
 import optax
 
 from persona_jax.diffusion.losses import Objective
-from persona_jax.diffusion.sampling import SDModels
+from persona_jax.models.components import SDModels
 from persona_jax.methods.base import Method, method_loss
 from persona_jax.train.optim import ema_update
 from persona_jax.train.state import TrainState

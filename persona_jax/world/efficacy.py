@@ -233,7 +233,7 @@ def recipe_config(cfg: EvalConfig, subject: scenes.Subject, instance_dir: Path, 
   method's :tiny config."""
   from ml_collections import ConfigDict
 
-  from persona_jax.cli import load_config
+  from persona_jax.train.config import load_config
   recipe = recipe_of(cfg.method)
   c: ConfigDict = load_config(f"{recipe.config}:tiny")
   steps = recipe.steps if cfg.steps is None else cfg.steps

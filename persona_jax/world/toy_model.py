@@ -169,7 +169,7 @@ def train_vae(workdir: Path, config, t: VAETraining = VAETraining(), progress: b
   import orbax.checkpoint as ocp
 
   from persona_jax.models.vae import AutoencoderKL
-  from persona_jax.pipeline import init_params
+  from persona_jax.models.components import init_params
   workdir = Path(workdir)
   vae = AutoencoderKL(config)
   tx = _vae_optimizer(t)
@@ -249,7 +249,8 @@ def reconstruction_accuracy(vae, params, n: int = 400, seed: int = 1) -> dict[st
 
 def initial_pipeline(vae_params, scaling_factor: float, seed: int = 0):
   """The toy Pipeline: trained VAE (with its scaling factor), fresh UNet and text encoder."""
-  from persona_jax.pipeline import Pipeline, init_params, model_index, parse_configs
+  from persona_jax.convert.diffusers_folder import Pipeline, model_index, parse_configs
+  from persona_jax.models.components import init_params
   from persona_jax.tokenizer import shipped_tokenizer_dir
   raw = toy_configs()
   raw["vae"] = dict(raw["vae"], scaling_factor=scaling_factor)
@@ -334,7 +335,7 @@ def pretrain(workdir, *, num_images: int = 20000, vae: VAETraining = VAETraining
   """The whole recipe: build_base, then the UNet + text encoder stage (configs/toy_pretrain.py)
   in WORKDIR/unet, whose result is WORKDIR/unet/model, then its image_encoder/. Every stage
   resumes or is skipped when done."""
-  from persona_jax.cli import load_config
+  from persona_jax.train.config import load_config
   from persona_jax.train.config import run_config
   from persona_jax.train.loop import train
   workdir = Path(workdir)

@@ -16,7 +16,7 @@ from persona_jax.verify import nchw
 from tests.torch_reference import require_torch
 
 
-def random_factors(pipe, seed=0) -> lora.LoRAFactors:
+def random_factors(pipe, seed=0) -> lf.LoRAFactors:
   """Attention, ff and proj linears at mixed ranks, 3x3 convs (LoCon) and the text encoder, with
   alphas other than the rank, and every factor non-zero."""
   config = lora.LoRAConfig(rank=4, alpha=8.0, conv_rank=2, conv_alpha=1.0, text_encoder=True,
@@ -25,7 +25,7 @@ def random_factors(pipe, seed=0) -> lora.LoRAFactors:
   out = {}
   for t in lora.targets(config, pipe.params, pipe.unet_config):
     fan_in = int(np.prod(t.shape[:-1]))
-    out[t.kernel] = lora.Factor(rng.normal(0, 0.2, (fan_in, t.rank)).astype(np.float32),
+    out[t.kernel] = lf.Factor(rng.normal(0, 0.2, (fan_in, t.rank)).astype(np.float32),
                                 rng.normal(0, 0.2, (t.rank, t.shape[-1])).astype(np.float32),
                                 np.asarray(t.scale, np.float32))
   return out

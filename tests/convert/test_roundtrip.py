@@ -10,7 +10,7 @@ from safetensors.numpy import load_file
 
 from persona_jax import load_pipeline, save_pipeline
 from persona_jax.convert.diffusers import key_table, torch_name
-from persona_jax.pipeline import abstract_params
+from persona_jax.models.components import abstract_params
 
 WEIGHT_FILES = ("unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
                 "text_encoder/model.safetensors")

@@ -16,7 +16,8 @@ from safetensors.numpy import load_file, save_file
 from persona_jax.convert import single_file as sf
 from persona_jax.convert.diffusers import params_to_state_dict
 from persona_jax.errors import ConfigError, ModelFileError, PickleRefusedError
-from persona_jax.pipeline import load_pipeline, parse_configs
+from persona_jax.convert.diffusers_folder import parse_configs
+from persona_jax.pipeline import load_pipeline
 
 PRESETS = ("sd1", "sd2")
 EXTRA_LAYER = "cond_stage_model.model.transformer.resblocks.3."     # the tiny sd2 has 3 layers

@@ -5,7 +5,7 @@ import pytest
 
 from persona_jax import ConfigError
 from persona_jax.data import pipeline as data
-from persona_jax.methods.base import CONTEXT, IDS, LATENT_LOGVAR, LATENT_MEAN, MASK, PIXELS
+from persona_jax.data.batch import CONTEXT, IDS, LATENT_LOGVAR, LATENT_MEAN, MASK, PIXELS
 
 
 def instances(config):
@@ -65,7 +65,7 @@ def test_bad_data_config():
 
 
 def test_class_stream_appends_class_rows(tmp_path):
-  from persona_jax.methods.base import PRIOR
+  from persona_jax.data.batch import PRIOR
   from tests.runs import write_class_images
   config = data.DataConfig(prompt="<t>", caption_source="prompt", resolution=32, caption_dropout=0.5,
                            num_class_images=3, class_prompt="a toy")

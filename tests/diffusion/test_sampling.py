@@ -7,7 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from persona_jax.diffusion.sampling import (SDModels, TextConditioning, decode_latents, encode_text,
+from persona_jax.models.components import SDModels
+
+from persona_jax.diffusion.sampling import (TextConditioning, decode_latents, encode_text,
                                             generate, image_keys, initial_latents)
 from persona_jax.tokenizer import tokenize
 from persona_jax.verify import compare, nchw

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from persona_jax import tree
-from persona_jax.diffusion.sampling import (PreparedConditioning, SDModels, StreamConditioning,
+from persona_jax.models.components import SDModels
+from persona_jax.diffusion.sampling import (PreparedConditioning, StreamConditioning,
                                             TextConditioning, generate)
 from persona_jax.models.extra_conditioning import ExtraConditioning
 from persona_jax.models.unet import UNet2DConditionModel, init_added_params

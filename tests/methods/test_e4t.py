@@ -34,7 +34,10 @@ def write_model(folder):
   from pathlib import Path
 
   from persona_jax import random_model as rm
-  from persona_jax.pipeline import Pipeline, abstract_params, parse_configs, save_pipeline
+  from persona_jax.convert.diffusers_folder import Pipeline, parse_configs
+  from persona_jax.models.components import abstract_params
+  from persona_jax.pipeline import save_pipeline
+  from persona_jax.tokenizer import write_tokenizer
   raw = rm.preset_configs("sd1")
   raw["unet"]["layers_per_block"] = 1
   configs = parse_configs(raw)
@@ -42,7 +45,7 @@ def write_model(folder):
   params = {name: rm.random_params(abstract_params(name, configs[f"{name}_config"]), rng)
             for name in ("unet", "text_encoder", "vae")}
   with tempfile.TemporaryDirectory() as tmp:
-    tokenizer = rm.write_tokenizer(Path(tmp) / "tokenizer", "sd1")
+    tokenizer = write_tokenizer(Path(tmp) / "tokenizer", "sd1")
     return save_pipeline(Pipeline(**configs, params=params, tokenizer_dir=tokenizer,
                                   raw_configs=raw), folder)
 
@@ -318,7 +321,7 @@ def test_the_shipped_state_fits_the_shipped_base_and_starts_tiny_tuning():
   weights digest), for the class word the config uses, and every leaf loads."""
   from pathlib import Path
 
-  from persona_jax.cli import load_config
+  from persona_jax.train.config import load_config
   from persona_jax.default_model import default_model_name, resolve_model
   from persona_jax.pipeline import load_pipeline
   shipped = e4t.load_result(e4t.shipped_state())

@@ -17,7 +17,8 @@ from persona_jax import ConfigError, tree
 from persona_jax.cli import main
 from persona_jax.data.images import DataError
 from persona_jax.data.pipeline import DataConfig, load_instances, make_dataset, make_iterator
-from persona_jax.diffusion.sampling import SDModels, TextConditioning, generate
+from persona_jax.diffusion.sampling import TextConditioning, generate
+from persona_jax.models.components import SDModels
 from persona_jax.methods import instantbooth as ib
 from persona_jax.methods.base import CLIP_PIXELS, IDS, MethodConditioning
 from persona_jax.models.unet import UNet2DConditionModel

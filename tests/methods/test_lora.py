@@ -127,7 +127,7 @@ def test_trained_lora_survives_a_kohya_round_trip(run, trajectory, tmp_path):
   from safetensors.numpy import save_file
 
   from persona_jax.convert import lora_formats as lf
-  from persona_jax.methods.lora import load_lora_file
+  from persona_jax.convert.lora_formats import load_lora_file
   from persona_jax.methods.lora_compose import apply_loras
   from persona_jax.models import block_names
   loop.write_outputs(run, trajectory["trained"], tmp_path)

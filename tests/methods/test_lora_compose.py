@@ -11,7 +11,7 @@ from safetensors.numpy import save_file
 
 from persona_jax import ConfigError, PersonaError, tree
 from persona_jax.cli import main
-from persona_jax.methods.lora import load_lora_file
+from persona_jax.convert.lora_formats import load_lora_file
 from persona_jax.methods.lora_compose import LoRASpec, apply_loras, block_weights, merge_loras
 from persona_jax.methods.registry import make_method
 from persona_jax.models import block_names

@@ -10,7 +10,7 @@ import numpy as np
 
 from persona_jax import tree
 from persona_jax.diffusion.losses import Objective
-from persona_jax.diffusion.sampling import SDModels
+from persona_jax.models.components import SDModels
 from persona_jax.methods.base import CONTEXT, LATENT_LOGVAR, LATENT_MEAN, Method, method_loss
 from persona_jax.models.extra_conditioning import ExtraConditioning
 from persona_jax.models.unet import UNet2DConditionModel, init_added_params

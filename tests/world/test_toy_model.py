@@ -52,7 +52,7 @@ def test_vae_loss_weights_the_objects_pixels():
   import jax.numpy as jnp
 
   from persona_jax.models.vae import AutoencoderKL
-  from persona_jax.pipeline import init_params
+  from persona_jax.models.components import init_params
   config = VAEConfig.from_dict(dict(tm.toy_configs()["vae"], block_out_channels=[8, 8],
                                     down_block_types=["DownEncoderBlock2D"] * 2,
                                     up_block_types=["UpDecoderBlock2D"] * 2, norm_num_groups=4))
@@ -114,7 +114,7 @@ def test_pretraining_can_deepen_the_model_it_starts_from(model_dirs, tmp_path, c
 
 
 def test_toy_configs_are_the_zero_snr_v_prediction_family():
-  from persona_jax.pipeline import model_index, parse_configs
+  from persona_jax.convert.diffusers_folder import model_index, parse_configs
   raw = dict(tm.toy_configs(), model_index=model_index())
   configs = parse_configs(raw)
   s = configs["scheduler_config"]

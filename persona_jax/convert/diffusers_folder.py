@@ -1,0 +1,234 @@
+"""The diffusers pipeline folder: its layout, the in-memory `Pipeline`, and its reader and writer.
+
+A folder holds `model_index.json`, `unet/`, `text_encoder/`, `vae/` (each a config and weights),
+`tokenizer/` and `scheduler/`. `read_folder(path)` loads one into a `Pipeline`; `write_folder(pipe,
+path)` writes the exact layout back, so a read -> write round trip is bit-exact.
+`persona_jax.pipeline.load_pipeline` dispatches between this reader and the single-file one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from persona_jax.convert import diffusers as convert
+from persona_jax.convert.files import read_weights, write_json, write_safetensors
+from persona_jax.diffusion.schedules import SchedulerConfig
+from persona_jax.errors import ModelFileError
+from persona_jax.models.components import abstract_params
+from persona_jax.models.configs import TextEncoderConfig, UNetConfig, VAEConfig, read_json
+from persona_jax.models.text_encoder import CLIPTextModel
+from persona_jax.models.unet import UNet2DConditionModel
+from persona_jax.models.vae import AutoencoderKL
+from persona_jax.tokenizer import TOKENIZER_FILES, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+DIFFUSERS_VERSION = "0.42.1"   # written into configs we create; the layout is the same since 0.20
+
+
+@dataclasses.dataclass(frozen=True)
+class Component:
+  """How one weight-bearing component of a diffusers folder is stored."""
+  name: str
+  library: str
+  class_names: tuple[str, ...]
+  config_file: str
+  weights_stem: str
+  adapt: Any = None
+  ignore: Any = None
+  save_prefix: str = ""
+
+
+COMPONENTS = (
+    Component("unet", "diffusers", ("UNet2DConditionModel",), "config.json",
+              "diffusion_pytorch_model"),
+    Component("text_encoder", "transformers", ("CLIPTextModel",), "config.json", "model",
+              adapt=convert.text_encoder_adapt, ignore=convert.text_encoder_ignore,
+              # transformers 4.x cannot load the flattened (prefix-less) names 5.x writes.
+              save_prefix=convert.TEXT_MODEL_PREFIX),
+    Component("vae", "diffusers", ("AutoencoderKL",), "config.json", "diffusion_pytorch_model",
+              adapt=convert.vae_adapt),
+)
+TOKENIZER_CLASSES = ("CLIPTokenizer", "CLIPTokenizerFast")
+SCHEDULER_FILE = "scheduler/scheduler_config.json"
+# Components a pipeline may list that we neither need nor copy.
+UNUSED_COMPONENTS = ("safety_checker", "feature_extractor", "image_encoder")
+
+
+@dataclasses.dataclass
+class Pipeline:
+  """A loaded SD 1.x/2.x pipeline. `params` = {"unet": ..., "text_encoder": ..., "vae": ...}."""
+  unet_config: UNetConfig
+  text_encoder_config: TextEncoderConfig
+  vae_config: VAEConfig
+  scheduler_config: SchedulerConfig
+  params: dict
+  tokenizer_dir: Path
+  raw_configs: dict          # the JSON objects as read: model_index, unet, text_encoder, vae, scheduler
+  path: Path | None = None
+
+  @property
+  def unet(self) -> UNet2DConditionModel:
+    return UNet2DConditionModel(self.unet_config)
+
+  @property
+  def text_encoder(self) -> CLIPTextModel:
+    return CLIPTextModel(self.text_encoder_config)
+
+  @property
+  def vae(self) -> AutoencoderKL:
+    return AutoencoderKL(self.vae_config)
+
+  @functools.cached_property
+  def tokenizer(self):
+    return load_tokenizer(self.tokenizer_dir)
+
+  @property
+  def vae_scale_factor(self) -> int:
+    return self.vae_config.downsample_factor
+
+  def num_params(self) -> dict[str, int]:
+    return {k: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(v)) for k, v in self.params.items()}
+
+
+def parse_configs(raw: dict, *, dtype=jnp.float32, attention: str = "auto", root: str = ""):
+  """Typed configs of every component from the raw JSON dicts (runtime fields filled in)."""
+  runtime = dict(dtype=dtype, param_dtype=dtype, attention=attention)
+  return dict(
+      unet_config=dataclasses.replace(
+          UNetConfig.from_dict(raw["unet"], f"{root}unet/config.json"), **runtime),
+      text_encoder_config=dataclasses.replace(
+          TextEncoderConfig.from_dict(raw["text_encoder"], f"{root}text_encoder/config.json"),
+          **runtime),
+      vae_config=dataclasses.replace(
+          VAEConfig.from_dict(raw["vae"], f"{root}vae/config.json"), **runtime),
+      scheduler_config=SchedulerConfig.from_dict(raw["scheduler"], f"{root}{SCHEDULER_FILE}"),
+  )
+
+
+def _check_model_index(index: dict, root: Path) -> None:
+  source = root / "model_index.json"
+  for comp in COMPONENTS:
+    entry = index.get(comp.name)
+    if not entry or entry[1] is None:
+      raise ModelFileError(f"{source}: component '{comp.name}' is missing; persona_jax needs "
+                           "unet, text_encoder, tokenizer, vae and scheduler")
+    if entry[1] not in comp.class_names:
+      raise ModelFileError(f"{source}: {comp.name} is a {entry[1]}; supported: "
+                           f"{', '.join(comp.class_names)}")
+  for name in ("tokenizer", "scheduler"):
+    if not index.get(name) or index[name][1] is None:
+      raise ModelFileError(f"{source}: component '{name}' is missing")
+  if index["tokenizer"][1] not in TOKENIZER_CLASSES:
+    raise ModelFileError(f"{source}: tokenizer is a {index['tokenizer'][1]}; supported: "
+                         f"{', '.join(TOKENIZER_CLASSES)}")
+  if "text_encoder_2" in index and index["text_encoder_2"][1] is not None:
+    raise ModelFileError(f"{source}: this is an SDXL pipeline (text_encoder_2); persona_jax "
+                         "supports SD 1.x and 2.x for now")
+  known = {c.name for c in COMPONENTS} | {"tokenizer", "scheduler"}
+  for name, entry in index.items():
+    if name.startswith("_") or name in known or not isinstance(entry, list):
+      continue
+    if entry[1] is not None:
+      log.info("%s: ignoring component '%s' (%s), persona_jax does not use it", source, name,
+               entry[1])
+
+
+def read_folder(root: Path, *, dtype=jnp.float32, variant: str | None = None,
+                allow_pickle: bool = False, attention: str = "auto") -> Pipeline:
+  """Loads a diffusers-format SD 1.x/2.x folder (arguments as `pipeline.load_pipeline`)."""
+  root = Path(root)
+  if not root.is_dir():
+    raise ModelFileError(f"{root}: model folder not found")
+  if not (root / "model_index.json").is_file():
+    raise ModelFileError(f"{root}: no model_index.json; is this a diffusers pipeline folder? "
+                         "(a single-file checkpoint is a .safetensors file)")
+  index = read_json(root / "model_index.json")
+  _check_model_index(index, root)
+  raw = {"model_index": index, "scheduler": read_json(root / SCHEDULER_FILE)}
+  for comp in COMPONENTS:
+    raw[comp.name] = read_json(root / comp.name / comp.config_file)
+  configs = parse_configs(raw, dtype=dtype, attention=attention, root=f"{root}/")
+  params = {}
+  for comp in COMPONENTS:
+    config = configs[f"{comp.name}_config"]
+    state, source = read_weights(root / comp.name, comp.weights_stem, variant, allow_pickle)
+    params[comp.name] = convert.state_dict_to_params(
+        state, abstract_params(comp.name, config), source=source, dtype=dtype, adapt=comp.adapt,
+        ignore=comp.ignore)
+  load_tokenizer(root / "tokenizer")   # fail now, naming the folder, rather than at first use
+  return Pipeline(**configs, params=jax.device_put(params), tokenizer_dir=root / "tokenizer",
+                  raw_configs=raw, path=root)
+
+
+def model_index(scheduler_class: str = "DDIMScheduler") -> dict:
+  """The model_index.json diffusers writes for a StableDiffusionPipeline."""
+  return {
+      "_class_name": "StableDiffusionPipeline", "_diffusers_version": DIFFUSERS_VERSION,
+      "feature_extractor": [None, None], "image_encoder": [None, None],
+      "requires_safety_checker": False, "safety_checker": [None, None],
+      "scheduler": ["diffusers", scheduler_class], "text_encoder": ["transformers", "CLIPTextModel"],
+      "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
+      "vae": ["diffusers", "AutoencoderKL"],
+  }
+
+
+def write_folder(pipe: Pipeline, path, *, overwrite: bool = False, dtype=None,
+                 variant: str | None = None) -> Path:
+  """Writes `pipe` as a diffusers folder, atomically (a temporary folder, then rename); arguments
+  as `pipeline.save_pipeline`."""
+  out = Path(path)
+  if out.exists() and any(out.iterdir()) and not overwrite:
+    raise ModelFileError(f"{out}: folder exists and is not empty; pass overwrite=True "
+                         "(--overwrite) to replace it")
+  out.parent.mkdir(parents=True, exist_ok=True)
+  tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(tmp, 0o777 & ~umask)
+  try:
+    index = model_index(pipe.scheduler_config.class_name)
+    write_json(tmp / "model_index.json", index)
+    write_json(tmp / SCHEDULER_FILE, pipe.raw_configs["scheduler"])
+    for comp in COMPONENTS:
+      config = dict(pipe.raw_configs[comp.name])
+      if comp.library == "diffusers":
+        config.setdefault("_class_name", comp.class_names[0])
+        config.setdefault("_diffusers_version", DIFFUSERS_VERSION)
+      else:
+        config.setdefault("architectures", [comp.class_names[0]])
+        config.setdefault("model_type", "clip_text_model")
+      write_json(tmp / comp.name / comp.config_file, config)
+      state = convert.params_to_state_dict(pipe.params[comp.name], prefix=comp.save_prefix)
+      if dtype is not None:
+        state = {k: v.astype(dtype) for k, v in state.items()}
+      name = f"{comp.weights_stem}.{variant}.safetensors" if variant else f"{comp.weights_stem}.safetensors"
+      write_safetensors(tmp / comp.name / name, state)
+    (tmp / "tokenizer").mkdir()
+    for f in TOKENIZER_FILES:
+      if (pipe.tokenizer_dir / f).is_file():
+        shutil.copy2(pipe.tokenizer_dir / f, tmp / "tokenizer" / f)
+    if out.exists():
+      backup = out.with_name(f".{out.name}.old")
+      if backup.exists():
+        shutil.rmtree(backup)
+      os.replace(out, backup)
+      os.replace(tmp, out)
+      shutil.rmtree(backup)
+    else:
+      os.replace(tmp, out)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return out

@@ -1,0 +1,21 @@
+"""The keys of a training batch: numpy arrays with a leading batch axis, produced by the data
+sources (data/pipeline.py, data/fastcomposer.py) and read by the step and the methods. Only the
+keys a run needs are present.
+
+  latent_mean, latent_logvar  [B, h, w, c]  cached VAE moments; a latent is sampled each step
+  pixels                      [B, H, W, 3]  images in [-1, 1], VAE-encoded in the step (random crops)
+  ids                         [B, L] int    token ids (the text encoder runs in the step)
+  context                     [B, L, D]     cached text-encoder output (nothing in the text path trains)
+  prior                       [B] float     1 for class (prior-preservation) examples, 0 for instances
+  mask                        [B, h, w, 1]  loss mask (or per-pixel weights)
+  clip_pixels                 [B, S, S, 3]  the example's image for a CLIP image encoder
+  subject_pixels              [B, K, S, S, 3]  FastComposer's subject crops (zeros where absent)
+  subject_masks               [B, K, h, w]  FastComposer's subject masks
+Sampling passes its inputs under the same names, plus `negative_ids` [B, L].
+"""
+
+LATENT_MEAN, LATENT_LOGVAR, PIXELS = "latent_mean", "latent_logvar", "pixels"
+IDS, CONTEXT, MASK, PRIOR = "ids", "context", "mask", "prior"
+CLIP_PIXELS = "clip_pixels"
+SUBJECT_PIXELS, SUBJECT_MASKS = "subject_pixels", "subject_masks"
+NEGATIVE_IDS = "negative_ids"
