@@ -25,48 +25,35 @@ concept, with regularization images and the zoom augmentation (Kumari et al. 202
 Writes WORKDIR/custom_diffusion.safetensors (the trained K/V weights and modifier-token rows).
 """
 
-from ml_collections import ConfigDict
+from persona_jax.train.config import base_config
+
+VARIANTS = ("tiny",)
 
 
 def get_config(arg=None):
   tiny = arg == "tiny"
-  c = ConfigDict()
+  c = base_config("custom_diffusion")
   c.model = "default" if tiny else "/path/to/stable-diffusion-v1-5"
-  c.model_config = ""       # a single-file model: a diffusers folder of its family (head counts)
-  c.prediction_type = ""    # ... or, without one: epsilon | v_prediction
-  c.method = ConfigDict(dict(name="custom_diffusion", modifier_tokens=("<new1>",),
-                             initializer_tokens=(42170,), freeze_model="crossattn_kv",
-                             prior_loss_weight=1.0, detach_bos=True))
-  c.data = ConfigDict(dict(
-      instance_dir="" if tiny else "/path/to/images", caption_source="prompt",
-      prompt="a photo of a <new1> ball" if tiny else "photo of a <new1> toy", templates="object",
-      resolution=32 if tiny else 512,
-      center_crop=True, random_flip=0.5, caption_dropout=0.0,
-      num_class_images=8 if tiny else 200, class_dir="",
-      class_prompt="a photo of a ball" if tiny else "photo of a toy",
-      class_generate=True, class_sample_steps=10 if tiny else 50, class_guidance=7.5,
-      class_negative_prompt="", concepts=(), zoom_augment=True))
-  c.optim = ConfigDict(dict(lr=1e-3 if tiny else 1e-5, scale_lr=not tiny, schedule="constant",
-                            warmup_steps=0, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-2,
-                            clip_grad_norm=1.0, grad_accum=1, groups=(), ema_decay=0.0))
+  c.data.instance_dir = "" if tiny else "/path/to/images"
+  c.data.caption_source = "prompt"
+  c.data.prompt = "a photo of a <new1> ball" if tiny else "photo of a <new1> toy"
+  c.data.resolution = 32 if tiny else 512
+  c.data.num_class_images = 8 if tiny else 200
+  c.data.class_prompt = "a photo of a ball" if tiny else "photo of a toy"
+  c.data.class_sample_steps = 10 if tiny else 50
+  c.data.zoom_augment = True
+  c.optim.lr = 1e-3 if tiny else 1e-5
+  c.optim.scale_lr = not tiny
+  c.optim.scale_lr_class_rows = True       # the regularization rows count in the scaled lr
   c.steps = 30 if tiny else 250
   c.batch_size = 2 if tiny else 4
-  c.seed = 0
   c.mixed_precision = "no" if tiny else "bf16"
-  c.remat = "none"
-  c.min_snr_gamma = 0.0
-  c.offset_noise = 0.0
-  c.fsdp = 1
-  c.sharding = ()
   c.log_every = 5 if tiny else 25
   c.checkpoint_every = 10 if tiny else 125
   c.keep_checkpoints = 2
   c.sample_every = 0 if tiny else 125
   c.sample_prompts = (("a photo of a <new1> ball", "a photo of a <new1> ball on grass") if tiny else
                       ("photo of a <new1> toy", "photo of a <new1> toy in the snow"))
-  c.sample_negative_prompt = ""
   c.sample_steps = 10 if tiny else 50
   c.sample_guidance = 6.0
-  c.sample_images = 2
-  c.sample_seed = 0
   return c

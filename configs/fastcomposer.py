@@ -20,43 +20,33 @@ Writes WORKDIR/fastcomposer.safetensors; sample with
   persona-jax sample --fastcomposer runs/fc --image ball.png --prompt "a ball <|image|> on grass"
 """
 
-from ml_collections import ConfigDict
+from persona_jax.train.config import base_config
+
+VARIANTS = ("tiny", "tiny_light")
+# The tiny variants' data: toy-world scenes (persona_jax/world/fastcomposer_data.py).
+TOY_SCENES = "persona_jax.world.fastcomposer_data:toy_source"
 
 
 def get_config(arg=None):
   tiny = arg in ("tiny", "tiny_light")
-  c = ConfigDict()
+  c = base_config("fastcomposer")
   c.model = "default" if tiny else "/path/to/stable-diffusion-v1-5"
-  c.model_config = ""
-  c.prediction_type = ""
-  c.method = ConfigDict(dict(
-      name="fastcomposer", variant="light" if arg == "tiny_light" else "full", image_encoder="",
-      image_encoder_trainable_layers=2, lora_rank=4, localization_weight=1e-3,
-      localization_layers=5, mask_loss_prob=0.5, max_subjects=2 if tiny else 4,
-      start_merge_step=2 if tiny else 10, uncondition_prob=0.1, object_appear_prob=0.9))
-  c.data = ConfigDict(dict(instance_dir="" if tiny else "/path/to/fastcomposer_folder",
-                           resolution=32 if tiny else 512, random_flip=0.0,
-                           num_images=16 if tiny else 0))
-  c.optim = ConfigDict(dict(lr=1e-4 if tiny else 1e-5, scale_lr=False, schedule="constant",
-                            warmup_steps=0, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-2,
-                            clip_grad_norm=1.0, grad_accum=1, groups=(), ema_decay=0.0))
+  c.method.variant = "light" if arg == "tiny_light" else "full"
+  c.method.max_subjects = 2 if tiny else 4
+  c.method.start_merge_step = 2 if tiny else 10
+  c.data.source = TOY_SCENES if tiny else "fastcomposer"
+  c.data.instance_dir = "" if tiny else "/path/to/fastcomposer_folder"
+  c.data.resolution = 32 if tiny else 512
+  c.data.random_flip = 0.0
+  c.data.num_images = 16 if tiny else 0
+  c.optim.lr = 1e-4 if tiny else 1e-5
   c.steps = 20 if tiny else 150000
   c.batch_size = 4 if tiny else 128
-  c.seed = 0
   c.mixed_precision = "no" if tiny else "bf16"
-  c.remat = "none"
-  c.min_snr_gamma = 0.0
-  c.offset_noise = 0.0
-  c.fsdp = 1
-  c.sharding = ()
   c.log_every = 5 if tiny else 100
   c.checkpoint_every = 10 if tiny else 5000
   c.keep_checkpoints = 2
   c.sample_every = 0 if tiny else 5000
-  c.sample_prompts = ()
-  c.sample_negative_prompt = ""
   c.sample_steps = 10 if tiny else 50
   c.sample_guidance = 5.0
-  c.sample_images = 2
-  c.sample_seed = 0
   return c

@@ -20,44 +20,29 @@ Writes WORKDIR/ip_adapter.safetensors in the official layout (diffusers' `load_i
 `persona-jax sample --ip-adapter`).
 """
 
-from ml_collections import ConfigDict
+from persona_jax.train.config import base_config
+
+VARIANTS = ("tiny",)
 
 
 def get_config(arg=None):
   tiny = arg == "tiny"
-  c = ConfigDict()
+  c = base_config("ip_adapter")
   c.model = "default" if tiny else "/path/to/stable-diffusion-v1-5"
-  c.model_config = ""       # a single-file model: a diffusers folder of its family (head counts)
-  c.prediction_type = ""    # ... or, without one: epsilon | v_prediction
-  c.method = ConfigDict(dict(
-      name="ip_adapter", kind="basic", num_tokens=0, heads=0, depth=4, image_encoder="",
-      drop_image=0.05, drop_text=0.05, drop_both=0.05, pretrained="", allow_pickle=False))
-  c.data = ConfigDict(dict(instance_dir="" if tiny else "/path/to/image_text_pairs",
-                           caption_source="templates" if tiny else "files",
-                           prompt="ball" if tiny else "", templates="object",
-                           resolution=32 if tiny else 512, center_crop=True, random_flip=0.0,
-                           random_zoom=1.0, num_images=0, caption_dropout=0.0))
-  c.optim = ConfigDict(dict(lr=1e-3 if tiny else 1e-4, scale_lr=False, schedule="constant",
-                            warmup_steps=0, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-2,
-                            clip_grad_norm=1.0, grad_accum=1, groups=(), ema_decay=0.0))
+  c.data.instance_dir = "" if tiny else "/path/to/image_text_pairs"
+  c.data.caption_source = "templates" if tiny else "files"
+  c.data.prompt = "ball" if tiny else ""
+  c.data.resolution = 32 if tiny else 512
+  c.data.random_flip = 0.0
+  c.optim.lr = 1e-3 if tiny else 1e-4
   c.steps = 20 if tiny else 1000000
   c.batch_size = 4 if tiny else 8
-  c.seed = 0
   c.mixed_precision = "no" if tiny else "bf16"
-  c.remat = "none"
-  c.min_snr_gamma = 0.0
-  c.offset_noise = 0.0
-  c.fsdp = 1
-  c.sharding = ()
   c.log_every = 5 if tiny else 100
   c.checkpoint_every = 10 if tiny else 10000
   c.keep_checkpoints = 2
   c.sample_every = 0 if tiny else 10000
   c.sample_prompts = (("a photo of a ball", "a photo of a ball on grass") if tiny else
                       ("a photo of a ball", "a painting of a ball in the snow"))
-  c.sample_negative_prompt = ""
   c.sample_steps = 10 if tiny else 50
-  c.sample_guidance = 7.5
-  c.sample_images = 2
-  c.sample_seed = 0
   return c

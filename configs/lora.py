@@ -20,7 +20,9 @@ Writes WORKDIR/lora.safetensors (the factors by param path; diffusers/kohya expo
 the export work).
 """
 
-from ml_collections import ConfigDict
+from persona_jax.train.config import base_config
+
+VARIANTS = ("tiny", "blocks=PRESET")
 
 
 def get_config(arg=None):
@@ -28,40 +30,23 @@ def get_config(arg=None):
   blocks = arg.split("=", 1)[1] if arg and arg.startswith("blocks=") else ""
   if arg and not tiny and not blocks:
     raise ValueError(f"lora config variant '{arg}': use 'tiny' or 'blocks=PRESET' (e.g. MIDD)")
-  c = ConfigDict()
+  c = base_config("lora")
   c.model = "default" if tiny else "/path/to/stable-diffusion-v1-5"
-  c.model_config = ""       # a single-file model: a diffusers folder of its family (head counts)
-  c.prediction_type = ""    # ... or, without one: epsilon | v_prediction
   # One uniform rank in the tiny variant: block names depend on the UNet's shape.
-  c.method = ConfigDict(dict(name="lora", rank=4, alpha=0.0, conv_rank=0, conv_alpha=0.0,
-                             text_encoder=False, block_ranks={}, block_alphas={}, blocks=blocks,
-                             targets=("attn", "ff", "proj")))
-  c.data = ConfigDict(dict(instance_dir="" if tiny else "/path/to/images", caption_source="prompt",
-                           prompt="a photo of a sks ball" if tiny else "a photo of sks toy",
-                           templates="object",
-                           resolution=32 if tiny else 512, center_crop=True, random_flip=0.5,
-                           caption_dropout=0.0))
-  c.optim = ConfigDict(dict(lr=1e-3 if tiny else 1e-4, scale_lr=False, schedule="constant",
-                            warmup_steps=0, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-2,
-                            clip_grad_norm=1.0, grad_accum=1, groups=(), ema_decay=0.0))
+  c.method.blocks = blocks
+  c.data.instance_dir = "" if tiny else "/path/to/images"
+  c.data.caption_source = "prompt"
+  c.data.prompt = "a photo of a sks ball" if tiny else "a photo of sks toy"
+  c.data.resolution = 32 if tiny else 512
+  c.optim.lr = 1e-3 if tiny else 1e-4
   c.steps = 30 if tiny else 500
   c.batch_size = 2 if tiny else 1
-  c.seed = 0
   c.mixed_precision = "no" if tiny else "bf16"
-  c.remat = "none"
-  c.min_snr_gamma = 0.0
-  c.offset_noise = 0.0
-  c.fsdp = 1
-  c.sharding = ()
   c.log_every = 5 if tiny else 50
   c.checkpoint_every = 10 if tiny else 250
   c.keep_checkpoints = 2
   c.sample_every = 0 if tiny else 250
   c.sample_prompts = (("a photo of a sks ball", "a photo of a sks ball on grass") if tiny else
                       ("a photo of sks toy", "a photo of sks toy in the snow"))
-  c.sample_negative_prompt = ""
   c.sample_steps = 10 if tiny else 50
-  c.sample_guidance = 7.5
-  c.sample_images = 2
-  c.sample_seed = 0
   return c

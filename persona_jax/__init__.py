@@ -11,6 +11,18 @@ _LAZY = {
     "Pipeline": "persona_jax.pipeline",
     "load_pipeline": "persona_jax.pipeline",
     "save_pipeline": "persona_jax.pipeline",
+    # Training: a config (a shipped one by name, or a file) to a typed RunConfig (then
+    # persona_jax.train.loop.train(config, workdir)).
+    "load_config": "persona_jax.train.config",
+    "run_config": "persona_jax.train.config",
+    # Methods and their results: the registry, a run folder or result file to (spec, result).
+    "METHODS": "persona_jax.methods.registry",
+    "find_run": "persona_jax.methods.registry",
+    "SampleRequest": "persona_jax.methods.spec",
+    # Sampling.
+    "SampleOptions": "persona_jax.text_to_image",
+    "Sampling": "persona_jax.text_to_image",
+    "text_to_image": "persona_jax.text_to_image",
 }
 
 __all__ = ["ConfigError", "ModelFileError", "PersonaError", "PickleRefusedError", *_LAZY]

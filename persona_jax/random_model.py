@@ -11,7 +11,6 @@ non-trivial affine params); nothing is compiled.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import jax
@@ -19,7 +18,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from persona_jax.convert.files import write_json
 from persona_jax.convert.diffusers_folder import DIFFUSERS_VERSION, Pipeline, model_index, parse_configs
 from persona_jax.models.components import abstract_params
 from persona_jax.pipeline import save_pipeline

@@ -1,6 +1,7 @@
 """Text-to-image on the host side: prompts in batches through the jitted `generate`, with a
-progress bar, returning uint8 images. The `sample` and `make-class-images` commands and the
-training loop's sample grids all call `text_to_image`.
+progress bar, returning uint8 images. The `sample` and `make-class-images` commands, `eval` and
+the training loop's sample grids all call `text_to_image`; a method's (or a result's) part of it is
+one `Sampling` value.
 """
 
 from __future__ import annotations
@@ -10,12 +11,12 @@ import dataclasses
 import numpy as np
 from tqdm.auto import tqdm
 
-from persona_jax.models.components import SDModels
-
-from persona_jax.diffusion.sampling import (TextConditioning, generate, pipeline_scheduler,
-                                            progress_to)
+from persona_jax.data.batch import IDS, NEGATIVE_IDS
+from persona_jax.diffusion.conditioning import TextConditioning
+from persona_jax.diffusion.sampling import generate, pipeline_scheduler, progress_to
 from persona_jax.errors import ConfigError
 from persona_jax.images import to_uint8
+from persona_jax.models.components import SDModels
 from persona_jax.models.unet import UNet2DConditionModel
 from persona_jax.pipeline import Pipeline
 from persona_jax.tokenizer import tokenize
@@ -47,29 +48,42 @@ def image_size(pipe: Pipeline, height: int | None, width: int | None) -> tuple[i
   return height, width
 
 
-SAMPLING_FIELDS = ("params", "tokenizer", "conditioning", "inputs", "unet_options")
+def identity_prompt(prompt: str) -> str:
+  return prompt
 
 
-def sampling_kwargs(sampling) -> dict:
-  """`text_to_image` keyword arguments of a method's `for_sampling` result (the methods'
-  ForSampling dataclasses): those of its fields that `text_to_image` takes."""
-  return {n: getattr(sampling, n) for n in SAMPLING_FIELDS if hasattr(sampling, n)}
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+  """What a method (or a trained result) brings to sampling, beside the pipeline.
+
+  params: the tree the networks and the conditioning read (None: the pipeline's).
+  tokenizer: the pipeline's tokenizer with the method's tokens (None: the pipeline's).
+  conditioning: diffusion/conditioning.py's protocol (None: the text path, with
+    `SampleOptions.clip_skip`).
+  expand_prompt: each prompt as the method tokenizes it (may raise ConfigError for a prompt the
+    method cannot sample).
+  inputs: the conditioning's extra inputs, the same for every image ({key: [1, ...] array}, e.g.
+    E4T's clip_pixels, IP-Adapter's ip_scale), repeated to each batch; traced.
+  addons: the UNet add-ons the conditioning feeds (models/addons.py).
+  """
+  params: dict | None = None
+  tokenizer: object = None
+  conditioning: object = None
+  expand_prompt: object = identity_prompt
+  inputs: dict = dataclasses.field(default_factory=dict)
+  addons: tuple = ()
 
 
 def text_to_image(pipe: Pipeline, prompts: str | list[str], negative_prompt: str | list[str] = "",
                   num_images: int = 1, options: SampleOptions = SampleOptions(),
-                  start_index: int = 0, params=None, progress: bool = True, tokenizer=None,
-                  conditioning=None, expand_prompt=None, inputs=None,
-                  unet_options: tuple = ()) -> np.ndarray:
+                  start_index: int = 0, progress: bool = True,
+                  sampling: Sampling | None = None) -> np.ndarray:
   """Generates `num_images` images per prompt (prompt-major order).
 
   Image k of the run uses the key fold_in(key(seed), start_index + k), so it is the same image
   whatever the batch size. The last batch is padded to the batch size (one compilation).
-  A method's sampling passes its own `params` (the transformed tree), `tokenizer` (with added
-  tokens), `conditioning` hook and `expand_prompt`; `inputs` are the hook's extra inputs, the
-  same for every image ({key: [1, ...] array}, e.g. E4T's clip_pixels), repeated to each batch;
-  `unet_options` ((UNetConfig runtime field, value), ...) builds the UNet with a method's added
-  layers (its `Method.unet_options`).
+  `sampling`: a method's params, tokenizer, conditioning, prompt rewrite, inputs and UNet
+  add-ons (None: the pipeline as it is).
 
   Returns:
     [len(prompts) * num_images, H, W, 3] uint8.
@@ -79,19 +93,25 @@ def text_to_image(pipe: Pipeline, prompts: str | list[str], negative_prompt: str
                else list(negative_prompt))
   if len(negatives) != len(prompts):
     raise ConfigError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
-  expand = expand_prompt or (lambda p: p)
-  tokenizer = tokenizer or pipe.tokenizer
-  conditioning = conditioning or TextConditioning(options.clip_skip)
+  sampling = sampling or Sampling()
+  expand = sampling.expand_prompt
+  tokenizer = sampling.tokenizer or pipe.tokenizer
+  conditioning = sampling.conditioning or TextConditioning()
+  if options.clip_skip:
+    if not isinstance(conditioning, TextConditioning):
+      raise ConfigError(f"--clip-skip: this method's conditioning ({type(conditioning).__name__}) "
+                        "is not the text encoder's output alone")
+    conditioning = dataclasses.replace(conditioning, clip_skip=options.clip_skip)
   all_prompts = [expand(p) for p in prompts for _ in range(num_images)]
   all_negatives = [n for n in negatives for _ in range(num_images)]
   h, w = image_size(pipe, options.height, options.width)
   f = pipe.vae_scale_factor
   latent_shape = (h // f, w // f, pipe.unet_config.in_channels)
   unet = pipe.unet
-  if unet_options:
-    unet = UNet2DConditionModel(dataclasses.replace(unet.config, **dict(unet_options)))
+  if sampling.addons:
+    unet = UNet2DConditionModel(dataclasses.replace(unet.config, addons=sampling.addons))
   models = SDModels(unet, pipe.text_encoder, pipe.vae)
-  params = pipe.params if params is None else params
+  params = pipe.params if sampling.params is None else sampling.params
   total = len(all_prompts)
   bs = max(1, min(options.batch_size, total))
   out = []
@@ -101,9 +121,9 @@ def text_to_image(pipe: Pipeline, prompts: str | list[str], negative_prompt: str
     for start in range(0, total, bs):
       chunk = list(range(start, min(start + bs, total)))
       padded = chunk + [chunk[-1]] * (bs - len(chunk))
-      batch = {"ids": tokenize(tokenizer, [all_prompts[i] for i in padded]),
-               "negative_ids": tokenize(tokenizer, [all_negatives[i] for i in padded])}
-      batch.update({k: np.repeat(np.asarray(v), bs, axis=0) for k, v in (inputs or {}).items()})
+      batch = {IDS: tokenize(tokenizer, [all_prompts[i] for i in padded]),
+               NEGATIVE_IDS: tokenize(tokenizer, [all_negatives[i] for i in padded])}
+      batch.update({k: np.repeat(np.asarray(v), bs, axis=0) for k, v in sampling.inputs.items()})
       images = generate(params, batch, options.seed, np.asarray(padded) + start_index,
                         options.guidance, options.guidance_rescale, options.eta, models=models,
                         scheduler=pipeline_scheduler(pipe.scheduler_config), num_steps=options.steps,

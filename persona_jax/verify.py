@@ -234,28 +234,28 @@ def _adapter_inputs(pipe: Pipeline, seed: int):
   return latents, np.array([500])
 
 
-def compare_adapter(pipe: Pipeline, path: Path, *, lora=None, embedding=None,
-                    custom_diffusion=None, seed: int = 0) -> list[Comparison]:
-  """Loads one adapter file into diffusers (its own loader) and into persona_jax, then compares
-  the text encoder's output on a prompt that uses it and the UNet's output on that context.
-  A LoRA is compared fused (W + s * B @ A, as `fuse_lora` makes it); our own lora.safetensors
-  is handed to diffusers as the diffusers/PEFT file `persona-jax export` writes. A last line
-  reports how much the adapter moved diffusers' UNet output: a loader that silently skipped the
-  file shows 0 there."""
+def compare_adapter(pipe: Pipeline, path: Path, load_both, *, seed: int = 0) -> list[Comparison]:
+  """One adapter file loaded by diffusers (its own loader) and by persona_jax, then the text
+  encoder's output on a prompt that uses it and the UNet's output on that context compared.
+
+  `load_both(ref, pipe, tmp) -> (pipe, Sampling, token or None)` (a method's verify hook) loads
+  the file into diffusers' pipeline `ref` and returns ours (the pipeline, the params, tokenizer
+  and text conditioning to sample it with, and the words that use it in the prompt; None: "a
+  ball"); `tmp` is a scratch folder. A last line reports how much the adapter moved diffusers'
+  UNet output: a loader that silently skipped the file shows 0 there."""
   import tempfile
 
   import torch
   from diffusers import StableDiffusionPipeline
 
+  from persona_jax.data.batch import IDS
+  from persona_jax.diffusion.conditioning import TextConditioning
   from persona_jax.models.components import SDModels
-  from persona_jax.methods.base import encode_text
   ref = StableDiffusionPipeline.from_pretrained(path, safety_checker=None, local_files_only=True,
                                                 torch_dtype=torch.float32)
   latents, t = _adapter_inputs(pipe, seed)
-  models = SDModels(pipe.unet, pipe.text_encoder, pipe.vae)
-  params, tokenizer, method, token = pipe.params, pipe.tokenizer, None, "a ball"
 
-  def run_ref():
+  def run_ref(token):
     ids = ref.tokenizer([ADAPTER_PROMPT.format(token=token)], padding="max_length",
                         max_length=ref.tokenizer.model_max_length, return_tensors="pt").input_ids
     with torch.no_grad():
@@ -263,52 +263,18 @@ def compare_adapter(pipe: Pipeline, path: Path, *, lora=None, embedding=None,
       eps = ref.unet(torch.from_numpy(nchw(latents)), torch.from_numpy(t), ctx).sample
     return ctx.numpy(), eps.numpy()
 
-  base_ctx, base_eps = run_ref()
+  base_ctx, base_eps = run_ref("a ball")
   with tempfile.TemporaryDirectory() as tmp:
-    if lora is not None:
-      from persona_jax.convert import lora_formats as lf
-      from persona_jax.convert.files import read_safetensors, write_safetensors
-      from persona_jax.methods.lora_compose import LoRASpec, with_loras
-      factors = lf.read_lora_file(lora, pipe.params)
-      file = Path(lora)
-      if lf.detect_format(read_safetensors(file)) == "persona_jax":
-        tensors, meta = lf.peft_state_dict(factors, pipe.params)
-        file = Path(tmp) / lf.PEFT_FILE
-        write_safetensors(file, tensors, meta)
-      ref.load_lora_weights(str(file.parent), weight_name=file.name)
-      ref.fuse_lora()
-      params = with_loras(pipe.params, [LoRASpec(Path(lora))], pipe.unet_config)
-    elif embedding is not None:
-      from persona_jax.convert.embedding_formats import read_embedding_spec, with_embeddings
-      rows = read_embedding_spec(str(embedding), width=pipe.text_encoder_config.hidden_size)
-      (token, vectors), = rows.items()
-      added = with_embeddings(pipe, rows)
-      ref.load_textual_inversion({token: torch.from_numpy(vectors)}, token=token)
-      pipe, params, tokenizer = added.pipe, added.pipe.params, added.tokenizer
-      token = added.expand_prompt(token)
-      models = SDModels(pipe.unet, pipe.text_encoder, pipe.vae)
-    else:
-      from diffusers.models.attention_processor import AttnProcessor2_0
-
-      from persona_jax.export import custom_diffusion_processors
-      from persona_jax.methods import custom_diffusion as cd
-      result = cd.load_result(custom_diffusion)
-      procs = ref.unet._process_custom_diffusion(
-          {k: torch.from_numpy(v) for k, v in custom_diffusion_processors(result.weights).items()})
-      ref.unet.set_attn_processor({n: procs.get(n, AttnProcessor2_0()) for n in ref.unet.attn_processors})
-      for concept, row in zip(result.concepts, result.tokens):
-        ref.load_textual_inversion({concept["token"]: torch.from_numpy(np.asarray(row))},
-                                   token=concept["token"])
-      params, tokenizer, conditioning = cd.for_sampling(result, pipe)
-      method = conditioning.method if conditioning is not None else None
-      token = " ".join(c["token"] for c in result.concepts) + " ball" if result.concepts else token
-  ctx_ref, eps_ref = run_ref()
+    pipe, sampling, token = load_both(ref, pipe, tmp)
+  token = token or "a ball"
+  ctx_ref, eps_ref = run_ref(token)
+  models = SDModels(pipe.unet, pipe.text_encoder, pipe.vae)
+  params = pipe.params if sampling.params is None else sampling.params
+  tokenizer = sampling.tokenizer or pipe.tokenizer
+  conditioning = sampling.conditioning or TextConditioning()
   with jax.default_matmul_precision("highest"):
     ids = tokenize(tokenizer, [ADAPTER_PROMPT.format(token=token)])
-    if method is not None:
-      ctx = jax.jit(functools.partial(encode_text, method, models))(params, ids)
-    else:
-      ctx = jax.jit(pipe.text_encoder.apply)({"params": params["text_encoder"]}, ids).last_hidden_state
+    ctx = jax.jit(lambda p, i: conditioning.prepare(models, p, {IDS: i})["context"])(params, ids)
     eps = jax.jit(pipe.unet.apply)({"params": params["unet"]}, latents, t, ctx)
   moved = float(np.abs(eps_ref - base_eps).max() / max(np.abs(base_eps).max(), 1e-12))
   return [compare("adapter: text_encoder.last_hidden_state", ctx, ctx_ref),
@@ -327,29 +293,29 @@ def find_image_encoder(path: Path, image_encoder=None) -> Path | None:
 
 
 def verify(path, *, tolerance: float = DEFAULT_TOLERANCE, variant: str | None = None,
-           allow_pickle: bool = False, seed: int = 0, image_encoder=None, lora=None,
-           embedding=None, custom_diffusion=None, print_fn=print) -> bool:
+           allow_pickle: bool = False, seed: int = 0, image_encoder=None, adapter=None,
+           print_fn=print) -> bool:
   """Loads `path` (and the image encoder, see `find_image_encoder`) on both sides, prints one
-  line per output and returns whether all pass. With `lora`, `embedding` or `custom_diffusion`
-  only that adapter is compared (`compare_adapter`)."""
+  line per output and returns whether all pass. With `adapter` = (a method's VerifySpec, the
+  flag's value), only that method's files are compared (its `run`)."""
   path = Path(path)
-  adapters = [a for a in (lora, embedding, custom_diffusion) if a is not None]
-  if len(adapters) > 1:
-    raise ModelFileError("verify compares one adapter at a time (--lora, --embedding or "
-                         "--custom-diffusion)")
   pipe = load_pipeline(path, variant=variant, allow_pickle=allow_pickle, attention="auto")
   encoder = None
-  if adapters:
+  if adapter is not None:
     _require_reference()
-    results = compare_adapter(pipe, path, lora=lora, embedding=embedding,
-                              custom_diffusion=custom_diffusion, seed=seed)
+    hook, value = adapter
+    results = hook.run(pipe, path, value, seed=seed, image_encoder=image_encoder,
+                       allow_pickle=allow_pickle)
+    what = f" + {hook.flag} {value}"
   else:
     encoder = find_image_encoder(path, image_encoder)
     results = compare_components(pipe, path, variant=variant, allow_pickle=allow_pickle, seed=seed)
+    what = ""
   if encoder is not None:
     results += compare_image_encoder(encoder, variant=variant, allow_pickle=allow_pickle, seed=seed)
-  print_fn(f"verify {path}" + (f" + image encoder {encoder}" if encoder is not None else "")
-           + f" (float32, highest matmul precision, tolerance {tolerance:.0e} relative)")
+    what = f" + image encoder {encoder}"
+  print_fn(f"verify {path}{what} (float32, highest matmul precision, tolerance {tolerance:.0e} "
+           "relative)")
   print_fn(f"{'output':38s} {'max abs err':>12s} {'max rel err':>12s}")
   moved = [r for r in results if r.name.startswith("adapter moved")]
   compared = [r for r in results if r not in moved]

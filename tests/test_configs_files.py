@@ -79,9 +79,58 @@ def test_dreambooth_tiny_runs_through_the_cli(tmp_path, monkeypatch, capsys):
   np.testing.assert_array_equal(unet.conv_in.weight.detach().numpy().transpose(2, 3, 1, 0), kernel)
 
 
-def test_train_help_names_its_flags(capsys):
+def test_train_help_lists_the_configs_and_flags(capsys):
   assert main(["train", "--help"]) == 0
   out = capsys.readouterr().out
   assert out.startswith("usage: persona-jax train --config NAME")
-  for flag in ("--config:", "--workdir:", "--[no]progress:"):
+  for name in CONFIGS:                       # each with its variants and its docstring's first line
+    line = next(l for l in out.splitlines() if l.strip().startswith(name + " ") or
+                l.strip().startswith(name + " ["))
+    summary = load(name).__doc__.strip().splitlines()[0]
+    assert summary in line, (name, line)
+  assert "dreambooth [:tiny]" in out and "lora [:tiny|:blocks=PRESET]" in out
+  for flag in ("--config NAME", "--workdir DIR", "--noprogress", "--print-config"):
     assert flag in out
+
+
+def test_print_config_prints_the_resolved_config(capsys):
+  import json
+  assert main(["train", "--config", "lora:tiny", "--config.method.rank=8", "--print-config"]) == 0
+  printed = json.loads(capsys.readouterr().out)
+  assert printed == run_config(load("lora").get_config("tiny")).to_dict() | {
+      "method": {**printed["method"], "rank": 8}}
+  assert printed["method"]["rank"] == 8 and printed["optim"]["b2"] == 0.999
+
+
+def assignments(name):
+  """The dotted paths a config file assigns (`c.a.b = ...`)."""
+  import ast
+  source = (importlib.resources.files("persona_jax.configs") / f"{name}.py").read_text()
+  out = []
+  for node in ast.walk(ast.parse(source)):
+    if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Attribute):
+      parts, target = [], node.targets[0]
+      while isinstance(target, ast.Attribute):
+        parts.append(target.attr)
+        target = target.value
+      if getattr(target, "id", "") == "c":
+        out.append(".".join(reversed(parts)))
+  return out
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_a_config_states_only_what_differs_from_the_base(name):
+  """Every field a config file sets differs from the base (`train.config.base_config`: the
+  RunConfig and method defaults) in at least one of its variants."""
+  from persona_jax import tree
+  from persona_jax.train.config import base_config
+  module = load(name)
+  variants = [None] + [v.replace("PRESET", "MIDD") for v in module.VARIANTS]
+  configs = {v: module.get_config(v).to_dict() for v in variants}
+  base = tree.flatten(base_config(configs[None]["method"]["name"]).to_dict())
+  paths = assignments(name)
+  assert paths, name
+  for path in paths:
+    key = path.replace(".", "/")
+    values = [tree.flatten(c).get(key) for c in configs.values()]
+    assert any(v != base.get(key) for v in values), f"{name}: c.{path} restates the default"

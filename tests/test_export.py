@@ -131,13 +131,12 @@ def cd_run(tmp_path_factory, model_dirs, pipes):
 
 
 def _cd_outputs_ours(pipe, wd):
-  from persona_jax.models.components import SDModels
   from persona_jax.methods import custom_diffusion as cd
-  from persona_jax.methods.base import encode_text
+  from persona_jax.models.components import SDModels
   from persona_jax.tokenizer import tokenize
-  params, tokenizer, conditioning = cd.for_sampling(cd.load_result(wd), pipe)
+  params, tokenizer, conditioning = cd.with_result(cd.load_result(wd), pipe)
   ids = tokenize(tokenizer, ["a photo of a <new1> ball"])
-  ctx = encode_text(conditioning.method, SDModels(pipe.unet, pipe.text_encoder, pipe.vae), params, ids)
+  ctx = conditioning.encode(SDModels(pipe.unet, pipe.text_encoder, pipe.vae), params, ids)
   x = np.random.default_rng(3).standard_normal((1, 16, 16, 4)).astype(np.float32)
   eps = pipe.unet.apply({"params": params["unet"]}, x, np.array([500]), ctx)
   return x, np.asarray(ctx), nchw(np.asarray(eps))
@@ -240,3 +239,47 @@ def test_train_from_a_single_file(model_dirs, pipes, tmp_path):
   for k, v in tree.flatten(pipes["sd1"].params).items():
     np.testing.assert_array_equal(np.asarray(tree.flatten(run.pipe.params)[k]), np.asarray(v))
   assert run.model_dir == file and len(run.fingerprint) == 16
+
+
+@pytest.fixture(scope="module")
+def ti_run(tmp_path_factory, model_dirs):
+  wd = run_folder(tmp_path_factory.mktemp("runs") / "ti", model_dirs["sd1"], "textual_inversion")
+  rows = np.random.default_rng(0).normal(size=(2, 32)).astype(np.float32)
+  save_file({"<my-toy>": rows}, str(wd / "learned_embeds.safetensors"), metadata={"format": "pt"})
+  return wd
+
+
+@pytest.fixture(scope="module")
+def db_run(tmp_path_factory, model_dirs):
+  wd = run_folder(tmp_path_factory.mktemp("runs") / "db", model_dirs["sd1"], "dreambooth")
+  shutil.copytree(model_dirs["sd2"], wd / "model")          # a "trained" model: another one
+  return wd
+
+
+@pytest.mark.parametrize("method", ["textual_inversion", "dreambooth", "lora", "custom_diffusion"])
+def test_sample_run_equals_the_methods_own_flags(method, ti_run, db_run, lora_run, cd_run,
+                                                 model_dirs, tmp_path, capsys):
+  """`sample --run WORKDIR` samples each run as the file flags do: an embedding (--embedding),
+  a model folder (--model), a LoRA (--lora), Custom Diffusion (--custom-diffusion)."""
+  sd1 = ["--model", str(model_dirs["sd1"])]
+  wd, flags, prompt = {
+      "textual_inversion": (ti_run, sd1 + ["--embedding", str(ti_run / "learned_embeds.safetensors")],
+                            "a photo of <my-toy>"),
+      "dreambooth": (db_run, ["--model", str(db_run / "model")], "a photo of a ball"),
+      "lora": (lora_run[0], sd1 + ["--lora", str(lora_run[0] / "lora.safetensors")], "a ball"),
+      "custom_diffusion": (cd_run, sd1 + ["--custom-diffusion", str(cd_run)],
+                           "a photo of a <new1> ball"),
+  }[method]
+  # These test files record no base model (a run's do): name it.
+  run = ["--run", str(wd)] + (sd1 if method in ("lora", "textual_inversion") else [])
+  grids = []
+  for i, given in enumerate((flags, run)):
+    assert main(["sample", *given, "--prompt", prompt, "--steps", "2", "--height", "32",
+                 "--width", "32", "--out", str(tmp_path / f"s{i}")]) == 0
+    grids.append(np.asarray(Image.open(tmp_path / f"s{i}" / "grid.png")))
+  capsys.readouterr()
+  np.testing.assert_array_equal(grids[0], grids[1])
+  if method == "dreambooth":          # its result is a whole model: --model would be ignored
+    assert main(["sample", "--run", str(wd), *sd1, "--prompt", "x", "--out",
+                 str(tmp_path / "x")]) == 2
+    assert "is its own base" in capsys.readouterr().err

@@ -45,17 +45,24 @@ def test_bad_size_is_a_clear_error(model_dirs, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--beta", "0.5"], "--beta go with --instantbooth"),
-    (["--ip-scale", "0.5", "--image-encoder", "enc"], "--ip-scale and --image-encoder go with --ip-adapter"),
-    (["--start-merge-step", "3"], "--start-merge-step go with --fastcomposer"),
+    (["--beta", "0.5"], "--beta goes with a run of --instantbooth"),
+    (["--ip-scale", "0.5", "--image-encoder", "enc"], "--image-encoder goes with a run of --ip-adapter"),
+    (["--start-merge-step", "3"], "--start-merge-step goes with a run of --fastcomposer"),
+    (["--input", "beta=x"], "--input beta=x: 'x' is not a float"),
+    (["--input", "gamma=1"], "--input gamma=1: expected NAME=VALUE with NAME one of"),
     (["--e4t", "a", "--instantbooth", "b"], "--e4t and --instantbooth do not combine"),
-    (["--image", "x.png"], "--image is the subject image of --e4t, --instantbooth, --ip-adapter, --fastcomposer"),
+    (["--e4t", "a", "--run", "b"], "--e4t and --run do not combine"),
+    (["--image", "x.png"], "--image is a subject image of a run (--run or --e4t, --fastcomposer, "
+                           "--instantbooth, --ip-adapter)"),
     (["--e4t", "a"], "--e4t needs --image PATH"),
     (["--e4t", "a", "--image", "x.png", "--image", "y.png"], "--e4t reads one --image"),
-    (["--fastcomposer", "a", "--clip-skip", "2"], "--fastcomposer does not combine with --embedding"),
+    (["--e4t", "a", "--image", "x.png", "--beta", "1"], "--beta is not a knob of e4t"),
+    (["--custom-diffusion", "a", "--image", "x.png"], "--custom-diffusion takes no --image"),
+    (["--run", "nowhere"], "nowhere: no such run folder or result file"),
 ])
-def test_image_method_flags_are_checked_before_anything_loads(flags, message, tmp_path, capsys):
-  """The image-conditioned flags of `sample` (one table in cli.IMAGE_METHODS): knobs only with
-  their method, one method at a time, the --image count each takes; nothing is read first."""
+def test_run_flags_are_checked_before_anything_loads(flags, message, tmp_path, capsys):
+  """The run flags of `sample` (from the registry: --run, the per-method flags, the knobs):
+  knobs only with their method, one run at a time, the --image count each takes; no model is
+  read first."""
   assert main(["sample", "--prompt", "x", "--out", str(tmp_path), *flags]) == 2
   assert message in capsys.readouterr().err

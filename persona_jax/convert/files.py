@@ -143,3 +143,20 @@ def write_json(path: Path, obj) -> None:
     json.dump(obj, f, indent=2, sort_keys=True)
     f.write("\n")
   _publish(tmp, path)
+
+
+def copy_file(src: Path, dst: Path) -> Path:
+  """Copies a file atomically (a temporary name in the destination folder, then rename)."""
+  import shutil
+  dst = Path(dst)
+  dst.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
+  os.close(fd)
+  try:
+    shutil.copyfile(src, tmp)
+    _publish(tmp, dst)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise
+  return dst

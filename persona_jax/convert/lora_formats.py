@@ -64,7 +64,7 @@ def read_lora_tensors(path) -> dict[str, np.ndarray]:
 
 
 def load_lora_file(path, base_params=None, *, tensors=None) -> LoRAFactors:
-  """Reads a lora.safetensors written by `save_result` (`tensors`: its contents, when already
+  """Reads a lora.safetensors written by methods/lora.py (`tensors`: its contents, when already
   read). A target without `alpha` (files from before it was stored) gets alpha = r (scale 1,
   kohya's rule for a missing alpha). Other tools' formats: `read_lora_file`.
 

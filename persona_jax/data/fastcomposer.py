@@ -7,9 +7,8 @@ A folder (`data.instance_dir`) holds the images and a `metadata.jsonl`, one JSON
 one mask file per marker, in marker order (white = the subject; the image's size). With one
 marker "masks" may be left out: NAME.mask.png beside the image is its mask. Mask files are not
 training images. Errors name the file and the field.
-`data.instance_dir` = "": toy-world scenes (`world.scenes`: render, caption with the marker
-after the class word and without the look, coverage as the mask; every second one two objects),
-`toy_examples`.
+The toy world provides such examples without a folder (world/fastcomposer_data.py, the
+`fastcomposer:tiny` config's data source).
 
 Each example (grain RandomMap, as data/pipeline.py): flip; with `uncondition_prob` the empty
 caption and no subjects; each subject kept with `object_appear_prob` (a dropped one loses its
@@ -101,36 +100,6 @@ def read_folder(folder, resolution: int) -> list[Example]:
   return out
 
 
-def toy_examples(n: int, resolution: int, seed: int = 0, pairs: bool = False) -> list[Example]:
-  """`n` toy-world training scenes: render, caption with the marker after the class word,
-  coverage as the mask. Captions never say the look (colours and pattern): it is the subject's
-  identity, which the image carries, as FFHQ captions do not describe a face. With `pairs`, every
-  second example holds two subjects (scene k's object on the left, scene k+1's on the right over
-  the same background; "a photo of a ball <|image|> and a box <|image|> on BG", the left one's
-  mask without the right one's cover)."""
-  import dataclasses as dc
-
-  from persona_jax.world import scenes
-  out = []
-  for i in range(n):
-    scene = scenes.sample_scene(seed, "train", i)
-    if pairs and i % 2:
-      other = scenes.sample_scene(seed, "train", n + i)
-      left = dc.replace(scene, size="small", position="left")
-      right = dc.replace(other, size="small", position="right", background=scene.background)
-      a, b = scenes.coverage(left, resolution), scenes.coverage(right, resolution)
-      image = np.where((b >= 0.5)[..., None], scenes.render(right, resolution),
-                       scenes.render(left, resolution))
-      caption = (f"a photo of a {left.cls} {IMAGE_TOKEN} and a {right.cls} {IMAGE_TOKEN} "
-                 f"{scenes.background_phrase(left.background)}")
-      out.append(Example(image, caption, np.stack([a * (b < 0.5), b]).astype(np.float32)))
-      continue
-    caption = scenes.caption(scene, look=False).replace(f" {scene.cls}", f" {scene.cls} {IMAGE_TOKEN}", 1)
-    out.append(Example(scenes.render(scene, resolution), caption,
-                       scenes.coverage(scene, resolution)[None].astype(np.float32)))
-  return out
-
-
 def pad_to_square(image: np.ndarray) -> np.ndarray:
   """uint8 [H, W, 3] -> [S, S, 3], S = max(H, W): centered, padded with black (the reference's
   PadToSquare)."""
@@ -208,22 +177,20 @@ class Augment(grain.transforms.RandomMap):
             MASK: loss_mask, SUBJECT_PIXELS: pixels, SUBJECT_MASKS: small}
 
 
-def make_dataset(run_config, fc_config, tokenizer, processor, latent_factor: int):
-  """The infinite, reshuffled-every-epoch batch dataset of a FastComposer run."""
+def make_dataset(examples: list[Example], tokenizer, processor, data_config, batch_size: int,
+                 seed: int, latent_factor: int, *, max_subjects: int, uncondition_prob: float,
+                 object_appear_prob: float, mask_loss_prob: float):
+  """The infinite, reshuffled-every-epoch batch dataset of FastComposer examples (the first
+  `data_config.num_images` when > 0)."""
   from persona_jax.tokenizer import tokenize
-  d = run_config.data
+  d = data_config
   if d.resolution % latent_factor:
     raise ConfigError(f"data.resolution: {d.resolution} is not a multiple of the VAE's factor "
                       f"{latent_factor}")
-  if d.instance_dir:
-    examples = read_folder(d.instance_dir, d.resolution)
-  else:
-    examples = toy_examples(d.num_images or 16, d.resolution, run_config.seed,
-                            pairs=fc_config.max_subjects >= 2)
   if d.num_images > 0:
     examples = examples[: d.num_images]
   augment = Augment(examples, lambda prompts: tokenize(tokenizer, prompts), processor,
-                    fc_config.max_subjects, d.random_flip, fc_config.uncondition_prob,
-                    fc_config.object_appear_prob, fc_config.mask_loss_prob, latent_factor)
-  return (grain.MapDataset.source(list(range(len(examples)))).seed(run_config.seed).shuffle()
-          .repeat().random_map(augment).batch(run_config.batch_size, drop_remainder=True))
+                    max_subjects, d.random_flip, uncondition_prob, object_appear_prob,
+                    mask_loss_prob, latent_factor)
+  return (grain.MapDataset.source(list(range(len(examples)))).seed(seed).shuffle()
+          .repeat().random_map(augment).batch(batch_size, drop_remainder=True))

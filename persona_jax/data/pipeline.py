@@ -1,5 +1,5 @@
 """The image pipeline: grain MapDataset -> shuffled epochs -> per-example augmentation -> batches
-of numpy arrays keyed as methods/base.py says. With class images (prior preservation) a second,
+of numpy arrays keyed as data/batch.py says. With class images (prior preservation) a second,
 independently shuffled stream of class examples is appended to every batch: `batch_size`
 instance rows, then `batch_size` class rows (`prior` = 1).
 
@@ -40,6 +40,8 @@ CAPTION_SOURCES = ("templates", "prompt", "files")
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
+  source: str = "images"            # the data source (train/data_sources.py): images, a method's
+                                    # (fastcomposer), or package.module:function
   instance_dir: str = ""            # "": the bundled example subject
   caption_source: str = "templates"  # templates | prompt | files (NAME.txt or metadata.jsonl)
   prompt: str = ""                  # templates: the words put into each template; prompt: the caption
@@ -53,7 +55,8 @@ class DataConfig:
   random_zoom: float = 1.0
   num_images: int = 0               # > 0: only the first N images of the folder (by name)
   caption_dropout: float = 0.0      # probability of training on the empty caption (for CFG)
-  # Class images (DreamBooth's prior preservation, Custom Diffusion's regularization):
+  # Class images (DreamBooth's prior preservation, Custom Diffusion's regularization; their loss
+  # weight is the run's `prior_loss_weight`):
   num_class_images: int = 0         # 0: no class stream. Missing images are generated from the base
   class_dir: str = ""               # "": WORKDIR/class_images
   class_prompt: str = ""            # the caption of every class image, e.g. "a photo of a dog"
@@ -219,9 +222,10 @@ class Augment(grain.transforms.RandomMap):
   contexts: np.ndarray | None                             # [K, L, D]
   prior: float | None = None                              # the `prior` value, when there are classes
   latent_factor: int = 8                                  # the VAE's downsampling (loss masks)
-  image_inputs: Callable | None = None                    # uint8 image -> extra keys (a method's)
-  # A hook with `takes_mask = True` is called as image_inputs(image, mask=, rng=): the subject
-  # mask (uint8, cropped and flipped as the image; None without one) and the example's rng.
+  # A method's per-example hook (Method.image_inputs): image_inputs(uint8 image, mask=, rng=)
+  # -> extra keys; the subject mask is cropped and flipped as the image (None without one), the
+  # rng is the example's.
+  image_inputs: Callable | None = None
 
   def random_map(self, index, rng: np.random.Generator):
     c = self.config
@@ -270,12 +274,10 @@ class Augment(grain.transforms.RandomMap):
       out[IDS] = self.tokenize([caption])[0]
     if self.prior is not None:
       out[PRIOR] = np.float32(self.prior)
-    if self.image_inputs is not None and getattr(self.image_inputs, "takes_mask", False):
+    if self.image_inputs is not None:
       out.update(self.image_inputs(np.ascontiguousarray(image),
                                    mask=None if mask is None else np.ascontiguousarray(mask),
                                    rng=rng))
-    elif self.image_inputs is not None:
-      out.update(self.image_inputs(np.ascontiguousarray(image)))
     return out
 
   def zoom(self, image, rng: np.random.Generator):

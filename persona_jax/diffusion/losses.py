@@ -3,7 +3,8 @@
 `Objective.loss` turns a batch into the mean squared error between the UNet's output and the
 training target of the scheduler's `prediction_type`, with optional min-SNR-gamma weighting,
 offset noise and per-pixel masks (Custom Diffusion's zoom augmentation). `per_example_loss` gives
-the unreduced [B] losses (DreamBooth's prior preservation reduces its two halves separately).
+the unreduced [B] losses; `reduce` averages them, or, with class examples in the batch (prior
+preservation, DreamBooth's recipe), mean(instance losses) + prior_loss_weight * mean(class losses).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ class Objective:
   vae_scaling_factor: float
   min_snr_gamma: float = 0.0           # 0: off
   offset_noise: float = 0.0            # 0: off (0.05-0.1 is the usual value)
+  prior_loss_weight: float = 1.0       # lambda of the class examples' loss (`reduce`)
 
   def draw(self, rng, shape):
     """The noise [B, h, w, c] (with offset noise, if on) and timesteps [B] of one batch."""
@@ -55,24 +57,26 @@ class Objective:
     t = jax.random.randint(t_rng, (shape[0],), 0, self.scheduler.num_train_timesteps)
     return noise, t
 
-  def per_example_loss(self, latents, predict, rng, mask=None):
+  def per_example_loss(self, latents, predict, rng, mask=None, has_aux: bool = False):
     """The denoising loss of each example of a batch.
 
     Args:
       latents: [B, h, w, c] clean latents (already scaled by the VAE's scaling factor).
-      predict: (noisy latents [B, h, w, c], timesteps [B]) -> model output [B, h, w, c].
+      predict: (noisy latents [B, h, w, c], timesteps [B]) -> model output [B, h, w, c], or with
+        `has_aux` (model output, aux): aux is returned as the third value.
       rng: key for noise and timesteps (`draw`).
       mask: optional [B, h, w, 1] weights >= 0: each example's loss is the weighted mean (in
         {0, 1}: only masked positions count; `data.mask_loss_weight`: 1 + w * subject).
     Returns:
-      ([B] losses, min-SNR weighted if on; metrics dict of scalars).
+      ([B] losses, min-SNR weighted if on; metrics dict of scalars[; aux]).
     """
     ab = jnp.asarray(alphas_cumprod(self.scheduler))
     latents = latents.astype(jnp.float32)
     noise, t = self.draw(rng, latents.shape)
     noisy = add_noise(ab, latents, noise, t)
     target = training_target(self.scheduler.prediction_type, ab, latents, noise, t)
-    pred = predict(noisy, t).astype(jnp.float32)
+    pred, aux = predict(noisy, t) if has_aux else (predict(noisy, t), None)
+    pred = pred.astype(jnp.float32)
     err = jnp.square(pred - target)                                       # [B, h, w, c]
     if mask is None:
       per_example = err.mean(axis=(1, 2, 3))
@@ -82,9 +86,22 @@ class Objective:
     if self.min_snr_gamma:
       per_example = per_example * min_snr_weights(snr(ab, t), self.min_snr_gamma,
                                                    self.scheduler.prediction_type)
-    return per_example, {"mse": err.mean(), "timestep_mean": t.astype(jnp.float32).mean()}
+    metrics = {"mse": err.mean(), "timestep_mean": t.astype(jnp.float32).mean()}
+    return (per_example, metrics, aux) if has_aux else (per_example, metrics)
 
   def loss(self, latents, predict, rng, mask=None):
     """The denoising loss of one batch: the mean of `per_example_loss`. Returns (loss, metrics)."""
     per_example, metrics = self.per_example_loss(latents, predict, rng, mask)
     return per_example.mean(), metrics
+
+  def reduce(self, per_example, prior=None):
+    """The batch loss of [B] per-example losses: their mean, or with `prior` [B] (1 on class
+    examples) mean(instance losses) + prior_loss_weight * mean(class losses), one forward for
+    both (DreamBooth's prior preservation). Returns (loss, metrics)."""
+    if prior is None:
+      return per_example.mean(), {}
+    prior = prior.astype(jnp.float32)
+    instance_loss = jnp.sum(per_example * (1.0 - prior)) / jnp.maximum(jnp.sum(1.0 - prior), 1.0)
+    prior_loss = jnp.sum(per_example * prior) / jnp.maximum(jnp.sum(prior), 1.0)
+    return (instance_loss + self.prior_loss_weight * prior_loss,
+            {"instance_loss": instance_loss, "prior_loss": prior_loss})

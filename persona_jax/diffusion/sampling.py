@@ -6,14 +6,13 @@ arrays, so changing them never recompiles. Each image has its own key,
 `fold_in(key(seed), index)`: image i starts from the same latents, and draws the same eta noise,
 whatever the batch it is generated in.
 
-Per-step conditioning is a hook: `Conditioning.prepare` runs once (e.g. encode the prompts),
-`Conditioning.at_step` gives the UNet's keyword arguments for the conditional and unconditional
-halves at every step and may depend on the step, the timestep and the current latents (E4T
-recomputes its word embedding from the noisy latent; FastComposer switches conditioning after a
-few steps). The keyword arguments may carry the UNet's extra streams (`"extra":
-ExtraConditioning(...)`, models/extra_conditioning.py); a hook whose conditioning is computed once
-returns a `PreparedConditioning` from `prepare` and `state.at(step)` from `at_step`. Whatever the
-hook reads from `inputs` is traced (scales such as IP-Adapter's, the adapter's beta, a
+The conditioning is the method's (diffusion/conditioning.py, the protocol training uses too):
+`prepare` runs once (encode the prompts, the negative prompts, the images), `at` gives the
+conditional half's UNet keyword arguments at every step and may depend on the step, the timestep
+and the current latents (E4T recomputes its word embedding from the noisy latent; FastComposer
+switches conditioning after a few steps), `negative` the unconditional half's. The keyword
+arguments may carry the UNet add-ons' streams (`"streams": {...}`, models/addons.py). Whatever the
+conditioning reads from `inputs` is traced (scales such as IP-Adapter's, the adapter's beta, a
 concept-token alpha, a delay step): changing it does not recompile.
 """
 
@@ -23,18 +22,15 @@ import contextlib
 import dataclasses
 import functools
 import logging
-from typing import Any, NamedTuple, Protocol
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from persona_jax.diffusion.schedules import SchedulerConfig, alphas_cumprod, inference_timesteps
-from persona_jax.models.extra_conditioning import ExtraConditioning
+from persona_jax.diffusion.conditioning import TextConditioning
 from persona_jax.models.components import SDModels
-from persona_jax.models.norms import LayerNorm
-from persona_jax.models.text_encoder import CLIPTextModel
-from persona_jax.models.unet import UNet2DConditionModel
 from persona_jax.models.vae import AutoencoderKL
 
 log = logging.getLogger(__name__)
@@ -135,114 +131,6 @@ def guide(out_uncond, out_cond, guidance, guidance_rescale):
   return jnp.where(guidance > 1.0, guided, out_cond)
 
 
-class PreparedConditioning(NamedTuple):
-  """UNet keyword arguments computed once per sampling call, with optional delayed conditioning.
-
-  cond, uncond: keyword arguments of the conditional / unconditional halves, e.g.
-    {"encoder_hidden_states": [B, L, D], "extra": ExtraConditioning(ip_tokens=..., ip_scale=[B])};
-    the two must have the same tree structure (they are concatenated on the batch axis; a
-    scalar leaf counts for every example), so a stream absent from one half is given there with
-    scale 0 (exactly the base model's output).
-  before: None, or conditional kwargs of the same structure as `cond` for the steps before
-    `start` (delayed subject conditioning: FastComposer's plain-prompt context, or the streams
-    at scale 0).
-  start: the first step (0-based) that uses `cond`: an int, a traced int scalar, or [B] (per
-    image; then every leaf has the batch axis first).
-  """
-  cond: dict
-  uncond: dict
-  before: dict | None = None
-  start: Any = 0
-
-  def at(self, step) -> tuple[dict, dict]:
-    """(cond, uncond) kwargs at `step` (traced): `before` while step < start, then `cond`."""
-    if self.before is None:
-      return self.cond, self.uncond
-    late = jnp.asarray(step) >= jnp.asarray(self.start)                  # [] or [B]
-
-    def pick(early, now):
-      return jnp.where(late.reshape(late.shape + (1,) * (jnp.ndim(now) - late.ndim)), now, early)
-    return jax.tree.map(pick, self.before, self.cond), self.uncond
-
-
-class Conditioning(Protocol):
-  """Per-step conditioning hook (a hashable object: it is a static argument of the jit)."""
-
-  def prepare(self, models: SDModels, params, inputs) -> Any:
-    """Runs once per sampling call; returns a pytree `state` for `at_step`."""
-
-  def at_step(self, models: SDModels, params, state, step, t, latents) -> tuple[dict, dict]:
-    """UNet keyword arguments (conditional, unconditional) for this step; `step` is traced."""
-
-
-def encode_text(text_encoder: CLIPTextModel, params, ids, clip_skip: int | None = None):
-  """Text conditioning [B, L, D]: last hidden state, or with clip_skip the hidden state
-  (clip_skip + 1) from the end through the final layer norm (as diffusers' pipelines do)."""
-  out = text_encoder.apply({"params": params["text_encoder"]}, ids)
-  if not clip_skip:
-    return out.last_hidden_state
-  hidden = out.hidden_states[-(clip_skip + 1)]
-  c = text_encoder.config
-  final_ln = LayerNorm(c.layer_norm_eps, c.dtype, c.param_dtype)
-  return final_ln.apply({"params": params["text_encoder"]["final_layer_norm"]}, hidden)
-
-
-@dataclasses.dataclass(frozen=True)
-class TextConditioning:
-  """The default hook: prompts and negative prompts encoded once, the same at every step.
-
-  inputs: {"ids": [B, L] int, "negative_ids": [B, L] int}.
-  """
-  clip_skip: int | None = None
-
-  def prepare(self, models, params, inputs):
-    return {"cond": encode_text(models.text_encoder, params, inputs["ids"], self.clip_skip),
-            "uncond": encode_text(models.text_encoder, params, inputs["negative_ids"], self.clip_skip)}
-
-  def at_step(self, models, params, state, step, t, latents):
-    return {"encoder_hidden_states": state["cond"]}, {"encoder_hidden_states": state["uncond"]}
-
-
-@dataclasses.dataclass(frozen=True)
-class StreamConditioning:
-  """Text conditioning plus the UNet's extra streams given as inputs, with optional delayed
-  subject conditioning (for a UNet built with the matching `ip_adapter` / `gated_adapter`).
-
-  inputs: "ids", "negative_ids" [B, L] as TextConditioning, and any of
-    "ip_tokens" [B, N, D] / "adapter_tokens" [B, P, Dp] with "ip_scale" / "adapter_scale"
-      (scalar or [B], default 1): the conditional half's streams;
-    "negative_ip_tokens" / "negative_adapter_tokens": the unconditional half's tokens at the same
-      scale (IP-Adapter's tokens of a zero image embedding); without them that half uses the
-      same tokens at scale 0, i.e. the base model;
-    "start" (int, scalar or [B]): the conditional half uses its streams from this step on and the
-      text alone before.
-  All are traced: changing a scale or the start step does not recompile.
-  """
-  clip_skip: int | None = None
-
-  def prepare(self, models, params, inputs):
-    text = TextConditioning(self.clip_skip).prepare(models, params, inputs)
-    b = inputs["ids"].shape[0]
-    cond, uncond, off = {}, {}, {}
-    for tokens, scale in (("ip_tokens", "ip_scale"), ("adapter_tokens", "adapter_scale")):
-      if tokens not in inputs:
-        continue
-      s = jnp.broadcast_to(jnp.asarray(inputs.get(scale, 1.0), jnp.float32), (b,))
-      stream_off = {tokens: inputs[tokens], scale: jnp.zeros_like(s)}
-      negative = inputs.get("negative_" + tokens)
-      cond.update({tokens: inputs[tokens], scale: s})
-      off.update(stream_off)
-      uncond.update(stream_off if negative is None else {tokens: negative, scale: s})
-    kwargs = lambda context, streams: {"encoder_hidden_states": context,
-                                       "extra": ExtraConditioning(**streams)}
-    before = kwargs(text["cond"], off) if "start" in inputs else None
-    return PreparedConditioning(kwargs(text["cond"], cond), kwargs(text["uncond"], uncond), before,
-                                inputs.get("start", 0))
-
-  def at_step(self, models, params, state, step, t, latents):
-    return state.at(step)
-
-
 def image_keys(seed, indices):
   """One key per image: fold_in(key(seed), index). seed: scalar int; indices: [B] int -> [B] keys."""
   base = jax.random.key(seed)
@@ -275,7 +163,7 @@ def _tick(step):
 
 
 def denoise(models: SDModels, scheduler: SchedulerConfig, num_steps: int,
-            conditioning: Conditioning, params, state, latents, keys, guidance, guidance_rescale,
+            conditioning, params, state, latents, keys, guidance, guidance_rescale,
             eta, progress: bool = False):
   """The DDIM loop with classifier-free guidance. latents: [B, h, w, c] x_T -> x_0 latents."""
   sched = ddim_arrays(scheduler, num_steps)
@@ -288,7 +176,8 @@ def denoise(models: SDModels, scheduler: SchedulerConfig, num_steps: int,
 
   def body(i, x):
     t = timesteps[i]
-    cond, uncond = conditioning.at_step(models, params, state, i, t, x)
+    cond, _ = conditioning.at(models, params, state, x, jnp.broadcast_to(t, x.shape[:1]), i)
+    uncond = conditioning.negative(models, params, state)
     both = jax.tree.map(halves, uncond, cond)
     out = models.unet.apply({"params": params["unet"]}, jnp.concatenate([x, x], axis=0),
                             jnp.broadcast_to(t, (2 * x.shape[0],)), **both)
@@ -323,13 +212,13 @@ def decode_latents(vae: AutoencoderKL, params, latents):
                                              "conditioning", "decode", "progress"))
 def generate(params, inputs, seed, indices, guidance, guidance_rescale, eta, latents=None, *,
              models: SDModels, scheduler: SchedulerConfig, num_steps: int,
-             latent_shape: tuple[int, int, int], conditioning: Conditioning = TextConditioning(),
+             latent_shape: tuple[int, int, int], conditioning=TextConditioning(),
              decode: bool = True, progress: bool = False):
   """Text-to-image: the whole pipeline in one compiled program.
 
   Args:
-    params: {"unet", "text_encoder", "vae", ...} (whatever the conditioning hook reads too).
-    inputs: the hook's inputs, e.g. {"ids": [B, L], "negative_ids": [B, L]}.
+    params: {"unet", "text_encoder", "vae", ...} (whatever the conditioning reads too).
+    inputs: the conditioning's inputs, e.g. {"ids": [B, L], "negative_ids": [B, L]}.
     seed: int scalar; indices: [B] global image indices (image i uses fold_in(key(seed), i)).
     guidance, guidance_rescale, eta: float scalars (traced: changing them does not recompile).
     latents: optional [B, h, w, c] initial latents (otherwise drawn from the image keys).

@@ -1,140 +1,136 @@
-"""A method is (which params train, what it adds, a pure param transform, how text becomes
-conditioning, extra loss terms), never a trainer. `method_loss` is the one loss every method
-trains with; `MethodConditioning` samples with the same text path.
+"""A method is data and small pure functions over the one training core, never a trainer.
 
-Batch keys (numpy arrays with a leading batch axis; only the ones a run needs are present):
-  latent_mean, latent_logvar  [B, h, w, c]  cached VAE moments; a latent is sampled each step
-  pixels                      [B, H, W, 3]  images in [-1, 1], VAE-encoded in the step (random crops)
-  ids                         [B, L] int    token ids (the text encoder runs in the step)
-  context                     [B, L, D]     cached text-encoder output (nothing in the text path trains)
-  prior                       [B] float     1 for class (prior-preservation) examples, 0 for instances
-  mask                        [B, h, w, 1]  loss mask
-  clip_pixels                 [B, S, S, 3]  the example's image for a CLIP image encoder (E4T)
+  Method(name, params, conditioning, tokens, unet, losses, components, image_inputs, save)
+
+* `params` (`ParamSpec`): the parameter space: which existing leaves train (`select`, regex
+  rules over `/`-joined paths), the new leaves the method adds (`init(rng, base)`), and the
+  pure function from the merged tree (frozen and trainable leaves together) to the params the
+  unchanged networks see (`transform`). Specs compose (`compose`): FastComposer's light variant
+  is its fuse MLP composed with LoRA, not a new class.
+* `conditioning`: how the UNet is conditioned, in training and in sampling alike
+  (diffusion/conditioning.py); the text path by default.
+* `tokens` (`TokenSpec`): the token strings it adds to the tokenizer and how a prompt is
+  rewritten for them (a multi-vector placeholder to its vector tokens).
+* `unet`: the UNet add-ons it trains and samples with (models/addons.py).
+* `losses`: extra loss terms, each `(params, trainable, batch, aux) -> {name: scalar}`, with
+  `aux = {"terms": the conditioning's terms, "maps": attention maps (AttentionMaps add-on)}`;
+  `method_loss` adds them (and the conditioning's terms) to the denoising loss, as values.
+* `components`: `() -> {name: params}`, the frozen side networks it brings (an image encoder);
+  `select` may pick their leaves too.
+* `image_inputs`: the data pipeline's per-example hook `(uint8 image [R, R, 3], its mask or None,
+  the example's numpy Generator or None) -> {batch key: array}` (e.g. CLIP pixels).
+* `save`: `(trainable, ResultContext) -> [paths]`, the method's result files.
+
+Recipe knobs are the run config's, not the method's: the class-prior weight
+(`prior_loss_weight`), learning-rate groups (`optim.lr_groups`, absolute), the scale-lr rule
+(`optim.scale_lr`, `optim.scale_lr_class_rows`) and the data source (`data.source`).
+
+Where new parameters live is one rule, stated in models/addons.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any, Protocol
+from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from persona_jax import tree
+from persona_jax.data.batch import LATENT_LOGVAR, LATENT_MEAN, MASK, PIXELS, PRIOR
+from persona_jax.diffusion.conditioning import TextConditioning
 from persona_jax.diffusion.losses import Objective
-from persona_jax.models.components import SDModels
+from persona_jax.models.addons import captures_maps
 from persona_jax.models.attention_maps import ATTENTION_MAPS
 from persona_jax.models.attention_maps import collect as collect_maps
+from persona_jax.models.components import SDModels
 from persona_jax.models.vae import Moments
-
-LATENT_MEAN, LATENT_LOGVAR, PIXELS = "latent_mean", "latent_logvar", "pixels"
-IDS, CONTEXT, MASK, PRIOR = "ids", "context", "mask", "prior"
-CLIP_PIXELS = "clip_pixels"
 
 
 def no_new_params(rng, base):
   return {}
 
 
+def no_change(params):
+  return params
+
+
 def identity_prompt(prompt: str) -> str:
   return prompt
 
 
-class LatentConditioning(Protocol):
-  """Conditioning computed in the step from the batch's inputs and, for E4T's per-step word
-  embedding, the noised latent and its timestep; also the image-conditioned methods' streams
-  (IP-Adapter's image tokens, InstantBooth's concept and patch tokens, FastComposer's fused
-  text). A hashable object: it is part of the Method, a static argument of the jit.
+@dataclasses.dataclass(frozen=True)
+class ParamSpec:
+  """A parameter space: select (existing leaves that train), init (new leaves), transform.
 
-  Training runs `prepare` once per batch and `context` inside the loss's `predict(noisy, t)`;
-  sampling (`MethodConditioning`) runs `prepare` once and then either `sampling` once (when the
-  object defines it: conditioning that does not depend on the latent) or `context` at every
-  denoising step on the current latents. `input_keys`: the batch keys besides `ids` it reads
-  (e.g. clip_pixels), which sampling takes as extra inputs.
+  select: ((regex over `/`-joined paths of the base and the components, True), ...).
+  init: (rng, base params) -> the new params (a tree; see models/addons.py for where they live).
+  transform: merged params (frozen and trainable together) -> the params the networks see.
   """
-  input_keys: tuple[str, ...]
+  select: tree.Rules = ()
+  init: Callable = no_new_params
+  transform: Callable = no_change
 
-  def prepare(self, models: SDModels, params, batch) -> Any:
-    """What does not depend on the latent (e.g. image features): a pytree `state`."""
+  def apply(self, frozen, trainable):
+    """The params the networks see: `transform(merge(frozen, trainable))`."""
+    return self.transform(tree.merge(frozen, trainable))
 
-  def context(self, models: SDModels, params, state, noisy, t) -> tuple[Any, dict]:
-    """(conditioning, {name: penalty scalar added to the loss}); noisy: [B, h, w, c], t: [B].
-    The conditioning is the context [B, L, D], or the UNet's keyword arguments
-    {"encoder_hidden_states": [B, L, D], "extra": ExtraConditioning(...)}."""
 
-  # Optional:
-  # def sampling(self, models, params, state, uncond, inputs) -> PreparedConditioning:
-  #   """The sampler's (cond, uncond[, before, start]) kwargs, computed once; `uncond` is the
-  #   negative prompt's context [B, L, D], `inputs` the sampler's inputs (traced scales)."""
+def compose(*specs: ParamSpec) -> ParamSpec:
+  """Several parameter spaces as one: selected leaves of all, each spec's new leaves from its own
+  key (`jax.random.split(rng, len(specs))[i]`), transforms applied in order."""
+  def init(rng, base):
+    keys = jax.random.split(rng, len(specs))
+    return tree.merge(*(spec.init(key, base) for spec, key in zip(specs, keys)))
+
+  def transform(params):
+    for spec in specs:
+      params = spec.transform(params)
+    return params
+  return ParamSpec(tuple(rule for spec in specs for rule in spec.select), init, transform)
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenSpec:
+  """Token strings added to the tokenizer (ids V, V+1, ... in order) and the prompt rewrite."""
+  added: tuple[str, ...] = ()
+  expand: Callable[[str], str] = identity_prompt
+
+
+@dataclasses.dataclass(frozen=True)
+class ResultContext:
+  """What a method's `save` may read besides the trained leaves."""
+  workdir: Path
+  pipe: Any                        # the base Pipeline
+  model_dir: Path                  # the base model as the run names it
+  config: Any                      # the RunConfig
+  full_params: Callable            # trainable -> every param the networks see (base + method)
 
 
 @dataclasses.dataclass(frozen=True)
 class Method:
   """A personalization method as data (hashable: it is a static argument of the jitted step).
-
-  Attributes:
-    name: registry name.
-    select: rules over `/`-joined param paths of the base model; matched leaves train.
-    init_trainable: (rng, base params) -> the new params the method adds.
-    transform: (frozen, trainable) -> the params the unchanged models see.
-    input_embeddings: (params, ids [B, L]) -> [B, L, D] token embeddings, for methods that add
-      token rows (they enter as input embeddings, never as a bigger table); None: the table.
-    regularizers: extra loss terms, each (params, trainable, batch) -> (name, scalar).
-    added_tokens: token strings the method adds to the tokenizer, in id order.
-    expand_prompt: prompt -> prompt (e.g. a multi-vector placeholder to its vector tokens).
-    prior_loss_weight: lambda of class-prior preservation (DreamBooth): with class examples in
-      the batch the loss is mean(instance losses) + lambda * mean(class losses); 0: the method
-      takes no class images.
-    lr_groups: ((regex over trainable paths, learning rate), ...): leaves with their own lr.
-    save_result: (run, trainable, workdir) -> [paths]: the method's result files.
-    trains_text: the transform changes text-encoder weights (e.g. text-encoder LoRA).
-    unet_options: ((UNetConfig runtime field, value), ...) for the training UNet, e.g. Custom
-      Diffusion's (("detach_context_tokens", 1),).
-    scale_lr_with_class_rows: with `optim.scale_lr`, class rows count in the batch size (Custom
-      Diffusion's recipe doubles the lr with prior preservation; DreamBooth's does not).
-    latent_conditioning: a `LatentConditioning` that replaces the text path's conditioning
-      (E4T); None: the prompt's text-encoder output.
-    components: () -> {component: params}: frozen networks the method brings beside the
-      pipeline's (E4T's image encoder); `select` may pick their leaves too.
-    image_inputs: (uint8 [R, R, 3] image after augmentation) -> {batch key: array}: per-example
-      inputs the data pipeline adds (E4T's clip_pixels).
-    attention_terms: (maps, batch) -> {name: scalar added to the loss}, from the cross-attention
-      maps of the blocks in the UNet option `attention_maps` (`models.attention_maps.collect`:
-      {attn2 path: [B, h, w, L]}), e.g. FastComposer's localization loss; None: the UNet runs
-      without reporting maps.
-  """
+  Fields: see the module docstring."""
   name: str
-  select: tree.Rules = ()
-  init_trainable: Callable = no_new_params
-  transform: Callable = tree.merge
-  input_embeddings: Callable | None = None
-  regularizers: tuple[Callable, ...] = ()
-  added_tokens: tuple[str, ...] = ()
-  expand_prompt: Callable[[str], str] = identity_prompt
-  prior_loss_weight: float = 0.0
-  lr_groups: tuple[tuple[str, float], ...] = ()
-  save_result: Callable | None = None
-  trains_text: bool = False
-  unet_options: tuple[tuple[str, object], ...] = ()
-  scale_lr_with_class_rows: bool = False
-  latent_conditioning: LatentConditioning | None = None
+  params: ParamSpec = ParamSpec()
+  conditioning: Any = TextConditioning()
+  tokens: TokenSpec = TokenSpec()
+  unet: tuple = ()
+  losses: tuple[Callable, ...] = ()
   components: Callable[[], dict] | None = None
   image_inputs: Callable | None = None
-  attention_terms: Callable | None = None
+  save: Callable | None = None
 
-  def text_trains(self) -> bool:
-    """Whether anything in the text path trains (then text embeddings cannot be cached)."""
-    return (self.trains_text or self.input_embeddings is not None
-            or self.latent_conditioning is not None
-            or any(p.startswith("text_encoder") for p, _ in self.select))
-
-
-def encode_text(method: Method, models: SDModels, params, ids):
-  """[B, L] ids -> [B, L, D] conditioning through the method's text path."""
-  embeds = None if method.input_embeddings is None else method.input_embeddings(params, ids)
-  out = models.text_encoder.apply({"params": params["text_encoder"]}, ids, embeds)
-  return out.last_hidden_state
+  def text_trains(self, trainable) -> bool:
+    """Whether anything in the text path trains (then text contexts cannot be cached): the
+    conditioning reads trainable params, or a trainable leaf is or modifies a text-encoder
+    weight (its path, after the method's key, starts with text_encoder/)."""
+    if not self.conditioning.cacheable:
+      return True
+    return any(p.startswith("text_encoder/") or "/text_encoder/" in p
+               for p in tree.flatten(trainable))
 
 
 def batch_latents(models: SDModels, params, batch, rng):
@@ -147,101 +143,38 @@ def batch_latents(models: SDModels, params, batch, rng):
   return jax.lax.stop_gradient(moments.sample(rng).astype(jnp.float32) * scale)
 
 
-def unet_kwargs(conditioning) -> dict:
-  """The UNet's keyword arguments from a context [B, L, D] or a dict of them."""
-  return dict(conditioning) if isinstance(conditioning, dict) else {"encoder_hidden_states": conditioning}
-
-
-def apply_unet(method: Method, models: SDModels, params, noisy, t, conditioning, batch,
-               penalties: list):
-  """The UNet on `noisy` [B, h, w, c] at `t` [B]; with `method.attention_terms`, the maps of the
-  asked blocks are read from the same forward and its terms appended to `penalties`."""
+def apply_unet(models: SDModels, params, noisy, t, kwargs: dict):
+  """The UNet on `noisy` [B, h, w, c] at `t` [B] -> (output, attention maps or None): with the
+  `AttentionMaps` add-on the maps of its blocks are read from the same forward
+  ({attn2 path: [B, h, w, L]}, models/attention_maps.py)."""
   variables = {"params": params["unet"]}
-  if method.attention_terms is None:
-    return models.unet.apply(variables, noisy, t, **unet_kwargs(conditioning))
-  out, state = models.unet.apply(variables, noisy, t, **unet_kwargs(conditioning),
-                                 mutable=[ATTENTION_MAPS])
-  penalties.append(method.attention_terms(collect_maps(state, models.unet.config, noisy.shape[1:3]),
-                                          batch))
-  return out
+  if not captures_maps(models.unet.config):
+    return models.unet.apply(variables, noisy, t, **kwargs), None
+  out, state = models.unet.apply(variables, noisy, t, **kwargs, mutable=[ATTENTION_MAPS])
+  return out, collect_maps(state, models.unet.config, noisy.shape[1:3])
 
 
 def method_loss(method: Method, models: SDModels, objective: Objective, params, trainable, batch,
                 rng):
-  """The denoising loss plus the method's regularizers. Returns (loss, metrics)."""
+  """The denoising loss (prior-preserving with class examples in the batch) plus the
+  conditioning's terms and the method's loss terms. Returns (loss, metrics)."""
   latent_rng, loss_rng = jax.random.split(rng)
   latents = batch_latents(models, params, batch, latent_rng)
-  penalties = []                   # filled by `predict` (traced once, in this same trace)
-  if method.latent_conditioning is not None:
-    conditioning = method.latent_conditioning
-    state = conditioning.prepare(models, params, batch)
+  conditioning = method.conditioning
+  state = conditioning.prepare(models, params, batch)
 
-    def predict(noisy, t):
-      context, terms = conditioning.context(models, params, state, noisy, t)
-      penalties.append(terms)
-      return apply_unet(method, models, params, noisy, t, context, batch, penalties)
-  else:
-    context = batch[CONTEXT] if CONTEXT in batch else encode_text(method, models, params, batch[IDS])
-
-    def predict(noisy, t):
-      return apply_unet(method, models, params, noisy, t, context, batch, penalties)
-  if PRIOR in batch:
-    loss, metrics = prior_preservation_loss(objective, latents, predict, loss_rng, batch[PRIOR],
-                                            method.prior_loss_weight, batch.get(MASK))
-  else:
-    loss, metrics = objective.loss(latents, predict, loss_rng, batch.get(MASK))
-  metrics = dict(metrics, denoising_loss=loss)
-  for name, value in {k: v for terms in penalties for k, v in terms.items()}.items():
-    metrics[name] = value
-    loss = loss + value
-  for regularizer in method.regularizers:
-    name, value = regularizer(params, trainable, batch)
+  def predict(noisy, t):
+    kwargs, terms = conditioning.at(models, params, state, noisy, t, None)
+    out, maps = apply_unet(models, params, noisy, t, kwargs)
+    return out, {"terms": terms, "maps": maps}
+  per_example, metrics, aux = objective.per_example_loss(latents, predict, loss_rng,
+                                                         batch.get(MASK), has_aux=True)
+  loss, reduced = objective.reduce(per_example, batch.get(PRIOR))
+  metrics = dict(metrics, **reduced, denoising_loss=loss)
+  terms = dict(aux["terms"])
+  for term in method.losses:
+    terms.update(term(params, trainable, batch, aux))
+  for name, value in terms.items():
     metrics[name] = value
     loss = loss + value
   return loss, metrics
-
-
-def prior_preservation_loss(objective: Objective, latents, predict, rng, prior, weight: float,
-                            mask=None):
-  """DreamBooth's loss over one batch of instance and class examples (one forward):
-  mean(instance losses) + weight * mean(class losses). `prior` [B] is 1 on class examples.
-  Returns (loss, metrics with instance_loss and prior_loss)."""
-  per_example, metrics = objective.per_example_loss(latents, predict, rng, mask)
-  prior = prior.astype(jnp.float32)
-  instance_loss = jnp.sum(per_example * (1.0 - prior)) / jnp.maximum(jnp.sum(1.0 - prior), 1.0)
-  prior_loss = jnp.sum(per_example * prior) / jnp.maximum(jnp.sum(prior), 1.0)
-  return instance_loss + weight * prior_loss, dict(metrics, instance_loss=instance_loss,
-                                                   prior_loss=prior_loss)
-
-
-@dataclasses.dataclass(frozen=True)
-class MethodConditioning:
-  """The sampler's conditioning hook for a method's text path (see diffusion.sampling).
-
-  inputs: {"ids", "negative_ids"} and, with a `latent_conditioning`, its `input_keys`. The
-  negative prompt goes through the text path once; a latent conditioning recomputes the prompt's
-  conditioning from the current latents at every step.
-  """
-  method: Method
-
-  def prepare(self, models, params, inputs):
-    uncond = encode_text(self.method, models, params, inputs["negative_ids"])
-    conditioning = self.method.latent_conditioning
-    if conditioning is None:
-      return {"cond": encode_text(self.method, models, params, inputs["ids"]), "uncond": uncond}
-    batch = {k: inputs[k] for k in (IDS,) + tuple(conditioning.input_keys)}
-    state = conditioning.prepare(models, params, batch)
-    if hasattr(conditioning, "sampling"):
-      return {"prepared": conditioning.sampling(models, params, state, uncond, inputs)}
-    return {"latent_state": state, "uncond": uncond}
-
-  def at_step(self, models, params, state, step, t, latents):
-    if "prepared" in state:
-      return state["prepared"].at(step)
-    if "latent_state" in state:
-      t = jnp.broadcast_to(t, latents.shape[:1])
-      cond, _ = self.method.latent_conditioning.context(models, params, state["latent_state"],
-                                                        latents, t)
-    else:
-      cond = state["cond"]
-    return {"encoder_hidden_states": cond}, {"encoder_hidden_states": state["uncond"]}

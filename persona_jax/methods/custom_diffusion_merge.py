@@ -26,7 +26,7 @@ import numpy as np
 from persona_jax import tree
 from persona_jax.errors import ConfigError, ModelFileError
 from persona_jax.methods import custom_diffusion as cd
-from persona_jax.methods.textual_inversion import TOKENS, embed_with_new_rows
+from persona_jax.diffusion.conditioning import TOKENS, embed_with_new_rows
 from persona_jax.tokenizer import tokenizer_with_tokens
 
 log = logging.getLogger(__name__)

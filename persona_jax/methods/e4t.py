@@ -12,7 +12,7 @@ E sees the class tokens of every second layer of a CLIP image encoder (`image_en
 MODEL/image_encoder) and the pooled UNet encoder features of z_t under the empty prompt
 (models/e4t_encoder.py, models/unet.UNetEncoderFeatures); w enters the text encoder as the
 placeholder's input embedding and, at sampling, is recomputed at every denoising step from the
-current latents (`E4TConditioning`, the method's `latent_conditioning`).
+current latents (`E4TConditioning`, the method's conditioning).
 
 Weight offsets on to_q/to_k/to_v of every attn1 and attn2: W' = W * (1 + dW), a param transform,
 with dW = a @ b of rank `offset_rank` per matrix (b = 0 at init, so the UNet starts as the base;
@@ -45,10 +45,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from persona_jax import tree
+from persona_jax.data.batch import CLIP_PIXELS, IDS
+from persona_jax.diffusion.conditioning import negative_context
 from persona_jax.errors import ConfigError, ModelFileError
 from persona_jax.image_encoder import image_encoder_dir
 from persona_jax.methods import result_file
-from persona_jax.methods.base import CLIP_PIXELS, IDS, Method
+from persona_jax.methods.base import Method, ParamSpec, TokenSpec
+from persona_jax.methods.spec import EvalRecipe, MethodSpec, ResultSpec, SamplingSpec
 from persona_jax.models.clip_vision import CLIPVisionModel
 from persona_jax.models.configs import CLIPVisionConfig
 from persona_jax.models.e4t_encoder import E4TEncoder, E4TEncoderConfig
@@ -103,8 +106,8 @@ def clip_class_features(config: CLIPVisionConfig, params, pixels, layers):
 
 @dataclasses.dataclass(frozen=True)
 class E4TConditioning:
-  """E4T's `LatentConditioning` (methods/base.py): the prompt's conditioning with the
-  placeholder's embedding w = e(class) + s * E(image, z_t)."""
+  """E4T's conditioning (diffusion/conditioning.py): the prompt's conditioning with the
+  placeholder's embedding w = e(class) + s * E(image, z_t), recomputed at every position."""
   clip: CLIPVisionConfig
   encoder: E4TEncoderConfig
   layers: tuple[int, ...]
@@ -115,15 +118,18 @@ class E4TConditioning:
   embedding_reg: float
   train_image_encoder: bool
   input_keys: tuple[str, ...] = (CLIP_PIXELS,)
+  cacheable = False
 
-  def prepare(self, models, params, batch):
-    """{"ids" [B, L], "clip" [B, K, D] image features, "empty" [1, L, D] empty-prompt context}."""
-    feats = clip_class_features(self.clip, params["image_encoder"], batch[CLIP_PIXELS], self.layers)
+  def prepare(self, models, params, inputs):
+    """{"ids" [B, L], "clip" [B, K, D] image features, "empty" [1, L, D] empty-prompt context,
+    "negative" [B, L, D] the negative prompt's context (sampling)}."""
+    negative = negative_context(models, params, inputs)
+    feats = clip_class_features(self.clip, params["image_encoder"], inputs[CLIP_PIXELS], self.layers)
     if not self.train_image_encoder:
       feats = jax.lax.stop_gradient(feats)
     empty = models.text_encoder.apply({"params": params["text_encoder"]},
                                       jnp.asarray([self.empty_ids], jnp.int32)).last_hidden_state
-    return {"ids": batch[IDS], "clip": feats, "empty": empty}
+    return {"ids": inputs[IDS], "clip": feats, "empty": empty, "negative": negative}
 
   def word(self, models, params, state, noisy, t):
     """(w [B, D], s * E [B, D]) at the noised latents [B, h, w, c] and timesteps [B]."""
@@ -136,7 +142,8 @@ class E4TConditioning:
     table = params["text_encoder"]["embeddings"]["token_embedding"]["embedding"]
     return table[self.class_id][None].astype(jnp.float32) + offset, offset
 
-  def context(self, models, params, state, noisy, t):
+  def at(self, models, params, state, noisy, t, step):
+    """The prompt's context with w at the placeholder, and the embedding regularizer."""
     word, offset = self.word(models, params, state, noisy, t)
     ids = state["ids"]
     table = params["text_encoder"]["embeddings"]["token_embedding"]["embedding"]
@@ -146,7 +153,10 @@ class E4TConditioning:
     context = models.text_encoder.apply({"params": params["text_encoder"]}, ids,
                                         embeds).last_hidden_state
     penalty = self.embedding_reg * jnp.mean(jnp.sum(jnp.square(offset), axis=-1))
-    return context, {"embedding_reg": penalty}
+    return {"encoder_hidden_states": context}, {"embedding_reg": penalty}
+
+  def negative(self, models, params, state):
+    return {"encoder_hidden_states": state["negative"]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,11 +204,11 @@ def apply_offsets(params, targets):
   return tree.unflatten(flat)
 
 
-def offset_penalty(targets, weight: float, params, trainable, batch):
-  """weight * mean(dW^2) over every offset element."""
+def offset_penalty(targets, weight: float, params, trainable, batch, aux):
+  """A loss term: {"offset_reg": weight * mean(dW^2) over every offset element}."""
   flat = tree.flatten(trainable)
   total = sum(jnp.sum(jnp.square(offset_value(flat, k))) for k, _ in targets)
-  return "offset_reg", weight * total / sum(int(np.prod(s)) for _, s in targets)
+  return {"offset_reg": weight * total / sum(int(np.prod(s)) for _, s in targets)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,8 +225,8 @@ class Parts:
   image_encoder_dir: Path
 
 
-def clip_inputs(image, *, processor):
-  """Data pipeline hook: uint8 [H, W, 3] -> {clip_pixels: [S, S, 3] float32}."""
+def clip_inputs(image, mask=None, rng=None, *, processor):
+  """Data pipeline hook: uint8 [H, W, 3] -> {clip_pixels: [S, S, 3] float32} (mask and rng unused)."""
   from persona_jax.data.clip_images import preprocess_image
   return {CLIP_PIXELS: preprocess_image(image, processor)}
 
@@ -224,8 +234,7 @@ def clip_inputs(image, *, processor):
 def build_parts(config: E4TConfig, base_params, tokenizer_dir, unet_config) -> Parts:
   from persona_jax.data.clip_images import load_image_processor
   from persona_jax.image_encoder import load_image_encoder
-  from persona_jax.methods.textual_inversion import check_new_tokens
-  from persona_jax.tokenizer import load_tokenizer, tokenize
+  from persona_jax.tokenizer import check_new_tokens, load_tokenizer, tokenize
   if unet_config is None:
     raise ConfigError("E4T needs the UNet's config (its encoder features)")
   for name in ("scale", "embedding_reg", "offset_reg"):
@@ -327,7 +336,7 @@ def make(config: E4TConfig, base_params, tokenizer_dir=None, unet_config=None) -
       **tree.flatten({"image_encoder": parts.clip_params}),
       **{p: jnp.asarray(v) for p, v in pretrained.items() if p.startswith("image_encoder/")}})
 
-  def init_trainable(rng, base):
+  def init(rng, base):
     if pretrained:
       return tree.unflatten({p: jnp.asarray(v, jnp.float32) for p, v in pretrained.items()
                              if p.startswith(f"{E4T}/")})
@@ -335,29 +344,26 @@ def make(config: E4TConfig, base_params, tokenizer_dir=None, unet_config=None) -
     return tree.unflatten({**tree.flatten({E4T: {"encoder": init_encoder(enc_rng, cond.encoder)}}),
                            **init_offsets(off_rng, targets, config.offset_rank)})
 
-  def transform(frozen, trainable):
-    return apply_offsets(tree.merge(frozen, trainable), targets)
-
-  regularizers = ((functools.partial(offset_penalty, targets, config.offset_reg),)
-                  if config.offset_reg else ())
-  return Method(name=E4T, select=select_rules(config, cond.clip, cond.layers),
-                init_trainable=init_trainable, transform=transform, regularizers=regularizers,
-                added_tokens=(config.placeholder,), save_result=save_result,
-                latent_conditioning=cond, components=lambda: clip_params,
-                image_inputs=functools.partial(clip_inputs, processor=parts.processor))
+  losses = ((functools.partial(offset_penalty, targets, config.offset_reg),)
+            if config.offset_reg else ())
+  return Method(name=E4T, params=ParamSpec(select_rules(config, cond.clip, cond.layers), init,
+                                           functools.partial(apply_offsets, targets=targets)),
+                conditioning=cond, tokens=TokenSpec((config.placeholder,)), losses=losses,
+                components=lambda: clip_params,
+                image_inputs=functools.partial(clip_inputs, processor=parts.processor),
+                save=functools.partial(save, config))
 
 
 # ---------------------------------------------------------------------------------------------
 # Result files, sampling and export.
 
 
-def save_result(run, trainable, workdir):
+def save(config: E4TConfig, trainable, context):
   """WORKDIR/e4t.safetensors: the trained leaves by path; metadata for sampling and export."""
-  options = E4TConfig(**run.config.method_options)
-  folder = image_encoder_dir(options.image_encoder, run.pipe.tokenizer_dir)
-  return result_file.write(workdir, RESULT_FILE, trainable, result_file.run_metadata(
-      run, FORMAT, image_encoder=str(folder.absolute()), class_word=options.class_word,
-      placeholder=options.placeholder))
+  folder = image_encoder_dir(config.image_encoder, context.pipe.tokenizer_dir)
+  return result_file.write(context.workdir, RESULT_FILE, trainable, result_file.run_metadata(
+      context, FORMAT, image_encoder=str(folder.absolute()), class_word=config.class_word,
+      placeholder=config.placeholder))
 
 
 def load_result(path) -> result_file.Result:
@@ -366,13 +372,11 @@ def load_result(path) -> result_file.Result:
 
 
 @dataclasses.dataclass
-class ForSampling:
-  """What `text_to_image` needs to sample with an E4T result and an image."""
-  params: dict               # base + image encoder + trained leaves, offsets merged
+class Prepared:
+  """A result ready to sample: params (base, image encoder, trained leaves, offsets merged), the
+  tokenizer with the placeholder, the parts."""
+  params: dict
   tokenizer: object
-  conditioning: object       # MethodConditioning over the E4T conditioning
-  inputs: dict               # {"clip_pixels": [1, S, S, 3]}
-  method: Method
   parts: Parts
 
 
@@ -384,37 +388,44 @@ def prepare_image(image_path, resolution: int, processor) -> np.ndarray:
   return clip_inputs(image, processor=processor)[CLIP_PIXELS][None]
 
 
-def for_sampling(result: result_file.Result, pipe, image_path) -> ForSampling:
-  """Params, tokenizer, conditioning hook and inputs that sample `pipe` with an E4T result."""
-  from persona_jax.methods.base import MethodConditioning
+def prepare(result: result_file.Result, pipe, params=None) -> Prepared:
+  """A result on `pipe` (`params`: the tree to start from, default the pipeline's)."""
   from persona_jax.tokenizer import tokenizer_with_tokens
   config = result.config
   parts = build_parts(config, pipe.params, pipe.tokenizer_dir, pipe.unet_config)
-  flat = tree.flatten({**pipe.params, "image_encoder": parts.clip_params})
+  base = pipe.params if params is None else params
+  flat = tree.flatten({**base, "image_encoder": parts.clip_params})
   for path, value in result.weights.items():
     if not path.startswith(f"{E4T}/") and (path not in flat or flat[path].shape != value.shape):
       raise ModelFileError(f"{result.path}: {path} {list(value.shape)} does not fit this model; "
                            f"it was trained on {result.meta.get('base_model')}")
     flat[path] = jnp.asarray(value)
-  params = apply_offsets(tree.unflatten(flat), parts.targets)
-  method = Method(name=E4T, added_tokens=(config.placeholder,),
-                  latent_conditioning=parts.conditioning)
-  pixels = prepare_image(image_path, int(result.meta.get("resolution", 512)), parts.processor)
-  return ForSampling(params, tokenizer_with_tokens(pipe.tokenizer_dir, (config.placeholder,)),
-                     MethodConditioning(method), {CLIP_PIXELS: pixels}, method, parts)
+  return Prepared(apply_offsets(tree.unflatten(flat), parts.targets),
+                  tokenizer_with_tokens(pipe.tokenizer_dir, (config.placeholder,)), parts)
 
 
-def embedding_at(sampling: ForSampling, pipe, image_path, resolution: int, timestep: int,
+def sample(request):
+  """The image's embedding of the placeholder, recomputed from the current latents at every step."""
+  from persona_jax.text_to_image import Sampling
+  ready = prepare(request.result, request.pipe, request.params)
+  resolution = int(request.result.meta.get("resolution", 512))
+  pixels = prepare_image(request.images[0], resolution, ready.parts.processor)
+  return Sampling(ready.params, ready.tokenizer, ready.parts.conditioning,
+                  inputs={CLIP_PIXELS: pixels})
+
+
+def embedding_at(ready: Prepared, pipe, image_path, resolution: int, timestep: int,
                  seed: int = 0) -> np.ndarray:
   """The placeholder's embedding w [D] at `timestep`, with z_t the image's VAE latent (the
   posterior mean) noised by N(0, I) from `seed`: what E4T computes for that image at that noise
   level. (At sampling w is recomputed from the current latents at every step instead.)"""
   from persona_jax.data import images as img_ops
-  from persona_jax.models.components import SDModels
   from persona_jax.diffusion.schedules import add_noise, alphas_cumprod
+  from persona_jax.models.components import SDModels
   image = img_ops.load_square(Path(image_path), resolution)
   models = SDModels(pipe.unet, pipe.text_encoder, pipe.vae)
-  params, cond = sampling.params, sampling.parts.conditioning
+  cond = ready.parts.conditioning
+  clip_pixels = prepare_image(image_path, resolution, ready.parts.processor)
 
   @jax.jit
   def word(params, pixels, clip_pixels):
@@ -426,4 +437,51 @@ def embedding_at(sampling: ForSampling, pipe, image_path, resolution: int, times
     state = cond.prepare(models, params, {IDS: jnp.zeros((1, 1), jnp.int32),
                                           CLIP_PIXELS: clip_pixels})
     return cond.word(models, params, state, zt, t)[0][0]
-  return np.asarray(word(params, img_ops.to_model_range(image)[None], sampling.inputs[CLIP_PIXELS]))
+  return np.asarray(word(ready.params, img_ops.to_model_range(image)[None], clip_pixels))
+
+
+def export(request):
+  """The tuned pipeline with the offsets merged (OUT/), and OUT/e4t_embedding/: the
+  placeholder's embedding for the run's first image at one timestep (`timestep`, default 500).
+  Returns (paths, a record of the embedding)."""
+  from persona_jax.convert.embedding_formats import write_diffusers_embedding
+  from persona_jax.data.pipeline import example_subject_dir
+  from persona_jax.data.sources import read_image_folder
+  from persona_jax.pipeline import load_pipeline, save_pipeline
+  result = load_result(request.workdir)
+  if result.config.phase != "tune":
+    raise ConfigError(f"{request.workdir}: an e4t pre-training run has no subject to export; "
+                      "export an e4t_tune run")
+  pipe = load_pipeline(request.base)
+  timestep = request.options.get("timestep")
+  t = EXPORT_TIMESTEP if timestep is None else int(timestep)
+  if not 0 <= t < pipe.scheduler_config.num_train_timesteps:
+    raise ConfigError(f"--timestep {t}: must be in 0..{pipe.scheduler_config.num_train_timesteps - 1}")
+  folder = request.config["data"].get("instance_dir") or example_subject_dir()
+  image = read_image_folder(folder)[0].path
+  ready = prepare(result, pipe)
+  resolution = int(result.meta.get("resolution", request.config["data"]["resolution"]))
+  word = embedding_at(ready, pipe, image, resolution, t)
+  params = {k: ready.params[k] for k in pipe.params}
+  merged = save_pipeline(dataclasses.replace(pipe, params=params), request.out, overwrite=True)
+  token = result.config.placeholder
+  note = (f"E4T's embedding of {token} for {image.name} at timestep {t}; persona-jax sample --e4t "
+          "recomputes it at every denoising step, diffusers keeps this one")
+  path = write_diffusers_embedding({token: word[None]}, request.out / "e4t_embedding",
+                                   metadata={"timestep": t, "image": str(image), "note": note})
+  return [merged, path], {"e4t_embedding": {"token": token, "timestep": t, "image": str(image),
+                                            "file": str(path), "note": note}}
+
+
+SPEC = MethodSpec(
+    name=E4T, config=E4TConfig, make=make, result=ResultSpec(RESULT_FILE, FORMAT),
+    load=load_result, sample=sample,
+    sampling=SamplingSpec(images="one", flag="--e4t",
+                          flag_help="an e4t run's workdir: its encoder, weight offsets (and tuned "
+                                    "UNet); the placeholder's embedding is predicted from --image "
+                                    "at every step (e.g. --prompt 'a painting of *s'; default "
+                                    "--model: the run's base)"),
+    exports={"diffusers": export},
+    eval={"e4t": EvalRecipe("one_image", "*s", "e4t_tune", 15, 1e-4,
+                            (("method.class_word", "{cls}"), ("method.placeholder", "*s"),
+                             ("data.num_images", 1)), state_key="method.pretrained")})

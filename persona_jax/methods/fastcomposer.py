@@ -29,7 +29,7 @@ Variants (`variant`):
   light  for small machines: the fuse MLP and LoRA factors on the UNet's transformer linears
          (methods/lora.py's init and transform; rank `lora_rank`); the image encoder is frozen.
 Sampling: delayed subject conditioning, the plain prompt (markers removed) for the first
-`start_merge_step` steps, the fused one after (`PreparedConditioning(before=plain, start=...)`).
+`start_merge_step` steps, the fused one after (diffusion/conditioning.py's `delayed`).
 
 Data (`data/fastcomposer.py`): image, caption with markers, one mask per marker; batch keys
 `ids` (with markers), `pixels`, `mask`, `subject_pixels` [B, K, S, S, 3] (CLIP-preprocessed
@@ -52,30 +52,31 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable
 from pathlib import Path
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from persona_jax import tree
-from persona_jax.diffusion.sampling import PreparedConditioning
+from persona_jax.data.batch import IDS, NEGATIVE_IDS, SUBJECT_MASKS, SUBJECT_PIXELS
+from persona_jax.diffusion.conditioning import delayed, negative_context
 from persona_jax.errors import ConfigError, ModelFileError
 from persona_jax.image_encoder import image_encoder_dir
 from persona_jax.methods import result_file
-from persona_jax.methods.base import IDS, Method
+from persona_jax.methods.base import Method, ParamSpec, TokenSpec, compose
+from persona_jax.methods.spec import EvalRecipe, Knob, MethodSpec, ResultSpec, SamplingSpec
 from persona_jax.models import block_names
+from persona_jax.models.addons import AttentionMaps
 from persona_jax.models.clip_vision import CLIPVisionModel
 from persona_jax.models.configs import CLIPVisionConfig, UNetConfig
+from persona_jax.models.postfuse import PostfuseModule, init_fuse
 
 FASTCOMPOSER = "fastcomposer"
 RESULT_FILE = "fastcomposer.safetensors"
 FORMAT = "persona_jax-fastcomposer"
 IMAGE_TOKEN = "<|image|>"
 VARIANTS = ("full", "light")
-SUBJECT_PIXELS, SUBJECT_MASKS = "subject_pixels", "subject_masks"
 START = "start_merge_step"           # a sampler input: the first step with subject conditioning
 
 
@@ -92,39 +93,6 @@ class FastComposerConfig:
   start_merge_step: int = 10             # sampling: steps with the plain prompt first
   uncondition_prob: float = 0.1          # data: empty caption, no subjects (for CFG)
   object_appear_prob: float = 0.9        # data: each subject keeps its marker with this probability
-
-
-# ---------------------------------------------------------------------------------------------
-# The fuse MLP (FastComposerPostfuseModule; param names as the reference's).
-
-
-class MLP(nn.Module):
-  """LayerNorm -> Linear(hidden) -> GELU -> Linear(out) (+ x with `residual`)."""
-  hidden: int
-  out: int
-  residual: bool
-
-  @nn.compact
-  def __call__(self, x):
-    h = nn.LayerNorm(epsilon=1e-5, name="layernorm")(x)
-    h = nn.Dense(self.hidden, name="fc1")(h)
-    h = nn.Dense(self.out, name="fc2")(nn.gelu(h, approximate=False))
-    return h + x if self.residual else h
-
-
-class PostfuseModule(nn.Module):
-  """(text [..., D], image [..., E]) -> [..., D]."""
-  dim: int
-
-  @nn.compact
-  def __call__(self, text, image):
-    h = MLP(self.dim, self.dim, False, name="mlp1")(jnp.concatenate([text, image], -1)) + text
-    h = MLP(self.dim, self.dim, True, name="mlp2")(h)
-    return nn.LayerNorm(epsilon=1e-5, name="layer_norm")(h)
-
-
-def init_fuse(rng, text_dim: int, image_dim: int) -> dict:
-  return PostfuseModule(text_dim).init(rng, jnp.zeros((1, text_dim)), jnp.zeros((1, image_dim)))["params"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,9 +143,9 @@ def image_embeddings(clip: CLIPVisionConfig, params, pixels):
 
 @dataclasses.dataclass(frozen=True)
 class FastComposerConditioning:
-  """FastComposer's `LatentConditioning` (methods/base.py): the prompt's text-encoder output with
-  each marked noun fused with its subject's image embedding; not latent-dependent, so sampling
-  prepares it once (`sampling`) with delayed subject conditioning."""
+  """FastComposer's conditioning (diffusion/conditioning.py): the prompt's text-encoder output
+  with each marked noun fused with its subject's image embedding; not latent-dependent. Sampling
+  delays it: the plain prompt before step `start_merge_step` (an input, traced)."""
   clip: CLIPVisionConfig
   marker_id: int
   pad_id: int
@@ -185,28 +153,32 @@ class FastComposerConditioning:
   start_merge_step: int
   train_image_encoder: bool
   input_keys: tuple[str, ...] = (SUBJECT_PIXELS,)
+  cacheable = False
 
-  def prepare(self, models, params, batch):
-    """{"plain": [B, L, D] the prompt without markers, "fused": [B, L, D]}."""
-    ids, index, valid = split_markers(batch[IDS], self.marker_id, self.pad_id, self.max_subjects)
+  def prepare(self, models, params, inputs):
+    """{"plain": [B, L, D] the prompt without markers, "fused": [B, L, D]; when sampling the
+    "negative" context and the "start" step (default the config's)}."""
+    negative = negative_context(models, params, inputs)
+    ids, index, valid = split_markers(inputs[IDS], self.marker_id, self.pad_id, self.max_subjects)
     plain = models.text_encoder.apply({"params": params["text_encoder"]}, ids).last_hidden_state
-    embeds = image_embeddings(self.clip, params["image_encoder"], batch[SUBJECT_PIXELS])
+    embeds = image_embeddings(self.clip, params["image_encoder"], inputs[SUBJECT_PIXELS])
     if not self.train_image_encoder:
       embeds = jax.lax.stop_gradient(embeds)
     fused = fuse_text(params[FASTCOMPOSER]["fuse"], plain, embeds, index, valid)
-    return {"plain": plain, "fused": fused}
+    start = None
+    if NEGATIVE_IDS in inputs:
+      start = jnp.asarray(inputs.get(START, self.start_merge_step), jnp.int32)
+      start = start.reshape(-1)[0] if start.ndim else start
+    return {"plain": plain, "fused": fused, "negative": negative, "start": start}
 
-  def context(self, models, params, state, noisy, t):
-    return state["fused"], {}
+  def at(self, models, params, state, noisy, t, step):
+    fused = {"encoder_hidden_states": state["fused"]}
+    if step is None:                    # training: always the fused prompt
+      return fused, {}
+    return delayed(step, state["start"], {"encoder_hidden_states": state["plain"]}, fused), {}
 
-  def sampling(self, models, params, state, uncond, inputs):
-    """The plain prompt before step `start_merge_step` (an input, traced; default the
-    config's), the fused one from it on."""
-    start = jnp.asarray(inputs.get(START, self.start_merge_step), jnp.int32)
-    start = start.reshape(-1)[0] if start.ndim else start
-    return PreparedConditioning({"encoder_hidden_states": state["fused"]},
-                                {"encoder_hidden_states": uncond},
-                                {"encoder_hidden_states": state["plain"]}, start)
+  def negative(self, models, params, state):
+    return {"encoder_hidden_states": state["negative"]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,22 +251,16 @@ def localization_loss(maps: dict, masks, index, valid, eps: float = 1e-5):
   return sum(losses) / len(losses)
 
 
-def attention_terms(maps, batch, *, marker_id: int, pad_id: int, max_subjects: int,
-                    weight: float):
-  """`Method.attention_terms`: {"localization_loss": weight * L_loc}."""
+def localization_term(params, trainable, batch, aux, *, marker_id: int, pad_id: int,
+                      max_subjects: int, weight: float):
+  """A loss term: {"localization_loss": weight * L_loc} on the maps of the UNet's forward."""
   _, index, valid = split_markers(batch[IDS], marker_id, pad_id, max_subjects)
-  return {"localization_loss": weight * localization_loss(maps, batch[SUBJECT_MASKS], index, valid)}
+  return {"localization_loss": weight * localization_loss(aux["maps"], batch[SUBJECT_MASKS], index,
+                                                          valid)}
 
 
 # ---------------------------------------------------------------------------------------------
 # Building the method.
-
-
-@dataclasses.dataclass(frozen=True)
-class FastComposerMethod(Method):
-  """A Method that brings its own training data (`dataset(config, pipe, tokenizer)` -> a grain
-  dataset of batches; train/loop.py uses it instead of the image-folder pipeline)."""
-  dataset: Callable | None = None
 
 
 @dataclasses.dataclass
@@ -356,50 +322,65 @@ def make(config: FastComposerConfig, base_params, tokenizer_dir=None,
     raise ConfigError("FastComposer needs the UNet's config (its localization blocks)")
   parts = build_parts(config, base_params, tokenizer_dir)
   cond = parts.conditioning
-  lora_method = (lora.make(lora.LoRAConfig(rank=config.lora_rank), base_params, None, unet_config)
-                 if config.variant == "light" else None)
   clip_params = {"image_encoder": parts.clip_params}
 
-  def init_trainable(rng, base):
-    fuse_rng, lora_rng = jax.random.split(rng)
-    out = {FASTCOMPOSER: {"fuse": init_fuse(fuse_rng, parts.text_dim, parts.image_dim)}}
-    if lora_method is not None:
-      out = tree.merge(out, lora_method.init_trainable(lora_rng, base))
-    return out
-
-  def transform(frozen, trainable):
-    merged = tree.merge(frozen, trainable)
-    return merged if lora_method is None else lora_method.transform(merged, trainable)
-
-  terms = None
-  options = ()
+  def init_fuse_mlp(rng, base):
+    return {FASTCOMPOSER: {"fuse": init_fuse(rng, parts.text_dim, parts.image_dim)}}
+  fuse = ParamSpec(select=select_rules(config, cond.clip), init=init_fuse_mlp)
+  if config.variant == "light":   # the fuse MLP and LoRA factors on the UNet's linears
+    second = lora.param_spec(lora.targets(lora.LoRAConfig(rank=config.lora_rank), base_params,
+                                          unet_config))
+  else:                           # the fuse MLP; the UNet and image-encoder layers it selects
+    second = ParamSpec()
+  losses, addons = (), ()
   if config.localization_weight > 0:
-    terms = functools.partial(attention_terms, marker_id=cond.marker_id, pad_id=cond.pad_id,
-                              max_subjects=cond.max_subjects, weight=config.localization_weight)
-    options = (("attention_maps", localization_map_names(unet_config, config.localization_layers)),)
-
-  def dataset(run_config, pipe, tokenizer):
-    from persona_jax.data import fastcomposer as fc_data
-    return fc_data.make_dataset(run_config, config, tokenizer, parts.processor,
-                                pipe.vae_scale_factor)
-
-  return FastComposerMethod(
-      name=FASTCOMPOSER, select=select_rules(config, cond.clip), init_trainable=init_trainable,
-      transform=transform, added_tokens=(IMAGE_TOKEN,), save_result=save_result,
-      unet_options=options, latent_conditioning=cond, components=lambda: clip_params,
-      attention_terms=terms, dataset=dataset)
+    losses = (functools.partial(localization_term, marker_id=cond.marker_id, pad_id=cond.pad_id,
+                                max_subjects=cond.max_subjects, weight=config.localization_weight),)
+    addons = (AttentionMaps(localization_map_names(unet_config, config.localization_layers)),)
+  return Method(name=FASTCOMPOSER, params=compose(fuse, second), conditioning=cond,
+                tokens=TokenSpec((IMAGE_TOKEN,)), unet=addons, losses=losses,
+                components=lambda: clip_params, save=functools.partial(save, config))
 
 
 # ---------------------------------------------------------------------------------------------
-# Result file and sampling.
+# Data, result file and sampling.
 
 
-def save_result(run, trainable, workdir):
+def folder_source(request):
+  """The `fastcomposer` data source: data.instance_dir, a folder of images with captions that
+  mark each subject (`<|image|>`) and one mask per subject (data/fastcomposer.py)."""
+  from persona_jax.data.fastcomposer import read_folder
+  d = request.config.data
+  if not d.instance_dir:
+    raise ConfigError("data.instance_dir: the fastcomposer data source reads a folder (captions "
+                      "with <|image|> markers and subject masks, data/fastcomposer.py)")
+  return examples_source(request, read_folder(d.instance_dir, d.resolution))
+
+
+def examples_source(request, examples):
+  """A FastComposer run's DataBuild over `examples` (data/fastcomposer.py's Example list)."""
+  from persona_jax.data import fastcomposer as fc_data
+  from persona_jax.train.data_sources import DataBuild
+  config = request.config
+  if config.method_name != FASTCOMPOSER:
+    raise ConfigError(f"data.source: FastComposer's data (captions with subject markers) is for "
+                      f"method fastcomposer, not {config.method_name}")
+  options = FastComposerConfig(**config.method_options)
+  parts = build_parts(options, request.pipe.params, request.pipe.tokenizer_dir)
+  dataset = fc_data.make_dataset(examples, request.tokenizer, parts.processor, config.data,
+                                 config.batch_size, config.seed, request.pipe.vae_scale_factor,
+                                 max_subjects=options.max_subjects,
+                                 uncondition_prob=options.uncondition_prob,
+                                 object_appear_prob=options.object_appear_prob,
+                                 mask_loss_prob=options.mask_loss_prob)
+  return DataBuild(dataset, None, frozenset({"unet", "vae", "text_encoder", "image_encoder"}))
+
+
+def save(config: FastComposerConfig, trainable, context):
   """WORKDIR/fastcomposer.safetensors: the trained leaves by path; metadata for sampling."""
-  options = FastComposerConfig(**run.config.method_options)
-  folder = image_encoder_dir(options.image_encoder, run.pipe.tokenizer_dir)
-  return result_file.write(workdir, RESULT_FILE, trainable, result_file.run_metadata(
-      run, FORMAT, image_encoder=str(folder.absolute())))
+  folder = image_encoder_dir(config.image_encoder, context.pipe.tokenizer_dir)
+  return result_file.write(context.workdir, RESULT_FILE, trainable, result_file.run_metadata(
+      context, FORMAT, image_encoder=str(folder.absolute())))
 
 
 def load_result(path) -> result_file.Result:
@@ -409,42 +390,32 @@ def load_result(path) -> result_file.Result:
                           FastComposerConfig)
 
 
-@dataclasses.dataclass
-class ForSampling:
-  """What `text_to_image` needs to sample with a FastComposer result and subject images."""
-  params: dict
-  tokenizer: object
-  conditioning: object       # MethodConditioning (None: the text sampler)
-  inputs: dict               # {"subject_pixels": [1, K, S, S, 3], "start_merge_step": [1]}
-  method: Method
-
-
-def sampling_prompts(prompts, image_paths) -> list[str]:
-  """The prompts to sample: with subject images each must hold one `<|image|>` marker per
-  image; without, the markers are removed (the plain text path)."""
-  prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-  if not image_paths:
-    return [" ".join(p.replace(IMAGE_TOKEN, " ").split()) for p in prompts]
-  for p in prompts:
-    if p.count(IMAGE_TOKEN) != len(image_paths):
-      raise ConfigError(f"--prompt '{p}' has {p.count(IMAGE_TOKEN)} {IMAGE_TOKEN} marker(s) for "
-                        f"{len(image_paths)} --image(s); put one marker right after each "
+def prompt_markers(images: int):
+  """The prompt rewrite of a sampling with `images` subject images: each prompt must hold one
+  `<|image|>` marker per image; without images the markers are removed (the plain text path)."""
+  def expand(prompt: str) -> str:
+    if not images:
+      return " ".join(prompt.replace(IMAGE_TOKEN, " ").split())
+    if prompt.count(IMAGE_TOKEN) != images:
+      raise ConfigError(f"--prompt '{prompt}' has {prompt.count(IMAGE_TOKEN)} {IMAGE_TOKEN} "
+                        f"marker(s) for {images} --image(s); put one marker right after each "
                         "subject's noun, in the order of the images")
-  return prompts
+    return prompt
+  return expand
 
 
-def for_sampling(result: result_file.Result, pipe, image_paths, start_merge_step: int | None = None
-                 ) -> ForSampling:
-  """Params, tokenizer, conditioning hook and inputs that sample `pipe` with a result and the
-  subject images (in marker order; each the subject segmented or cropped, padded to a square
-  with black as the reference does). Without images: the plain text path (markers removed by the
-  caller), the trained UNet untouched by any subject."""
+def sample(request):
+  """The subject images (in marker order; each the subject segmented or cropped, padded to a
+  square with black as the reference does) fused at the marked nouns, after `start_merge_step`
+  plain-prompt steps (a traced knob; default the run's). Without images: the plain text path
+  (markers removed), the trained UNet untouched by any subject."""
   from persona_jax.data import fastcomposer as fc_data
-  from persona_jax.methods.base import MethodConditioning
+  from persona_jax.text_to_image import Sampling
   from persona_jax.tokenizer import tokenizer_with_tokens
+  result, pipe, images = request.result, request.pipe, request.images
   config = result.config
   parts = build_parts(config, pipe.params, pipe.tokenizer_dir)
-  flat = tree.flatten({**pipe.params, "image_encoder": parts.clip_params})
+  flat = tree.flatten({**request.params, "image_encoder": parts.clip_params})
   for path, value in result.weights.items():
     if path.startswith("unet/") or path.startswith("image_encoder/"):
       if path not in flat or flat[path].shape != value.shape:
@@ -454,22 +425,46 @@ def for_sampling(result: result_file.Result, pipe, image_paths, start_merge_step
   frozen = tree.unflatten({p: v for p, v in flat.items() if p not in result.weights})
   made = make(dataclasses.replace(config, image_encoder=str(parts.image_encoder_dir)), pipe.params,
               pipe.tokenizer_dir, pipe.unet_config)
-  params = made.transform(frozen, trainable)
+  params = made.params.apply(frozen, trainable)
   tokenizer = tokenizer_with_tokens(pipe.tokenizer_dir, (IMAGE_TOKEN,))
-  if not image_paths:        # the plain text path: the pipeline's components, the text sampler
-    plain = {k: params[k] for k in ("unet", "text_encoder", "vae")}
-    return ForSampling(plain, tokenizer, None, {}, Method(name=FASTCOMPOSER))
-  if len(image_paths) > config.max_subjects:
-    raise ConfigError(f"--image: {len(image_paths)} subject images, this model takes at most "
+  expand = prompt_markers(len(images))
+  if not images:             # the plain text path: the pipeline's components, the text sampler
+    return Sampling({k: params[k] for k in ("unet", "text_encoder", "vae")}, tokenizer, None,
+                    expand)
+  if len(images) > config.max_subjects:
+    raise ConfigError(f"--image: {len(images)} subject images, this model takes at most "
                       f"{config.max_subjects}")
   pixels = np.zeros((1, config.max_subjects) + (parts.conditioning.clip.image_size,) * 2 + (3,),
                     np.float32)
-  for k, image_path in enumerate(image_paths):
+  for k, image_path in enumerate(images):
     pixels[0, k] = fc_data.subject_pixels_from_file(image_path, parts.processor)
-  method = Method(name=FASTCOMPOSER, added_tokens=(IMAGE_TOKEN,),
-                  latent_conditioning=parts.conditioning)
-  start = config.start_merge_step if start_merge_step is None else start_merge_step
+  start = int(request.inputs.get(START, config.start_merge_step))
   if start < 0:
     raise ConfigError(f"--start-merge-step must be >= 0, got {start}")
-  return ForSampling(params, tokenizer, MethodConditioning(method),
-                     {SUBJECT_PIXELS: pixels, START: np.asarray([start], np.int32)}, method)
+  return Sampling(params, tokenizer, parts.conditioning, expand,
+                  {SUBJECT_PIXELS: pixels, START: np.asarray([start], np.int32)})
+
+
+TOY_SOURCE = "persona_jax.world.fastcomposer_data:toy_source"     # fastcomposer:tiny's data
+
+
+def upgrade(method: dict, config: dict) -> None:
+  """Run configs from before the data-source registry: a folder, or the toy world's scenes."""
+  data = config.setdefault("data", {})
+  data.setdefault("source", "fastcomposer" if data.get("instance_dir") else TOY_SOURCE)
+
+
+SPEC = MethodSpec(
+    name=FASTCOMPOSER, config=FastComposerConfig, make=make, result=ResultSpec(RESULT_FILE, FORMAT),
+    load=load_result, sample=sample,
+    sampling=SamplingSpec(
+        images="any", flag="--fastcomposer",
+        flag_help="a fastcomposer run's workdir: mark each subject's noun with <|image|> and give "
+                  "one --image per marker, in order, e.g. --prompt 'a ball <|image|> next to a box "
+                  "<|image|> on grass' --image ball.png --image box.png; without --image the "
+                  "prompt is sampled as plain text (markers removed)",
+        knobs=(Knob(START, "fastcomposer: the steps before it use the plain prompt (default: the "
+                    "run's)", int),)),
+    eval={"fastcomposer": EvalRecipe("tuning_free", f"{{cls}} {IMAGE_TOKEN}", class_prompts="run",
+                                     subject_images="segmented")},
+    data_sources={"fastcomposer": folder_source}, upgrade=upgrade)

@@ -24,6 +24,7 @@ import numpy as np
 from persona_jax import tree
 from persona_jax.errors import ModelFileError
 from persona_jax.methods import fastcomposer as fc
+from persona_jax.methods.spec import Command
 
 POSTFUSE = "postfuse_module."
 FROZEN_PREFIXES = ("text_encoder.", "vae.")
@@ -104,3 +105,27 @@ def import_official(checkpoint, model_dir, image_encoder_dir, out_dir, *,
       "image_encoder": str(Path(image_encoder_dir).absolute()), "resolution": "512",
       "source": str(checkpoint), "method": json.dumps(options)})
   return path
+
+
+def add_arguments(p) -> None:
+  """The flags of `persona-jax import-fastcomposer`."""
+  from pathlib import Path as P
+  p.add_argument("checkpoint", type=P, help="the release's pytorch_model.bin (or .safetensors)")
+  p.add_argument("--model", required=True,
+                 help="the base model it was trained from (a Stable Diffusion 1.5 diffusers folder)")
+  p.add_argument("--image-encoder", required=True, type=P, metavar="DIR",
+                 help="the CLIP image encoder it was trained from: a CLIPVisionModelWithProjection "
+                      "folder of openai/clip-vit-large-patch14")
+  p.add_argument("--out", required=True, type=P, help="output folder")
+  p.add_argument("--allow-pickle", action="store_true", help="read a .bin file (trusted only)")
+
+
+def run(args) -> int:
+  from persona_jax.default_model import resolve_model
+  print(import_official(args.checkpoint, resolve_model(args.model), args.image_encoder, args.out,
+                        allow_pickle=args.allow_pickle))
+  return 0
+
+
+COMMAND = Command("import-fastcomposer", "the official FastComposer release (pytorch_model.bin) as "
+                  "a result `sample --fastcomposer OUT` reads", add_arguments, run)

@@ -14,7 +14,7 @@ default MODEL/image_encoder), each a trainable linear layer:
   * patch encoder: every token of the last layer (class token and patches, through the tower's
     post_layernorm) -> [T, D_text]; several images are concatenated along the tokens (N * T).
 The patch tokens feed an adapter in every transformer block between self- and cross-attention
-(UNet option `gated_adapter`, models/adapters.py): y := y + beta * tanh(gamma) * S([y, f_p]) at
+(the UNet add-on `GatedAdapter`, models/adapters.py): y := y + beta * tanh(gamma) * S([y, f_p]) at
 the visual positions, gamma initialized at 0; beta is 1 in training and, at sampling, `beta`
 (default 0.3). Both knobs are traced sampler inputs (`adapter_scale`, `concept_scale`): changing
 them does not recompile. The unconditional half of classifier-free guidance is the base model
@@ -40,6 +40,7 @@ format, the base model, the image encoder folder, the data resolution and the me
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 from pathlib import Path
@@ -49,14 +50,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from persona_jax import tree
-from persona_jax.diffusion.sampling import PreparedConditioning
+from persona_jax.data.batch import CLIP_PIXELS, IDS, NEGATIVE_IDS
+from persona_jax.diffusion.conditioning import negative_context
 from persona_jax.errors import ConfigError, ModelFileError
 from persona_jax.image_encoder import image_encoder_dir
 from persona_jax.methods import result_file
-from persona_jax.methods.base import CLIP_PIXELS, IDS, Method
+from persona_jax.methods.base import Method, ParamSpec
+from persona_jax.methods.spec import EvalRecipe, Knob, MethodSpec, ResultSpec, SamplingSpec
+from persona_jax.models.adapters import per_example
+from persona_jax.models.addons import ADAPTER_SCALE, ADAPTER_TOKENS, GatedAdapter
 from persona_jax.models.clip_vision import CLIPVisionModel
 from persona_jax.models.configs import CLIPVisionConfig
-from persona_jax.models.extra_conditioning import ExtraConditioning, per_example
 from persona_jax.models.norms import LayerNorm
 
 log = logging.getLogger(__name__)
@@ -67,7 +71,7 @@ FORMAT = "persona_jax-instantbooth"
 ADAPTER_LEAVES = r"unet/.*/adapter/.*"
 ENCODER_LEAVES = rf"{INSTANTBOOTH}/.*"
 # Sampler inputs (traced): beta and alpha, scalar or [B].
-BETA, ALPHA = "adapter_scale", "concept_scale"
+BETA, ALPHA = ADAPTER_SCALE, "concept_scale"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,8 +82,6 @@ class InstantBoothConfig:
   patch_tokens: bool = True          # False: no patch encoder and no adapters (ablation)
   beta: float = 0.3                  # the adapters' weight at sampling (training: 1)
   alpha: float = 0.4                 # the concept token's renormalization at sampling (training: 1)
-  encoder_lr: float = 1e-4           # the two linear layers (paper: 1e-4)
-  adapter_lr: float = 1e-6           # the adapters (paper: 1e-6)
   # The condition image's augmentation in training (after cropping to the mask's box):
   crop_scale: float = 0.8            # random square crops of side in [crop_scale, 1] x the box
   rotation: float = 10.0             # degrees, uniform in [-rotation, rotation]
@@ -140,7 +142,6 @@ class ConditionImage:
   crop_scale: float = 1.0
   rotation: float = 0.0
   flip: float = 0.0
-  takes_mask = True                   # data/pipeline.py passes mask= and rng=
 
   def __call__(self, image, mask=None, rng=None):
     from persona_jax.data.clip_images import preprocess_image
@@ -160,7 +161,7 @@ def linear(params, x):
 
 @dataclasses.dataclass(frozen=True)
 class InstantBoothConditioning:
-  """InstantBooth's `LatentConditioning` (methods/base.py); nothing depends on the latent."""
+  """InstantBooth's conditioning (diffusion/conditioning.py); nothing depends on the latent."""
   clip: CLIPVisionConfig
   identifier_id: int
   concept_token: bool
@@ -168,6 +169,7 @@ class InstantBoothConditioning:
   beta: float                        # sampling defaults, when the inputs do not set them
   alpha: float
   input_keys: tuple[str, ...] = (CLIP_PIXELS,)
+  cacheable = False
 
   def features(self, params, pixels):
     """CLIP pixels [B, S, S, 3] or [B, N, S, S, 3] (N images per example) -> (concept [B, D]
@@ -190,12 +192,21 @@ class InstantBoothConditioning:
       patch = patch.reshape(b, n * patch.shape[1], patch.shape[2])                    # [B, NT, D]
     return concept, patch
 
-  def prepare(self, models, params, batch):
-    """{"ids" [B, L], "text" [B, L, D] the prompt's text-encoder output, "concept", "patch"}."""
+  def prepare(self, models, params, inputs):
+    """{"ids" [B, L], "text" [B, L, D] the prompt's text-encoder output, "concept", "patch",
+    "alpha", "beta" (training: 1; sampling: the inputs' or the defaults, [B]), "negative"}."""
+    negative = negative_context(models, params, inputs)
     text = models.text_encoder.apply({"params": params["text_encoder"]},
-                                     batch[IDS]).last_hidden_state
-    concept, patch = self.features(params, batch[CLIP_PIXELS])
-    return {"ids": batch[IDS], "text": text, "concept": concept, "patch": patch}
+                                     inputs[IDS]).last_hidden_state
+    concept, patch = self.features(params, inputs[CLIP_PIXELS])
+    alpha = beta = 1.0
+    if NEGATIVE_IDS in inputs:
+      b = inputs[IDS].shape[0]
+      scale = lambda key, default: jnp.broadcast_to(
+          jnp.asarray(inputs.get(key, default), jnp.float32), (b,))
+      alpha, beta = scale(ALPHA, self.alpha), scale(BETA, self.beta)
+    return {"ids": inputs[IDS], "text": text, "concept": concept, "patch": patch, "alpha": alpha,
+            "beta": beta, "negative": negative}
 
   def unet_kwargs(self, state, alpha, beta) -> dict:
     """The UNet's keyword arguments: the text with alpha * f_c at the identifier's positions,
@@ -208,25 +219,19 @@ class InstantBoothConditioning:
       context = jnp.where(at_identifier, token.astype(context.dtype), context)
     kwargs = {"encoder_hidden_states": context}
     if state["patch"] is not None:
-      kwargs["extra"] = ExtraConditioning(adapter_tokens=state["patch"], adapter_scale=beta)
+      kwargs["streams"] = {ADAPTER_TOKENS: state["patch"], ADAPTER_SCALE: beta}
     return kwargs
 
-  def context(self, models, params, state, noisy, t):
-    """Training: alpha = beta = 1."""
-    return self.unet_kwargs(state, 1.0, 1.0), {}
+  def at(self, models, params, state, noisy, t, step):
+    return self.unet_kwargs(state, state["alpha"], state["beta"]), {}
 
-  def sampling(self, models, params, state, uncond, inputs):
-    """Once per sampling call; beta and alpha from the inputs (traced) or the defaults. The
-    unconditional half: the negative prompt, adapters at scale 0 (the base model)."""
-    b = state["ids"].shape[0]
-    scale = lambda key, default: jnp.broadcast_to(
-        jnp.asarray(inputs.get(key, default), jnp.float32), (b,))
-    cond = self.unet_kwargs(state, scale(ALPHA, self.alpha), scale(BETA, self.beta))
-    negative = {"encoder_hidden_states": uncond}
+  def negative(self, models, params, state):
+    """The negative prompt, adapters at scale 0 (the base model)."""
+    negative = {"encoder_hidden_states": state["negative"]}
     if state["patch"] is not None:
-      negative["extra"] = ExtraConditioning(adapter_tokens=state["patch"],
-                                            adapter_scale=jnp.zeros((b,), jnp.float32))
-    return PreparedConditioning(cond, negative)
+      negative["streams"] = {ADAPTER_TOKENS: state["patch"],
+                             ADAPTER_SCALE: jnp.zeros(state["ids"].shape[:1], jnp.float32)}
+    return negative
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,7 +261,7 @@ def identifier_id(tokenizer, word: str) -> int:
 def check_config(config: InstantBoothConfig) -> None:
   if not (config.concept_token or config.patch_tokens):
     raise ConfigError("method.concept_token and method.patch_tokens are both off: nothing trains")
-  for name in ("beta", "alpha", "encoder_lr", "adapter_lr", "rotation"):
+  for name in ("beta", "alpha", "rotation"):
     if getattr(config, name) < 0:
       raise ConfigError(f"method.{name} must be >= 0, got {getattr(config, name)}")
   if not 0 < config.crop_scale <= 1 or not 0 <= config.flip <= 1:
@@ -293,9 +298,9 @@ def init_heads(rng, config: InstantBoothConfig, clip_width: int, text_width: int
 def init_adapters(rng, unet_config, text_width: int) -> dict:
   """Fresh adapter params of every transformer block, {"unet": ...} (gamma 0)."""
   from persona_jax.models.unet import UNet2DConditionModel, init_added_params
-  unet = UNet2DConditionModel(dataclasses.replace(unet_config, gated_adapter=True))
-  return {"unet": init_added_params(unet, rng, ExtraConditioning(
-      adapter_tokens=jnp.zeros((1, 1, text_width), jnp.float32)))}
+  unet = UNet2DConditionModel(dataclasses.replace(unet_config, addons=(GatedAdapter(),)))
+  return {"unet": init_added_params(unet, rng, {
+      ADAPTER_TOKENS: jnp.zeros((1, 1, text_width), jnp.float32)})}
 
 
 def make(config: InstantBoothConfig, base_params, tokenizer_dir=None, unet_config=None) -> Method:
@@ -305,7 +310,7 @@ def make(config: InstantBoothConfig, base_params, tokenizer_dir=None, unet_confi
   parts = build_parts(config, base_params, tokenizer_dir)
   clip_params = {"image_encoder": parts.clip_params}
 
-  def init_trainable(rng, base):
+  def init(rng, base):
     head_rng, adapter_rng = jax.random.split(rng)
     out = {INSTANTBOOTH: init_heads(head_rng, config, parts.conditioning.clip.hidden_size,
                                     parts.text_width)}
@@ -313,27 +318,23 @@ def make(config: InstantBoothConfig, base_params, tokenizer_dir=None, unet_confi
       out.update(init_adapters(adapter_rng, unet_config, parts.text_width))
     return out
 
-  lr_groups = ((ENCODER_LEAVES, config.encoder_lr),)
-  if config.patch_tokens:
-    lr_groups += ((ADAPTER_LEAVES, config.adapter_lr),)
-  return Method(name=INSTANTBOOTH, init_trainable=init_trainable, save_result=save_result,
-                lr_groups=lr_groups,
-                unet_options=(("gated_adapter", True),) if config.patch_tokens else (),
-                latent_conditioning=parts.conditioning, components=lambda: clip_params,
+  return Method(name=INSTANTBOOTH, params=ParamSpec(init=init), conditioning=parts.conditioning,
+                unet=(GatedAdapter(),) if config.patch_tokens else (),
+                components=lambda: clip_params,
                 image_inputs=ConditionImage(parts.processor, config.crop_scale, config.rotation,
-                                            config.flip))
+                                            config.flip),
+                save=functools.partial(save, config))
 
 
 # ---------------------------------------------------------------------------------------------
 # Result files and sampling.
 
 
-def save_result(run, trainable, workdir):
+def save(config: InstantBoothConfig, trainable, context):
   """WORKDIR/instantbooth.safetensors: the trained leaves by path; metadata for sampling."""
-  options = InstantBoothConfig(**run.config.method_options)
-  folder = image_encoder_dir(options.image_encoder, run.pipe.tokenizer_dir)
-  return result_file.write(workdir, RESULT_FILE, trainable, result_file.run_metadata(
-      run, FORMAT, image_encoder=str(folder.absolute()), identifier=options.identifier))
+  folder = image_encoder_dir(config.image_encoder, context.pipe.tokenizer_dir)
+  return result_file.write(context.workdir, RESULT_FILE, trainable, result_file.run_metadata(
+      context, FORMAT, image_encoder=str(folder.absolute()), identifier=config.identifier))
 
 
 def load_result(path) -> result_file.Result:
@@ -341,17 +342,6 @@ def load_result(path) -> result_file.Result:
   InstantBoothConfig."""
   return result_file.read(path, RESULT_FILE, FORMAT, "InstantBooth", "an instantbooth run",
                           InstantBoothConfig)
-
-
-@dataclasses.dataclass
-class ForSampling:
-  """What `text_to_image` needs to sample with an InstantBooth result and images."""
-  params: dict               # base + image encoder + trained leaves
-  conditioning: object       # MethodConditioning over the InstantBooth conditioning
-  inputs: dict               # {"clip_pixels": [1, N, S, S, 3], "adapter_scale": [1], "concept_scale": [1]}
-  unet_options: tuple
-  method: Method
-  parts: Parts
 
 
 def image_pixels(image_paths, processor) -> np.ndarray:
@@ -379,16 +369,17 @@ def prompts_without_identifier(prompts, tokenizer, identifier: int) -> list[str]
   return [p for p, row in zip(prompts, ids) if identifier not in row]
 
 
-def for_sampling(result: result_file.Result, pipe, image_paths, beta: float | None = None,
-                 alpha: float | None = None, prompts=None) -> ForSampling:
-  """Params, conditioning hook and inputs that sample `pipe` with a result and 1+ images;
-  `prompts` (optional) are checked for the identifier (a warning per prompt without it)."""
-  from persona_jax.methods.base import MethodConditioning
-  if not image_paths:
+def sample(request):
+  """The images' concept token (averaged) at the identifier and their patch tokens for the
+  adapters, at the traced knobs beta and alpha (defaults: the run's); prompts without the
+  identifier get a warning (only the adapters see the images there)."""
+  from persona_jax.text_to_image import Sampling
+  result, pipe = request.result, request.pipe
+  if not request.images:
     raise ConfigError("InstantBooth samples from one or more subject images (--image PATH)")
   config = result.config
   parts = build_parts(config, pipe.params, pipe.tokenizer_dir)
-  flat = tree.flatten({**pipe.params, "image_encoder": parts.clip_params})
+  flat = tree.flatten({**request.params, "image_encoder": parts.clip_params})
   adapters = {}
   for path, value in result.weights.items():
     if path.startswith("unet/"):
@@ -405,16 +396,44 @@ def for_sampling(result: result_file.Result, pipe, image_paths, beta: float | No
     if got != {p: tuple(v.shape) for p, v in want.items()}:
       raise ModelFileError(f"{result.path}: its adapters do not fit this UNet; it was trained on "
                            f"{result.meta.get('base_model')}")
-  method = Method(name=INSTANTBOOTH, latent_conditioning=parts.conditioning)
-  for prompt in prompts_without_identifier(prompts or [], pipe.tokenizer,
-                                           parts.conditioning.identifier_id):
-    log.warning("prompt '%s' does not contain the identifier '%s': the concept token is not used "
-                "(write it before the class noun, e.g. 'a photo of %s dog')", prompt,
-                config.identifier, config.identifier)
-  pixels = image_pixels(image_paths, parts.processor)
-  inputs = {CLIP_PIXELS: pixels,
-            BETA: np.float32([config.beta if beta is None else beta]),
-            ALPHA: np.float32([config.alpha if alpha is None else alpha])}
-  options = (("gated_adapter", True),) if config.patch_tokens else ()
-  return ForSampling(tree.unflatten(flat), MethodConditioning(method), inputs, options, method,
-                     parts)
+  knob = lambda name, default: request.inputs.get(name, default)
+  inputs = {CLIP_PIXELS: image_pixels(request.images, parts.processor),
+            BETA: np.float32([knob("beta", config.beta)]),
+            ALPHA: np.float32([knob("alpha", config.alpha)])}
+  identifier = parts.conditioning.identifier_id
+
+  def expand(prompt: str) -> str:
+    if prompts_without_identifier([prompt], pipe.tokenizer, identifier):
+      log.warning("prompt '%s' does not contain the identifier '%s': the concept token is not "
+                  "used (write it before the class noun, e.g. 'a photo of %s dog')", prompt,
+                  config.identifier, config.identifier)
+    return prompt
+  return Sampling(tree.unflatten(flat), None, parts.conditioning, expand, inputs,
+                  (GatedAdapter(),) if config.patch_tokens else ())
+
+
+def upgrade(method: dict, config: dict) -> None:
+  """Run configs from before the method lifecycle: the two learning rates became optim.lr (the
+  encoders') and a group (the adapters'), when they differ from optim.lr."""
+  encoder_lr, adapter_lr = method.pop("encoder_lr", None), method.pop("adapter_lr", None)
+  optim = config.setdefault("optim", {})
+  lr = optim.get("lr")
+  groups = [[pattern, value] for pattern, value in ((ENCODER_LEAVES, encoder_lr),
+                                                    (ADAPTER_LEAVES, adapter_lr))
+            if value is not None and value != lr]
+  optim["lr_groups"] = groups + list(optim.get("lr_groups", []))
+
+
+SPEC = MethodSpec(
+    name=INSTANTBOOTH, config=InstantBoothConfig, make=make, result=ResultSpec(RESULT_FILE, FORMAT),
+    load=load_result, sample=sample, upgrade=upgrade,
+    sampling=SamplingSpec(
+        images="some", flag="--instantbooth",
+        flag_help="an instantbooth run's workdir: its concept and patch encoders and adapters read "
+                  "the subject from --image (repeat for several: the concept token is their "
+                  "average); put the identifier before the class noun, e.g. --prompt 'a photo of "
+                  "sks ball on the beach'. A mask NAME.mask.png beside an image masks it to the "
+                  "subject",
+        knobs=(Knob("beta", "instantbooth: the adapters' weight (default: the run's, 0.3)"),
+               Knob("alpha", "instantbooth: the concept token's scale (default: the run's, 0.4)"))),
+    eval={"instantbooth": EvalRecipe("tuning_free", "sks {cls}")})

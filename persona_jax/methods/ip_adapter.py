@@ -10,7 +10,8 @@ A frozen CLIP image encoder (`image_encoder`, default MODEL/image_encoder) gives
 features; an image projection turns them into N tokens of the UNet's cross-attention width:
   basic  tokens = LayerNorm(Linear(image_embeds).reshape(N, D)), N = 4 (the projected embedding);
   plus   a Perceiver resampler over the penultimate layer's patch features, N = 16 queries.
-Every attn2 gets a decoupled cross-attention on those tokens (UNet option `ip_adapter`):
+Every attn2 gets a decoupled cross-attention on those tokens (the UNet add-on
+`DecoupledCrossAttention`, models/adapters.py):
   Z = Attn(Q, K, V) + scale * Attn(Q, K_ip, V_ip), before the shared to_out,
 with `to_k_ip`/`to_v_ip` initialized from the layer's to_k/to_v. Only the projection and the
 to_k_ip/to_v_ip kernels train; the scale is 1 in training and a traced sampler input after.
@@ -34,8 +35,8 @@ that layout (WORKDIR/ip_adapter.safetensors), which `pipe.load_ip_adapter` reads
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
-import re
 from pathlib import Path
 
 import jax
@@ -43,13 +44,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from persona_jax import tree
-from persona_jax.diffusion.sampling import PreparedConditioning
+from persona_jax.convert.ip_adapter_files import (attn2_paths, from_official, read_official,
+                                                  write_official)
+from persona_jax.data.batch import CLIP_PIXELS, IDS, NEGATIVE_IDS
+from persona_jax.diffusion.conditioning import negative_context
 from persona_jax.errors import ConfigError, ModelFileError
 from persona_jax.image_encoder import image_encoder_dir
-from persona_jax.methods.base import CLIP_PIXELS, IDS, Method
+from persona_jax.methods import result_file
+from persona_jax.methods.base import Method, ParamSpec
+from persona_jax.methods.spec import (EvalRecipe, Knob, MethodSpec, ResultSpec, SamplingSpec,
+                                      VerifySpec)
+from persona_jax.models.addons import IP_SCALE, IP_TOKENS, DecoupledCrossAttention
 from persona_jax.models.clip_vision import CLIPVisionModel
 from persona_jax.models.configs import CLIPVisionConfig
-from persona_jax.models.extra_conditioning import ExtraConditioning
 from persona_jax.models.image_projection import (BASIC, DIM_HEAD, PLUS, ProjectionConfig,
                                                  init_projection, projection_model)
 
@@ -58,9 +65,6 @@ RESULT_FILE = "ip_adapter.safetensors"
 FORMAT = "persona_jax-ip_adapter"
 DROP = "ip_drop"          # batch key: 0 keep, 1 drop the image, 2 drop the text, 3 drop both
 KINDS = (BASIC, PLUS)
-ATTN2_KERNEL = re.compile(
-    r"unet/(?:(down|up)_blocks_(\d+)|mid_block)/attentions_(\d+)/transformer_blocks_(\d+)/attn2/"
-    r"to_k(?:_ip)?/kernel")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,13 +94,14 @@ def image_features(clip: CLIPVisionConfig, kind: str, params, pixels):
 
 @dataclasses.dataclass(frozen=True)
 class IPAdapterConditioning:
-  """IP-Adapter's `LatentConditioning` (methods/base.py): the text context plus the image tokens
-  (`ExtraConditioning.ip_tokens`), computed once per batch (they do not depend on the latent)."""
+  """IP-Adapter's conditioning (diffusion/conditioning.py): the text context plus the image tokens
+  (the `ip_tokens` stream), computed once per batch (they do not depend on the latent)."""
   clip: CLIPVisionConfig
   projection: ProjectionConfig
   empty_ids: tuple[int, ...]         # the dropped caption
   scale: float = 1.0                 # sampling's default ip_scale (training uses 1)
   input_keys: tuple[str, ...] = (CLIP_PIXELS,)
+  cacheable = False
 
   def tokens(self, params, pixels, drop_image=None):
     """clip_pixels [B, S, S, 3] or [B, K, S, S, 3] (K images each) -> tokens [B, K * N, D];
@@ -121,43 +126,47 @@ class IPAdapterConditioning:
     drop = jnp.ones(pixels.shape[:1], bool)
     return self.tokens(params, pixels, drop)
 
-  def prepare(self, models, params, batch):
-    """{"context" [B, L, D] (dropped captions empty), "tokens" [B, K N, D]}."""
-    ids = batch[IDS]
-    drop = batch.get(DROP)
+  def prepare(self, models, params, inputs):
+    """{"context" [B, L, D] (dropped captions empty), "tokens" [B, K N, D]; when sampling also
+    "scale" [B] (`inputs["ip_scale"]`, default `scale`; traced), "negative" context and
+    "negative_tokens" (the tokens of the zeros the condition drop trains with)}."""
+    ids = inputs[IDS]
+    drop = inputs.get(DROP)
     drop_image = None if drop is None else (drop == 1) | (drop == 3)
     if drop is not None:
       empty = jnp.asarray(self.empty_ids, ids.dtype)[None]
       ids = jnp.where(((drop == 2) | (drop == 3))[:, None], empty, ids)
+    negative = negative_context(models, params, inputs)
     context = models.text_encoder.apply({"params": params["text_encoder"]}, ids).last_hidden_state
-    return {"context": context, "tokens": self.tokens(params, batch[CLIP_PIXELS], drop_image)}
+    state = {"context": context, "tokens": self.tokens(params, inputs[CLIP_PIXELS], drop_image)}
+    if NEGATIVE_IDS in inputs:
+      b = context.shape[0]
+      state.update(negative=negative, negative_tokens=self.negative_tokens(params, inputs[CLIP_PIXELS]),
+                   scale=jnp.broadcast_to(jnp.asarray(inputs.get(IP_SCALE, self.scale),
+                                                      jnp.float32), (b,)))
+    return state
 
-  def context(self, models, params, state, noisy, t):
-    return {"encoder_hidden_states": state["context"],
-            "extra": ExtraConditioning(ip_tokens=state["tokens"])}, {}
+  def at(self, models, params, state, noisy, t, step):
+    streams = {IP_TOKENS: state["tokens"]}
+    if "scale" in state:
+      streams[IP_SCALE] = state["scale"]
+    return {"encoder_hidden_states": state["context"], "streams": streams}, {}
 
-  def sampling(self, models, params, state, uncond, inputs):
-    """cond: the prompt and image tokens; uncond: the negative prompt and the zeros' tokens, both
-    at `inputs["ip_scale"]` (scalar or [B]; default `scale`), a traced input."""
-    b = state["context"].shape[0]
-    s = jnp.broadcast_to(jnp.asarray(inputs.get("ip_scale", self.scale), jnp.float32), (b,))
-    negative = self.negative_tokens(params, inputs[CLIP_PIXELS])
-    return PreparedConditioning(
-        {"encoder_hidden_states": state["context"],
-         "extra": ExtraConditioning(ip_tokens=state["tokens"], ip_scale=s)},
-        {"encoder_hidden_states": uncond, "extra": ExtraConditioning(ip_tokens=negative, ip_scale=s)})
+  def negative(self, models, params, state):
+    """The negative prompt and the zeros' tokens at the same scale."""
+    return {"encoder_hidden_states": state["negative"],
+            "streams": {IP_TOKENS: state["negative_tokens"], IP_SCALE: state["scale"]}}
 
 
 @dataclasses.dataclass(eq=False)
 class ConditionInputs:
-  """Data pipeline hook (`Method.image_inputs`; `takes_mask`: the pipeline also passes the
-  example's generator): uint8 [H, W, 3] -> {clip_pixels [S, S, 3], ip_drop int32} (the official
-  dataset's single uniform draw; without a generator nothing is dropped)."""
+  """Data pipeline hook (`Method.image_inputs`): uint8 [H, W, 3] (its mask, unused; the example's
+  generator) -> {clip_pixels [S, S, 3], ip_drop int32} (the official dataset's single uniform
+  draw; without a generator nothing is dropped)."""
   processor: object
   drop_image: float
   drop_text: float
   drop_both: float
-  takes_mask = True
 
   def __call__(self, image, mask=None, rng=None):
     from persona_jax.data.clip_images import preprocess_image
@@ -171,140 +180,11 @@ class ConditionInputs:
 # The added UNet leaves and the official file layout.
 
 
-def attn2_paths(unet_params) -> list[str]:
-  """Every attn2 module path (`unet/.../attn2`, found by its to_k or to_k_ip kernel) in
-  diffusers' attn_processors order (down blocks, up blocks, then the mid block; within a block by
-  attention and transformer index): the IP-Adapter id of the i-th is 2 i + 1."""
-  found = set()
-  for p in tree.flatten({"unet": unet_params}):
-    m = ATTN2_KERNEL.fullmatch(p)
-    if m:
-      section = {"down": 0, "up": 1, None: 2}[m.group(1)]
-      found.add(((section, int(m.group(2) or 0), int(m.group(3)), int(m.group(4))),
-                 p.rsplit("/", 2)[0]))
-  return [p for _, p in sorted(found)]
-
-
 def init_ip_layers(unet_params) -> dict:
   """Flat {unet/.../attn2/to_{k,v}_ip/kernel: copy of to_{k,v}/kernel} (float32)."""
   flat = tree.flatten({"unet": unet_params})
   return {f"{a}/to_{m}_ip/kernel": jnp.asarray(flat[f"{a}/to_{m}/kernel"], jnp.float32)
           for a in attn2_paths(unet_params) for m in "kv"}
-
-
-# Projection param path (under image_proj) <-> official key (under image_proj.), per kind.
-def _projection_keys(config: ProjectionConfig) -> dict[str, str]:
-  dense = lambda ours, theirs, bias=True: {f"{ours}/kernel": f"{theirs}.weight",
-                                           **({f"{ours}/bias": f"{theirs}.bias"} if bias else {})}
-  norm = lambda ours, theirs: {f"{ours}/scale": f"{theirs}.weight", f"{ours}/bias": f"{theirs}.bias"}
-  if config.kind == BASIC:
-    return {**dense("proj", "proj"), **norm("norm", "norm")}
-  keys = {"latents": "latents", **dense("proj_in", "proj_in"), **dense("proj_out", "proj_out"),
-          **norm("norm_out", "norm_out")}
-  for n in range(config.depth):
-    a, f = f"layers_{n}_attn", f"layers_{n}_ff"
-    keys.update({**norm(f"{a}/norm1", f"layers.{n}.0.norm1"),
-                 **norm(f"{a}/norm2", f"layers.{n}.0.norm2"),
-                 **dense(f"{a}/to_q", f"layers.{n}.0.to_q", False),
-                 **dense(f"{a}/to_kv", f"layers.{n}.0.to_kv", False),
-                 **dense(f"{a}/to_out", f"layers.{n}.0.to_out", False),
-                 **norm(f"{f}/norm", f"layers.{n}.1.0"),
-                 **dense(f"{f}/fc1", f"layers.{n}.1.1", False),
-                 **dense(f"{f}/fc2", f"layers.{n}.1.3", False)})
-  return keys
-
-
-def to_official(trainable, config: ProjectionConfig) -> dict[str, np.ndarray]:
-  """Our trained leaves -> the official flat state dict (torch layout: Linear weights [out, in])."""
-  flat = {p: np.asarray(v, np.float32) for p, v in tree.flatten(trainable).items()}
-  out = {}
-  for ours, theirs in _projection_keys(config).items():
-    v = flat[f"{IP_ADAPTER}/image_proj/{ours}"]
-    out[f"image_proj.{theirs}"] = v.T if ours.endswith("/kernel") else v
-  unet = tree.unflatten({p[len("unet/"):]: v for p, v in flat.items() if p.startswith("unet/")})
-  for i, a in enumerate(attn2_paths(unet)):
-    for m in "kv":
-      out[f"ip_adapter.{2 * i + 1}.to_{m}_ip.weight"] = flat[f"{a}/to_{m}_ip/kernel"].T
-  return {k: np.ascontiguousarray(v) for k, v in out.items()}
-
-
-def projection_config(state: dict, cross_attention_dim: int, source: str) -> ProjectionConfig:
-  """The projection an official state dict holds (shapes as diffusers reads them)."""
-  if "image_proj.latents" in state:
-    latents = state["image_proj.latents"]
-    depth = len({k.split(".")[2] for k in state if k.startswith("image_proj.layers.")})
-    dim = latents.shape[2]
-    return ProjectionConfig(
-        PLUS, num_tokens=latents.shape[1], image_dim=state["image_proj.proj_in.weight"].shape[1],
-        cross_attention_dim=state["image_proj.proj_out.weight"].shape[0], depth=depth,
-        heads=state["image_proj.layers.0.0.to_q.weight"].shape[0] // DIM_HEAD,
-        ff_mult=state["image_proj.layers.0.1.1.weight"].shape[0] // dim,
-        hidden_dim=0 if dim == cross_attention_dim else dim)
-  if "image_proj.proj.weight" in state:
-    w = state["image_proj.proj.weight"]
-    if w.shape[0] % cross_attention_dim:
-      raise ModelFileError(f"{source}: image_proj.proj.weight {list(w.shape)} does not fit a UNet "
-                           f"with cross_attention_dim {cross_attention_dim}")
-    return ProjectionConfig(BASIC, num_tokens=w.shape[0] // cross_attention_dim, image_dim=w.shape[1],
-                            cross_attention_dim=cross_attention_dim)
-  raise ModelFileError(f"{source}: not an IP-Adapter file this version reads (basic or plus: "
-                       "image_proj.proj.weight or image_proj.latents); Full and FaceID are not "
-                       "supported")
-
-
-def read_official(path, allow_pickle: bool = False) -> dict[str, np.ndarray]:
-  """An IP-Adapter file as a flat official state dict (`image_proj.*`, `ip_adapter.*`)."""
-  from persona_jax.convert.files import _read_pickle, read_safetensors
-  path = Path(path)
-  if path.is_dir():
-    path = path / RESULT_FILE
-  if not path.is_file():
-    raise ModelFileError(f"{path}: no IP-Adapter file here")
-  if path.suffix == ".safetensors":
-    return read_safetensors(path)
-  if not allow_pickle:
-    _read_pickle(path, False)                              # raises PickleRefusedError
-  import torch
-  state = torch.load(str(path), map_location="cpu", weights_only=True)
-  if "image_proj" not in state:                            # already flat
-    return {k: v.float().numpy() for k, v in state.items() if isinstance(v, torch.Tensor)}
-  return {f"{group}.{k}": v.float().numpy() for group in ("image_proj", IP_ADAPTER)
-          for k, v in state.get(group, {}).items()}
-
-
-def from_official(state: dict, unet_params, cross_attention_dim: int, source: str):
-  """(ProjectionConfig, trainable tree {ip_adapter/image_proj, unet/.../to_{k,v}_ip}) of a file."""
-  config = projection_config(state, cross_attention_dim, source)
-  flat = {}
-  for ours, theirs in _projection_keys(config).items():
-    key = f"image_proj.{theirs}"
-    if key not in state:
-      raise ModelFileError(f"{source}: {key} is missing")
-    v = np.asarray(state[key], np.float32)
-    flat[f"{IP_ADAPTER}/image_proj/{ours}"] = v.T if ours.endswith("/kernel") else v
-  base = tree.flatten({"unet": unet_params})
-  paths = attn2_paths(unet_params)
-  ids = sorted(int(k.split(".")[1]) for k in state if k.startswith("ip_adapter."))
-  if sorted(set(ids)) != [2 * i + 1 for i in range(len(paths))]:
-    raise ModelFileError(f"{source}: ip_adapter ids {sorted(set(ids))[:6]}... do not match this "
-                         f"UNet's {len(paths)} cross-attention layers (1, 3, ..., {2 * len(paths) - 1})")
-  for i, a in enumerate(paths):
-    for m in "kv":
-      v = np.asarray(state[f"ip_adapter.{2 * i + 1}.to_{m}_ip.weight"], np.float32).T
-      want = base[f"{a}/to_{m}/kernel"].shape
-      if v.shape != tuple(want):
-        raise ModelFileError(f"{source}: ip_adapter.{2 * i + 1}.to_{m}_ip.weight is "
-                             f"{list(v.T.shape)}, this UNet's {a} needs {list(want[::-1])}")
-      flat[f"{a}/to_{m}_ip/kernel"] = v
-  return config, tree.unflatten({p: jnp.asarray(v) for p, v in flat.items()})
-
-
-def write_official(path, trainable, config: ProjectionConfig, metadata=None) -> Path:
-  from persona_jax.convert.files import write_safetensors
-  path = Path(path)
-  write_safetensors(path, to_official(trainable, config),
-                    {"format": FORMAT, "kind": config.kind, **(metadata or {})})
-  return path
 
 
 # ---------------------------------------------------------------------------------------------
@@ -355,7 +235,9 @@ def make(config: IPAdapterConfig, base_params, tokenizer_dir=None, unet_config=N
   cond = build_conditioning(config, base_params, tokenizer_dir, unet_config, clip_config)
   pretrained = None
   if config.pretrained:
-    loaded, pretrained = from_official(read_official(config.pretrained, config.allow_pickle),
+    file = Path(config.pretrained)
+    file = file / RESULT_FILE if file.is_dir() else file
+    loaded, pretrained = from_official(read_official(file, config.allow_pickle),
                                        base_params["unet"], cond.projection.cross_attention_dim,
                                        config.pretrained)
     if (loaded.kind, loaded.image_dim) != (cond.projection.kind, cond.projection.image_dim):
@@ -364,7 +246,7 @@ def make(config: IPAdapterConfig, base_params, tokenizer_dir=None, unet_config=N
                         f"need {cond.projection.kind} of {cond.projection.image_dim}")
     cond = dataclasses.replace(cond, projection=loaded)       # the file's token count, depth...
 
-  def init_trainable(rng, base):
+  def init(rng, base):
     if pretrained is not None:
       return pretrained
     proj = init_projection(rng, cond.projection)
@@ -372,67 +254,57 @@ def make(config: IPAdapterConfig, base_params, tokenizer_dir=None, unet_config=N
                            **init_ip_layers(base["unet"])})
 
   processor = load_image_processor(folder, clip_config.image_size)
-  return Method(name=IP_ADAPTER, init_trainable=init_trainable, save_result=save_result,
-                unet_options=(("ip_adapter", True),), latent_conditioning=cond,
+  return Method(name=IP_ADAPTER, params=ParamSpec(init=init), conditioning=cond,
+                unet=(DecoupledCrossAttention(),),
                 components=lambda: {"image_encoder": clip_params},
-                image_inputs=ConditionInputs(processor, *drops))
+                image_inputs=ConditionInputs(processor, *drops),
+                save=functools.partial(save, config, cond.projection))
 
 
-def save_result(run, trainable, workdir):
+def save(config: IPAdapterConfig, projection: ProjectionConfig, trainable, context):
   """WORKDIR/ip_adapter.safetensors in the official layout (diffusers' load_ip_adapter reads it)."""
-  options = IPAdapterConfig(**run.config.method_options)
-  folder = image_encoder_dir(options.image_encoder, run.pipe.tokenizer_dir)
-  projection = run.method.latent_conditioning.projection
-  path = write_official(Path(workdir) / RESULT_FILE, trainable, projection, {
-      "base_model": str(run.model_dir), "image_encoder": str(folder.absolute()),
-      "resolution": str(run.config.data.resolution),
-      "method": json.dumps(dict(run.config.method_options), default=str)})
+  folder = image_encoder_dir(config.image_encoder, context.pipe.tokenizer_dir)
+  path = write_official(Path(context.workdir) / RESULT_FILE, trainable, projection, {
+      "format": FORMAT, "base_model": str(context.model_dir), "image_encoder": str(folder.absolute()),
+      "resolution": str(context.config.data.resolution),
+      "method": json.dumps(dict(context.config.method_options), default=str)})
   return [str(path)]
 
 
 # ---------------------------------------------------------------------------------------------
-# Sampling with a file.
-
-
-@dataclasses.dataclass
-class ForSampling:
-  """What `text_to_image` needs to sample with an IP-Adapter file and images."""
-  params: dict               # base + image encoder + the adapter's leaves
-  conditioning: object       # MethodConditioning over the IP-Adapter conditioning
-  inputs: dict               # {"clip_pixels": [1, K, S, S, 3], "ip_scale": [1]}
-  method: Method
-  unet_options: tuple = (("ip_adapter", True),)
-
-
-def file_metadata(path) -> dict:
-  """The safetensors metadata of an IP-Adapter file ({} for official files and pickles)."""
-  path = Path(path)
-  path = path / RESULT_FILE if path.is_dir() else path
-  if path.suffix != ".safetensors" or not path.is_file():
-    return {}
-  from safetensors import safe_open
-  with safe_open(str(path), "np") as f:
-    return dict(f.metadata() or {})
+# Sampling with a file (ours or an official one), export, verify.
 
 
 def file_image_encoder(path, image_encoder, tokenizer_dir) -> Path:
   """--image-encoder, else the file's recorded encoder (our results), else MODEL/image_encoder."""
   if image_encoder:
     return Path(image_encoder)
-  recorded = file_metadata(path).get("image_encoder")
+  recorded = result_file.metadata(path).get("image_encoder")
   if recorded and Path(recorded).is_dir():
     return Path(recorded)
   return image_encoder_dir("", tokenizer_dir)
 
 
-def load_for_sampling(path, pipe, image_paths, *, image_encoder=None, scale: float = 1.0,
-                      allow_pickle: bool = False, resolution: int | None = None) -> ForSampling:
-  """Params, conditioning hook and inputs that sample `pipe` with an IP-Adapter file conditioned
-  on `image_paths` (one or more; their tokens are concatenated)."""
+def load(path) -> result_file.Result:
+  """An IP-Adapter file (ours, WORKDIR/ip_adapter.safetensors, or an official one; read when
+  sampling, which may need `--allow-pickle`): its path and metadata."""
+  path = Path(path)
+  path = path / RESULT_FILE if path.is_dir() else path
+  if not path.is_file():
+    raise ModelFileError(f"{path}: no IP-Adapter file here")
+  return result_file.Result(path, {}, result_file.metadata(path))
+
+
+def with_file(path, pipe, image_paths, *, params=None, image_encoder=None, scale: float = 1.0,
+              allow_pickle: bool = False, resolution: int | None = None):
+  """A Sampling of `pipe` with an IP-Adapter file conditioned on `image_paths` (one or more;
+  their tokens are concatenated); `params`: the tree to start from (default the pipeline's)."""
+  from PIL import Image
+
   from persona_jax.data import images as img_ops
   from persona_jax.data.clip_images import load_image_processor, preprocess_image
   from persona_jax.image_encoder import load_image_encoder
-  from persona_jax.methods.base import MethodConditioning
+  from persona_jax.text_to_image import Sampling
   folder = file_image_encoder(path, image_encoder, pipe.tokenizer_dir)
   clip_config, clip_params = load_image_encoder(folder)
   state = read_official(path, allow_pickle)
@@ -446,14 +318,214 @@ def load_for_sampling(path, pipe, image_paths, *, image_encoder=None, scale: flo
       clip_config, projection,
       build_conditioning(IPAdapterConfig(kind=projection.kind), pipe.params, pipe.tokenizer_dir,
                          pipe.unet_config, clip_config).empty_ids, float(scale))
-  params = tree.merge({**pipe.params, "image_encoder": clip_params}, trainable)
+  base = pipe.params if params is None else params
+  params = tree.merge({**base, "image_encoder": clip_params}, trainable)
   processor = load_image_processor(folder, clip_config.image_size)
-  from PIL import Image
   pixels = []
   for p in image_paths:
     image = (img_ops.load_square(Path(p), resolution) if resolution else
              np.asarray(Image.open(p).convert("RGB")))
     pixels.append(preprocess_image(image, processor))
-  method = Method(name=IP_ADAPTER, unet_options=(("ip_adapter", True),), latent_conditioning=cond)
-  inputs = {CLIP_PIXELS: np.stack(pixels)[None], "ip_scale": np.asarray([scale], np.float32)}
-  return ForSampling(params, MethodConditioning(method), inputs, method)
+  inputs = {CLIP_PIXELS: np.stack(pixels)[None], IP_SCALE: np.asarray([scale], np.float32)}
+  return Sampling(params, None, cond, inputs=inputs, addons=(DecoupledCrossAttention(),))
+
+
+def sample(request):
+  """The images' tokens (concatenated) through the decoupled cross-attention at the traced
+  `ip_scale` (default 1); the negative half: a zero image embedding's tokens at that scale."""
+  if not request.images:
+    raise ConfigError("IP-Adapter samples with one or more image prompts (--image PATH)")
+  encoder = request.inputs.get("image_encoder")
+  return with_file(request.result.path, request.pipe, request.images, params=request.params,
+                   image_encoder=encoder, scale=float(request.inputs.get(IP_SCALE, 1.0)),
+                   allow_pickle=request.allow_pickle)
+
+
+def export(request):
+  """The run's ip_adapter.safetensors (already the official layout) and its image encoder."""
+  import shutil
+
+  from persona_jax.convert.files import copy_file
+  source = load(request.workdir).path
+  encoder = result_file.metadata(source).get("image_encoder")
+  if not encoder or not Path(encoder).is_dir():
+    raise ModelFileError(f"{source}: its image encoder folder ({encoder}) is gone; copy "
+                         f"{source.name} and pass the encoder to load_ip_adapter yourself")
+  path = copy_file(source, request.out / RESULT_FILE)
+  encoder_out = request.out / "image_encoder"
+  shutil.copytree(encoder, encoder_out, dirs_exist_ok=True)
+  return [path, encoder_out], {}
+
+
+# `persona-jax verify MODEL --ip-adapter FILE [--image-encoder DIR]`: the image encoder with its
+# preprocessing, then one file loaded by diffusers (`pipe.load_ip_adapter`) and by persona_jax,
+# compared on the same random CLIP pixels: the image features (transformers' encoder vs ours), the
+# projected tokens (diffusers' `encoder_hid_proj` vs ours), the UNet's output with the decoupled
+# cross-attention at a scale, and three DDIM steps with guidance. A last line reports how much the
+# adapter moved diffusers' UNet (a loader that silently skipped the file shows 0 there).
+
+VERIFY_SCALE = 0.6
+
+
+def compare_ip_adapter(pipe, model_path, file, image_encoder, *, scale: float = VERIFY_SCALE,
+                       allow_pickle: bool = False, seed: int = 0, sampling_steps: int = 0):
+  """[Comparison] of `file` (official layout) on both sides; `pipe` is persona_jax's pipeline of
+  the diffusers folder `model_path`, `image_encoder` a CLIPVisionModel(WithProjection) folder.
+  With `sampling_steps`, also that many DDIM steps with guidance (`_compare_sampling`)."""
+  import dataclasses
+
+  import torch
+  from diffusers import StableDiffusionPipeline
+  from transformers import CLIPVisionModel, CLIPVisionModelWithProjection
+
+  from persona_jax.image_encoder import load_image_encoder
+  from persona_jax.models.addons import IP_SCALE, IP_TOKENS, DecoupledCrossAttention
+  from persona_jax.models.image_projection import PLUS, projection_model
+  from persona_jax.models.unet import UNet2DConditionModel
+  from persona_jax.verify import Comparison, compare, nchw
+  file, image_encoder = Path(file), Path(image_encoder)
+  state = read_official(file, allow_pickle)                  # refuses a pickle unless allowed
+  projection, trainable = from_official(state, pipe.params["unet"],
+                                        cross_attention_dim(pipe.unet_config), str(file))
+  clip_config, clip_params = load_image_encoder(image_encoder)
+  ref = StableDiffusionPipeline.from_pretrained(model_path, safety_checker=None,
+                                                local_files_only=True, dtype=torch.float32)
+  ref.load_ip_adapter(str(file.parent), subfolder="", weight_name=file.name,
+                      image_encoder_folder=None)
+  cls = CLIPVisionModelWithProjection if clip_config.with_projection else CLIPVisionModel
+  encoder = cls.from_pretrained(image_encoder, local_files_only=True).eval().float()
+
+  rng = np.random.default_rng(seed)
+  s, f, c = clip_config.image_size, pipe.unet_config.downsample_factor, pipe.unet_config
+  pixels = rng.standard_normal((2, s, s, 3)).astype(np.float32)
+  latents = rng.standard_normal((2, 4 * f, 3 * f, c.in_channels)).astype(np.float32)
+  t = np.array([500, 80])
+  ctx = rng.standard_normal((2, 7, cross_attention_dim(c))).astype(np.float32)
+  unet = UNet2DConditionModel(dataclasses.replace(c, addons=(DecoupledCrossAttention(),)))
+  params = jax.tree.map(jnp.asarray, tree.merge({"unet": pipe.params["unet"]}, trainable))
+
+  @jax.jit
+  def ours(params, clip_params, pixels, scale):
+    feats = image_features(clip_config, projection.kind, clip_params, pixels)
+    tokens = projection_model(projection).apply({"params": params["ip_adapter"]["image_proj"]}, feats)
+    out = unet.apply({"params": params["unet"]}, latents, t, ctx,
+                     {IP_TOKENS: tokens, IP_SCALE: scale})
+    return feats, tokens, out
+
+  with torch.no_grad(), jax.default_matmul_precision("highest"):
+    got = jax.device_get(ours(params, clip_params, pixels, jnp.float32(scale)))
+    out = encoder(torch.from_numpy(nchw(pixels)), output_hidden_states=True)
+    feats = out.hidden_states[-2] if projection.kind == PLUS else out.image_embeds
+    embeds = [feats[:, None]]                               # [B, 1 image, ...]
+    tokens = ref.unet.encoder_hid_proj(embeds)[0][:, 0]
+    run_ref = lambda: ref.unet(torch.from_numpy(nchw(latents)), torch.from_numpy(t),
+                               encoder_hidden_states=torch.from_numpy(ctx),
+                               added_cond_kwargs={"image_embeds": embeds}).sample.numpy()
+    ref.set_ip_adapter_scale(scale)
+    want = run_ref()
+    ref.set_ip_adapter_scale(0.0)
+    off = run_ref()
+  moved = float(np.abs(want - off).max() / max(np.abs(off).max(), 1e-30))
+  name = f"ip_adapter({projection.kind})."
+  results = [compare(name + "image_features", got[0], feats.numpy()),
+             compare(name + "image_proj tokens", got[1], tokens.numpy()),
+             compare(name + f"unet (scale {scale})", got[2], out_nhwc(want))]
+  if sampling_steps:
+    with torch.no_grad():
+      zeros = (encoder(torch.zeros_like(torch.from_numpy(nchw(pixels))),
+                       output_hidden_states=True).hidden_states[-2]
+               if projection.kind == PLUS else torch.zeros_like(feats))
+    ref.set_ip_adapter_scale(scale)
+    results.append(_compare_sampling(pipe, ref, model_path, params, clip_params, clip_config,
+                                     projection, pixels, feats, zeros, scale, sampling_steps,
+                                     seed, name))
+  return results + [Comparison("adapter moved diffusers' UNet output", moved, moved)]
+
+
+def _compare_sampling(pipe, ref, model_path, params, clip_params, clip_config, projection,
+                      pixels, feats, zeros, scale, steps, seed, name):
+  """`steps` DDIM steps with guidance from identical latents: diffusers' pipeline given the
+  image embeddings (`ip_adapter_image_embeds`: the zeros' then the image's) against our sampler
+  with the IP-Adapter conditioning (it encodes the pixels itself)."""
+  import dataclasses
+  import math
+
+  import torch
+  from diffusers import DDIMScheduler
+
+  from persona_jax.data.batch import CLIP_PIXELS, IDS, NEGATIVE_IDS
+  from persona_jax.diffusion.sampling import generate, pipeline_scheduler
+  from persona_jax.models.addons import IP_SCALE, DecoupledCrossAttention
+  from persona_jax.models.components import SDModels
+  from persona_jax.models.unet import UNet2DConditionModel
+  from persona_jax.tokenizer import tokenize
+  from persona_jax.verify import GUIDANCE, PROMPTS, compare, nchw
+  ref.scheduler = DDIMScheduler.from_config(DDIMScheduler.load_config(model_path,
+                                                                      subfolder="scheduler"))
+  ref.set_progress_bar_config(disable=True)
+  b = pixels.shape[0]
+  prompts, negative = list(PROMPTS)[:b], ["blurry"] * b
+  f, c = pipe.vae_scale_factor, pipe.unet_config
+  m = math.lcm(c.downsample_factor, max(1, 8 // f))
+  latents = np.random.default_rng(seed + 1).standard_normal(
+      (b, 4 * m, 3 * m, c.in_channels)).astype(np.float32)
+  # diffusers applies the given embeddings (one set: [negative; positive], each [1, K images,
+  # ...]) to every prompt of the batch: the first image conditions both prompts, on our side too.
+  embeds = [torch.cat([zeros[:1], feats[:1]])[:, None]]              # [2, 1 image, ...]
+  pixels = np.repeat(pixels[:1], b, axis=0)
+  with torch.no_grad():
+    want = ref(prompt=prompts, negative_prompt=negative, num_inference_steps=steps,
+               guidance_scale=GUIDANCE, latents=torch.from_numpy(nchw(latents)),
+               height=latents.shape[1] * f, width=latents.shape[2] * f,
+               ip_adapter_image_embeds=embeds, output_type="latent").images.numpy()
+  cond = IPAdapterConditioning(clip_config, projection, (), scale)
+  models = SDModels(UNet2DConditionModel(dataclasses.replace(c, addons=(DecoupledCrossAttention(),))),
+                    pipe.text_encoder, pipe.vae)
+  full = {**pipe.params, **params, "image_encoder": clip_params}     # params: the UNet with the file
+  inputs = {IDS: tokenize(pipe.tokenizer, prompts), NEGATIVE_IDS: tokenize(pipe.tokenizer, negative),
+            CLIP_PIXELS: pixels, IP_SCALE: np.full((b,), scale, np.float32)}
+  with jax.default_matmul_precision("highest"):
+    got = generate(full, inputs, 0, np.arange(b), GUIDANCE, 0.0, 0.0, latents, models=models,
+                   scheduler=pipeline_scheduler(pipe.scheduler_config), num_steps=steps,
+                   latent_shape=latents.shape[1:], decode=False, conditioning=cond)
+  return compare(f"{name}ddim {steps} steps, cfg {GUIDANCE}: latents", nchw(got), want)
+
+
+def out_nhwc(x):
+  return np.asarray(x).transpose(0, 2, 3, 1)
+
+
+def verify_file(pipe, model_path, file, *, image_encoder=None,
+                           allow_pickle: bool = False, seed: int = 0, sampling_steps: int = 3):
+  """The image encoder (`image_encoder`, else MODEL/image_encoder) with its preprocessing, then
+  the file on both sides (and `sampling_steps` DDIM steps with guidance): [Comparison], the last
+  one how much the adapter moved diffusers' UNet."""
+  from persona_jax.errors import ModelFileError
+  from persona_jax.verify import compare_image_encoder, find_image_encoder
+  path = Path(model_path)
+  encoder = find_image_encoder(path, image_encoder)
+  if encoder is None:
+    raise ModelFileError(f"{path} has no image_encoder/; pass --image-encoder DIR (the CLIP image "
+                         "encoder the IP-Adapter was trained with)")
+  results = compare_image_encoder(encoder, allow_pickle=allow_pickle, seed=seed)
+  return results + compare_ip_adapter(pipe, path, file, encoder, allow_pickle=allow_pickle,
+                                      seed=seed, sampling_steps=sampling_steps)
+
+
+SPEC = MethodSpec(
+    name=IP_ADAPTER, config=IPAdapterConfig, make=make, result=ResultSpec(RESULT_FILE, FORMAT),
+    load=load, sample=sample,
+    sampling=SamplingSpec(
+        images="some", flag="--ip-adapter",
+        flag_help="an IP-Adapter file (official layout: ip-adapter_sd15.safetensors, a pickled "
+                  ".bin with --allow-pickle, or an ip_adapter run's result): the image prompt is "
+                  "--image (repeat for several: their tokens are concatenated)",
+        knobs=(Knob(IP_SCALE, "ip-adapter: the image branch's weight (default 1; 0.5 to let the "
+                    "text lead)"),
+               Knob("image_encoder", "ip-adapter: the CLIP image encoder folder (default: the one "
+                    "our result records, else MODEL/image_encoder)", Path))),
+    exports={"diffusers": export},
+    eval={"ip_adapter": EvalRecipe("tuning_free", "{cls}")},
+    verify=VerifySpec("--ip-adapter", "FILE", "compare one IP-Adapter file (official layout) "
+                      "loaded by diffusers' load_ip_adapter and by persona_jax, with the "
+                      "--image-encoder", verify_file))

@@ -16,26 +16,30 @@ the uniform values; rank 0 skips a block. Trainable leaves: `lora/<target path>/
 
 Result file WORKDIR/lora.safetensors, per target (the kernel's path without `/kernel`):
 `<target>/a` [fan_in, r], `<target>/b` [r, out] and `<target>/alpha` [] (float32; kohya's
-convention: scale = alpha / r, r = b.shape[0]). `load_lora_file` reads it back for sampling
-(methods/lora_compose.py).
+convention: scale = alpha / r, r = b.shape[0]); convert/lora_formats.py reads and writes it (and
+the formats of other tools). A run samples as its file does with `--lora FILE`
+(methods/lora_compose.py); exports: diffusers/PEFT (`pipe.load_lora_weights`) and kohya/A1111.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from persona_jax import tree
-from persona_jax.errors import ConfigError, ModelFileError
-from persona_jax.methods.base import Method
+from persona_jax.convert import lora_formats as lf
+from persona_jax.errors import ConfigError
+from persona_jax.methods import result_file
+from persona_jax.methods.base import Method, ParamSpec
+from persona_jax.methods.spec import EvalRecipe, MethodSpec, ResultSpec, VerifySpec
 from persona_jax.models import block_names
 from persona_jax.models.configs import UNetConfig
 
@@ -121,12 +125,12 @@ def targets(config: LoRAConfig, base_params, unet_config: UNetConfig) -> tuple[T
   return tuple(out)
 
 
-def make(config: LoRAConfig, base_params, tokenizer_dir=None, unet_config: UNetConfig | None = None) -> Method:
-  if unet_config is None:
-    raise ConfigError("LoRA needs the UNet's config for its block names")
-  chosen = targets(config, base_params, unet_config)
+RESULT_FILE = "lora.safetensors"
 
-  def init_trainable(rng, base):
+
+def param_spec(chosen: tuple[Target, ...]) -> ParamSpec:
+  """LoRA's parameter space over the chosen targets: new factors, merged into the weights."""
+  def init(rng, base):
     factors = {}
     for i, t in enumerate(chosen):
       fan_in = int(np.prod(t.shape[:-1]))
@@ -134,36 +138,100 @@ def make(config: LoRAConfig, base_params, tokenizer_dir=None, unet_config: UNetC
       factors[t.key] = {"a": a, "b": jnp.zeros((t.rank, t.shape[-1]), jnp.float32)}
     return tree.unflatten({f"{k}/{n}": v for k, f in factors.items() for n, v in f.items()})
 
-  def transform(frozen, trainable):
-    flat = tree.flatten(frozen)
-    lora = tree.flatten(trainable)
+  def transform(params):
+    flat = tree.flatten(params)
     for t in chosen:
       if t.kernel not in flat:              # a component the step does not need
         continue
       w = flat[t.kernel]
-      delta = (lora[f"{t.key}/a"] @ lora[f"{t.key}/b"]).reshape(t.shape)
+      delta = (flat[f"{t.key}/a"] @ flat[f"{t.key}/b"]).reshape(t.shape)
       flat[t.kernel] = (w.astype(jnp.float32) + t.scale * delta).astype(w.dtype)
     return tree.unflatten(flat)
-
-  return Method(name="lora", init_trainable=init_trainable, transform=transform,
-                save_result=functools.partial(save_result, targets=chosen),
-                trains_text=config.text_encoder)
+  return ParamSpec(init=init, transform=transform)
 
 
-def save_result(run, trainable, workdir, *, targets: tuple[Target, ...]):
-  """WORKDIR/lora.safetensors: our factors by path (`<target>/a`, `<target>/b`) and each target's
-  `<target>/alpha` (a float32 scalar), so the file alone gives the merge. diffusers/PEFT and kohya
-  files come with the export work."""
-  import json
+def make(config: LoRAConfig, base_params, tokenizer_dir=None, unet_config: UNetConfig | None = None) -> Method:
+  if unet_config is None:
+    raise ConfigError("LoRA needs the UNet's config for its block names")
+  chosen = targets(config, base_params, unet_config)
+  return Method(name="lora", params=param_spec(chosen),
+                save=functools.partial(save, chosen))
 
-  from persona_jax.convert.files import write_safetensors
-  flat = {p[len(LORA) + 1:]: np.asarray(v, np.float32) for p, v in tree.flatten(trainable).items()}
-  for t in targets:
-    name = t.key[len(LORA) + 1:]
-    if f"{name}/a" in flat:
-      flat[f"{name}/alpha"] = np.asarray(t.alpha, np.float32)
-  path = workdir / "lora.safetensors"
-  write_safetensors(path, flat, {"format": "persona_jax-lora",
-                                 "base_model": str(run.model_dir),
-                                 "method": json.dumps(dict(run.config.method_options), default=str)})
+
+def save(chosen: tuple[Target, ...], trainable, context):
+  """WORKDIR/lora.safetensors: our factors by target (`<target>/a`, `<target>/b`) and each
+  target's `<target>/alpha` (a float32 scalar), so the file alone gives the merge."""
+  flat = tree.flatten(trainable)
+  factors = {t.key[len(LORA) + 1:]: (flat[f"{t.key}/a"], flat[f"{t.key}/b"], t.alpha)
+             for t in chosen if f"{t.key}/a" in flat}
+  path = lf.write_ours(Path(context.workdir) / RESULT_FILE, factors, {
+      "base_model": str(context.model_dir),
+      "method": json.dumps(dict(context.config.method_options), default=str)})
   return [str(path)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Result, sampling, export, verify.
+
+
+def load(path) -> result_file.Result:
+  """WORKDIR/lora.safetensors (or the file): its tensors and metadata."""
+  path = Path(path)
+  path = path / RESULT_FILE if path.is_dir() else path
+  return result_file.Result(path, lf.read_lora_tensors(path), result_file.metadata(path))
+
+
+def sample(request):
+  """The run's factors merged into the weights, as `sample --lora FILE` merges them."""
+  from persona_jax.methods.lora_compose import LoRASpec, with_loras
+  from persona_jax.text_to_image import Sampling
+  return Sampling(with_loras(request.params, [LoRASpec(request.result.path)],
+                             request.pipe.unet_config))
+
+
+def export(request, fmt: str):
+  from persona_jax.convert.files import write_safetensors
+  from persona_jax.pipeline import load_pipeline
+  pipe = load_pipeline(request.base)
+  result = load(request.workdir)
+  factors = lf.load_lora_file(result.path, pipe.params, tensors=result.weights)
+  if fmt == "diffusers":
+    tensors, metadata = lf.peft_state_dict(factors, pipe.params)
+    path = request.out / lf.PEFT_FILE
+  else:
+    tensors, metadata = lf.kohya_state_dict(factors, pipe.params, base_version=lf.base_version(pipe))
+    path = request.out / f"{request.workdir.absolute().name}.safetensors"
+  write_safetensors(path, tensors, {**metadata, "persona_jax_base_model": str(request.base)})
+  return [path], {}
+
+
+def verify_file(pipe, model_path, value, **options):
+  """A LoRA file loaded by diffusers (`load_lora_weights`, then `fuse_lora`) and by persona_jax;
+  our own lora.safetensors is handed to diffusers as the PEFT file `export` writes."""
+  from persona_jax.verify import compare_adapter
+
+  def load_both(ref, pipe, tmp):
+    from persona_jax.convert.files import read_safetensors, write_safetensors
+    from persona_jax.methods.lora_compose import LoRASpec, with_loras
+    from persona_jax.text_to_image import Sampling
+    factors = lf.read_lora_file(value, pipe.params)
+    file = Path(value)
+    if lf.detect_format(read_safetensors(file)) == "persona_jax":
+      tensors, meta = lf.peft_state_dict(factors, pipe.params)
+      file = Path(tmp) / lf.PEFT_FILE
+      write_safetensors(file, tensors, meta)
+    ref.load_lora_weights(str(file.parent), weight_name=file.name)
+    ref.fuse_lora()
+    return pipe, Sampling(with_loras(pipe.params, [LoRASpec(Path(value))], pipe.unet_config)), None
+  return compare_adapter(pipe, model_path, load_both, seed=options.get("seed", 0))
+
+
+SPEC = MethodSpec(
+    name="lora", config=LoRAConfig, make=make, result=ResultSpec(RESULT_FILE, lf.OURS),
+    load=load, sample=sample,
+    exports={"diffusers": lambda r: export(r, "diffusers"), "kohya": lambda r: export(r, "kohya"),
+             "a1111": lambda r: export(r, "kohya")},
+    eval={"lora": EvalRecipe("tuned", "sks {cls}", "lora", 200, 1e-3,
+                             (("data.prompt", "a photo of a sks {cls}"),))},
+    verify=VerifySpec("--lora", "FILE", "compare one LoRA file (ours, diffusers/PEFT, kohya) "
+                      "loaded by diffusers and by persona_jax", verify_file))

@@ -1,32 +1,59 @@
-"""Method names -> (typed config class, factory). Adding a method: one module and one entry."""
+"""Every method's whole lifecycle, by name: options, training, result file, sampling, export,
+evaluation and verification. `train`, `sample`, `export`, `eval` and `verify` find a method here
+and never branch on its name.
+
+A method module declares one `MethodSpec` (its `SPEC`) and this module lists them:
+
+  config, make        the typed options (`method.*` of a run config) and
+                      `make(config, base_params, tokenizer_dir, unet_config) -> Method`
+  result              its result file (name and format tag) and `load(path) -> Result`
+  sample              `sample(SampleRequest) -> Sampling`: how a result samples, with which
+                      inputs (`sampling`: how many `--image`, the traced knobs, a legacy flag)
+  base_model          `(result) -> model path or None`: the base a result samples on by default
+  exports             {format: `export(ExportRequest) -> (paths, record)`}
+  eval                {eval name: EvalRecipe}: how `persona-jax eval` runs it on the toy world
+  verify              a `--FLAG VALUE` of `persona-jax verify` comparing its files with diffusers
+  data_sources        {name: builder} data sources it brings (train/data_sources.py)
+  upgrade             rewrites a config.json of an earlier version to today's keys
+Modules in `COMMANDS` add subcommands (a `COMMAND`, e.g. importing an official release).
+Adding a method: one module with its SPEC, one entry in `SPECS` below, one config
+(docs/adding_a_method.md).
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import json
 from collections.abc import Mapping
+from pathlib import Path
 
-from persona_jax.errors import ConfigError
-from persona_jax.methods import custom_diffusion, dreambooth, e4t, ip_adapter, lora, textual_inversion
-from persona_jax.methods import instantbooth
-from persona_jax.methods import fastcomposer
+from persona_jax.errors import ConfigError, ModelFileError
+from persona_jax.methods.spec import EvalRecipe, Knob, MethodSpec
 
-METHODS = {
-    "custom_diffusion": (custom_diffusion.CustomDiffusionConfig, custom_diffusion.make),
-    "dreambooth": (dreambooth.DreamBoothConfig, dreambooth.make),
-    "e4t": (e4t.E4TConfig, e4t.make),
-    "ip_adapter": (ip_adapter.IPAdapterConfig, ip_adapter.make),
-    "fastcomposer": (fastcomposer.FastComposerConfig, fastcomposer.make),
-    "instantbooth": (instantbooth.InstantBoothConfig, instantbooth.make),
-    "lora": (lora.LoRAConfig, lora.make),
-    "textual_inversion": (textual_inversion.TextualInversionConfig, textual_inversion.make),
-}
+SPECS = ("custom_diffusion", "dreambooth", "e4t", "fastcomposer", "instantbooth", "ip_adapter",
+         "lora", "textual_inversion")
+COMMANDS = ("fastcomposer_official",)
+METHODS: dict[str, MethodSpec] = {}
+for _module in SPECS:
+  _spec = importlib.import_module(f"persona_jax.methods.{_module}").SPEC
+  METHODS[_spec.name] = _spec
+
+
+def commands() -> list:
+  """The subcommands methods add (methods/spec.py `Command`)."""
+  return [importlib.import_module(f"persona_jax.methods.{m}").COMMAND for m in COMMANDS]
+
+
+def spec(name: str) -> MethodSpec:
+  if name not in METHODS:
+    raise ConfigError(f"method.name: unknown method '{name}' (known: {', '.join(sorted(METHODS))})")
+  return METHODS[name]
 
 
 def method_config(name: str, values: Mapping):
   """The typed config of method `name` from the `method` section of a run config."""
-  if name not in METHODS:
-    raise ConfigError(f"method.name: unknown method '{name}' (known: {', '.join(sorted(METHODS))})")
-  cls = METHODS[name][0]
+  cls = spec(name).config
   fields = {f.name for f in dataclasses.fields(cls)}
   unknown = sorted(set(values) - fields)
   if unknown:
@@ -37,4 +64,66 @@ def method_config(name: str, values: Mapping):
 
 def make_method(name: str, values: Mapping, base_params, tokenizer_dir=None, unet_config=None):
   """Builds the Method from its name, its config values and the base model."""
-  return METHODS[name][1](method_config(name, values), base_params, tokenizer_dir, unet_config)
+  return spec(name).make(method_config(name, values), base_params, tokenizer_dir, unet_config)
+
+
+def format_tag(path: Path) -> str | None:
+  """The `format` metadata of a .safetensors file (None otherwise)."""
+  if path.suffix != ".safetensors" or not path.is_file():
+    return None
+  from safetensors import safe_open
+  try:
+    with safe_open(str(path), "np") as f:
+      return (f.metadata() or {}).get("format")
+  except Exception:  # a file safetensors cannot parse is reported by the method's loader
+    return None
+
+
+def read_run_config(workdir: Path) -> dict | None:
+  """WORKDIR/config.json as written (train.config.upgrade gives today's keys), or None."""
+  path = Path(workdir) / "config.json"
+  if not path.is_file():
+    return None
+  try:
+    return json.loads(path.read_text())
+  except json.JSONDecodeError:
+    raise ModelFileError(f"{path}: not valid JSON (a damaged run folder?)") from None
+
+
+def find_run(path, method: str | None = None):
+  """(spec, result) of a run folder (its config.json names the method), a result folder (e.g. a
+  merged or imported one: its result file's format tag does) or a result file (its tag); with
+  `method` (a per-method flag), that method's result, whatever the folder holds."""
+  path = Path(path)
+  if not path.exists():
+    raise ModelFileError(f"{path}: no such run folder or result file")
+  config = read_run_config(path) if path.is_dir() else None
+  ran = config["method"]["name"] if config is not None else None
+  if method is not None:
+    if ran is not None and ran != method:
+      raise ModelFileError(f"{path}: a {ran} run, not a {method} run")
+    return METHODS[method], METHODS[method].load(path)
+  if ran is not None:
+    return spec(ran), spec(ran).load(path)
+  candidates = ([path / s.result.file for s in METHODS.values()] if path.is_dir() else [path])
+  for s in METHODS.values():
+    for file in candidates:
+      if s.result.format is not None and format_tag(file) == s.result.format:
+        return s, s.load(path)
+  raise ModelFileError(f"{path}: neither a `persona-jax train` run (config.json) nor a persona_jax "
+                       "result (a tagged result file); pass its run folder, or the method's own "
+                       "flag (e.g. --ip-adapter FILE)")
+
+
+def knobs() -> dict[str, Knob]:
+  """Every method's sampling knobs by name (one flag each in the CLI)."""
+  out = {}
+  for s in METHODS.values():
+    for knob in s.sampling.knobs:
+      out.setdefault(knob.name, knob)
+  return out
+
+
+def eval_recipes() -> dict[str, tuple[MethodSpec, EvalRecipe]]:
+  """Every method's evaluation recipes by eval name (e.g. dreambooth, dreambooth_noprior)."""
+  return {name: (s, r) for s in METHODS.values() for name, r in s.eval.items()}

@@ -1,6 +1,8 @@
 """A method's result file: its trained leaves by param path (float32) in WORKDIR/<name>.safetensors,
 with string metadata (a format tag, the base model, the run's method options, ...) that sampling
-and export read back. Custom Diffusion, E4T, InstantBooth and FastComposer keep theirs here."""
+and export read back. Custom Diffusion, E4T, InstantBooth and FastComposer keep theirs here; the
+`Result` read back is what every method's `load` returns (methods/spec.py).
+"""
 
 from __future__ import annotations
 
@@ -14,15 +16,16 @@ from persona_jax import tree
 from persona_jax.errors import ModelFileError
 
 
-def run_metadata(run, fmt: str, **more: str) -> dict[str, str]:
-  """The metadata every result records: format, base model, resolution, the method options."""
-  return {"format": fmt, "base_model": str(run.model_dir),
-          "resolution": str(run.config.data.resolution),
-          "method": json.dumps(dict(run.config.method_options), default=str), **more}
+def run_metadata(context, fmt: str, **more: str) -> dict[str, str]:
+  """The metadata every result records: format, base model, resolution, the method options.
+  `context`: the run's `methods.base.ResultContext`."""
+  return {"format": fmt, "base_model": str(context.model_dir),
+          "resolution": str(context.config.data.resolution),
+          "method": json.dumps(dict(context.config.method_options), default=str), **more}
 
 
 def write(workdir, file_name: str, trainable, metadata: dict[str, str]) -> list[str]:
-  """Writes WORKDIR/file_name (float32 leaves by path); returns [its path] (a save_result)."""
+  """Writes WORKDIR/file_name (float32 leaves by path); returns [its path] (a method's save)."""
   from persona_jax.convert.files import write_safetensors
   flat = {p: np.asarray(v, np.float32) for p, v in tree.flatten(trainable).items()}
   path = Path(workdir) / file_name
@@ -30,14 +33,25 @@ def write(workdir, file_name: str, trainable, metadata: dict[str, str]) -> list[
   return [str(path)]
 
 
+def metadata(path) -> dict[str, str]:
+  """The safetensors metadata of a file ({} for other files)."""
+  path = Path(path)
+  if path.suffix != ".safetensors" or not path.is_file():
+    return {}
+  from safetensors import safe_open
+  with safe_open(str(path), "np") as f:
+    return dict(f.metadata() or {})
+
+
 @dataclasses.dataclass
 class Result:
-  """A result file read back.
+  """A result read back: its path, its tensors (param path -> float32 array, or the file's own
+  keys), its metadata.
 
   `config` rebuilds the run's method options as `config_cls`, with the image encoder it used
   (when it recorded one) and `fixed` overriding the recorded values."""
   path: Path
-  weights: dict              # param path -> float32 array
+  weights: dict
   meta: dict
   config_cls: type | None = None
   fixed: dict = dataclasses.field(default_factory=dict)
@@ -56,16 +70,13 @@ def read(path, file_name: str, fmt: str, what: str, made_by: str, config_cls=Non
   """Reads WORKDIR/file_name (or the file itself), checking its format tag.
 
   what: the method's name in messages ("E4T"); made_by: the run that writes it ("an e4t run")."""
-  from safetensors import safe_open
-
   from persona_jax.convert.files import read_safetensors
   path = Path(path)
   if path.is_dir():
     path = path / file_name
   if not path.is_file():
     raise ModelFileError(f"{path}: no {what} result here (expected {file_name} written by {made_by})")
-  with safe_open(str(path), "np") as f:
-    meta = f.metadata() or {}
+  meta = metadata(path)
   if meta.get("format") != fmt:
     raise ModelFileError(f"{path}: not a persona_jax {what} result (metadata format "
                          f"{meta.get('format')!r}, expected {fmt!r})")

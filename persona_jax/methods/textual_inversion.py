@@ -5,21 +5,30 @@ after the base vocabulary, so its ids are V .. V+N-1. The trainable leaf is only
 `tokens` [N, D], initialized from a one-token initializer word; they enter the text encoder as
 input embeddings (the base table concatenated with the rows, then indexed), so every existing
 row and every other parameter stays bit-identical and the optimizer holds state for N rows only.
+
+Result: WORKDIR/learned_embeds.safetensors, diffusers' own file ({placeholder: [N, D]}, metadata
+format "pt", the tokens and the base model): `pipe.load_textual_inversion(WORKDIR)` reads it, and so
+does `persona-jax sample --embedding FILE`. Exports: diffusers (the same layout, one file per token)
+and a1111 (`{"emb_params": [N, D]}`, the file name is the trigger word).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
 
-from persona_jax.errors import ConfigError
-from persona_jax.methods.base import Method
-from persona_jax.tokenizer import load_tokenizer
+from persona_jax.diffusion.conditioning import TOKENS, TextConditioning
+from persona_jax.errors import ConfigError, ModelFileError
+from persona_jax.methods import result_file
+from persona_jax.methods.base import Method, ParamSpec, TokenSpec, identity_prompt
+from persona_jax.methods.spec import EvalRecipe, MethodSpec, ResultSpec, VerifySpec
+from persona_jax.tokenizer import check_new_tokens, load_tokenizer, vector_tokens
 
-TOKENS = "tokens"
+RESULT_FILE = "learned_embeds.safetensors"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,80 +38,121 @@ class TextualInversionConfig:
   num_vectors: int = 1
 
 
-def placeholder_tokens(config: TextualInversionConfig) -> tuple[str, ...]:
-  p = config.placeholder
-  return (p,) + tuple(f"{p}_{i}" for i in range(1, config.num_vectors))
-
-
-def check_new_tokens(tokenizer, tokens, initializers, vocab_rows: int,
-                     fields=("method.placeholder", "method.initializer")) -> list[int]:
-  """Checks new token strings (absent from the vocabulary) and their initializers (one per token:
-  a word that is one token, or a token id) against the tokenizer; returns the initializers' ids."""
-  vocab = tokenizer.get_vocab()
-  for t in tokens:
-    if t in vocab or f"{t}</w>" in vocab:
-      raise ConfigError(f"{fields[0]}: '{t}' is already a token of the tokenizer; choose "
-                        "a new string such as '<my-concept>'")
-  init_ids = []
-  for word in initializers:
-    if isinstance(word, int) or str(word).isdigit():
-      if not 0 <= int(word) < vocab_rows:
-        raise ConfigError(f"{fields[1]}: token id {word} is outside the vocabulary (0..{vocab_rows - 1})")
-      init_ids.append(int(word))
-      continue
-    ids = tokenizer(word, add_special_tokens=False)["input_ids"]
-    if len(ids) != 1:
-      pieces = tokenizer.convert_ids_to_tokens(ids)
-      raise ConfigError(f"{fields[1]}: '{word}' is {len(ids)} tokens "
-                        f"({' '.join(pieces)}); use a word that is a single token")
-    init_ids.append(ids[0])
-  if len(tokenizer) != vocab_rows:
-    raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but the text encoder's table "
-                      f"has {vocab_rows} rows; new token ids would collide")
-  return init_ids
-
-
 def check_tokens(tokenizer, config: TextualInversionConfig, vocab_rows: int) -> int:
   """Validates placeholder and initializer against the tokenizer; returns the initializer's id."""
   if config.num_vectors < 1:
     raise ConfigError(f"method.num_vectors must be >= 1, got {config.num_vectors}")
-  return check_new_tokens(tokenizer, placeholder_tokens(config), [config.initializer],
-                          vocab_rows)[0]
+  return check_new_tokens(tokenizer, vector_tokens(config.placeholder, config.num_vectors),
+                          [config.initializer], vocab_rows)[0]
 
 
-def embed_with_new_rows(params, ids):
-  """Input embeddings [B, L, D] of ids [B, L] over the base table with the trainable rows
-  `params[TOKENS]` [N, D] appended (ids V .. V+N-1 are the new tokens)."""
-  base_table = params["text_encoder"]["embeddings"]["token_embedding"]["embedding"]
-  full = jnp.concatenate([base_table, params[TOKENS].astype(base_table.dtype)], axis=0)
-  return jnp.take(full, ids, axis=0)
+def vector_expander(placeholder: str, tokens: tuple[str, ...]):
+  """prompt -> prompt with a multi-vector placeholder replaced by its vector tokens."""
+  if len(tokens) == 1:
+    return identity_prompt
+  return lambda prompt: prompt.replace(placeholder, " ".join(tokens))
 
 
-def save_result(run, trainable, workdir):
+def save(config: TextualInversionConfig, tokens, trainable, context):
   """WORKDIR/learned_embeds.safetensors: {placeholder: [num_vectors, D]} (diffusers' format)."""
   from persona_jax.convert.files import write_safetensors
-  path = workdir / "learned_embeds.safetensors"
-  tokens = run.method.added_tokens
+  path = Path(context.workdir) / RESULT_FILE
   write_safetensors(path, {tokens[0]: np.asarray(trainable[TOKENS], np.float32)},
                     {"format": "pt", "tokens": json.dumps(list(tokens)),
-                     "base_model": str(run.model_dir)})
+                     "base_model": str(context.model_dir),
+                     "method": json.dumps(dataclasses.asdict(config), default=str)})
   return [str(path)]
 
 
 def make(config: TextualInversionConfig, base_params, tokenizer_dir=None, unet_config=None) -> Method:
   """The Textual Inversion method for a base model (its params give the initializer's row)."""
+  import functools
   table = base_params["text_encoder"]["embeddings"]["token_embedding"]["embedding"]   # [V, D]
   init_id = check_tokens(load_tokenizer(tokenizer_dir), config, table.shape[0])
-  tokens = placeholder_tokens(config)
+  tokens = vector_tokens(config.placeholder, config.num_vectors)
   n = len(tokens)
 
-  def init_trainable(rng, base):
+  def init(rng, base):
     row = base["text_encoder"]["embeddings"]["token_embedding"]["embedding"][init_id]
     return {TOKENS: jnp.tile(row[None].astype(jnp.float32), (n, 1))}             # [N, D]
 
-  def expand_prompt(prompt: str) -> str:
-    return prompt.replace(config.placeholder, " ".join(tokens)) if n > 1 else prompt
+  return Method(name="textual_inversion", params=ParamSpec(init=init),
+                conditioning=TextConditioning(token_rows=True),
+                tokens=TokenSpec(tokens, vector_expander(config.placeholder, tokens)),
+                save=functools.partial(save, config, tokens))
 
-  return Method(name="textual_inversion", init_trainable=init_trainable,
-                input_embeddings=embed_with_new_rows, added_tokens=tokens,
-                expand_prompt=expand_prompt, save_result=save_result)
+
+# ---------------------------------------------------------------------------------------------
+# Result, sampling, export, verify.
+
+
+def load(path) -> result_file.Result:
+  """WORKDIR/learned_embeds.safetensors (or the file): weights {placeholder: [N, D]}."""
+  from persona_jax.convert.embedding_formats import read_embedding_file
+  path = Path(path)
+  path = path / RESULT_FILE if path.is_dir() else path
+  if not path.is_file():
+    raise ModelFileError(f"{path}: no Textual Inversion result here (the run has not finished: "
+                         "run the same `train` command again to complete it)")
+  return result_file.Result(path, read_embedding_file(path), result_file.metadata(path))
+
+
+def sample(request):
+  """The result's rows as the method trained them: new tokens, rows as input embeddings."""
+  from persona_jax.text_to_image import Sampling
+  from persona_jax.tokenizer import tokenizer_with_tokens
+  (placeholder, rows), = request.result.weights.items()
+  tokens = vector_tokens(placeholder, len(rows))
+  width = request.params["text_encoder"]["embeddings"]["token_embedding"]["embedding"].shape[1]
+  if rows.shape[1] != width:
+    raise ModelFileError(f"{request.result.path}: embedding width {rows.shape[1]}, this model's "
+                         f"text encoder needs {width}")
+  params = {**request.params, TOKENS: jnp.asarray(rows)}
+  return Sampling(params, tokenizer_with_tokens(request.pipe.tokenizer_dir, tokens),
+                  TextConditioning(token_rows=True), vector_expander(placeholder, tokens))
+
+
+def export(request, fmt: str):
+  from persona_jax.convert import embedding_formats as ef
+  embeddings = load(request.workdir).weights
+  written = []
+  for token, rows in embeddings.items():
+    if fmt == "a1111":
+      written.append(ef.write_a1111_embedding(token, rows, request.out))
+    else:
+      folder = (request.out if len(embeddings) == 1 else
+                request.out / ef.a1111_file_name(token).removesuffix(".safetensors"))
+      written.append(ef.write_diffusers_embedding({token: rows}, folder,
+                                                  metadata={"base_model": str(request.base)}))
+  return written, {}
+
+
+def verify_embedding(pipe, model_path, value, **options):
+  """An embedding file loaded by diffusers' load_textual_inversion and by persona_jax."""
+  from persona_jax.verify import compare_adapter
+
+  def load_both(ref, pipe, tmp):
+    import torch
+
+    from persona_jax.convert.embedding_formats import read_embedding_spec, with_embeddings
+    from persona_jax.text_to_image import Sampling
+    rows = read_embedding_spec(str(value), width=pipe.text_encoder_config.hidden_size)
+    (token, vectors), = rows.items()
+    added = with_embeddings(pipe, rows)
+    ref.load_textual_inversion({token: torch.from_numpy(vectors)}, token=token)
+    return added.pipe, Sampling(added.pipe.params, added.tokenizer), added.expand_prompt(token)
+  return compare_adapter(pipe, model_path, load_both, seed=options.get("seed", 0))
+
+
+IDENTIFIER = "sks"
+SPEC = MethodSpec(
+    name="textual_inversion", config=TextualInversionConfig, make=make,
+    result=ResultSpec(RESULT_FILE), load=load, sample=sample,
+    exports={"diffusers": lambda r: export(r, "diffusers"), "a1111": lambda r: export(r, "a1111")},
+    eval={"textual_inversion": EvalRecipe(
+        "tuned", "<sks>", "textual_inversion", 300, 5e-3,
+        (("method.placeholder", "<sks>"), ("method.initializer", "{cls}"),
+         ("data.caption_source", "prompt"), ("data.prompt", "a photo of a <sks>")))},
+    verify=VerifySpec("--embedding", "FILE[:TOKEN]",
+                      "compare one textual-inversion embedding (diffusers, A1111)",
+                      verify_embedding))

@@ -21,7 +21,6 @@ import jax.numpy as jnp
 
 from persona_jax.models.attention_maps import ATTENTION_MAPS, head_mean_probs
 from persona_jax.models.blocked_attention import blocked_attention
-from persona_jax.models.extra_conditioning import per_example
 from persona_jax.models.norms import GroupNorm
 
 log = logging.getLogger(__name__)
@@ -97,13 +96,13 @@ class Attention(nn.Module):
   (the VAE's mid-block attention), the input is [B, H, W, C], group-normalized first and added
   back at the end (`residual_connection`).
 
-  Two default-off hooks of the UNet's attn2 (models/extra_conditioning.py):
-    * `ip_context` (IP-Adapter's decoupled cross-attention, diffusers' IPAdapterAttnProcessor2_0):
-      `Attn(Q, K, V) + ip_scale * Attn(Q, K_ip, V_ip)` before the shared to_out_0, with new
-      `to_k_ip`/`to_v_ip` (no bias) on the image tokens, created in this layer's subtree
-      (`.../attn2/to_k_ip/kernel` [D, inner] is `ip_adapter.{id}.to_k_ip.weight` transposed);
+  Options the UNet's add-ons set on attn2 (models/addons.py), all off by default:
+    * `detach_context_tokens`: keys and values of the first N context tokens carry no gradient;
     * `attention_maps`: sow the head-averaged softmax over the context into the ATTENTION_MAPS
-      collection (models/attention_maps.py), only when that collection is mutable.
+      collection (models/attention_maps.py), only when that collection is mutable;
+    * `branches` (a call argument): added attentions that share this layer's queries and output
+      projection, each `branch(q) -> [B, T, N, Dh]` added before to_out_0 and run in this
+      layer's scope, so its params are this layer's children (models/adapters.py).
   """
   heads: int
   dim_head: int
@@ -119,9 +118,9 @@ class Attention(nn.Module):
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, context=None, ip_context=None, ip_scale=None):
+  def __call__(self, x, context=None, branches=()):
     """x: [B, T, C] (or [B, H, W, C] with a group norm); context: [B, S, D] or None;
-    ip_context: [B, N, D] image tokens or None; ip_scale: scalar or [B] (None: 1)."""
+    branches: callables (q [B, T, N, Dh]) -> [B, T, N, Dh] (see above)."""
     residual, in_shape = x, x.shape
     if self.norm_num_groups is not None:
       x = GroupNorm(self.norm_num_groups, self.norm_eps, self.dtype, self.param_dtype,
@@ -144,15 +143,8 @@ class Attention(nn.Module):
       self.sow(ATTENTION_MAPS, "probs", head_mean_probs(q, k, scale=self.dim_head ** -0.5),
                init_fn=lambda: None, reduce_fn=lambda _, new: new)
     h = dot_product_attention(q, k, v, kernel=self.kernel).astype(self.dtype)    # [B, T, N, Dh]
-    if ip_context is not None:
-      ip_dense = functools.partial(nn.Dense, inner, use_bias=False, dtype=self.dtype,
-                                   param_dtype=self.param_dtype)
-      k_ip = ip_dense(name="to_k_ip")(ip_context).reshape(b, -1, self.heads, self.dim_head)
-      v_ip = ip_dense(name="to_v_ip")(ip_context).reshape(b, -1, self.heads, self.dim_head)
-      if self.upcast_attention:
-        k_ip, v_ip = k_ip.astype(jnp.float32), v_ip.astype(jnp.float32)
-      h_ip = dot_product_attention(q, k_ip, v_ip, kernel=self.kernel).astype(self.dtype)
-      h = h + per_example(ip_scale, b, 4, self.dtype) * h_ip                     # [B, T, N, Dh]
+    for branch in branches:
+      h = h + branch(q)                                                          # [B, T, N, Dh]
     h = nn.Dense(c, dtype=self.dtype, param_dtype=self.param_dtype,
                  name="to_out_0")(h.reshape(b, -1, inner))            # [B, T, C]
     h = h.reshape(in_shape)

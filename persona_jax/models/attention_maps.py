@@ -1,9 +1,9 @@
 """Cross-attention probability maps of chosen UNet blocks (FastComposer's localization loss).
 
-Ask with the UNet config's runtime field `attention_maps` (block names of `block_names`: IN01,
+Ask with the UNet add-on `AttentionMaps` (models/addons.py; block names of `block_names`: IN01,
 MID, OUT03, ...; every attn2 inside an asked block reports) and read with a mutable collection:
 
-  unet = UNet2DConditionModel(dataclasses.replace(config, attention_maps=("IN04", "MID")))
+  unet = UNet2DConditionModel(dataclasses.replace(config, addons=(AttentionMaps(("IN04", "MID")),)))
   out, state = unet.apply({"params": p}, x, t, ctx, mutable=[ATTENTION_MAPS])
   maps = collect(state, unet.config, x.shape[1:3])     # {attn2 path: [B, h, w, L]}
 
@@ -34,9 +34,9 @@ def head_mean_probs(q, k, *, scale: float):
 
 
 @functools.lru_cache(maxsize=None)
-def asked_blocks(config: UNetConfig) -> frozenset[str]:
-  """The canonical names in `config.attention_maps`, checked: each must hold a cross-attention."""
-  names = {block_names.canonical(n, config, "attention_maps") for n in config.attention_maps}
+def asked_blocks(config: UNetConfig, blocks: tuple[str, ...]) -> frozenset[str]:
+  """The canonical names of `blocks`, checked: each must hold a cross-attention."""
+  names = {block_names.canonical(n, config, "attention_maps") for n in blocks}
   with_attention = set(block_names.attention_blocks(config)) - {block_names.BASE}
   bad = sorted(names - with_attention)
   if bad:
@@ -45,12 +45,12 @@ def asked_blocks(config: UNetConfig) -> frozenset[str]:
   return frozenset(names)
 
 
-def reports_maps(config: UNetConfig, path: str) -> bool:
+def reports_maps(config: UNetConfig, blocks: tuple[str, ...], path: str) -> bool:
   """Whether the transformer at `path` (`down_blocks_1/attentions_0`, `mid_block/attentions_0`)
-  reports its maps."""
-  if not config.attention_maps:
+  reports its maps when `blocks` are asked."""
+  if not blocks:
     return False
-  return block_names.unet_block(path + "/", config) in asked_blocks(config)
+  return block_names.unet_block(path + "/", config) in asked_blocks(config, blocks)
 
 
 def feature_size(config: UNetConfig, path: str, latent_hw: tuple[int, int]) -> tuple[int, int]:

@@ -182,15 +182,10 @@ class UNetConfig:
   param_dtype: Any = dataclasses.field(default=jnp.float32, metadata=_RUNTIME)
   attention: str = dataclasses.field(default="auto", metadata=_RUNTIME)  # auto|einsum|xla|cudnn|blocked
   remat: str = dataclasses.field(default="none", metadata=_RUNTIME)      # none|blocks|dots
-  # Cross-attention keys/values of the first N context tokens carry no gradient (Custom
-  # Diffusion detaches the BOS token's); the forward is unchanged.
-  detach_context_tokens: int = dataclasses.field(default=0, metadata=_RUNTIME)
-  # Default-off added layers of tuning-free methods, fed by `ExtraConditioning` streams
-  # (models/extra_conditioning.py); their params are absent from base checkpoints.
-  ip_adapter: bool = dataclasses.field(default=False, metadata=_RUNTIME)     # attn2/to_[kv]_ip
-  gated_adapter: bool = dataclasses.field(default=False, metadata=_RUNTIME)  # .../adapter
-  # Blocks (IN01, MID, OUT03, ...) whose attn2 report attention maps (models/attention_maps.py).
-  attention_maps: tuple[str, ...] = dataclasses.field(default=(), metadata=_RUNTIME)
+  # Add-ons a method switches on (models/addons.py: added layers such as IP-Adapter's decoupled
+  # cross-attention and InstantBooth's adapters, attention-map capture, detached context
+  # tokens), called at the UNet's plug points; (): the base UNet.
+  addons: tuple = dataclasses.field(default=(), metadata=_RUNTIME)
 
   @classmethod
   def from_dict(cls, raw, source="unet/config.json") -> "UNetConfig":

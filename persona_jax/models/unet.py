@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import re
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from persona_jax import tree
-from persona_jax.models import extra_conditioning
 from persona_jax.models.activations import get_activation
-from persona_jax.models.attention_maps import asked_blocks
+from persona_jax.models.addons import Where, check_streams
 from persona_jax.models.configs import UNetConfig
 from persona_jax.models.embeddings import TimestepEmbedding, timestep_embedding
-from persona_jax.models.extra_conditioning import ExtraConditioning
 from persona_jax.models.norms import GroupNorm
 from persona_jax.models.unet_blocks import UNetDownBlock, UNetMidBlock2DCrossAttn, UNetUpBlock, conv
 
@@ -24,24 +20,28 @@ class UNet2DConditionModel(nn.Module):
   config: UNetConfig
 
   @nn.compact
-  def __call__(self, sample, timesteps, encoder_hidden_states,
-               extra: ExtraConditioning | None = None):
+  def __call__(self, sample, timesteps, encoder_hidden_states, streams=None):
     """Predicts noise (or v, or x0, per the scheduler's prediction type).
 
     Args:
       sample: [B, H, W, in_channels] noisy latents.
       timesteps: [B] or scalar, integer or fractional.
       encoder_hidden_states: [B, L, cross_attention_dim] text conditioning.
-      extra: optional streams of the added layers the config switches on (`ip_adapter`,
-        `gated_adapter`); None, or a layer's stream None, computes the base model exactly.
+      streams: {name: array} read by the config's add-ons (models/addons.py); None, or an
+        add-on's stream absent, computes the base model exactly.
     Returns:
-      [B, H, W, out_channels]. With `config.attention_maps`, `apply(..., mutable=
+      [B, H, W, out_channels]. With the `AttentionMaps` add-on, `apply(..., mutable=
       [ATTENTION_MAPS])` also returns the maps (models/attention_maps.py).
     """
     c = self.config
     n = len(c.block_out_channels)
     height, width = sample.shape[1:3]
-    x, skips, temb, context, extra = down_path(c, sample, timesteps, encoder_hidden_states, extra)
+    streams = {} if streams is None else streams
+    x, skips, temb, context = down_path(c, sample, timesteps, encoder_hidden_states, streams)
+    for addon in c.addons:                     # the skips the up path reads, the mid output
+      skips = [addon.block_output(where, h, streams) for where, h in zip(skip_places(c), skips)]
+      if c.mid_block_type is not None:
+        x = addon.block_output(Where("mid"), x, streams)
 
     # When H or W is not a multiple of 2**(n-1), upsample to the skip's exact size (as diffusers).
     exact_sizes = height % c.downsample_factor or width % c.downsample_factor
@@ -50,7 +50,9 @@ class UNet2DConditionModel(nn.Module):
       k = layers[i] + 1
       block_skips, skips = skips[-k:][::-1], skips[:-k]
       size = skips[-1].shape[1:3] if exact_sizes and i < n - 1 else None
-      x = UNetUpBlock(c, i, name=f"up_blocks_{i}")(x, block_skips, temb, context, size, extra)
+      x = UNetUpBlock(c, i, name=f"up_blocks_{i}")(x, block_skips, temb, context, size, streams)
+      for addon in c.addons:
+        x = addon.block_output(Where("up", i), x, streams)
 
     x = GroupNorm(c.norm_num_groups, c.norm_eps, c.dtype, c.param_dtype, name="conv_norm_out")(x)
     x = get_activation(c.act_fn)(x)
@@ -58,23 +60,30 @@ class UNet2DConditionModel(nn.Module):
                 name="conv_out")(x)
 
 
-def down_path(c: UNetConfig, sample, timesteps, encoder_hidden_states, extra=None):
+def skip_places(c: UNetConfig) -> list[Where]:
+  """Where each skip of `down_path` comes from, in order: conv_in (block -1), then per down
+  block its layers and its downsampler (the last layer index)."""
+  out = [Where("down", -1, 0)]
+  for i, layers in enumerate(c.layers_per_block_list):
+    out += [Where("down", i, j) for j in range(layers + (i < len(c.block_out_channels) - 1))]
+  return out
+
+
+def down_path(c: UNetConfig, sample, timesteps, encoder_hidden_states, streams=None):
   """conv_in, the down blocks and the mid block, creating their submodules in the calling
   module's scope (so both modules below share diffusers' param names).
 
   Returns:
     (x [B, h, w, C] after the mid block, skips: conv_in's output then every down-block output
-    as the up path consumes them, temb [B, T], context [B, L, D] and extra (its tokens) in the
-    compute dtype).
+    as the up path consumes them, temb [B, T], context [B, L, D] in the compute dtype).
   """
   b = sample.shape[0]
   sample = sample.astype(c.dtype)
   context = encoder_hidden_states.astype(c.dtype)
-  extra = ExtraConditioning() if extra is None else extra
-  extra_conditioning.check(c, extra)
-  asked_blocks(c)                                            # unknown block names fail here
-  cast = lambda a: None if a is None else a.astype(c.dtype)
-  extra = extra.replace(ip_tokens=cast(extra.ip_tokens), adapter_tokens=cast(extra.adapter_tokens))
+  streams = {} if streams is None else streams
+  check_streams(c, streams)
+  for addon in c.addons:
+    addon.check(c)
   if c.center_input_sample:
     sample = 2 * sample - 1.0
 
@@ -82,17 +91,19 @@ def down_path(c: UNetConfig, sample, timesteps, encoder_hidden_states, extra=Non
   temb = timestep_embedding(t, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift)
   temb = TimestepEmbedding(c.time_embed_dim, c.act_fn, c.dtype, c.param_dtype,
                            name="time_embedding")(temb.astype(c.dtype))      # [B, T]
+  for addon in c.addons:
+    temb = addon.time_embedding(temb, streams)
 
   x = conv(c.block_out_channels[0], c.conv_in_kernel, dtype=c.dtype, param_dtype=c.param_dtype,
            name="conv_in")(sample)
   skips = [x]
   for i in range(len(c.block_out_channels)):
-    x, block_skips = UNetDownBlock(c, i, name=f"down_blocks_{i}")(x, temb, context, extra)
+    x, block_skips = UNetDownBlock(c, i, name=f"down_blocks_{i}")(x, temb, context, streams)
     skips.extend(block_skips)
 
   if c.mid_block_type is not None:
-    x = UNetMidBlock2DCrossAttn(c, name="mid_block")(x, temb, context, extra)
-  return x, skips, temb, context, extra
+    x = UNetMidBlock2DCrossAttn(c, name="mid_block")(x, temb, context, streams)
+  return x, skips, temb, context
 
 
 def encoder_feature_dim(c: UNetConfig) -> int:
@@ -112,7 +123,7 @@ class UNetEncoderFeatures(nn.Module):
   config: UNetConfig
 
   @nn.compact
-  def __call__(self, sample, timesteps, encoder_hidden_states, extra=None):
+  def __call__(self, sample, timesteps, encoder_hidden_states, streams=None):
     """Pooled encoder features.
 
     Args:
@@ -123,32 +134,28 @@ class UNetEncoderFeatures(nn.Module):
       attention / downsampler output, then the mid block's, each averaged over H and W and
       concatenated in that order (SD 1.5: 12 skips + mid = 10880 features).
     """
-    x, skips, _, _, _ = down_path(self.config, sample, timesteps, encoder_hidden_states, extra)
+    x, skips, _, _ = down_path(self.config, sample, timesteps, encoder_hidden_states, streams)
     outputs = skips + ([x] if self.config.mid_block_type is not None else [])
     return jnp.concatenate([h.astype(jnp.float32).mean(axis=(1, 2)) for h in outputs], axis=-1)
 
 
-# Param paths of the added layers (UNetConfig.ip_adapter, gated_adapter) inside the UNet's tree.
-ADDED_LAYERS = r".*/(attn2/to_[kv]_ip|adapter)/.*"
+def init_added_params(unet: UNet2DConditionModel, rng, streams: dict) -> dict:
+  """Fresh params of the layers the UNet's add-ons add, {unet param path tree} (no base leaves).
 
-
-def init_added_params(unet: UNet2DConditionModel, rng, extra: ExtraConditioning) -> dict:
-  """Fresh params of the added layers only, {unet param path tree} (no base leaves).
-
-  `extra` carries example streams of the shapes the layers will see (their widths matter, the
-  batch and token counts do not), e.g. ExtraConditioning(adapter_tokens=jnp.zeros((1, 1, 768))).
-  The whole UNet is initialized under jit, which drops every base leaf: cheap even for SD.
+  `streams` are example streams of the shapes the layers will see (their widths matter, the
+  batch and token counts do not), e.g. {"adapter_tokens": jnp.zeros((1, 1, 768))}. The whole
+  UNet is initialized under jit, which drops every base leaf: cheap even for SD.
   """
+  import dataclasses
   c = unet.config
   f = c.downsample_factor
+  base = UNet2DConditionModel(dataclasses.replace(c, addons=()))
+  example = (jnp.zeros((1, f, f, c.in_channels), c.dtype), jnp.zeros((1,)),
+             jnp.zeros((1, 1, c.cross_attention_dims[0]), c.dtype))
+  base_paths = set(tree.flatten(jax.eval_shape(base.init, jax.random.key(0), *example)["params"]))
+  streams = {k: v if v is None or jnp.ndim(v) == 0 else v[:1] for k, v in streams.items()}
 
-  first = lambda a: None if a is None else a[:1]
-  extra = ExtraConditioning(ip_tokens=first(extra.ip_tokens),
-                            adapter_tokens=first(extra.adapter_tokens))
-
-  def added(rng, extra):
-    params = unet.init(rng, jnp.zeros((1, f, f, c.in_channels), c.dtype), jnp.zeros((1,)),
-                       jnp.zeros((1, 1, c.cross_attention_dims[0]), c.dtype), extra)["params"]
-    return tree.unflatten({p: v for p, v in tree.flatten(params).items()
-                           if re.fullmatch(ADDED_LAYERS, p)})
-  return jax.jit(added)(rng, extra)
+  def added(rng, streams):
+    params = unet.init(rng, *example, streams)["params"]
+    return tree.unflatten({p: v for p, v in tree.flatten(params).items() if p not in base_paths})
+  return jax.jit(added)(rng, streams)

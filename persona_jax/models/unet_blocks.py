@@ -4,9 +4,10 @@ Param names follow diffusers one-to-one (`resnets_0/conv1`, `attentions_0/transf
 attn2/to_k`, `downsamplers_0/conv`, `ff/net_0/proj`), so `convert/diffusers.py` only has to turn
 `name_N` into `name.N` and transpose kernels.
 
-Every transformer block takes an optional `extra` (`ExtraConditioning`) for the default-off added
-layers of tuning-free methods (IP-Adapter's `attn2/to_[kv]_ip`, InstantBooth's `adapter`);
-without its stream a layer is skipped, so the output is the base model's exactly.
+Every block takes the UNet's `streams` (a dict) and runs the config's add-ons at their plug
+points (models/addons.py): InstantBooth's `adapter` between attn1 and attn2, IP-Adapter's
+`attn2/to_[kv]_ip` branch, attn2's options; without its stream an add-on is skipped, so the output
+is the base model's exactly.
 """
 
 from __future__ import annotations
@@ -19,11 +20,9 @@ import jax
 import jax.numpy as jnp
 
 from persona_jax.models.activations import get_activation
-from persona_jax.models.adapters import GatedSelfAttention
+from persona_jax.models.addons import Place
 from persona_jax.models.attention import Attention
-from persona_jax.models.attention_maps import reports_maps
 from persona_jax.models.configs import UNetConfig
-from persona_jax.models.extra_conditioning import ExtraConditioning
 from persona_jax.models.norms import GroupNorm, LayerNorm
 
 
@@ -127,37 +126,33 @@ class _GEGLU(nn.Module):
 
 
 class BasicTransformerBlock(nn.Module):
-  """norm1 -> attn1 (self) -> [adapter] -> norm2 -> attn2 (cross) -> norm3 -> ff, with residuals.
+  """norm1 -> attn1 (self) -> [add-ons] -> norm2 -> attn2 (cross) -> norm3 -> ff, with residuals.
 
-  Added layers (default off), each run only when its stream is given:
-    * `adapter` (config.gated_adapter, extra.adapter_tokens): InstantBooth's gated self-attention
-      between attn1 and attn2 (models/adapters.py);
-    * attn2's `to_k_ip`/`to_v_ip` (config.ip_adapter, extra.ip_tokens): IP-Adapter's decoupled
-      cross-attention (models/attention.py).
+  The config's add-ons (models/addons.py) plug in between attn1 and attn2
+  (`before_cross_attention`) and into attn2 (`cross_attention_options`, `..._branches`).
   """
   config: UNetConfig
   dim: int
   heads: int
-  attention_maps: bool = False       # attn2 sows its maps (models/attention_maps.py)
+  path: str = ""                     # the transformer's path in the UNet (add-ons key on it)
 
   @nn.compact
-  def __call__(self, x, context, extra: ExtraConditioning | None = None):
-    """x: [B, T, C]; context: [B, L, D]; extra: optional streams -> [B, T, C]."""
+  def __call__(self, x, context, streams=None):
+    """x: [B, T, C]; context: [B, L, D]; streams: {name: array} for the add-ons -> [B, T, C]."""
     c = self.config
-    extra = ExtraConditioning() if extra is None else extra
+    streams = {} if streams is None else streams
+    place = Place(self.path, self.dim, self.heads, c)
     attn = functools.partial(Attention, self.heads, self.dim // self.heads,
                              upcast_attention=c.upcast_attention, kernel=c.attention,
                              dtype=c.dtype, param_dtype=c.param_dtype)
     ln = functools.partial(LayerNorm, 1e-5, c.dtype, c.param_dtype)
     x = x + attn(name="attn1")(ln(name="norm1")(x))
-    if c.gated_adapter and extra.adapter_tokens is not None:
-      x = GatedSelfAttention(self.dim, self.heads, c.upcast_attention, c.attention, c.dtype,
-                             c.param_dtype, name="adapter")(x, extra.adapter_tokens,
-                                                            extra.adapter_scale)
-    ip_tokens = extra.ip_tokens if c.ip_adapter else None
-    x = x + attn(name="attn2", detach_context_tokens=c.detach_context_tokens,
-                 attention_maps=self.attention_maps)(ln(name="norm2")(x), context, ip_tokens,
-                                                     extra.ip_scale)
+    options, branches = {}, ()
+    for addon in c.addons:
+      x = addon.before_cross_attention(place, x, streams)
+      options.update(addon.cross_attention_options(place))
+      branches += tuple(addon.cross_attention_branches(place, streams))
+    x = x + attn(name="attn2", **options)(ln(name="norm2")(x), context, branches)
     x = x + FeedForward(self.dim, dtype=c.dtype, param_dtype=c.param_dtype,
                         name="ff")(ln(name="norm3")(x))
     return x
@@ -169,11 +164,11 @@ class Transformer2DModel(nn.Module):
   channels: int
   heads: int
   num_layers: int = 1
-  attention_maps: bool = False       # every block's attn2 sows its maps
+  path: str = ""                     # its path in the UNet (`down_blocks_1/attentions_0`)
 
   @nn.compact
-  def __call__(self, x, context, extra: ExtraConditioning | None = None):
-    """x: [B, H, W, C]; context: [B, L, D]; extra: optional streams -> [B, H, W, C]."""
+  def __call__(self, x, context, streams=None):
+    """x: [B, H, W, C]; context: [B, L, D]; streams: the add-ons' streams -> [B, H, W, C]."""
     c = self.config
     b, hh, ww, ch = x.shape
     h = GroupNorm(c.norm_num_groups, 1e-6, c.dtype, c.param_dtype, name="norm")(x)
@@ -184,8 +179,8 @@ class Transformer2DModel(nn.Module):
     h = proj(name="proj_in")(h)                                   # [B, H, W, C]
     h = h.reshape(b, hh * ww, self.channels)                      # [B, HW, C]
     for k in range(self.num_layers):
-      h = BasicTransformerBlock(c, self.channels, self.heads, self.attention_maps,
-                                name=f"transformer_blocks_{k}")(h, context, extra)
+      h = BasicTransformerBlock(c, self.channels, self.heads, self.path,
+                                name=f"transformer_blocks_{k}")(h, context, streams)
     h = h.reshape(b, hh, ww, self.channels)
     h = proj(name="proj_out")(h)
     return h + x
@@ -211,7 +206,7 @@ def _resnet(c: UNetConfig, out_channels: int, name: str, output_scale_factor: fl
 
 def _transformer(c: UNetConfig, channels: int, heads: int, layers: int, path: str):
   """The Transformer2DModel at `path` (`down_blocks_0/attentions_1`), named by its last part."""
-  return maybe_remat(Transformer2DModel, c)(c, channels, heads, layers, reports_maps(c, path),
+  return maybe_remat(Transformer2DModel, c)(c, channels, heads, layers, path,
                                             name=path.rsplit("/", 1)[-1])
 
 
@@ -221,7 +216,7 @@ class UNetDownBlock(nn.Module):
   index: int
 
   @nn.compact
-  def __call__(self, x, temb, context, extra=None):
+  def __call__(self, x, temb, context, streams=None):
     """Returns (x, skips): the block output and the tensors the up path concatenates."""
     c, i = self.config, self.index
     out = c.block_out_channels[i]
@@ -231,7 +226,7 @@ class UNetDownBlock(nn.Module):
       x = _resnet(c, out, f"resnets_{j}")(x, temb)
       if cross:
         x = _transformer(c, out, c.heads_per_block[i], c.transformer_layers[i],
-                         f"down_blocks_{i}/attentions_{j}")(x, context, extra)
+                         f"down_blocks_{i}/attentions_{j}")(x, context, streams)
       skips.append(x)
     if i < len(c.block_out_channels) - 1:
       x = Downsample2D(out, c.downsample_padding, c.dtype, c.param_dtype, name="downsamplers_0")(x)
@@ -244,12 +239,12 @@ class UNetMidBlock2DCrossAttn(nn.Module):
   config: UNetConfig
 
   @nn.compact
-  def __call__(self, x, temb, context, extra=None):
+  def __call__(self, x, temb, context, streams=None):
     c = self.config
     ch = c.block_out_channels[-1]
     x = _resnet(c, ch, "resnets_0", c.mid_block_scale_factor)(x, temb)
     x = _transformer(c, ch, c.heads_per_block[-1], c.transformer_layers[-1],
-                     "mid_block/attentions_0")(x, context, extra)
+                     "mid_block/attentions_0")(x, context, streams)
     return _resnet(c, ch, "resnets_1", c.mid_block_scale_factor)(x, temb)
 
 
@@ -259,7 +254,7 @@ class UNetUpBlock(nn.Module):
   index: int
 
   @nn.compact
-  def __call__(self, x, skips, temb, context, upsample_size=None, extra=None):
+  def __call__(self, x, skips, temb, context, upsample_size=None, streams=None):
     """skips: this block's skip tensors, in the order they are consumed (last pushed first)."""
     c, i = self.config, self.index
     n = len(c.block_out_channels)
@@ -271,7 +266,7 @@ class UNetUpBlock(nn.Module):
       x = _resnet(c, out, f"resnets_{j}")(x, temb)
       if cross:
         x = _transformer(c, out, heads, c.transformer_layers[::-1][i],
-                         f"up_blocks_{i}/attentions_{j}")(x, context, extra)
+                         f"up_blocks_{i}/attentions_{j}")(x, context, streams)
     if i < n - 1:
       x = Upsample2D(out, c.dtype, c.param_dtype, name="upsamplers_0")(x, upsample_size)
     return x

@@ -44,27 +44,13 @@ def shard_like(tree_, shardings):
   return jax.tree.map(lambda x, s: jax.device_put(x, s), tree_, shardings)
 
 
-def _key_str(k) -> str:
-  for attr in ("key", "name", "idx"):
-    if hasattr(k, attr):
-      return str(getattr(k, attr))
-  return str(k)
-
-
-def shardings_like_params(abstract, param_shardings, default):
-  """Shardings for a tree holding param-shaped leaves (optimizer moments, accumulated grads):
-  a leaf whose path ends with a param's full path (e.g. `.../mu/unet/conv_in/kernel`) gets that
-  param's sharding; every other leaf (step counts) gets `default`."""
-  by_path = tree.flatten(param_shardings)
-  leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract)
-  out = []
-  for path, leaf in leaves:
-    keys = [_key_str(k) for k in path]
-    sharding = default
-    for n in range(len(keys)):
-      candidate = by_path.get("/".join(keys[n:]))
-      if candidate is not None:
-        sharding = candidate
-        break
-    out.append(sharding)
-  return jax.tree_util.tree_unflatten(treedef, out)
+def optimizer_shardings(tx, abstract_opt_state, param_shardings, default):
+  """Shardings of an optimizer state: every copy of the param tree inside it (Adam's moments,
+  accumulated gradients, EMA-like traces) takes the params' shardings, found by the optimizer's
+  own structure (`optax.tree_map_params`), every other leaf (step counts) `default`. Groups'
+  masked-out subtrees (`optax.MaskedNode`) stay as they are."""
+  import optax
+  masked = lambda x: isinstance(x, optax.MaskedNode)
+  return optax.tree_map_params(tx, lambda value, sharding: value if masked(value) else sharding,
+                               abstract_opt_state, param_shardings,
+                               transform_non_params=lambda _: default, is_leaf=masked)

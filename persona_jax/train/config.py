@@ -1,6 +1,8 @@
-"""The typed config of a training run, built from an ml_collections ConfigDict (or a dict) at the
-boundary: library code never sees a ConfigDict, and a key that is not an option is an error
-naming it (`data.resolutoin`)."""
+"""The config of a training run: the typed `RunConfig`, built from an ml_collections ConfigDict (or
+a dict) at the boundary (library code never sees a ConfigDict, and a key that is not an option is
+an error naming it: `data.resolutoin`), the one base every config file starts from
+(`base_config`: every field at its default, the method's options included), the shipped configs
+(`configs/*.py`, by name) and the upgrade of a config.json written by an earlier version."""
 
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ class RunConfig:
   remat: str = "none"                # none | blocks | dots (UNet activation checkpointing)
   min_snr_gamma: float = 0.0         # 0: off; 5 is the paper's value
   offset_noise: float = 0.0
+  prior_loss_weight: float = 1.0     # lambda of the class images' loss (data.num_class_images > 0)
   fsdp: int = 1                      # size of the mesh's fsdp axis
   sharding: tuple = ()               # ((regex over param paths, "replicate" | "fsdp"), ...)
   log_every: int = 10
@@ -86,6 +89,36 @@ def _typed(cls, values: Mapping, prefix: str):
   return cls(**out)
 
 
+def base_config(method: str):
+  """The ConfigDict of every RunConfig field at its default, `method` holding the method's name
+  and every option at its default: a config file sets only what differs from it."""
+  from ml_collections import ConfigDict
+
+  from persona_jax.methods.registry import spec
+  values = RunConfig().to_dict()
+  values["method"] = {"name": method, **_plain(dataclasses.asdict(spec(method).config()))}
+  return ConfigDict(values)
+
+
+def upgrade(values: Mapping) -> dict:
+  """A run config (config.json) of an earlier version with today's keys: `optim.groups`
+  (multipliers of optim.lr) became `optim.lr_groups` (learning rates), and each method moves its
+  own recipe knobs (`MethodSpec.upgrade`: the prior weight, its learning rates, ...)."""
+  import copy
+
+  from persona_jax.methods.registry import METHODS
+  values = copy.deepcopy(dict(values))
+  optim = values.setdefault("optim", {})
+  if "groups" in optim:
+    lr = optim.get("lr", OptimConfig.lr)
+    optim["lr_groups"] = [[p, m * lr] for p, m in optim.pop("groups")] + list(optim.get("lr_groups", []))
+  method = values.get("method", {})
+  upgrade_method = getattr(METHODS.get(method.get("name")), "upgrade", None)
+  if upgrade_method is not None:
+    upgrade_method(method, values)
+  return values
+
+
 def run_config(values) -> RunConfig:
   """RunConfig from a ConfigDict or nested dict; checks every key, including the method's."""
   if hasattr(values, "to_dict"):
@@ -101,6 +134,12 @@ def run_config(values) -> RunConfig:
   for name in ("steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
     if getattr(config, name) < 1:
       raise ConfigError(f"{name} must be >= 1, got {getattr(config, name)}")
+  if config.prior_loss_weight < 0:
+    raise ConfigError(f"prior_loss_weight must be >= 0, got {config.prior_loss_weight}")
+  if config.data.num_class_images > 0 and config.prior_loss_weight == 0:
+    raise ConfigError("data.num_class_images: with prior_loss_weight 0 the class images would be "
+                      "sampled and then ignored; set data.num_class_images=0 (no prior "
+                      "preservation) or prior_loss_weight > 0")
   return config
 
 
@@ -126,3 +165,21 @@ def load_config(arg: str):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config(variant or None)
+
+
+def shipped_configs() -> list[tuple[str, tuple[str, ...], str]]:
+  """(name, variants, first docstring line) of every shipped config file (`configs/*.py`)."""
+  import ast
+  import importlib.resources
+  out = []
+  for path in sorted(importlib.resources.files("persona_jax.configs").iterdir(), key=lambda p: p.name):
+    if not path.name.endswith(".py") or path.name.startswith("_"):
+      continue
+    module = ast.parse(path.read_text())
+    summary = (ast.get_docstring(module) or "").strip().splitlines()
+    variants = ()
+    for node in module.body:
+      if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "VARIANTS" for t in node.targets):
+        variants = tuple(ast.literal_eval(node.value))
+    out.append((path.name[:-3], variants, summary[0] if summary else ""))
+  return out

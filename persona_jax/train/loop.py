@@ -24,25 +24,24 @@ from tqdm.auto import tqdm
 
 from persona_jax import tree
 from persona_jax.data import pipeline as data
-from persona_jax.class_images import count_images, make_class_images
-from persona_jax.data.images import DataError
 from persona_jax.default_model import resolve_model
 from persona_jax.diffusion.losses import Objective
-from persona_jax.models.components import SDModels
 from persona_jax.errors import ConfigError, PersonaError
 from persona_jax.images import grid, save_png
-from persona_jax.methods.base import MethodConditioning, encode_text
+from persona_jax.methods.base import ResultContext
 from persona_jax.methods.registry import make_method
+from persona_jax.models.components import SDModels
 from persona_jax.models.text_encoder import CLIPTextModel
 from persona_jax.models.unet import UNet2DConditionModel
 from persona_jax.parallel import mesh as mesh_lib
-from persona_jax.parallel.rules import infer_shardings, shard_like, shardings_like_params
+from persona_jax.parallel.rules import infer_shardings, optimizer_shardings, shard_like
 from persona_jax.pipeline import Pipeline, load_pipeline
-from persona_jax.text_to_image import SampleOptions, text_to_image
+from persona_jax.text_to_image import SampleOptions, Sampling, text_to_image
 from persona_jax.tokenizer import tokenize, tokenizer_with_tokens
 from persona_jax.train import checkpoint as ckpt
+from persona_jax.train import data_sources
 from persona_jax.train.config import RunConfig
-from persona_jax.train.optim import OptimConfig, make_optimizer, optimizer_step
+from persona_jax.train.optim import make_optimizer, optimizer_step
 from persona_jax.train.state import TrainState, init_state
 from persona_jax.train.step import train_step
 
@@ -73,11 +72,11 @@ class Run:
   components: dict = dataclasses.field(default_factory=dict)   # the method's own frozen networks
 
   def tokenize(self, prompts):
-    return tokenize(self.tokenizer, [self.method.expand_prompt(p) for p in prompts])
+    return tokenize(self.tokenizer, [self.method.tokens.expand(p) for p in prompts])
 
   def full_params(self, trainable):
     """The params the models see: the whole base (all components) with the method applied."""
-    return self.method.transform(self.pipe_frozen_all(), trainable)
+    return self.method.params.apply(self.pipe_frozen_all(), trainable)
 
   def pipe_frozen_all(self):
     trainable_paths = set(tree.flatten(self.trainable))
@@ -98,129 +97,37 @@ def build(config: RunConfig, *, mesh=None, workdir=None, progress: bool = False)
                        pipe.unet_config)
   models = SDModels(
       UNet2DConditionModel(dataclasses.replace(pipe.unet_config, dtype=compute, remat=config.remat,
-                                               **dict(method.unet_options))),
+                                               addons=method.unet)),
       CLIPTextModel(dataclasses.replace(pipe.text_encoder_config, dtype=compute)),
       pipe.vae)
-  tokenizer = tokenizer_with_tokens(pipe.tokenizer_dir, method.added_tokens)
+  tokenizer = tokenizer_with_tokens(pipe.tokenizer_dir, method.tokens.added)
 
   components = method.components() if method.components is not None else {}
   base = {**pipe.params, **components}
-  existing, rest = tree.split(base, method.select)
-  new = method.init_trainable(jax.random.PRNGKey(config.seed + 1), base)
+  existing, rest = tree.split(base, method.params.select)
+  new = method.params.init(jax.random.PRNGKey(config.seed + 1), base)
   trainable = tree.merge(jax.tree.map(lambda x: x.astype(jnp.float32), existing), new)
   if not tree.flatten(trainable):
     raise ConfigError(f"method {config.method_name} selects no trainable parameters")
 
-  if getattr(method, "dataset", None) is not None:
-    # A method with its own data (FastComposer): pixels and token ids, encoded in the step.
-    dataset, classes = method.dataset(config, pipe, tokenizer), None
-    needed = {"unet", "vae", "text_encoder"} | set(components)
-  else:
-    dataset, classes, needed = instance_dataset(config, pipe, method, models, tokenizer,
-                                                components, workdir, progress)
-
-  frozen = {k: v for k, v in rest.items() if k in needed}
+  built = data_sources.build(data_sources.DataRequest(config, pipe, method, models, tokenizer,
+                                                      trainable, workdir, progress))
+  classes = built.classes
+  frozen = {k: v for k, v in rest.items() if k in built.needed | set(components)}
   if compute != jnp.float32:
     frozen = jax.tree.map(lambda x: x.astype(compute), frozen)
   mesh = mesh or mesh_lib.make_mesh(config.fsdp)
   mesh_lib.check_batch_size(config.batch_size, mesh,
                             config.batch_size if classes is not None else 0)
-  # scale_lr counts the class rows too when the method's recipe does (Custom Diffusion).
-  lr_batch = config.batch_size * (2 if classes is not None and method.scale_lr_with_class_rows else 1)
-  tx, schedule = make_optimizer(optim_config(config, method), trainable, total_steps=config.steps,
+  # With optim.scale_lr_class_rows the class rows count in the scaled batch (Custom Diffusion).
+  lr_batch = config.batch_size * (2 if classes is not None and config.optim.scale_lr_class_rows
+                                  else 1)
+  tx, schedule = make_optimizer(config.optim, trainable, total_steps=config.steps,
                                 batch_size=lr_batch)
   objective = Objective(pipe.scheduler_config, pipe.vae_config.scaling_factor,
-                        config.min_snr_gamma, config.offset_noise)
+                        config.min_snr_gamma, config.offset_noise, config.prior_loss_weight)
   return Run(config, pipe, method, models, objective, tokenizer, frozen, trainable, tx, schedule,
-             dataset, mesh, ckpt.base_fingerprint(model_dir), model_dir, components)
-
-
-def instance_dataset(config: RunConfig, pipe, method, models, tokenizer, components, workdir,
-                     progress):
-  """The instance (and class) examples as a dataset, with what can be encoded once cached (VAE
-  moments without random crops, text contexts when nothing in the text path trains). Returns
-  (dataset, class images or None, the frozen components the step still needs)."""
-  instances = data.load_instances(config.data, method.expand_prompt)
-  classes = class_images(config, method, pipe, workdir, progress)
-  dataset_kwargs = {"classes": classes, "latent_factor": pipe.vae_scale_factor,
-                    "image_inputs": method.image_inputs}
-  needed = {"unet"} | set(components)
-  if config.data.center_crop and not config.data.zoom_augment:
-    encode = functools.partial(data.encode_moments, pipe.vae, pipe.params["vae"],
-                               mirror=config.data.random_flip > 0)
-    dataset_kwargs["moments"] = encode(np.stack(instances.images))
-    if classes is not None:
-      dataset_kwargs["class_moments"] = encode(np.stack(classes.images))
-  else:
-    needed.add("vae")
-  tokenize_fn = lambda prompts: tokenize(tokenizer, prompts)
-  if method.text_trains():
-    needed.add("text_encoder")
-    dataset_kwargs["tokenize"] = tokenize_fn
-  else:
-    captions = data.all_captions(instances, config.data.caption_dropout, classes)
-    if config.data.zoom_augment:
-      captions = sorted(set(captions) | set(data.zoom_captions(instances)))
-    encode = jax.jit(lambda ids: encode_text(method, models, pipe.params, ids))
-    dataset_kwargs["contexts"] = data.encode_captions(encode, tokenize_fn, captions)
-    dataset_kwargs["caption_index"] = {c: i for i, c in enumerate(captions)}
-  dataset = data.make_dataset(config.data, instances, config.batch_size, config.seed, **dataset_kwargs)
-  return dataset, classes, needed
-
-
-def optim_config(config: RunConfig, method) -> OptimConfig:
-  """The run's optimizer config with the method's own learning rates (e.g. DreamBooth's text
-  encoder) put first among the groups, as multipliers of `optim.lr`."""
-  if not method.lr_groups:
-    return config.optim
-  if config.optim.lr <= 0:
-    raise ConfigError("optim.lr must be > 0 when the method sets its own learning rates")
-  own = tuple((pattern, lr / config.optim.lr) for pattern, lr in method.lr_groups)
-  return dataclasses.replace(config.optim, groups=own + tuple(config.optim.groups))
-
-
-def class_images(config: RunConfig, method, pipe: Pipeline, workdir, progress: bool):
-  """The run's class images (None without prior preservation), generated first if missing: per
-  concept, `num_class_images` from `class_dir` (default WORKDIR/class_images, or
-  WORKDIR/class_images/K for concept K of several)."""
-  d = config.data
-  if d.num_class_images <= 0:
-    if method.prior_loss_weight and d.class_dir:
-      log.warning("data.class_dir is set but data.num_class_images is 0: no prior preservation")
-    return None
-  if not method.prior_loss_weight:
-    raise ConfigError(f"data.num_class_images: method {config.method_name} has no class-prior "
-                      "loss (prior_loss_weight 0) and does not use class images; set it to 0")
-  concepts = data.concept_configs(d)
-  sets = [concept_class_images(c, k if len(concepts) > 1 else None, pipe, workdir, progress)
-          for k, c in enumerate(concepts)]
-  return data.InstanceSet([i for s in sets for i in s.images], [c for s in sets for c in s.captions],
-                          sets[-1].folder)
-
-
-def concept_class_images(d, index, pipe: Pipeline, workdir, progress: bool):
-  """The class images of one concept (`index` None: the only one)."""
-  field = "data.class_prompt" if index is None else f"data.concepts[{index}].class_prompt"
-  if not d.class_prompt:
-    raise ConfigError(f"{field}: class images need their prompt (e.g. 'a photo of a dog')")
-  if d.class_dir:
-    folder = Path(d.class_dir)
-  elif workdir is not None:
-    folder = Path(workdir) / "class_images" / ("" if index is None else str(index))
-  else:
-    raise ConfigError("data.class_dir: set the folder of the class images")
-  have = count_images(folder)
-  if have < d.num_class_images:
-    if not d.class_generate:
-      raise DataError(f"{folder}: {have} class image(s) found, data.num_class_images is "
-                      f"{d.num_class_images}, and data.class_generate is off so there is no model "
-                      "to sample the rest from; run `persona-jax make-class-images --out "
-                      f"{folder} ...` or set data.class_generate=True")
-    options = SampleOptions(steps=d.class_sample_steps, guidance=d.class_guidance, seed=0,
-                            height=d.resolution, width=d.resolution, batch_size=4)
-    make_class_images(pipe, d.class_prompt, d.num_class_images, folder, options=options,
-                      negative_prompt=d.class_negative_prompt, progress=progress)
-  return data.load_class_images(d, folder)
+             built.dataset, mesh, ckpt.base_fingerprint(model_dir), model_dir, components)
 
 
 def jit_step(run: Run, state_shardings, frozen_shardings):
@@ -241,7 +148,7 @@ def state_shardings(run: Run):
                                               ema=c.optim.ema_decay > 0), run.trainable)
   rep = mesh_lib.replicated(run.mesh)
   return TrainState(step=rep, trainable=trainable_sh,
-                    opt_state=shardings_like_params(abstract.opt_state, trainable_sh, rep),
+                    opt_state=optimizer_shardings(run.tx, abstract.opt_state, trainable_sh, rep),
                     rng=rep, ema=trainable_sh if abstract.ema is not None else None)
 
 
@@ -262,9 +169,11 @@ RESUMABLE_CHANGES = frozenset({
 
 
 def _with_defaults(saved: dict) -> dict:
-  from persona_jax.train.config import run_config
+  """A saved config with today's keys and defaults (options added since the run started do not
+  block its resume)."""
+  from persona_jax.train.config import run_config, upgrade
   try:
-    return run_config(saved).to_dict()
+    return run_config(upgrade(saved)).to_dict()
   except PersonaError:
     return saved
 
@@ -298,19 +207,17 @@ def sample_grid(run: Run, trainable, step: int, workdir: Path, progress: bool = 
   c = run.config
   if not c.sample_prompts:
     return None
-  params = run.full_params(trainable)
   options = SampleOptions(steps=c.sample_steps, guidance=c.sample_guidance, seed=c.sample_seed,
                           height=c.data.resolution, width=c.data.resolution, batch_size=4)
-  inputs = None
-  latent = run.method.latent_conditioning
-  if latent is not None and latent.input_keys:     # e.g. E4T's image: the first training example's
+  method = run.method
+  inputs = {}
+  if method.conditioning.input_keys:   # e.g. E4T's image: the first training example's
     first = run.dataset[0]
-    inputs = {k: np.asarray(first[k][:1]) for k in latent.input_keys}
+    inputs = {k: np.asarray(first[k][:1]) for k in method.conditioning.input_keys}
+  sampling = Sampling(run.full_params(trainable), run.tokenizer, method.conditioning,
+                      method.tokens.expand, inputs, method.unet)
   images = text_to_image(run.pipe, list(c.sample_prompts), c.sample_negative_prompt,
-                         c.sample_images, options, params=params, progress=progress,
-                         tokenizer=run.tokenizer, conditioning=MethodConditioning(run.method),
-                         expand_prompt=run.method.expand_prompt, inputs=inputs,
-                         unet_options=run.method.unet_options)
+                         c.sample_images, options, progress=progress, sampling=sampling)
   return save_png(grid(images, cols=c.sample_images), workdir / "samples" / f"step_{step:06d}.png")
 
 
@@ -399,4 +306,7 @@ def train(config: RunConfig, workdir, *, progress: bool = True, mesh=None) -> di
 
 def write_outputs(run: Run, trainable, workdir: Path) -> list[str]:
   """The method's result files (Textual Inversion's embeddings, DreamBooth's model folder)."""
-  return list(run.method.save_result(run, trainable, workdir)) if run.method.save_result else []
+  if run.method.save is None:
+    return []
+  context = ResultContext(Path(workdir), run.pipe, run.model_dir, run.config, run.full_params)
+  return list(run.method.save(trainable, context))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import optax
 
@@ -17,7 +18,8 @@ SCHEDULES = ("constant", "linear", "cosine")
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
   lr: float = 1e-4
-  scale_lr: bool = False         # multiply lr by the global batch size x gradient accumulation
+  scale_lr: bool = False         # multiply every lr by the global batch size x gradient accumulation
+  scale_lr_class_rows: bool = False   # with scale_lr, class rows count in the batch (Custom Diffusion)
   schedule: str = "constant"     # after warmup: constant | linear | cosine (decay to 0)
   warmup_steps: int = 0
   b1: float = 0.9
@@ -26,7 +28,9 @@ class OptimConfig:
   weight_decay: float = 1e-2
   clip_grad_norm: float = 1.0    # 0: off
   grad_accum: int = 1
-  groups: tuple = ()             # ((regex over trainable paths, lr multiplier), ...); rest: 1.0
+  # ((regex over trainable paths, learning rate), ...): leaves with their own peak lr, on lr's
+  # schedule (first match wins); the rest: lr.
+  lr_groups: tuple = ()
   ema_decay: float = 0.0         # 0: no EMA of the trainable params
 
 
@@ -50,13 +54,19 @@ def learning_rate(config: OptimConfig, total_steps: int, batch_size: int):
 
 
 def make_optimizer(config: OptimConfig, trainable, *, total_steps: int, batch_size: int):
-  """(tx, schedule): AdamW over `trainable` with per-group lr multipliers, clipping, accumulation."""
+  """(tx, schedule): AdamW over `trainable` with per-group learning rates, clipping, accumulation.
+
+  A group's lr follows `lr`'s schedule scaled to its own peak (warmup, decay and `scale_lr` apply
+  to every group alike)."""
   schedule, _ = learning_rate(config, total_steps, batch_size)
 
   def adamw(multiplier):
     return optax.adamw(lambda step: schedule(step) * multiplier, b1=config.b1, b2=config.b2,
                        eps=config.eps, weight_decay=config.weight_decay)
-  groups = tuple((pattern, float(mult)) for pattern, mult in config.groups)
+  if config.lr_groups and config.lr <= 0:
+    raise ConfigError("optim.lr_groups: group learning rates follow optim.lr's schedule; "
+                      "optim.lr must be > 0")
+  groups = tuple((pattern, float(lr / config.lr)) for pattern, lr in config.lr_groups)
   if groups:
     labels = tree.label(trainable, [(p, f"group{i}") for i, (p, _) in enumerate(groups)], "default")
     txs = {f"group{i}": adamw(m) for i, (_, m) in enumerate(groups)} | {"default": adamw(1.0)}
@@ -72,7 +82,6 @@ def make_optimizer(config: OptimConfig, trainable, *, total_steps: int, batch_si
 
 def ema_update(ema, trainable, decay: float):
   """ema <- decay * ema + (1 - decay) * trainable."""
-  import jax
   return jax.tree.map(lambda e, p: e + (1.0 - decay) * (p.astype(e.dtype) - e), ema, trainable)
 
 

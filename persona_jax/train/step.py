@@ -24,7 +24,7 @@ def train_step(state: TrainState, frozen, batch, *, method: Method, models: SDMo
   rng = jax.random.fold_in(state.rng, state.step)
 
   def loss_fn(trainable):
-    params = method.transform(frozen, trainable)
+    params = method.params.apply(frozen, trainable)
     return method_loss(method, models, objective, params, trainable, batch, rng)
   (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.trainable)
   updates, opt_state = tx.update(grads, state.opt_state, state.trainable)

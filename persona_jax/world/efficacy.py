@@ -25,16 +25,17 @@ Context and class prompts use backgrounds the references never show. The rows "b
 prompt alone) and "base_described" (the look said in words, e.g. "a photo of a red and white
 striped ball") are the untrained references.
 
-Three kinds of method:
-  tuned         (RECIPES) train on the subject's references, then sample every prompt;
-  e4t           tunes `steps` (15) on the first reference from a pre-trained E4T state (`state`,
-                default the shipped one, pre-trained on balls: use `subject_class="ball"`), and
-                samples with that image;
-  tuning-free   (TUNING_FREE: InstantBooth, IP-Adapter, FastComposer) need no training per
-                subject: `state` is a run trained once on the world; the subject and context
-                prompts sample with the references (one pass: encode + sample), the class
-                prompts without them (InstantBooth and IP-Adapter: the frozen base itself, so
-                their drift is 0 by construction; FastComposer: its own UNet's text path).
+How a method runs is its registry entry's recipe (methods/spec.py `EvalRecipe`), by kind:
+  tuned         train on the subject's references, then sample every prompt with the run;
+  one_image     tune `steps` on the first reference from a pre-trained state (`state`, default
+                the shipped one; E4T's is pre-trained on balls: use `subject_class="ball"`), and
+                sample with that image;
+  tuning_free   no training per subject: `state` is a run trained once on the world; the subject
+                and context prompts sample with the references (one pass: encode + sample), the
+                class prompts without them (the frozen base itself, so the drift of InstantBooth
+                and IP-Adapter is 0 by construction; or the run without images: FastComposer's
+                own UNet's text path).
+Every run, trained here or given, samples through its method's `sample` (as `sample --run`).
 """
 
 from __future__ import annotations
@@ -52,45 +53,17 @@ from persona_jax.world import scenes
 
 log = logging.getLogger(__name__)
 
-IDENTIFIER = "sks"
-
-
-@dataclasses.dataclass(frozen=True)
-class Recipe:
-  """How a method is run on one subject: its config, its words for the subject, overrides."""
-  config: str                               # configs/ name (its :tiny variant is the start)
-  phrase: str                               # the subject in prompts; {cls} is the class word
-  steps: int
-  lr: float
-  options: tuple = ()                        # (dotted config key, value) pairs
-  prior: bool = False                        # class images of "a photo of a {cls}"
-
-
-RECIPES = {
-    "textual_inversion": Recipe("textual_inversion", "<sks>", 300, 5e-3,
-                                (("method.placeholder", "<sks>"), ("method.initializer", "{cls}"),
-                                 ("data.caption_source", "prompt"),
-                                 ("data.prompt", "a photo of a <sks>"))),
-    "dreambooth": Recipe("dreambooth", f"{IDENTIFIER} {{cls}}", 150, 2e-4,
-                         (("data.prompt", f"a photo of a {IDENTIFIER} {{cls}}"),), prior=True),
-    "dreambooth_noprior": Recipe("dreambooth", f"{IDENTIFIER} {{cls}}", 150, 2e-4,
-                                 (("data.prompt", f"a photo of a {IDENTIFIER} {{cls}}"),
-                                  ("method.prior_loss_weight", 0.0))),
-    "lora": Recipe("lora", f"{IDENTIFIER} {{cls}}", 200, 1e-3,
-                   (("data.prompt", f"a photo of a {IDENTIFIER} {{cls}}"),)),
-    "custom_diffusion": Recipe("custom_diffusion", "<new1> {cls}", 150, 1e-3,
-                               (("data.prompt", "a photo of a <new1> {cls}"),
-                                ("data.zoom_augment", False)), prior=True),
-}
-E4T_RECIPE = Recipe("e4t_tune", "*s", 15, 1e-4, (("method.class_word", "{cls}"),
-                                                   ("method.placeholder", "*s"),
-                                                   ("data.num_images", 1)))
-# A tuning-free method's words for the subject (InstantBooth: the identifier it was trained with;
-# IP-Adapter: the class, the look comes from the image; FastComposer: the noun and its marker).
-TUNING_FREE = {"instantbooth": f"{IDENTIFIER} {{cls}}", "ip_adapter": "{cls}",
-               "fastcomposer": "{cls} <|image|>"}
 UNTRAINED = ("base", "base_described")
-METHODS = UNTRAINED + tuple(RECIPES) + ("e4t",) + tuple(TUNING_FREE)
+
+
+def recipes() -> dict:
+  """{eval name: (method spec, EvalRecipe)} of every registered method."""
+  from persona_jax.methods.registry import eval_recipes
+  return eval_recipes()
+
+
+def method_names() -> tuple[str, ...]:
+  return UNTRAINED + tuple(recipes())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,25 +83,34 @@ class EvalConfig:
   seed: int = 0
   metric: str | None = None            # metric encoder folder (default: the shipped one)
   subject_class: str | None = None     # held-out subjects of this class only (default: all)
-  state: str | None = None             # e4t: its pre-trained state ("shipped"); tuning-free: the
-                                       # method's trained run (workdir or result file)
-  ip_scale: float = 1.0                # ip_adapter: the image branch's scale
-  beta: float | None = None            # instantbooth: the adapters' weight (default: the run's)
-  alpha: float | None = None           # instantbooth: the concept token's scale (the run's)
+  state: str | None = None             # one_image: the pre-trained state ("shipped"); tuning-free:
+                                       # the method's trained run (workdir or result file)
+  inputs: tuple = ()                   # ((knob, value), ...): sampling knobs (ip_scale, beta, ...)
 
   def __post_init__(self):
-    if self.method not in METHODS:
-      raise ConfigError(f"--method {self.method!r}: not one of {', '.join(METHODS)}")
+    names = method_names()
+    if self.method not in names:
+      raise ConfigError(f"--method {self.method!r}: not one of {', '.join(names)}")
     if self.subjects < 1 or self.seeds < 1 or self.references < 1:
       raise ConfigError("--subjects, --seeds and --references must be at least 1")
     if self.subject_class is not None and self.subject_class not in scenes.CLASSES:
       raise ConfigError(f"--subject-class {self.subject_class!r}: not one of "
                         f"{', '.join(scenes.CLASSES)}")
-    if self.method in TUNING_FREE and not self.state:
+    kind = self.recipe.kind if self.recipe else None
+    if kind == "tuning_free" and not self.state:
       raise ConfigError(f"--method {self.method} personalizes with a run trained once on the "
                         "world: give --state WORKDIR (BENCHMARKS.md has the training commands)")
-    if self.state and self.method not in TUNING_FREE and self.method != "e4t":
+    if self.state and kind not in ("tuning_free", "one_image"):
       raise ConfigError(f"--state is for e4t and the tuning-free methods, not {self.method}")
+
+  @property
+  def recipe(self):
+    """The method's EvalRecipe (None for the untrained rows)."""
+    return None if self.method in UNTRAINED else recipes()[self.method][1]
+
+  @property
+  def spec(self):
+    return None if self.method in UNTRAINED else recipes()[self.method][0]
 
 
 def eval_subjects(k: int, cls: str | None = None) -> list[scenes.Subject]:
@@ -170,18 +152,14 @@ def prompts_for(subject: scenes.Subject, phrase: str, contexts: int) -> list[Eva
   return out
 
 
-def subject_phrase(method: str, subject: scenes.Subject) -> str:
-  if method == "base":
+def subject_phrase(cfg: "EvalConfig", subject: scenes.Subject) -> str:
+  """The words for the subject in prompts: the class (base), the look in words (base_described)
+  or the method's phrase."""
+  if cfg.method == "base":
     return subject.cls
-  if method == "base_described":
+  if cfg.method == "base_described":
     return subject.words
-  if method in TUNING_FREE:
-    return TUNING_FREE[method].format(cls=subject.cls)
-  return recipe_of(method).phrase.format(cls=subject.cls)
-
-
-def recipe_of(method: str) -> Recipe:
-  return E4T_RECIPE if method == "e4t" else RECIPES[method]
+  return cfg.recipe.phrase.format(cls=subject.cls)
 
 
 def write_references(subject: scenes.Subject, folder: Path, n: int) -> np.ndarray:
@@ -234,7 +212,7 @@ def recipe_config(cfg: EvalConfig, subject: scenes.Subject, instance_dir: Path, 
   from ml_collections import ConfigDict
 
   from persona_jax.train.config import load_config
-  recipe = recipe_of(cfg.method)
+  recipe = cfg.recipe
   c: ConfigDict = load_config(f"{recipe.config}:tiny")
   steps = recipe.steps if cfg.steps is None else cfg.steps
   values = {"model": cfg.model, "data.instance_dir": str(instance_dir), "data.resolution": 32,
@@ -245,8 +223,8 @@ def recipe_config(cfg: EvalConfig, subject: scenes.Subject, instance_dir: Path, 
             "mixed_precision": "no"}
   for key, value in recipe.options:
     values[key] = value.format(cls=subject.cls) if isinstance(value, str) else value
-  if cfg.method == "e4t":
-    values["method.pretrained"] = cfg.state or "shipped"
+  if recipe.state_key:
+    values[recipe.state_key] = cfg.state or "shipped"
   if not recipe.prior:
     values["data.num_class_images"] = 0     # dreambooth:tiny's class images, when they are off
   else:
@@ -262,50 +240,40 @@ def recipe_config(cfg: EvalConfig, subject: scenes.Subject, instance_dir: Path, 
   return c
 
 
+def run_sampling(spec, state, pipe, images, inputs):
+  """The Sampling of a run (its method's `sample`, as `sample --run` does)."""
+  from persona_jax.methods.registry import find_run
+  from persona_jax.methods.spec import SampleRequest
+  spec, result = find_run(state, spec.name)
+  return spec.sample(SampleRequest(result, pipe, pipe.params, tuple(images), dict(inputs)))
+
+
 def _train(cfg: EvalConfig, subject: scenes.Subject, instance_dir: Path, workdir: Path,
            class_dir: Path):
-  """Trains the method on one subject; returns (pipeline, text_to_image keyword arguments,
-  seconds)."""
-  import jax
-
-  from persona_jax.methods.base import MethodConditioning
+  """Trains the method on one subject; returns (pipeline, Sampling, seconds)."""
   from persona_jax.train.config import run_config
   from persona_jax.train.loop import train
   c = recipe_config(cfg, subject, instance_dir, class_dir)
   start = time.perf_counter()
   summary = train(run_config(c), workdir, progress=False)
   seconds = time.perf_counter() - start
-  run, state = summary["run"], summary["state"]
-  if cfg.method == "e4t":
-    from persona_jax.methods import e4t
-    from persona_jax.text_to_image import sampling_kwargs
-    sampling = e4t.for_sampling(e4t.load_result(workdir), run.pipe, instance_dir / "000.png")
-    return run.pipe, sampling_kwargs(sampling), seconds
-  final = state.ema if state.ema is not None else state.trainable
-  return run.pipe, dict(params=run.full_params(jax.device_get(final)), tokenizer=run.tokenizer,
-                        conditioning=MethodConditioning(run.method),
-                        expand_prompt=run.method.expand_prompt), seconds
+  pipe = summary["run"].pipe
+  base = cfg.spec.base_model(cfg.spec.load(workdir))
+  if base and Path(base) != Path(pipe.path or ""):       # a result that is its own model
+    from persona_jax.pipeline import load_pipeline
+    pipe = load_pipeline(base)
+  images = [instance_dir / "000.png"] if cfg.recipe.kind == "one_image" else []
+  return pipe, run_sampling(cfg.spec, workdir, pipe, images, cfg.inputs), seconds
 
 
 def tuning_free_sampling(cfg: EvalConfig, pipe, references: list[Path], segmented: list[Path]):
-  """text_to_image keyword arguments of a tuning-free method: (with the subject's images, for
-  the subject and context prompts; without them, for the class prompts)."""
-  from persona_jax.text_to_image import sampling_kwargs
-  state = Path(cfg.state)
-  if cfg.method == "instantbooth":
-    from persona_jax.methods import instantbooth
-    s = instantbooth.for_sampling(instantbooth.load_result(state), pipe, references, cfg.beta,
-                                  cfg.alpha)
-    return sampling_kwargs(s), {}
-  if cfg.method == "ip_adapter":
-    from persona_jax.methods import ip_adapter
-    path = state / ip_adapter.RESULT_FILE if state.is_dir() else state
-    s = ip_adapter.load_for_sampling(path, pipe, references, scale=cfg.ip_scale)
-    return sampling_kwargs(s), {}
-  from persona_jax.methods import fastcomposer
-  result = fastcomposer.load_result(state)
-  return (sampling_kwargs(fastcomposer.for_sampling(result, pipe, segmented[:1])),
-          sampling_kwargs(fastcomposer.for_sampling(result, pipe, [])))
+  """Samplings of a tuning-free method: (with the subject's images, for the subject and context
+  prompts; without them, for the class prompts: None for the base itself)."""
+  images = segmented[:1] if cfg.recipe.subject_images == "segmented" else references
+  personal = run_sampling(cfg.spec, cfg.state, pipe, images, cfg.inputs)
+  plain = (run_sampling(cfg.spec, cfg.state, pipe, [], cfg.inputs)
+           if cfg.recipe.class_prompts == "run" else None)
+  return personal, plain
 
 
 def evaluate(cfg: EvalConfig, out: Path, progress: bool = True) -> dict:
@@ -327,14 +295,15 @@ def evaluate(cfg: EvalConfig, out: Path, progress: bool = True) -> dict:
     name = subject.words.replace(" ", "_")
     refs_dir = out / "references" / name
     references = write_references(subject, refs_dir, cfg.references)
-    prompts = prompts_for(subject, subject_phrase(cfg.method, subject), cfg.contexts)
+    prompts = prompts_for(subject, subject_phrase(cfg, subject), cfg.contexts)
     train_seconds = 0.0
     start = time.perf_counter()
-    if cfg.method in UNTRAINED or cfg.method in TUNING_FREE:
+    kind = cfg.recipe.kind if cfg.recipe else None
+    if kind in (None, "tuning_free"):
       base = base or load_pipeline(resolve_model(cfg.model))
-      pipe, personal = base, {}
+      pipe, personal = base, None
       plain = personal
-      if cfg.method in TUNING_FREE:
+      if kind == "tuning_free":
         files = [refs_dir / f"{k:03d}.png" for k in range(cfg.references)]
         personal, plain = tuning_free_sampling(cfg, pipe, files,
                                                [refs_dir / "segmented" / f.name for f in files])
@@ -347,10 +316,10 @@ def evaluate(cfg: EvalConfig, out: Path, progress: bool = True) -> dict:
     groups = [(prompts, personal)] if plain is personal else [(prompts[:split], personal),
                                                                (prompts[split:], plain)]
     images = []               # image k keeps the noise of its place in the whole prompt list
-    for group, kwargs in groups:
+    for group, sampling in groups:
       images.append(text_to_image(pipe, [p.text for p in group], "", cfg.seeds, options,
                                   start_index=sum(len(x) for x in images), progress=progress,
-                                  **kwargs))
+                                  sampling=sampling))
     images = np.concatenate(images)
     sample_seconds = time.perf_counter() - start
     save_png(grid(images, cols=cfg.seeds), out / "samples" / f"{name}.png")
@@ -362,8 +331,8 @@ def evaluate(cfg: EvalConfig, out: Path, progress: bool = True) -> dict:
     rows.append(row)
   keys = ("subject_similarity", "subject_match", "prompt_fidelity", "class_fidelity", "drift")
   summary = {"method": cfg.method, "config": dataclasses.asdict(cfg),
-             "steps": (0 if cfg.method in UNTRAINED or cfg.method in TUNING_FREE
-                       else cfg.steps or recipe_of(cfg.method).steps),
+             "steps": (0 if cfg.recipe is None or cfg.recipe.kind == "tuning_free"
+                       else cfg.steps or cfg.recipe.steps),
              **{k: float(np.mean([r[k] for r in rows])) for k in keys},
              "train_seconds": float(np.mean([r["train_seconds"] for r in rows])),
              "sample_seconds": float(np.mean([r["sample_seconds"] for r in rows])),

@@ -10,7 +10,7 @@ from safetensors.numpy import save_file
 
 from persona_jax.convert import embedding_formats as ef
 from persona_jax.errors import ConfigError, ModelFileError, PickleRefusedError
-from persona_jax.text_to_image import SampleOptions, text_to_image
+from persona_jax.text_to_image import SampleOptions, Sampling, text_to_image
 from persona_jax.tokenizer import tokenize
 from tests.torch_reference import require_torch
 
@@ -134,8 +134,9 @@ def test_text_to_image_samples_with_the_embedding(pipes):
   options = SampleOptions(steps=2, batch_size=1)
 
   def draw(prompt):
-    return text_to_image(result.pipe, prompt, options=options, tokenizer=result.tokenizer,
-                         expand_prompt=result.expand_prompt, progress=False)
+    return text_to_image(result.pipe, prompt, options=options, progress=False,
+                         sampling=Sampling(tokenizer=result.tokenizer,
+                                           expand_prompt=result.expand_prompt))
   with_token = draw("a photo of <RB>")       # CLIP matches added tokens case-insensitively
   np.testing.assert_array_equal(with_token, draw("a photo of red ball"))
   assert not np.array_equal(with_token, draw("a photo of ball"))

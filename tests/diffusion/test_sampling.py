@@ -7,10 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from persona_jax.diffusion.conditioning import TextConditioning, encode_prompt
+from persona_jax.diffusion.sampling import decode_latents, generate, image_keys, initial_latents
 from persona_jax.models.components import SDModels
-
-from persona_jax.diffusion.sampling import (TextConditioning, decode_latents, encode_text,
-                                            generate, image_keys, initial_latents)
 from persona_jax.tokenizer import tokenize
 from persona_jax.verify import compare, nchw
 from tests.torch_reference import require_torch
@@ -80,8 +79,8 @@ def test_clip_skip_matches_diffusers_rule(pipes, diffusers_pipes):
     hidden = ref.text_encoder(torch.from_numpy(ids).long(), output_hidden_states=True).hidden_states
     want = ref.text_encoder.final_layer_norm(hidden[-2])
   with jax.default_matmul_precision("highest"):
-    got = encode_text(pipe.text_encoder, pipe.params, ids, clip_skip=1)
-    plain = encode_text(pipe.text_encoder, pipe.params, ids)
+    got = encode_prompt(models_of(pipe), pipe.params, ids, clip_skip=1)
+    plain = encode_prompt(models_of(pipe), pipe.params, ids)
   assert compare("clip_skip", got, want.numpy()).max_rel < 1e-5
   assert not np.allclose(got, plain)
 
@@ -130,19 +129,24 @@ def test_eta_noise_is_seeded(pipes):
 
 @dataclasses.dataclass(frozen=True)
 class SwitchAt:
-  """A hook that conditions on prompt A before step k and on prompt B from step k on."""
+  """A conditioning on prompt A before step k and on prompt B from step k on."""
+  input_keys = ("k",)
+  cacheable = False
 
   def prepare(self, models, params, inputs):
     return {**TextConditioning().prepare(models, params, inputs), "k": inputs["k"]}
 
-  def at_step(self, models, params, state, step, t, latents):
-    cond = jnp.where(step < state["k"], state["cond"][:1], state["cond"][1:])
-    assert latents.shape[1:] == (16, 16, 4)
-    return {"encoder_hidden_states": cond}, {"encoder_hidden_states": state["uncond"][:1]}
+  def at(self, models, params, state, noisy, t, step):
+    cond = jnp.where(step < state["k"], state["context"][:1], state["context"][1:])
+    assert noisy.shape[1:] == (16, 16, 4) and t.shape == noisy.shape[:1]
+    return {"encoder_hidden_states": cond}, {}
+
+  def negative(self, models, params, state):
+    return {"encoder_hidden_states": state["negative"][:1]}
 
 
 def test_per_step_conditioning_hook(pipes):
-  """The hook is consulted at every step: switching at step 0 / after the last step / midway."""
+  """The conditioning is consulted at every step: switching at step 0 / after the last step."""
   pipe = pipes["sd1"]
 
   def hooked(k):

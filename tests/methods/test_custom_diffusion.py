@@ -11,8 +11,8 @@ import pytest
 from persona_jax import ConfigError, tree
 from persona_jax.cli import main
 from persona_jax.methods import custom_diffusion as cd
-from persona_jax.methods.base import encode_text
 from persona_jax.methods.custom_diffusion_merge import constrained_merge, text_features
+from persona_jax.models.addons import DetachContextTokens
 from persona_jax.models.attention import Attention
 from persona_jax.train import loop
 from tests.runs import fixed_batch_trajectory, _merge, one_device_mesh, write_class_images
@@ -35,7 +35,8 @@ def cd_config(model_dir, root, **overrides):
                     dict(instance_dir=str(write_class_images(root / "i2", 3, size=48, seed=3)),
                          prompt="photo of a <new2> cat", class_prompt="photo of a cat",
                          class_dir=str(write_class_images(root / "c2", 2, seed=2))))),
-      optim=dict(lr=1e-2, clip_grad_norm=0.0, weight_decay=0.0, warmup_steps=1),
+      optim=dict(lr=1e-2, clip_grad_norm=0.0, weight_decay=0.0, warmup_steps=1,
+                 scale_lr_class_rows=True),
       steps=2, batch_size=2, log_every=1, checkpoint_every=2, sample_prompts=())
   return _merge(values, overrides)
 
@@ -56,7 +57,7 @@ def test_trainable_set_is_literal(run):
                            for t in TRANSFORMERS for kv in "kv"}
   assert set(tree.paths(run.trainable)) == expected
   assert run.trainable["tokens"].shape == (2, 32)
-  assert run.models.unet.config.detach_context_tokens == 1
+  assert run.models.unet.config.addons == (DetachContextTokens(1),)
   assert set(run.frozen) == {"unet", "text_encoder", "vae"}     # zoomed pixels are encoded per step
 
 
@@ -64,18 +65,18 @@ def test_crossattn_option_and_lr_scaled_by_all_rows(model_dirs, tmp_path):
   config = cd_config(model_dirs["sd1"], tmp_path,
                      method=dict(name="custom_diffusion", freeze_model="crossattn",
                                  modifier_tokens=(), initializer_tokens=()),
-                     optim=dict(lr=1e-5, scale_lr=True, warmup_steps=0))
+                     optim=dict(lr=1e-5, scale_lr=True, scale_lr_class_rows=True, warmup_steps=0))
   built = loop.build(config, mesh=one_device_mesh())
   leaves = {p.split("/attn2/")[1] for p in tree.paths(built.trainable)}
   assert leaves == {"to_q/kernel", "to_k/kernel", "to_v/kernel", "to_out_0/kernel", "to_out_0/bias"}
   assert len(tree.paths(built.trainable)) == 5 * len(TRANSFORMERS)
-  assert built.method.input_embeddings is None                  # no modifier token: contexts cached
+  assert built.method.conditioning.cacheable                    # no modifier token: contexts cached
   # 2 instance + 2 regularization rows: lr 1e-5 x 4 (diffusers' --scale_lr with prior doubles it).
   np.testing.assert_allclose(float(built.schedule(0)), 4e-5, rtol=1e-6)
 
 
 def test_step_zero_reproduces_the_base(run):
-  params = run.method.transform(run.frozen, run.trainable)
+  params = run.method.params.apply(run.frozen, run.trainable)
   base = tree.flatten(run.pipe.params)
   flat = tree.flatten(params)
   assert set(flat) - {"tokens"} == {p for p in base if p.split("/")[0] in run.frozen}
@@ -91,7 +92,7 @@ def test_step_zero_reproduces_the_base(run):
   base_ids[base_ids == vocab] = 42170
   base_ids[base_ids == vocab + 1] = pll
   assert (ids >= vocab).sum() == 2
-  ours = encode_text(run.method, run.models, params | {"tokens": run.trainable["tokens"]}, ids)
+  ours = run.method.conditioning.encode(run.models, params | {"tokens": run.trainable["tokens"]}, ids)
   base = run.models.text_encoder.apply({"params": run.frozen["text_encoder"]}, base_ids).last_hidden_state
   np.testing.assert_array_equal(np.asarray(ours), np.asarray(base))
 
@@ -218,9 +219,8 @@ def test_result_file_and_merge_command(run, trajectory, model_dirs, tmp_path):
 
 
 def test_sampling_a_result_equals_sampling_the_run(run, trajectory, tmp_path):
-  from persona_jax.methods.base import MethodConditioning
   loop.write_outputs(run, trajectory["trained"], tmp_path)
-  params, tokenizer, conditioning = cd.for_sampling(cd.load_result(tmp_path), run.pipe)
+  params, tokenizer, conditioning = cd.with_result(cd.load_result(tmp_path), run.pipe)
   expected = run.full_params(trajectory["trained"])
   flat, want = tree.flatten(params), tree.flatten(expected)
   assert set(flat) == set(want)
@@ -230,8 +230,8 @@ def test_sampling_a_result_equals_sampling_the_run(run, trajectory, tmp_path):
   ids = tokenizer(prompts, padding="max_length", max_length=77)["input_ids"]
   np.testing.assert_array_equal(ids, run.tokenize(prompts))
   inputs = {"ids": np.asarray(ids), "negative_ids": np.asarray(ids)}
-  ours = conditioning.prepare(run.models, params, inputs)["cond"]
-  theirs = MethodConditioning(run.method).prepare(run.models, expected, inputs)["cond"]
+  ours = conditioning.prepare(run.models, params, inputs)["context"]
+  theirs = run.method.conditioning.prepare(run.models, expected, inputs)["context"]
   np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
 
 

@@ -11,7 +11,8 @@ import pytest
 from persona_jax import ConfigError, tree
 from persona_jax.data.pipeline import make_iterator
 from persona_jax.diffusion.schedules import add_noise, alphas_cumprod, training_target
-from persona_jax.methods.base import PRIOR, batch_latents, method_loss
+from persona_jax.data.batch import PRIOR
+from persona_jax.methods.base import batch_latents, method_loss
 from persona_jax.train import loop
 from persona_jax.train.state import init_state
 from persona_jax.train.step import train_step
@@ -22,7 +23,8 @@ VARIANTS = {
     # UNet only: VAE moments and text contexts are cached, nothing else is needed in the step.
     "unet": {},
     # UNet + text encoder (own lr), random crops: the step runs the text encoder and the VAE.
-    "unet+text": dict(method=dict(name="dreambooth", train_text_encoder=True, text_encoder_lr=1e-6),
+    "unet+text": dict(method=dict(name="dreambooth", train_text_encoder=True),
+                      optim=dict(lr_groups=(("text_encoder/.*", 1e-6),)),
                       data=dict(center_crop=False)),
 }
 
@@ -125,9 +127,9 @@ def test_loss_falls_and_frozen_stay_bit_identical(run, trajectory):
 
 def test_text_encoder_has_its_own_learning_rate(run, trajectory):
   if not trains_text(run):
-    assert run.method.lr_groups == () and run.config.optim.groups == ()
+    assert run.config.optim.lr_groups == ()
     return
-  assert run.method.lr_groups == (("text_encoder/.*", 1e-6),)
+  assert run.config.optim.lr_groups == (("text_encoder/.*", 1e-6),)
   # Adam's first update of every leaf is about lr * sign(gradient): at most lr in size (plus
   # float32 rounding of the weights).
   moved = jax.tree.map(lambda a, b: float(np.max(np.abs(a - np.asarray(b)))),
@@ -138,12 +140,11 @@ def test_text_encoder_has_its_own_learning_rate(run, trajectory):
 
 @pytest.mark.parametrize("base", ["sd1", pytest.param("sd2", marks=slow)])   # epsilon, v-prediction
 def test_prior_term_is_the_class_half_with_its_weight(base, model_dirs, class_dir):
-  run = loop.build(db_config(model_dirs[base], class_dir, batch_size=2,
-                             method=dict(name="dreambooth", prior_loss_weight=0.3)),
+  run = loop.build(db_config(model_dirs[base], class_dir, batch_size=2, prior_loss_weight=0.3),
                    mesh=one_device_mesh())
   batch = jax.tree.map(jnp.asarray, next(make_iterator(run.dataset)))
   np.testing.assert_array_equal(batch[PRIOR], [0, 0, 1, 1])
-  params = run.method.transform(run.frozen, run.trainable)
+  params = run.method.params.apply(run.frozen, run.trainable)
   rng = jax.random.PRNGKey(3)
   loss, metrics = jax.jit(lambda p, b: method_loss(run.method, run.models, run.objective, p, p, b,
                                                    rng))(params, batch)
@@ -167,9 +168,12 @@ def test_prior_term_is_the_class_half_with_its_weight(base, model_dirs, class_di
 
 
 def test_bad_dreambooth_options(model_dirs, class_dir):
-  with pytest.raises(ConfigError, match="text_encoder_lr is set but"):
-    loop.build(db_config(model_dirs["sd1"], class_dir,
-                         method=dict(name="dreambooth", text_encoder_lr=1e-6)), mesh=one_device_mesh())
+  with pytest.raises(ConfigError, match="optim.lr must be > 0"):
+    loop.build(db_config(model_dirs["sd1"], class_dir, method=dict(name="dreambooth"),
+                         optim=dict(lr=0.0, lr_groups=(("text_encoder/.*", 1e-6),))),
+               mesh=one_device_mesh())
+  with pytest.raises(ConfigError, match="prior_loss_weight must be >= 0"):
+    db_config(model_dirs["sd1"], class_dir, prior_loss_weight=-1.0)
   with pytest.raises(ConfigError, match="data.class_prompt"):
     loop.build(db_config(model_dirs["sd1"], class_dir, data=dict(class_prompt="")),
                mesh=one_device_mesh())
@@ -182,6 +186,5 @@ def test_missing_class_images_without_a_way_to_make_them(model_dirs, tmp_path):
     loop.build(db_config(model_dirs["sd1"], folder), mesh=one_device_mesh())
   with pytest.raises(DataError, match="nowhere: 0 class image"):
     loop.build(db_config(model_dirs["sd1"], tmp_path / "nowhere"), mesh=one_device_mesh())
-  with pytest.raises(ConfigError, match="has no class-prior loss"):
-    loop.build(db_config(model_dirs["sd1"], folder, method=dict(name="dreambooth", prior_loss_weight=0.0)),
-               mesh=one_device_mesh())
+  with pytest.raises(ConfigError, match="with prior_loss_weight 0 the class images would be"):
+    db_config(model_dirs["sd1"], folder, prior_loss_weight=0.0)

@@ -7,13 +7,14 @@ stands in for the toy world's."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+from PIL import Image
 import pytest
 
 from persona_jax import ConfigError, tree
 from persona_jax.cli import main
 from persona_jax.data.pipeline import make_iterator
 from persona_jax.methods import e4t
-from persona_jax.methods.base import CLIP_PIXELS, MethodConditioning
+from persona_jax.data.batch import CLIP_PIXELS
 from persona_jax.train import loop
 from tests.markers import slow
 from tests.runs import _merge, fixed_batch_trajectory, one_device_mesh
@@ -136,7 +137,7 @@ def test_trainable_sets_are_literal(pre, tune):
   assert set(tree.paths(tune.trainable)) == set(ENCODER + OFFSETS) | unet
   assert set(pre.frozen) == {"unet", "text_encoder", "image_encoder"}     # VAE moments cached
   assert set(tune.frozen) == {"text_encoder", "image_encoder", "vae"}     # random crops: encoded
-  assert pre.method.added_tokens == ("*s",)
+  assert pre.method.tokens.added == ("*s",)
 
 
 @pytest.fixture(scope="module")
@@ -144,21 +145,21 @@ def probe(pre):
   """One compiled program on the first pre-training batch with the initial params (three UNet
   feature passes): the conditioning with the branch off (s = 0) and the base's; the word for
   rows (image 0, z 0, t 10), (image 1, z 1, t 10), (image 0, z 0, t 900), (image 0, z 0, t 10);
-  the sampler hook's conditioning for one prompt and image at two latents."""
+  the conditioning as the sampler uses it for one prompt and image at two latents."""
   import dataclasses
-  cond = pre.method.latent_conditioning
+  cond = pre.method.conditioning
   off = dataclasses.replace(cond, scale=0.0)
-  params = pre.method.transform(pre.frozen, pre.trainable)
+  params = pre.method.params.apply(pre.frozen, pre.trainable)
   batch = jax.tree.map(jnp.asarray, next(make_iterator(pre.dataset)))
   noisy = jax.random.normal(jax.random.PRNGKey(0), (2, 16, 16, 4))
-  hook = MethodConditioning(pre.method)
 
   @jax.jit
   def run(params, batch):
     m = pre.models
     out = {}
-    out["off"], terms = off.context(m, params, off.prepare(m, params, batch), noisy,
-                                    jnp.asarray([10, 700]))
+    kwargs, terms = off.at(m, params, off.prepare(m, params, batch), noisy,
+                           jnp.asarray([10, 700]), None)
+    out["off"] = kwargs["encoder_hidden_states"]
     out["off_reg"] = terms["embedding_reg"]
     ids = jnp.where(batch["ids"] == cond.placeholder_id, cond.class_id, batch["ids"])
     out["base"] = m.text_encoder.apply({"params": params["text_encoder"]}, ids).last_hidden_state
@@ -168,8 +169,10 @@ def probe(pre):
                                            jnp.asarray([10, 10, 900, 10]))
     first = {k: v[jnp.asarray([0, 0])] for k, v in batch.items()}
     inputs = {"ids": first["ids"], "negative_ids": first["ids"], CLIP_PIXELS: first[CLIP_PIXELS]}
-    c, u = hook.at_step(m, params, hook.prepare(m, params, inputs), 0, jnp.asarray(900),
-                        jnp.stack([noisy[0], 0.5 * noisy[0]]))
+    state = cond.prepare(m, params, inputs)
+    c, _ = cond.at(m, params, state, jnp.stack([noisy[0], 0.5 * noisy[0]]),
+                   jnp.asarray([900, 900]), 0)
+    u = cond.negative(m, params, state)
     out["steps"], out["unconds"] = c["encoder_hidden_states"], u["encoder_hidden_states"]
     return out
   return dict(jax.device_get(run(params, batch)), params=params, batch=jax.device_get(batch))
@@ -181,7 +184,7 @@ def test_neutral_init_and_branch_off_reproduce_the_base(pre, probe):
   base = tree.flatten(pre.pipe.params["unet"])
   for path, value in tree.flatten(probe["params"]["unet"]).items():
     assert np.array_equal(np.asarray(value), np.asarray(base[path])), path
-  cond = pre.method.latent_conditioning
+  cond = pre.method.conditioning
   assert (probe["batch"]["ids"] == cond.placeholder_id).sum() == 2
   np.testing.assert_array_equal(probe["off"], probe["base"])
   assert float(probe["off_reg"]) == 0.0
@@ -189,7 +192,7 @@ def test_neutral_init_and_branch_off_reproduce_the_base(pre, probe):
 
 def test_encoder_branch_on_its_own(pre, probe):
   """w = e(class) + s E; E depends on the image and latent (per example) and on the timestep."""
-  cond = pre.method.latent_conditioning
+  cond = pre.method.conditioning
   assert probe["batch"][CLIP_PIXELS].shape == (2, 16, 16, 3)
   table = pre.pipe.params["text_encoder"]["embeddings"]["token_embedding"]["embedding"]
   w, offset = probe["word"], probe["offset"]
@@ -201,7 +204,7 @@ def test_encoder_branch_on_its_own(pre, probe):
   assert np.abs(offset).max() > 0
 
 
-def test_sampler_hook_recomputes_the_conditioning_at_every_step(probe):
+def test_sampling_recomputes_the_conditioning_at_every_step(probe):
   """The prompt's conditioning follows the current latents; the negative prompt's does not."""
   assert not np.allclose(probe["steps"][0], probe["steps"][1])
   np.testing.assert_array_equal(probe["unconds"][0], probe["unconds"][1])
@@ -213,10 +216,11 @@ def test_offsets_transform_is_w_times_one_plus_dw(pre):
   flat = tree.flatten(pre.trainable)
   b = np.random.default_rng(0).standard_normal(flat[f"{key}/b"].shape).astype(np.float32)
   trained = tree.unflatten(dict(flat, **{f"{key}/b": b}))
-  w = tree.flatten(pre.method.transform(pre.frozen, trained))[kernel]
+  w = tree.flatten(pre.method.params.apply(pre.frozen, trained))[kernel]
   base = tree.flatten(pre.pipe.params)[kernel]
   np.testing.assert_allclose(w, base * (1 + flat[f"{key}/a"] @ b), rtol=1e-6)
-  assert e4t.offset_penalty(e4t.offset_targets(pre.pipe.params), 1.0, None, trained, None)[1] > 0
+  assert e4t.offset_penalty(e4t.offset_targets(pre.pipe.params), 1.0, None, trained, None,
+                           None)["offset_reg"] > 0
 
 
 @pytest.mark.parametrize("phase", ["pre", pytest.param("tune", marks=slow)])
@@ -283,15 +287,18 @@ def test_result_samples_through_the_command_line(tune, tuned, tmp_path):
   loop.write_outputs(tune, tuned, tmp_path)
   image = sorted(loop.data.example_subject_dir().glob("*.png"))[0]
   result = e4t.load_result(tmp_path)
-  sampling = e4t.for_sampling(result, tune.pipe, image)
+  ready = e4t.prepare(result, tune.pipe)
   want = tree.flatten(tune.full_params(tuned))
-  got = tree.flatten(sampling.params)
+  got = tree.flatten(ready.params)
   for path in want:
     np.testing.assert_array_equal(np.asarray(got[path]), np.asarray(want[path]), err_msg=path)
-  out = tmp_path / "samples"
-  assert main(["sample", "--e4t", str(tmp_path), "--image", str(image), "--prompt",
-               "a painting of *s", "--steps", "2", "--out", str(out)]) == 0
-  assert (out / "grid.png").is_file()
+  grids = []
+  for flag in ("--e4t", "--run"):               # the method's flag, and --run (any method)
+    out = tmp_path / f"samples{flag}"
+    assert main(["sample", flag, str(tmp_path), "--image", str(image), "--prompt",
+                 "a painting of *s", "--steps", "2", "--out", str(out)]) == 0
+    grids.append(np.asarray(Image.open(out / "grid.png")))
+  np.testing.assert_array_equal(*grids)
 
 
 def test_export_merges_the_offsets_and_writes_the_embedding(tune, tuned, tmp_path):
@@ -332,7 +339,7 @@ def test_the_shipped_state_fits_the_shipped_base_and_starts_tiny_tuning():
   pipe = load_pipeline(resolve_model("default"))
   config = e4t.E4TConfig(**{k: v for k, v in tiny.to_dict().items() if k != "name"})
   method = e4t.make(config, pipe.params, pipe.tokenizer_dir, pipe.unet_config)
-  start = tree.flatten(method.init_trainable(jax.random.PRNGKey(0), pipe.params))
+  start = tree.flatten(method.params.init(jax.random.PRNGKey(0), pipe.params))
   assert set(start) == {p for p in shipped.weights if p.startswith("e4t/")}
   for path, value in start.items():
     np.testing.assert_array_equal(np.asarray(value), shipped.weights[path])

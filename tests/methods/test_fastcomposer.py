@@ -20,7 +20,11 @@ from persona_jax.data import fastcomposer as fc_data
 from persona_jax.data.images import DataError
 from persona_jax.data.pipeline import make_iterator
 from persona_jax.methods import fastcomposer as fc
-from persona_jax.methods.base import IDS, MethodConditioning
+from persona_jax.data.batch import IDS
+from persona_jax.methods.spec import SampleRequest
+from persona_jax.models.addons import AttentionMaps
+from persona_jax.models.postfuse import PostfuseModule
+from persona_jax.world.fastcomposer_data import toy_examples
 from persona_jax.models.configs import UNetConfig
 from persona_jax.train import loop
 from tests.methods.test_e4t import write_image_encoder, write_model
@@ -56,7 +60,7 @@ def fc_config(model_dir, encoder_dir, **overrides):
       method=dict(name="fastcomposer", variant="full", image_encoder=str(encoder_dir),
                   max_subjects=2, uncondition_prob=0.0, object_appear_prob=1.0,
                   localization_weight=1.0),
-      data=dict(resolution=32, num_images=4, random_flip=0.0),
+      data=dict(source=fc.TOY_SOURCE, resolution=32, num_images=4, random_flip=0.0),
       optim=dict(lr=1e-2, clip_grad_norm=0.0, weight_decay=0.0, warmup_steps=1),
       steps=2, batch_size=2, log_every=1, checkpoint_every=2, sample_prompts=())
   return _merge(values, overrides)
@@ -100,8 +104,8 @@ def test_trainable_sets_are_literal(full, light):
   assert set(tree.paths(light.trainable)) == set(FUSE + LORA)
   assert set(full.frozen) == {"text_encoder", "image_encoder", "vae"}
   assert set(light.frozen) == {"unet", "text_encoder", "image_encoder", "vae"}
-  assert full.method.added_tokens == (fc.IMAGE_TOKEN,)
-  assert full.method.unet_options == (("attention_maps", ("IN01", "MID", "OUT02", "OUT03")),)
+  assert full.method.tokens.added == (fc.IMAGE_TOKEN,)
+  assert full.method.unet == (AttentionMaps(("IN01", "MID", "OUT02", "OUT03")),)
 
 
 @pytest.mark.parametrize("variant", ["full", "light"])
@@ -123,7 +127,7 @@ def test_training_bar(variant, request):
 
 
 def full_marker(run):
-  return run.method.latent_conditioning.marker_id
+  return run.method.conditioning.marker_id
 
 
 def test_localization_loss_is_in_the_step(full):
@@ -131,7 +135,7 @@ def test_localization_loss_is_in_the_step(full):
   the reference below, its gradients by the training bar)."""
   from persona_jax.methods.base import method_loss
   batch = jax.tree.map(jnp.asarray, next(make_iterator(full.dataset)))
-  params = full.method.transform(full.frozen, full.trainable)
+  params = full.method.params.apply(full.frozen, full.trainable)
   _, metrics = jax.eval_shape(
       lambda p, b: method_loss(full.method, full.models, full.objective, p, full.trainable, b,
                                jax.random.PRNGKey(0)), params, batch)
@@ -153,7 +157,7 @@ def test_split_markers():
 def probe(full, light):
   """The conditioning of one batch: a prompt with markers and the same prompt without, each with
   two sets of subject images; and the sampler's delayed conditioning at steps 0, 1 and 2."""
-  cond = full.method.latent_conditioning
+  cond = full.method.conditioning
   tok = full.tokenizer
   from persona_jax.tokenizer import tokenize
   marked = tokenize(tok, ["a photo of a ball <|image|> on grass"] * 2)
@@ -163,8 +167,7 @@ def probe(full, light):
   rng = np.random.default_rng(0)
   pixels = rng.standard_normal((2, 2, 16, 16, 3)).astype(np.float32)
   pixels[1] = pixels[1] * 2 + 1
-  params = full.method.transform(full.frozen, full.trainable)
-  hook = MethodConditioning(full.method)
+  params = full.method.params.apply(full.frozen, full.trainable)
 
   @jax.jit
   def run(params):
@@ -179,8 +182,9 @@ def probe(full, light):
                                            two_bare).last_hidden_state
     inputs = {"ids": marked, "negative_ids": bare, fc.SUBJECT_PIXELS: pixels,
               fc.START: jnp.asarray([2, 2])}
-    state = hook.prepare(m, params, inputs)
-    out["steps"] = [hook.at_step(m, params, state, jnp.asarray(s), 500, None) for s in (0, 1, 2)]
+    state = cond.prepare(m, params, inputs)
+    out["steps"] = [(cond.at(m, params, state, None, None, jnp.asarray(s))[0],
+                     cond.negative(m, params, state)) for s in (0, 1, 2)]
     return out
   return jax.device_get(run(params)), np.asarray(bare)
 
@@ -305,7 +309,7 @@ def test_maps_come_from_the_middle_blocks_of_a_small_unet(full):
   config = full.pipe.unet_config
   got = {}
   for layers in (5, 1):
-    c = dataclasses.replace(config, attention_maps=fc.localization_map_names(config, layers))
+    c = dataclasses.replace(config, addons=(AttentionMaps(fc.localization_map_names(config, layers)),))
     _, state = jax.eval_shape(
         lambda p: UNet2DConditionModel(c).apply({"params": p}, jnp.zeros((1, 8, 8, 4)),
                                                 jnp.asarray([10]), jnp.zeros((1, 77, 32)),
@@ -321,7 +325,7 @@ def write_folder(folder, n=2, two_subjects=False):
   from PIL import Image
   folder.mkdir(parents=True, exist_ok=True)
   lines = []
-  for i, ex in enumerate(fc_data.toy_examples(n, 32)):
+  for i, ex in enumerate(toy_examples(n, 32)):
     Image.fromarray(ex.image).save(folder / f"{i}.png")
     Image.fromarray((ex.masks[0] * 255).astype(np.uint8)).save(folder / f"{i}.mask.png")
     lines.append({"file_name": f"{i}.png", "text": ex.caption})
@@ -334,7 +338,7 @@ def test_data_folder_and_its_errors(tmp_path):
   import json
   folder = write_folder(tmp_path / "data")
   examples = fc_data.read_folder(folder, 32)
-  toy = fc_data.toy_examples(2, 32)
+  toy = toy_examples(2, 32)
   assert [e.caption for e in examples] == [e.caption for e in toy]
   assert examples[0].caption.count(fc.IMAGE_TOKEN) == 1 and examples[0].masks.shape == (1, 32, 32)
   np.testing.assert_allclose(examples[0].masks, toy[0].masks, atol=1 / 255 + 1e-6)
@@ -358,7 +362,7 @@ def test_batch_keys(full):
   batch = next(make_iterator(full.dataset))
   assert batch[fc.SUBJECT_PIXELS].shape == (2, 2, 16, 16, 3)
   assert batch[fc.SUBJECT_MASKS].shape == (2, 2, 16, 16) and batch["mask"].shape == (2, 16, 16, 1)
-  markers = (batch[IDS] == full.method.latent_conditioning.marker_id).sum(axis=1)    # [B]
+  markers = (batch[IDS] == full.method.conditioning.marker_id).sum(axis=1)    # [B]
   for row, n in enumerate(markers):       # the slots of the subjects hold masks and pixels
     assert n in (1, 2)
     assert (batch[fc.SUBJECT_MASKS][row].max(axis=(1, 2)) > 0).tolist() == [True, n == 2]
@@ -366,7 +370,7 @@ def test_batch_keys(full):
 
 
 def test_toy_pairs():
-  ex = fc_data.toy_examples(2, 32, pairs=True)
+  ex = toy_examples(2, 32, pairs=True)
   assert ex[0].caption.count(fc.IMAGE_TOKEN) == 1 and ex[0].masks.shape == (1, 32, 32)
   assert ex[1].caption.count(fc.IMAGE_TOKEN) == 2 and ex[1].masks.shape == (2, 32, 32)
   assert ex[1].masks[0].max() > 0 and ex[1].masks[1].max() > 0
@@ -374,33 +378,37 @@ def test_toy_pairs():
 
 
 def test_sampling_without_subjects_is_the_base_and_with_them_differs(full, tmp_path):
-  """No subject images: `for_sampling` samples the plain text path, the base's output bit for bit
+  """No subject images: the method samples the plain text path, the base's output bit for bit
   (untrained full variant: the UNet is the base's); with one, the image changes."""
   from persona_jax.text_to_image import SampleOptions, text_to_image
   loop.write_outputs(full, full.trainable, tmp_path)
   result = fc.load_result(tmp_path)
   options = SampleOptions(steps=3, guidance=5.0, seed=0, height=32, width=32)
   base = text_to_image(full.pipe, "a photo of a ball on grass", options=options, progress=False)
-  s = fc.for_sampling(result, full.pipe, [])
-  off = text_to_image(full.pipe, "a photo of a ball on grass", options=options, progress=False,
-                      params=s.params, tokenizer=s.tokenizer, conditioning=s.conditioning)
+  s = fc.sample(SampleRequest(result, full.pipe, full.pipe.params, ()))
+  off = text_to_image(full.pipe, "a photo of a ball <|image|> on grass", options=options,
+                      progress=False, sampling=s)
   np.testing.assert_array_equal(off, base)
   image = tmp_path / "subject.png"
   from PIL import Image
-  Image.fromarray(fc_data.toy_examples(1, 32)[0].image).save(image)
-  out = tmp_path / "samples"
-  assert main(["sample", "--fastcomposer", str(tmp_path), "--image", str(image), "--prompt",
-               "a photo of a ball <|image|> on grass", "--steps", "3", "--guidance", "5",
-               "--start-merge-step", "1", "--out", str(out)]) == 0
+  Image.fromarray(toy_examples(1, 32)[0].image).save(image)
   from persona_jax.data.images import load_image
-  assert not np.array_equal(load_image(out / "0000_0000.png"), base[0])
+  images = []
+  for flag in ("--fastcomposer", "--run"):      # the method's flag, and --run (any method)
+    out = tmp_path / f"samples{flag}"
+    assert main(["sample", flag, str(tmp_path), "--image", str(image), "--prompt",
+                 "a photo of a ball <|image|> on grass", "--steps", "3", "--guidance", "5",
+                 "--start-merge-step", "1", "--out", str(out)]) == 0
+    images.append(load_image(out / "0000_0000.png"))
+  assert not np.array_equal(images[0], base[0])
+  np.testing.assert_array_equal(*images)
 
 
 def test_sampling_prompts():
-  assert fc.sampling_prompts("a ball <|image|> and a box <|image|>", []) == ["a ball and a box"]
-  assert fc.sampling_prompts(["a ball <|image|>"], ["x.png"]) == ["a ball <|image|>"]
+  assert fc.prompt_markers(0)("a ball <|image|> and a box <|image|>") == "a ball and a box"
+  assert fc.prompt_markers(1)("a ball <|image|>") == "a ball <|image|>"
   with pytest.raises(ConfigError, match="has 1 <|image|> marker"):
-    fc.sampling_prompts(["a ball <|image|>"], ["x.png", "y.png"])
+    fc.prompt_markers(2)("a ball <|image|>")
 
 
 def test_augment_drops_and_masks():
@@ -412,7 +420,7 @@ def test_augment_drops_and_masks():
   def tokenize(captions):
     seen.extend(captions)
     return np.zeros((len(captions), 77), np.int32)
-  examples = fc_data.toy_examples(2, 32, pairs=True)
+  examples = toy_examples(2, 32, pairs=True)
 
   def draw(**probs):
     seen.clear()
@@ -502,14 +510,14 @@ def test_official_checkpoint_imports(full, model_dir, encoder_dir, tmp_path):
   assert result.config.variant == "full" and result.config.max_subjects == 4
   for path, value in tree.flatten({"unet": unet, "image_encoder": image}).items():
     np.testing.assert_array_equal(result.weights[path], value, err_msg=path)
-  sampled = tree.flatten(fc.for_sampling(result, full.pipe, []).params)
+  sampled = tree.flatten(fc.sample(SampleRequest(result, full.pipe, full.pipe.params, ())).params)
   for path, value in tree.flatten({"unet": unet}).items():
     np.testing.assert_array_equal(np.asarray(sampled[path]), value, err_msg=path)
   text = rng.standard_normal((3, 32)).astype(np.float32)
   embeds = rng.standard_normal((3, 16)).astype(np.float32)
   fuse = tree.unflatten({p[len("fastcomposer/fuse/"):]: v for p, v in result.weights.items()
                          if p.startswith("fastcomposer/fuse/")})
-  got = fc.PostfuseModule(32).apply({"params": fuse}, text, embeds)
+  got = PostfuseModule(32).apply({"params": fuse}, text, embeds)
   np.testing.assert_allclose(np.asarray(got), torch_postfuse(postfuse, text, embeds), atol=1e-5)
   state["postfuse_module.mlp3.fc1.weight"] = np.ones((2, 2), np.float32)
   write_safetensors(tmp_path / "bad" / "pytorch_model.safetensors", state)

@@ -20,7 +20,9 @@ from persona_jax.data.pipeline import DataConfig, load_instances, make_dataset, 
 from persona_jax.diffusion.sampling import TextConditioning, generate
 from persona_jax.models.components import SDModels
 from persona_jax.methods import instantbooth as ib
-from persona_jax.methods.base import CLIP_PIXELS, IDS, MethodConditioning
+from persona_jax.data.batch import CLIP_PIXELS, IDS
+from persona_jax.methods.spec import SampleRequest
+from persona_jax.models.addons import GatedAdapter
 from persona_jax.models.unet import UNet2DConditionModel
 from persona_jax.train import loop
 from persona_jax.world.captioned_folder import write_captioned_folder
@@ -40,12 +42,11 @@ HEADS = ["instantbooth/concept/kernel", "instantbooth/concept/bias",
 
 
 def ib_config(model_dir, encoder_dir, data_dir, **overrides):
-  """Toy-world captions and masks, 32px, batch 2, one warm-up step (lr 0 at step 0); both
-  learning-rate groups at the run's lr (the paper's 1e-4 / 1e-6 are checked separately)."""
+  """Toy-world captions and masks, 32px, batch 2, one warm-up step (lr 0 at step 0); every leaf
+  at the run's lr (the config's 1e-4 / 1e-6, the paper's, are checked separately)."""
   values = dict(
       model=str(model_dir),
-      method=dict(name="instantbooth", image_encoder=str(encoder_dir), encoder_lr=1e-2,
-                  adapter_lr=1e-2),
+      method=dict(name="instantbooth", image_encoder=str(encoder_dir)),
       data=dict(instance_dir=str(data_dir), caption_source="files", resolution=32),
       optim=dict(lr=1e-2, clip_grad_norm=0.0, weight_decay=0.0, warmup_steps=1),
       steps=2, batch_size=2, log_every=1, checkpoint_every=2, sample_prompts=())
@@ -80,8 +81,8 @@ def trajectory(run):
 def test_trainable_set_is_literal(run):
   assert set(tree.paths(run.trainable)) == set(HEADS + ADAPTERS)
   assert set(run.frozen) == {"unet", "text_encoder", "image_encoder"}    # VAE moments cached
-  assert run.method.unet_options == (("gated_adapter", True),)
-  assert run.method.added_tokens == ()                                   # "sks" is a word
+  assert run.method.unet == (GatedAdapter(),)
+  assert run.method.tokens.added == ()                                   # "sks" is a word
   flat = tree.flatten(run.trainable)
   assert flat["instantbooth/concept/kernel"].shape == (16, 32)           # CLIP width -> text width
   assert flat["instantbooth/patch/kernel"].shape == (16, 32)
@@ -93,12 +94,12 @@ def test_trainable_set_is_literal(run):
     config = dataclasses.replace(ib.InstantBoothConfig(image_encoder=run.config.method_options[
         "image_encoder"]), **{option: False})
     method = ib.make(config, run.pipe.params, run.pipe.tokenizer_dir, run.pipe.unet_config)
-    got = jax.eval_shape(method.init_trainable, jax.random.PRNGKey(0), run.pipe.params)
+    got = jax.eval_shape(method.params.init, jax.random.PRNGKey(0), run.pipe.params)
     assert set(tree.paths(got)) == set(want), option
-  method = ib.make(ib.InstantBoothConfig(image_encoder=run.config.method_options["image_encoder"]),
-                   run.pipe.params, run.pipe.tokenizer_dir, run.pipe.unet_config)
-  assert method.lr_groups == ((ib.ENCODER_LEAVES, 1e-4), (ib.ADAPTER_LEAVES, 1e-6))
-  lrs = tree.flatten(tree.label(run.trainable, method.lr_groups))
+  from persona_jax.train.config import load_config, run_config
+  optim = run_config(load_config("instantbooth")).optim
+  assert optim.lr == 1e-4 and optim.lr_groups == ((ib.ADAPTER_LEAVES, 1e-6),)
+  lrs = tree.flatten(tree.label(run.trainable, optim.lr_groups, optim.lr))
   assert {p for p, lr in lrs.items() if lr == 1e-4} == set(HEADS)
   assert {p for p, lr in lrs.items() if lr == 1e-6} == set(ADAPTERS)
   assert (ib.InstantBoothConfig().beta, ib.InstantBoothConfig().alpha) == (0.3, 0.4)
@@ -124,11 +125,11 @@ def test_training_bar(run, trajectory):
 def probe(run, trajectory):
   """One compiled program over the first batch: UNet outputs of the base and with the branches
   off / on alone (trained params: gamma != 0), and the conditioning of 1 vs 2 identical images."""
-  cond = run.method.latent_conditioning
+  cond = run.method.conditioning
   no_concept = dataclasses.replace(cond, concept_token=False)
   no_patch = dataclasses.replace(cond, patch_tokens=False)
-  fresh = run.method.transform(run.frozen, run.trainable)
-  trained = run.method.transform(run.frozen, trajectory["trained"])
+  fresh = run.method.params.apply(run.frozen, run.trainable)
+  trained = run.method.params.apply(run.frozen, trajectory["trained"])
   batch = jax.tree.map(jnp.asarray, trajectory["batch"])
   unet = run.models.unet
   noisy = jax.random.normal(jax.random.PRNGKey(0), (2, 4, 4, 4))
@@ -168,7 +169,7 @@ def test_branches_off_reproduce_the_base(probe):
 
 def test_concept_token_replaces_the_identifier_at_the_text_encoder_output(run, probe):
   out, batch = probe
-  at = batch[IDS] == run.method.latent_conditioning.identifier_id              # [B, L]
+  at = batch[IDS] == run.method.conditioning.identifier_id              # [B, L]
   assert at.sum(axis=1).tolist() == [1, 1]                                      # captions name sks
   np.testing.assert_array_equal(out["concept_context"][~at], out["text"][~at])
   np.testing.assert_allclose(out["concept_context"][at], 0.4 * out["concept"], rtol=1e-6)
@@ -192,7 +193,8 @@ def sampling(run, trajectory, data_dir, tmp_path_factory):
   workdir = tmp_path_factory.mktemp("ib_result")
   loop.write_outputs(run, trajectory["trained"], workdir)
   images = sorted(data_dir.glob("0000[01].png"))
-  return workdir, images, ib.for_sampling(ib.load_result(workdir), run.pipe, images)
+  request = SampleRequest(ib.load_result(workdir), run.pipe, run.pipe.params, tuple(images))
+  return workdir, images, ib.sample(request)
 
 
 def test_result_gives_the_trained_params_back(run, trajectory, sampling):
@@ -201,15 +203,16 @@ def test_result_gives_the_trained_params_back(run, trajectory, sampling):
   for path in want:
     np.testing.assert_array_equal(np.asarray(got[path]), np.asarray(want[path]), err_msg=path)
   assert s.inputs[CLIP_PIXELS].shape == (1, 2, 16, 16, 3)
-  assert s.unet_options == (("gated_adapter", True),)
+  assert s.addons == (GatedAdapter(),)
   # A sampling image with its mask beside it is masked and cropped to its subject.
   from persona_jax.data.clip_images import preprocess_image
   from persona_jax.data.images import load_image, load_mask
   image = load_image(images[0])
   mask = load_mask(images[0].with_name("00000.mask.png"), image.shape[:2])
-  want = preprocess_image(ib.condition_image(image, mask), s.parts.processor)
+  processor = run.method.image_inputs.processor
+  want = preprocess_image(ib.condition_image(image, mask), processor)
   np.testing.assert_array_equal(s.inputs[CLIP_PIXELS][0, 0], want)
-  assert not np.array_equal(want, preprocess_image(image, s.parts.processor))
+  assert not np.array_equal(want, preprocess_image(image, processor))
 
 
 def test_beta_and_alpha_are_traced_at_sampling(run, sampling):
@@ -218,8 +221,8 @@ def test_beta_and_alpha_are_traced_at_sampling(run, sampling):
   0 in both halves (which the UNet computes as the base bit for bit: the probe above)."""
   _, _, s = sampling
   pipe = run.pipe
-  models = SDModels(UNet2DConditionModel(dataclasses.replace(
-      pipe.unet_config, **dict(s.unet_options))), pipe.text_encoder, pipe.vae)
+  models = SDModels(UNet2DConditionModel(dataclasses.replace(pipe.unet_config, addons=s.addons)),
+                    pipe.text_encoder, pipe.vae)
   from persona_jax.tokenizer import tokenize
   text = {"ids": tokenize(pipe.tokenizer, ["a photo of a sks ball"]),
           "negative_ids": tokenize(pipe.tokenizer, [""])}
@@ -238,17 +241,19 @@ def test_beta_and_alpha_are_traced_at_sampling(run, sampling):
   assert np.abs(np.asarray(other_beta - first)).max() > 1e-5
   assert np.abs(np.asarray(other_alpha - first)).max() > 1e-5
 
-  off = MethodConditioning(dataclasses.replace(s.method, latent_conditioning=dataclasses.replace(
-      s.method.latent_conditioning, concept_token=False)))
+  off = dataclasses.replace(s.conditioning, concept_token=False)
 
   @jax.jit
   def prepared(params, base_params, inputs):
-    cond, uncond = off.at_step(models, params, off.prepare(models, params, inputs), 0, 0, None)
+    state = off.prepare(models, params, inputs)
+    cond, _ = off.at(models, params, state, None, None, 0)
+    uncond = off.negative(models, params, state)
     return cond, uncond, TextConditioning().prepare(models, base_params, inputs)
   cond, uncond, base = jax.device_get(prepared(s.params, pipe.params, inputs(0.0, 0.4)))
-  assert np.array_equal(cond["encoder_hidden_states"], base["cond"])
-  assert np.array_equal(uncond["encoder_hidden_states"], base["uncond"])
-  assert cond["extra"].adapter_scale.tolist() == [0.0] == uncond["extra"].adapter_scale.tolist()
+  assert np.array_equal(cond["encoder_hidden_states"], base["context"])
+  assert np.array_equal(uncond["encoder_hidden_states"], base["negative"])
+  assert (cond["streams"]["adapter_scale"].tolist() == [0.0]
+          == uncond["streams"]["adapter_scale"].tolist())
 
 
 def test_sample_command(sampling, tmp_path, monkeypatch):
@@ -262,14 +267,20 @@ def test_sample_command(sampling, tmp_path, monkeypatch):
     seen.update(kwargs, prompts=prompts)
     return np.zeros((1, 32, 32, 3), np.uint8)
   monkeypatch.setattr(t2i, "text_to_image", fake)
-  args = ["sample", "--instantbooth", str(workdir), "--prompt", "a photo of a sks ball",
-          "--beta", "0.5", "--alpha", "0.25", "--out", str(tmp_path / "out")]
-  assert main(args + sum((["--image", str(p)] for p in images), [])) == 0
-  inputs = seen["inputs"]
+  for flag in ("--run", "--instantbooth"):     # --run (any method), then the method's flag
+    args = ["sample", flag, str(workdir), "--prompt", "a photo of a sks ball",
+            "--beta", "0.5", "--alpha", "0.25", "--out", str(tmp_path / "out")]
+    assert main(args + sum((["--image", str(p)] for p in images), [])) == 0
+    if flag == "--run":
+      by_run = seen["sampling"]
+  inputs = seen["sampling"].inputs
+  for key, value in inputs.items():
+    np.testing.assert_array_equal(by_run.inputs[key], value)
+  assert by_run.conditioning == seen["sampling"].conditioning
   assert inputs[CLIP_PIXELS].shape == (1, 2, 16, 16, 3)
   assert (inputs[ib.BETA].tolist(), inputs[ib.ALPHA].tolist()) == ([0.5], [0.25])
-  assert seen["unet_options"] == (("gated_adapter", True),)
-  assert isinstance(seen["conditioning"], MethodConditioning)
+  assert seen["sampling"].addons == (GatedAdapter(),)
+  assert isinstance(seen["sampling"].conditioning, ib.InstantBoothConditioning)
   assert main(["sample", "--instantbooth", str(workdir), "--prompt", "x", "--out",
                str(tmp_path)]) == 2                                        # no --image
 
@@ -318,12 +329,10 @@ def test_condition_image_is_masked_cropped_and_augmented():
 
 
 def test_pipeline_hands_the_hook_the_flipped_mask(data_dir):
-  """A `takes_mask` hook gets the mask cropped and flipped with the image."""
+  """The `image_inputs` hook gets the mask cropped and flipped with the image."""
   seen = []
 
   class Hook:
-    takes_mask = True
-
     def __call__(self, image, mask=None, rng=None):
       seen.append((image, mask))
       return {}
@@ -352,7 +361,7 @@ def test_config_errors(run):
     ib.make(ib.InstantBoothConfig(concept_token=False, patch_tokens=False, image_encoder=encoder),
             params, tok, run.pipe.unet_config)
   with pytest.raises(ConfigError, match="one or more subject images"):
-    ib.for_sampling(None, run.pipe, [])
-  sks = run.method.latent_conditioning.identifier_id
+    ib.sample(SampleRequest(None, run.pipe, run.pipe.params, ()))
+  sks = run.method.conditioning.identifier_id
   assert ib.prompts_without_identifier(["a sks ball", "a ball", "sks"], run.pipe.tokenizer,
                                        sks) == ["a ball"]

@@ -9,14 +9,15 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from PIL import Image
 import pytest
 
 from persona_jax import tree
 from persona_jax.cli import main
 from persona_jax.data.pipeline import make_iterator
 from persona_jax.methods import ip_adapter as ipa
-from persona_jax.methods.base import CLIP_PIXELS, IDS
-from persona_jax.models.extra_conditioning import ExtraConditioning
+from persona_jax.data.batch import CLIP_PIXELS, IDS
+from persona_jax.models.addons import DecoupledCrossAttention
 from persona_jax.train import loop
 from tests.methods.test_e4t import write_image_encoder, write_model
 from tests.markers import slow
@@ -66,7 +67,7 @@ def trajectory(run):
 def test_trainable_set_is_literal(run):
   assert set(tree.paths(run.trainable)) == set(PROJECTION + IP_LAYERS)
   assert set(run.frozen) == {"unet", "text_encoder", "image_encoder"}       # VAE moments cached
-  assert dict(run.method.unet_options) == {"ip_adapter": True}
+  assert run.method.unet == (DecoupledCrossAttention(),)
   flat, base = tree.flatten(run.trainable), tree.flatten(run.pipe.params)
   for path in IP_LAYERS:                       # to_k_ip / to_v_ip start as the layer's to_k / to_v
     np.testing.assert_array_equal(flat[path], base["unet/" + path[5:].replace("_ip/", "/")])
@@ -97,8 +98,8 @@ def probe(run):
   context for each condition drop; one image vs the same image twice at sampling."""
 
   from persona_jax.models.unet import UNet2DConditionModel
-  params = run.method.transform(run.frozen, run.trainable)
-  cond = run.method.latent_conditioning
+  params = run.method.params.apply(run.frozen, run.trainable)
+  cond = run.method.conditioning
   base_unet = UNet2DConditionModel(run.pipe.unet_config)
   ip_unet = run.models.unet
   batch = jax.tree.map(jnp.asarray, next(make_iterator(run.dataset)))
@@ -113,12 +114,11 @@ def probe(run):
     ctx, tokens = state["context"], state["tokens"]
     out["tokens"], out["ctx"] = tokens, ctx
     unet = lambda p, extra: ip_unet.apply({"params": p}, noisy, t, ctx, extra)
-    out["scale0"] = unet(params["unet"], ExtraConditioning(ip_tokens=tokens, ip_scale=0.0))
-    out["scales"] = unet(params["unet"], ExtraConditioning(ip_tokens=tokens,
-                                                           ip_scale=jnp.asarray([0.0, 1.0])))
+    out["scale0"] = unet(params["unet"], {"ip_tokens": tokens, "ip_scale": 0.0})
+    out["scales"] = unet(params["unet"], {"ip_tokens": tokens, "ip_scale": jnp.asarray([0.0, 1.0])})
     # to_k_ip/to_v_ip = to_k/to_v and the text as image tokens: Attn + Attn = 2 Attn, i.e. the
     # base with every attn2 to_out_0 kernel doubled.
-    out["self"] = unet(params["unet"], ExtraConditioning(ip_tokens=ctx))
+    out["self"] = unet(params["unet"], {"ip_tokens": ctx})
     doubled = tree.unflatten({p: (2 * v if p.endswith("attn2/to_out_0/kernel") else v)
                               for p, v in tree.flatten(run.pipe.params["unet"]).items()})
     out["doubled"] = base_unet.apply({"params": doubled}, noisy, t, ctx)
@@ -135,14 +135,15 @@ def probe(run):
     two = jnp.concatenate([one, one], axis=1)                           # [1, 2, S, S, 3]
     inputs = lambda px: {IDS: batch[IDS][:1], "negative_ids": batch[IDS][:1], CLIP_PIXELS: px}
     for name, px in (("one", one), ("two", two)):
-      prepared = cond.sampling(m, params, cond.prepare(m, params, inputs(px)), ctx[:1],
-                               dict(inputs(px), ip_scale=jnp.asarray([0.7])))
-      c, u = prepared.at(0)
+      state = cond.prepare(m, params, dict(inputs(px), ip_scale=jnp.asarray([0.7])))
+      c, _ = cond.at(m, params, state, None, None, 0)
+      u = cond.negative(m, params, state)
       out[name] = ip_unet.apply({"params": params["unet"]}, noisy[:1], t[:1], **c)
       if name == "one":
         out["one_uncond"] = ip_unet.apply({"params": params["unet"]}, noisy[:1], t[:1], **u)
-      out[name + "_tokens"], out[name + "_negative"] = c["extra"].ip_tokens, u["extra"].ip_tokens
-      out[name + "_scales"] = (c["extra"].ip_scale, u["extra"].ip_scale)
+      out[name + "_tokens"] = c["streams"]["ip_tokens"]
+      out[name + "_negative"] = u["streams"]["ip_tokens"]
+      out[name + "_scales"] = (c["streams"]["ip_scale"], u["streams"]["ip_scale"])
     return out
   out = jax.device_get(go(params, batch))
   # The base in its own program (one program holding both may fuse them differently).
@@ -219,7 +220,7 @@ def method_for(run, **options):
   from persona_jax.methods.registry import make_method
   method = make_method("ip_adapter", dict(run.config.method_options, **options), run.pipe.params,
                        run.pipe.tokenizer_dir, run.pipe.unet_config)
-  return method, method.init_trainable(jax.random.PRNGKey(0), run.pipe.params)
+  return method, method.params.init(jax.random.PRNGKey(0), run.pipe.params)
 
 
 @pytest.fixture(scope="module")
@@ -232,7 +233,7 @@ def plus_run(model_dir, encoder_dir):
 def test_plus_trainable_set_is_literal(run):
   """Nothing of the base trains (no select rules): the trainable leaves are the added ones."""
   method, trainable = method_for(run, kind="plus", depth=1)
-  assert method.select == ()
+  assert method.params.select == ()
   assert set(tree.paths(trainable)) == set(PLUS_PROJECTION + IP_LAYERS)
   flat = tree.flatten(trainable)
   assert flat["ip_adapter/image_proj/latents"].shape == (1, 16, 32)        # 16 queries
@@ -272,8 +273,7 @@ def official_keys(n_layers=4):
 
 
 def check_against_diffusers(run, model_dir, encoder_dir, file, kind):
-  from persona_jax.verify_ip_adapter import compare_ip_adapter
-  results = compare_ip_adapter(run.pipe, model_dir, file, encoder_dir, scale=0.6)
+  results = ipa.compare_ip_adapter(run.pipe, model_dir, file, encoder_dir, scale=0.6)
   assert [r.name for r in results][:3] == [f"ip_adapter({kind}).image_features",
                                            f"ip_adapter({kind}).image_proj tokens",
                                            f"ip_adapter({kind}).unet (scale 0.6)"]
@@ -359,8 +359,13 @@ def test_official_file_written_by_torch_loads_and_matches_diffusers(run, model_d
     assert main(["verify", str(model_dir), "--ip-adapter", str(file), "--image-encoder",
                  str(encoder_dir)]) == 0
   else:                         # the same check without the steps (one sampler compilation)
-    from persona_jax.verify_ip_adapter import verify_ip_adapter
-    assert verify_ip_adapter(model_dir, file, image_encoder=encoder_dir, sampling_steps=0)
+    import dataclasses
+    import functools
+
+    from persona_jax.verify import verify
+    hook = dataclasses.replace(ipa.SPEC.verify,
+                               run=functools.partial(ipa.verify_file, sampling_steps=0))
+    assert verify(model_dir, image_encoder=encoder_dir, adapter=(hook, file))
   out = capsys.readouterr().out
   assert f"ip_adapter({kind}).unet (scale 0.6)" in out and "image_encoder.image_embeds" in out
   assert (f"ip_adapter({kind}).ddim 3 steps, cfg 7.5: latents" in out) == (kind == "basic")
@@ -372,11 +377,13 @@ def test_sample_command_with_two_images(exported, tmp_path, capsys):
   the result's metadata; the scale is a traced input."""
   file, _ = exported
   images = sorted(loop.data.example_subject_dir().glob("*.png"))[:2]
-  out = tmp_path / "samples"
-  assert main(["sample", "--ip-adapter", str(file), "--image", str(images[0]), "--image",
-               str(images[1]), "--ip-scale", "0.5", "--prompt", "a ball", "--steps", "2",
-               "--out", str(out)]) == 0
-  assert (out / "grid.png").is_file()
+  grids = []
+  for given in (["--ip-adapter", str(file)], ["--run", str(Path(file).parent)]):
+    out = tmp_path / f"samples{len(grids)}"
+    assert main(["sample", *given, "--image", str(images[0]), "--image", str(images[1]),
+                 "--ip-scale", "0.5", "--prompt", "a ball", "--steps", "2", "--out", str(out)]) == 0
+    grids.append(np.asarray(Image.open(out / "grid.png")))
+  np.testing.assert_array_equal(*grids)
   assert main(["sample", "--ip-adapter", str(file), "--prompt", "a ball", "--out", str(out)]) != 0
   assert "--ip-adapter needs --image PATH" in capsys.readouterr().err
 

@@ -61,7 +61,7 @@ def test_trainable_set_is_literal(run):
 
 
 def test_step_zero_reproduces_the_base(run):
-  params = run.method.transform(run.frozen, run.trainable)
+  params = run.method.params.apply(run.frozen, run.trainable)
   for name in run.frozen:
     for a, b in zip(jax.tree.leaves(params[name]), jax.tree.leaves(run.frozen[name])):
       assert np.array_equal(np.asarray(a), np.asarray(b))
@@ -70,7 +70,7 @@ def test_step_zero_reproduces_the_base(run):
 def test_merge_is_w_plus_scaled_product(run):
   rng = np.random.default_rng(0)
   trained = jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape), jnp.float32), run.trainable)
-  params = tree.flatten(run.method.transform(run.frozen, trained))
+  params = tree.flatten(run.method.params.apply(run.frozen, trained))
   f, w0 = tree.flatten(trained), tree.flatten(run.frozen)
   blocks = bool(run.config.method_options.get("block_alphas"))
   # alpha defaults to the rank (scale 1); the block variant sets MID's alpha to 1 at rank 2.

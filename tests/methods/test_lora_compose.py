@@ -1,7 +1,6 @@
 """Sampling with LoRA files: the file format, merging several with per-block weights (traced:
 no recompiles), block-weight strings, and `persona-jax sample --lora`."""
 
-import types
 
 import jax
 import numpy as np
@@ -13,10 +12,11 @@ from persona_jax import ConfigError, PersonaError, tree
 from persona_jax.cli import main
 from persona_jax.convert.lora_formats import load_lora_file
 from persona_jax.methods.lora_compose import LoRASpec, apply_loras, block_weights, merge_loras
+from persona_jax.methods.base import ResultContext
 from persona_jax.methods.registry import make_method
 from persona_jax.models import block_names
 from persona_jax.models.configs import UNetConfig
-from persona_jax.text_to_image import SampleOptions, text_to_image
+from persona_jax.text_to_image import SampleOptions, Sampling, text_to_image
 from tests.runs import lora_config
 
 # LoRA A: the method's result file (LoCon + text encoder, MID at alpha 1 / rank 2 = scale 0.5).
@@ -38,16 +38,16 @@ def pipe(pipes):
 
 @pytest.fixture(scope="module")
 def lora_a(pipe, model_dirs, tmp_path_factory):
-  """(method, trainable with random non-zero factors, the file save_result wrote)."""
+  """(method, trainable with random non-zero factors, the file the method's save wrote)."""
   method = make_method("lora", {k: v for k, v in METHOD_A.items() if k != "name"}, pipe.params,
                        pipe.tokenizer_dir, pipe.unet_config)
   rng = np.random.default_rng(0)
   trainable = jax.tree.map(lambda x: 0.1 * rng.standard_normal(x.shape).astype(np.float32),
-                           method.init_trainable(jax.random.PRNGKey(0), pipe.params))
-  # What save_result reads of a run (loop.build would cost ~12 s of data and optimizer set-up).
-  run = types.SimpleNamespace(config=lora_config(model_dirs["sd1"], method=METHOD_A),
-                              model_dir=model_dirs["sd1"])
-  [path] = method.save_result(run, trainable, tmp_path_factory.mktemp("lora_a"))
+                           method.params.init(jax.random.PRNGKey(0), pipe.params))
+  # What save reads of a run (loop.build would cost ~12 s of data and optimizer set-up).
+  context = ResultContext(tmp_path_factory.mktemp("lora_a"), pipe, model_dirs["sd1"],
+                          lora_config(model_dirs["sd1"], method=METHOD_A), None)
+  [path] = method.save(trainable, context)
   return method, trainable, path
 
 
@@ -103,8 +103,9 @@ def test_one_lora_at_weight_one_is_the_method_transform(pipe, lora_a):
   ones = np.ones((1, len(block_names.all_blocks(pipe.unet_config))), np.float32)
   got = tree.flatten(apply_loras(pipe.params, [load_lora_file(path, pipe.params)], ones,
                                  pipe.unet_config))
-  want = tree.flatten(method.transform(pipe.params, trainable))
   base = tree.flatten(pipe.params)
+  want = {p: v for p, v in tree.flatten(method.params.apply(pipe.params, trainable)).items()
+          if p in base}                   # the merged tree also holds the lora/ leaves
   assert set(got) == set(want)
   changed = 0
   for p, w in want.items():
@@ -233,7 +234,7 @@ def test_sample_command_with_two_loras(pipe, model_dirs, lora_a, lora_b, tmp_pat
                            numpy_merge(pipe.params, [lora_a[2], lora_b], weights,
                                        pipe.unet_config).items()})
   options = SampleOptions(steps=2)
-  want = text_to_image(pipe, "a red ball", options=options, params=merged)[0]
+  want = text_to_image(pipe, "a red ball", options=options, sampling=Sampling(merged))[0]
   assert np.abs(got.astype(int) - want).max() <= 1
   from persona_jax.diffusion.sampling import generate
   compiled = generate._cache_size()

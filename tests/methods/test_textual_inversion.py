@@ -10,7 +10,7 @@ import pytest
 
 from persona_jax import ConfigError, tree
 from persona_jax.methods import textual_inversion as ti
-from persona_jax.methods.base import encode_text, method_loss
+from persona_jax.methods.base import method_loss
 from persona_jax.tokenizer import tokenize
 from persona_jax.train import loop
 from persona_jax.train.state import init_state
@@ -43,7 +43,7 @@ def step(run):
 def eval_loss(run):
   """The loss with fixed noise and timesteps (a fixed rng), and its gradient."""
   def loss(trainable, batch):
-    params = run.method.transform(run.frozen, trainable)
+    params = run.method.params.apply(run.frozen, trainable)
     return method_loss(run.method, run.models, run.objective, params, trainable, batch,
                        jax.random.PRNGKey(42))[0]
   return jax.jit(jax.value_and_grad(loss))
@@ -52,7 +52,7 @@ def eval_loss(run):
 def test_trainable_leaves_are_exactly_the_new_rows(run):
   assert tree.paths(run.trainable) == ["tokens"]
   assert run.trainable["tokens"].shape == (2, 32)
-  assert run.method.added_tokens == ("<my-toy>", "<my-toy>_1")
+  assert run.method.tokens.added == ("<my-toy>", "<my-toy>_1")
   assert set(run.frozen) == {"unet", "text_encoder"}         # VAE moments are cached
 
 
@@ -65,17 +65,17 @@ def test_rows_start_at_the_initializer_and_reproduce_it(run):
   table = run.pipe.params["text_encoder"]["embeddings"]["token_embedding"]["embedding"]
   ball = tokenize(run.pipe.tokenizer, ["ball"])[0][1]
   np.testing.assert_array_equal(run.trainable["tokens"], np.stack([table[ball]] * 2))
-  params = run.method.transform(run.frozen, run.trainable)
-  with_placeholder = encode_text(run.method, run.models, params, run.tokenize(["a photo of <my-toy>"]))
-  with_initializer = encode_text(run.method, run.models, params, tokenize(run.pipe.tokenizer, ["a photo of ball ball"]))
+  params = run.method.params.apply(run.frozen, run.trainable)
+  with_placeholder = run.method.conditioning.encode(run.models, params, run.tokenize(["a photo of <my-toy>"]))
+  with_initializer = run.method.conditioning.encode(run.models, params, tokenize(run.pipe.tokenizer, ["a photo of ball ball"]))
   np.testing.assert_array_equal(with_placeholder, with_initializer)
 
 
 def test_prompt_without_placeholder_reproduces_the_base_exactly(run):
   ids = tokenize(run.pipe.tokenizer, ["a red ball on a blue background"])
   trained = dict(run.trainable, tokens=run.trainable["tokens"] + 1.0)
-  params = run.method.transform(run.frozen, trained)
-  ours = encode_text(run.method, run.models, params, ids)
+  params = run.method.params.apply(run.frozen, trained)
+  ours = run.method.conditioning.encode(run.models, params, ids)
   base = run.models.text_encoder.apply({"params": run.pipe.params["text_encoder"]}, ids).last_hidden_state
   np.testing.assert_array_equal(ours, base)
 

@@ -5,7 +5,7 @@ import pytest
 from persona_jax import ConfigError, tree
 from persona_jax.models import block_names as bn
 from persona_jax.models.configs import UNetConfig
-from persona_jax.pipeline import abstract_params
+from persona_jax.models.components import abstract_params
 
 SD1 = UNetConfig.from_dict(dict(
     block_out_channels=[320, 640, 1280, 1280], layers_per_block=2, cross_attention_dim=768,

@@ -1,5 +1,6 @@
-"""The UNet's hooks for tuning-free methods: IP-Adapter's decoupled cross-attention, InstantBooth's
-gated self-attention adapter, cross-attention maps (FastComposer).
+"""The UNet's add-ons (models/addons.py): IP-Adapter's decoupled cross-attention, InstantBooth's
+gated self-attention adapter, cross-attention maps (FastComposer), and a toy stream reaching every
+down, mid and up block (the plug point SDXL's and ControlNet's streams will use).
 
 Branch off = base is checked bit for bit (jnp.array_equal); parity with diffusers at float32,
 highest matmul precision (reached about 1e-6 relative, asserted 1e-5).
@@ -16,9 +17,10 @@ import pytest
 from persona_jax import tree
 from persona_jax.errors import ConfigError
 from persona_jax.models.adapters import GatedSelfAttention
+from persona_jax.models.addons import (Addon, AttentionMaps, DecoupledCrossAttention, GatedAdapter,
+                                       Where)
 from persona_jax.models.attention_maps import ATTENTION_MAPS, collect
-from persona_jax.models.extra_conditioning import ExtraConditioning
-from persona_jax.models.unet import UNet2DConditionModel, init_added_params
+from persona_jax.models.unet import UNet2DConditionModel, init_added_params, skip_places
 from persona_jax.verify import compare, nchw
 from tests.torch_reference import require_torch
 
@@ -37,8 +39,8 @@ def specs(params):
   return {p: (v.shape, v.dtype) for p, v in tree.flatten(params).items()}
 
 
-def on_config(config, **more):
-  return dataclasses.replace(config, ip_adapter=True, gated_adapter=True, **more)
+def on_config(config):
+  return dataclasses.replace(config, addons=(DecoupledCrossAttention(), GatedAdapter()))
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +51,8 @@ def setup(pipes):
   x = rng.standard_normal((2, *HW, 4)).astype(np.float32)
   t = np.array([3, 917])
   ctx = rng.standard_normal((2, 77, 32)).astype(np.float32)
-  streams = ExtraConditioning(ip_tokens=rng.standard_normal((2, 4, 32)).astype(np.float32),
-                              adapter_tokens=rng.standard_normal((2, 5, 24)).astype(np.float32))
+  streams = {"ip_tokens": rng.standard_normal((2, 4, 32)).astype(np.float32),
+             "adapter_tokens": rng.standard_normal((2, 5, 24)).astype(np.float32)}
   base = jax.jit(pipe.unet.apply)({"params": pipe.params["unet"]}, x, t, ctx)
   unet = UNet2DConditionModel(on_config(pipe.unet_config))
   added = init_added_params(unet, jax.random.key(1), streams)
@@ -91,29 +93,29 @@ def test_branches_off_reproduce_the_base_bit_for_bit(setup):
   base, apply, streams = s["base"], s["apply"], s["streams"]
   assert jnp.array_equal(jax.jit(lambda p: s["unet"].apply({"params": p}, s["x"], s["t"],
                                                            s["ctx"]))(s["params"]), base)
-  off = streams.replace(ip_scale=np.zeros(2, np.float32), adapter_scale=np.ones(2, np.float32))
+  off = {**streams, "ip_scale": np.zeros(2, np.float32), "adapter_scale": np.ones(2, np.float32)}
   assert jnp.array_equal(apply(s["params"], off), base)                   # ip scale 0, gamma 0
   gated = with_gamma(s["params"], 0.5)
-  beta_off = streams.replace(ip_scale=np.float32(0.0), adapter_scale=np.float32(0.0))
+  beta_off = {**streams, "ip_scale": np.float32(0.0), "adapter_scale": np.float32(0.0)}
   assert jnp.array_equal(apply(gated, beta_off), base)                    # beta 0
   # Per-example scales: image 0 off, image 1 on.
-  mixed = apply(gated, streams.replace(ip_scale=np.array([0, 0.7], np.float32),
-                                       adapter_scale=np.array([0, 1], np.float32)))
+  mixed = apply(gated, {**streams, "ip_scale": np.array([0, 0.7], np.float32),
+                        "adapter_scale": np.array([0, 1], np.float32)})
   assert jnp.array_equal(mixed[0], base[0])
   assert compare("on", mixed[1], base[1]).max_rel > 1e-3
 
 
 def test_stream_for_a_layer_the_unet_lacks_is_an_error(setup):
   s = setup
-  with pytest.raises(ValueError, match="ip_adapter=True"):
+  with pytest.raises(ValueError, match="no add-on of this UNet reads it"):
     jax.eval_shape(s["pipe"].unet.apply, {"params": s["pipe"].params["unet"]}, s["x"], s["t"],
-                   s["ctx"], ExtraConditioning(ip_tokens=s["streams"].ip_tokens))
+                   s["ctx"], {"ip_tokens": s["streams"]["ip_tokens"]})
 
 
 def test_gated_adapter_changes_the_output_only_through_its_attention(setup):
   s = setup
   gated = with_gamma(s["params"], 0.5)
-  extra = s["streams"].replace(ip_scale=np.float32(0.0), adapter_scale=np.float32(1.0))
+  extra = {**s["streams"], "ip_scale": np.float32(0.0), "adapter_scale": np.float32(1.0)}
   assert compare("gated", s["apply"](gated, extra), s["base"]).max_rel > 1e-3
   silent = tree.map_with_path(lambda p, v: jnp.zeros_like(v) if "adapter/attn/to_out_0" in p
                               else v, gated)
@@ -189,11 +191,12 @@ def test_ip_attention_matches_diffusers(preset, pipes, model_dirs):
   with torch.no_grad():
     want = ref(torch.from_numpy(nchw(x)), torch.from_numpy(t),
                encoder_hidden_states=(torch.from_numpy(ctx), [torch.from_numpy(tokens)])).sample
-  unet = UNet2DConditionModel(dataclasses.replace(pipe.unet_config, ip_adapter=True))
+  unet = UNet2DConditionModel(dataclasses.replace(pipe.unet_config,
+                                                  addons=(DecoupledCrossAttention(),)))
   params = tree.merge(pipe.params["unet"], tree.unflatten(ip))
   with jax.default_matmul_precision("highest"):
     got = jax.jit(unet.apply)({"params": params}, x, t, ctx,
-                              ExtraConditioning(ip_tokens=tokens, ip_scale=np.float32(0.7)))
+                              {"ip_tokens": tokens, "ip_scale": np.float32(0.7)})
   assert compare("ip unet", nchw(got), want.numpy()).max_rel < 1e-5
   for proc in ip_processors:
     proc.scale = [0.0]
@@ -208,7 +211,8 @@ MAP_BLOCKS = ("IN01", "MID", "OUT05")
 
 def test_attention_maps_of_asked_blocks(setup):
   s = setup
-  unet = UNet2DConditionModel(dataclasses.replace(s["pipe"].unet_config, attention_maps=MAP_BLOCKS))
+  unet = UNet2DConditionModel(dataclasses.replace(s["pipe"].unet_config,
+                                                  addons=(AttentionMaps(MAP_BLOCKS),)))
   variables = {"params": s["pipe"].params["unet"]}
   out, state = jax.jit(lambda v: unet.apply(v, s["x"], s["t"], s["ctx"], mutable=[ATTENTION_MAPS]))(
       variables)
@@ -229,6 +233,57 @@ def test_attention_maps_of_asked_blocks(setup):
 def test_attention_maps_reject_blocks_without_cross_attention(setup):
   s = setup
   for blocks, message in ((("IN03",), "no cross-attention"), (("IN99",), "does not exist")):
-    unet = UNet2DConditionModel(dataclasses.replace(s["pipe"].unet_config, attention_maps=blocks))
+    unet = UNet2DConditionModel(dataclasses.replace(s["pipe"].unet_config,
+                                                    addons=(AttentionMaps(blocks),)))
     with pytest.raises(ConfigError, match=message):
       jax.eval_shape(unet.apply, {"params": s["pipe"].params["unet"]}, s["x"], s["t"], s["ctx"])
+
+
+@dataclasses.dataclass(frozen=True)
+class ToyShift(Addon):
+  """A toy add-on: adds `toy` [P] (one number per block output, in `places` order) times a
+  pattern over the channels (a constant would vanish in the next group norm) to the output of
+  every down skip, the mid block and every up block; records where it is called."""
+  places: tuple = ()
+  reads = ("toy",)
+
+  def block_output(self, where, x, streams):
+    CALLED.append(where)
+    if "toy" not in streams:
+      return x
+    pattern = jnp.sin(jnp.arange(x.shape[-1], dtype=x.dtype)).reshape(1, 1, 1, -1)   # [1, 1, 1, C]
+    return x + streams["toy"][self.places.index(where)].astype(x.dtype) * pattern
+
+
+CALLED = []
+
+
+def test_a_toy_stream_reaches_every_down_mid_and_up_block(setup):
+  """A new stream needs no branch in the blocks: an add-on's `block_output` sees every skip the
+  down path leaves, the mid block's output and every up block's output, and a value at one place
+  changes the UNet's output (without the stream: the base, bit for bit)."""
+  s = setup
+  config = s["pipe"].unet_config
+  n = len(config.block_out_channels)
+  places = tuple(skip_places(config)) + (Where("mid"),) + tuple(Where("up", i) for i in range(n))
+  # conv_in, every down-block layer, every downsampler: the skips the up path concatenates.
+  assert len(skip_places(config)) == 1 + sum(config.layers_per_block_list) + (n - 1)
+  unet = UNet2DConditionModel(dataclasses.replace(config, addons=(ToyShift(places),)))
+  apply = jax.jit(lambda toy: unet.apply({"params": s["pipe"].params["unet"]}, s["x"], s["t"],
+                                         s["ctx"], {"toy": toy}))
+  CALLED.clear()
+  zero = apply(jnp.zeros(len(places)))
+  assert sorted(set(CALLED)) == sorted(places)                  # every place, at trace time
+  # Zeros add nothing (up to the other program's rounding); no stream: the base bit for bit.
+  assert compare("zeros", zero, s["base"]).max_rel < 1e-5
+  no_stream = jax.jit(lambda p: unet.apply({"params": p}, s["x"], s["t"], s["ctx"]))
+  assert jnp.array_equal(no_stream(s["pipe"].params["unet"]), s["base"])
+  outputs = []
+  for k in range(len(places)):
+    out = apply(jnp.zeros(len(places)).at[k].set(0.5))
+    assert compare(str(places[k]), out, s["base"]).max_rel > 1e-4, places[k]
+    outputs.append(out)
+  # Each place has its own effect (no two places are the same point of the network).
+  for i in range(len(places)):
+    for j in range(i):
+      assert not jnp.allclose(outputs[i], outputs[j]), (places[i], places[j])

@@ -1,11 +1,14 @@
 """Optimizer construction: groups, schedules, clipping, accumulation, EMA; loss weightings."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from persona_jax import tree
+from persona_jax.errors import ConfigError
 from persona_jax.diffusion.losses import Objective, min_snr_weights
 from persona_jax.diffusion.schedules import SchedulerConfig
 from persona_jax.train.optim import OptimConfig, ema_update, learning_rate, make_optimizer
@@ -35,13 +38,17 @@ def test_schedule_warmup_and_scale_lr():
 
 
 def test_groups_get_their_own_learning_rate():
-  config = OptimConfig(lr=1.0, groups=((r"text_encoder/.*", 0.0),), weight_decay=0.0,
-                       clip_grad_norm=0.0)
+  """optim.lr_groups are learning rates (the one unit of every lr in a config): Adam's first
+  update of a leaf is about its lr in size."""
+  config = OptimConfig(lr=1.0, lr_groups=((r"text_encoder/.*", 0.0), (r"unet/a/.*", 0.25)),
+                       weight_decay=0.0, clip_grad_norm=0.0)
   tx, _ = make_optimizer(config, PARAMS, total_steps=10, batch_size=1)
   grads = jax.tree.map(jnp.ones_like, PARAMS)
   updates, _ = tx.update(grads, tx.init(PARAMS), PARAMS)
   assert float(jnp.abs(updates["text_encoder"]["b"]["bias"]).max()) == 0.0
-  assert float(jnp.abs(updates["unet"]["a"]["kernel"]).min()) > 0.5
+  np.testing.assert_allclose(np.abs(updates["unet"]["a"]["kernel"]), 0.25, rtol=1e-5)
+  with pytest.raises(ConfigError, match="optim.lr must be > 0"):
+    make_optimizer(dataclasses.replace(config, lr=0.0), PARAMS, total_steps=10, batch_size=1)
 
 
 def test_gradient_accumulation_applies_every_k_steps():

@@ -22,6 +22,36 @@ def test_fsdp_rule_picks_the_largest_divisible_dim():
   assert spec_for((64,), "fsdp", 1) == P()
 
 
+@pytest.mark.parametrize("groups, accum", [((), 1), ((("unet/b/.*", 1e-5),), 2)])
+def test_optimizer_state_shardings_follow_the_params_by_structure(groups, accum):
+  """Adam's moments (inside learning-rate groups and gradient accumulation too) take their
+  param's sharding; counts are replicated; a group's masked-out subtrees stay masked."""
+  import jax.numpy as jnp
+
+  from persona_jax.parallel.rules import optimizer_shardings
+  from persona_jax.train.optim import OptimConfig, make_optimizer
+  params = {"unet": {"a": {"kernel": jnp.ones((8, 16))}, "b": {"bias": jnp.ones(3)}},
+            "tokens": jnp.ones((2, 8))}
+  tx, _ = make_optimizer(OptimConfig(lr_groups=groups, grad_accum=accum), params, total_steps=4,
+                         batch_size=1)
+  mesh = mesh_lib.make_mesh(4)
+  param_sh = infer_shardings(params, (("unet/.*", "fsdp"),), mesh)
+  rep = mesh_lib.replicated(mesh)
+  abstract = jax.eval_shape(tx.init, params)
+  got = optimizer_shardings(tx, abstract, param_sh, rep)
+  assert jax.tree.structure(got) == jax.tree.structure(abstract)
+  kinds = {}
+  for (path, leaf), sharding in zip(jax.tree_util.tree_leaves_with_path(abstract),
+                                    jax.tree.leaves(got)):
+    name = jax.tree_util.keystr(path)
+    if leaf.shape == (8, 16):
+      kinds[name] = sharding.spec
+    else:
+      assert sharding.spec in (P(), P(None)), name
+  assert kinds and all(spec == P(None, "fsdp") for spec in kinds.values())
+  assert len(kinds) == 2 + (accum > 1)      # mu and nu, and the accumulated gradients
+
+
 def test_data_parallel_step_matches_single_device(model_dirs):
   assert len(jax.devices()) == 8
   config = ti_config(model_dirs["sd1"], batch_size=8)

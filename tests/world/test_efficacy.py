@@ -28,8 +28,8 @@ def test_prompts_use_new_backgrounds_and_the_class_prompts_drop_the_identifier()
     assert p.background not in (subject.look.colour, subject.look.pattern_colour)
     assert p.text.endswith(scenes.background_phrase(p.background))
     assert ("sks" in p.text) == (p.kind == "context")
-  assert ef.subject_phrase("base_described", subject) == subject.words
-  assert ef.subject_phrase("textual_inversion", subject) == "<sks>"
+  assert ef.subject_phrase(ef.EvalConfig("base_described"), subject) == subject.words
+  assert ef.subject_phrase(ef.EvalConfig("textual_inversion"), subject) == "<sks>"
   with pytest.raises(ConfigError, match="not one of"):
     ef.EvalConfig(method="dreambooh")
 
@@ -76,16 +76,30 @@ def test_bundled_example_subject_is_the_first_eval_subject():
     np.testing.assert_array_equal(np.asarray(Image.open(f)), scenes.render(scene, 128))
 
 
-@pytest.mark.parametrize("method", sorted(ef.RECIPES))
+TUNED = sorted(name for name, (_, r) in ef.recipes().items() if r.kind == "tuned")
+TUNING_FREE = sorted(name for name, (_, r) in ef.recipes().items() if r.kind == "tuning_free")
+
+
+def test_the_registry_gives_every_method_its_recipe():
+  assert TUNED == ["custom_diffusion", "dreambooth", "dreambooth_noprior", "lora",
+                   "textual_inversion"]
+  assert TUNING_FREE == ["fastcomposer", "instantbooth", "ip_adapter"]
+  assert ef.method_names() == ("base", "base_described", *ef.recipes())
+  assert ef.recipes()["e4t"][1].kind == "one_image"
+
+
+@pytest.mark.parametrize("method", TUNED)
 def test_every_recipe_is_a_valid_run_with_class_images_only_under_a_prior(method, tmp_path):
   from persona_jax.train.config import run_config
   subject = ef.eval_subjects(1)[0]
   cfg = ef.EvalConfig(method, steps=7, lr=0.0)
   run = run_config(ef.recipe_config(cfg, subject, tmp_path / "refs", tmp_path / "classes"))
   assert run.steps == 7 and run.optim.lr == 0.0 and run.data.resolution == 32
-  assert (run.data.num_class_images > 0) == ef.RECIPES[method].prior
-  if ef.RECIPES[method].prior:
+  assert (run.data.num_class_images > 0) == cfg.recipe.prior
+  if cfg.recipe.prior:
     assert run.data.class_prompt == f"a photo of a {subject.cls}"
+  if method == "dreambooth_noprior":
+    assert run.prior_loss_weight == 0.0
 
 
 def test_subjects_of_one_class_and_the_image_methods_phrases():
@@ -97,11 +111,12 @@ def test_subjects_of_one_class_and_the_image_methods_phrases():
     ef.eval_subjects(1000, "ball")
   with pytest.raises(ConfigError, match="--subject-class 'cat'"):
     ef.EvalConfig("e4t", subject_class="cat")
-  assert ef.subject_phrase("e4t", balls[0]) == "*s"
-  assert ef.subject_phrase("instantbooth", balls[0]) == "sks ball"
-  assert ef.subject_phrase("ip_adapter", balls[0]) == "ball"
-  assert ef.subject_phrase("fastcomposer", balls[0]) == "ball <|image|>"
-  for method in ef.TUNING_FREE:
+  phrase = lambda method: ef.subject_phrase(ef.EvalConfig(method, state="x"), balls[0])
+  assert phrase("e4t") == "*s"
+  assert phrase("instantbooth") == "sks ball"
+  assert phrase("ip_adapter") == "ball"
+  assert phrase("fastcomposer") == "ball <|image|>"
+  for method in TUNING_FREE:
     with pytest.raises(ConfigError, match="give --state WORKDIR"):
       ef.EvalConfig(method)
   with pytest.raises(ConfigError, match="--state is for e4t"):

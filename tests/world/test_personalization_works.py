@@ -11,6 +11,9 @@ slower).
 
 import json
 
+import numpy as np
+from PIL import Image
+
 from persona_jax.default_model import is_toy_base_shipped
 from tests.runs import run_cli
 
@@ -36,3 +39,16 @@ def test_dreambooth_makes_the_base_draw_a_held_out_subject(tmp_path):
   # The subject's generations look more like its references than the controls' do.
   assert trained["subject_similarity"] > max(control["subject_similarity"],
                                              base["subject_similarity"]), (trained, control, base)
+  # `persona-jax sample --run` on the trained run folder draws the eval's own subject images
+  # (the same prompt, sampler settings and per-image seeds; the eval's grid shows them 4x).
+  subject = "pink_and_yellow_dotted_ball"
+  run = tmp_path / f"dreambooth_noprior--steps{STEPS}" / "runs" / subject
+  out = tmp_path / "sampled"
+  run_cli("sample", "--run", str(run), "--prompt", trained["subjects"][0]["prompts"][0],
+          "--num-images", str(SEEDS), "--steps", "25", "--guidance", "4", "--seed", "0",
+          "--out", str(out))
+  grid = np.asarray(Image.open(run.parent.parent / "samples" / f"{subject}.png")).astype(int)
+  for k in range(SEEDS):
+    tile = grid[2:130:4, 2 + 130 * k: 130 + 130 * k: 4]
+    image = np.asarray(Image.open(out / f"0000_{k:04d}.png")).astype(int)
+    assert np.abs(image - tile).max() <= 2, k

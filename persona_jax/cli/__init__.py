@@ -1,0 +1,64 @@
+"""The `persona-jax` console script: one small module per subcommand over library functions.
+
+Each command module has NAME, HELP, `add_arguments(parser)` and `run(args) -> exit code`
+(`train` parses its own absl/ml_collections flags: `train.main(argv)`); methods add their own
+subcommands through the registry (`registry.commands()`, e.g. importing an official release). A
+`PersonaError` (bad input) is printed as one line without a traceback and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from persona_jax.errors import PersonaError
+from persona_jax.runtime import reexec_with_malloc_tunable, setup_logging
+
+COMMANDS = ("make_random_model", "sample", "make_class_images", "bench", "merge",
+            "make_toy_model", "plot", "export", "eval", "verify")
+
+
+def build_parser() -> argparse.ArgumentParser:
+  import importlib
+
+  from persona_jax.cli import train
+  from persona_jax.methods.registry import commands
+  parser = argparse.ArgumentParser(prog="persona-jax", description=__doc__.splitlines()[0])
+  parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+  sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+  sub.add_parser(train.NAME, help=train.HELP, add_help=False)
+  for name in COMMANDS:
+    module = importlib.import_module(f"persona_jax.cli.{name}")
+    p = sub.add_parser(module.NAME, help=module.HELP)
+    module.add_arguments(p)
+    p.set_defaults(func=module.run)
+  for command in commands():
+    p = sub.add_parser(command.name, help=command.help)
+    command.add_arguments(p)
+    p.set_defaults(func=command.run)
+  return parser
+
+
+def main(argv=None) -> int:
+  if argv is None:
+    reexec_with_malloc_tunable()
+  argv = sys.argv[1:] if argv is None else list(argv)
+  if argv and argv[0] == "train":
+    from persona_jax.cli import train
+    setup_logging(verbose=False)
+    try:
+      return train.main(argv[1:])
+    except PersonaError as e:
+      print(f"persona-jax train: error: {e}", file=sys.stderr)
+      return 2
+  args = build_parser().parse_args(argv)
+  setup_logging(args.verbose)
+  try:
+    return args.func(args)
+  except PersonaError as e:
+    print(f"persona-jax {args.command}: error: {e}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+  sys.exit(main())

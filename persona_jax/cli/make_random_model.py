@@ -1,0 +1,48 @@
+"""`persona-jax make-random-model OUT`: a small random-weight pipeline (diffusers layout)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+NAME = "make-random-model"
+HELP = "write a small random-weight pipeline (diffusers layout)"
+
+
+def add_arguments(p) -> None:
+  p.add_argument("out", type=Path, help="output folder")
+  p.add_argument("--preset", choices=("sd1", "sd2"), default="sd1",
+                 help="sd1: conv projections, epsilon; sd2: linear projections, per-block heads, "
+                      "v-prediction")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--overwrite", action="store_true", help="replace an existing folder")
+
+
+def run(args) -> int:
+  from persona_jax.pipeline import load_pipeline
+  from persona_jax.random_model import make_random_model
+  out = make_random_model(args.out, args.preset, args.seed, overwrite=args.overwrite)
+  print(describe(load_pipeline(out)))
+  return 0
+
+
+def describe(pipe) -> str:
+  """A short report of a pipeline's components: class, size, key config values."""
+  counts = pipe.num_params()
+  u, t, v, s = pipe.unet_config, pipe.text_encoder_config, pipe.vae_config, pipe.scheduler_config
+  lines = [
+      f"model {pipe.path}",
+      f"  unet          UNet2DConditionModel  {counts['unet']:>11,d} params  "
+      f"blocks {list(u.block_out_channels)}, heads {list(u.heads_per_block)}, "
+      f"cross_attention_dim {u.cross_attention_dims[0]}, "
+      f"{'linear' if u.use_linear_projection else 'conv'} proj",
+      f"  text_encoder  CLIPTextModel         {counts['text_encoder']:>11,d} params  "
+      f"{t.num_hidden_layers} layers x {t.hidden_size}, {t.hidden_act}, vocab {t.vocab_size}",
+      f"  vae           AutoencoderKL         {counts['vae']:>11,d} params  "
+      f"blocks {list(v.block_out_channels)}, {v.latent_channels} latent channels, "
+      f"downsample x{v.downsample_factor}, scaling_factor {v.scaling_factor}",
+      f"  scheduler     {s.class_name:22s}  {s.beta_schedule}, {s.prediction_type}, "
+      f"{s.num_train_timesteps} steps, spacing {s.timestep_spacing}",
+      f"  tokenizer     CLIPTokenizer         {len(pipe.tokenizer):>11,d} tokens  "
+      f"pad id {pipe.tokenizer.pad_token_id}",
+  ]
+  return "\n".join(lines)

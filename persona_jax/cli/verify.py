@@ -1,0 +1,51 @@
+"""`persona-jax verify MODEL_DIR`: persona_jax against diffusers/transformers on a model folder,
+or one method's files (`--lora`, `--embedding`, `--custom-diffusion`, `--ip-adapter`: the flags
+of the methods' verify hooks)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from persona_jax.errors import PersonaError
+
+NAME = "verify"
+HELP = "compare persona_jax with diffusers/transformers on a model folder"
+
+
+def _hooks():
+  from persona_jax.methods.registry import METHODS
+  return [s.verify for s in METHODS.values() if s.verify is not None]
+
+
+def _dest(flag: str) -> str:
+  return "adapter_" + flag.lstrip("-").replace("-", "_")
+
+
+def add_arguments(p) -> None:
+  from persona_jax.verify import DEFAULT_TOLERANCE
+  p.add_argument("model", type=Path, help="a diffusers folder (model_index.json, unet/, ...)")
+  p.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
+                 help="largest allowed relative error (default %(default)s)")
+  p.add_argument("--variant", default=None, help="weight-file variant, e.g. fp16")
+  p.add_argument("--allow-pickle", action="store_true",
+                 help="read .bin/.ckpt pickle files (only files you trust)")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--image-encoder", type=Path, default=None, metavar="DIR",
+                 help="also compare a CLIP image encoder folder (CLIPVisionModel[WithProjection], "
+                      "preprocessing included; default: MODEL/image_encoder when it exists)")
+  for hook in _hooks():
+    p.add_argument(hook.flag, default=None, metavar=hook.metavar, dest=_dest(hook.flag),
+                   help=hook.help)
+
+
+def run(args) -> int:
+  from persona_jax.verify import verify
+  given = [(hook, getattr(args, _dest(hook.flag))) for hook in _hooks()
+           if getattr(args, _dest(hook.flag)) is not None]
+  if len(given) > 1:
+    raise PersonaError("verify compares one adapter at a time (" +
+                       ", ".join(hook.flag for hook, _ in given) + ")")
+  ok = verify(args.model, tolerance=args.tolerance, variant=args.variant,
+              allow_pickle=args.allow_pickle, seed=args.seed, image_encoder=args.image_encoder,
+              adapter=given[0] if given else None)
+  return 0 if ok else 1

@@ -1,0 +1,117 @@
+"""What the UNet is conditioned on, in training and in sampling: one protocol for every method.
+
+A conditioning is a hashable object (a static argument of the jitted step and sampler):
+
+  input_keys                          the inputs it reads besides `ids` (data/batch.py names: e.g.
+                                      `clip_pixels`); sampling passes them (and traced knobs such as
+                                      `ip_scale`) beside `ids` and `negative_ids`
+  cacheable                           True when its conditioning is the frozen text encoder's
+                                      output of `ids` (the data pipeline may then cache it)
+  prepare(models, params, inputs)     once per batch or sampling call: what does not depend on the
+                                      noisy latent (prompt and image encodings) -> a pytree `state`.
+                                      Sampling inputs carry `negative_ids` (the negative prompt),
+                                      training batches never do: that is how a conditioning tells
+                                      the two apart (e.g. a scale that is 1 in training)
+  at(models, params, state, noisy, t, step) -> (UNet kwargs, {name: loss term})
+                                      the conditional half at one denoising position: noisy latents
+                                      [B, h, w, c], timesteps [B]; `step` is the sampling step
+                                      (traced) or None in training. May recompute from `noisy` (E4T)
+                                      or switch with `step` (FastComposer's delayed conditioning).
+                                      Loss terms are returned as values (training adds them)
+  negative(models, params, state) -> UNet kwargs
+                                      the unconditional half of classifier-free guidance (sampling)
+
+UNet kwargs are `{"encoder_hidden_states": [B, L, D]}` plus, for UNets with add-ons,
+`"streams": {name: array}` (models/addons.py). The two halves must have the same tree structure
+(the sampler concatenates them on the batch axis; a scalar leaf counts for every example), so a
+stream absent from one half is given there at scale 0 (exactly the base model).
+
+`TextConditioning` is the text path every method starts from: the prompt through the text encoder,
+with a method's new token rows (`params["tokens"]` [N, D], ids V .. V+N-1, entering as input
+embeddings) and, when sampling, an optional clip skip.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from persona_jax.data.batch import CONTEXT, IDS, NEGATIVE_IDS
+from persona_jax.models.norms import LayerNorm
+
+TOKENS = "tokens"      # the top-level key of added token rows [N, D] (Textual Inversion, Custom Diffusion)
+
+
+def embed_with_new_rows(params, ids):
+  """Input embeddings [B, L, D] of ids [B, L] over the base table with the rows `params["tokens"]`
+  [N, D] appended (ids V .. V+N-1 are the new tokens)."""
+  base_table = params["text_encoder"]["embeddings"]["token_embedding"]["embedding"]
+  full = jnp.concatenate([base_table, params[TOKENS].astype(base_table.dtype)], axis=0)
+  return jnp.take(full, ids, axis=0)
+
+
+def encode_prompt(models, params, ids, *, token_rows: bool = False, clip_skip: int | None = None):
+  """[B, L] ids -> [B, L, D] text conditioning: the last hidden state, or with `clip_skip` the
+  hidden state (clip_skip + 1) from the end through the final layer norm (as diffusers'
+  pipelines do). With `token_rows`, `params["tokens"]` are the rows of ids V and above."""
+  embeds = embed_with_new_rows(params, ids) if token_rows else None
+  out = models.text_encoder.apply({"params": params["text_encoder"]}, ids, embeds)
+  if not clip_skip:
+    return out.last_hidden_state
+  hidden = out.hidden_states[-(clip_skip + 1)]
+  c = models.text_encoder.config
+  final_ln = LayerNorm(c.layer_norm_eps, c.dtype, c.param_dtype)
+  return final_ln.apply({"params": params["text_encoder"]["final_layer_norm"]}, hidden)
+
+
+def negative_context(models, params, inputs):
+  """The negative prompt's plain text conditioning when sampling (None in training)."""
+  if NEGATIVE_IDS not in inputs:
+    return None
+  return encode_prompt(models, params, inputs[NEGATIVE_IDS])
+
+
+def delayed(step, start, before: dict, after: dict) -> dict:
+  """Delayed subject conditioning: `before` while step < start, then `after` (trees of the same
+  structure; `start` an int, a traced scalar or [B] per image, then every leaf is batch-first)."""
+  late = jnp.asarray(step) >= jnp.asarray(start)                            # [] or [B]
+
+  def pick(early, now):
+    return jnp.where(late.reshape(late.shape + (1,) * (jnp.ndim(now) - late.ndim)), now, early)
+  return jax.tree.map(pick, before, after)
+
+
+@dataclasses.dataclass(frozen=True)
+class TextConditioning:
+  """The prompt's text-encoder output, the same at every step.
+
+  token_rows: the method's new token rows (`params["tokens"]`) enter as input embeddings (they and
+    the negative prompt go through them).
+  clip_skip: sampling only: an earlier text-encoder layer (through the final layer norm).
+  A cached context (`context` [B, L, D] in a training batch) is used as given.
+  """
+  token_rows: bool = False
+  clip_skip: int | None = None
+  input_keys = ()
+
+  @property
+  def cacheable(self) -> bool:
+    return not self.token_rows
+
+  def encode(self, models, params, ids):
+    return encode_prompt(models, params, ids, token_rows=self.token_rows, clip_skip=self.clip_skip)
+
+  def prepare(self, models, params, inputs):
+    """{"context": [B, L, D], "negative": [B, L, D] when sampling}."""
+    context = inputs[CONTEXT] if CONTEXT in inputs else self.encode(models, params, inputs[IDS])
+    negative = (self.encode(models, params, inputs[NEGATIVE_IDS]) if NEGATIVE_IDS in inputs
+                else None)
+    return {"context": context, "negative": negative}
+
+  def at(self, models, params, state, noisy, t, step):
+    return {"encoder_hidden_states": state["context"]}, {}
+
+  def negative(self, models, params, state):
+    return {"encoder_hidden_states": state["negative"]}

@@ -1,0 +1,131 @@
+"""The parts of a method's registry entry (`MethodSpec`): what a method module declares about its
+whole lifecycle. methods/registry.py lists the entries; see its docstring for what each part does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+IMAGE_COUNTS = ("none", "one", "some", "any")
+
+
+@dataclasses.dataclass(frozen=True)
+class Knob:
+  """A sampling input a user sets by name (`--input NAME=VALUE`, or the flag `--NAME`): a traced
+  number (type float or int), or a path (not traced)."""
+  name: str
+  help: str
+  type: type = float
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingSpec:
+  """How a result samples: how many subject images it takes ("none", "one", "some": at least
+  one, "any": zero or more), its knobs, and the per-method flag of `sample` (an alias of `--run`)."""
+  images: str = "none"
+  knobs: tuple[Knob, ...] = ()
+  flag: str = ""
+  flag_help: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class ResultSpec:
+  """WORKDIR/`file` holds a run's result; `format`: its metadata format tag (None: untagged)."""
+  file: str
+  format: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleRequest:
+  """What a method's `sample` gets."""
+  result: Any                      # its loaded Result
+  pipe: Any                        # the base Pipeline to sample on
+  params: dict                     # the tree to start from (the base's, maybe with LoRAs merged)
+  images: tuple[Path, ...] = ()    # the subject images (--image)
+  inputs: Mapping[str, Any] = dataclasses.field(default_factory=dict)   # knob values given
+  allow_pickle: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportRequest:
+  """What a method's export gets: the finished run and the output folder."""
+  workdir: Path
+  config: dict                     # WORKDIR/config.json (upgraded to today's keys)
+  out: Path
+  base: Path                       # the base model (resolved)
+  options: Mapping[str, Any] = dataclasses.field(default_factory=dict)   # --timestep, ...
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalRecipe:
+  """How `persona-jax eval` runs a method on one toy-world subject.
+
+  kind: "tuned" (trains on the references, samples the run), "one_image" (tunes from a
+    pre-trained state on the first reference and samples with it) or "tuning_free" (samples a run
+    trained once on the world with the references: `--state`).
+  phrase: the subject in prompts; {cls} is the class word.
+  config, steps, lr, options, prior: tuned / one_image: the configs/ name (its :tiny variant is the
+    start), steps, learning rate, (dotted config key, value) overrides, class images of
+    "a photo of a {cls}".
+  state_key: one_image: the config key the pre-trained state goes to ("shipped" by default).
+  class_prompts: tuning_free: the class prompts sample with "base" (the frozen base itself) or
+    "run" (the run without images).
+  subject_images: tuning_free: the subject's images it samples with: "references" (all of them)
+    or "segmented" (the first, its background replaced by noise and cropped to the subject).
+  """
+  kind: str
+  phrase: str
+  config: str = ""
+  steps: int = 0
+  lr: float = 0.0
+  options: tuple = ()
+  prior: bool = False
+  state_key: str = ""
+  class_prompts: str = "base"
+  subject_images: str = "references"
+
+
+@dataclasses.dataclass(frozen=True)
+class VerifySpec:
+  """`persona-jax verify MODEL FLAG VALUE`: `run(pipe, model_path, value, **options)` ->
+  [verify.Comparison] (options: seed, image_encoder, allow_pickle)."""
+  flag: str
+  metavar: str
+  help: str
+  run: Callable
+
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+  """An extra subcommand: `add_arguments(parser)` then `run(args) -> exit code`."""
+  name: str
+  help: str
+  add_arguments: Callable
+  run: Callable
+
+
+def _no_base(result):
+  return result.meta.get("base_model") or None
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodSpec:
+  """One method's lifecycle (see the module docstring)."""
+  name: str
+  config: type
+  make: Callable
+  result: ResultSpec
+  load: Callable
+  sample: Callable
+  sampling: SamplingSpec = SamplingSpec()
+  base_model: Callable = _no_base
+  exports: Mapping[str, Callable] = dataclasses.field(default_factory=dict)
+  eval: Mapping[str, EvalRecipe] = dataclasses.field(default_factory=dict)
+  verify: VerifySpec | None = None
+  data_sources: Mapping[str, Callable] = dataclasses.field(default_factory=dict)
+  # (method section, whole run config) of a config.json from an earlier version -> rewritten in
+  # place to today's keys (recipe knobs that moved to the run config).
+  upgrade: Callable | None = None

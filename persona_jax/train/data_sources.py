@@ -1,0 +1,163 @@
+"""The data a run trains on: `data.source` names a source in this registry.
+
+  images        (default) the instance images of `data.instance_dir` (or `data.concepts`) with
+                their captions and, with `data.num_class_images`, a class stream (generated from
+                the base when missing); VAE moments and text contexts cached when nothing that
+                produces them trains (data/pipeline.py)
+  <method's>    sources a method declares in its registry entry (`MethodSpec.data_sources`, e.g.
+                FastComposer's `fastcomposer` folders of captions with subject markers and masks)
+  pkg.mod:func  any other builder, imported by that name (e.g. the toy world's scenes)
+
+A source is `build(request: DataRequest) -> DataBuild`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib
+import logging
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from persona_jax.class_images import count_images, make_class_images
+from persona_jax.data import pipeline as data
+from persona_jax.data.images import DataError
+from persona_jax.diffusion.conditioning import encode_prompt
+from persona_jax.errors import ConfigError
+from persona_jax.text_to_image import SampleOptions
+from persona_jax.tokenizer import tokenize
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataRequest:
+  """What a data source may read to build a run's dataset."""
+  config: Any                      # RunConfig
+  pipe: Any                        # the base Pipeline
+  method: Any                      # the built Method
+  models: Any                      # SDModels of the run
+  tokenizer: Any                   # with the method's tokens
+  trainable: dict                  # the initial trainable tree (what trains decides what caches)
+  workdir: Path | None
+  progress: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class DataBuild:
+  """A built dataset (grain, infinite batches), its class images (or None) and the frozen
+  components the step needs to turn its batches into latents and conditioning."""
+  dataset: Any
+  classes: Any = None
+  needed: frozenset = frozenset({"unet", "vae", "text_encoder"})
+
+
+def image_source(request: DataRequest) -> DataBuild:
+  """The instance (and class) examples, with what can be encoded once cached (VAE moments
+  without random crops, text contexts when nothing in the text path trains)."""
+  config, pipe, method = request.config, request.pipe, request.method
+  instances = data.load_instances(config.data, method.tokens.expand)
+  classes = class_images(config, pipe, request.workdir, request.progress)
+  dataset_kwargs = {"classes": classes, "latent_factor": pipe.vae_scale_factor,
+                    "image_inputs": method.image_inputs}
+  components = method.components() if method.components is not None else {}
+  needed = {"unet"} | set(components)
+  if config.data.center_crop and not config.data.zoom_augment:
+    encode = functools.partial(data.encode_moments, pipe.vae, pipe.params["vae"],
+                               mirror=config.data.random_flip > 0)
+    dataset_kwargs["moments"] = encode(np.stack(instances.images))
+    if classes is not None:
+      dataset_kwargs["class_moments"] = encode(np.stack(classes.images))
+  else:
+    needed.add("vae")
+  tokenize_fn = lambda prompts: tokenize(request.tokenizer, prompts)
+  if method.text_trains(request.trainable):
+    needed.add("text_encoder")
+    dataset_kwargs["tokenize"] = tokenize_fn
+  else:
+    captions = data.all_captions(instances, config.data.caption_dropout, classes)
+    if config.data.zoom_augment:
+      captions = sorted(set(captions) | set(data.zoom_captions(instances)))
+    encode = jax.jit(lambda ids: encode_prompt(request.models, pipe.params, ids))
+    dataset_kwargs["contexts"] = data.encode_captions(encode, tokenize_fn, captions)
+    dataset_kwargs["caption_index"] = {c: i for i, c in enumerate(captions)}
+  dataset = data.make_dataset(config.data, instances, config.batch_size, config.seed,
+                              **dataset_kwargs)
+  return DataBuild(dataset, classes, frozenset(needed))
+
+
+def class_images(config, pipe, workdir, progress: bool):
+  """The run's class images (None without prior preservation), generated first if missing: per
+  concept, `num_class_images` from `class_dir` (default WORKDIR/class_images, or
+  WORKDIR/class_images/K for concept K of several)."""
+  d = config.data
+  if d.num_class_images <= 0:
+    if d.class_dir:
+      log.warning("data.class_dir is set but data.num_class_images is 0: no prior preservation")
+    return None
+  concepts = data.concept_configs(d)
+  sets = [concept_class_images(c, k if len(concepts) > 1 else None, pipe, workdir, progress)
+          for k, c in enumerate(concepts)]
+  return data.InstanceSet([i for s in sets for i in s.images], [c for s in sets for c in s.captions],
+                          sets[-1].folder)
+
+
+def concept_class_images(d, index, pipe, workdir, progress: bool):
+  """The class images of one concept (`index` None: the only one)."""
+  field = "data.class_prompt" if index is None else f"data.concepts[{index}].class_prompt"
+  if not d.class_prompt:
+    raise ConfigError(f"{field}: class images need their prompt (e.g. 'a photo of a dog')")
+  if d.class_dir:
+    folder = Path(d.class_dir)
+  elif workdir is not None:
+    folder = Path(workdir) / "class_images" / ("" if index is None else str(index))
+  else:
+    raise ConfigError("data.class_dir: set the folder of the class images")
+  have = count_images(folder)
+  if have < d.num_class_images:
+    if not d.class_generate:
+      raise DataError(f"{folder}: {have} class image(s) found, data.num_class_images is "
+                      f"{d.num_class_images}, and data.class_generate is off so there is no model "
+                      "to sample the rest from; run `persona-jax make-class-images --out "
+                      f"{folder} ...` or set data.class_generate=True")
+    options = SampleOptions(steps=d.class_sample_steps, guidance=d.class_guidance, seed=0,
+                            height=d.resolution, width=d.resolution, batch_size=4)
+    make_class_images(pipe, d.class_prompt, d.num_class_images, folder, options=options,
+                      negative_prompt=d.class_negative_prompt, progress=progress)
+  return data.load_class_images(d, folder)
+
+
+BUILTIN = {"images": image_source}
+
+
+def data_sources() -> dict:
+  """Every registered source by name: the built-in ones and those the methods declare."""
+  from persona_jax.methods.registry import METHODS
+  out = dict(BUILTIN)
+  for spec in METHODS.values():
+    out.update(spec.data_sources)
+  return out
+
+
+def resolve(name: str):
+  """The builder of `data.source`: a registered name or `package.module:function`."""
+  sources = data_sources()
+  if name in sources:
+    return sources[name]
+  module, sep, attr = name.partition(":")
+  if not sep:
+    raise ConfigError(f"data.source: '{name}' is not a data source (known: "
+                      f"{', '.join(sorted(sources))}; or package.module:function)")
+  try:
+    return getattr(importlib.import_module(module), attr)
+  except (ImportError, AttributeError) as e:
+    raise ConfigError(f"data.source: cannot import '{name}' ({e})") from None
+
+
+def build(request: DataRequest) -> DataBuild:
+  """The run's dataset from its `data.source`."""
+  return resolve(request.config.data.source)(request)
