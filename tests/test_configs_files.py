@@ -95,10 +95,12 @@ def test_train_help_lists_the_configs_and_flags(capsys):
 
 def test_print_config_prints_the_resolved_config(capsys):
   import json
-  assert main(["train", "--config", "lora:tiny", "--config.method.rank=8", "--print-config"]) == 0
+  assert main(["train", "--config", "lora:tiny", "--config.method.rank=8",
+               "--config.optim.lr_groups=((\"text_encoder/.*\", 1e-5),)", "--print-config"]) == 0
   printed = json.loads(capsys.readouterr().out)
-  assert printed == run_config(load("lora").get_config("tiny")).to_dict() | {
-      "method": {**printed["method"], "rank": 8}}
+  expected = run_config(load("lora").get_config("tiny")).to_dict()
+  assert printed == expected | {"method": {**printed["method"], "rank": 8},
+                                "optim": {**expected["optim"], "lr_groups": [["text_encoder/.*", 1e-5]]}}
   assert printed["method"]["rank"] == 8 and printed["optim"]["b2"] == 0.999
 
 

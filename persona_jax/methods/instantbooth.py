@@ -26,8 +26,8 @@ subject and augmented (`ConditionImage`: crop to the mask's box, random crop, ro
 conditions the reconstruction of the original image. Masks are optional files next to the
 images: NAME.mask.png for NAME.png / NAME.jpg (data/sources.py; white = subject, same size as
 the image). Only the two linear layers and the adapters train, with the paper's learning rates
-(`encoder_lr` 1e-4, `adapter_lr` 1e-6) as `Method.lr_groups`; the loss is the plain
-epsilon-MSE.
+in the run config (`optim.lr` 1e-4 for the encoders, an `optim.lr_groups` entry of 1e-6 for
+the adapters); the loss is the plain epsilon-MSE.
 
 Trainable leaves: instantbooth/{concept,patch}/{kernel,bias} and unet/<every transformer
 block>/adapter/{linear,norm,attn/to_q,to_k,to_v,to_out_0,gamma}. `concept_token=False` or

@@ -95,9 +95,19 @@ def base_config(method: str):
   from ml_collections import ConfigDict
 
   from persona_jax.methods.registry import spec
-  values = RunConfig().to_dict()
-  values["method"] = {"name": method, **_plain(dataclasses.asdict(spec(method).config()))}
+  values = _overridable(dataclasses.asdict(RunConfig()))
+  values["method"] = {"name": method, **_overridable(dataclasses.asdict(spec(method).config()))}
   return ConfigDict(values)
+
+
+def _overridable(x):
+  """Sequences as tuples: ml_collections overrides tuple fields from the command line
+  (`--config.optim.lr_groups='(("unet/.*", 1e-5),)'`), never list fields."""
+  if isinstance(x, Mapping):
+    return {k: _overridable(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return tuple(_overridable(v) for v in x)
+  return x
 
 
 def upgrade(values: Mapping) -> dict:
