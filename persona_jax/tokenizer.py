@@ -74,20 +74,33 @@ def tokenize(tokenizer, prompts: str | list[str], max_length: int | None = None)
 
 
 def write_tokenizer(out: Path, preset: str = "sd1") -> Path:
-  """Writes the shipped tokenizer into `out`, with SD 2.x's "!" padding for the sd2 preset."""
+  """Writes the shipped tokenizer into the folder `out` (replaced whole: filled under a temporary
+  name, then renamed), with SD 2.x's "!" padding for the sd2 preset."""
   import json
+  import os
+  import shutil
 
-  from persona_jax.convert.files import write_json
-  out.mkdir(parents=True, exist_ok=True)
-  src = shipped_tokenizer_dir()
-  for f in TOKENIZER_FILES:
-    if (src / f).is_file():
-      (out / f).write_bytes((src / f).read_bytes())
-  if preset == "sd2":
-    for name in ("tokenizer_config.json", "special_tokens_map.json"):
-      cfg = json.loads((out / name).read_text())
-      cfg["pad_token"] = "!"
-      write_json(out / name, cfg)
+  out = Path(out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+  shutil.rmtree(tmp, ignore_errors=True)
+  tmp.mkdir()
+  try:
+    src = shipped_tokenizer_dir()
+    for f in TOKENIZER_FILES:
+      if (src / f).is_file():
+        (tmp / f).write_bytes((src / f).read_bytes())
+    if preset == "sd2":
+      for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        cfg = json.loads((tmp / name).read_text())
+        cfg["pad_token"] = "!"
+        (tmp / name).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    if out.exists():
+      shutil.rmtree(out)
+    tmp.rename(out)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
   return out
 
 

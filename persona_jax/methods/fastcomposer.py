@@ -65,7 +65,8 @@ from persona_jax.errors import ConfigError, ModelFileError
 from persona_jax.image_encoder import image_encoder_dir
 from persona_jax.methods import result_file
 from persona_jax.methods.base import Method, ParamSpec, TokenSpec, compose
-from persona_jax.methods.spec import EvalRecipe, Knob, MethodSpec, ResultSpec, SamplingSpec
+from persona_jax.methods.spec import (DataBuild, EvalRecipe, Knob, MethodSpec, ResultSpec,
+                                     SamplingSpec)
 from persona_jax.models import block_names
 from persona_jax.models.addons import AttentionMaps
 from persona_jax.models.clip_vision import CLIPVisionModel
@@ -360,7 +361,6 @@ def folder_source(request):
 def examples_source(request, examples):
   """A FastComposer run's DataBuild over `examples` (data/fastcomposer.py's Example list)."""
   from persona_jax.data import fastcomposer as fc_data
-  from persona_jax.train.data_sources import DataBuild
   config = request.config
   if config.method_name != FASTCOMPOSER:
     raise ConfigError(f"data.source: FastComposer's data (captions with subject markers) is for "

@@ -32,6 +32,29 @@ class SamplingSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class DataRequest:
+  """What a data source (`MethodSpec.data_sources`, train/data_sources.py) may read to build a
+  run's dataset."""
+  config: Any                      # RunConfig
+  pipe: Any                        # the base Pipeline
+  method: Any                      # the built Method
+  models: Any                      # SDModels of the run
+  tokenizer: Any                   # with the method's tokens
+  trainable: dict                  # the initial trainable tree (what trains decides what caches)
+  workdir: Path | None
+  progress: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class DataBuild:
+  """A built dataset (grain, infinite batches), its class images (or None) and the frozen
+  components the step needs to turn its batches into latents and conditioning."""
+  dataset: Any
+  classes: Any = None
+  needed: frozenset = frozenset({"unet", "vae", "text_encoder"})
+
+
+@dataclasses.dataclass(frozen=True)
 class ResultSpec:
   """WORKDIR/`file` holds a run's result; `format`: its metadata format tag (None: untagged)."""
   file: str

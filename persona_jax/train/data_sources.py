@@ -8,17 +8,15 @@
                 FastComposer's `fastcomposer` folders of captions with subject markers and masks)
   pkg.mod:func  any other builder, imported by that name (e.g. the toy world's scenes)
 
-A source is `build(request: DataRequest) -> DataBuild`.
+A source is `build(request: DataRequest) -> DataBuild` (both in methods/spec.py).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import importlib
 import logging
 from pathlib import Path
-from typing import Any
 
 import jax
 import numpy as np
@@ -28,32 +26,11 @@ from persona_jax.data import pipeline as data
 from persona_jax.data.images import DataError
 from persona_jax.diffusion.conditioning import encode_prompt
 from persona_jax.errors import ConfigError
+from persona_jax.methods.spec import DataBuild, DataRequest
 from persona_jax.text_to_image import SampleOptions
 from persona_jax.tokenizer import tokenize
 
 log = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass(frozen=True)
-class DataRequest:
-  """What a data source may read to build a run's dataset."""
-  config: Any                      # RunConfig
-  pipe: Any                        # the base Pipeline
-  method: Any                      # the built Method
-  models: Any                      # SDModels of the run
-  tokenizer: Any                   # with the method's tokens
-  trainable: dict                  # the initial trainable tree (what trains decides what caches)
-  workdir: Path | None
-  progress: bool
-
-
-@dataclasses.dataclass(frozen=True)
-class DataBuild:
-  """A built dataset (grain, infinite batches), its class images (or None) and the frozen
-  components the step needs to turn its batches into latents and conditioning."""
-  dataset: Any
-  classes: Any = None
-  needed: frozenset = frozenset({"unet", "vae", "text_encoder"})
 
 
 def image_source(request: DataRequest) -> DataBuild:
