@@ -20,11 +20,10 @@ Writes WORKDIR/fastcomposer.safetensors; sample with
   persona-jax sample --fastcomposer runs/fc --image ball.png --prompt "a ball <|image|> on grass"
 """
 
+from persona_jax.methods.fastcomposer import TOY_SOURCE
 from persona_jax.train.config import base_config
 
 VARIANTS = ("tiny", "tiny_light")
-# The tiny variants' data: toy-world scenes (persona_jax/world/fastcomposer_data.py).
-TOY_SCENES = "persona_jax.world.fastcomposer_data:toy_source"
 
 
 def get_config(arg=None):
@@ -34,7 +33,8 @@ def get_config(arg=None):
   c.method.variant = "light" if arg == "tiny_light" else "full"
   c.method.max_subjects = 2 if tiny else 4
   c.method.start_merge_step = 2 if tiny else 10
-  c.data.source = TOY_SCENES if tiny else "fastcomposer"
+  # The tiny variants' data: toy-world scenes (persona_jax/world/fastcomposer_data.py).
+  c.data.source = TOY_SOURCE if tiny else "fastcomposer"
   c.data.instance_dir = "" if tiny else "/path/to/fastcomposer_folder"
   c.data.resolution = 32 if tiny else 512
   c.data.random_flip = 0.0

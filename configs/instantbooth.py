@@ -22,10 +22,10 @@ frozen; a new subject then needs no tuning, only its images (Shi et al. 2023).
 Writes WORKDIR/instantbooth.safetensors (the linear layers and the adapters).
 """
 
+from persona_jax.methods.instantbooth import ADAPTER_LEAVES
 from persona_jax.train.config import base_config
 
 VARIANTS = ("tiny",)
-ADAPTERS = r"unet/.*/adapter/.*"
 
 
 def get_config(arg=None):
@@ -38,7 +38,7 @@ def get_config(arg=None):
   c.data.resolution = 32 if tiny else 512
   # The paper's learning rates: 1e-4 for the concept and patch encoders, 1e-6 for the adapters.
   c.optim.lr = 1e-3 if tiny else 1e-4
-  c.optim.lr_groups = ((ADAPTERS, 1e-4 if tiny else 1e-6),)
+  c.optim.lr_groups = ((ADAPTER_LEAVES, 1e-4 if tiny else 1e-6),)
   c.steps = 30 if tiny else 320000
   c.batch_size = 4 if tiny else 16
   c.mixed_precision = "no" if tiny else "bf16"

@@ -65,25 +65,38 @@ def read_run(workdir: Path) -> dict:
   return upgrade(config)
 
 
-def export(workdir, fmt: str, out, *, base_single_file=None, timestep: int | None = None) -> list[Path]:
+def export_options() -> dict:
+  """Every method's export options by name (one flag each: `--timestep`, ...)."""
+  out = {}
+  for s in METHODS.values():
+    for option in s.export_options:
+      out.setdefault(option.name, option)
+  return out
+
+
+def export(workdir, fmt: str, out, options=None) -> list[Path]:
   """Writes the run's result in `fmt` into the folder `out` (created); returns the paths.
-  `base_single_file`: the single file an SD 2.x base came from (default: the run's base when it
-  is one), for `single-file` exports. `timestep`: E4T's embedding is exported at this one."""
+  `options`: {name: value} of the method's `export_options` (e.g. E4T's `timestep`)."""
   from persona_jax.convert.files import write_json
   from persona_jax.default_model import resolve_model
-  workdir, out = Path(workdir), Path(out)
+  workdir, out, options = Path(workdir), Path(out), dict(options or {})
   config = read_run(workdir)
   method = spec(config["method"]["name"])
   if fmt not in method.exports:
     fits = ", ".join(method.exports) or "nothing yet"
     raise ConfigError(f"--format {fmt}: a {method.name} run exports as {fits}"
                       + ("" if fmt in ALL_FORMATS else f" (formats: {', '.join(ALL_FORMATS)})"))
+  own = {o.name for o in method.export_options}
+  for name in sorted(set(options) - own):
+    raise ConfigError(f"--{name.replace('_', '-')}: not an export option of a {method.name} run"
+                      + (f" (its options: {', '.join(sorted(own))})" if own else ""))
   base = resolve_model(config["model"])
-  method.load(workdir)                        # a finished run's result, or a clear error
+  if not (workdir / method.result.file).exists():
+    raise ModelFileError(f"{workdir}: no {method.result.file}; the run has not finished (run the "
+                         "same `train` command again to complete it)")
+  result = method.load(workdir)
   out.mkdir(parents=True, exist_ok=True)
-  options = {k: v for k, v in (("base_single_file", base_single_file), ("timestep", timestep))
-             if v is not None}
-  written, extra = method.exports[fmt](ExportRequest(workdir, config, out, base, options))
+  written, extra = method.exports[fmt](ExportRequest(workdir, result, config, out, base, options))
   record = {"run": str(workdir.absolute()), "base_model": str(base), "method": config["method"],
             "format": fmt, "files": [str(p) for p in written], **extra}
   write_json(out / "export.json", record)

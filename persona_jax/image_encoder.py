@@ -41,6 +41,24 @@ def image_encoder_dir(image_encoder: str, tokenizer_dir) -> Path:
   return model / "image_encoder"
 
 
+@dataclasses.dataclass(frozen=True)
+class MethodImageEncoder:
+  """A method's CLIP image encoder: its folder, config, params and preprocessing settings."""
+  folder: Path
+  config: CLIPVisionConfig
+  params: dict
+  processor: CLIPImageProcessorConfig
+
+
+def load_method_image_encoder(image_encoder: str, tokenizer_dir) -> MethodImageEncoder:
+  """The image encoder of a method's `image_encoder` option (`image_encoder_dir`), loaded, with
+  its preprocessor settings (CLIP's defaults at its image size when the folder has none)."""
+  from persona_jax.data.clip_images import load_image_processor
+  folder = image_encoder_dir(image_encoder, tokenizer_dir)
+  config, params = load_image_encoder(folder)
+  return MethodImageEncoder(folder, config, params, load_image_processor(folder, config.image_size))
+
+
 def abstract_params(config: CLIPVisionConfig):
   """The param tree as shapes only (`jax.eval_shape`: nothing is initialized)."""
   s = config.image_size

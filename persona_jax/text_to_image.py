@@ -102,7 +102,7 @@ def text_to_image(pipe: Pipeline, prompts: str | list[str], negative_prompt: str
       raise ConfigError(f"--clip-skip: this method's conditioning ({type(conditioning).__name__}) "
                         "is not the text encoder's output alone")
     conditioning = dataclasses.replace(conditioning, clip_skip=options.clip_skip)
-  all_prompts = [expand(p) for p in prompts for _ in range(num_images)]
+  all_prompts = [p for p in map(expand, prompts) for _ in range(num_images)]
   all_negatives = [n for n in negatives for _ in range(num_images)]
   h, w = image_size(pipe, options.height, options.width)
   f = pipe.vae_scale_factor

@@ -74,8 +74,9 @@ def tokenize(tokenizer, prompts: str | list[str], max_length: int | None = None)
 
 
 def write_tokenizer(out: Path, preset: str = "sd1") -> Path:
-  """Writes the shipped tokenizer into the folder `out` (replaced whole: filled under a temporary
-  name, then renamed), with SD 2.x's "!" padding for the sd2 preset."""
+  """Writes the shipped tokenizer as the new folder `out` (filled under a temporary name, then
+  renamed into place), with SD 2.x's "!" padding for the sd2 preset. When `out` already holds a
+  tokenizer (another process wrote it first), that one is kept."""
   import json
   import os
   import shutil
@@ -95,9 +96,11 @@ def write_tokenizer(out: Path, preset: str = "sd1") -> Path:
         cfg = json.loads((tmp / name).read_text())
         cfg["pad_token"] = "!"
         (tmp / name).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-    if out.exists():
-      shutil.rmtree(out)
     tmp.rename(out)
+  except OSError:
+    shutil.rmtree(tmp, ignore_errors=True)
+    if not (out / "tokenizer_config.json").is_file():
+      raise
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise

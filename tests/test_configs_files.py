@@ -99,9 +99,34 @@ def test_print_config_prints_the_resolved_config(capsys):
                "--config.optim.lr_groups=((\"text_encoder/.*\", 1e-5),)", "--print-config"]) == 0
   printed = json.loads(capsys.readouterr().out)
   expected = run_config(load("lora").get_config("tiny")).to_dict()
-  assert printed == expected | {"method": {**printed["method"], "rank": 8},
+  assert printed == expected | {"method": {**expected["method"], "rank": 8},
                                 "optim": {**expected["optim"], "lr_groups": [["text_encoder/.*", 1e-5]]}}
   assert printed["method"]["rank"] == 8 and printed["optim"]["b2"] == 0.999
+
+
+def test_configs_of_earlier_versions_upgrade_to_the_same_optimizer_groups():
+  """config.json files written before the method lifecycle: the method's learning rates become
+  optim.lr_groups in the order its optimizer had them (so a resumed optimizer state keeps its
+  structure), old multipliers become learning rates, the prior weight moves to the top level."""
+  from persona_jax.methods.instantbooth import ADAPTER_LEAVES, ENCODER_LEAVES
+  from persona_jax.train.config import upgrade
+  ib = upgrade({"method": {"name": "instantbooth", "encoder_lr": 1e-3, "adapter_lr": 1e-4,
+                           "patch_tokens": True}, "optim": {"lr": 1e-3}})
+  assert ib["optim"]["lr_groups"] == [[ENCODER_LEAVES, 1e-3], [ADAPTER_LEAVES, 1e-4]]
+  assert "encoder_lr" not in ib["method"] and "adapter_lr" not in ib["method"]
+  ib = upgrade({"method": {"name": "instantbooth", "encoder_lr": 1e-4, "adapter_lr": 1e-6,
+                           "patch_tokens": False}, "optim": {"lr": 1e-4}})
+  assert ib["optim"]["lr_groups"] == [[ENCODER_LEAVES, 1e-4]]
+  db = upgrade({"method": {"name": "dreambooth", "train_text_encoder": True,
+                           "text_encoder_lr": 1e-6, "prior_loss_weight": 0.5},
+                "optim": {"lr": 2e-6, "groups": [["unet/up.*", 0.5]]}})
+  assert db["optim"]["lr_groups"] == [["text_encoder/.*", 1e-6], ["unet/up.*", 1e-6]]
+  assert db["prior_loss_weight"] == 0.5 and "groups" not in db["optim"]
+  assert run_config(db).optim.lr_groups == (("text_encoder/.*", 1e-6), ("unet/up.*", 1e-6))
+  cd = upgrade({"method": {"name": "custom_diffusion", "prior_loss_weight": 1.0}})
+  assert cd["optim"]["scale_lr_class_rows"] is True and cd["prior_loss_weight"] == 1.0
+  lora = {"method": {"name": "lora", "rank": 4}, "optim": {"lr": 1e-4}}
+  assert upgrade(lora) == lora
 
 
 def assignments(name):

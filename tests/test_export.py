@@ -111,6 +111,16 @@ def test_a_format_the_method_lacks_is_an_error(lora_run, tmp_path, capsys):
   assert "a lora run exports as diffusers, kohya, a1111" in err
   assert main(["export", str(tmp_path), "--format", "kohya", "--out", str(tmp_path / "y")]) == 2
   assert "no config.json" in capsys.readouterr().err
+  # Another method's export option; a run that has not finished (config.json, no result yet).
+  assert main(["export", str(wd), "--format", "kohya", "--timestep", "3",
+               "--out", str(tmp_path / "z")]) == 2
+  assert "--timestep: not an export option of a lora run" in capsys.readouterr().err
+  unfinished = tmp_path / "unfinished"
+  unfinished.mkdir()
+  shutil.copy(wd / "config.json", unfinished / "config.json")
+  assert main(["export", str(unfinished), "--format", "kohya", "--out", str(tmp_path / "u")]) == 2
+  assert "no lora.safetensors; the run has not finished" in capsys.readouterr().err
+  assert not (tmp_path / "u").exists()
 
 
 @pytest.fixture(scope="module")

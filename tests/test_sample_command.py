@@ -60,9 +60,15 @@ def test_bad_size_is_a_clear_error(model_dirs, tmp_path, capsys):
     (["--custom-diffusion", "a", "--image", "x.png"], "--custom-diffusion takes no --image"),
     (["--run", "nowhere"], "nowhere: no such run folder or result file"),
 ])
-def test_run_flags_are_checked_before_anything_loads(flags, message, tmp_path, capsys):
+def test_run_flags_are_checked_before_anything_loads(flags, message, tmp_path, capsys,
+                                                     monkeypatch):
   """The run flags of `sample` (from the registry: --run, the per-method flags, the knobs):
   knobs only with their method, one run at a time, the --image count each takes; no model is
   read first."""
+  import persona_jax.pipeline
+
+  def no_load(*args, **kwargs):
+    raise AssertionError("a model was loaded before the flags were checked")
+  monkeypatch.setattr(persona_jax.pipeline, "load_pipeline", no_load)
   assert main(["sample", "--prompt", "x", "--out", str(tmp_path), *flags]) == 2
   assert message in capsys.readouterr().err

@@ -14,8 +14,8 @@ import sys
 from persona_jax.errors import PersonaError
 from persona_jax.runtime import reexec_with_malloc_tunable, setup_logging
 
-COMMANDS = ("make_random_model", "sample", "make_class_images", "bench", "merge",
-            "make_toy_model", "plot", "export", "eval", "verify")
+COMMANDS = ("make_random_model", "sample", "make_class_images", "bench", "make_toy_model", "plot",
+            "export", "eval", "verify")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,4 +1,4 @@
-"""`persona-jax bench`: speed and memory against diffusers PyTorch (benchmark.py)."""
+"""`persona-jax bench`: speed and memory against diffusers PyTorch (persona_jax/benchmark/)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ HELP = "speed and memory against diffusers PyTorch (separate processes)"
 
 def add_arguments(p) -> None:
   from persona_jax.benchmark import CASES, DEFAULT_CASES, FRAMEWORKS, PRESETS
+  from persona_jax.runtime import MALLOC_TUNABLE
   p.add_argument("--preset", choices=sorted(PRESETS), default="reduced",
                  help="reduced: SD 1.5 architecture at reduced width, 32x32 latents (CPU); "
                       "sd15: the real SD 1.5 UNet, 64x64 latents (GPU/TPU)")
@@ -23,7 +24,7 @@ def add_arguments(p) -> None:
   p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
   p.add_argument("--device", default="", help="a note on what ran where, recorded in the report")
   p.add_argument("--no-malloc-tunable", action="store_true",
-                 help="do not set GLIBC_TUNABLES (the malloc tunable) for the workers")
+                 help=f"do not set GLIBC_TUNABLES={MALLOC_TUNABLE} for the workers")
   p.add_argument("--json", type=Path, default=None, help="also write the full results here")
   p.add_argument("--memory-plan", action="store_true",
                  help="only compile the DreamBooth step per memory option, and the LoRA and Custom "

@@ -62,8 +62,6 @@ COMPONENTS = (
 )
 TOKENIZER_CLASSES = ("CLIPTokenizer", "CLIPTokenizerFast")
 SCHEDULER_FILE = "scheduler/scheduler_config.json"
-# Components a pipeline may list that we neither need nor copy.
-UNUSED_COMPONENTS = ("safety_checker", "feature_extractor", "image_encoder")
 
 
 @dataclasses.dataclass

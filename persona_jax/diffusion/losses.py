@@ -1,10 +1,10 @@
 """The denoising objective every method trains with, and its weightings.
 
-`Objective.loss` turns a batch into the mean squared error between the UNet's output and the
-training target of the scheduler's `prediction_type`, with optional min-SNR-gamma weighting,
-offset noise and per-pixel masks (Custom Diffusion's zoom augmentation). `per_example_loss` gives
-the unreduced [B] losses; `reduce` averages them, or, with class examples in the batch (prior
-preservation, DreamBooth's recipe), mean(instance losses) + prior_loss_weight * mean(class losses).
+`Objective.per_example_loss` turns a batch into the [B] mean squared errors between the UNet's
+output and the training target of the scheduler's `prediction_type`, with optional
+min-SNR-gamma weighting, offset noise and per-pixel masks (Custom Diffusion's zoom augmentation);
+`reduce` averages them, or, with class examples in the batch (prior preservation, DreamBooth's
+recipe), mean(instance losses) + prior_loss_weight * mean(class losses).
 """
 
 from __future__ import annotations
@@ -57,25 +57,25 @@ class Objective:
     t = jax.random.randint(t_rng, (shape[0],), 0, self.scheduler.num_train_timesteps)
     return noise, t
 
-  def per_example_loss(self, latents, predict, rng, mask=None, has_aux: bool = False):
+  def per_example_loss(self, latents, predict, rng, mask=None):
     """The denoising loss of each example of a batch.
 
     Args:
       latents: [B, h, w, c] clean latents (already scaled by the VAE's scaling factor).
-      predict: (noisy latents [B, h, w, c], timesteps [B]) -> model output [B, h, w, c], or with
-        `has_aux` (model output, aux): aux is returned as the third value.
+      predict: (noisy latents [B, h, w, c], timesteps [B]) -> (model output [B, h, w, c], aux):
+        aux is returned as the third value.
       rng: key for noise and timesteps (`draw`).
       mask: optional [B, h, w, 1] weights >= 0: each example's loss is the weighted mean (in
         {0, 1}: only masked positions count; `data.mask_loss_weight`: 1 + w * subject).
     Returns:
-      ([B] losses, min-SNR weighted if on; metrics dict of scalars[; aux]).
+      ([B] losses, min-SNR weighted if on; metrics dict of scalars; aux).
     """
     ab = jnp.asarray(alphas_cumprod(self.scheduler))
     latents = latents.astype(jnp.float32)
     noise, t = self.draw(rng, latents.shape)
     noisy = add_noise(ab, latents, noise, t)
     target = training_target(self.scheduler.prediction_type, ab, latents, noise, t)
-    pred, aux = predict(noisy, t) if has_aux else (predict(noisy, t), None)
+    pred, aux = predict(noisy, t)
     pred = pred.astype(jnp.float32)
     err = jnp.square(pred - target)                                       # [B, h, w, c]
     if mask is None:
@@ -87,12 +87,7 @@ class Objective:
       per_example = per_example * min_snr_weights(snr(ab, t), self.min_snr_gamma,
                                                    self.scheduler.prediction_type)
     metrics = {"mse": err.mean(), "timestep_mean": t.astype(jnp.float32).mean()}
-    return (per_example, metrics, aux) if has_aux else (per_example, metrics)
-
-  def loss(self, latents, predict, rng, mask=None):
-    """The denoising loss of one batch: the mean of `per_example_loss`. Returns (loss, metrics)."""
-    per_example, metrics = self.per_example_loss(latents, predict, rng, mask)
-    return per_example.mean(), metrics
+    return per_example, metrics, aux
 
   def reduce(self, per_example, prior=None):
     """The batch loss of [B] per-example losses: their mean, or with `prior` [B] (1 on class

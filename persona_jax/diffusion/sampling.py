@@ -174,10 +174,11 @@ def denoise(models: SDModels, scheduler: SchedulerConfig, num_steps: int,
     u, c = (jnp.broadcast_to(a, latents.shape[:1]) if jnp.ndim(a) == 0 else a for a in (u, c))
     return jnp.concatenate([u, c], axis=0)
 
+  uncond = conditioning.negative(models, params, state)      # the same at every step
+
   def body(i, x):
     t = timesteps[i]
     cond, _ = conditioning.at(models, params, state, x, jnp.broadcast_to(t, x.shape[:1]), i)
-    uncond = conditioning.negative(models, params, state)
     both = jax.tree.map(halves, uncond, cond)
     out = models.unet.apply({"params": params["unet"]}, jnp.concatenate([x, x], axis=0),
                             jnp.broadcast_to(t, (2 * x.shape[0],)), **both)

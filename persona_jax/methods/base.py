@@ -168,7 +168,7 @@ def method_loss(method: Method, models: SDModels, objective: Objective, params, 
     out, maps = apply_unet(models, params, noisy, t, kwargs)
     return out, {"terms": terms, "maps": maps}
   per_example, metrics, aux = objective.per_example_loss(latents, predict, loss_rng,
-                                                         batch.get(MASK), has_aux=True)
+                                                         batch.get(MASK))
   loss, reduced = objective.reduce(per_example, batch.get(PRIOR))
   metrics = dict(metrics, **reduced, denoising_loss=loss)
   terms = dict(aux["terms"])

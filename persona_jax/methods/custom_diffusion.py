@@ -33,7 +33,7 @@ import numpy as np
 
 from persona_jax import tree
 from persona_jax.diffusion.conditioning import TOKENS, TextConditioning
-from persona_jax.errors import ConfigError, ModelFileError
+from persona_jax.errors import ConfigError
 from persona_jax.methods import result_file
 from persona_jax.methods.base import Method, ParamSpec, TokenSpec
 from persona_jax.methods.spec import EvalRecipe, MethodSpec, ResultSpec, SamplingSpec, VerifySpec
@@ -125,11 +125,8 @@ def with_result(result: Result, pipe, params=None):
   (default the pipeline's, e.g. with LoRAs merged)."""
   from persona_jax.tokenizer import tokenizer_with_tokens
   flat = tree.flatten(pipe.params if params is None else params)
+  result_file.check_fits(result.path, result.base_model, flat, result.weights)
   for path, value in result.weights.items():
-    if path not in flat or tuple(flat[path].shape) != value.shape:
-      raise ModelFileError(f"{result.path}: {path} {value.shape} does not fit this model "
-                           f"({'missing' if path not in flat else tuple(flat[path].shape)}); "
-                           f"it was trained on {result.base_model}")
     flat[path] = jnp.asarray(value, flat[path].dtype)
   tokens = tuple(c["token"] for c in result.concepts)
   if not tokens:
@@ -180,7 +177,7 @@ def export_processors(request):
   """OUT/pytorch_custom_diffusion_weights.safetensors (and the .bin diffusers' load_attn_procs
   takes, when torch is installed) and OUT/<token>.safetensors per modifier token."""
   from persona_jax.convert.files import write_safetensors
-  result = load_result(request.workdir)
+  result = request.result
   state = processors_state(result.weights)
   path = request.out / f"{PROCESSORS_FILE}.safetensors"
   write_safetensors(path, state)
@@ -204,7 +201,7 @@ def export_processors(request):
 def export_merged(request):
   """OUT/ a diffusers folder whose UNet holds the new K/V, and OUT/tokens/<token>.safetensors."""
   from persona_jax.pipeline import load_pipeline, save_pipeline
-  result = load_result(request.workdir)
+  result = request.result
   pipe = load_pipeline(request.base)
   params, _, _ = with_result(dataclasses.replace(result, concepts=[]), pipe)
   merged = save_pipeline(dataclasses.replace(pipe, params=params), request.out, overwrite=True)
@@ -236,10 +233,8 @@ def verify_result(pipe, model_path, value, **options):
 
 
 def upgrade(method: dict, config: dict) -> None:
-  """Run configs from before the method lifecycle: the prior weight moved to the run config,
-  and the class rows count in a scaled learning rate (this method's recipe)."""
-  if "prior_loss_weight" in method:
-    config.setdefault("prior_loss_weight", method.pop("prior_loss_weight"))
+  """Run configs from before the method lifecycle: the class rows count in a scaled learning
+  rate (this method's recipe, now `optim.scale_lr_class_rows`)."""
   config.setdefault("optim", {}).setdefault("scale_lr_class_rows", True)
 
 

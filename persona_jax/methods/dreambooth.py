@@ -23,7 +23,7 @@ from pathlib import Path
 from persona_jax.errors import ConfigError, ModelFileError
 from persona_jax.methods import result_file
 from persona_jax.methods.base import Method, ParamSpec
-from persona_jax.methods.spec import EvalRecipe, MethodSpec, ResultSpec
+from persona_jax.methods.spec import EvalRecipe, Knob, MethodSpec, ResultSpec
 
 log = logging.getLogger(__name__)
 
@@ -74,9 +74,7 @@ def sample(request):
 
 
 def upgrade(method: dict, config: dict) -> None:
-  """Run configs from before the method lifecycle: the prior weight and the text encoder's lr."""
-  if "prior_loss_weight" in method:
-    config.setdefault("prior_loss_weight", method.pop("prior_loss_weight"))
+  """Run configs from before the method lifecycle: the text encoder's lr became a group."""
   lr = method.pop("text_encoder_lr", 0.0)
   if lr and method.get("train_text_encoder"):
     optim = config.setdefault("optim", {})
@@ -86,7 +84,7 @@ def upgrade(method: dict, config: dict) -> None:
 def export_folder(request):
   """The run's model folder copied whole (the base's tokenizer files are already in it)."""
   from persona_jax.convert.files import copy_file
-  model = load(request.workdir).path
+  model = request.result.path
   written = []
   for src in sorted(p for p in model.rglob("*") if p.is_file()):
     written.append(copy_file(src, request.out / src.relative_to(model)))
@@ -100,17 +98,20 @@ def export_single_file(request):
   if base_single_file is None and Path(request.base).is_file():
     base_single_file = request.base
   path = request.out / f"{request.workdir.absolute().name}.safetensors"
-  return [save_single_file(load_pipeline(load(request.workdir).path), path,
+  return [save_single_file(load_pipeline(request.result.path), path,
                            base_single_file=base_single_file)], {}
 
 
 PROMPT = f"a photo of a {IDENTIFIER} {{cls}}"
+EVAL = EvalRecipe("tuned", f"{IDENTIFIER} {{cls}}", "dreambooth", 150, 2e-4,
+                  (("data.prompt", PROMPT),), prior=True)
 SPEC = MethodSpec(
     name="dreambooth", config=DreamBoothConfig, make=make, result=ResultSpec(RESULT_DIR),
-    load=load, sample=sample, base_model=lambda result: str(result.path), upgrade=upgrade,
+    load=load, sample=sample, upgrade=upgrade,
     exports={"diffusers": export_folder, "single-file": export_single_file},
-    eval={"dreambooth": EvalRecipe("tuned", f"{IDENTIFIER} {{cls}}", "dreambooth", 150, 2e-4,
-                                   (("data.prompt", PROMPT),), prior=True),
-          "dreambooth_noprior": EvalRecipe("tuned", f"{IDENTIFIER} {{cls}}", "dreambooth", 150,
-                                           2e-4, (("data.prompt", PROMPT),
-                                                  ("prior_loss_weight", 0.0)))})
+    export_options=(Knob("base_single_file", "dreambooth, single-file export of an SD 2.x run: the "
+                         "base's own single file (its extra text-encoder layer is carried over; "
+                         "default: the run's base if it is a single file)", Path),),
+    eval={"dreambooth": EVAL,
+          "dreambooth_noprior": dataclasses.replace(
+              EVAL, prior=False, options=EVAL.options + (("prior_loss_weight", 0.0),))})

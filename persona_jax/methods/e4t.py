@@ -47,11 +47,11 @@ import numpy as np
 from persona_jax import tree
 from persona_jax.data.batch import CLIP_PIXELS, IDS
 from persona_jax.diffusion.conditioning import negative_context
-from persona_jax.errors import ConfigError, ModelFileError
-from persona_jax.image_encoder import image_encoder_dir
+from persona_jax.errors import ConfigError
+from persona_jax.image_encoder import MethodImageEncoder, load_method_image_encoder
 from persona_jax.methods import result_file
 from persona_jax.methods.base import Method, ParamSpec, TokenSpec
-from persona_jax.methods.spec import EvalRecipe, MethodSpec, ResultSpec, SamplingSpec
+from persona_jax.methods.spec import EvalRecipe, Knob, MethodSpec, ResultSpec, SamplingSpec
 from persona_jax.models.clip_vision import CLIPVisionModel
 from persona_jax.models.configs import CLIPVisionConfig
 from persona_jax.models.e4t_encoder import E4TEncoder, E4TEncoderConfig
@@ -220,9 +220,7 @@ class Parts:
   """What training and sampling both build from a config and a base model."""
   conditioning: E4TConditioning
   targets: tuple
-  clip_params: dict
-  processor: object                # CLIPImageProcessorConfig of the image encoder
-  image_encoder_dir: Path
+  encoder: MethodImageEncoder
 
 
 def clip_inputs(image, mask=None, rng=None, *, processor):
@@ -232,8 +230,6 @@ def clip_inputs(image, mask=None, rng=None, *, processor):
 
 
 def build_parts(config: E4TConfig, base_params, tokenizer_dir, unet_config) -> Parts:
-  from persona_jax.data.clip_images import load_image_processor
-  from persona_jax.image_encoder import load_image_encoder
   from persona_jax.tokenizer import check_new_tokens, load_tokenizer, tokenize
   if unet_config is None:
     raise ConfigError("E4T needs the UNet's config (its encoder features)")
@@ -243,20 +239,20 @@ def build_parts(config: E4TConfig, base_params, tokenizer_dir, unet_config) -> P
   if config.offset_rank < 0 or config.encoder_width < 0:
     raise ConfigError("method.offset_rank and method.encoder_width must be >= 0")
   table = base_params["text_encoder"]["embeddings"]["token_embedding"]["embedding"]   # [V, D]
-  (class_id,) = check_new_tokens(load_tokenizer(tokenizer_dir), (config.placeholder,),
+  tokenizer = load_tokenizer(tokenizer_dir)
+  (class_id,) = check_new_tokens(tokenizer, (config.placeholder,),
                                  [config.class_word], table.shape[0],
                                  ("method.placeholder", "method.class_word"))
-  folder = image_encoder_dir(config.image_encoder, tokenizer_dir)
-  clip_config, clip_params = load_image_encoder(folder)
+  image_encoder = load_method_image_encoder(config.image_encoder, tokenizer_dir)
+  clip_config = image_encoder.config
   layers = clip_layers(clip_config)
   encoder = E4TEncoderConfig(len(layers), clip_config.hidden_size, encoder_feature_dim(unet_config),
                              config.encoder_width or clip_config.hidden_size, table.shape[1])
-  empty = tokenize(load_tokenizer(tokenizer_dir), [""])[0]
+  empty = tokenize(tokenizer, [""])[0]
   conditioning = E4TConditioning(clip_config, encoder, layers, int(class_id), table.shape[0],
                                  tuple(int(i) for i in empty), float(config.scale),
                                  float(config.embedding_reg), config.train_image_encoder)
-  return Parts(conditioning, offset_targets(base_params), clip_params,
-               load_image_processor(folder, clip_config.image_size), folder)
+  return Parts(conditioning, offset_targets(base_params), image_encoder)
 
 
 def init_encoder(rng, encoder: E4TEncoderConfig) -> dict:
@@ -333,7 +329,7 @@ def make(config: E4TConfig, base_params, tokenizer_dir=None, unet_config=None) -
                **init_offsets(jax.random.PRNGKey(0), targets, config.offset_rank)})
   pretrained = load_pretrained(config, abstract)
   clip_params = tree.unflatten({
-      **tree.flatten({"image_encoder": parts.clip_params}),
+      **tree.flatten({"image_encoder": parts.encoder.params}),
       **{p: jnp.asarray(v) for p, v in pretrained.items() if p.startswith("image_encoder/")}})
 
   def init(rng, base):
@@ -350,19 +346,18 @@ def make(config: E4TConfig, base_params, tokenizer_dir=None, unet_config=None) -
                                            functools.partial(apply_offsets, targets=targets)),
                 conditioning=cond, tokens=TokenSpec((config.placeholder,)), losses=losses,
                 components=lambda: clip_params,
-                image_inputs=functools.partial(clip_inputs, processor=parts.processor),
-                save=functools.partial(save, config))
+                image_inputs=functools.partial(clip_inputs, processor=parts.encoder.processor),
+                save=functools.partial(save, config, parts.encoder.folder))
 
 
 # ---------------------------------------------------------------------------------------------
 # Result files, sampling and export.
 
 
-def save(config: E4TConfig, trainable, context):
+def save(config: E4TConfig, image_encoder: Path, trainable, context):
   """WORKDIR/e4t.safetensors: the trained leaves by path; metadata for sampling and export."""
-  folder = image_encoder_dir(config.image_encoder, context.pipe.tokenizer_dir)
   return result_file.write(context.workdir, RESULT_FILE, trainable, result_file.run_metadata(
-      context, FORMAT, image_encoder=str(folder.absolute()), class_word=config.class_word,
+      context, FORMAT, image_encoder=str(image_encoder.absolute()), class_word=config.class_word,
       placeholder=config.placeholder))
 
 
@@ -394,12 +389,10 @@ def prepare(result: result_file.Result, pipe, params=None) -> Prepared:
   config = result.config
   parts = build_parts(config, pipe.params, pipe.tokenizer_dir, pipe.unet_config)
   base = pipe.params if params is None else params
-  flat = tree.flatten({**base, "image_encoder": parts.clip_params})
-  for path, value in result.weights.items():
-    if not path.startswith(f"{E4T}/") and (path not in flat or flat[path].shape != value.shape):
-      raise ModelFileError(f"{result.path}: {path} {list(value.shape)} does not fit this model; "
-                           f"it was trained on {result.meta.get('base_model')}")
-    flat[path] = jnp.asarray(value)
+  flat = tree.flatten({**base, "image_encoder": parts.encoder.params})
+  result_file.check_fits(result.path, result.meta.get("base_model"), flat,
+                         {p: v for p, v in result.weights.items() if not p.startswith(f"{E4T}/")})
+  flat.update({p: jnp.asarray(v) for p, v in result.weights.items()})
   return Prepared(apply_offsets(tree.unflatten(flat), parts.targets),
                   tokenizer_with_tokens(pipe.tokenizer_dir, (config.placeholder,)), parts)
 
@@ -409,7 +402,7 @@ def sample(request):
   from persona_jax.text_to_image import Sampling
   ready = prepare(request.result, request.pipe, request.params)
   resolution = int(request.result.meta.get("resolution", 512))
-  pixels = prepare_image(request.images[0], resolution, ready.parts.processor)
+  pixels = prepare_image(request.images[0], resolution, ready.parts.encoder.processor)
   return Sampling(ready.params, ready.tokenizer, ready.parts.conditioning,
                   inputs={CLIP_PIXELS: pixels})
 
@@ -425,7 +418,7 @@ def embedding_at(ready: Prepared, pipe, image_path, resolution: int, timestep: i
   image = img_ops.load_square(Path(image_path), resolution)
   models = SDModels(pipe.unet, pipe.text_encoder, pipe.vae)
   cond = ready.parts.conditioning
-  clip_pixels = prepare_image(image_path, resolution, ready.parts.processor)
+  clip_pixels = prepare_image(image_path, resolution, ready.parts.encoder.processor)
 
   @jax.jit
   def word(params, pixels, clip_pixels):
@@ -448,7 +441,7 @@ def export(request):
   from persona_jax.data.pipeline import example_subject_dir
   from persona_jax.data.sources import read_image_folder
   from persona_jax.pipeline import load_pipeline, save_pipeline
-  result = load_result(request.workdir)
+  result = request.result
   if result.config.phase != "tune":
     raise ConfigError(f"{request.workdir}: an e4t pre-training run has no subject to export; "
                       "export an e4t_tune run")
@@ -482,6 +475,8 @@ SPEC = MethodSpec(
                                     "at every step (e.g. --prompt 'a painting of *s'; default "
                                     "--model: the run's base)"),
     exports={"diffusers": export},
+    export_options=(Knob("timestep", "e4t: the timestep of the exported embedding (default "
+                         f"{EXPORT_TIMESTEP})", int),),
     eval={"e4t": EvalRecipe("one_image", "*s", "e4t_tune", 15, 1e-4,
                             (("method.class_word", "{cls}"), ("method.placeholder", "*s"),
                              ("data.num_images", 1)), state_key="method.pretrained")})

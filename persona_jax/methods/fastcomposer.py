@@ -61,8 +61,9 @@ import numpy as np
 from persona_jax import tree
 from persona_jax.data.batch import IDS, NEGATIVE_IDS, SUBJECT_MASKS, SUBJECT_PIXELS
 from persona_jax.diffusion.conditioning import delayed, negative_context
-from persona_jax.errors import ConfigError, ModelFileError
-from persona_jax.image_encoder import image_encoder_dir
+from persona_jax.errors import ConfigError
+from persona_jax.image_encoder import (MethodImageEncoder, image_encoder_dir,
+                                       load_method_image_encoder)
 from persona_jax.methods import result_file
 from persona_jax.methods.base import Method, ParamSpec, TokenSpec, compose
 from persona_jax.methods.spec import (DataBuild, EvalRecipe, Knob, MethodSpec, ResultSpec,
@@ -267,16 +268,12 @@ def localization_term(params, trainable, batch, aux, *, marker_id: int, pad_id: 
 @dataclasses.dataclass
 class Parts:
   conditioning: FastComposerConditioning
-  clip_params: dict
-  processor: object
-  image_encoder_dir: Path
+  encoder: MethodImageEncoder
   text_dim: int
   image_dim: int
 
 
 def build_parts(config: FastComposerConfig, base_params, tokenizer_dir) -> Parts:
-  from persona_jax.data.clip_images import load_image_processor
-  from persona_jax.image_encoder import load_image_encoder
   from persona_jax.tokenizer import load_tokenizer, tokenize
   if config.variant not in VARIANTS:
     raise ConfigError(f"method.variant: '{config.variant}' is not one of {', '.join(VARIANTS)}")
@@ -287,8 +284,8 @@ def build_parts(config: FastComposerConfig, base_params, tokenizer_dir) -> Parts
   if config.max_subjects < 1 or config.localization_layers < 1 or config.lora_rank < 1:
     raise ConfigError("method.max_subjects, method.localization_layers and method.lora_rank "
                       "must be >= 1")
-  folder = image_encoder_dir(config.image_encoder, tokenizer_dir)
-  clip_config, clip_params = load_image_encoder(folder)
+  encoder = load_method_image_encoder(config.image_encoder, tokenizer_dir)
+  clip_config = encoder.config
   if config.image_encoder_trainable_layers > clip_config.num_hidden_layers:
     raise ConfigError(f"method.image_encoder_trainable_layers: {config.image_encoder_trainable_layers}"
                       f" > the image encoder's {clip_config.num_hidden_layers} layers")
@@ -299,8 +296,7 @@ def build_parts(config: FastComposerConfig, base_params, tokenizer_dir) -> Parts
       clip_config, int(table.shape[0]), pad_id, config.max_subjects, config.start_merge_step,
       config.variant == "full" and config.image_encoder_trainable_layers > 0)
   image_dim = clip_config.projection_dim if clip_config.with_projection else clip_config.hidden_size
-  return Parts(conditioning, clip_params, load_image_processor(folder, clip_config.image_size),
-               folder, int(table.shape[1]), int(image_dim))
+  return Parts(conditioning, encoder, int(table.shape[1]), int(image_dim))
 
 
 def select_rules(config: FastComposerConfig, clip: CLIPVisionConfig) -> tuple:
@@ -323,7 +319,7 @@ def make(config: FastComposerConfig, base_params, tokenizer_dir=None,
     raise ConfigError("FastComposer needs the UNet's config (its localization blocks)")
   parts = build_parts(config, base_params, tokenizer_dir)
   cond = parts.conditioning
-  clip_params = {"image_encoder": parts.clip_params}
+  clip_params = {"image_encoder": parts.encoder.params}
 
   def init_fuse_mlp(rng, base):
     return {FASTCOMPOSER: {"fuse": init_fuse(rng, parts.text_dim, parts.image_dim)}}
@@ -340,7 +336,8 @@ def make(config: FastComposerConfig, base_params, tokenizer_dir=None,
     addons = (AttentionMaps(localization_map_names(unet_config, config.localization_layers)),)
   return Method(name=FASTCOMPOSER, params=compose(fuse, second), conditioning=cond,
                 tokens=TokenSpec((IMAGE_TOKEN,)), unet=addons, losses=losses,
-                components=lambda: clip_params, save=functools.partial(save, config))
+                components=lambda: clip_params,
+                save=functools.partial(save, parts.encoder.folder))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -358,16 +355,23 @@ def folder_source(request):
   return examples_source(request, read_folder(d.instance_dir, d.resolution))
 
 
-def examples_source(request, examples):
-  """A FastComposer run's DataBuild over `examples` (data/fastcomposer.py's Example list)."""
-  from persona_jax.data import fastcomposer as fc_data
+def run_options(request) -> FastComposerConfig:
+  """The run's FastComposer options (its data sources are for this method only)."""
   config = request.config
   if config.method_name != FASTCOMPOSER:
     raise ConfigError(f"data.source: FastComposer's data (captions with subject markers) is for "
                       f"method fastcomposer, not {config.method_name}")
-  options = FastComposerConfig(**config.method_options)
-  parts = build_parts(options, request.pipe.params, request.pipe.tokenizer_dir)
-  dataset = fc_data.make_dataset(examples, request.tokenizer, parts.processor, config.data,
+  return FastComposerConfig(**config.method_options)
+
+
+def examples_source(request, examples):
+  """A FastComposer run's DataBuild over `examples` (data/fastcomposer.py's Example list)."""
+  from persona_jax.data import fastcomposer as fc_data
+  from persona_jax.data.clip_images import load_image_processor
+  config, options = request.config, run_options(request)
+  folder = image_encoder_dir(options.image_encoder, request.pipe.tokenizer_dir)
+  processor = load_image_processor(folder, request.method.conditioning.clip.image_size)
+  dataset = fc_data.make_dataset(examples, request.tokenizer, processor, config.data,
                                  config.batch_size, config.seed, request.pipe.vae_scale_factor,
                                  max_subjects=options.max_subjects,
                                  uncondition_prob=options.uncondition_prob,
@@ -376,11 +380,10 @@ def examples_source(request, examples):
   return DataBuild(dataset, None, frozenset({"unet", "vae", "text_encoder", "image_encoder"}))
 
 
-def save(config: FastComposerConfig, trainable, context):
+def save(image_encoder: Path, trainable, context):
   """WORKDIR/fastcomposer.safetensors: the trained leaves by path; metadata for sampling."""
-  folder = image_encoder_dir(config.image_encoder, context.pipe.tokenizer_dir)
   return result_file.write(context.workdir, RESULT_FILE, trainable, result_file.run_metadata(
-      context, FORMAT, image_encoder=str(folder.absolute())))
+      context, FORMAT, image_encoder=str(image_encoder.absolute())))
 
 
 def load_result(path) -> result_file.Result:
@@ -410,21 +413,19 @@ def sample(request):
   plain-prompt steps (a traced knob; default the run's). Without images: the plain text path
   (markers removed), the trained UNet untouched by any subject."""
   from persona_jax.data import fastcomposer as fc_data
+  from persona_jax.data.clip_images import load_image_processor
   from persona_jax.text_to_image import Sampling
   from persona_jax.tokenizer import tokenizer_with_tokens
   result, pipe, images = request.result, request.pipe, request.images
   config = result.config
-  parts = build_parts(config, pipe.params, pipe.tokenizer_dir)
-  flat = tree.flatten({**request.params, "image_encoder": parts.clip_params})
-  for path, value in result.weights.items():
-    if path.startswith("unet/") or path.startswith("image_encoder/"):
-      if path not in flat or flat[path].shape != value.shape:
-        raise ModelFileError(f"{result.path}: {path} {list(value.shape)} does not fit this model; "
-                             f"it was trained on {result.meta.get('base_model')}")
+  made = make(config, pipe.params, pipe.tokenizer_dir, pipe.unet_config)
+  cond = made.conditioning
+  flat = tree.flatten({**request.params, **made.components()})
+  result_file.check_fits(result.path, result.meta.get("base_model"), flat,
+                         {p: v for p, v in result.weights.items()
+                          if p.startswith(("unet/", "image_encoder/"))})
   trainable = tree.unflatten({p: jnp.asarray(v) for p, v in result.weights.items()})
   frozen = tree.unflatten({p: v for p, v in flat.items() if p not in result.weights})
-  made = make(dataclasses.replace(config, image_encoder=str(parts.image_encoder_dir)), pipe.params,
-              pipe.tokenizer_dir, pipe.unet_config)
   params = made.params.apply(frozen, trainable)
   tokenizer = tokenizer_with_tokens(pipe.tokenizer_dir, (IMAGE_TOKEN,))
   expand = prompt_markers(len(images))
@@ -434,14 +435,15 @@ def sample(request):
   if len(images) > config.max_subjects:
     raise ConfigError(f"--image: {len(images)} subject images, this model takes at most "
                       f"{config.max_subjects}")
-  pixels = np.zeros((1, config.max_subjects) + (parts.conditioning.clip.image_size,) * 2 + (3,),
-                    np.float32)
+  processor = load_image_processor(image_encoder_dir(config.image_encoder, pipe.tokenizer_dir),
+                                   cond.clip.image_size)
+  pixels = np.zeros((1, config.max_subjects) + (cond.clip.image_size,) * 2 + (3,), np.float32)
   for k, image_path in enumerate(images):
-    pixels[0, k] = fc_data.subject_pixels_from_file(image_path, parts.processor)
+    pixels[0, k] = fc_data.subject_pixels_from_file(image_path, processor)
   start = int(request.inputs.get(START, config.start_merge_step))
   if start < 0:
     raise ConfigError(f"--start-merge-step must be >= 0, got {start}")
-  return Sampling(params, tokenizer, parts.conditioning, expand,
+  return Sampling(params, tokenizer, cond, expand,
                   {SUBJECT_PIXELS: pixels, START: np.asarray([start], np.int32)})
 
 

@@ -109,14 +109,13 @@ def import_official(checkpoint, model_dir, image_encoder_dir, out_dir, *,
 
 def add_arguments(p) -> None:
   """The flags of `persona-jax import-fastcomposer`."""
-  from pathlib import Path as P
-  p.add_argument("checkpoint", type=P, help="the release's pytorch_model.bin (or .safetensors)")
+  p.add_argument("checkpoint", type=Path, help="the release's pytorch_model.bin (or .safetensors)")
   p.add_argument("--model", required=True,
                  help="the base model it was trained from (a Stable Diffusion 1.5 diffusers folder)")
-  p.add_argument("--image-encoder", required=True, type=P, metavar="DIR",
+  p.add_argument("--image-encoder", required=True, type=Path, metavar="DIR",
                  help="the CLIP image encoder it was trained from: a CLIPVisionModelWithProjection "
                       "folder of openai/clip-vit-large-patch14")
-  p.add_argument("--out", required=True, type=P, help="output folder")
+  p.add_argument("--out", required=True, type=Path, help="output folder")
   p.add_argument("--allow-pickle", action="store_true", help="read a .bin file (trusted only)")
 
 

@@ -53,7 +53,7 @@ from persona_jax import tree
 from persona_jax.data.batch import CLIP_PIXELS, IDS, NEGATIVE_IDS
 from persona_jax.diffusion.conditioning import negative_context
 from persona_jax.errors import ConfigError, ModelFileError
-from persona_jax.image_encoder import image_encoder_dir
+from persona_jax.image_encoder import MethodImageEncoder, load_method_image_encoder
 from persona_jax.methods import result_file
 from persona_jax.methods.base import Method, ParamSpec
 from persona_jax.methods.spec import EvalRecipe, Knob, MethodSpec, ResultSpec, SamplingSpec
@@ -194,7 +194,8 @@ class InstantBoothConditioning:
 
   def prepare(self, models, params, inputs):
     """{"ids" [B, L], "text" [B, L, D] the prompt's text-encoder output, "concept", "patch",
-    "alpha", "beta" (training: 1; sampling: the inputs' or the defaults, [B]), "negative"}."""
+    "negative", "kwargs" (the UNet's, at alpha and beta: training 1; sampling the inputs' or the
+    defaults, [B]; the same at every step)}."""
     negative = negative_context(models, params, inputs)
     text = models.text_encoder.apply({"params": params["text_encoder"]},
                                      inputs[IDS]).last_hidden_state
@@ -205,8 +206,9 @@ class InstantBoothConditioning:
       scale = lambda key, default: jnp.broadcast_to(
           jnp.asarray(inputs.get(key, default), jnp.float32), (b,))
       alpha, beta = scale(ALPHA, self.alpha), scale(BETA, self.beta)
-    return {"ids": inputs[IDS], "text": text, "concept": concept, "patch": patch, "alpha": alpha,
-            "beta": beta, "negative": negative}
+    state = {"ids": inputs[IDS], "text": text, "concept": concept, "patch": patch,
+             "negative": negative}
+    return {**state, "kwargs": self.unet_kwargs(state, alpha, beta)}
 
   def unet_kwargs(self, state, alpha, beta) -> dict:
     """The UNet's keyword arguments: the text with alpha * f_c at the identifier's positions,
@@ -223,7 +225,7 @@ class InstantBoothConditioning:
     return kwargs
 
   def at(self, models, params, state, noisy, t, step):
-    return self.unet_kwargs(state, state["alpha"], state["beta"]), {}
+    return state["kwargs"], {}
 
   def negative(self, models, params, state):
     """The negative prompt, adapters at scale 0 (the base model)."""
@@ -242,9 +244,7 @@ class InstantBoothConditioning:
 class Parts:
   """What training and sampling both build from a config and a base model."""
   conditioning: InstantBoothConditioning
-  clip_params: dict
-  processor: object
-  image_encoder_dir: Path
+  encoder: MethodImageEncoder
   text_width: int
 
 
@@ -269,18 +269,15 @@ def check_config(config: InstantBoothConfig) -> None:
 
 
 def build_parts(config: InstantBoothConfig, base_params, tokenizer_dir) -> Parts:
-  from persona_jax.data.clip_images import load_image_processor
-  from persona_jax.image_encoder import load_image_encoder
   from persona_jax.tokenizer import load_tokenizer
   check_config(config)
-  folder = image_encoder_dir(config.image_encoder, tokenizer_dir)
-  clip_config, clip_params = load_image_encoder(folder)
+  encoder = load_method_image_encoder(config.image_encoder, tokenizer_dir)
+  clip_config = encoder.config
   text_width = base_params["text_encoder"]["embeddings"]["token_embedding"]["embedding"].shape[1]
   conditioning = InstantBoothConditioning(
       clip_config, identifier_id(load_tokenizer(tokenizer_dir), config.identifier),
       config.concept_token, config.patch_tokens, float(config.beta), float(config.alpha))
-  return Parts(conditioning, clip_params, load_image_processor(folder, clip_config.image_size),
-               folder, int(text_width))
+  return Parts(conditioning, encoder, int(text_width))
 
 
 def init_heads(rng, config: InstantBoothConfig, clip_width: int, text_width: int) -> dict:
@@ -295,12 +292,13 @@ def init_heads(rng, config: InstantBoothConfig, clip_width: int, text_width: int
   return out
 
 
-def init_adapters(rng, unet_config, text_width: int) -> dict:
-  """Fresh adapter params of every transformer block, {"unet": ...} (gamma 0)."""
+def init_adapters(rng, unet_config, text_width: int, base_unet) -> dict:
+  """Fresh adapter params of every transformer block, {"unet": ...} (gamma 0); `base_unet`:
+  the base UNet's params (or their shapes)."""
   from persona_jax.models.unet import UNet2DConditionModel, init_added_params
   unet = UNet2DConditionModel(dataclasses.replace(unet_config, addons=(GatedAdapter(),)))
   return {"unet": init_added_params(unet, rng, {
-      ADAPTER_TOKENS: jnp.zeros((1, 1, text_width), jnp.float32)})}
+      ADAPTER_TOKENS: jnp.zeros((1, 1, text_width), jnp.float32)}, base_unet)}
 
 
 def make(config: InstantBoothConfig, base_params, tokenizer_dir=None, unet_config=None) -> Method:
@@ -308,33 +306,32 @@ def make(config: InstantBoothConfig, base_params, tokenizer_dir=None, unet_confi
   if unet_config is None:
     raise ConfigError("InstantBooth needs the UNet's config (its adapters)")
   parts = build_parts(config, base_params, tokenizer_dir)
-  clip_params = {"image_encoder": parts.clip_params}
+  clip_params = {"image_encoder": parts.encoder.params}
 
   def init(rng, base):
     head_rng, adapter_rng = jax.random.split(rng)
     out = {INSTANTBOOTH: init_heads(head_rng, config, parts.conditioning.clip.hidden_size,
                                     parts.text_width)}
     if config.patch_tokens:
-      out.update(init_adapters(adapter_rng, unet_config, parts.text_width))
+      out.update(init_adapters(adapter_rng, unet_config, parts.text_width, base["unet"]))
     return out
 
   return Method(name=INSTANTBOOTH, params=ParamSpec(init=init), conditioning=parts.conditioning,
                 unet=(GatedAdapter(),) if config.patch_tokens else (),
                 components=lambda: clip_params,
-                image_inputs=ConditionImage(parts.processor, config.crop_scale, config.rotation,
-                                            config.flip),
-                save=functools.partial(save, config))
+                image_inputs=ConditionImage(parts.encoder.processor, config.crop_scale,
+                                            config.rotation, config.flip),
+                save=functools.partial(save, config, parts.encoder.folder))
 
 
 # ---------------------------------------------------------------------------------------------
 # Result files and sampling.
 
 
-def save(config: InstantBoothConfig, trainable, context):
+def save(config: InstantBoothConfig, image_encoder: Path, trainable, context):
   """WORKDIR/instantbooth.safetensors: the trained leaves by path; metadata for sampling."""
-  folder = image_encoder_dir(config.image_encoder, context.pipe.tokenizer_dir)
   return result_file.write(context.workdir, RESULT_FILE, trainable, result_file.run_metadata(
-      context, FORMAT, image_encoder=str(folder.absolute()), identifier=config.identifier))
+      context, FORMAT, image_encoder=str(image_encoder.absolute()), identifier=config.identifier))
 
 
 def load_result(path) -> result_file.Result:
@@ -379,7 +376,7 @@ def sample(request):
     raise ConfigError("InstantBooth samples from one or more subject images (--image PATH)")
   config = result.config
   parts = build_parts(config, pipe.params, pipe.tokenizer_dir)
-  flat = tree.flatten({**request.params, "image_encoder": parts.clip_params})
+  flat = tree.flatten({**request.params, "image_encoder": parts.encoder.params})
   adapters = {}
   for path, value in result.weights.items():
     if path.startswith("unet/"):
@@ -390,14 +387,14 @@ def sample(request):
       raise ModelFileError(f"{result.path}: {path} is not an InstantBooth leaf")
     flat[path] = jnp.asarray(value)
   if config.patch_tokens:
-    want = tree.flatten(jax.eval_shape(lambda: init_adapters(jax.random.PRNGKey(0),
-                                                             pipe.unet_config, parts.text_width)))
+    want = tree.flatten(jax.eval_shape(lambda: init_adapters(
+        jax.random.PRNGKey(0), pipe.unet_config, parts.text_width, request.params["unet"])))
     got = {p: tuple(v.shape) for p, v in adapters.items()}
     if got != {p: tuple(v.shape) for p, v in want.items()}:
       raise ModelFileError(f"{result.path}: its adapters do not fit this UNet; it was trained on "
                            f"{result.meta.get('base_model')}")
   knob = lambda name, default: request.inputs.get(name, default)
-  inputs = {CLIP_PIXELS: image_pixels(request.images, parts.processor),
+  inputs = {CLIP_PIXELS: image_pixels(request.images, parts.encoder.processor),
             BETA: np.float32([knob("beta", config.beta)]),
             ALPHA: np.float32([knob("alpha", config.alpha)])}
   identifier = parts.conditioning.identifier_id
@@ -413,14 +410,15 @@ def sample(request):
 
 
 def upgrade(method: dict, config: dict) -> None:
-  """Run configs from before the method lifecycle: the two learning rates became optim.lr (the
-  encoders') and a group (the adapters'), when they differ from optim.lr."""
-  encoder_lr, adapter_lr = method.pop("encoder_lr", None), method.pop("adapter_lr", None)
+  """Run configs from before the method lifecycle: the method's two learning rates became
+  `optim.lr_groups` entries, in the order its optimizer had them (the encoders', then the
+  adapters' with patch tokens), so a resumed run's optimizer state keeps its structure."""
+  encoder_lr = method.pop("encoder_lr", 1e-4)
+  adapter_lr = method.pop("adapter_lr", 1e-6)
+  groups = [[ENCODER_LEAVES, encoder_lr]]
+  if method.get("patch_tokens", True):
+    groups.append([ADAPTER_LEAVES, adapter_lr])
   optim = config.setdefault("optim", {})
-  lr = optim.get("lr")
-  groups = [[pattern, value] for pattern, value in ((ENCODER_LEAVES, encoder_lr),
-                                                    (ADAPTER_LEAVES, adapter_lr))
-            if value is not None and value != lr]
   optim["lr_groups"] = groups + list(optim.get("lr_groups", []))
 
 

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 from pathlib import Path
 
 import jax
@@ -49,7 +48,7 @@ from persona_jax.convert.ip_adapter_files import (attn2_paths, from_official, re
 from persona_jax.data.batch import CLIP_PIXELS, IDS, NEGATIVE_IDS
 from persona_jax.diffusion.conditioning import negative_context
 from persona_jax.errors import ConfigError, ModelFileError
-from persona_jax.image_encoder import image_encoder_dir
+from persona_jax.image_encoder import image_encoder_dir, load_method_image_encoder
 from persona_jax.methods import result_file
 from persona_jax.methods.base import Method, ParamSpec
 from persona_jax.methods.spec import (EvalRecipe, Knob, MethodSpec, ResultSpec, SamplingSpec,
@@ -223,20 +222,17 @@ def build_conditioning(config: IPAdapterConfig, base_params, tokenizer_dir, unet
 
 def make(config: IPAdapterConfig, base_params, tokenizer_dir=None, unet_config=None) -> Method:
   """The IP-Adapter training method for a base model."""
-  from persona_jax.data.clip_images import load_image_processor
-  from persona_jax.image_encoder import load_image_encoder
   if unet_config is None:
     raise ConfigError("IP-Adapter needs the UNet's config")
   drops = (config.drop_image, config.drop_text, config.drop_both)
   if min(drops) < 0 or sum(drops) > 1:
     raise ConfigError(f"method.drop_image/drop_text/drop_both: each >= 0, together <= 1; got {drops}")
-  folder = image_encoder_dir(config.image_encoder, tokenizer_dir)
-  clip_config, clip_params = load_image_encoder(folder)
+  encoder = load_method_image_encoder(config.image_encoder, tokenizer_dir)
+  clip_config, clip_params = encoder.config, encoder.params
   cond = build_conditioning(config, base_params, tokenizer_dir, unet_config, clip_config)
   pretrained = None
   if config.pretrained:
-    file = Path(config.pretrained)
-    file = file / RESULT_FILE if file.is_dir() else file
+    file = load(config.pretrained).path
     loaded, pretrained = from_official(read_official(file, config.allow_pickle),
                                        base_params["unet"], cond.projection.cross_attention_dim,
                                        config.pretrained)
@@ -253,36 +249,23 @@ def make(config: IPAdapterConfig, base_params, tokenizer_dir=None, unet_config=N
     return tree.unflatten({**tree.flatten({IP_ADAPTER: {"image_proj": proj}}),
                            **init_ip_layers(base["unet"])})
 
-  processor = load_image_processor(folder, clip_config.image_size)
   return Method(name=IP_ADAPTER, params=ParamSpec(init=init), conditioning=cond,
                 unet=(DecoupledCrossAttention(),),
                 components=lambda: {"image_encoder": clip_params},
-                image_inputs=ConditionInputs(processor, *drops),
-                save=functools.partial(save, config, cond.projection))
+                image_inputs=ConditionInputs(encoder.processor, *drops),
+                save=functools.partial(save, encoder.folder, cond.projection))
 
 
-def save(config: IPAdapterConfig, projection: ProjectionConfig, trainable, context):
+def save(image_encoder: Path, projection: ProjectionConfig, trainable, context):
   """WORKDIR/ip_adapter.safetensors in the official layout (diffusers' load_ip_adapter reads it)."""
-  folder = image_encoder_dir(config.image_encoder, context.pipe.tokenizer_dir)
-  path = write_official(Path(context.workdir) / RESULT_FILE, trainable, projection, {
-      "format": FORMAT, "base_model": str(context.model_dir), "image_encoder": str(folder.absolute()),
-      "resolution": str(context.config.data.resolution),
-      "method": json.dumps(dict(context.config.method_options), default=str)})
+  path = write_official(Path(context.workdir) / RESULT_FILE, trainable, projection,
+                        result_file.run_metadata(context, FORMAT,
+                                                 image_encoder=str(image_encoder.absolute())))
   return [str(path)]
 
 
 # ---------------------------------------------------------------------------------------------
 # Sampling with a file (ours or an official one), export, verify.
-
-
-def file_image_encoder(path, image_encoder, tokenizer_dir) -> Path:
-  """--image-encoder, else the file's recorded encoder (our results), else MODEL/image_encoder."""
-  if image_encoder:
-    return Path(image_encoder)
-  recorded = result_file.metadata(path).get("image_encoder")
-  if recorded and Path(recorded).is_dir():
-    return Path(recorded)
-  return image_encoder_dir("", tokenizer_dir)
 
 
 def load(path) -> result_file.Result:
@@ -295,50 +278,45 @@ def load(path) -> result_file.Result:
   return result_file.Result(path, {}, result_file.metadata(path))
 
 
-def with_file(path, pipe, image_paths, *, params=None, image_encoder=None, scale: float = 1.0,
-              allow_pickle: bool = False, resolution: int | None = None):
-  """A Sampling of `pipe` with an IP-Adapter file conditioned on `image_paths` (one or more;
-  their tokens are concatenated); `params`: the tree to start from (default the pipeline's)."""
-  from PIL import Image
-
-  from persona_jax.data import images as img_ops
-  from persona_jax.data.clip_images import load_image_processor, preprocess_image
-  from persona_jax.image_encoder import load_image_encoder
-  from persona_jax.text_to_image import Sampling
-  folder = file_image_encoder(path, image_encoder, pipe.tokenizer_dir)
-  clip_config, clip_params = load_image_encoder(folder)
-  state = read_official(path, allow_pickle)
-  projection, trainable = from_official(state, pipe.params["unet"],
-                                        cross_attention_dim(pipe.unet_config), str(path))
-  feature_dim = clip_config.hidden_size if projection.kind == PLUS else clip_config.projection_dim
-  if projection.image_dim != feature_dim:
-    raise ModelFileError(f"{path}: the projection reads {projection.image_dim} image features; "
-                         f"the image encoder {folder} gives {feature_dim}")
-  cond = IPAdapterConditioning(
-      clip_config, projection,
-      build_conditioning(IPAdapterConfig(kind=projection.kind), pipe.params, pipe.tokenizer_dir,
-                         pipe.unet_config, clip_config).empty_ids, float(scale))
-  base = pipe.params if params is None else params
-  params = tree.merge({**base, "image_encoder": clip_params}, trainable)
-  processor = load_image_processor(folder, clip_config.image_size)
-  pixels = []
-  for p in image_paths:
-    image = (img_ops.load_square(Path(p), resolution) if resolution else
-             np.asarray(Image.open(p).convert("RGB")))
-    pixels.append(preprocess_image(image, processor))
-  inputs = {CLIP_PIXELS: np.stack(pixels)[None], IP_SCALE: np.asarray([scale], np.float32)}
-  return Sampling(params, None, cond, inputs=inputs, addons=(DecoupledCrossAttention(),))
+def result_image_encoder(result, image_encoder, tokenizer_dir) -> Path:
+  """--image-encoder, else the result's recorded encoder (ours), else MODEL/image_encoder."""
+  if image_encoder:
+    return Path(image_encoder)
+  recorded = result.meta.get("image_encoder")
+  if recorded and Path(recorded).is_dir():
+    return Path(recorded)
+  return image_encoder_dir("", tokenizer_dir)
 
 
 def sample(request):
   """The images' tokens (concatenated) through the decoupled cross-attention at the traced
   `ip_scale` (default 1); the negative half: a zero image embedding's tokens at that scale."""
+  from PIL import Image
+
+  from persona_jax.data.clip_images import load_image_processor, preprocess_image
+  from persona_jax.image_encoder import load_image_encoder
+  from persona_jax.text_to_image import Sampling
   if not request.images:
     raise ConfigError("IP-Adapter samples with one or more image prompts (--image PATH)")
-  encoder = request.inputs.get("image_encoder")
-  return with_file(request.result.path, request.pipe, request.images, params=request.params,
-                   image_encoder=encoder, scale=float(request.inputs.get(IP_SCALE, 1.0)),
-                   allow_pickle=request.allow_pickle)
+  pipe, path = request.pipe, request.result.path
+  scale = float(request.inputs.get(IP_SCALE, 1.0))
+  folder = result_image_encoder(request.result, request.inputs.get("image_encoder"),
+                                pipe.tokenizer_dir)
+  clip_config, clip_params = load_image_encoder(folder)
+  projection, trainable = from_official(read_official(path, request.allow_pickle),
+                                        pipe.params["unet"], cross_attention_dim(pipe.unet_config),
+                                        str(path))
+  feature_dim = clip_config.hidden_size if projection.kind == PLUS else clip_config.projection_dim
+  if projection.image_dim != feature_dim:
+    raise ModelFileError(f"{path}: the projection reads {projection.image_dim} image features; "
+                         f"the image encoder {folder} gives {feature_dim}")
+  cond = IPAdapterConditioning(clip_config, projection, (), scale)   # no caption drop: no ids
+  params = tree.merge({**request.params, "image_encoder": clip_params}, trainable)
+  processor = load_image_processor(folder, clip_config.image_size)
+  pixels = [preprocess_image(np.asarray(Image.open(p).convert("RGB")), processor)
+            for p in request.images]
+  inputs = {CLIP_PIXELS: np.stack(pixels)[None], IP_SCALE: np.asarray([scale], np.float32)}
+  return Sampling(params, None, cond, inputs=inputs, addons=(DecoupledCrossAttention(),))
 
 
 def export(request):
@@ -346,8 +324,8 @@ def export(request):
   import shutil
 
   from persona_jax.convert.files import copy_file
-  source = load(request.workdir).path
-  encoder = result_file.metadata(source).get("image_encoder")
+  result = request.result
+  source, encoder = result.path, result.meta.get("image_encoder")
   if not encoder or not Path(encoder).is_dir():
     raise ModelFileError(f"{source}: its image encoder folder ({encoder}) is gone; copy "
                          f"{source.name} and pass the encoder to load_ip_adapter yourself")
@@ -372,17 +350,13 @@ def compare_ip_adapter(pipe, model_path, file, image_encoder, *, scale: float = 
   """[Comparison] of `file` (official layout) on both sides; `pipe` is persona_jax's pipeline of
   the diffusers folder `model_path`, `image_encoder` a CLIPVisionModel(WithProjection) folder.
   With `sampling_steps`, also that many DDIM steps with guidance (`_compare_sampling`)."""
-  import dataclasses
-
   import torch
   from diffusers import StableDiffusionPipeline
   from transformers import CLIPVisionModel, CLIPVisionModelWithProjection
 
   from persona_jax.image_encoder import load_image_encoder
-  from persona_jax.models.addons import IP_SCALE, IP_TOKENS, DecoupledCrossAttention
-  from persona_jax.models.image_projection import PLUS, projection_model
   from persona_jax.models.unet import UNet2DConditionModel
-  from persona_jax.verify import Comparison, compare, nchw
+  from persona_jax.verify import Comparison, compare, nchw, nhwc
   file, image_encoder = Path(file), Path(image_encoder)
   state = read_official(file, allow_pickle)                  # refuses a pickle unless allowed
   projection, trainable = from_official(state, pipe.params["unet"],
@@ -429,7 +403,7 @@ def compare_ip_adapter(pipe, model_path, file, image_encoder, *, scale: float = 
   name = f"ip_adapter({projection.kind})."
   results = [compare(name + "image_features", got[0], feats.numpy()),
              compare(name + "image_proj tokens", got[1], tokens.numpy()),
-             compare(name + f"unet (scale {scale})", got[2], out_nhwc(want))]
+             compare(name + f"unet (scale {scale})", got[2], nhwc(want))]
   if sampling_steps:
     with torch.no_grad():
       zeros = (encoder(torch.zeros_like(torch.from_numpy(nchw(pixels))),
@@ -447,15 +421,12 @@ def _compare_sampling(pipe, ref, model_path, params, clip_params, clip_config, p
   """`steps` DDIM steps with guidance from identical latents: diffusers' pipeline given the
   image embeddings (`ip_adapter_image_embeds`: the zeros' then the image's) against our sampler
   with the IP-Adapter conditioning (it encodes the pixels itself)."""
-  import dataclasses
   import math
 
   import torch
   from diffusers import DDIMScheduler
 
-  from persona_jax.data.batch import CLIP_PIXELS, IDS, NEGATIVE_IDS
   from persona_jax.diffusion.sampling import generate, pipeline_scheduler
-  from persona_jax.models.addons import IP_SCALE, DecoupledCrossAttention
   from persona_jax.models.components import SDModels
   from persona_jax.models.unet import UNet2DConditionModel
   from persona_jax.tokenizer import tokenize
@@ -491,18 +462,13 @@ def _compare_sampling(pipe, ref, model_path, params, clip_params, clip_config, p
   return compare(f"{name}ddim {steps} steps, cfg {GUIDANCE}: latents", nchw(got), want)
 
 
-def out_nhwc(x):
-  return np.asarray(x).transpose(0, 2, 3, 1)
-
-
-def verify_file(pipe, model_path, file, *, image_encoder=None,
-                           allow_pickle: bool = False, seed: int = 0, sampling_steps: int = 3):
+def verify_file(pipe, model_path, file, *, image_encoder=None, allow_pickle: bool = False,
+                seed: int = 0, sampling_steps: int = 3):
   """The image encoder (`image_encoder`, else MODEL/image_encoder) with its preprocessing, then
   the file on both sides (and `sampling_steps` DDIM steps with guidance): [Comparison], the last
-  one how much the adapter moved diffusers' UNet."""
-  from persona_jax.errors import ModelFileError
+  one how much the adapter moved diffusers' UNet. `file`: an IP-Adapter file or a run folder."""
   from persona_jax.verify import compare_image_encoder, find_image_encoder
-  path = Path(model_path)
+  path, file = Path(model_path), load(file).path
   encoder = find_image_encoder(path, image_encoder)
   if encoder is None:
     raise ModelFileError(f"{path} has no image_encoder/; pass --image-encoder DIR (the CLIP image "

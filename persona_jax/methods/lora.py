@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -164,9 +163,8 @@ def save(chosen: tuple[Target, ...], trainable, context):
   flat = tree.flatten(trainable)
   factors = {t.key[len(LORA) + 1:]: (flat[f"{t.key}/a"], flat[f"{t.key}/b"], t.alpha)
              for t in chosen if f"{t.key}/a" in flat}
-  path = lf.write_ours(Path(context.workdir) / RESULT_FILE, factors, {
-      "base_model": str(context.model_dir),
-      "method": json.dumps(dict(context.config.method_options), default=str)})
+  path = lf.write_ours(Path(context.workdir) / RESULT_FILE, factors,
+                      result_file.run_metadata(context, lf.OURS))
   return [str(path)]
 
 
@@ -183,17 +181,19 @@ def load(path) -> result_file.Result:
 
 def sample(request):
   """The run's factors merged into the weights, as `sample --lora FILE` merges them."""
-  from persona_jax.methods.lora_compose import LoRASpec, with_loras
+  from persona_jax.methods.lora_compose import apply_loras
   from persona_jax.text_to_image import Sampling
-  return Sampling(with_loras(request.params, [LoRASpec(request.result.path)],
-                             request.pipe.unet_config))
+  unet_config = request.pipe.unet_config
+  factors = lf.load_lora_file(request.result.path, request.params, tensors=request.result.weights)
+  ones = np.ones((1, len(block_names.all_blocks(unet_config))), np.float32)
+  return Sampling(apply_loras(request.params, [factors], ones, unet_config))
 
 
 def export(request, fmt: str):
   from persona_jax.convert.files import write_safetensors
   from persona_jax.pipeline import load_pipeline
   pipe = load_pipeline(request.base)
-  result = load(request.workdir)
+  result = request.result
   factors = lf.load_lora_file(result.path, pipe.params, tensors=result.weights)
   if fmt == "diffusers":
     tensors, metadata = lf.peft_state_dict(factors, pipe.params)

@@ -10,12 +10,14 @@ A method module declares one `MethodSpec` (its `SPEC`) and this module lists the
   sample              `sample(SampleRequest) -> Sampling`: how a result samples, with which
                       inputs (`sampling`: how many `--image`, the traced knobs, a legacy flag)
   base_model          `(result) -> model path or None`: the base a result samples on by default
-  exports             {format: `export(ExportRequest) -> (paths, record)`}
+  exports             {format: `export(ExportRequest) -> (paths, record)`}; `export_options`:
+                      its own flags of `persona-jax export` (Knobs: --timestep, ...)
   eval                {eval name: EvalRecipe}: how `persona-jax eval` runs it on the toy world
   verify              a `--FLAG VALUE` of `persona-jax verify` comparing its files with diffusers
   data_sources        {name: builder} data sources it brings (train/data_sources.py)
   upgrade             rewrites a config.json of an earlier version to today's keys
-Modules in `COMMANDS` add subcommands (a `COMMAND`, e.g. importing an official release).
+Modules in `COMMANDS` add subcommands (a `COMMAND`: Custom Diffusion's merge, importing an
+official FastComposer release).
 Adding a method: one module with its SPEC, one entry in `SPECS` below, one config
 (docs/adding_a_method.md).
 """
@@ -33,7 +35,7 @@ from persona_jax.methods.spec import EvalRecipe, Knob, MethodSpec
 
 SPECS = ("custom_diffusion", "dreambooth", "e4t", "fastcomposer", "instantbooth", "ip_adapter",
          "lora", "textual_inversion")
-COMMANDS = ("fastcomposer_official",)
+COMMANDS = ("custom_diffusion_merge", "fastcomposer_official")
 METHODS: dict[str, MethodSpec] = {}
 for _module in SPECS:
   _spec = importlib.import_module(f"persona_jax.methods.{_module}").SPEC
@@ -69,12 +71,9 @@ def make_method(name: str, values: Mapping, base_params, tokenizer_dir=None, une
 
 def format_tag(path: Path) -> str | None:
   """The `format` metadata of a .safetensors file (None otherwise)."""
-  if path.suffix != ".safetensors" or not path.is_file():
-    return None
-  from safetensors import safe_open
+  from persona_jax.methods.result_file import metadata
   try:
-    with safe_open(str(path), "np") as f:
-      return (f.metadata() or {}).get("format")
+    return metadata(path).get("format")
   except Exception:  # a file safetensors cannot parse is reported by the method's loader
     return None
 
@@ -105,11 +104,11 @@ def find_run(path, method: str | None = None):
     return METHODS[method], METHODS[method].load(path)
   if ran is not None:
     return spec(ran), spec(ran).load(path)
-  candidates = ([path / s.result.file for s in METHODS.values()] if path.is_dir() else [path])
+  tag = None if path.is_dir() else format_tag(path)
   for s in METHODS.values():
-    for file in candidates:
-      if s.result.format is not None and format_tag(file) == s.result.format:
-        return s, s.load(path)
+    if s.result.format is not None and s.result.format == (
+        format_tag(path / s.result.file) if path.is_dir() else tag):
+      return s, s.load(path)
   raise ModelFileError(f"{path}: neither a `persona-jax train` run (config.json) nor a persona_jax "
                        "result (a tagged result file); pass its run folder, or the method's own "
                        "flag (e.g. --ip-adapter FILE)")

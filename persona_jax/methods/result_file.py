@@ -1,7 +1,8 @@
 """A method's result file: its trained leaves by param path (float32) in WORKDIR/<name>.safetensors,
 with string metadata (a format tag, the base model, the run's method options, ...) that sampling
 and export read back. Custom Diffusion, E4T, InstantBooth and FastComposer keep theirs here; the
-`Result` read back is what every method's `load` returns (methods/spec.py).
+`Result` read back is what most methods' `load` returns (methods/spec.py; Custom Diffusion's
+splits out its token rows and concepts).
 """
 
 from __future__ import annotations
@@ -41,6 +42,17 @@ def metadata(path) -> dict[str, str]:
   from safetensors import safe_open
   with safe_open(str(path), "np") as f:
     return dict(f.metadata() or {})
+
+
+def check_fits(result_path, base_model, flat: dict, leaves) -> None:
+  """Each leaf a result puts in place of a base leaf ({param path: array}) is in `flat` (the
+  flat tree it samples on) at its shape; else a one-line error naming the base it trained on."""
+  for path, value in leaves.items():
+    have = flat.get(path)
+    if have is None or tuple(have.shape) != tuple(value.shape):
+      raise ModelFileError(f"{result_path}: {path} {list(value.shape)} does not fit this model "
+                           f"({'missing' if have is None else list(have.shape)}); it was "
+                           f"trained on {base_model}")
 
 
 @dataclasses.dataclass

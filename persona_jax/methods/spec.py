@@ -76,10 +76,11 @@ class SampleRequest:
 class ExportRequest:
   """What a method's export gets: the finished run and the output folder."""
   workdir: Path
+  result: Any                      # the run's loaded result (the method's `load`)
   config: dict                     # WORKDIR/config.json (upgraded to today's keys)
   out: Path
   base: Path                       # the base model (resolved)
-  options: Mapping[str, Any] = dataclasses.field(default_factory=dict)   # --timestep, ...
+  options: Mapping[str, Any] = dataclasses.field(default_factory=dict)   # its export_options given
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,7 +131,7 @@ class Command:
   run: Callable
 
 
-def _no_base(result):
+def _recorded_base(result):
   return result.meta.get("base_model") or None
 
 
@@ -144,8 +145,9 @@ class MethodSpec:
   load: Callable
   sample: Callable
   sampling: SamplingSpec = SamplingSpec()
-  base_model: Callable = _no_base
+  base_model: Callable = _recorded_base
   exports: Mapping[str, Callable] = dataclasses.field(default_factory=dict)
+  export_options: tuple[Knob, ...] = ()          # flags of `persona-jax export` (--timestep, ...)
   eval: Mapping[str, EvalRecipe] = dataclasses.field(default_factory=dict)
   verify: VerifySpec | None = None
   data_sources: Mapping[str, Callable] = dataclasses.field(default_factory=dict)

@@ -53,14 +53,12 @@ def vector_expander(placeholder: str, tokens: tuple[str, ...]):
   return lambda prompt: prompt.replace(placeholder, " ".join(tokens))
 
 
-def save(config: TextualInversionConfig, tokens, trainable, context):
+def save(tokens, trainable, context):
   """WORKDIR/learned_embeds.safetensors: {placeholder: [num_vectors, D]} (diffusers' format)."""
   from persona_jax.convert.files import write_safetensors
   path = Path(context.workdir) / RESULT_FILE
   write_safetensors(path, {tokens[0]: np.asarray(trainable[TOKENS], np.float32)},
-                    {"format": "pt", "tokens": json.dumps(list(tokens)),
-                     "base_model": str(context.model_dir),
-                     "method": json.dumps(dataclasses.asdict(config), default=str)})
+                    result_file.run_metadata(context, "pt", tokens=json.dumps(list(tokens))))
   return [str(path)]
 
 
@@ -79,7 +77,7 @@ def make(config: TextualInversionConfig, base_params, tokenizer_dir=None, unet_c
   return Method(name="textual_inversion", params=ParamSpec(init=init),
                 conditioning=TextConditioning(token_rows=True),
                 tokens=TokenSpec(tokens, vector_expander(config.placeholder, tokens)),
-                save=functools.partial(save, config, tokens))
+                save=functools.partial(save, tokens))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -100,10 +98,13 @@ def load(path) -> result_file.Result:
 def sample(request):
   """The result's rows as the method trained them: new tokens, rows as input embeddings."""
   from persona_jax.text_to_image import Sampling
-  from persona_jax.tokenizer import tokenizer_with_tokens
+  from persona_jax.tokenizer import check_new_tokens, tokenizer_with_tokens
   (placeholder, rows), = request.result.weights.items()
   tokens = vector_tokens(placeholder, len(rows))
-  width = request.params["text_encoder"]["embeddings"]["token_embedding"]["embedding"].shape[1]
+  vocab_rows, width = request.params["text_encoder"]["embeddings"]["token_embedding"][
+      "embedding"].shape
+  check_new_tokens(request.pipe.tokenizer, tokens, (), vocab_rows,
+                   fields=(f"{request.result.path}: its placeholder", ""))
   if rows.shape[1] != width:
     raise ModelFileError(f"{request.result.path}: embedding width {rows.shape[1]}, this model's "
                          f"text encoder needs {width}")
@@ -114,7 +115,7 @@ def sample(request):
 
 def export(request, fmt: str):
   from persona_jax.convert import embedding_formats as ef
-  embeddings = load(request.workdir).weights
+  embeddings = request.result.weights
   written = []
   for token, rows in embeddings.items():
     if fmt == "a1111":
@@ -144,7 +145,6 @@ def verify_embedding(pipe, model_path, value, **options):
   return compare_adapter(pipe, model_path, load_both, seed=options.get("seed", 0))
 
 
-IDENTIFIER = "sks"
 SPEC = MethodSpec(
     name="textual_inversion", config=TextualInversionConfig, make=make,
     result=ResultSpec(RESULT_FILE), load=load, sample=sample,

@@ -157,10 +157,3 @@ def captures_maps(config) -> bool:
   """Whether the UNet's attn2 layers report attention maps (an `AttentionMaps` add-on with blocks)."""
   return any(isinstance(a, AttentionMaps) and a.blocks for a in config.addons)
 
-
-def merge(*groups: tuple[Addon, ...]) -> tuple[Addon, ...]:
-  """The add-ons of several groups, each once, in order (a composed method's)."""
-  out = []
-  for group in groups:
-    out += [a for a in group if a not in out]
-  return tuple(out)

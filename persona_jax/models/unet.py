@@ -39,7 +39,8 @@ class UNet2DConditionModel(nn.Module):
     streams = {} if streams is None else streams
     x, skips, temb, context = down_path(c, sample, timesteps, encoder_hidden_states, streams)
     for addon in c.addons:                     # the skips the up path reads, the mid output
-      skips = [addon.block_output(where, h, streams) for where, h in zip(skip_places(c), skips)]
+      skips = [addon.block_output(where, h, streams)
+               for where, h in zip(skip_places(c), skips, strict=True)]
       if c.mid_block_type is not None:
         x = addon.block_output(Where("mid"), x, streams)
 
@@ -139,20 +140,24 @@ class UNetEncoderFeatures(nn.Module):
     return jnp.concatenate([h.astype(jnp.float32).mean(axis=(1, 2)) for h in outputs], axis=-1)
 
 
-def init_added_params(unet: UNet2DConditionModel, rng, streams: dict) -> dict:
+def init_added_params(unet: UNet2DConditionModel, rng, streams: dict, base_params=None) -> dict:
   """Fresh params of the layers the UNet's add-ons add, {unet param path tree} (no base leaves).
 
   `streams` are example streams of the shapes the layers will see (their widths matter, the
-  batch and token counts do not), e.g. {"adapter_tokens": jnp.zeros((1, 1, 768))}. The whole
-  UNet is initialized under jit, which drops every base leaf: cheap even for SD.
+  batch and token counts do not), e.g. {"adapter_tokens": jnp.zeros((1, 1, 768))}.
+  `base_params`: the UNet's params without add-ons (their paths are left out), when the caller
+  has them; otherwise they are traced once. The whole UNet is initialized under jit, which drops
+  every base leaf: cheap even for SD.
   """
   import dataclasses
   c = unet.config
   f = c.downsample_factor
-  base = UNet2DConditionModel(dataclasses.replace(c, addons=()))
   example = (jnp.zeros((1, f, f, c.in_channels), c.dtype), jnp.zeros((1,)),
              jnp.zeros((1, 1, c.cross_attention_dims[0]), c.dtype))
-  base_paths = set(tree.flatten(jax.eval_shape(base.init, jax.random.key(0), *example)["params"]))
+  if base_params is None:
+    base = UNet2DConditionModel(dataclasses.replace(c, addons=()))
+    base_params = jax.eval_shape(base.init, jax.random.key(0), *example)["params"]
+  base_paths = set(tree.flatten(base_params))
   streams = {k: v if v is None or jnp.ndim(v) == 0 else v[:1] for k, v in streams.items()}
 
   def added(rng, streams):

@@ -150,7 +150,10 @@ class BasicTransformerBlock(nn.Module):
     options, branches = {}, ()
     for addon in c.addons:
       x = addon.before_cross_attention(place, x, streams)
-      options.update(addon.cross_attention_options(place))
+      own = addon.cross_attention_options(place)
+      if set(own) & set(options):
+        raise ValueError(f"two add-ons set attn2's {sorted(set(own) & set(options))[0]}")
+      options.update(own)
       branches += tuple(addon.cross_attention_branches(place, streams))
     x = x + attn(name="attn2", **options)(ln(name="norm2")(x), context, branches)
     x = x + FeedForward(self.dim, dtype=c.dtype, param_dtype=c.param_dtype,

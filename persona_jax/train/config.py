@@ -112,8 +112,9 @@ def _overridable(x):
 
 def upgrade(values: Mapping) -> dict:
   """A run config (config.json) of an earlier version with today's keys: `optim.groups`
-  (multipliers of optim.lr) became `optim.lr_groups` (learning rates), and each method moves its
-  own recipe knobs (`MethodSpec.upgrade`: the prior weight, its learning rates, ...)."""
+  (multipliers of optim.lr) became `optim.lr_groups` (learning rates), `method.prior_loss_weight`
+  the top-level `prior_loss_weight`, and each method moves its own recipe knobs
+  (`MethodSpec.upgrade`: its learning rates, ...)."""
   import copy
 
   from persona_jax.methods.registry import METHODS
@@ -123,6 +124,8 @@ def upgrade(values: Mapping) -> dict:
     lr = optim.get("lr", OptimConfig.lr)
     optim["lr_groups"] = [[p, m * lr] for p, m in optim.pop("groups")] + list(optim.get("lr_groups", []))
   method = values.get("method", {})
+  if "prior_loss_weight" in method:
+    values.setdefault("prior_loss_weight", method.pop("prior_loss_weight"))
   upgrade_method = getattr(METHODS.get(method.get("name")), "upgrade", None)
   if upgrade_method is not None:
     upgrade_method(method, values)
@@ -160,8 +163,7 @@ def config_path(arg: str) -> str:
   if not path.endswith(".py") and "/" not in path:
     shipped = importlib.resources.files("persona_jax.configs") / f"{path}.py"
     if not shipped.is_file():
-      names = sorted(p.name[:-3] for p in importlib.resources.files("persona_jax.configs").iterdir()
-                     if p.name.endswith(".py") and not p.name.startswith("_"))
+      names = [name for name, _, _ in shipped_configs()]
       raise ConfigError(f"--config {arg}: no shipped config '{path}' (shipped: {', '.join(names)})")
     path = str(shipped)
   return f"{path}:{variant}" if variant else path

@@ -41,8 +41,7 @@ def image_source(request: DataRequest) -> DataBuild:
   classes = class_images(config, pipe, request.workdir, request.progress)
   dataset_kwargs = {"classes": classes, "latent_factor": pipe.vae_scale_factor,
                     "image_inputs": method.image_inputs}
-  components = method.components() if method.components is not None else {}
-  needed = {"unet"} | set(components)
+  needed = {"unet"}                    # (the loop adds the method's components)
   if config.data.center_crop and not config.data.zoom_augment:
     encode = functools.partial(data.encode_moments, pipe.vae, pipe.params["vae"],
                                mirror=config.data.random_flip > 0)
@@ -137,4 +136,8 @@ def resolve(name: str):
 
 def build(request: DataRequest) -> DataBuild:
   """The run's dataset from its `data.source`."""
-  return resolve(request.config.data.source)(request)
+  built = resolve(request.config.data.source)(request)
+  if request.config.data.num_class_images > 0 and built.classes is None:
+    raise ConfigError(f"data.num_class_images: the data source '{request.config.data.source}' "
+                      "takes no class images; set it to 0")
+  return built

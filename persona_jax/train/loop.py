@@ -119,11 +119,8 @@ def build(config: RunConfig, *, mesh=None, workdir=None, progress: bool = False)
   mesh = mesh or mesh_lib.make_mesh(config.fsdp)
   mesh_lib.check_batch_size(config.batch_size, mesh,
                             config.batch_size if classes is not None else 0)
-  # With optim.scale_lr_class_rows the class rows count in the scaled batch (Custom Diffusion).
-  lr_batch = config.batch_size * (2 if classes is not None and config.optim.scale_lr_class_rows
-                                  else 1)
   tx, schedule = make_optimizer(config.optim, trainable, total_steps=config.steps,
-                                batch_size=lr_batch)
+                                batch_size=config.batch_size, class_rows=classes is not None)
   objective = Objective(pipe.scheduler_config, pipe.vae_config.scaling_factor,
                         config.min_snr_gamma, config.offset_noise, config.prior_loss_weight)
   return Run(config, pipe, method, models, objective, tokenizer, frozen, trainable, tx, schedule,

@@ -34,12 +34,15 @@ class OptimConfig:
   ema_decay: float = 0.0         # 0: no EMA of the trainable params
 
 
-def learning_rate(config: OptimConfig, total_steps: int, batch_size: int):
+def learning_rate(config: OptimConfig, total_steps: int, batch_size: int,
+                  class_rows: bool = False):
   """The schedule (optimizer step -> lr) and the peak lr after `scale_lr` (`batch_size` is the
-  global batch of one micro-step, over all devices)."""
+  global batch of one micro-step, over all devices; with `class_rows`, the batch also holds as
+  many class examples, which count when `scale_lr_class_rows`)."""
   if config.schedule not in SCHEDULES:
     raise ConfigError(f"optim.schedule: '{config.schedule}' is not one of {', '.join(SCHEDULES)}")
-  peak = config.lr * (batch_size * config.grad_accum if config.scale_lr else 1)
+  rows = batch_size * (2 if class_rows and config.scale_lr_class_rows else 1)
+  peak = config.lr * (rows * config.grad_accum if config.scale_lr else 1)
   warmup = max(0, config.warmup_steps)
   decay_steps = max(1, total_steps - warmup)
   if config.schedule == "constant":
@@ -53,12 +56,13 @@ def learning_rate(config: OptimConfig, total_steps: int, batch_size: int):
   return after, peak
 
 
-def make_optimizer(config: OptimConfig, trainable, *, total_steps: int, batch_size: int):
+def make_optimizer(config: OptimConfig, trainable, *, total_steps: int, batch_size: int,
+                   class_rows: bool = False):
   """(tx, schedule): AdamW over `trainable` with per-group learning rates, clipping, accumulation.
 
   A group's lr follows `lr`'s schedule scaled to its own peak (warmup, decay and `scale_lr` apply
   to every group alike)."""
-  schedule, _ = learning_rate(config, total_steps, batch_size)
+  schedule, _ = learning_rate(config, total_steps, batch_size, class_rows)
 
   def adamw(multiplier):
     return optax.adamw(lambda step: schedule(step) * multiplier, b1=config.b1, b2=config.b2,

@@ -101,7 +101,8 @@ class EvalConfig:
       raise ConfigError(f"--method {self.method} personalizes with a run trained once on the "
                         "world: give --state WORKDIR (BENCHMARKS.md has the training commands)")
     if self.state and kind not in ("tuning_free", "one_image"):
-      raise ConfigError(f"--state is for e4t and the tuning-free methods, not {self.method}")
+      takers = sorted(n for n, (_, r) in recipes().items() if r.kind in ("tuning_free", "one_image"))
+      raise ConfigError(f"--state is for {', '.join(takers)}, not {self.method}")
 
   @property
   def recipe(self):
@@ -240,11 +241,9 @@ def recipe_config(cfg: EvalConfig, subject: scenes.Subject, instance_dir: Path, 
   return c
 
 
-def run_sampling(spec, state, pipe, images, inputs):
-  """The Sampling of a run (its method's `sample`, as `sample --run` does)."""
-  from persona_jax.methods.registry import find_run
+def run_sampling(spec, result, pipe, images, inputs):
+  """The Sampling of a loaded run (its method's `sample`, as `sample --run` does)."""
   from persona_jax.methods.spec import SampleRequest
-  spec, result = find_run(state, spec.name)
   return spec.sample(SampleRequest(result, pipe, pipe.params, tuple(images), dict(inputs)))
 
 
@@ -257,21 +256,25 @@ def _train(cfg: EvalConfig, subject: scenes.Subject, instance_dir: Path, workdir
   start = time.perf_counter()
   summary = train(run_config(c), workdir, progress=False)
   seconds = time.perf_counter() - start
+  from persona_jax.methods.registry import find_run
   pipe = summary["run"].pipe
-  base = cfg.spec.base_model(cfg.spec.load(workdir))
+  spec, result = find_run(workdir, cfg.spec.name)
+  base = spec.base_model(result)
   if base and Path(base) != Path(pipe.path or ""):       # a result that is its own model
     from persona_jax.pipeline import load_pipeline
     pipe = load_pipeline(base)
   images = [instance_dir / "000.png"] if cfg.recipe.kind == "one_image" else []
-  return pipe, run_sampling(cfg.spec, workdir, pipe, images, cfg.inputs), seconds
+  return pipe, run_sampling(spec, result, pipe, images, cfg.inputs), seconds
 
 
 def tuning_free_sampling(cfg: EvalConfig, pipe, references: list[Path], segmented: list[Path]):
   """Samplings of a tuning-free method: (with the subject's images, for the subject and context
   prompts; without them, for the class prompts: None for the base itself)."""
+  from persona_jax.methods.registry import find_run
+  spec, result = find_run(cfg.state, cfg.spec.name)
   images = segmented[:1] if cfg.recipe.subject_images == "segmented" else references
-  personal = run_sampling(cfg.spec, cfg.state, pipe, images, cfg.inputs)
-  plain = (run_sampling(cfg.spec, cfg.state, pipe, [], cfg.inputs)
+  personal = run_sampling(spec, result, pipe, images, cfg.inputs)
+  plain = (run_sampling(spec, result, pipe, [], cfg.inputs)
            if cfg.recipe.class_prompts == "run" else None)
   return personal, plain
 
@@ -338,7 +341,7 @@ def evaluate(cfg: EvalConfig, out: Path, progress: bool = True) -> dict:
              "sample_seconds": float(np.mean([r["sample_seconds"] for r in rows])),
              "subjects": rows}
   tmp = out / ".eval.json.tmp"
-  tmp.write_text(json.dumps(summary, indent=2))
+  tmp.write_text(json.dumps(summary, indent=2, default=str))     # knob values may be paths
   tmp.replace(out / "eval.json")
   return summary
 

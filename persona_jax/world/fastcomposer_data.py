@@ -47,9 +47,8 @@ def toy_examples(n: int, resolution: int, seed: int = 0, pairs: bool = False) ->
 def toy_source(request):
   """A data source (train/data_sources.py): `data.num_images` (default 16) toy examples of the
   run's seed at `data.resolution`, for method fastcomposer."""
-  from persona_jax.methods.fastcomposer import FastComposerConfig, examples_source
+  from persona_jax.methods.fastcomposer import examples_source, run_options
   d, config = request.config.data, request.config
-  options = FastComposerConfig(**config.method_options) if config.method_name == "fastcomposer" else None
-  pairs = options is not None and options.max_subjects >= 2
+  pairs = run_options(request).max_subjects >= 2
   return examples_source(request, toy_examples(d.num_images or 16, d.resolution, config.seed,
                                                pairs=pairs))

@@ -1,6 +1,5 @@
 """Schedules, DDIM steps and training targets equal diffusers' DDIMScheduler, option by option."""
 
-import dataclasses
 import itertools
 
 import jax.numpy as jnp

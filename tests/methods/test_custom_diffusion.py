@@ -152,7 +152,8 @@ def test_masked_loss_is_the_mean_over_the_mask():
   mask[0, 1:3, 1:3] = 1
   mask[1] = 1
   pred = jax.random.normal(jax.random.PRNGKey(1), latents.shape)
-  loss, _ = objective.per_example_loss(latents, lambda noisy, t: pred, jax.random.PRNGKey(2), mask)
+  loss, _, _ = objective.per_example_loss(latents, lambda noisy, t: (pred, None),
+                                          jax.random.PRNGKey(2), mask)
   _, t = objective.draw(jax.random.PRNGKey(2), latents.shape)
   noise, _ = objective.draw(jax.random.PRNGKey(2), latents.shape)
   err = (np.asarray(pred) - np.asarray(noise)) ** 2                         # epsilon target
@@ -252,3 +253,21 @@ def test_bad_options_are_named(model_dirs, tmp_path, method, match):
   method = {"name": "custom_diffusion", "modifier_tokens": ("<new1>", "<new2>"), **method}
   with pytest.raises(ConfigError, match=match):
     loop.build(cd_config(model_dirs["sd1"], tmp_path, method=method), mesh=one_device_mesh())
+
+
+def test_a_result_for_another_base_is_a_one_line_error(pipes):
+  """Leaves a result puts in place of the base's must exist at their shape (result_file.check_fits,
+  shared by Custom Diffusion, E4T and FastComposer)."""
+  from pathlib import Path
+
+  from persona_jax.errors import ModelFileError
+  path = "unet/mid_block/attentions_0/transformer_blocks_0/attn2/to_k/kernel"
+  empty = np.zeros((0, 32), np.float32)
+  wrong = cd.Result(Path("r.safetensors"), {path: np.zeros((3, 3), np.float32)}, empty, [], "b0")
+  with pytest.raises(ModelFileError, match=rf"r.safetensors: {path} \[3, 3\] does not fit this "
+                                           r"model \(\[\d+, \d+\]\); it was trained on b0"):
+    cd.with_result(wrong, pipes["sd1"])
+  missing = cd.Result(Path("r.safetensors"), {"unet/nowhere/kernel": np.zeros((3, 3))}, empty,
+                      [], "b0")
+  with pytest.raises(ModelFileError, match=r"\(missing\); it was trained on b0"):
+    cd.with_result(missing, pipes["sd1"])

@@ -129,3 +129,18 @@ def test_bad_placeholder_or_initializer(run, options, match):
   config = ti.TextualInversionConfig(**{**dict(placeholder="<x>", initializer="ball"), **options})
   with pytest.raises(ConfigError, match=match):
     ti.make(config, run.pipe.params, run.pipe.tokenizer_dir)
+
+
+def test_sampling_a_result_whose_placeholder_the_base_already_has_is_an_error(pipes):
+  """`sample --run` on another `--model`: the placeholder must be new to that model's tokenizer
+  (as `--embedding` checks), else the prompt would silently use the word's own row."""
+  from pathlib import Path
+
+  from persona_jax.methods.result_file import Result
+  from persona_jax.methods.spec import SampleRequest
+  pipe = pipes["sd1"]
+  result = Result(Path("learned_embeds.safetensors"), {"ball": np.zeros((2, 32), np.float32)}, {})
+  with pytest.raises(ConfigError, match="its placeholder: 'ball' is already a token"):
+    ti.sample(SampleRequest(result, pipe, pipe.params))
+  ok = Result(Path("learned_embeds.safetensors"), {"<new>": np.zeros((2, 32), np.float32)}, {})
+  assert ti.sample(SampleRequest(ok, pipe, pipe.params)).expand_prompt("a <new>") == "a <new> <new>_1"

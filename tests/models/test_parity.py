@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from persona_jax.verify import compare, nchw, nhwc
+from persona_jax.verify import compare, nchw
 from tests.torch_reference import require_torch
 
 TOL = 1e-5

@@ -241,49 +241,68 @@ def test_attention_maps_reject_blocks_without_cross_attention(setup):
 
 @dataclasses.dataclass(frozen=True)
 class ToyShift(Addon):
-  """A toy add-on: adds `toy` [P] (one number per block output, in `places` order) times a
-  pattern over the channels (a constant would vanish in the next group norm) to the output of
-  every down skip, the mid block and every up block; records where it is called."""
+  """A toy add-on: adds `toy` [P + 1] (one number per block output, in `places` order, then one
+  for the time embedding) times a pattern over the channels (a constant would vanish in the next
+  group norm) to the output of every down skip, the mid block, every up block and to the time
+  embedding; records where it is called and the shape it sees there."""
   places: tuple = ()
   reads = ("toy",)
 
+  @staticmethod
+  def shift(x, value):
+    pattern = jnp.sin(jnp.arange(x.shape[-1], dtype=x.dtype))        # [C]
+    return x + value.astype(x.dtype) * pattern.reshape((1,) * (x.ndim - 1) + (-1,))
+
+  def time_embedding(self, temb, streams):
+    CALLED.append(("time", temb.shape[1:]))
+    return temb if "toy" not in streams else self.shift(temb, streams["toy"][len(self.places)])
+
   def block_output(self, where, x, streams):
-    CALLED.append(where)
+    CALLED.append((where, x.shape[1:]))
     if "toy" not in streams:
       return x
-    pattern = jnp.sin(jnp.arange(x.shape[-1], dtype=x.dtype)).reshape(1, 1, 1, -1)   # [1, 1, 1, C]
-    return x + streams["toy"][self.places.index(where)].astype(x.dtype) * pattern
+    return self.shift(x, streams["toy"][self.places.index(where)])
 
 
 CALLED = []
 
 
 def test_a_toy_stream_reaches_every_down_mid_and_up_block(setup):
-  """A new stream needs no branch in the blocks: an add-on's `block_output` sees every skip the
-  down path leaves, the mid block's output and every up block's output, and a value at one place
-  changes the UNet's output (without the stream: the base, bit for bit)."""
+  """A new stream needs no branch in the blocks: an add-on's `time_embedding` sees the time
+  embedding, its `block_output` every skip the down path leaves (ControlNet's down residuals
+  enter there: they change what the up path reads), the mid block's output and every up block's
+  output, each at its own shape; a value at one place changes the UNet's output (without the
+  stream: the base, bit for bit)."""
   s = setup
   config = s["pipe"].unet_config
-  n = len(config.block_out_channels)
-  places = tuple(skip_places(config)) + (Where("mid"),) + tuple(Where("up", i) for i in range(n))
-  # conv_in, every down-block layer, every downsampler: the skips the up path concatenates.
-  assert len(skip_places(config)) == 1 + sum(config.layers_per_block_list) + (n - 1)
+  c0, c1 = config.block_out_channels                        # the sd1 preset: two levels,
+  assert config.layers_per_block_list == (2, 2)              # two layers each
+  full, half = HW, (HW[0] // 2, HW[1] // 2)
+  # conv_in, the two layers and the downsampler of level 0, the two layers of level 1 (no
+  # downsampler on the last level), the mid block, the two up blocks (the first upsamples).
+  shapes = {Where("down", -1, 0): (*full, c0), Where("down", 0, 0): (*full, c0),
+            Where("down", 0, 1): (*full, c0), Where("down", 0, 2): (*half, c0),
+            Where("down", 1, 0): (*half, c1), Where("down", 1, 1): (*half, c1),
+            Where("mid"): (*half, c1), Where("up", 0): (*full, c1), Where("up", 1): (*full, c0)}
+  places = tuple(shapes)
+  assert tuple(skip_places(config)) == places[:6]
   unet = UNet2DConditionModel(dataclasses.replace(config, addons=(ToyShift(places),)))
   apply = jax.jit(lambda toy: unet.apply({"params": s["pipe"].params["unet"]}, s["x"], s["t"],
                                          s["ctx"], {"toy": toy}))
   CALLED.clear()
-  zero = apply(jnp.zeros(len(places)))
-  assert sorted(set(CALLED)) == sorted(places)                  # every place, at trace time
+  zero = apply(jnp.zeros(len(places) + 1))
+  assert sorted(CALLED, key=str) == sorted([("time", (config.time_embed_dim,))]
+                                           + list(shapes.items()), key=str)
   # Zeros add nothing (up to the other program's rounding); no stream: the base bit for bit.
   assert compare("zeros", zero, s["base"]).max_rel < 1e-5
   no_stream = jax.jit(lambda p: unet.apply({"params": p}, s["x"], s["t"], s["ctx"]))
   assert jnp.array_equal(no_stream(s["pipe"].params["unet"]), s["base"])
   outputs = []
-  for k in range(len(places)):
-    out = apply(jnp.zeros(len(places)).at[k].set(0.5))
-    assert compare(str(places[k]), out, s["base"]).max_rel > 1e-4, places[k]
+  for k, place in enumerate(places + ("time",)):
+    out = apply(jnp.zeros(len(places) + 1).at[k].set(0.5))
+    assert compare(str(place), out, s["base"]).max_rel > 1e-4, place
     outputs.append(out)
   # Each place has its own effect (no two places are the same point of the network).
-  for i in range(len(places)):
+  for i in range(len(outputs)):
     for j in range(i):
-      assert not jnp.allclose(outputs[i], outputs[j]), (places[i], places[j])
+      assert not jnp.allclose(outputs[i], outputs[j]), (i, j)

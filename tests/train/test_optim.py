@@ -35,6 +35,11 @@ def test_schedule_warmup_and_scale_lr():
   assert float(sched(110)) < 1e-9
   _, scaled = learning_rate(OptimConfig(lr=1e-3, scale_lr=True, grad_accum=2), 10, 8)
   assert scaled == 1e-3 * 8 * 2
+  # Class rows count in the scaled batch only with scale_lr_class_rows (Custom Diffusion's recipe).
+  rows = OptimConfig(lr=1e-3, scale_lr=True, scale_lr_class_rows=True)
+  assert learning_rate(rows, 10, 8, class_rows=True)[1] == 1e-3 * 16
+  assert learning_rate(rows, 10, 8)[1] == learning_rate(OptimConfig(lr=1e-3, scale_lr=True), 10, 8,
+                                                        class_rows=True)[1] == 1e-3 * 8
 
 
 def test_groups_get_their_own_learning_rate():
@@ -88,21 +93,21 @@ def test_objective_per_example_losses_masks_and_offset_noise():
   sched = SchedulerConfig(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                           rescale_betas_zero_snr=True, prediction_type="v_prediction")
   latents = jnp.ones((2, 4, 4, 3))
-  predict = lambda noisy, t: noisy * 0.5
+  predict = lambda noisy, t: (noisy * 0.5, None)
   rng = jax.random.PRNGKey(0)
-  plain, _ = Objective(sched, 0.18).loss(latents, predict, rng)
-  per_example, _ = Objective(sched, 0.18).per_example_loss(latents, predict, rng)
+  loss = lambda objective, mask=None: objective.per_example_loss(latents, predict, rng, mask)[0]
+  per_example = loss(Objective(sched, 0.18))
   assert per_example.shape == (2,)
-  np.testing.assert_allclose(plain, per_example.mean(), rtol=1e-6)
+  plain = per_example.mean()
   half_mask = jnp.zeros((2, 4, 4, 1)).at[:, :2].set(1)
-  masked, _ = Objective(sched, 0.18).loss(latents, predict, rng, mask=half_mask)
-  snr_loss, _ = Objective(sched, 0.18, min_snr_gamma=5.0).loss(latents, predict, rng)
-  offset, _ = Objective(sched, 0.18, offset_noise=0.1).loss(latents, predict, rng)
+  masked = loss(Objective(sched, 0.18), half_mask).mean()
+  snr_loss = loss(Objective(sched, 0.18, min_snr_gamma=5.0)).mean()
+  offset = loss(Objective(sched, 0.18, offset_noise=0.1)).mean()
   for x in (masked, snr_loss, offset):
     assert np.isfinite(float(x))
   assert float(offset) != float(plain) and float(masked) != float(plain)
   # Non-binary masks weight positions (data.mask_loss_weight): the weighted mean of the halves.
-  other, _ = Objective(sched, 0.18).per_example_loss(latents, predict, rng, 1 - half_mask)
-  top, _ = Objective(sched, 0.18).per_example_loss(latents, predict, rng, half_mask)
-  weighted, _ = Objective(sched, 0.18).per_example_loss(latents, predict, rng, 1 + 4 * half_mask)
+  other = loss(Objective(sched, 0.18), 1 - half_mask)
+  top = loss(Objective(sched, 0.18), half_mask)
+  weighted = loss(Objective(sched, 0.18), 1 + 4 * half_mask)
   np.testing.assert_allclose(weighted, (5 * top + other) / 6, rtol=1e-6)
