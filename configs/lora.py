@@ -2,35 +2,43 @@
 encoder's) weights, trained on a few images of a subject.
 
   persona-jax train --config lora:tiny --workdir runs/lora
-    ~1 minute on 2 CPU cores: rank 4 on every attention/linear target of the embedded default,
-    30 steps on the bundled example subject (the default model is random until the toy-world
-    model lands).
+    ~1 minute on 2 CPU cores: rank 4 on the attention q/k/v/out of the embedded default's UNet,
+    30 steps on the bundled example subject.
   persona-jax train --config configs/lora.py --workdir runs/lora \\
       --config.model=/path/to/stable-diffusion-v1-5 --config.data.instance_dir=/path/to/images
-    diffusers' train_dreambooth_lora.py recipe: rank 4, alpha 4, lr 1e-4, 500 steps, batch 1,
-    "a photo of sks toy". Per-block ranks: --config.method.block_ranks='{"IN01": 8, "OUT11": 0}'
-    (block names IN00..OUT11, MID, BASE; rank 0 skips a block); LoCon: --config.method.conv_rank=4.
+    diffusers' train_dreambooth_lora.py recipe: rank 4, alpha 4 on the UNet's attention
+    to_q/to_k/to_v/to_out.0 (its target_modules), lr 1e-4, 500 steps, batch 1, "a photo of sks
+    toy".
+  persona-jax train --config lora:kohya ...
+    The same recipe on kohya's wider set (networks/lora.py): every Linear and 1x1 conv of the
+    transformers (attention, feed-forward, proj_in/out: `method.targets=("kohya",)`) plus LoCon
+    on the resnet and sampler convs at rank 4 (`method.conv_rank`). In any config, per-block
+    ranks: --config.method.block_ranks='{"IN01": 8, "OUT11": 0}' (block names IN00..OUT11,
+    MID, BASE; rank 0 skips a block).
   persona-jax train --config lora:blocks=MIDD --workdir runs/lora ...
     The same recipe with factors only in the blocks of one of sd-webui-lora-block-weight's
     17-block presets (ALL, INS, IND, INALL, MIDD, OUTD, OUTS, OUTALL; methods.md 4.2), i.e.
     block-wise LoRA; in any config: --config.method.blocks=MIDD, or 17 / 26 numbers
     ("1,0,0,...": 0 skips a block). SD 1.x/2.x block layout.
 
-Writes WORKDIR/lora.safetensors (the factors by param path; diffusers/kohya exports come with
-the export work).
+Writes WORKDIR/lora.safetensors (the factors by param path); `persona-jax export --format
+diffusers|kohya` writes the files diffusers' `load_lora_weights` and A1111/ComfyUI read.
 """
 
 from persona_jax.train.config import base_config
 
-VARIANTS = ("tiny", "blocks=PRESET")
+VARIANTS = ("tiny", "kohya", "blocks=PRESET")
 
 
 def get_config(arg=None):
   tiny = arg == "tiny"
   blocks = arg.split("=", 1)[1] if arg and arg.startswith("blocks=") else ""
-  if arg and not tiny and not blocks:
-    raise ValueError(f"lora config variant '{arg}': use 'tiny' or 'blocks=PRESET' (e.g. MIDD)")
+  if arg and not tiny and not blocks and arg != "kohya":
+    raise ValueError(f"lora config variant '{arg}': use 'tiny', 'kohya' or 'blocks=PRESET' (e.g. MIDD)")
   c = base_config("lora")
+  if arg == "kohya":
+    c.method.targets = ("kohya",)
+    c.method.conv_rank = 4
   c.model = "default" if tiny else "/path/to/stable-diffusion-v1-5"
   # One uniform rank in the tiny variant: block names depend on the UNet's shape.
   c.method.blocks = blocks

@@ -8,7 +8,11 @@ so at step 0 the model is the base bit for bit, and the unchanged networks run o
 
 Targets (`/`-joined param paths):
   targets     transformer linears (rank: `rank`), any of "attn" (attn1/attn2 to_q, to_k, to_v,
-              to_out_0), "ff" (ff net_0/proj, net_2), "proj" (proj_in / proj_out)
+              to_out_0), "ff" (ff net_0/proj, net_2), "proj" (proj_in / proj_out), or a named
+              set: "diffusers" = ("attn",), the default (train_dreambooth_lora.py's
+              target_modules to_k/to_q/to_v/to_out.0), "kohya" = ("attn", "ff", "proj") (kohya's
+              networks/lora.py: every Linear and 1x1 conv of a Transformer2DModel; with
+              `conv_rank` its LoCon convs too: the `lora:kohya` config)
   convs       resnet conv1 / conv2 / conv_shortcut, down/upsampler convs (rank: `conv_rank`; LoCon)
   text        text encoder self_attn q/k/v/out_proj, mlp fc1/fc2 (block BASE; `text_encoder=True`)
 Per-block rank and alpha (block names from models/block_names.py: IN00..OUT11, MID, BASE) override
@@ -45,6 +49,7 @@ from persona_jax.models.configs import UNetConfig
 LORA = "lora"
 LINEAR_TARGETS = {"attn": r"attn[12]/to_(q|k|v|out_0)", "ff": r"ff/net_0/proj|ff/net_2",
                   "proj": r"proj_in|proj_out"}
+TARGET_SETS = {"diffusers": ("attn",), "kohya": ("attn", "ff", "proj")}
 CONVS = re.compile(r"unet/.*/(resnets_\d+/(conv1|conv2|conv_shortcut)|(down|up)samplers_0/conv)/kernel")
 TEXT = re.compile(r"text_encoder/.*/(self_attn/(q|k|v|out)_proj|mlp/fc[12])/kernel")
 
@@ -63,7 +68,8 @@ class LoRAConfig:
   # Blocks that get factors: "" all; a lora-block-weight preset (ALL, INS, IND, INALL, MIDD,
   # OUTD, OUTS, OUTALL) or 17 / 26 numbers in the preset order, 0 skipping a block (SD 1.x names).
   blocks: str = ""
-  targets: tuple = ("attn", "ff", "proj")   # transformer linears: attention q/k/v/out, ff, proj
+  # Transformer linears: "attn" (q/k/v/out), "ff", "proj", or a TARGET_SETS name ("kohya").
+  targets: tuple = ("attn",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,13 +107,15 @@ def targets(config: LoRAConfig, base_params, unet_config: UNetConfig) -> tuple[T
   alphas = {b: float(a) for b, a in _per_block(config.block_alphas, unet_config, "method.block_alphas").items()}
   enabled = (None if not config.blocks else
              {b for b, v in block_names.block_values(config.blocks, unet_config, "method.blocks").items() if v})
-  unknown = sorted(set(config.targets) - set(LINEAR_TARGETS))
+  names = {n for t in config.targets for n in TARGET_SETS.get(t, (t,))}
+  unknown = sorted(names - set(LINEAR_TARGETS))
   if unknown:
-    raise ConfigError(f"method.targets: '{unknown[0]}' is not one of {', '.join(LINEAR_TARGETS)}")
-  linear = re.compile(r"unet/.*/(" + "|".join(LINEAR_TARGETS[t] for t in config.targets) + r")/kernel")
+    raise ConfigError(f"method.targets: '{unknown[0]}' is not one of "
+                      f"{', '.join([*LINEAR_TARGETS, *TARGET_SETS])}")
+  linear = re.compile(r"unet/.*/(" + "|".join(LINEAR_TARGETS[t] for t in sorted(names)) + r")/kernel")
   out = []
   for path, leaf in tree.flatten(base_params).items():
-    if (config.targets and linear.fullmatch(path)) or (config.text_encoder and TEXT.fullmatch(path)):
+    if (names and linear.fullmatch(path)) or (config.text_encoder and TEXT.fullmatch(path)):
       rank, alpha = config.rank, config.alpha
     elif config.conv_rank and CONVS.fullmatch(path):
       rank, alpha = config.conv_rank, config.conv_alpha

@@ -33,8 +33,8 @@ from persona_jax.models.configs import UNetConfig
 def block_weights(spec: str, unet_config: UNetConfig, field: str = "blocks") -> np.ndarray:
   """Per-block weights from a user string, over `all_blocks(unet_config)`. Three forms:
   `IN01=0,OUT03=0.5,MID=1` (names as `block_names.canonical`; blocks not named get 1), one
-  number per block of the 26 or 17 preset in its order (`1,0,0,...`; blocks outside the 17 get 1,
-  as in the extension), or a named preset of the extension (`MIDD`, `OUTALL`, ...).
+  number per block of the 26 or 17 preset in its order (`1,0,0,...`; blocks outside the 17 get 0,
+  as the extension's `to26()` fills them), or a named preset of the extension (`MIDD`, `OUTALL`, ...).
 
   Returns:
     [n_blocks] float32.
@@ -71,6 +71,7 @@ def block_weights(spec: str, unet_config: UNetConfig, field: str = "blocks") -> 
       raise ConfigError(f"{field}: {len(entries)} numbers; give {len(orders[0])} (BASE, IN.., MID, "
                         f"OUT..) or {len(orders[1])} (BASE and the attention blocks), or "
                         "NAME=VALUE pairs")
+    out = dict.fromkeys(blocks, 0.0)
     out.update((b, number(e, e)) for b, e in zip(order, entries))
   return np.asarray([out[b] for b in blocks], np.float32)
 

@@ -106,9 +106,10 @@ LBW_PRESETS = {
 }
 
 
-def block_values(spec: str, config: UNetConfig, field: str, default: float = 1.0) -> dict[str, float]:
+def block_values(spec: str, config: UNetConfig, field: str) -> dict[str, float]:
   """{block: value} for every block from a named preset (LBW_PRESETS) or 17 / 26 comma-separated
-  numbers in the preset's order; blocks outside a 17-value list get `default`."""
+  numbers in the preset's order; blocks outside a 17-value list get 0, as the extension's `to26()`
+  fills them (sd-webui-lora-block-weight scripts/lora_block_weight.py)."""
   text = spec.strip()
   if text.upper() in LBW_PRESETS:
     values = LBW_PRESETS[text.upper()]
@@ -118,8 +119,7 @@ def block_values(spec: str, config: UNetConfig, field: str, default: float = 1.0
     except ValueError:
       raise ConfigError(f"{field}: '{spec}' is neither a preset ({', '.join(LBW_PRESETS)}) nor "
                         "17 or 26 comma-separated numbers") from None
-  return {b: float(default if v is None else v)
-          for b, v in per_block(values, config, field).items()}
+  return {b: float(0.0 if v is None else v) for b, v in per_block(values, config, field).items()}
 
 
 def preset(name: str, config: UNetConfig) -> tuple[str, ...]:

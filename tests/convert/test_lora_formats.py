@@ -20,7 +20,7 @@ def random_factors(pipe, seed=0) -> lf.LoRAFactors:
   """Attention, ff and proj linears at mixed ranks, 3x3 convs (LoCon) and the text encoder, with
   alphas other than the rank, and every factor non-zero."""
   config = lora.LoRAConfig(rank=4, alpha=8.0, conv_rank=2, conv_alpha=1.0, text_encoder=True,
-                           block_ranks={"IN01": 2, "OUT05": 3})
+                           targets=("kohya",), block_ranks={"IN01": 2, "OUT05": 3})
   rng = np.random.default_rng(seed)
   out = {}
   for t in lora.targets(config, pipe.params, pipe.unet_config):

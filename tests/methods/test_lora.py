@@ -11,12 +11,12 @@ from persona_jax.train import loop
 from tests.runs import fixed_batch_trajectory, lora_config, one_device_mesh
 
 ATTENTION_TARGETS = {"attn1/to_q", "attn1/to_k", "attn1/to_v", "attn1/to_out_0", "attn2/to_q",
-                     "attn2/to_k", "attn2/to_v", "attn2/to_out_0", "ff/net_0/proj", "ff/net_2",
-                     "proj_in", "proj_out"}
+                     "attn2/to_k", "attn2/to_v", "attn2/to_out_0"}
+KOHYA_TARGETS = ATTENTION_TARGETS | {"ff/net_0/proj", "ff/net_2", "proj_in", "proj_out"}
 VARIANTS = {
     "attention": {},
     "locon+text+blocks": dict(method=dict(name="lora", rank=2, conv_rank=2, text_encoder=True,
-                                          block_ranks={"IN01": 0, "OUT03": 3},
+                                          targets=("kohya",), block_ranks={"IN01": 0, "OUT03": 3},
                                           block_alphas={"MID": 1.0})),
 }
 
@@ -42,8 +42,8 @@ def test_trainable_set_is_literal(run):
   attention = [k for k in keys if "/transformer_blocks_0/" in k or k.endswith(("proj_in", "proj_out"))]
   suffixes = {k.split("/transformer_blocks_0/")[-1] if "/transformer_blocks_0/" in k
               else k.rsplit("/", 1)[1] for k in attention}
-  assert suffixes == ATTENTION_TARGETS
   if run.config.method_options.get("conv_rank"):
+    assert suffixes == KOHYA_TARGETS
     # IN01 (down_blocks_0 layer 0) is skipped; 6 transformers minus IN01's = 5 x 12 attention
     # targets; convs: 12 resnets x (conv1, conv2) + 7 shortcuts + 2 samplers - IN01's 2 = 31.
     assert not [k for k in keys if "down_blocks_0/attentions_0/" in k or "down_blocks_0/resnets_0/" in k]
@@ -56,7 +56,8 @@ def test_trainable_set_is_literal(run):
     assert conv.shape == (3 * 3 * 32, 2)
     assert set(run.frozen) == {"unet", "text_encoder"}
   else:
-    assert len(keys) == 6 * 12                   # 6 transformers in the sd1 random model
+    assert suffixes == ATTENTION_TARGETS
+    assert len(keys) == 6 * 8                    # 6 transformers in the sd1 random model
     assert set(run.frozen) == {"unet"}          # text contexts and VAE moments are cached
 
 
@@ -95,6 +96,33 @@ def test_every_factor_gets_a_gradient_and_the_loss_falls(run, trajectory):
   assert trajectory["loss_end"] < trajectory["loss0"]
   for a, b in zip(jax.tree.leaves(trajectory["frozen_before"]), jax.tree.leaves(run.frozen)):
     assert np.array_equal(a, np.asarray(b))
+
+
+@pytest.mark.parametrize("targets", [(), ("kohya",)])
+def test_target_sets_are_the_official_recipes(model_dirs, pipes, targets):
+  """The default targets are the PEFT target_modules of diffusers' train_dreambooth_lora.py
+  (suffix match on to_k/to_q/to_v/to_out.0); the "kohya" set is kohya's networks/lora.py
+  selection (every Linear and 1x1 Conv2d inside a Transformer2DModel). Both are applied to the
+  torch UNet of the same random model and compared by module name."""
+  import torch
+  from diffusers import UNet2DConditionModel
+
+  from persona_jax.convert.lora_formats import module_names
+  from persona_jax.methods import lora
+  unet = UNet2DConditionModel.from_pretrained(model_dirs["sd1"] / "unet")
+  if not targets:
+    official = {name for name, _ in unet.named_modules()
+                if name.split(".")[-1] in ("to_k", "to_q", "to_v") or name.endswith("to_out.0")}
+  else:
+    official = {f"{tname}.{cname}" for tname, t in unet.named_modules()
+                if type(t).__name__ == "Transformer2DModel" for cname, c in t.named_modules()
+                if isinstance(c, torch.nn.Linear)
+                or (isinstance(c, torch.nn.Conv2d) and c.kernel_size == (1, 1))}
+  params = pipes["sd1"].params
+  config = lora.LoRAConfig(**({"targets": targets} if targets else {}))
+  names = module_names(params)
+  ours = {names[t.kernel][len("unet."):] for t in lora.targets(config, params, pipes["sd1"].unet_config)}
+  assert ours == official and len(ours) == 6 * (8 if not targets else 12)
 
 
 def test_unknown_block_is_an_error(model_dirs):

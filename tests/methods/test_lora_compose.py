@@ -19,8 +19,9 @@ from persona_jax.models.configs import UNetConfig
 from persona_jax.text_to_image import SampleOptions, Sampling, text_to_image
 from tests.runs import lora_config
 
-# LoRA A: the method's result file (LoCon + text encoder, MID at alpha 1 / rank 2 = scale 0.5).
-METHOD_A = dict(name="lora", rank=2, conv_rank=2, text_encoder=True, block_alphas={"MID": 1.0})
+# LoRA A: the method's result file (kohya set, LoCon, text encoder; MID: alpha 1, rank 2).
+METHOD_A = dict(name="lora", rank=2, conv_rank=2, text_encoder=True, targets=("kohya",),
+                block_alphas={"MID": 1.0})
 # LoRA B, written by hand: rank 3, alpha 1.5, on some of A's targets (one per kind of block) and
 # conv_in, which A does not target.
 TARGETS_B = ("unet/conv_in",                                                           # IN00
@@ -148,13 +149,45 @@ def test_block_weight_strings():
   w = dict(zip(blocks, block_weights("IN01=0, out03=0.5,M00=2,BASE=-1", sd15)))
   assert (w["IN01"], w["OUT03"], w["MID"], w["BASE"]) == (0.0, 0.5, 2.0, -1.0)
   assert all(v == 1.0 for b, v in w.items() if b not in ("IN01", "OUT03", "MID", "BASE"))
-  # The extension's OUTD preset (17 values): blocks outside the 17 keep 1.
+  # The extension's OUTD preset (17 values): blocks outside the 17 get 0, as its to26() fills them.
   w = dict(zip(blocks, block_weights("1,0,0,0,0,0,0,0,1,1,1,1,0,0,0,0,0", sd15)))
-  assert [b for b, v in w.items() if v == 0] == ["IN01", "IN02", "IN04", "IN05", "IN07", "IN08",
-                                                 "MID", "OUT07", "OUT08", "OUT09", "OUT10", "OUT11"]
+  assert [b for b, v in w.items() if v == 1] == ["BASE", "OUT03", "OUT04", "OUT05", "OUT06"]
   np.testing.assert_array_equal(block_weights("outd", sd15), list(w.values()))   # by name
   values = [i / 10 for i in range(26)]
   np.testing.assert_allclose(block_weights(",".join(map(str, values)), sd15), values, rtol=1e-6)
+
+
+# sd-webui-lora-block-weight (scripts/lora_block_weight.py): its block ids and to26(), which
+# places a 17-value list in the 26 blocks and leaves the others at 0.
+BLOCKID26 = ["BASE"] + [f"IN{i:02d}" for i in range(12)] + ["M00"] + [f"OUT{i:02d}" for i in range(12)]
+BLOCKID17 = ["BASE", "IN01", "IN02", "IN04", "IN05", "IN07", "IN08", "M00", "OUT03", "OUT04",
+             "OUT05", "OUT06", "OUT07", "OUT08", "OUT09", "OUT10", "OUT11"]
+
+
+def extension_to26(ratios):
+  if len(ratios) == 26:
+    return ratios
+  output = [0] * 26
+  for i, block in enumerate(BLOCKID17):
+    output[BLOCKID26.index(block)] = ratios[i]
+  return output
+
+
+@pytest.mark.parametrize("preset", sorted(block_names.LBW_PRESETS) + ["random17"])
+def test_17_block_weights_are_the_extensions_to26(preset):
+  """17 values (a preset's or the user's) weigh the 26 blocks as the extension does: the 9 blocks
+  outside the 17 (IN00, IN03, IN06, IN09-11, OUT00-02) are off, which shows with LoCon."""
+  sd15 = UNetConfig()
+  if preset == "random17":
+    values = [round(float(v), 3) for v in np.random.default_rng(0).uniform(-1, 2, 17)]
+    spec = ",".join(map(str, values))
+  else:
+    values, spec = block_names.LBW_PRESETS[preset], preset
+  np.testing.assert_allclose(block_weights(spec, sd15), extension_to26(list(values)), rtol=1e-6)
+  # The same blocks gate which blocks a LoRA trains (method.blocks).
+  trained = {b for b, v in block_names.block_values(spec, sd15, "method.blocks").items() if v}
+  assert trained == {BLOCKID26[i].replace("M00", "MID") for i, v in
+                     enumerate(extension_to26(list(values))) if v}
 
 
 @pytest.mark.parametrize("spec, message", [
