@@ -11,8 +11,9 @@ frozen model, each image conditioning its own reconstruction (Ye et al. 2023).
       --config.model=/path/to/stable-diffusion-v1-5 --config.data.instance_dir=/path/to/pairs \\
       --config.method.image_encoder=/path/to/clip-vit-h-14
     The paper's recipe: image-text pairs (captions as NAME.txt or metadata.jsonl), 512px center
-    crops, AdamW lr 1e-4 constant, weight decay 0.01, batch 64 (8 x 8), condition drops 0.05
-    each (image only, text only, both), 1M steps. `--config.method.kind=plus` trains the
+    crops, AdamW lr 1e-4 constant, weight decay 0.01, a global batch of 64 (the paper's 8 GPUs
+    x tutorial_train.py's --train_batch_size 8; `batch_size` counts rows over all devices),
+    condition drops 0.05 each (image only, text only, both), 1M steps. `--config.method.kind=plus` trains the
     resampler on the penultimate layer's patch features instead; `method.pretrained=FILE`
     continues from an official IP-Adapter file.
 
@@ -36,7 +37,7 @@ def get_config(arg=None):
   c.data.random_flip = 0.0
   c.optim.lr = 1e-3 if tiny else 1e-4
   c.steps = 20 if tiny else 1000000
-  c.batch_size = 4 if tiny else 8
+  c.batch_size = 4 if tiny else 64
   c.mixed_precision = "no" if tiny else "bf16"
   c.log_every = 5 if tiny else 100
   c.checkpoint_every = 10 if tiny else 10000

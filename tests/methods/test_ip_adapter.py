@@ -430,3 +430,16 @@ def test_export_command_writes_the_file_and_its_image_encoder(run, exported, tmp
   pipe.load_ip_adapter(str(out), subfolder="", weight_name=ipa.RESULT_FILE,
                        image_encoder_folder="image_encoder")
   assert pipe.image_encoder is not None and pipe.image_encoder.config.projection_dim == 16
+
+
+def test_config_trains_at_the_papers_global_batch():
+  """Ye et al. 2023 (sec. 4.1.2) train on 8 GPUs at tencent-ailab's tutorial_train.py default
+  --train_batch_size 8 per GPU: a global batch of 64, AdamW lr 1e-4, weight decay 0.01. Our
+  batch_size counts rows over all devices, so the config says 64; its docstring agrees."""
+  from persona_jax.train.config import load_config, run_config
+  config = run_config(load_config("ip_adapter"))
+  assert (config.batch_size, config.optim.lr, config.optim.weight_decay) == (64, 1e-4, 1e-2)
+  import importlib.resources
+  doc = (importlib.resources.files("persona_jax.configs") / "ip_adapter.py").read_text()
+  assert "a global batch of 64" in doc.replace("\n   ", "")
+  assert run_config(load_config("ip_adapter:tiny")).batch_size == 4
