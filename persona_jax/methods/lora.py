@@ -5,6 +5,9 @@ For every target kernel W the method adds factors `a` [fan_in, r] (Gaussian, std
   W' = W + (alpha / r) * reshape(a @ b, W.shape)
 so at step 0 the model is the base bit for bit, and the unchanged networks run on merged weights
 (STYLE.md 8.4). For a k x k conv (LoCon) fan_in = k * k * in (the im2col view of an HWIO kernel).
+Under mixed_precision="bf16" the frozen kernels are bf16, where a merge would round every update
+below half a bf16 ulp of W away; there the factors go beside the kernel instead and the layer
+adds its low-rank path before its one rounding (models/low_rank.py).
 
 Targets (`/`-joined param paths):
   targets     transformer linears (rank: `rank`), any of "attn" (attn1/attn2 to_q, to_k, to_v,
@@ -43,7 +46,7 @@ from persona_jax.errors import ConfigError
 from persona_jax.methods import result_file
 from persona_jax.methods.base import Method, ParamSpec
 from persona_jax.methods.spec import EvalRecipe, MethodSpec, ResultSpec, VerifySpec
-from persona_jax.models import block_names
+from persona_jax.models import block_names, low_rank
 from persona_jax.models.configs import UNetConfig
 
 LORA = "lora"
@@ -150,9 +153,11 @@ def param_spec(chosen: tuple[Target, ...]) -> ParamSpec:
     for t in chosen:
       if t.kernel not in flat:              # a component the step does not need
         continue
-      w = flat[t.kernel]
-      delta = (flat[f"{t.key}/a"] @ flat[f"{t.key}/b"]).reshape(t.shape)
-      flat[t.kernel] = (w.astype(jnp.float32) + t.scale * delta).astype(w.dtype)
+      w, a, b = flat[t.kernel], flat[f"{t.key}/a"], flat[f"{t.key}/b"]
+      if w.dtype == jnp.float32:
+        flat[t.kernel] = w + t.scale * (a @ b).reshape(t.shape)
+      else:                                 # bf16: a merge would round small updates away
+        low_rank.attach(flat, t.kernel, a, b, t.scale)
     return tree.unflatten(flat)
   return ParamSpec(init=init, transform=transform)
 

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from persona_jax.models.activations import get_activation
 from persona_jax.models.attention import dot_product_attention
 from persona_jax.models.configs import TextEncoderConfig
+from persona_jax.models.low_rank import with_low_rank_paths
 from persona_jax.models.norms import LayerNorm
 
 
@@ -114,6 +115,7 @@ class CLIPTextModel(nn.Module):
   config: TextEncoderConfig
 
   @nn.compact
+  @with_low_rank_paths
   def __call__(self, input_ids=None, inputs_embeds=None) -> TextEncoderOutput:
     """Encodes tokens.
 

@@ -11,6 +11,7 @@ from persona_jax.models.activations import get_activation
 from persona_jax.models.addons import Where, check_streams
 from persona_jax.models.configs import UNetConfig
 from persona_jax.models.embeddings import TimestepEmbedding, timestep_embedding
+from persona_jax.models.low_rank import with_low_rank_paths
 from persona_jax.models.norms import GroupNorm
 from persona_jax.models.unet_blocks import UNetDownBlock, UNetMidBlock2DCrossAttn, UNetUpBlock, conv
 
@@ -20,6 +21,7 @@ class UNet2DConditionModel(nn.Module):
   config: UNetConfig
 
   @nn.compact
+  @with_low_rank_paths
   def __call__(self, sample, timesteps, encoder_hidden_states, streams=None):
     """Predicts noise (or v, or x0, per the scheduler's prediction type).
 
@@ -124,6 +126,7 @@ class UNetEncoderFeatures(nn.Module):
   config: UNetConfig
 
   @nn.compact
+  @with_low_rank_paths
   def __call__(self, sample, timesteps, encoder_hidden_states, streams=None):
     """Pooled encoder features.
 
