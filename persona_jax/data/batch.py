@@ -7,15 +7,16 @@ keys a run needs are present.
   ids                         [B, L] int    token ids (the text encoder runs in the step)
   context                     [B, L, D]     cached text-encoder output (nothing in the text path trains)
   prior                       [B] float     1 for class (prior-preservation) examples, 0 for instances
-  mask                        [B, h, w, 1]  loss mask (or per-pixel weights)
+  mask                        [B, h, w, 1]  loss mask (or per-pixel weights): a mean over its area
   clip_pixels                 [B, S, S, 3]  the example's image for a CLIP image encoder
   subject_pixels              [B, K, S, S, 3]  FastComposer's subject crops (zeros where absent)
   subject_masks               [B, K, h, w]  FastComposer's subject masks
+  subject_union               [B, h, w, 1]  FastComposer's denoising-loss mask (data/fastcomposer.py)
 Sampling passes its inputs under the same names, plus `negative_ids` [B, L].
 """
 
 LATENT_MEAN, LATENT_LOGVAR, PIXELS = "latent_mean", "latent_logvar", "pixels"
 IDS, CONTEXT, MASK, PRIOR = "ids", "context", "mask", "prior"
 CLIP_PIXELS = "clip_pixels"
-SUBJECT_PIXELS, SUBJECT_MASKS = "subject_pixels", "subject_masks"
+SUBJECT_PIXELS, SUBJECT_MASKS, SUBJECT_UNION = "subject_pixels", "subject_masks", "subject_union"
 NEGATIVE_IDS = "negative_ids"

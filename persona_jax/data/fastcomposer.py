@@ -14,9 +14,13 @@ Each example (grain RandomMap, as data/pipeline.py): flip; with `uncondition_pro
 caption and no subjects; each subject kept with `object_appear_prob` (a dropped one loses its
 marker, its noun stays plain text); the subject's CLIP input is the reference's: the background
 replaced by noise, cropped to the mask's bounding box, padded to a square with black (the
-reference's random object augmentations are not applied); with `mask_loss_prob` the loss mask is the union of
-the subjects' masks. Keys: ids [L] (with markers), pixels [R, R, 3], mask [h, w, 1],
-subject_pixels [K, S, S, 3], subject_masks [K, h, w] (h = R / the VAE's factor).
+reference's random object augmentations are not applied). Keys: ids [L] (with markers),
+pixels [R, R, 3], subject_pixels [K, S, S, 3], subject_masks [K, h, w] (box-pooled; h = R / the
+VAE's factor) and subject_union [h, w, 1], the denoising-loss mask as the reference makes it
+(fastcomposer/model.py): the kept subjects' masks binarized and united at full resolution, then
+resized as F.interpolate(mode="bilinear", align_corners=False) does (`bilinear_downsample`); all
+zeros without kept subjects. Whether a batch's loss is masked is drawn in the step (one draw per
+batch, methods/fastcomposer.py).
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from persona_jax.data import images as img_ops
 from persona_jax.data.clip_images import preprocess_image
 from persona_jax.data.images import DataError
 from persona_jax.errors import ConfigError
-from persona_jax.data.batch import IDS, MASK, PIXELS, SUBJECT_MASKS, SUBJECT_PIXELS
+from persona_jax.data.batch import IDS, PIXELS, SUBJECT_MASKS, SUBJECT_PIXELS, SUBJECT_UNION
 
 IMAGE_TOKEN = "<|image|>"
 METADATA = "metadata.jsonl"
@@ -130,6 +134,15 @@ def subject_pixels_from_file(path, processor) -> np.ndarray:
   return preprocess_image(pad_to_square(img_ops.load_image(Path(path))), processor)
 
 
+def bilinear_downsample(masks: np.ndarray, factor: int) -> np.ndarray:
+  """[N, R, R] -> [N, R/f, R/f] as torch's F.interpolate(mode="bilinear", align_corners=False)
+  without antialiasing: output i samples source coordinate (i + 0.5) * f - 0.5, i.e. the mean of
+  the two middle rows (columns) of each f-block for an even f, the middle one for an odd f."""
+  lo, hi = (factor - 1) // 2, factor // 2
+  rows = 0.5 * (masks[:, lo::factor] + masks[:, hi::factor])
+  return 0.5 * (rows[:, :, lo::factor] + rows[:, :, hi::factor])
+
+
 def pool_masks(masks: np.ndarray, factor: int) -> np.ndarray:
   """[N, R, R] -> [N, R/f, R/f] (box mean)."""
   n, r, _ = masks.shape
@@ -145,7 +158,6 @@ class Augment(grain.transforms.RandomMap):
   random_flip: float
   uncondition_prob: float
   object_appear_prob: float
-  mask_loss_prob: float
   latent_factor: int
 
   def random_map(self, index, rng: np.random.Generator):
@@ -170,16 +182,17 @@ class Augment(grain.transforms.RandomMap):
       pixels[slot] = preprocess_image(subject_crop(np.ascontiguousarray(image), masks[k], rng),
                                       self.processor)
       small[slot] = pool_masks(masks[k: k + 1], f)[0]
-    loss_mask = np.ones((r // f, r // f, 1), np.float32)
-    if kept and rng.random() < self.mask_loss_prob:
-      loss_mask = (small[: len(kept)].max(axis=0) > 0).astype(np.float32)[..., None]
+    union = np.zeros((1, r, r), np.float32)
+    for k in kept:
+      union = np.maximum(union, (masks[k: k + 1] >= 0.5).astype(np.float32))
     return {IDS: self.tokenize([caption])[0], PIXELS: img_ops.to_model_range(image),
-            MASK: loss_mask, SUBJECT_PIXELS: pixels, SUBJECT_MASKS: small}
+            SUBJECT_PIXELS: pixels, SUBJECT_MASKS: small,
+            SUBJECT_UNION: bilinear_downsample(union, f)[0][..., None]}
 
 
 def make_dataset(examples: list[Example], tokenizer, processor, data_config, batch_size: int,
                  seed: int, latent_factor: int, *, max_subjects: int, uncondition_prob: float,
-                 object_appear_prob: float, mask_loss_prob: float):
+                 object_appear_prob: float):
   """The infinite, reshuffled-every-epoch batch dataset of FastComposer examples (the first
   `data_config.num_images` when > 0)."""
   from persona_jax.tokenizer import tokenize
@@ -191,6 +204,6 @@ def make_dataset(examples: list[Example], tokenizer, processor, data_config, bat
     examples = examples[: d.num_images]
   augment = Augment(examples, lambda prompts: tokenize(tokenizer, prompts), processor,
                     max_subjects, d.random_flip, uncondition_prob, object_appear_prob,
-                    mask_loss_prob, latent_factor)
+                    latent_factor)
   return (grain.MapDataset.source(list(range(len(examples)))).seed(seed).shuffle()
           .repeat().random_map(augment).batch(batch_size, drop_remainder=True))

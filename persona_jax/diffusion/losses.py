@@ -57,7 +57,7 @@ class Objective:
     t = jax.random.randint(t_rng, (shape[0],), 0, self.scheduler.num_train_timesteps)
     return noise, t
 
-  def per_example_loss(self, latents, predict, rng, mask=None):
+  def per_example_loss(self, latents, predict, rng, mask=None, weights=None):
     """The denoising loss of each example of a batch.
 
     Args:
@@ -67,6 +67,8 @@ class Objective:
       rng: key for noise and timesteps (`draw`).
       mask: optional [B, h, w, 1] weights >= 0: each example's loss is the weighted mean (in
         {0, 1}: only masked positions count; `data.mask_loss_weight`: 1 + w * subject).
+      weights: optional [B, h, w, 1] weights >= 0 applied to prediction and target, the loss
+        still the mean over the whole latent: mean((w * pred - w * target)^2) (FastComposer).
     Returns:
       ([B] losses, min-SNR weighted if on; metrics dict of scalars; aux).
     """
@@ -78,11 +80,12 @@ class Objective:
     pred, aux = predict(noisy, t)
     pred = pred.astype(jnp.float32)
     err = jnp.square(pred - target)                                       # [B, h, w, c]
+    weighted = err if weights is None else err * jnp.square(weights.astype(jnp.float32))
     if mask is None:
-      per_example = err.mean(axis=(1, 2, 3))
+      per_example = weighted.mean(axis=(1, 2, 3))
     else:
       m = jnp.broadcast_to(mask.astype(jnp.float32), err.shape)
-      per_example = (err * m).sum(axis=(1, 2, 3)) / jnp.maximum(m.sum(axis=(1, 2, 3)), 1.0)
+      per_example = (weighted * m).sum(axis=(1, 2, 3)) / jnp.maximum(m.sum(axis=(1, 2, 3)), 1.0)
     if self.min_snr_gamma:
       per_example = per_example * min_snr_weights(snr(ab, t), self.min_snr_gamma,
                                                    self.scheduler.prediction_type)

@@ -1,6 +1,7 @@
 """A method is data and small pure functions over the one training core, never a trainer.
 
-  Method(name, params, conditioning, tokens, unet, losses, components, image_inputs, save)
+  Method(name, params, conditioning, tokens, unet, losses, loss_weights, components,
+         image_inputs, save)
 
 * `params` (`ParamSpec`): the parameter space: which existing leaves train (`select`, regex
   rules over `/`-joined paths), the new leaves the method adds (`init(rng, base)`), and the
@@ -15,6 +16,8 @@
 * `losses`: extra loss terms, each `(params, trainable, batch, aux) -> {name: scalar}`, with
   `aux = {"terms": the conditioning's terms, "maps": attention maps (AttentionMaps add-on)}`;
   `method_loss` adds them (and the conditioning's terms) to the denoising loss, as values.
+* `loss_weights`: `(batch, rng) -> [B, h, w, 1]` per-position weights of the denoising loss,
+  which stays a mean over the whole latent (FastComposer's masked loss), or None.
 * `components`: `() -> {name: params}`, the frozen side networks it brings (an image encoder);
   `select` may pick their leaves too.
 * `image_inputs`: the data pipeline's per-example hook `(uint8 image [R, R, 3], its mask or None,
@@ -119,6 +122,7 @@ class Method:
   tokens: TokenSpec = TokenSpec()
   unet: tuple = ()
   losses: tuple[Callable, ...] = ()
+  loss_weights: Callable | None = None
   components: Callable[[], dict] | None = None
   image_inputs: Callable | None = None
   save: Callable | None = None
@@ -158,7 +162,7 @@ def method_loss(method: Method, models: SDModels, objective: Objective, params, 
                 rng):
   """The denoising loss (prior-preserving with class examples in the batch) plus the
   conditioning's terms and the method's loss terms. Returns (loss, metrics)."""
-  latent_rng, loss_rng = jax.random.split(rng)
+  latent_rng, loss_rng, weight_rng = jax.random.split(rng, 3)
   latents = batch_latents(models, params, batch, latent_rng)
   conditioning = method.conditioning
   state = conditioning.prepare(models, params, batch)
@@ -167,8 +171,9 @@ def method_loss(method: Method, models: SDModels, objective: Objective, params, 
     kwargs, terms = conditioning.at(models, params, state, noisy, t, None)
     out, maps = apply_unet(models, params, noisy, t, kwargs)
     return out, {"terms": terms, "maps": maps}
+  weights = method.loss_weights(batch, weight_rng) if method.loss_weights else None
   per_example, metrics, aux = objective.per_example_loss(latents, predict, loss_rng,
-                                                         batch.get(MASK))
+                                                         batch.get(MASK), weights)
   loss, reduced = objective.reduce(per_example, batch.get(PRIOR))
   metrics = dict(metrics, **reduced, denoising_loss=loss)
   terms = dict(aux["terms"])

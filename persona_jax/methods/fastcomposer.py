@@ -16,9 +16,11 @@ image encoder + visual_projection):
 (MLP: LayerNorm -> Linear -> GELU -> Linear). Other tokens are the text encoder's, unchanged;
 without markers (or without subject images at sampling) this is the plain text path.
 
-Losses (`method_loss`): the denoising MSE, for `mask_loss_prob` of the examples restricted to the
-union of the subject masks (the `mask` batch key; our Objective averages over the masked area,
-the reference over the whole latent), plus `localization_weight` (1e-3) times the
+Losses (`method_loss`): the denoising MSE; with probability `mask_loss_prob`, drawn once per batch
+as the reference draws it (fastcomposer/model.py: `torch.rand(1) < mask_loss_prob`), prediction and
+target are multiplied by the union of the kept subjects' masks (`subject_union`,
+data/fastcomposer.py) and the MSE stays the mean over the whole latent, so a masked example
+weighs its subject's area, not more (`loss_weights`); plus `localization_weight` (1e-3) times the
 cross-attention localization loss (balanced L1, `localization_loss`) on the attn2 layers of the
 middle min(`localization_layers`, n) of the UNet's n cross-attention blocks (`localization_blocks`;
 SD 1.5: down_blocks.1, down_blocks.2, mid_block, up_blocks.1, up_blocks.2).
@@ -39,10 +41,7 @@ Result WORKDIR/fastcomposer.safetensors: every trained leaf by path (float32), m
 format, the base model, the image encoder folder and the method options. The official release
 becomes one with `persona-jax import-fastcomposer` (methods/fastcomposer_official.py).
 
-Differences from the reference: the masked denoising loss is drawn per example (the reference:
-one draw per batch) and averaged over the masked area (the reference: over the whole latent,
-masked-out positions counting as zero error); the union mask is box-pooled to the latent size
-and binarized (the reference: bilinear, soft); the subject crops get no random augmentation
+Differences from the reference: the subject crops get no random augmentation
 (the reference's `--no_object_augmentation`); the image embedding is visual_projection of the
 pooled output, or the pooled output itself for an encoder without a projection (then the fuse
 MLP's input width follows it).
@@ -59,7 +58,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from persona_jax import tree
-from persona_jax.data.batch import IDS, NEGATIVE_IDS, SUBJECT_MASKS, SUBJECT_PIXELS
+from persona_jax.data.batch import IDS, NEGATIVE_IDS, SUBJECT_MASKS, SUBJECT_PIXELS, SUBJECT_UNION
 from persona_jax.diffusion.conditioning import delayed, negative_context
 from persona_jax.errors import ConfigError
 from persona_jax.image_encoder import (MethodImageEncoder, image_encoder_dir,
@@ -90,7 +89,7 @@ class FastComposerConfig:
   lora_rank: int = 4                     # light: rank of the UNet's LoRA factors
   localization_weight: float = 1e-3      # lambda of the localization loss (0: off)
   localization_layers: int = 5           # the middle min(N, n) cross-attention blocks
-  mask_loss_prob: float = 0.5            # share of examples whose denoising loss is masked
+  mask_loss_prob: float = 0.5            # share of batches whose denoising loss is masked
   max_subjects: int = 4                  # K: subject slots per example
   start_merge_step: int = 10             # sampling: steps with the plain prompt first
   uncondition_prob: float = 0.1          # data: empty caption, no subjects (for CFG)
@@ -253,6 +252,14 @@ def localization_loss(maps: dict, masks, index, valid, eps: float = 1e-5):
   return sum(losses) / len(losses)
 
 
+def masked_loss_weights(batch, rng, *, prob: float):
+  """The denoising loss's weights [B, h, w, 1]: with probability `prob`, one draw for the whole
+  batch, the subjects' union mask of every example (zeros for an example without kept subjects,
+  as the reference's), else ones."""
+  union = batch[SUBJECT_UNION].astype(jnp.float32)
+  return jnp.where(jax.random.uniform(rng) < prob, union, jnp.ones_like(union))
+
+
 def localization_term(params, trainable, batch, aux, *, marker_id: int, pad_id: int,
                       max_subjects: int, weight: float):
   """A loss term: {"localization_loss": weight * L_loc} on the maps of the UNet's forward."""
@@ -325,8 +332,8 @@ def make(config: FastComposerConfig, base_params, tokenizer_dir=None,
     return {FASTCOMPOSER: {"fuse": init_fuse(rng, parts.text_dim, parts.image_dim)}}
   fuse = ParamSpec(select=select_rules(config, cond.clip), init=init_fuse_mlp)
   if config.variant == "light":   # the fuse MLP and LoRA factors on the UNet's linears
-    second = lora.param_spec(lora.targets(lora.LoRAConfig(rank=config.lora_rank), base_params,
-                                          unet_config))
+    second = lora.param_spec(lora.targets(lora.LoRAConfig(rank=config.lora_rank, targets=("kohya",)),
+                                          base_params, unet_config))
   else:                           # the fuse MLP; the UNet and image-encoder layers it selects
     second = ParamSpec()
   losses, addons = (), ()
@@ -336,6 +343,8 @@ def make(config: FastComposerConfig, base_params, tokenizer_dir=None,
     addons = (AttentionMaps(localization_map_names(unet_config, config.localization_layers)),)
   return Method(name=FASTCOMPOSER, params=compose(fuse, second), conditioning=cond,
                 tokens=TokenSpec((IMAGE_TOKEN,)), unet=addons, losses=losses,
+                loss_weights=(functools.partial(masked_loss_weights, prob=config.mask_loss_prob)
+                              if config.mask_loss_prob > 0 else None),
                 components=lambda: clip_params,
                 save=functools.partial(save, parts.encoder.folder))
 
@@ -375,8 +384,7 @@ def examples_source(request, examples):
                                  config.batch_size, config.seed, request.pipe.vae_scale_factor,
                                  max_subjects=options.max_subjects,
                                  uncondition_prob=options.uncondition_prob,
-                                 object_appear_prob=options.object_appear_prob,
-                                 mask_loss_prob=options.mask_loss_prob)
+                                 object_appear_prob=options.object_appear_prob)
   return DataBuild(dataset, None, frozenset({"unet", "vae", "text_encoder", "image_encoder"}))
 
 

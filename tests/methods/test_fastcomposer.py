@@ -361,7 +361,8 @@ def test_data_folder_and_its_errors(tmp_path):
 def test_batch_keys(full):
   batch = next(make_iterator(full.dataset))
   assert batch[fc.SUBJECT_PIXELS].shape == (2, 2, 16, 16, 3)
-  assert batch[fc.SUBJECT_MASKS].shape == (2, 2, 16, 16) and batch["mask"].shape == (2, 16, 16, 1)
+  assert batch[fc.SUBJECT_MASKS].shape == (2, 2, 16, 16) and batch["subject_union"].shape == (2, 16, 16, 1)
+  assert "mask" not in batch                    # the loss is masked in the step, one draw per batch
   markers = (batch[IDS] == full.method.conditioning.marker_id).sum(axis=1)    # [B]
   for row, n in enumerate(markers):       # the slots of the subjects hold masks and pixels
     assert n in (1, 2)
@@ -413,7 +414,7 @@ def test_sampling_prompts():
 
 def test_augment_drops_and_masks():
   """uncondition_prob 1: the empty caption, no subjects; object_appear_prob 0: the markers go,
-  the nouns stay; mask_loss_prob 1: the loss mask is the subjects' union, 0: everywhere."""
+  the nouns stay; the loss mask is the kept subjects' union (zeros without subjects)."""
   from persona_jax.data.clip_images import CLIPImageProcessorConfig
   seen = []
 
@@ -424,22 +425,70 @@ def test_augment_drops_and_masks():
 
   def draw(**probs):
     seen.clear()
-    values = dict(random_flip=0.0, uncondition_prob=0.0, object_appear_prob=1.0, mask_loss_prob=0.0)
+    values = dict(random_flip=0.0, uncondition_prob=0.0, object_appear_prob=1.0)
     augment = fc_data.Augment(examples, tokenize, CLIPImageProcessorConfig.for_image_size(16), 2,
                               **{**values, **probs}, latent_factor=2)
     return augment.random_map(1, np.random.default_rng(0)), seen[0]
   out, caption = draw()
-  assert caption == examples[1].caption and out["mask"].min() == 1
+  assert caption == examples[1].caption
+  union = np.maximum(*(examples[1].masks >= 0.5)).astype(np.float32)
+  np.testing.assert_array_equal(out["subject_union"][..., 0], fc_data.bilinear_downsample(union[None], 2)[0])
+  assert 0 < out["subject_union"].mean() < 1
   assert (out[fc.SUBJECT_MASKS].max(axis=(1, 2)) > 0).tolist() == [True, True]
   out, caption = draw(uncondition_prob=1.0)
   assert caption == "" and out[fc.SUBJECT_MASKS].max() == 0 and np.abs(out[fc.SUBJECT_PIXELS]).max() == 0
+  assert out["subject_union"].max() == 0
   out, caption = draw(object_appear_prob=0.0)
   assert caption == examples[1].caption.replace(" " + fc.IMAGE_TOKEN, "")
-  assert out[fc.SUBJECT_MASKS].max() == 0
-  out, _ = draw(mask_loss_prob=1.0)
-  union = (out[fc.SUBJECT_MASKS].max(axis=0) > 0).astype(np.float32)
-  np.testing.assert_array_equal(out["mask"][..., 0], union)
-  assert 0 < union.mean() < 1
+  assert out[fc.SUBJECT_MASKS].max() == 0 and out["subject_union"].max() == 0
+
+
+def test_masked_denoising_loss_is_the_references():
+  """mit-han-lab/fastcomposer model.py, re-created in torch: one `torch.rand(1) < mask_loss_prob`
+  per batch; then mask = F.interpolate(union of the binary subject masks, latent size,
+  bilinear), F.mse_loss(pred * mask, target * mask) over the whole latent. Ours: the data's
+  subject_union, `masked_loss_weights` and the Objective's mean give the same loss, and a batch
+  is masked all together or not at all."""
+  import torch
+  import torch.nn.functional as F
+
+  from persona_jax.diffusion.losses import Objective
+  from persona_jax.diffusion.schedules import SchedulerConfig
+  rng = np.random.default_rng(0)
+  b, k, r, f = 3, 2, 32, 8
+  masks = np.zeros((b, k, r, r), np.float32)
+  masks[0, 0, 4:20, 6:27] = 1                  # two subjects, overlapping
+  masks[0, 1, 15:30, 2:11] = 1
+  masks[1, 0, 9:14, 9:23] = 0.8                # one (a soft mask, binarized at 0.5)
+  #                                               row 2: no kept subject (uncondition)
+  latents = rng.normal(size=(b, r // f, r // f, 4)).astype(np.float32)
+  pred = rng.normal(size=latents.shape).astype(np.float32)
+  union = np.stack([fc_data.bilinear_downsample((m >= 0.5).max(axis=0, initial=0)[None]
+                                                .astype(np.float32), f)[0] for m in masks])
+  batch = {"subject_union": jnp.asarray(union[..., None])}
+
+  objective = Objective(SchedulerConfig(prediction_type="sample"), 1.0)   # target: the latents
+
+  def ours(weights):
+    per, _, _ = objective.per_example_loss(jnp.asarray(latents), lambda x, t: (jnp.asarray(pred), {}),
+                                           jax.random.PRNGKey(0), None, weights)
+    return float(objective.reduce(per)[0])
+
+  def reference(masked):
+    p, t = torch.from_numpy(pred).permute(0, 3, 1, 2), torch.from_numpy(latents).permute(0, 3, 1, 2)
+    if masked:
+      m = (torch.from_numpy(masks >= 0.5).float().sum(dim=1) > 0).float()
+      m = F.interpolate(m.unsqueeze(1), size=p.shape[-2:], mode="bilinear", align_corners=False)
+      p, t = p * m, t * m
+    return float(F.mse_loss(p.float(), t.float(), reduction="mean"))
+  for masked, prob in ((True, 1.0), (False, 0.0)):
+    weights = fc.masked_loss_weights(batch, jax.random.PRNGKey(1), prob=prob)
+    np.testing.assert_allclose(ours(weights), reference(masked), rtol=1e-5)
+  assert reference(True) < 0.5 * reference(False)        # masked examples are not re-normalized
+  draws = [np.asarray(fc.masked_loss_weights(batch, jax.random.PRNGKey(i), prob=0.5))
+           for i in range(40)]
+  masked = [bool((d == union[..., None]).all()) for d in draws]
+  assert all(m or (d == 1).all() for m, d in zip(masked, draws)) and 8 < sum(masked) < 32
 
 
 def test_subject_crop_is_the_references():
