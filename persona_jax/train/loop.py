@@ -5,7 +5,9 @@ where the first stopped (after a crash, a kill or preemption) and ends bitwise w
 uninterrupted run ends on CPU; a changed config or base model is an error.
 
 Outputs in WORKDIR: config.json (the resolved config), metrics.jsonl, checkpoints/STEP/,
-samples/step_STEP.png (grids from the sample prompts), and the method's result files.
+samples/step_STEP.png (grids from the sample prompts), and the method's result files. A run
+that diverges (train/divergence.py) stops with no result; checkpoints from the divergence on
+move to WORKDIR/diverged/, so a resume starts from the last good one.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import dataclasses
 import functools
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -41,15 +44,12 @@ from persona_jax.tokenizer import tokenize, tokenizer_with_tokens
 from persona_jax.train import checkpoint as ckpt
 from persona_jax.train import data_sources
 from persona_jax.train.config import RunConfig
+from persona_jax.train.divergence import DivergenceError, Guard
 from persona_jax.train.optim import make_optimizer, optimizer_step
 from persona_jax.train.state import TrainState, init_state
 from persona_jax.train.step import train_step
 
 log = logging.getLogger(__name__)
-
-
-class NaNLossError(PersonaError):
-  """The loss became NaN or infinite."""
 
 
 @dataclasses.dataclass
@@ -218,17 +218,24 @@ def sample_grid(run: Run, trainable, step: int, workdir: Path, progress: bool = 
   return save_png(grid(images, cols=c.sample_images), workdir / "samples" / f"step_{step:06d}.png")
 
 
-def _check_finite(pending: list, step_of_first: int, manager) -> None:
-  """Raises NaNLossError naming the first step whose loss is not finite."""
-  losses = np.asarray(jax.device_get([m["loss"] for m in pending]))
-  bad = np.flatnonzero(~np.isfinite(losses))
-  if bad.size:
-    last = manager.latest_step()
-    kept = (f"the last good checkpoint is step {last} in {manager.directory}" if last is not None
-            else "no checkpoint was written yet")
-    raise NaNLossError(f"the loss became {losses[bad[0]]} at step {step_of_first + int(bad[0]) + 1}; "
-                       f"stopping ({kept}). Lower optim.lr, enable optim.clip_grad_norm, or check "
-                       "the data.")
+def _stop_diverged(found, manager, workdir: Path) -> None:
+  """Moves the checkpoints from the divergence on to WORKDIR/diverged/ (a resume starts from
+  the last good one) and raises DivergenceError naming the step, the leaf and that checkpoint."""
+  manager.wait_until_finished()
+  moved = [s for s in manager.all_steps() if s >= found.step]
+  for s in moved:
+    target = workdir / "diverged" / str(s)
+    target.parent.mkdir(exist_ok=True)
+    shutil.rmtree(target, ignore_errors=True)
+    (Path(manager.directory) / str(s)).rename(target)
+  manager.reload()
+  last = manager.latest_step()
+  kept = (f"the last good checkpoint is step {last} in {manager.directory}" if last is not None
+          else "no checkpoint was written before it")
+  if moved:
+    kept += f"; the checkpoints of steps {', '.join(map(str, moved))} moved to {workdir / 'diverged'}"
+  raise DivergenceError(f"training diverged: {found.message}; stopping with no result ({kept}). "
+                        "Lower optim.lr, enable optim.clip_grad_norm, or check the data.")
 
 
 def train(config: RunConfig, workdir, *, progress: bool = True, mesh=None) -> dict:
@@ -240,6 +247,8 @@ def train(config: RunConfig, workdir, *, progress: bool = True, mesh=None) -> di
   c = config
   total = c.steps * c.optim.grad_accum            # micro-steps
   state = initial_state(run)
+  guard = Guard(state.trainable, lambda step: float(run.schedule(optimizer_step(step - 1,
+                                                                                c.optim.grad_accum))))
   st_sh = jax.tree.map(lambda x: x.sharding, state)
   fr_sh = infer_shardings(run.frozen, tuple(c.sharding), run.mesh)
   frozen = shard_like(run.frozen, fr_sh)
@@ -274,10 +283,12 @@ def train(config: RunConfig, workdir, *, progress: bool = True, mesh=None) -> di
       at_log = done % c.log_every == 0 or done == total
       at_ckpt = done % c.checkpoint_every == 0 or done == total
       if at_log or at_ckpt:
-        _check_finite(pending, pending_from, manager)
+        found = guard.check(pending, pending_from + 1)
+        if found is not None:
+          _stop_diverged(found, manager, workdir)
         now = time.perf_counter()
         last = jax.device_get(pending[-1])
-        record = {"step": done, **{k: float(v) for k, v in last.items()},
+        record = {"step": done, **{k: float(v) for k, v in last.items() if k != "leaf_max"},
                   "lr": float(run.schedule(optimizer_step(done - 1, c.optim.grad_accum))),
                   "steps_per_sec": (done - last_log_step) / max(now - last_log_time, 1e-9)}
         metrics_file.write(json.dumps(record) + "\n")

@@ -9,6 +9,7 @@ import optax
 from persona_jax.diffusion.losses import Objective
 from persona_jax.models.components import SDModels
 from persona_jax.methods.base import Method, method_loss
+from persona_jax.train.divergence import leaf_max
 from persona_jax.train.optim import ema_update
 from persona_jax.train.state import TrainState
 
@@ -19,7 +20,7 @@ def train_step(state: TrainState, frozen, batch, *, method: Method, models: SDMo
   not part of the state, so it is never donated, updated or checkpointed.
 
   Returns:
-    (new state, metrics dict of scalars).
+    (new state, metrics: scalars, and `leaf_max` [n_leaves] for the divergence guard).
   """
   rng = jax.random.fold_in(state.rng, state.step)
 
@@ -31,5 +32,5 @@ def train_step(state: TrainState, frozen, batch, *, method: Method, models: SDMo
   trainable = optax.apply_updates(state.trainable, updates)
   ema = state.ema if state.ema is None else ema_update(state.ema, trainable, ema_decay)
   metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
-                 update_norm=optax.tree.norm(updates))
+                 update_norm=optax.tree.norm(updates), leaf_max=leaf_max(trainable))
   return state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state, ema=ema), metrics

@@ -1,5 +1,6 @@
 """The train loop: outputs, resume after SIGKILL (bitwise), NaN stops, base and config checks."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -35,12 +36,66 @@ def test_train_writes_checkpoints_metrics_and_embeddings(model_dirs, tmp_path):
   assert json.loads((wd / "config.json").read_text())["method"]["placeholder"] == "<my-toy>"
 
 
-def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(model_dirs, tmp_path):
-  config = ti_config(model_dirs["sd1"], optim=dict(lr=1e38), checkpoint_every=1, steps=6)
-  with pytest.raises(loop.NaNLossError, match=r"at step (\d); stopping \(the last good checkpoint is step \d"):
-    loop.train(config, tmp_path / "nan", progress=False, mesh=one_device_mesh())
-  steps = sorted(int(p) for p in os.listdir(tmp_path / "nan" / "checkpoints"))
-  assert steps and steps[-1] < 6
+def test_divergence_stops_naming_the_step_and_leaf_with_no_result(model_dirs, tmp_path):
+  """textual_inversion:tiny at optim.lr=1000 (before the guard: the row grew to 2.6e35 with a
+  finite loss and a zero gradient norm, the loss NaN only at step 39, checkpoints 20-35 called
+  good). The guard stops at the first step the row passes 1e4 x max(1, its step-0 magnitude),
+  writes no result, and every checkpoint kept is from before that step."""
+  import re
+
+  from persona_jax.train.config import load_config, run_config
+  from persona_jax.train.divergence import MAGNITUDE_FACTOR, DivergenceError
+  c = load_config("textual_inversion:tiny")
+  c.optim.lr, c.steps, c.log_every, c.checkpoint_every, c.keep_checkpoints = 1000.0, 40, 1, 1, 50
+  c.sample_prompts = ()
+  config = run_config(c)
+  wd = tmp_path / "diverging"
+  with pytest.raises(DivergenceError, match=r"training diverged: trainable leaf 'tokens' reached "
+                                            r"\|x\| = \S+ at step (\d+), over 1e\+04 x max\(1, its "
+                                            r"step-0 \S+\); stopping with no result \(the last good "
+                                            r"checkpoint is step \d+") as err:
+    loop.train(config, wd, progress=False, mesh=one_device_mesh())
+  step = int(re.search(r"at step (\d+)", str(err.value)).group(1))
+  assert 2 < step < 39
+  assert not (wd / "learned_embeds.safetensors").exists()
+  steps = sorted(int(p) for p in os.listdir(wd / "checkpoints") if p.isdigit())
+  assert steps == list(range(1, step))                    # the log window's good steps are kept
+  rows = [json.loads(line) for line in (wd / "metrics.jsonl").read_text().splitlines()]
+  assert all(np.isfinite(r["loss"]) for r in rows) and rows[-1]["step"] < step
+  from persona_jax.train import checkpoint as ckpt
+  manager = ckpt.make_manager(wd, 50)
+  restored = manager.restore(steps[-1], args=ckpt.ocp.args.Composite(
+      state=ckpt.ocp.args.StandardRestore()))["state"]
+  assert np.abs(np.asarray(restored["trainable"]["tokens"])).max() < MAGNITUDE_FACTOR
+  manager.close()
+  # The NaN case: lr 1e38 overflows at once.
+  with pytest.raises(DivergenceError, match=r"at step 1, .*no checkpoint was written before it"):
+    loop.train(ti_config(model_dirs["sd1"], optim=dict(lr=1e38), steps=3), tmp_path / "nan",
+               progress=False, mesh=one_device_mesh())
+
+
+def test_vanished_gradients_and_checkpoints_after_the_divergence(model_dirs, tmp_path):
+  """Ten steps of an exactly-zero gradient norm at a non-zero learning rate diverge at the first
+  of them (zeros at lr 0, warm-up, do not count); checkpoints from that step on move to
+  WORKDIR/diverged/ and a resume would start from the last good one."""
+  from persona_jax.train import checkpoint as ckpt
+  from persona_jax.train.divergence import DivergenceError, Guard
+  guard = Guard({"a": np.ones(3, np.float32)}, lambda step: 0.0 if step <= 3 else 1e-3)
+
+  def metrics(grad):
+    return {"loss": np.float32(1.0), "grad_norm": np.float32(grad), "leaf_max": np.ones(1, np.float32)}
+  assert guard.check([metrics(0.0)] * 3 + [metrics(0.5)] + [metrics(0.0)] * 9, 1) is None
+  found = guard.check([metrics(0.0)], 14)
+  assert found.step == 5 and "exactly 0 for 10 steps (5-14)" in found.message
+  wd = tmp_path / "run"
+  loop.train(ti_config(model_dirs["sd1"], steps=6, checkpoint_every=1, keep_checkpoints=10), wd,
+             progress=False, mesh=one_device_mesh())
+  manager = ckpt.make_manager(wd, 10)
+  with pytest.raises(DivergenceError, match=r"the last good checkpoint is step 4 .*steps 5, 6 "
+                                            r"moved to .*diverged"):
+    loop._stop_diverged(dataclasses.replace(found, step=5), manager, wd)
+  assert sorted(os.listdir(wd / "diverged")) == ["5", "6"]
+  assert ckpt.make_manager(wd, 10).latest_step() == 4
 
 
 def test_resume_against_a_changed_base_is_an_error(model_dirs, tmp_path):
