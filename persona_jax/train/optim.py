@@ -28,8 +28,9 @@ class OptimConfig:
   weight_decay: float = 1e-2
   clip_grad_norm: float = 1.0    # 0: off
   grad_accum: int = 1
-  # ((regex over trainable paths, learning rate), ...): leaves with their own peak lr, on lr's
-  # schedule (first match wins); the rest: lr.
+  # ((regex over trainable paths, learning rate[, stop]), ...): leaves with their own peak lr, on
+  # lr's schedule (first match wins); the rest: lr. `stop` in (0, 1]: the group's lr is 0 from
+  # that fraction of the steps on (pivotal tuning's token rows stop half-way).
   lr_groups: tuple = ()
   ema_decay: float = 0.0         # 0: no EMA of the trainable params
 
@@ -64,16 +65,28 @@ def make_optimizer(config: OptimConfig, trainable, *, total_steps: int, batch_si
   to every group alike)."""
   schedule, _ = learning_rate(config, total_steps, batch_size, class_rows)
 
-  def adamw(multiplier):
-    return optax.adamw(lambda step: schedule(step) * multiplier, b1=config.b1, b2=config.b2,
-                       eps=config.eps, weight_decay=config.weight_decay)
+  def adamw(multiplier, stop=None):
+    def lr(step):
+      value = schedule(step) * multiplier
+      return value if stop is None else jnp.where(step < stop, value, 0.0)
+    return optax.adamw(lr, b1=config.b1, b2=config.b2, eps=config.eps,
+                       weight_decay=config.weight_decay)
   if config.lr_groups and config.lr <= 0:
     raise ConfigError("optim.lr_groups: group learning rates follow optim.lr's schedule; "
                       "optim.lr must be > 0")
-  groups = tuple((pattern, float(lr / config.lr)) for pattern, lr in config.lr_groups)
+  groups = []
+  for entry in config.lr_groups:
+    if len(entry) not in (2, 3):
+      raise ConfigError(f"optim.lr_groups: {entry!r} is not (regex, lr) or (regex, lr, stop)")
+    stop = None
+    if len(entry) == 3:
+      if not 0 < entry[2] <= 1:
+        raise ConfigError(f"optim.lr_groups: {entry!r}: stop is a fraction of the steps in (0, 1]")
+      stop = int(round(entry[2] * total_steps))
+    groups.append((entry[0], float(entry[1] / config.lr), stop))
   if groups:
-    labels = tree.label(trainable, [(p, f"group{i}") for i, (p, _) in enumerate(groups)], "default")
-    txs = {f"group{i}": adamw(m) for i, (_, m) in enumerate(groups)} | {"default": adamw(1.0)}
+    labels = tree.label(trainable, [(p, f"group{i}") for i, (p, _, _) in enumerate(groups)], "default")
+    txs = {f"group{i}": adamw(m, s) for i, (_, m, s) in enumerate(groups)} | {"default": adamw(1.0)}
     tx = optax.multi_transform(txs, labels)
   else:
     tx = adamw(1.0)

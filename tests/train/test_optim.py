@@ -56,6 +56,23 @@ def test_groups_get_their_own_learning_rate():
     make_optimizer(dataclasses.replace(config, lr=0.0), PARAMS, total_steps=10, batch_size=1)
 
 
+def test_a_group_can_stop_after_a_fraction_of_the_steps():
+  """(regex, lr, stop): pivotal tuning's token rows train for the first half of the steps, then
+  get no update (weight decay included); the other leaves go on."""
+  config = OptimConfig(lr=0.1, lr_groups=((r"tokens", 0.5, 0.5),), weight_decay=0.01, clip_grad_norm=0.0)
+  tx, _ = make_optimizer(config, PARAMS, total_steps=4, batch_size=1)
+  state, params = tx.init(PARAMS), PARAMS
+  moved = []
+  for _ in range(4):
+    updates, state = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
+    moved.append((float(jnp.abs(updates["tokens"]).max()), float(jnp.abs(updates["unet"]["a"]["kernel"]).max())))
+    params = jax.tree.map(lambda p, u: p + u, params, updates)
+  assert [t > 0 for t, _ in moved] == [True, True, False, False] and all(u > 0 for _, u in moved)
+  with pytest.raises(ConfigError, match=r"stop is a fraction of the steps in \(0, 1\]"):
+    make_optimizer(dataclasses.replace(config, lr_groups=(("tokens", 0.5, 1.5),)), PARAMS,
+                   total_steps=4, batch_size=1)
+
+
 def test_gradient_accumulation_applies_every_k_steps():
   config = OptimConfig(lr=0.1, grad_accum=2, weight_decay=0.0, clip_grad_norm=0.0)
   tx, _ = make_optimizer(config, PARAMS, total_steps=10, batch_size=1)
