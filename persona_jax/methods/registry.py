@@ -34,7 +34,7 @@ from persona_jax.errors import ConfigError, ModelFileError
 from persona_jax.methods.spec import EvalRecipe, Knob, MethodSpec
 
 SPECS = ("custom_diffusion", "dreambooth", "e4t", "fastcomposer", "instantbooth", "ip_adapter",
-         "lora", "textual_inversion")
+         "lora", "pivotal", "textual_inversion")
 COMMANDS = ("custom_diffusion_merge", "fastcomposer_official")
 METHODS: dict[str, MethodSpec] = {}
 for _module in SPECS:
