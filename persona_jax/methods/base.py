@@ -162,7 +162,7 @@ def method_loss(method: Method, models: SDModels, objective: Objective, params, 
                 rng):
   """The denoising loss (prior-preserving with class examples in the batch) plus the
   conditioning's terms and the method's loss terms. Returns (loss, metrics)."""
-  latent_rng, loss_rng, weight_rng = jax.random.split(rng, 3)
+  latent_rng, loss_rng = jax.random.split(rng)
   latents = batch_latents(models, params, batch, latent_rng)
   conditioning = method.conditioning
   state = conditioning.prepare(models, params, batch)
@@ -171,7 +171,8 @@ def method_loss(method: Method, models: SDModels, objective: Objective, params, 
     kwargs, terms = conditioning.at(models, params, state, noisy, t, None)
     out, maps = apply_unet(models, params, noisy, t, kwargs)
     return out, {"terms": terms, "maps": maps}
-  weights = method.loss_weights(batch, weight_rng) if method.loss_weights else None
+  weights = (method.loss_weights(batch, jax.random.fold_in(rng, 1)) if method.loss_weights
+             else None)
   per_example, metrics, aux = objective.per_example_loss(latents, predict, loss_rng,
                                                          batch.get(MASK), weights)
   loss, reduced = objective.reduce(per_example, batch.get(PRIOR))
