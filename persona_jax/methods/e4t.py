@@ -17,8 +17,10 @@ current latents (`E4TConditioning`, the method's conditioning).
 Weight offsets on to_q/to_k/to_v of every attn1 and attn2: W' = W * (1 + dW), a param transform,
 with dW = a @ b of rank `offset_rank` per matrix (b = 0 at init, so the UNet starts as the base;
 `offset_rank=0`: a full-shape dW, zeros). The reference's per-matrix generator is not used.
-Regularizers: `embedding_reg` * mean_b ||s E||^2 (the predicted offset from the class word, the
-faithful reading of the paper; mkshing penalizes the whole w) and `offset_reg` * mean(dW^2).
+Regularizers: `embedding_reg` * sum_b ||w_b||^2 over the batch, w including e(class_word), as
+mkshing's pretrain_e4t.py / tuning_e4t.py (`reg_lambda * domain_embed.pow(2).sum()`; the paper
+is silent on the target; `embedding_reg_target="offset"`: mean_b ||s E_b||^2, the offset from
+the class word, our earlier reading) and `offset_reg` * mean(dW^2).
 
 Phases (one method, two configs):
   pretrain  encoder + offsets train on a domain folder (CLIP frozen unless `train_image_encoder`);
@@ -30,6 +32,19 @@ plus `unet/...` when tuning. The UNet features pass carries gradients, as in the
 
 Result WORKDIR/e4t.safetensors: every trained leaf by path (float32); metadata: the format, the
 base model, the image encoder folder, the data resolution and the method options.
+
+Where mkshing's code (the reference where the paper is silent) differs and we keep our way:
+  * CLIP features: the class token of every second layer through post_layernorm (the paper's
+    words, mkshing's legacy CLIP path); mkshing's OpenCLIP path takes the pooled output and every
+    second patch token of the last layer.
+  * Weight offsets: dW = a @ b of rank `offset_rank` with b = 0, so training starts from the base
+    model exactly; mkshing's WeightOffsets generator is an MLP that is non-zero at init.
+  * `offset_reg` (0.01 * mean(dW^2)) has no counterpart in mkshing's code; 0 turns it off.
+  * The embedding regularizer sums over the global batch; mkshing's sums over each GPU's batch
+    (DDP averages the gradients), the same on one device.
+  * Tuning draws an independent zoomed crop and flip per row; mkshing repeats one augmented
+    crop 16 times.
+  * The configs train in bf16 on accelerators (mkshing: float32); sampling is float32.
 """
 
 from __future__ import annotations
@@ -77,7 +92,8 @@ class E4TConfig:
   train_image_encoder: bool = False  # the reference's --unfreeze_clip_vision
   encoder_width: int = 0             # the encoder's hidden width; 0: the image encoder's width
   offset_rank: int = 4               # dW = a @ b of this rank per matrix; 0: a full-shape dW
-  embedding_reg: float = 0.01        # lambda of mean_b ||s E||^2 (pre-training 0.01, tuning 1e-4)
+  embedding_reg: float = 0.01        # lambda of sum_b ||w||^2 (pre-training 0.01, tuning 1e-4)
+  embedding_reg_target: str = "word"   # word: sum_b ||w||^2 (mkshing); offset: mean_b ||s E||^2
   offset_reg: float = 0.01           # lambda of mean(dW^2) over every offset element
   pretrained: str = ""               # an e4t_pretrain workdir or its e4t.safetensors; "shipped"
 
@@ -117,6 +133,7 @@ class E4TConditioning:
   scale: float
   embedding_reg: float
   train_image_encoder: bool
+  embedding_reg_target: str = "word"
   input_keys: tuple[str, ...] = (CLIP_PIXELS,)
   cacheable = False
 
@@ -152,7 +169,7 @@ class E4TConditioning:
     embeds = jnp.where(is_placeholder[..., None], word[:, None, :].astype(table.dtype), embeds)
     context = models.text_encoder.apply({"params": params["text_encoder"]}, ids,
                                         embeds).last_hidden_state
-    penalty = self.embedding_reg * jnp.mean(jnp.sum(jnp.square(offset), axis=-1))
+    penalty = embedding_penalty(word, offset, self.embedding_reg, self.embedding_reg_target)
     return {"encoder_hidden_states": context}, {"embedding_reg": penalty}
 
   def negative(self, models, params, state):
@@ -223,6 +240,15 @@ class Parts:
   encoder: MethodImageEncoder
 
 
+def embedding_penalty(word, offset, weight: float, target: str = "word"):
+  """The word-embedding regularizer of a batch: `word` w [B, D] = e(class) + s E, `offset` s E
+  [B, D]. "word": weight * sum_b ||w_b||^2 (mkshing: reg_lambda * domain_embed.pow(2).sum());
+  "offset": weight * mean_b ||s E_b||^2."""
+  if target == "offset":
+    return weight * jnp.mean(jnp.sum(jnp.square(offset), axis=-1))
+  return weight * jnp.sum(jnp.square(word.astype(jnp.float32)))
+
+
 def clip_inputs(image, mask=None, rng=None, *, processor):
   """Data pipeline hook: uint8 [H, W, 3] -> {clip_pixels: [S, S, 3] float32} (mask and rng unused)."""
   from persona_jax.data.clip_images import preprocess_image
@@ -236,6 +262,9 @@ def build_parts(config: E4TConfig, base_params, tokenizer_dir, unet_config) -> P
   for name in ("scale", "embedding_reg", "offset_reg"):
     if getattr(config, name) < 0:
       raise ConfigError(f"method.{name} must be >= 0, got {getattr(config, name)}")
+  if config.embedding_reg_target not in ("word", "offset"):
+    raise ConfigError(f"method.embedding_reg_target: '{config.embedding_reg_target}' is not one "
+                      "of word, offset")
   if config.offset_rank < 0 or config.encoder_width < 0:
     raise ConfigError("method.offset_rank and method.encoder_width must be >= 0")
   table = base_params["text_encoder"]["embeddings"]["token_embedding"]["embedding"]   # [V, D]
@@ -251,7 +280,8 @@ def build_parts(config: E4TConfig, base_params, tokenizer_dir, unet_config) -> P
   empty = tokenize(tokenizer, [""])[0]
   conditioning = E4TConditioning(clip_config, encoder, layers, int(class_id), table.shape[0],
                                  tuple(int(i) for i in empty), float(config.scale),
-                                 float(config.embedding_reg), config.train_image_encoder)
+                                 float(config.embedding_reg), config.train_image_encoder,
+                                 config.embedding_reg_target)
   return Parts(conditioning, offset_targets(base_params), image_encoder)
 
 
@@ -466,9 +496,14 @@ def export(request):
                                             "file": str(path), "note": note}}
 
 
+def upgrade(method: dict, config: dict) -> None:
+  """A config.json from before `embedding_reg_target`: its run regularized the offset s E."""
+  method.setdefault("embedding_reg_target", "offset")
+
+
 SPEC = MethodSpec(
     name=E4T, config=E4TConfig, make=make, result=ResultSpec(RESULT_FILE, FORMAT),
-    load=load_result, sample=sample,
+    load=load_result, sample=sample, upgrade=upgrade,
     sampling=SamplingSpec(images="one", flag="--e4t",
                           flag_help="an e4t run's workdir: its encoder, weight offsets (and tuned "
                                     "UNet); the placeholder's embedding is predicted from --image "

@@ -187,7 +187,32 @@ def test_neutral_init_and_branch_off_reproduce_the_base(pre, probe):
   cond = pre.method.conditioning
   assert (probe["batch"]["ids"] == cond.placeholder_id).sum() == 2
   np.testing.assert_array_equal(probe["off"], probe["base"])
-  assert float(probe["off_reg"]) == 0.0
+
+
+def test_embedding_regularizer_is_mkshings(pre, probe):
+  """mkshing/e4t-diffusion pretrain_e4t.py (and tuning_e4t.py), re-created in torch:
+  domain_embed = class_embed.expand(bsz, -1) + domain_embed_scale * E;
+  loss_reg = reg_lambda * domain_embed.pow(2).sum(). The step's term with the branch off (2
+  rows, w = e(class)) and `embedding_penalty` on 4 predicted words both equal it."""
+  import torch
+
+  from persona_jax.methods import e4t as e4t_method
+  cond = pre.method.conditioning
+  table = np.asarray(pre.pipe.params["text_encoder"]["embeddings"]["token_embedding"]["embedding"])
+  class_embed = torch.from_numpy(table[cond.class_id][None].copy())
+
+  def reference(e, scale):
+    domain_embed = class_embed.expand(e.shape[0], -1) + scale * torch.from_numpy(e)
+    return float(cond.embedding_reg * domain_embed.pow(2).sum())
+  assert cond.embedding_reg == 0.01 and cond.embedding_reg_target == "word"
+  np.testing.assert_allclose(float(probe["off_reg"]), reference(np.zeros((2, 32), np.float32), 0.0),
+                             rtol=1e-5)
+  e = np.asarray(probe["offset"]) / cond.scale
+  got = e4t_method.embedding_penalty(jnp.asarray(probe["word"]), jnp.asarray(probe["offset"]), 0.01)
+  np.testing.assert_allclose(float(got), reference(e, cond.scale), rtol=1e-5)
+  offset = e4t_method.embedding_penalty(probe["word"], jnp.asarray(probe["offset"]), 0.01, "offset")
+  np.testing.assert_allclose(float(offset), 0.01 * np.mean(np.sum(np.square(probe["offset"]), -1)),
+                             rtol=1e-5)
 
 
 def test_encoder_branch_on_its_own(pre, probe):
@@ -336,6 +361,12 @@ def test_the_shipped_state_fits_the_shipped_base_and_starts_tiny_tuning():
       "the base was re-shipped: remake the state with scripts/make_e4t_state.py"
   tiny = load_config("e4t_tune:tiny").method
   assert tiny.pretrained == e4t.SHIPPED and shipped.meta["class_word"] == tiny.class_word
+  # Made with today's method options (scripts/make_e4t_state.py runs e4t_pretrain:tiny): an
+  # option added or changed since (a regularizer's form, ...) means a stale state.
+  import json
+  pretrain = {k: v for k, v in load_config("e4t_pretrain:tiny").method.to_dict().items() if k != "name"}
+  assert json.loads(shipped.meta["method"]) == json.loads(json.dumps(pretrain)), \
+      "the method's options changed: remake the state with scripts/make_e4t_state.py"
   pipe = load_pipeline(resolve_model("default"))
   config = e4t.E4TConfig(**{k: v for k, v in tiny.to_dict().items() if k != "name"})
   method = e4t.make(config, pipe.params, pipe.tokenizer_dir, pipe.unet_config)
