@@ -123,6 +123,10 @@ def test_target_sets_are_the_official_recipes(model_dirs, pipes, targets):
   names = module_names(params)
   ours = {names[t.kernel][len("unet."):] for t in lora.targets(config, params, pipes["sd1"].unet_config)}
   assert ours == official and len(ours) == 6 * (8 if not targets else 12)
+  if targets:                        # the lora:kohya config: this set plus LoCon convs
+    from persona_jax.train.config import load_config
+    method = load_config("lora:kohya").method
+    assert tuple(method.targets) == ("kohya",) and method.conv_rank == 4
 
 
 def test_unknown_block_is_an_error(model_dirs):

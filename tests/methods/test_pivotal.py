@@ -170,3 +170,15 @@ def test_sample_run_is_the_embedding_and_the_lora_files(finished, model_dirs, tm
     grids.append(np.asarray(Image.open(tmp_path / f"s{i}" / "grid.png")))
   capsys.readouterr()
   np.testing.assert_array_equal(grids[0], grids[1])
+
+
+def test_bad_tokens_name_the_field(pipes):
+  """The Textual Inversion piece's checks, under pivotal's own option names."""
+  from persona_jax import ConfigError
+  pipe = pipes["sd1"]
+  with pytest.raises(ConfigError, match="method.placeholder"):
+    pivotal.make(pivotal.PivotalConfig(placeholder="ball"), pipe.params, pipe.tokenizer_dir,
+                 pipe.unet_config)
+  with pytest.raises(ConfigError, match="method.initializer"):
+    pivotal.make(pivotal.PivotalConfig(initializer="two words"), pipe.params, pipe.tokenizer_dir,
+                 pipe.unet_config)
