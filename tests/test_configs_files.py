@@ -88,7 +88,7 @@ def test_train_help_lists_the_configs_and_flags(capsys):
                 l.strip().startswith(name + " ["))
     summary = load(name).__doc__.strip().splitlines()[0]
     assert summary in line, (name, line)
-  assert "dreambooth [:tiny]" in out and "lora [:tiny|:blocks=PRESET]" in out
+  assert "dreambooth [:tiny]" in out and "lora [:tiny|:kohya|:blocks=PRESET]" in out
   for flag in ("--config NAME", "--workdir DIR", "--noprogress", "--print-config"):
     assert flag in out
 
