@@ -79,7 +79,9 @@ def export(workdir, fmt: str, out, options=None) -> list[Path]:
   `options`: {name: value} of the method's `export_options` (e.g. E4T's `timestep`)."""
   from persona_jax.convert.files import write_json
   from persona_jax.default_model import resolve_model
+  from persona_jax.workdir_lock import check_not_running
   workdir, out, options = Path(workdir), Path(out), dict(options or {})
+  check_not_running(workdir, "export")
   config = read_run(workdir)
   method = spec(config["method"]["name"])
   if fmt not in method.exports:

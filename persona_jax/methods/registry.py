@@ -97,6 +97,9 @@ def find_run(path, method: str | None = None):
   if not path.exists():
     raise ModelFileError(f"{path}: no such run folder or result file")
   config = read_run_config(path) if path.is_dir() else None
+  if config is not None:
+    from persona_jax.workdir_lock import check_not_running
+    check_not_running(path, "use")
   ran = config["method"]["name"] if config is not None else None
   if method is not None:
     if ran is not None and ran != method:

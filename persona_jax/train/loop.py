@@ -45,6 +45,7 @@ from persona_jax.train import checkpoint as ckpt
 from persona_jax.train import data_sources
 from persona_jax.train.config import RunConfig
 from persona_jax.train.divergence import DivergenceError, Guard
+from persona_jax.workdir_lock import workdir_lock
 from persona_jax.train.optim import make_optimizer, optimizer_step
 from persona_jax.train.state import TrainState, init_state
 from persona_jax.train.step import train_step
@@ -239,9 +240,14 @@ def _stop_diverged(found, manager, workdir: Path) -> None:
 
 
 def train(config: RunConfig, workdir, *, progress: bool = True, mesh=None) -> dict:
-  """Trains (or resumes) the run in `workdir`. Returns a summary dict."""
+  """Trains (or resumes) the run in `workdir`, holding its lock (workdir_lock.py: a
+  second run on the same workdir is refused). Returns a summary dict."""
   workdir = Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
+  with workdir_lock(workdir, hold=jax.process_index() == 0):
+    return _train(config, workdir, progress=progress, mesh=mesh)
+
+
+def _train(config: RunConfig, workdir: Path, *, progress: bool, mesh) -> dict:
   _write_config(workdir, config)
   run = build(config, mesh=mesh, workdir=workdir, progress=progress)
   c = config
