@@ -3,7 +3,9 @@ metadata (the base model's path and fingerprint, the resolved config). The froze
 saved: a resume reloads it and refuses a base whose fingerprint changed.
 
 Layout: WORKDIR/checkpoints/STEP/{state, data, meta}; an interrupted save leaves no finished
-step folder, so the last good checkpoint is always what `latest_step` returns.
+step folder. A finished one damaged later (a truncated or bit-flipped file, a deleted one) is
+found at resume: `restore_latest` names the bad file, moves that step to WORKDIR/damaged/STEP and
+falls back to the newest intact checkpoint.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
+import shutil
 from pathlib import Path
 
 import grain
@@ -62,19 +66,77 @@ def save(manager: ocp.CheckpointManager, step: int, state, data_iterator, meta: 
       meta=ocp.args.JsonSave(meta)))
 
 
-def restore(manager: ocp.CheckpointManager, step: int, abstract_state, data_iterator,
-            fingerprint: str):
-  """Restores state (onto the shardings of `abstract_state`) and the iterator, checking the base."""
-  meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+class DamagedCheckpoint(PersonaError):
+  """No checkpoint of the workdir can be restored."""
+
+
+def _damage(manager: ocp.CheckpointManager, step: int, item: str, error: Exception) -> str:
+  """'checkpoints/STEP/<file>: <first line of the error>': the file the error names, or the item."""
+  folder = Path(manager.directory) / str(step)
+  text = " ".join(str(error).split())
+  named = [m for m in re.findall(r"[\w./-]+", text) if str(folder) in m]
+  where = Path(named[0]) if named else folder / item
+  where = where if where.is_absolute() else folder / item
+  reason = text[:160] + ("..." if len(text) > 160 else "") or type(error).__name__
+  return f"{where}: {type(error).__name__}: {reason}"
+
+
+def restore_latest(manager: ocp.CheckpointManager, abstract_state, data_iterator,
+                   fingerprint: str, workdir: Path):
+  """(state, step) of the newest checkpoint that restores, or None without checkpoints. A
+  damaged newer one is moved to WORKDIR/damaged/STEP with a warning naming its bad file and the
+  step resumed from; none intact: DamagedCheckpoint, one line. A changed base still stops."""
+  damaged = []
+  for step in sorted(manager.all_steps(), reverse=True):
+    for item in ("meta", "state", "data"):
+      try:
+        if item == "meta":
+          meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+          _check_base(manager, step, meta, fingerprint)
+        elif item == "state":
+          if not (Path(manager.directory) / str(step) / "state" / "_METADATA").is_file():
+            raise FileNotFoundError(f"{Path(manager.directory) / str(step) / 'state' / '_METADATA'} "
+                                    "is missing")
+          state = manager.restore(step, args=ocp.args.Composite(
+              state=ocp.args.StandardRestore(abstract_state)))["state"]
+        else:
+          manager.restore(step, args=ocp.args.Composite(
+              data=grain.checkpoint.CheckpointRestore(data_iterator)))
+      except PersonaError:
+        raise
+      except Exception as e:  # orbax/tensorstore/grain errors of a damaged file
+        damaged.append((step, _damage(manager, step, item, e)))
+        break
+    else:
+      if damaged:
+        _move_aside(manager, [s for s, _ in damaged], workdir)
+        log.warning("checkpoint %s; resuming from step %d, the newest intact checkpoint (the "
+                    "damaged ones moved to %s)", "; ".join(f"step {s} is damaged ({why})"
+                                                       for s, why in damaged),
+                    step, workdir / "damaged")
+      return state, step
+  if damaged:
+    raise DamagedCheckpoint(f"no intact checkpoint in {manager.directory}: "
+                            + "; ".join(f"step {s}: {why}" for s, why in damaged)
+                            + f". Move {manager.directory} aside to start the run again")
+  return None
+
+
+def _move_aside(manager: ocp.CheckpointManager, steps, workdir: Path) -> None:
+  for s in steps:
+    target = Path(workdir) / "damaged" / str(s)
+    target.parent.mkdir(exist_ok=True)
+    shutil.rmtree(target, ignore_errors=True)
+    (Path(manager.directory) / str(s)).rename(target)
+  manager.reload()
+
+
+def _check_base(manager, step: int, meta: dict, fingerprint: str) -> None:
   if meta.get("base_fingerprint") != fingerprint:
     raise PersonaError(
         f"{manager.directory}/{step}: this run was trained on base model {meta.get('base_path')} "
         f"(fingerprint {meta.get('base_fingerprint')}), but the model now given has fingerprint "
         f"{fingerprint}. Resume with the same base, or start a new workdir.")
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract_state),
-      data=grain.checkpoint.CheckpointRestore(data_iterator)))
-  return restored["state"], meta
 
 
 def abstract_of(tree_, shardings):

@@ -185,7 +185,12 @@ def _write_config(workdir: Path, config: RunConfig) -> None:
   started = any(p.name.isdigit() for p in (workdir / "checkpoints").glob("*"))
   if path.is_file() and started:
     # Compared with defaults filled in, so options added since the run started do not block it.
-    saved = tree.flatten(_with_defaults(json.loads(path.read_text())))
+    try:
+      saved = tree.flatten(_with_defaults(json.loads(path.read_text())))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+      raise ConfigError(f"{path}: damaged, not valid JSON ({e}); the checkpoints hold the run: "
+                        "write the config back (persona-jax train --print-config with the run's "
+                        "flags prints it) or start a new workdir") from None
     new = tree.flatten(resolved)
     diff = sorted(k for k in set(saved) | set(new) if saved.get(k) != new.get(k))
     allowed = set(RESUMABLE_CHANGES) | ({"steps"} if config.optim.schedule == "constant" else set())
@@ -262,12 +267,12 @@ def _train(config: RunConfig, workdir: Path, *, progress: bool, mesh) -> dict:
   iterator = data.make_iterator(run.dataset)
   meta = {"base_path": str(run.model_dir), "base_fingerprint": run.fingerprint,
           "method": c.method_name, "config": c.to_dict()}
-  start = manager.latest_step()
-  if start is not None:
-    state, _ = ckpt.restore(manager, start, ckpt.abstract_of(state, st_sh), iterator, run.fingerprint)
+  restored = ckpt.restore_latest(manager, ckpt.abstract_of(state, st_sh), iterator,
+                                 run.fingerprint, workdir)
+  start = 0
+  if restored is not None:
+    state, start = restored
     log.info("resuming %s from step %d", workdir, start)
-  else:
-    start = 0
   n_trainable = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(run.trainable))
   log.info("training %s: %d trainable params in %d leaves (%s), %d steps of batch %d on %d device(s)",
            c.method_name, n_trainable, len(tree.flatten(run.trainable)),

@@ -187,3 +187,58 @@ def test_sigkill_and_resume_ends_bitwise_equal(model_dirs, tmp_path, kill_after)
   ea = load_file(tmp_path / "a" / "learned_embeds.safetensors")
   eb = load_file(tmp_path / "b" / "learned_embeds.safetensors")
   assert np.array_equal(ea["<my-toy>"], eb["<my-toy>"])
+
+
+def _damage(step_dir, how):
+  """Damages a finished checkpoint as disks and people do."""
+  files = sorted((step_dir / "state").rglob("d/*"))
+  if how == "truncated-state":
+    for data in files:
+      data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+  elif how == "flipped-state":
+    for data in files:
+      raw = bytearray(data.read_bytes())
+      for k in range(10):
+        raw[(len(raw) // 3 + 7 * k) % len(raw)] ^= 0xFF
+      data.write_bytes(bytes(raw))
+  elif how == "deleted-metadata":
+    (step_dir / "state" / "_METADATA").unlink()
+  else:                                     # the data iterator's state file
+    (step_dir / "data" / "process_0-of-1.json").unlink()
+
+
+@pytest.mark.parametrize("how", ["truncated-state", "flipped-state", "deleted-metadata",
+                                 "missing-iterator"])
+def test_a_damaged_checkpoint_falls_back_to_the_newest_intact_one(model_dirs, tmp_path, caplog, how):
+  """Resume names the damaged checkpoint's bad file, moves it to WORKDIR/damaged/, resumes from
+  the newest intact one and finishes; with none intact, one line says so."""
+  import logging
+
+  from persona_jax.train.checkpoint import DamagedCheckpoint
+  wd = tmp_path / "run"
+  config = ti_config(model_dirs["sd1"], steps=4, checkpoint_every=2, keep_checkpoints=5)
+  loop.train(config, wd, progress=False, mesh=one_device_mesh())
+  _damage(wd / "checkpoints" / "4", how)
+  with caplog.at_level(logging.WARNING):
+    loop.train(ti_config(model_dirs["sd1"], steps=6, checkpoint_every=2, keep_checkpoints=5), wd,
+               progress=False, mesh=one_device_mesh())
+  warning = " ".join(r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
+  assert f"checkpoint step 4 is damaged ({wd / 'checkpoints' / '4'}" in warning
+  assert "resuming from step 2, the newest intact checkpoint" in warning
+  assert sorted(os.listdir(wd / "checkpoints")) == ["2", "4", "6"] and os.listdir(wd / "damaged") == ["4"]
+  if how == "truncated-state":              # none intact: one line, nothing moved
+    for step in ("2", "4", "6"):
+      _damage(wd / "checkpoints" / step, "deleted-metadata")
+    with pytest.raises(DamagedCheckpoint, match=r"no intact checkpoint in .*checkpoints: step 6: "
+                                                r".*step 4: .*step 2: .*Move .* aside"):
+      loop.train(ti_config(model_dirs["sd1"], steps=8, checkpoint_every=2, keep_checkpoints=5), wd,
+                 progress=False, mesh=one_device_mesh())
+    assert sorted(os.listdir(wd / "checkpoints")) == ["2", "4", "6"]
+
+
+def test_a_damaged_config_json_names_the_file(model_dirs, tmp_path):
+  wd = tmp_path / "run"
+  loop.train(ti_config(model_dirs["sd1"], steps=2), wd, progress=False, mesh=one_device_mesh())
+  (wd / "config.json").write_text((wd / "config.json").read_text()[:40])
+  with pytest.raises(ConfigError, match=rf"{wd / 'config.json'}: damaged, not valid JSON"):
+    loop.train(ti_config(model_dirs["sd1"], steps=2), wd, progress=False, mesh=one_device_mesh())
