@@ -50,6 +50,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from persona_jax.errors import ConfigError, ModelFileError
+from persona_jax.methods import result_file
 from persona_jax.methods.registry import METHODS, read_run_config, spec
 from persona_jax.methods.spec import ExportRequest
 
@@ -82,6 +83,7 @@ def export(workdir, fmt: str, out, options=None) -> list[Path]:
   from persona_jax.workdir_lock import check_not_running
   workdir, out, options = Path(workdir), Path(out), dict(options or {})
   check_not_running(workdir, "export")
+  result_file.check_current(workdir)
   config = read_run(workdir)
   method = spec(config["method"]["name"])
   if fmt not in method.exports:
@@ -100,6 +102,7 @@ def export(workdir, fmt: str, out, options=None) -> list[Path]:
   out.mkdir(parents=True, exist_ok=True)
   written, extra = method.exports[fmt](ExportRequest(workdir, result, config, out, base, options))
   record = {"run": str(workdir.absolute()), "base_model": str(base), "method": config["method"],
-            "format": fmt, "files": [str(p) for p in written], **extra}
+            "format": fmt, "step": result_file.recorded_step(workdir),
+            "files": [str(p) for p in written], **extra}
   write_json(out / "export.json", record)
   return written

@@ -4,10 +4,16 @@ Looks for, in order: `{stem}[.{variant}].safetensors`, then the sharded
 `{stem}.safetensors.index[.{variant}].json`. Pickle files (`.bin`, `.ckpt`, `.pt`, `.pth`) are
 refused with a message saying how to opt in; with `allow_pickle=True` they are read by
 `torch.load(weights_only=True)` (torch comes with the `verify` extra).
+
+Every safetensors file persona_jax writes is byte-deterministic (tensors by name, sorted
+metadata; identical runs write identical files) and records `persona_jax_digest`, a sha256 of
+its tensors' names, dtypes, shapes and bytes; reading such a file checks it, so a damaged result
+is refused naming the file. Files from elsewhere carry no digest and are read as they are.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -74,12 +80,39 @@ def read_weights(folder: Path, stem: str, variant: str | None = None,
   return tensors, source
 
 
+DIGEST_KEY = "persona_jax_digest"
+# numpy dtype name -> safetensors dtype
+SAFETENSORS_DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
+                      "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8",
+                      "uint64": "U64", "uint32": "U32", "uint16": "U16", "uint8": "U8",
+                      "bool": "BOOL"}
+
+
+def tensor_digest(tensors: Mapping[str, np.ndarray]) -> str:
+  """sha256 (32 hex digits) of the tensors' names, dtypes, shapes and bytes, in name order."""
+  h = hashlib.sha256()
+  for name in sorted(tensors):
+    a = np.require(tensors[name], requirements="C")
+    h.update(f"{name}\0{a.dtype.name}\0{a.shape}\0".encode())
+    h.update(a.tobytes())
+  return h.hexdigest()[:32]
+
+
 def read_safetensors(path: Path) -> dict[str, np.ndarray]:
-  from safetensors.numpy import load_file
+  """The file's tensors; one we wrote (it records a digest) is checked against its digest."""
+  from safetensors import safe_open
   try:
-    return load_file(str(path))
+    with safe_open(str(path), "np") as f:
+      metadata = f.metadata() or {}
+      tensors = {k: f.get_tensor(k) for k in f.keys()}
   except Exception as e:  # safetensors raises its own error types for truncated/garbled files
     raise ModelFileError(f"{path}: cannot read safetensors file ({e})") from None
+  recorded = metadata.get(DIGEST_KEY)
+  if recorded is not None and tensor_digest(tensors) != recorded:
+    raise ModelFileError(f"{path}: damaged: its tensors no longer match the digest recorded when "
+                         "persona_jax wrote it; restore it from a copy, or re-create it (finish "
+                         "or re-run the run that wrote it)")
+  return tensors
 
 
 def _read_pickle(path: Path, allow_pickle: bool) -> dict[str, np.ndarray]:
@@ -116,17 +149,40 @@ def _publish(tmp: str, path: Path) -> None:
   os.replace(tmp, path)
 
 
+def safetensors_bytes(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> list:
+  """The safetensors file as a list of byte chunks: the 8-byte header size, the JSON header
+  (metadata sorted, then the tensors by name; padded with spaces to 8 bytes), the data."""
+  header = {"__metadata__": dict(sorted(metadata.items()))}
+  chunks, offset = [], 0
+  for name in sorted(tensors):
+    a = np.require(tensors[name], requirements="C")
+    if a.dtype.name not in SAFETENSORS_DTYPES:
+      raise ValueError(f"tensor {name}: dtype {a.dtype} cannot be written to safetensors")
+    raw = a.tobytes()
+    header[name] = {"dtype": SAFETENSORS_DTYPES[a.dtype.name], "shape": list(a.shape),
+                    "data_offsets": [offset, offset + len(raw)]}
+    chunks.append(raw)
+    offset += len(raw)
+  text = json.dumps(header, separators=(",", ":")).encode()
+  text += b" " * (-len(text) % 8)
+  return [len(text).to_bytes(8, "little"), text, *chunks]
+
+
 def write_safetensors(path: Path, tensors: Mapping[str, np.ndarray],
                       metadata: Mapping[str, str] | None = None) -> None:
-  """Writes atomically: a temporary file in the same folder, then rename."""
-  from safetensors.numpy import save_file
+  """Writes atomically (a temporary file in the same folder, fsynced, then renamed) and
+  deterministically, recording the tensors' digest (module docstring)."""
   path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  data = {k: np.require(v, requirements="C") for k, v in tensors.items()}   # keeps 0-d scalars
+  data = {k: np.asarray(v) for k, v in tensors.items()}
+  metadata = {**dict(metadata or {"format": "pt"}), DIGEST_KEY: tensor_digest(data)}
   fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-  os.close(fd)
   try:
-    save_file(data, tmp, metadata=dict(metadata or {"format": "pt"}))
+    with os.fdopen(fd, "wb") as f:
+      for chunk in safetensors_bytes(data, {k: str(v) for k, v in metadata.items()}):
+        f.write(chunk)
+      f.flush()
+      os.fsync(f.fileno())
     _publish(tmp, path)
   except BaseException:
     if os.path.exists(tmp):

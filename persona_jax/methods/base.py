@@ -110,6 +110,7 @@ class ResultContext:
   model_dir: Path                  # the base model as the run names it
   config: Any                      # the RunConfig
   full_params: Callable            # trainable -> every param the networks see (base + method)
+  step: int | None = None          # the (micro-)step the result is written at
 
 
 @dataclasses.dataclass(frozen=True)

@@ -100,6 +100,8 @@ def find_run(path, method: str | None = None):
   if config is not None:
     from persona_jax.workdir_lock import check_not_running
     check_not_running(path, "use")
+    from persona_jax.methods.result_file import check_current
+    check_current(path)
   ran = config["method"]["name"] if config is not None else None
   if method is not None:
     if ran is not None and ran != method:

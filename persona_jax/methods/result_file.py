@@ -17,12 +17,47 @@ from persona_jax import tree
 from persona_jax.errors import ModelFileError
 
 
+RECORD = "result.json"             # WORKDIR/result.json: the step the result was written at
+
+
 def run_metadata(context, fmt: str, **more: str) -> dict[str, str]:
-  """The metadata every result records: format, base model, resolution, the method options.
-  `context`: the run's `methods.base.ResultContext`."""
+  """The metadata every result records: format, base model, resolution, the method options and
+  the step it was written at. `context`: the run's `methods.base.ResultContext`."""
+  step = {} if context.step is None else {"step": str(context.step)}
   return {"format": fmt, "base_model": str(context.model_dir),
           "resolution": str(context.config.data.resolution),
-          "method": json.dumps(dict(context.config.method_options), default=str), **more}
+          "method": json.dumps(dict(context.config.method_options), default=str, sort_keys=True),
+          **step, **more}
+
+
+def write_record(workdir, step: int, files) -> None:
+  """WORKDIR/result.json: {"step": the step the result files were written at, "files"}."""
+  from persona_jax.convert.files import write_json
+  write_json(Path(workdir) / RECORD, {"step": int(step), "files": [str(f) for f in files]})
+
+
+def recorded_step(workdir) -> int | None:
+  """The step of WORKDIR's result (None: no record, a run from before the record existed)."""
+  path = Path(workdir) / RECORD
+  if not path.is_file():
+    return None
+  try:
+    return int(json.loads(path.read_text())["step"])
+  except (ValueError, KeyError, TypeError):
+    raise ModelFileError(f"{path}: damaged (no step); run the same `train` command again to "
+                         "rewrite it") from None
+
+
+def check_current(workdir) -> None:
+  """Refuses a result older than the run's newest checkpoint (an extended run that has not
+  finished), with the fix."""
+  step = recorded_step(workdir)
+  steps = [int(p.name) for p in (Path(workdir) / "checkpoints").glob("*") if p.name.isdigit()]
+  if step is not None and steps and max(steps) > step:
+    raise ModelFileError(f"{workdir}: its result is from step {step}, but the run has gone on to "
+                         f"a checkpoint at step {max(steps)} and has not finished: run the same "
+                         "`train` command again to finish it (or train it back to its earlier "
+                         "steps in a new workdir)")
 
 
 def write(workdir, file_name: str, trainable, metadata: dict[str, str]) -> list[str]:

@@ -31,6 +31,7 @@ from persona_jax.default_model import resolve_model
 from persona_jax.diffusion.losses import Objective
 from persona_jax.errors import ConfigError, PersonaError
 from persona_jax.images import grid, save_png
+from persona_jax.methods import result_file
 from persona_jax.methods.base import ResultContext
 from persona_jax.methods.registry import make_method
 from persona_jax.models.components import SDModels
@@ -317,15 +318,20 @@ def _train(config: RunConfig, workdir: Path, *, progress: bool, mesh) -> dict:
     manager.close()
   # With EMA on, the averaged params are the result (written and sampled).
   final = jax.device_get(state.ema if state.ema is not None else state.trainable)
-  outputs = write_outputs(run, final, workdir)
+  outputs = write_outputs(run, final, workdir, step=total)
   grid_path = sample_grid(run, final, total, workdir, progress=progress)
   return {"workdir": str(workdir), "steps": total, "state": state, "run": run, "outputs": outputs,
           "samples": str(grid_path) if grid_path else None}
 
 
-def write_outputs(run: Run, trainable, workdir: Path) -> list[str]:
-  """The method's result files (Textual Inversion's embeddings, DreamBooth's model folder)."""
+def write_outputs(run: Run, trainable, workdir: Path, step: int | None = None) -> list[str]:
+  """The method's result files (Textual Inversion's embeddings, DreamBooth's model folder);
+  with `step`, each records it and WORKDIR/result.json too (methods/result_file.py)."""
   if run.method.save is None:
     return []
-  context = ResultContext(Path(workdir), run.pipe, run.model_dir, run.config, run.full_params)
-  return list(run.method.save(trainable, context))
+  context = ResultContext(Path(workdir), run.pipe, run.model_dir, run.config, run.full_params,
+                          step)
+  outputs = list(run.method.save(trainable, context))
+  if step is not None:
+    result_file.write_record(workdir, step, outputs)
+  return outputs

@@ -115,7 +115,8 @@ def test_sd2_file_carries_the_base_extras_and_is_float32(files, sd2_base):
   assert {v.dtype for v in ours.values()} == {np.dtype(np.float32)}
   from safetensors import safe_open
   with safe_open(str(files["sd2"]), framework="numpy") as f:
-    assert f.metadata() == {"format": "pt"}
+    meta = f.metadata()
+  assert meta.pop("format") == "pt" and len(meta.pop("persona_jax_digest")) == 32 and not meta
   w = ours["first_stage_model.encoder.mid.attn_1.q.weight"]
   assert w.ndim == 4 and w.shape[2:] == (1, 1)
   assert ours["cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight"].shape == (96, 32)
