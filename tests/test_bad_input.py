@@ -155,3 +155,34 @@ def test_unused_components_are_ignored_with_a_log_line(folder, caplog):
   with caplog.at_level("INFO"):
     load_pipeline(folder)
   assert "ignoring component 'safety_checker'" in caplog.text
+
+
+@pytest.mark.parametrize("kind", ["lora", "embedding", "ip_adapter"])
+def test_non_finite_adapter_values_are_refused_naming_the_tensor(kind, tmp_path):
+  """A LoRA factor full of NaN used to sample an all-black image; every adapter, embedding and
+  result file is now checked at load."""
+  from persona_jax.convert import embedding_formats as ef
+  from persona_jax.convert import ip_adapter_files
+  from persona_jax.convert import lora_formats as lf
+  bad = np.ones((4, 8), np.float32)
+  bad[1, 2] = np.nan
+  path = tmp_path / f"{kind}.safetensors"
+  name, read = {
+      "lora": ("lora_unet_x.lora_down.weight", lf.read_lora_tensors),
+      "embedding": ("<t>", ef.read_embedding_file),
+      "ip_adapter": ("image_proj.proj.weight", ip_adapter_files.read_official)}[kind]
+  save_file({name: bad, "other": np.zeros(3, np.float32)}, str(path))
+  with pytest.raises(ModelFileError, match=rf"{path}: tensor {name} holds 1 non-finite value"):
+    read(path)
+
+
+def test_integer_weights_in_a_model_folder_are_refused(model_dirs, tmp_path):
+  """An integer tensor where a weight belongs was cast silently; now it names file and tensor
+  (integer buffers such as position_ids stay allowed)."""
+  model = shutil.copytree(model_dirs["sd1"], tmp_path / "model")
+  f = model / "unet" / "diffusion_pytorch_model.safetensors"
+  tensors = load_file(f)
+  tensors["conv_in.bias"] = np.round(tensors["conv_in.bias"] * 100).astype(np.int32)
+  save_file(tensors, str(f))
+  with pytest.raises(ModelFileError, match=rf"{f}: tensor conv_in.bias is int32, not floating point"):
+    load_pipeline(model)

@@ -29,7 +29,7 @@ from typing import Any, NamedTuple
 import jax.numpy as jnp
 import numpy as np
 
-from persona_jax.convert.files import PICKLE_SUFFIXES, read_safetensors, write_safetensors
+from persona_jax.convert.files import PICKLE_SUFFIXES, read_adapter, write_safetensors
 from persona_jax.errors import ConfigError, ModelFileError, PickleRefusedError
 from persona_jax.tokenizer import check_new_tokens, load_tokenizer, tokenizer_with_tokens, vector_tokens
 
@@ -124,7 +124,7 @@ def read_embedding_file(path, token: str | None = None,
         "save_file) or use the .safetensors version of the embedding")
   if not path.is_file():
     raise ModelFileError(f"{path}: embedding file not found")
-  tensors = read_safetensors(path)
+  tensors = read_adapter(path)
   keys = list(tensors)
   if not keys:
     raise ModelFileError(f"{path}: the file holds no tensors")

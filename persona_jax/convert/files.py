@@ -73,9 +73,9 @@ def read_weights(folder: Path, stem: str, variant: str | None = None,
   tensors: dict[str, np.ndarray] = {}
   for f in files:
     if f.suffix in PICKLE_SUFFIXES:
-      tensors.update(_read_pickle(f, allow_pickle))
+      tensors.update(check_weights(_read_pickle(f, allow_pickle), f, finite=False))
     else:
-      tensors.update(read_safetensors(f))
+      tensors.update(check_weights(read_safetensors(f), f, finite=False))
   source = str(files[0]) if len(files) == 1 else f"{files[0].parent}/{{{','.join(f.name for f in files)}}}"
   return tensors, source
 
@@ -113,6 +113,35 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
                          "persona_jax wrote it; restore it from a copy, or re-create it (finish "
                          "or re-run the run that wrote it)")
   return tensors
+
+
+FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+# Integer buffers some checkpoints carry beside their weights (never read as weights).
+INTEGER_BUFFERS = ("position_ids", "num_batches_tracked", "num_updates", "string_to_token")
+
+
+def check_weights(tensors: Mapping[str, np.ndarray], path, *, finite: bool) -> Mapping:
+  """Refuses a non-float weight (an integer buffer of INTEGER_BUFFERS aside) and, with `finite`
+  (adapter and embedding files, results), a non-finite value, naming the file and the tensor."""
+  for name in sorted(tensors):
+    a = np.asarray(tensors[name])
+    if any(part in name for part in INTEGER_BUFFERS):
+      continue
+    if a.dtype.name not in FLOAT_DTYPES:
+      raise ModelFileError(f"{path}: tensor {name} is {a.dtype}, not floating point; weights are "
+                           "float16/bfloat16/float32/float64 (a damaged or wrongly converted file)")
+    if finite:
+      bad = int(a.size - np.count_nonzero(np.isfinite(a.astype(np.float32))))
+      if bad:
+        raise ModelFileError(f"{path}: tensor {name} holds {bad} non-finite value(s) (NaN or "
+                             "inf): it was saved from a diverged run or is damaged; use another "
+                             "file")
+  return tensors
+
+
+def read_adapter(path: Path) -> dict[str, np.ndarray]:
+  """An adapter, embedding or result .safetensors: read (its digest checked), float and finite."""
+  return dict(check_weights(read_safetensors(path), path, finite=True))
 
 
 def _read_pickle(path: Path, allow_pickle: bool) -> dict[str, np.ndarray]:

@@ -102,12 +102,12 @@ def projection_config(state: dict, cross_attention_dim: int, source: str) -> Pro
 
 def read_official(path, allow_pickle: bool = False) -> dict[str, np.ndarray]:
   """An IP-Adapter file as a flat official state dict (`image_proj.*`, `ip_adapter.*`)."""
-  from persona_jax.convert.files import _read_pickle, read_safetensors
+  from persona_jax.convert.files import _read_pickle, read_adapter
   path = Path(path)
   if not path.is_file():
     raise ModelFileError(f"{path}: no IP-Adapter file here")
   if path.suffix == ".safetensors":
-    return read_safetensors(path)
+    return read_adapter(path)
   if not allow_pickle:
     _read_pickle(path, False)                              # raises PickleRefusedError
   import torch

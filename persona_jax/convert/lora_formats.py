@@ -53,14 +53,14 @@ LoRAFactors = dict[str, Factor]     # base kernel path (`unet/.../to_q/kernel`) 
 
 def read_lora_tensors(path) -> dict[str, np.ndarray]:
   """The tensors of a LoRA file, which must be a .safetensors (pickles are refused)."""
-  from persona_jax.convert.files import read_safetensors
+  from persona_jax.convert.files import read_adapter
   path = Path(path)
   if path.suffix != ".safetensors":
     raise ModelFileError(f"{path}: LoRA files are read as .safetensors only (pickle formats such as "
                          ".pt/.ckpt/.bin are refused)")
   if not path.is_file():
     raise ModelFileError(f"{path}: LoRA file not found")
-  return read_safetensors(path)
+  return read_adapter(path)
 
 
 def load_lora_file(path, base_params=None, *, tensors=None) -> LoRAFactors:

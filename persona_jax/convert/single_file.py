@@ -38,7 +38,8 @@ import numpy as np
 
 from persona_jax.convert import diffusers as convert
 from persona_jax.convert.diffusers import key_table
-from persona_jax.convert.files import PICKLE_SUFFIXES, _read_pickle, read_safetensors, write_safetensors
+from persona_jax.convert.files import (PICKLE_SUFFIXES, _read_pickle, check_weights, read_safetensors,
+                                       write_safetensors)
 from persona_jax.errors import ConfigError, ModelFileError
 from persona_jax.models.configs import TextEncoderConfig, UNetConfig, VAEConfig, read_json
 from persona_jax.convert.diffusers_folder import SCHEDULER_FILE, Pipeline, model_index, parse_configs
@@ -361,18 +362,20 @@ def _read_tensors(path: Path, allow_pickle: bool, keys=None) -> dict[str, np.nda
     raise ModelFileError(f"{path}: file not found")
   if path.suffix in PICKLE_SUFFIXES:
     tensors = _read_pickle(path, allow_pickle)
-    return {k: v for k, v in tensors.items() if keys is None or keys(k)}
+    return check_weights({k: v for k, v in tensors.items() if keys is None or keys(k)}, path,
+                         finite=False)
   if path.suffix != ".safetensors":
     raise ModelFileError(f"{path}: expected a .safetensors single-file checkpoint (or a pickled "
                          ".ckpt with allow_pickle=True)")
   if keys is None:
-    return read_safetensors(path)
+    return check_weights(read_safetensors(path), path, finite=False)
   from safetensors import safe_open
   try:
     with safe_open(str(path), framework="numpy") as f:
-      return {k: f.get_tensor(k) for k in f.keys() if keys(k)}
+      tensors = {k: f.get_tensor(k) for k in f.keys() if keys(k)}
   except Exception as e:  # safetensors raises its own error types for truncated/garbled files
     raise ModelFileError(f"{path}: cannot read safetensors file ({e})") from None
+  return check_weights(tensors, path, finite=False)
 
 
 def save_single_file(pipe: Pipeline, path, *, base_single_file=None, dtype=np.float32,

@@ -117,7 +117,7 @@ def read(path, file_name: str, fmt: str, what: str, made_by: str, config_cls=Non
   """Reads WORKDIR/file_name (or the file itself), checking its format tag.
 
   what: the method's name in messages ("E4T"); made_by: the run that writes it ("an e4t run")."""
-  from persona_jax.convert.files import read_safetensors
+  from persona_jax.convert.files import read_adapter
   path = Path(path)
   if path.is_dir():
     path = path / file_name
@@ -127,4 +127,4 @@ def read(path, file_name: str, fmt: str, what: str, made_by: str, config_cls=Non
   if meta.get("format") != fmt:
     raise ModelFileError(f"{path}: not a persona_jax {what} result (metadata format "
                          f"{meta.get('format')!r}, expected {fmt!r})")
-  return Result(path, read_safetensors(path), meta, config_cls, fixed)
+  return Result(path, read_adapter(path), meta, config_cls, fixed)
