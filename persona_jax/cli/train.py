@@ -10,7 +10,7 @@ import sys
 NAME = "train"
 HELP = "train a method: --config NAME[:tiny] --workdir DIR [--config.a.b=v] (--help: the configs)"
 USAGE = ("usage: persona-jax train --config NAME[:variant] --workdir DIR [--config.a.b=VALUE ...] "
-         "[--noprogress] [--print-config]")
+         "[--noprogress] [--print-config] [--continue-with-changes]")
 
 
 def help_text() -> str:
@@ -26,7 +26,10 @@ def help_text() -> str:
             "  --workdir DIR             the run folder (created; the same command resumes)",
             "  --noprogress              no progress bar",
             "  --print-config            print the resolved config (as WORKDIR/config.json "
-            "holds it) and exit"]
+            "holds it) and exit",
+            "  --continue-with-changes   resume this workdir from its last checkpoint with a "
+            "changed optim.lr, optim.schedule, optim.warmup_steps or steps (a run stopped on "
+            "NaN or divergence); each change is logged and kept in WORKDIR/config_changes.jsonl"]
   return "\n".join(lines)
 
 
@@ -41,7 +44,9 @@ def main(argv) -> int:
     return 0
   # ml_collections finds the --config.a.b overrides in `sys_argv`, spelled `--config=PATH`.
   args = []
-  for a in ("--print_config" if a == "--print-config" else a for a in argv):
+  renames = {"--print-config": "--print_config",
+             "--continue-with-changes": "--continue_with_changes"}
+  for a in (renames.get(a, a) for a in argv):
     if args and args[-1] == "--config":
       args[-1] = f"--config={config_path(a)}"
     elif a.startswith("--config="):
@@ -55,6 +60,8 @@ def main(argv) -> int:
   flags.DEFINE_string("workdir", None, "run folder (created; an existing run resumes)", flag_values=fv)
   flags.DEFINE_bool("progress", True, "show a progress bar", flag_values=fv)
   flags.DEFINE_bool("print_config", False, "print the resolved config and exit", flag_values=fv)
+  flags.DEFINE_bool("continue_with_changes", False, "resume with a changed lr/schedule/steps",
+                    flag_values=fv)
   try:
     fv(["persona-jax train", *args])
   except (flags.Error, AttributeError, KeyError, ValueError) as e:
@@ -75,7 +82,8 @@ def main(argv) -> int:
     print("persona-jax train: error: --config and --workdir are required", file=sys.stderr)
     return 2
   from persona_jax.train.loop import train
-  result = train(config, fv.workdir, progress=fv.progress)
+  result = train(config, fv.workdir, progress=fv.progress,
+                 continue_with_changes=fv.continue_with_changes)
   for path in result["outputs"] + ([result["samples"]] if result["samples"] else []):
     print(path)
   return 0

@@ -177,10 +177,18 @@ def _with_defaults(saved: dict) -> dict:
     return saved
 
 
-def _write_config(workdir: Path, config: RunConfig) -> None:
+# Keys `continue_with_changes` may also change (a run stopped on NaN or divergence, continued
+# from its last good checkpoint): they change no shape of the state.
+CONTINUE_CHANGES = frozenset({"steps", "optim/lr", "optim/schedule", "optim/warmup_steps"})
+CHANGES_LOG = "config_changes.jsonl"
+
+
+def _write_config(workdir: Path, config: RunConfig, continue_with_changes: bool = False) -> None:
   """Writes the resolved config; a resumed run must match it (up to RESUMABLE_CHANGES, and
-  `steps` with a constant learning rate, so a finished run can be extended). A workdir without a
-  checkpoint (a start that failed, e.g. on a wrong flag) takes the new config."""
+  `steps` with a constant learning rate, so a finished run can be extended; with
+  `continue_with_changes` also CONTINUE_CHANGES, each change logged and appended to
+  WORKDIR/config_changes.jsonl). A workdir without a checkpoint (a start that failed, e.g. on a
+  wrong flag) takes the new config."""
   path = workdir / "config.json"
   resolved = config.to_dict()
   started = any(p.name.isdigit() for p in (workdir / "checkpoints").glob("*"))
@@ -194,15 +202,28 @@ def _write_config(workdir: Path, config: RunConfig) -> None:
                         "flags prints it) or start a new workdir") from None
     new = tree.flatten(resolved)
     diff = sorted(k for k in set(saved) | set(new) if saved.get(k) != new.get(k))
+    dotted = lambda keys: ", ".join(k.replace("/", ".") for k in keys)      # noqa: E731
     allowed = set(RESUMABLE_CHANGES) | ({"steps"} if config.optim.schedule == "constant" else set())
+    if continue_with_changes:
+      allowed |= CONTINUE_CHANGES
     blocking = [k for k in diff if k not in allowed]
     if blocking:
+      hint = ("" if continue_with_changes or set(blocking) - CONTINUE_CHANGES else
+              " (to continue this run from its last checkpoint with them, add "
+              "--continue-with-changes)")
       raise ConfigError(f"{path}: this workdir was started with a different config (differs in "
-                        f"{', '.join(blocking[:5])}); resume with the same config or use a new "
-                        "workdir")
+                        f"{dotted(blocking[:5])}); resume with the same config or use a new "
+                        f"workdir{hint}")
     if not diff:
       return
-    log.info("%s: resuming with changed %s", path, ", ".join(diff))
+    log.info("%s: resuming with changed %s", path, dotted(diff))
+    changed = {k.replace("/", "."): [saved.get(k), new.get(k)] for k in diff}
+    if continue_with_changes:
+      for k, (old, now) in changed.items():
+        log.warning("%s: continuing with %s changed from %r to %r", workdir, k, old, now)
+      with open(workdir / CHANGES_LOG, "a", encoding="utf-8") as f:
+        f.write(json.dumps({"time": time.strftime("%Y-%m-%d %H:%M:%S"), "changes": changed},
+                           default=str) + "\n")
   ckpt.write_json_atomic(path, resolved)
 
 
@@ -242,19 +263,24 @@ def _stop_diverged(found, manager, workdir: Path) -> None:
   if moved:
     kept += f"; the checkpoints of steps {', '.join(map(str, moved))} moved to {workdir / 'diverged'}"
   raise DivergenceError(f"training diverged: {found.message}; stopping with no result ({kept}). "
-                        "Lower optim.lr, enable optim.clip_grad_norm, or check the data.")
+                        "Continue from that checkpoint at a lower lr (the same command with "
+                        "--continue-with-changes --config.optim.lr=...), or check the data.")
 
 
-def train(config: RunConfig, workdir, *, progress: bool = True, mesh=None) -> dict:
+def train(config: RunConfig, workdir, *, progress: bool = True, mesh=None,
+          continue_with_changes: bool = False) -> dict:
   """Trains (or resumes) the run in `workdir`, holding its lock (workdir_lock.py: a
-  second run on the same workdir is refused). Returns a summary dict."""
+  second run on the same workdir is refused). `continue_with_changes`: the run may resume with
+  CONTINUE_CHANGES changed (its lr, schedule, steps), logged. Returns a summary dict."""
   workdir = Path(workdir)
   with workdir_lock(workdir, hold=jax.process_index() == 0):
-    return _train(config, workdir, progress=progress, mesh=mesh)
+    return _train(config, workdir, progress=progress, mesh=mesh,
+                  continue_with_changes=continue_with_changes)
 
 
-def _train(config: RunConfig, workdir: Path, *, progress: bool, mesh) -> dict:
-  _write_config(workdir, config)
+def _train(config: RunConfig, workdir: Path, *, progress: bool, mesh,
+           continue_with_changes: bool) -> dict:
+  _write_config(workdir, config, continue_with_changes)
   run = build(config, mesh=mesh, workdir=workdir, progress=progress)
   c = config
   total = c.steps * c.optim.grad_accum            # micro-steps

@@ -242,3 +242,26 @@ def test_a_damaged_config_json_names_the_file(model_dirs, tmp_path):
   (wd / "config.json").write_text((wd / "config.json").read_text()[:40])
   with pytest.raises(ConfigError, match=rf"{wd / 'config.json'}: damaged, not valid JSON"):
     loop.train(ti_config(model_dirs["sd1"], steps=2), wd, progress=False, mesh=one_device_mesh())
+
+
+def test_continue_with_changes_is_explicit_logged_and_limited(model_dirs, tmp_path, caplog):
+  """A stopped run continues from its checkpoint with a lower lr and more steps only with
+  continue_with_changes (the CLI's --continue-with-changes), each change logged and kept in
+  WORKDIR/config_changes.jsonl; any other change is still refused."""
+  import logging
+  wd = tmp_path / "run"
+  loop.train(ti_config(model_dirs["sd1"], steps=2), wd, progress=False, mesh=one_device_mesh())
+  lower = ti_config(model_dirs["sd1"], steps=4, optim=dict(lr=1e-3))
+  with pytest.raises(ConfigError, match=r"differs in optim.lr\); .*add --continue-with-changes"):
+    loop.train(lower, wd, progress=False, mesh=one_device_mesh())
+  other = ti_config(model_dirs["sd1"], steps=4, batch_size=1)
+  with pytest.raises(ConfigError, match=r"differs in batch_size\); resume with the same config or "
+                                        r"use a new workdir$"):
+    loop.train(other, wd, progress=False, mesh=one_device_mesh(), continue_with_changes=True)
+  with caplog.at_level(logging.WARNING):
+    result = loop.train(lower, wd, progress=False, mesh=one_device_mesh(), continue_with_changes=True)
+  assert result["steps"] == 4
+  assert f"{wd}: continuing with optim.lr changed from 0.005 to 0.001" in caplog.text
+  (record,) = [json.loads(line) for line in (wd / "config_changes.jsonl").read_text().splitlines()]
+  assert record["changes"] == {"optim.lr": [0.005, 0.001], "steps": [2, 4]}
+  assert json.loads((wd / "config.json").read_text())["optim"]["lr"] == 0.001
