@@ -252,7 +252,7 @@ def compare_adapter(pipe: Pipeline, path: Path, load_both, *, seed: int = 0) -> 
   from persona_jax.diffusion.conditioning import TextConditioning
   from persona_jax.models.components import SDModels
   ref = StableDiffusionPipeline.from_pretrained(path, safety_checker=None, local_files_only=True,
-                                                torch_dtype=torch.float32)
+                                                use_safetensors=True, torch_dtype=torch.float32)
   latents, t = _adapter_inputs(pipe, seed)
 
   def run_ref(token):

@@ -186,3 +186,21 @@ def test_integer_weights_in_a_model_folder_are_refused(model_dirs, tmp_path):
   save_file(tensors, str(f))
   with pytest.raises(ModelFileError, match=rf"{f}: tensor conv_in.bias is int32, not floating point"):
     load_pipeline(model)
+
+
+def test_pickle_messages_name_each_commands_opt_in_and_a_broken_pickle_is_one_line(tmp_path):
+  """The refusal names the opt-in as each command spells it; under the opt-in, a pickle torch's
+  safe unpickler refuses (an arbitrary object) is one line naming the file."""
+  import pickle
+
+  from persona_jax.convert.files import read_weights
+  folder = tmp_path / "unet"
+  folder.mkdir()
+  with open(folder / "diffusion_pytorch_model.bin", "wb") as f:
+    pickle.dump({"conv_in.weight": ConfigError("not a tensor")}, f)
+  with pytest.raises(PickleRefusedError, match=r"--allow-pickle for sample, verify and "
+                                               r"import-fastcomposer; --config.method.allow_pickle"):
+    read_weights(folder, "diffusion_pytorch_model")
+  with pytest.raises(ModelFileError, match=rf"{folder / 'diffusion_pytorch_model.bin'}: cannot read "
+                                           r"this pickle even with the opt-in \(\w+"):
+    read_weights(folder, "diffusion_pytorch_model", allow_pickle=True)

@@ -148,15 +148,22 @@ def _read_pickle(path: Path, allow_pickle: bool) -> dict[str, np.ndarray]:
   if not allow_pickle:
     raise PickleRefusedError(
         f"{path}: refusing to load a pickle file (it can run arbitrary code). Convert it to "
-        "safetensors, or, if you trust it, opt in with --allow-pickle "
-        "(load_pipeline(..., allow_pickle=True)); reading it needs torch (pip install "
-        "'persona-jax[verify]').")
+        "safetensors, or, if you trust it, opt in: --allow-pickle for sample, verify and "
+        "import-fastcomposer; --config.method.allow_pickle=True for an ip_adapter train run's "
+        "pretrained file (train reads no other pickle); allow_pickle=True in load_pipeline; "
+        "reading it needs torch (pip install 'persona-jax[verify]').")
   try:
     import torch
   except ImportError:
     raise ModelFileError(f"{path}: reading a pickle file needs torch; pip install "
                          "'persona-jax[verify]' -c constraints.txt") from None
-  state = torch.load(str(path), map_location="cpu", weights_only=True)
+  try:
+    state = torch.load(str(path), map_location="cpu", weights_only=True)
+  except Exception as e:  # torch's unpickler refusing an object, or a damaged file
+    first = " ".join(str(e).split())[:200]
+    raise ModelFileError(f"{path}: cannot read this pickle even with the opt-in ({type(e).__name__}: "
+                         f"{first}); it holds more than tensors or is damaged: convert it to "
+                         "safetensors where it was made") from None
   while isinstance(state, Mapping) and "state_dict" in state and len(state) <= 3:
     state = state["state_dict"]
   out = {}
@@ -224,10 +231,17 @@ def write_json(path: Path, obj) -> None:
   path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-  with os.fdopen(fd, "w", encoding="utf-8") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-    f.write("\n")
-  _publish(tmp, path)
+  try:
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+      json.dump(obj, f, indent=2, sort_keys=True)
+      f.write("\n")
+      f.flush()
+      os.fsync(f.fileno())
+    _publish(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise
 
 
 def copy_file(src: Path, dst: Path) -> Path:
@@ -239,6 +253,8 @@ def copy_file(src: Path, dst: Path) -> Path:
   os.close(fd)
   try:
     shutil.copyfile(src, tmp)
+    with open(tmp, "rb") as f:
+      os.fsync(f.fileno())
     _publish(tmp, dst)
   except BaseException:
     if os.path.exists(tmp):

@@ -246,6 +246,15 @@ def sample_grid(run: Run, trainable, step: int, workdir: Path, progress: bool = 
   return save_png(grid(images, cols=c.sample_images), workdir / "samples" / f"step_{step:06d}.png")
 
 
+def _terminate_last_line(path: Path) -> None:
+  """Ends the file with a newline if a killed run left its last line torn."""
+  if path.is_file() and path.stat().st_size:
+    with open(path, "rb+") as f:
+      f.seek(-1, 2)
+      if f.read(1) != b"\n":
+        f.write(b"\n")
+
+
 def _stop_diverged(found, manager, workdir: Path) -> None:
   """Moves the checkpoints from the divergence on to WORKDIR/diverged/ (a resume starts from
   the last good one) and raises DivergenceError naming the step, the leaf and that checkpoint."""
@@ -307,6 +316,7 @@ def _train(config: RunConfig, workdir: Path, *, progress: bool, mesh,
            c.steps, c.batch_size, run.mesh.size)
   step_fn = jit_step(run, st_sh, fr_sh)
   batch_sh = mesh_lib.batch_sharding(run.mesh)
+  _terminate_last_line(workdir / "metrics.jsonl")      # a torn line of a killed run
   metrics_file = open(workdir / "metrics.jsonl", "a", encoding="utf-8")
   bar = tqdm(total=total, initial=start, desc=f"train {c.method_name}", unit="step",
              disable=not progress, dynamic_ncols=True)

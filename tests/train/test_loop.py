@@ -265,3 +265,14 @@ def test_continue_with_changes_is_explicit_logged_and_limited(model_dirs, tmp_pa
   (record,) = [json.loads(line) for line in (wd / "config_changes.jsonl").read_text().splitlines()]
   assert record["changes"] == {"optim.lr": [0.005, 0.001], "steps": [2, 4]}
   assert json.loads((wd / "config.json").read_text())["optim"]["lr"] == 0.001
+
+
+def test_a_torn_metrics_line_is_terminated_on_resume(model_dirs, tmp_path):
+  wd = tmp_path / "run"
+  loop.train(ti_config(model_dirs["sd1"], steps=2), wd, progress=False, mesh=one_device_mesh())
+  with open(wd / "metrics.jsonl", "a") as f:
+    f.write('{"step": 3, "lo')                     # a run killed mid-write
+  loop.train(ti_config(model_dirs["sd1"], steps=4), wd, progress=False, mesh=one_device_mesh())
+  lines = (wd / "metrics.jsonl").read_text().splitlines()
+  assert lines[2] == '{"step": 3, "lo'
+  assert [json.loads(line)["step"] for line in lines[:2] + lines[3:]] == [1, 2, 3, 4]
