@@ -28,9 +28,12 @@ def save_png(image: np.ndarray, path: Path) -> Path:
     os.umask(mask)
     os.chmod(tmp, 0o666 & ~mask)
     os.replace(tmp, path)
-  except BaseException:
+  except BaseException as e:
     if os.path.exists(tmp):
       os.unlink(tmp)
+    if isinstance(e, OSError):
+      from persona_jax.errors import write_failure
+      raise write_failure(path, e) from None
     raise
   return path
 

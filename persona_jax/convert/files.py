@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from persona_jax.errors import ModelFileError, PickleRefusedError
+from persona_jax.errors import ModelFileError, PickleRefusedError, write_failure
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
 # transformers names the text encoder's files `model.*`; older folders `pytorch_model.bin`.
@@ -220,9 +220,11 @@ def write_safetensors(path: Path, tensors: Mapping[str, np.ndarray],
       f.flush()
       os.fsync(f.fileno())
     _publish(tmp, path)
-  except BaseException:
+  except BaseException as e:
     if os.path.exists(tmp):
       os.unlink(tmp)
+    if isinstance(e, OSError):
+      raise write_failure(path, e) from None
     raise
 
 
@@ -238,9 +240,11 @@ def write_json(path: Path, obj) -> None:
       f.flush()
       os.fsync(f.fileno())
     _publish(tmp, path)
-  except BaseException:
+  except BaseException as e:
     if os.path.exists(tmp):
       os.unlink(tmp)
+    if isinstance(e, OSError):
+      raise write_failure(path, e) from None
     raise
 
 
@@ -256,8 +260,10 @@ def copy_file(src: Path, dst: Path) -> Path:
     with open(tmp, "rb") as f:
       os.fsync(f.fileno())
     _publish(tmp, dst)
-  except BaseException:
+  except BaseException as e:
     if os.path.exists(tmp):
       os.unlink(tmp)
+    if isinstance(e, OSError):
+      raise write_failure(dst, e) from None
     raise
   return dst

@@ -13,6 +13,7 @@ move to WORKDIR/diverged/, so a resume starts from the last good one.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import functools
 import json
 import logging
@@ -29,7 +30,7 @@ from persona_jax import tree
 from persona_jax.data import pipeline as data
 from persona_jax.default_model import resolve_model
 from persona_jax.diffusion.losses import Objective
-from persona_jax.errors import ConfigError, PersonaError
+from persona_jax.errors import ConfigError, PersonaError, WriteFailed, write_failure
 from persona_jax.images import grid, save_png
 from persona_jax.methods import result_file
 from persona_jax.methods.base import ResultContext
@@ -246,6 +247,11 @@ def sample_grid(run: Run, trainable, step: int, workdir: Path, progress: bool = 
   return save_png(grid(images, cols=c.sample_images), workdir / "samples" / f"step_{step:06d}.png")
 
 
+def _append_line(f, line: str) -> None:
+  f.write(line + "\n")
+  f.flush()
+
+
 def _terminate_last_line(path: Path) -> None:
   """Ends the file with a newline if a killed run left its last line torn."""
   if path.is_file() and path.stat().st_size:
@@ -283,8 +289,43 @@ def train(config: RunConfig, workdir, *, progress: bool = True, mesh=None,
   CONTINUE_CHANGES changed (its lr, schedule, steps), logged. Returns a summary dict."""
   workdir = Path(workdir)
   with workdir_lock(workdir, hold=jax.process_index() == 0):
-    return _train(config, workdir, progress=progress, mesh=mesh,
-                  continue_with_changes=continue_with_changes)
+    try:
+      return _train(config, workdir, progress=progress, mesh=mesh,
+                    continue_with_changes=continue_with_changes)
+    except WriteFailed as e:
+      raise WriteFailed(f"{e}; {_last_complete(workdir)}") from None
+
+
+def _last_complete(workdir: Path) -> str:
+  """'the last complete checkpoint is step N in DIR ...' (orbax's unfinished temporaries of
+  the failed save removed)."""
+  folder = workdir / "checkpoints"
+  for tmp in folder.glob("*.orbax-checkpoint-tmp*"):
+    shutil.rmtree(tmp, ignore_errors=True)
+  steps = sorted(int(p.name) for p in folder.glob("*") if p.name.isdigit())
+  if not steps:
+    return "no checkpoint was complete yet"
+  return (f"the last complete checkpoint is step {steps[-1]} in {folder}; the same command "
+          "resumes from it once the disk has room")
+
+
+def _guard_write(path: Path, fn, *args, **kwargs):
+  """fn(...), an OS error on the way (orbax's and tensorstore's wrapped ones too) as one
+  WriteFailed naming `path` and the free space."""
+  try:
+    return fn(*args, **kwargs)
+  except WriteFailed:
+    raise
+  except Exception as e:
+    cause, seen = e, []
+    while cause is not None and not isinstance(cause, OSError) and cause not in seen:
+      seen.append(cause)
+      cause = cause.__cause__ or cause.__context__
+    if isinstance(cause, OSError):
+      raise write_failure(path, cause) from None
+    if "No space left" in str(e):
+      raise write_failure(path, OSError(errno.ENOSPC, "No space left on device")) from None
+    raise
 
 
 def _train(config: RunConfig, workdir: Path, *, progress: bool, mesh,
@@ -320,6 +361,7 @@ def _train(config: RunConfig, workdir: Path, *, progress: bool, mesh,
   metrics_file = open(workdir / "metrics.jsonl", "a", encoding="utf-8")
   bar = tqdm(total=total, initial=start, desc=f"train {c.method_name}", unit="step",
              disable=not progress, dynamic_ncols=True)
+  failed = True
   pending, pending_from, last_log_time, last_log_step = [], start, time.perf_counter(), start
   try:
     for step in range(start, total):
@@ -339,19 +381,24 @@ def _train(config: RunConfig, workdir: Path, *, progress: bool, mesh,
         record = {"step": done, **{k: float(v) for k, v in last.items() if k != "leaf_max"},
                   "lr": float(run.schedule(optimizer_step(done - 1, c.optim.grad_accum))),
                   "steps_per_sec": (done - last_log_step) / max(now - last_log_time, 1e-9)}
-        metrics_file.write(json.dumps(record) + "\n")
-        metrics_file.flush()
+        _guard_write(workdir / "metrics.jsonl", _append_line, metrics_file, json.dumps(record))
         bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
         pending, pending_from, last_log_time, last_log_step = [], done, now, done
       if at_ckpt:
-        ckpt.save(manager, done, state, iterator, meta)
+        _guard_write(workdir / "checkpoints" / str(done), ckpt.save, manager, done, state,
+                     iterator, meta)
       if c.sample_every and done % c.sample_every == 0 and done != total:
         sample_grid(run, state.trainable, done, workdir)
-    manager.wait_until_finished()
+    _guard_write(workdir / "checkpoints" / str(total), manager.wait_until_finished)
+    failed = False
   finally:
     bar.close()
     metrics_file.close()
-    manager.close()
+    try:
+      manager.close()
+    except Exception:          # a failed save's error: already being raised as one line
+      if not failed:
+        raise
   # With EMA on, the averaged params are the result (written and sampled).
   final = jax.device_get(state.ema if state.ema is not None else state.trainable)
   outputs = write_outputs(run, final, workdir, step=total)
