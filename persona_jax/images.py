@@ -24,6 +24,8 @@ def save_png(image: np.ndarray, path: Path) -> Path:
   os.close(fd)
   try:
     Image.fromarray(image).save(tmp, format="PNG")
+    with open(tmp, "rb") as f:
+      os.fsync(f.fileno())
     mask = os.umask(0)
     os.umask(mask)
     os.chmod(tmp, 0o666 & ~mask)
