@@ -102,7 +102,7 @@ def projection_config(state: dict, cross_attention_dim: int, source: str) -> Pro
 
 def read_official(path, allow_pickle: bool = False) -> dict[str, np.ndarray]:
   """An IP-Adapter file as a flat official state dict (`image_proj.*`, `ip_adapter.*`)."""
-  from persona_jax.convert.files import _read_pickle, read_adapter
+  from persona_jax.convert.files import _read_pickle, check_weights, read_adapter
   path = Path(path)
   if not path.is_file():
     raise ModelFileError(f"{path}: no IP-Adapter file here")
@@ -111,11 +111,19 @@ def read_official(path, allow_pickle: bool = False) -> dict[str, np.ndarray]:
   if not allow_pickle:
     _read_pickle(path, False)                              # raises PickleRefusedError
   import torch
-  state = torch.load(str(path), map_location="cpu", weights_only=True)
-  if "image_proj" not in state:                            # already flat
-    return {k: v.float().numpy() for k, v in state.items() if isinstance(v, torch.Tensor)}
-  return {f"{group}.{k}": v.float().numpy() for group in ("image_proj", "ip_adapter")
-          for k, v in state.get(group, {}).items()}
+  try:
+    state = torch.load(str(path), map_location="cpu", weights_only=True)
+  except Exception as e:  # torch's safe unpickler refusing an object, or a damaged file
+    raise ModelFileError(f"{path}: cannot read this pickle even with the opt-in "
+                         f"({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
+  if "image_proj" in state:                                # the release's nested layout
+    state = {f"{group}.{k}": v for group in ("image_proj", "ip_adapter")
+             for k, v in state.get(group, {}).items()}
+  tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+  for k, v in sorted(tensors.items()):
+    if not v.is_floating_point():
+      raise ModelFileError(f"{path}: tensor {k} is {v.dtype}, not floating point")
+  return dict(check_weights({k: v.float().numpy() for k, v in tensors.items()}, path, finite=True))
 
 
 def from_official(state: dict, unet_params, cross_attention_dim: int, source: str):
