@@ -19,10 +19,11 @@ def to_uint8(images) -> np.ndarray:
 def save_png(image: np.ndarray, path: Path) -> Path:
   """Writes one [H, W, 3] uint8 image: a temporary file in the same folder, then rename."""
   path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-  os.close(fd)
+  tmp = None
   try:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
+    os.close(fd)
     Image.fromarray(image).save(tmp, format="PNG")
     with open(tmp, "rb") as f:
       os.fsync(f.fileno())
@@ -31,7 +32,7 @@ def save_png(image: np.ndarray, path: Path) -> Path:
     os.chmod(tmp, 0o666 & ~mask)
     os.replace(tmp, path)
   except BaseException as e:
-    if os.path.exists(tmp):
+    if tmp is not None and os.path.exists(tmp):
       os.unlink(tmp)
     if isinstance(e, OSError):
       from persona_jax.errors import write_failure

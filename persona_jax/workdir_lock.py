@@ -36,14 +36,15 @@ def _describe(path: Path) -> str:
 def holder(workdir) -> str | None:
   """Who holds WORKDIR's lock ("process PID on HOST (since ...)"), or None when no run holds it."""
   path = Path(workdir) / LOCK_FILE
-  if not path.is_file():
+  try:
+    with open(path, "rb") as f:           # read-only: a reader of the run folder may not write
+      try:
+        fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+      except BlockingIOError:
+        return _describe(path)
+      fcntl.flock(f, fcntl.LOCK_UN)
+  except OSError:                         # no lock file (never trained), or unreadable
     return None
-  with open(path, "a+") as f:
-    try:
-      fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-      return _describe(path)
-    fcntl.flock(f, fcntl.LOCK_UN)
   return None
 
 
@@ -57,7 +58,7 @@ def check_not_running(workdir, what: str) -> None:
 
 @contextlib.contextmanager
 def workdir_lock(workdir, hold: bool = True):
-  """Holds WORKDIR/.lock for the `with` body; a second holder is refused at once (one line
+  """Holds WORKDIR/.lock for the `with` body; a second holder is refused within a second (one line
   naming the workdir and the process). `hold=False`: a no-op (the non-first processes of a
   multi-host run)."""
   if not hold:
@@ -68,9 +69,14 @@ def workdir_lock(workdir, hold: bool = True):
   path = workdir / LOCK_FILE
   f = open(path, "a+")
   try:
-    try:
-      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    for attempt in range(20):             # a reader's brief shared probe is not a run: retry ~1 s
+      try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        break
+      except BlockingIOError:
+        if attempt < 19:
+          time.sleep(0.05)
+    else:
       raise WorkdirInUse(f"{workdir}: another run is training in this workdir ({_describe(path)}); "
                          "wait for it to finish, stop it, or use another --workdir") from None
     f.seek(0)

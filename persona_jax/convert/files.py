@@ -88,6 +88,10 @@ SAFETENSORS_DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfl
                       "bool": "BOOL"}
 
 
+def _little_endian(a: np.ndarray) -> np.ndarray:
+  return a.astype(a.dtype.newbyteorder("<")) if a.dtype.byteorder == ">" else a
+
+
 def tensor_digest(tensors: Mapping[str, np.ndarray]) -> str:
   """sha256 (32 hex digits) of the tensors' names, dtypes, shapes and bytes, in name order."""
   h = hashlib.sha256()
@@ -131,7 +135,7 @@ def check_weights(tensors: Mapping[str, np.ndarray], path, *, finite: bool) -> M
       raise ModelFileError(f"{path}: tensor {name} is {a.dtype}, not floating point; weights are "
                            "float16/bfloat16/float32/float64 (a damaged or wrongly converted file)")
     if finite:
-      bad = int(a.size - np.count_nonzero(np.isfinite(a.astype(np.float32))))
+      bad = int(a.size - np.count_nonzero(np.isfinite(a)))
       if bad:
         raise ModelFileError(f"{path}: tensor {name} holds {bad} non-finite value(s) (NaN or "
                              "inf): it was saved from a diverged run or is damaged; use another "
@@ -209,11 +213,12 @@ def write_safetensors(path: Path, tensors: Mapping[str, np.ndarray],
   """Writes atomically (a temporary file in the same folder, fsynced, then renamed) and
   deterministically, recording the tensors' digest (module docstring)."""
   path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  data = {k: np.asarray(v) for k, v in tensors.items()}
+  data = {k: _little_endian(np.asarray(v)) for k, v in tensors.items()}
   metadata = {**dict(metadata or {"format": "pt"}), DIGEST_KEY: tensor_digest(data)}
-  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+  tmp = None
   try:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     with os.fdopen(fd, "wb") as f:
       for chunk in safetensors_bytes(data, {k: str(v) for k, v in metadata.items()}):
         f.write(chunk)
@@ -221,7 +226,7 @@ def write_safetensors(path: Path, tensors: Mapping[str, np.ndarray],
       os.fsync(f.fileno())
     _publish(tmp, path)
   except BaseException as e:
-    if os.path.exists(tmp):
+    if tmp is not None and os.path.exists(tmp):
       os.unlink(tmp)
     if isinstance(e, OSError):
       raise write_failure(path, e) from None
@@ -231,9 +236,10 @@ def write_safetensors(path: Path, tensors: Mapping[str, np.ndarray],
 def write_json(path: Path, obj) -> None:
   """Writes JSON atomically, with the indentation diffusers uses."""
   path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+  tmp = None
   try:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     with os.fdopen(fd, "w", encoding="utf-8") as f:
       json.dump(obj, f, indent=2, sort_keys=True)
       f.write("\n")
@@ -241,7 +247,7 @@ def write_json(path: Path, obj) -> None:
       os.fsync(f.fileno())
     _publish(tmp, path)
   except BaseException as e:
-    if os.path.exists(tmp):
+    if tmp is not None and os.path.exists(tmp):
       os.unlink(tmp)
     if isinstance(e, OSError):
       raise write_failure(path, e) from None
@@ -252,16 +258,17 @@ def copy_file(src: Path, dst: Path) -> Path:
   """Copies a file atomically (a temporary name in the destination folder, then rename)."""
   import shutil
   dst = Path(dst)
-  dst.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
-  os.close(fd)
+  tmp = None
   try:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
+    os.close(fd)
     shutil.copyfile(src, tmp)
     with open(tmp, "rb") as f:
       os.fsync(f.fileno())
     _publish(tmp, dst)
   except BaseException as e:
-    if os.path.exists(tmp):
+    if tmp is not None and os.path.exists(tmp):
       os.unlink(tmp)
     if isinstance(e, OSError):
       raise write_failure(dst, e) from None

@@ -75,8 +75,11 @@ def metadata(path) -> dict[str, str]:
   if path.suffix != ".safetensors" or not path.is_file():
     return {}
   from safetensors import safe_open
-  with safe_open(str(path), "np") as f:
-    return dict(f.metadata() or {})
+  try:
+    with safe_open(str(path), "np") as f:
+      return dict(f.metadata() or {})
+  except Exception as e:  # a truncated or garbled file: safetensors' own error types
+    raise ModelFileError(f"{path}: cannot read safetensors file ({e})") from None
 
 
 def check_fits(result_path, base_model, flat: dict, leaves) -> None:

@@ -123,11 +123,17 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state, data_iterator
 
 
 def _move_aside(manager: ocp.CheckpointManager, steps, workdir: Path) -> None:
-  for s in steps:
-    target = Path(workdir) / "damaged" / str(s)
-    target.parent.mkdir(exist_ok=True)
-    shutil.rmtree(target, ignore_errors=True)
-    (Path(manager.directory) / str(s)).rename(target)
+  """Moves damaged steps to WORKDIR/damaged/ (on the first process of a multi-host run; the
+  others wait for it)."""
+  if jax.process_index() == 0:
+    for s in steps:
+      target = Path(workdir) / "damaged" / str(s)
+      target.parent.mkdir(exist_ok=True)
+      shutil.rmtree(target, ignore_errors=True)
+      (Path(manager.directory) / str(s)).rename(target)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("persona_jax: damaged checkpoints moved")
   manager.reload()
 
 

@@ -192,7 +192,12 @@ def _write_config(workdir: Path, config: RunConfig, continue_with_changes: bool 
   wrong flag) takes the new config."""
   path = workdir / "config.json"
   resolved = config.to_dict()
-  started = any(p.name.isdigit() for p in (workdir / "checkpoints").glob("*"))
+  done = [int(p.name) for p in (workdir / "checkpoints").glob("*") if p.name.isdigit()]
+  started = bool(done)
+  if done and max(done) > config.steps * config.optim.grad_accum:
+    raise ConfigError(f"steps: {workdir} has a checkpoint at step {max(done)}, past the "
+                      f"{config.steps * config.optim.grad_accum} steps asked for; ask for at least "
+                      "as many steps (or use a new workdir)")
   if path.is_file() and started:
     # Compared with defaults filled in, so options added since the run started do not block it.
     try:
@@ -219,12 +224,16 @@ def _write_config(workdir: Path, config: RunConfig, continue_with_changes: bool 
       return
     log.info("%s: resuming with changed %s", path, dotted(diff))
     changed = {k.replace("/", "."): [saved.get(k), new.get(k)] for k in diff}
+    ckpt.write_json_atomic(path, resolved)
     if continue_with_changes:
       for k, (old, now) in changed.items():
         log.warning("%s: continuing with %s changed from %r to %r", workdir, k, old, now)
-      with open(workdir / CHANGES_LOG, "a", encoding="utf-8") as f:
-        f.write(json.dumps({"time": time.strftime("%Y-%m-%d %H:%M:%S"), "changes": changed},
-                           default=str) + "\n")
+      record = json.dumps({"time": time.strftime("%Y-%m-%d %H:%M:%S"), "changes": changed},
+                          default=str)
+      with _guard_write(workdir / CHANGES_LOG, open, workdir / CHANGES_LOG, "a",
+                        encoding="utf-8") as f:
+        _guard_write(workdir / CHANGES_LOG, _append_line, f, record)
+    return
   ckpt.write_json_atomic(path, resolved)
 
 
@@ -357,8 +366,9 @@ def _train(config: RunConfig, workdir: Path, *, progress: bool, mesh,
            c.steps, c.batch_size, run.mesh.size)
   step_fn = jit_step(run, st_sh, fr_sh)
   batch_sh = mesh_lib.batch_sharding(run.mesh)
-  _terminate_last_line(workdir / "metrics.jsonl")      # a torn line of a killed run
-  metrics_file = open(workdir / "metrics.jsonl", "a", encoding="utf-8")
+  metrics = workdir / "metrics.jsonl"
+  _guard_write(metrics, _terminate_last_line, metrics)      # a torn line of a killed run
+  metrics_file = _guard_write(metrics, open, metrics, "a", encoding="utf-8")
   bar = tqdm(total=total, initial=start, desc=f"train {c.method_name}", unit="step",
              disable=not progress, dynamic_ncols=True)
   failed = True

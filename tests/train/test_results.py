@@ -58,3 +58,22 @@ def test_a_stale_result_is_refused_and_export_records_the_step(two_runs, tmp_pat
             "and has not finished: run the same `train` command again") in err
   finally:
     (wd / "checkpoints" / "4").rmdir()
+
+
+def test_a_truncated_result_and_fewer_steps_than_done_are_one_line(two_runs, model_dirs, tmp_path,
+                                                                   capsys):
+  """A result cut short is refused naming it (not safetensors' raw error); asking a run for fewer
+  steps than it has checkpointed is refused before anything is written."""
+  import shutil
+
+  from persona_jax import ConfigError
+  wd = shutil.copytree(two_runs[0], tmp_path / "run")
+  path = wd / "learned_embeds.safetensors"
+  path.write_bytes(path.read_bytes()[:-10])
+  assert main(["sample", "--run", str(wd), "--prompt", "a <my-toy>", "--out", str(tmp_path / "s")]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and f"{path}: cannot read safetensors file" in err[0]
+  config_before = (wd / "config.json").read_bytes()
+  with pytest.raises(ConfigError, match=rf"steps: {wd} has a checkpoint at step 2, past the 1 steps"):
+    loop.train(ti_config(model_dirs["sd1"], steps=1), wd, progress=False, mesh=one_device_mesh())
+  assert (wd / "config.json").read_bytes() == config_before
