@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -17,28 +15,11 @@ def to_uint8(images) -> np.ndarray:
 
 
 def save_png(image: np.ndarray, path: Path) -> Path:
-  """Writes one [H, W, 3] uint8 image: a temporary file in the same folder, then rename."""
-  path = Path(path)
-  tmp = None
-  try:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
+  """Writes one [H, W, 3] uint8 image atomically (convert/files.py's `atomic_write`)."""
+  from persona_jax.convert.files import atomic_write
+  with atomic_write(path, suffix=".png") as tmp:
     Image.fromarray(image).save(tmp, format="PNG")
-    with open(tmp, "rb") as f:
-      os.fsync(f.fileno())
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(tmp, 0o666 & ~mask)
-    os.replace(tmp, path)
-  except BaseException as e:
-    if tmp is not None and os.path.exists(tmp):
-      os.unlink(tmp)
-    if isinstance(e, OSError):
-      from persona_jax.errors import write_failure
-      raise write_failure(path, e) from None
-    raise
-  return path
+  return Path(path)
 
 
 MIN_GRID_TILE = 128

@@ -13,6 +13,7 @@ is refused naming the file. Files from elsewhere carry no digest and are read as
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -92,14 +93,26 @@ def _little_endian(a: np.ndarray) -> np.ndarray:
   return a.astype(a.dtype.newbyteorder("<")) if a.dtype.byteorder == ">" else a
 
 
-def tensor_digest(tensors: Mapping[str, np.ndarray]) -> str:
-  """sha256 (32 hex digits) of the tensors' names, dtypes, shapes and bytes, in name order."""
-  h = hashlib.sha256()
+def _records(tensors: Mapping[str, np.ndarray]) -> list[tuple[str, np.ndarray, bytes]]:
+  """(name, C-contiguous array, its bytes) of every tensor, in name order."""
+  out = []
   for name in sorted(tensors):
     a = np.require(tensors[name], requirements="C")
+    out.append((name, a, a.tobytes()))
+  return out
+
+
+def _digest(records) -> str:
+  h = hashlib.sha256()
+  for name, a, raw in records:
     h.update(f"{name}\0{a.dtype.name}\0{a.shape}\0".encode())
-    h.update(a.tobytes())
+    h.update(raw)
   return h.hexdigest()[:32]
+
+
+def tensor_digest(tensors: Mapping[str, np.ndarray]) -> str:
+  """sha256 (32 hex digits) of the tensors' names, dtypes, shapes and bytes, in name order."""
+  return _digest(_records(tensors))
 
 
 def read_safetensors(path: Path) -> dict[str, np.ndarray]:
@@ -189,88 +202,67 @@ def _publish(tmp: str, path: Path) -> None:
   os.replace(tmp, path)
 
 
-def safetensors_bytes(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> list:
-  """The safetensors file as a list of byte chunks: the 8-byte header size, the JSON header
-  (metadata sorted, then the tensors by name; padded with spaces to 8 bytes), the data."""
+def safetensors_bytes(records, metadata: Mapping[str, str]) -> list:
+  """The safetensors file of `_records` as a list of byte chunks: the 8-byte header size, the
+  JSON header (metadata sorted, then the tensors by name; padded with spaces to 8 bytes), the
+  data."""
   header = {"__metadata__": dict(sorted(metadata.items()))}
-  chunks, offset = [], 0
-  for name in sorted(tensors):
-    a = np.require(tensors[name], requirements="C")
+  offset = 0
+  for name, a, raw in records:
     if a.dtype.name not in SAFETENSORS_DTYPES:
       raise ValueError(f"tensor {name}: dtype {a.dtype} cannot be written to safetensors")
-    raw = a.tobytes()
     header[name] = {"dtype": SAFETENSORS_DTYPES[a.dtype.name], "shape": list(a.shape),
                     "data_offsets": [offset, offset + len(raw)]}
-    chunks.append(raw)
     offset += len(raw)
   text = json.dumps(header, separators=(",", ":")).encode()
   text += b" " * (-len(text) % 8)
-  return [len(text).to_bytes(8, "little"), text, *chunks]
+  return [len(text).to_bytes(8, "little"), text, *(raw for _, _, raw in records)]
+
+
+@contextlib.contextmanager
+def atomic_write(path, suffix: str = ".tmp"):
+  """Yields a temporary file's path beside `path` to write; then fsyncs it, gives it normal
+  permissions and renames it into place. On any failure the temporary is removed, and an OS
+  error (a full disk, a read-only folder) becomes one WriteFailed line naming `path`."""
+  path = Path(path)
+  tmp = None
+  try:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    yield Path(tmp)
+    with open(tmp, "rb") as f:
+      os.fsync(f.fileno())
+    _publish(tmp, path)
+  except BaseException as e:
+    if tmp is not None and os.path.exists(tmp):
+      os.unlink(tmp)
+    if isinstance(e, OSError):
+      raise write_failure(path, e) from None
+    raise
 
 
 def write_safetensors(path: Path, tensors: Mapping[str, np.ndarray],
                       metadata: Mapping[str, str] | None = None) -> None:
-  """Writes atomically (a temporary file in the same folder, fsynced, then renamed) and
-  deterministically, recording the tensors' digest (module docstring)."""
-  path = Path(path)
-  data = {k: _little_endian(np.asarray(v)) for k, v in tensors.items()}
-  metadata = {**dict(metadata or {"format": "pt"}), DIGEST_KEY: tensor_digest(data)}
-  tmp = None
-  try:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "wb") as f:
-      for chunk in safetensors_bytes(data, {k: str(v) for k, v in metadata.items()}):
-        f.write(chunk)
-      f.flush()
-      os.fsync(f.fileno())
-    _publish(tmp, path)
-  except BaseException as e:
-    if tmp is not None and os.path.exists(tmp):
-      os.unlink(tmp)
-    if isinstance(e, OSError):
-      raise write_failure(path, e) from None
-    raise
+  """Writes atomically (`atomic_write`) and deterministically, recording the tensors' digest
+  (module docstring). Each tensor's bytes are made once, for the digest and the file."""
+  records = _records({k: _little_endian(np.asarray(v)) for k, v in tensors.items()})
+  metadata = {**dict(metadata or {"format": "pt"}), DIGEST_KEY: _digest(records)}
+  with atomic_write(path) as tmp, open(tmp, "wb") as f:
+    for chunk in safetensors_bytes(records, {k: str(v) for k, v in metadata.items()}):
+      f.write(chunk)
 
 
 def write_json(path: Path, obj) -> None:
-  """Writes JSON atomically, with the indentation diffusers uses."""
-  path = Path(path)
-  tmp = None
-  try:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      json.dump(obj, f, indent=2, sort_keys=True)
-      f.write("\n")
-      f.flush()
-      os.fsync(f.fileno())
-    _publish(tmp, path)
-  except BaseException as e:
-    if tmp is not None and os.path.exists(tmp):
-      os.unlink(tmp)
-    if isinstance(e, OSError):
-      raise write_failure(path, e) from None
-    raise
+  """Writes JSON atomically (`atomic_write`), with the indentation diffusers uses."""
+  with atomic_write(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+    f.write("\n")
 
 
 def copy_file(src: Path, dst: Path) -> Path:
-  """Copies a file atomically (a temporary name in the destination folder, then rename)."""
+  """Copies a file atomically (`atomic_write`)."""
   import shutil
-  dst = Path(dst)
-  tmp = None
-  try:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
-    os.close(fd)
+  with atomic_write(dst) as tmp:
     shutil.copyfile(src, tmp)
-    with open(tmp, "rb") as f:
-      os.fsync(f.fileno())
-    _publish(tmp, dst)
-  except BaseException as e:
-    if tmp is not None and os.path.exists(tmp):
-      os.unlink(tmp)
-    if isinstance(e, OSError):
-      raise write_failure(dst, e) from None
-    raise
-  return dst
+  return Path(dst)

@@ -77,7 +77,7 @@ def test_a_full_disk_at_an_export_or_an_image(model_dirs, tmp_path, monkeypatch,
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and f"{out / 'learned_embeds.safetensors'}: cannot write it (No space" in err[0]
   assert not temporaries(out)
-  monkeypatch.setattr(images.os, "replace", full_disk)
+  monkeypatch.setattr(files.os, "replace", full_disk)          # the rename, after the PNG is written
   with pytest.raises(WriteFailed, match=rf"^{tmp_path / 'grid.png'}: cannot write it"):
     images.save_png(np.zeros((8, 8, 3), np.uint8), tmp_path / "grid.png")
   assert not list(tmp_path.glob(".grid.png*"))
