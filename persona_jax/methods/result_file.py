@@ -52,7 +52,8 @@ def check_current(workdir) -> None:
   """Refuses a result older than the run's newest checkpoint (an extended run that has not
   finished), with the fix."""
   step = recorded_step(workdir)
-  steps = [int(p.name) for p in (Path(workdir) / "checkpoints").glob("*") if p.name.isdigit()]
+  from persona_jax.train.checkpoint import finished_steps
+  steps = finished_steps(workdir)
   if step is not None and steps and max(steps) > step:
     raise ModelFileError(f"{workdir}: its result is from step {step}, but the run has gone on to "
                          f"a checkpoint at step {max(steps)} and has not finished: run the same "

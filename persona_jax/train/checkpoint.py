@@ -53,6 +53,13 @@ def base_fingerprint(model_dir: Path) -> str:
   return h.hexdigest()[:16]
 
 
+def finished_steps(workdir) -> list[int]:
+  """The steps of WORKDIR/checkpoints/STEP folders, ascending (orbax's unfinished temporaries,
+  named STEP.orbax-checkpoint-tmp-*, are not steps)."""
+  folder = Path(workdir) / "checkpoints"
+  return sorted(int(p.name) for p in folder.glob("*") if p.name.isdigit())
+
+
 def make_manager(workdir: Path, keep: int) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(
       Path(workdir).absolute() / "checkpoints",
@@ -109,7 +116,7 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state, data_iterator
         break
     else:
       if damaged:
-        _move_aside(manager, [s for s, _ in damaged], workdir)
+        move_aside(manager, [s for s, _ in damaged], Path(workdir) / "damaged")
         log.warning("checkpoint %s; resuming from step %d, the newest intact checkpoint (the "
                     "damaged ones moved to %s)", "; ".join(f"step {s} is damaged ({why})"
                                                        for s, why in damaged),
@@ -122,12 +129,13 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state, data_iterator
   return None
 
 
-def _move_aside(manager: ocp.CheckpointManager, steps, workdir: Path) -> None:
-  """Moves damaged steps to WORKDIR/damaged/ (on the first process of a multi-host run; the
-  others wait for it)."""
+def move_aside(manager: ocp.CheckpointManager, steps, folder: Path) -> None:
+  """Moves checkpoint steps out of the manager's folder into `folder`/STEP (WORKDIR/damaged,
+  WORKDIR/diverged), so a resume starts from an earlier one; on the first process of a
+  multi-host run, the others waiting for it."""
   if jax.process_index() == 0:
     for s in steps:
-      target = Path(workdir) / "damaged" / str(s)
+      target = Path(folder) / str(s)
       target.parent.mkdir(exist_ok=True)
       shutil.rmtree(target, ignore_errors=True)
       (Path(manager.directory) / str(s)).rename(target)

@@ -192,13 +192,12 @@ def _write_config(workdir: Path, config: RunConfig, continue_with_changes: bool 
   wrong flag) takes the new config."""
   path = workdir / "config.json"
   resolved = config.to_dict()
-  done = [int(p.name) for p in (workdir / "checkpoints").glob("*") if p.name.isdigit()]
-  started = bool(done)
+  done = ckpt.finished_steps(workdir)
   if done and max(done) > config.steps * config.optim.grad_accum:
     raise ConfigError(f"steps: {workdir} has a checkpoint at step {max(done)}, past the "
                       f"{config.steps * config.optim.grad_accum} steps asked for; ask for at least "
                       "as many steps (or use a new workdir)")
-  if path.is_file() and started:
+  if path.is_file() and done:
     # Compared with defaults filled in, so options added since the run started do not block it.
     try:
       saved = tree.flatten(_with_defaults(json.loads(path.read_text())))
@@ -275,12 +274,7 @@ def _stop_diverged(found, manager, workdir: Path) -> None:
   the last good one) and raises DivergenceError naming the step, the leaf and that checkpoint."""
   manager.wait_until_finished()
   moved = [s for s in manager.all_steps() if s >= found.step]
-  for s in moved:
-    target = workdir / "diverged" / str(s)
-    target.parent.mkdir(exist_ok=True)
-    shutil.rmtree(target, ignore_errors=True)
-    (Path(manager.directory) / str(s)).rename(target)
-  manager.reload()
+  ckpt.move_aside(manager, moved, workdir / "diverged")
   last = manager.latest_step()
   kept = (f"the last good checkpoint is step {last} in {manager.directory}" if last is not None
           else "no checkpoint was written before it")
@@ -311,7 +305,7 @@ def _last_complete(workdir: Path) -> str:
   folder = workdir / "checkpoints"
   for tmp in folder.glob("*.orbax-checkpoint-tmp*"):
     shutil.rmtree(tmp, ignore_errors=True)
-  steps = sorted(int(p.name) for p in folder.glob("*") if p.name.isdigit())
+  steps = ckpt.finished_steps(workdir)
   if not steps:
     return "no checkpoint was complete yet"
   return (f"the last complete checkpoint is step {steps[-1]} in {folder}; the same command "
