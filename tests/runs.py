@@ -78,10 +78,11 @@ def one_device_mesh():
   return make_mesh(devices=jax.devices()[:1])
 
 
-def fixed_batch_trajectory(run, steps: int = 8):
+def fixed_batch_trajectory(run, steps: int = 8, keep_states: bool = False):
   """Steps on the run's first batch: step 0 has lr 0 (the configs' one warm-up step); the last
   step re-runs with the step counter at 0, i.e. step 0's noise, timesteps and latents, so the two
-  losses are comparable. One compiled step."""
+  losses are comparable. One compiled step. `keep_states`: also `states`, the trainable tree
+  after the lr-0 step and after each step."""
   import functools
 
   import jax
@@ -97,12 +98,15 @@ def fixed_batch_trajectory(run, steps: int = 8):
   frozen_before = jax.tree.map(np.array, run.frozen)
   state, m0 = step(init_state(run.trainable, run.tx, seed=0), run.frozen, batch)
   after_lr0 = jax.device_get(state.trainable)
+  states = [after_lr0]
   for _ in range(steps):
     state, _ = step(state, run.frozen, batch)
+    if keep_states:
+      states.append(jax.device_get(state.trainable))
   _, m_end = step(state.replace(step=jnp.zeros((), jnp.int32)), run.frozen, batch)
   return dict(batch=jax.device_get(batch), frozen_before=frozen_before, after_lr0=after_lr0,
               loss0=float(m0["loss"]), loss_end=float(m_end["loss"]),
-              trained=jax.device_get(state.trainable))
+              trained=jax.device_get(state.trainable), **({"states": states} if keep_states else {}))
 
 
 def run_cli(*args, timeout: int = 900) -> None:

@@ -2,22 +2,17 @@
 two exports (kohya LoRA + A1111 embedding; diffusers/PEFT LoRA + diffusers embedding) loaded by
 diffusers' own loaders and compared with our outputs."""
 
-import functools
 import json
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from persona_jax import tree
 from persona_jax.cli import main
-from persona_jax.data.pipeline import make_iterator
 from persona_jax.methods import pivotal
 from persona_jax.train import loop
-from persona_jax.train.state import init_state
-from persona_jax.train.step import train_step
-from tests.runs import _merge, one_device_mesh
+from tests.runs import _merge, fixed_batch_trajectory, one_device_mesh
 from tests.torch_reference import require_torch
 
 STEPS = 8                       # the trajectory's steps after the lr-0 warm-up step
@@ -40,20 +35,8 @@ def run(model_dirs):
 
 @pytest.fixture(scope="module")
 def trajectory(run):
-  """The lr-0 step, then STEPS steps on the first batch (the trainable tree after each), then
-  step 0's noise again for a comparable final loss. One compiled step."""
-  batch = jax.tree.map(jnp.asarray, next(make_iterator(run.dataset)))
-  step = jax.jit(functools.partial(train_step, method=run.method, models=run.models,
-                                   objective=run.objective, tx=run.tx))
-  frozen_before = jax.tree.map(np.array, run.frozen)
-  state, m0 = step(init_state(run.trainable, run.tx, seed=0), run.frozen, batch)
-  states = [jax.device_get(state.trainable)]
-  for _ in range(STEPS):
-    state, _ = step(state, run.frozen, batch)
-    states.append(jax.device_get(state.trainable))
-  _, m_end = step(state.replace(step=jnp.zeros((), jnp.int32)), run.frozen, batch)
-  return dict(states=states, frozen_before=frozen_before, loss0=float(m0["loss"]),
-              loss_end=float(m_end["loss"]))
+  """The lr-0 step, then STEPS steps on the first batch, keeping the trainable tree after each."""
+  return fixed_batch_trajectory(run, STEPS, keep_states=True)
 
 
 def test_trainable_set_is_literal(run):
