@@ -1,7 +1,8 @@
-"""DDIM sampling as one jitted function: text encode -> `lax.fori_loop` over steps with
-classifier-free guidance -> VAE decode.
+"""Sampling as one jitted function: text encode -> `lax.fori_loop` over the sampler's steps
+(diffusion/samplers.py: DDIM, Euler, Euler ancestral, DPM-Solver++ 2M) with classifier-free
+guidance -> VAE decode.
 
-Only shapes and the step count are static. Guidance scale, guidance rescale and eta are traced
+Only shapes, the sampler and the step count are static. Guidance scale, guidance rescale and eta are traced
 arrays, so changing them never recompiles. Each image has its own key,
 `fold_in(key(seed), index)`: image i starts from the same latents, and draws the same eta noise,
 whatever the batch it is generated in.
@@ -22,13 +23,12 @@ import contextlib
 import dataclasses
 import functools
 import logging
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from persona_jax.diffusion.schedules import SchedulerConfig, alphas_cumprod, inference_timesteps
+from persona_jax.diffusion.samplers import Sampler, make_sampler
+from persona_jax.diffusion.schedules import SchedulerConfig
 from persona_jax.diffusion.conditioning import TextConditioning
 from persona_jax.models.components import SDModels
 from persona_jax.models.vae import AutoencoderKL
@@ -36,30 +36,16 @@ from persona_jax.models.vae import AutoencoderKL
 log = logging.getLogger(__name__)
 
 
-class DDIMArrays(NamedTuple):
-  """The schedule of one sampling run: per step, the timestep and alpha_bar now and next."""
-  timesteps: np.ndarray     # [S] int32, descending
-  alpha: np.ndarray         # [S] float32, alpha_bar[t]
-  alpha_prev: np.ndarray    # [S] float32, alpha_bar[t - T // S] (or the final alpha)
-
-
-def ddim_arrays(config: SchedulerConfig, num_steps: int) -> DDIMArrays:
-  """As diffusers' DDIMScheduler: prev = t - T // S, final alpha 1 if set_alpha_to_one else ab[0]."""
-  ab = alphas_cumprod(config)
-  t = inference_timesteps(config, num_steps)
-  prev = t - config.num_train_timesteps // num_steps
-  final = np.float32(1.0) if config.set_alpha_to_one else ab[0]
-  alpha_prev = np.where(prev >= 0, ab[np.clip(prev, 0, None)], final).astype(np.float32)
-  return DDIMArrays(t.astype(np.int32), ab[t], alpha_prev)
-
-
-def pipeline_scheduler(config: SchedulerConfig) -> SchedulerConfig:
-  """The scheduler config as diffusers' StableDiffusionPipeline samples with it.
+def pipeline_scheduler(config: SchedulerConfig, sdxl: bool = False) -> SchedulerConfig:
+  """The scheduler config as diffusers' StableDiffusionPipeline samples with it (SDXL's pipeline
+  takes it as it is).
 
   The pipeline rewrites outdated configs (SD 1.x's PNDM config has no `clip_sample`, which DDIM
   would default to True and clip the latents): `steps_offset` becomes 1 and `clip_sample` False,
   with a deprecation warning. We do the same, with a log line, so samples match.
   """
+  if sdxl:
+    return config
   fixed = dataclasses.replace(config, steps_offset=1, clip_sample=False)
   if fixed != config:
     _log_rewrite(config.steps_offset, config.clip_sample)
@@ -72,48 +58,6 @@ def _log_rewrite(steps_offset, clip_sample) -> None:
   log.info("scheduler config: using steps_offset=1 and clip_sample=False for sampling, as "
            "diffusers' StableDiffusionPipeline does (the config says %s, %s)",
            steps_offset, clip_sample)
-
-
-def predict_x0_and_eps(prediction_type: str, model_output, sample, alpha):
-  """(x0, eps) from the model output of any prediction type; alpha = alpha_bar_t (scalar)."""
-  sa, sb = jnp.sqrt(alpha), jnp.sqrt(1.0 - alpha)
-  if prediction_type == "epsilon":
-    return (sample - sb * model_output) / sa, model_output
-  if prediction_type == "sample":
-    return model_output, (sample - sa * model_output) / sb
-  if prediction_type == "v_prediction":
-    return sa * sample - sb * model_output, sa * model_output + sb * sample
-  raise ValueError(f"unknown prediction_type {prediction_type}")
-
-
-def threshold_sample(config: SchedulerConfig, x0):
-  """Dynamic thresholding (Imagen): clip each sample to its `ratio` quantile of |x0|, then rescale."""
-  b = x0.shape[0]
-  flat = x0.reshape(b, -1).astype(jnp.float32)
-  s = jnp.quantile(jnp.abs(flat), config.dynamic_thresholding_ratio, axis=1, keepdims=True)
-  s = jnp.clip(s, 1.0, config.sample_max_value)
-  return (jnp.clip(flat, -s, s) / s).reshape(x0.shape).astype(x0.dtype)
-
-
-def ddim_step(config: SchedulerConfig, model_output, sample, alpha, alpha_prev, eta, noise):
-  """One DDIM step, equal to diffusers' `DDIMScheduler.step(..., variance_noise=noise)`.
-
-  Args:
-    model_output, sample, noise: [B, ...]; alpha, alpha_prev, eta: scalars (traced).
-  Returns:
-    (prev_sample, pred_original_sample).
-  """
-  x0, eps = predict_x0_and_eps(config.prediction_type, model_output, sample, alpha)
-  if config.thresholding:
-    x0 = threshold_sample(config, x0)
-  elif config.clip_sample:
-    x0 = jnp.clip(x0, -config.clip_sample_range, config.clip_sample_range)
-  variance = (1.0 - alpha_prev) / (1.0 - alpha) * (1.0 - alpha / alpha_prev)
-  std = eta * jnp.sqrt(variance)
-  direction = jnp.sqrt(1.0 - alpha_prev - std ** 2) * eps
-  prev = jnp.sqrt(alpha_prev) * x0 + direction
-  prev = jnp.where(eta > 0, prev + std * noise, prev)
-  return prev.astype(sample.dtype), x0
 
 
 def guide(out_uncond, out_cond, guidance, guidance_rescale):
@@ -162,12 +106,12 @@ def _tick(step):
     _progress_bar.update(1)
 
 
-def denoise(models: SDModels, scheduler: SchedulerConfig, num_steps: int,
-            conditioning, params, state, latents, keys, guidance, guidance_rescale,
-            eta, progress: bool = False):
-  """The DDIM loop with classifier-free guidance. latents: [B, h, w, c] x_T -> x_0 latents."""
-  sched = ddim_arrays(scheduler, num_steps)
-  timesteps, alpha, alpha_prev = (jnp.asarray(a) for a in sched)
+def denoise(models: SDModels, sampler: Sampler, conditioning, params, state, latents, keys,
+            guidance, guidance_rescale, eta, progress: bool = False):
+  """The sampler's loop with classifier-free guidance. latents: [B, h, w, c] x_T ~ N(0, I)
+  (scaled by the sampler's init_noise_sigma here) -> x_0 latents. The UNet and the
+  conditioning's `at` see the sampler's scaled input (Euler's x / sqrt(sigma^2 + 1))."""
+  timesteps = jnp.asarray(sampler.arrays()["timesteps"])
 
   def halves(u, c):
     """[uncond; cond] on the batch axis; a scalar leaf (a scale) applies to every example."""
@@ -176,23 +120,28 @@ def denoise(models: SDModels, scheduler: SchedulerConfig, num_steps: int,
 
   uncond = conditioning.negative(models, params, state)      # the same at every step
 
-  def body(i, x):
+  def body(i, carry):
+    x, sampler_state = carry
     t = timesteps[i]
-    cond, _ = conditioning.at(models, params, state, x, jnp.broadcast_to(t, x.shape[:1]), i)
+    x_in = sampler.scale_model_input(x.astype(jnp.float32), i).astype(x.dtype)
+    cond, _ = conditioning.at(models, params, state, x_in, jnp.broadcast_to(t, x.shape[:1]), i)
     both = jax.tree.map(halves, uncond, cond)
-    out = models.unet.apply({"params": params["unet"]}, jnp.concatenate([x, x], axis=0),
+    out = models.unet.apply({"params": params["unet"]}, jnp.concatenate([x_in, x_in], axis=0),
                             jnp.broadcast_to(t, (2 * x.shape[0],)), **both)
     out_uncond, out_cond = jnp.split(out.astype(jnp.float32), 2, axis=0)
     model_output = guide(out_uncond, out_cond, guidance, guidance_rescale)
     noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i + 1), x.shape[1:],
                                                  jnp.float32))(keys)
-    prev, _ = ddim_step(scheduler, model_output, x.astype(jnp.float32), alpha[i], alpha_prev[i],
-                        eta, noise)
+    prev, sampler_state = sampler.step(model_output, x, i, sampler_state, noise, eta)
     if progress:
       jax.debug.callback(_tick, i)
-    return prev.astype(x.dtype)
+    return prev.astype(x.dtype), sampler_state
 
-  return jax.lax.fori_loop(0, num_steps, body, latents)
+  x = latents
+  if sampler.init_noise_sigma != 1.0:
+    x = (latents.astype(jnp.float32) * sampler.init_noise_sigma).astype(latents.dtype)
+  x, _ = jax.lax.fori_loop(0, sampler.num_steps, body, (x, sampler.init_state(x)))
+  return x
 
 
 def decode_latents(vae: AutoencoderKL, params, latents):
@@ -210,11 +159,11 @@ def decode_latents(vae: AutoencoderKL, params, latents):
 
 
 @functools.partial(jax.jit, static_argnames=("models", "scheduler", "num_steps", "latent_shape",
-                                             "conditioning", "decode", "progress"))
+                                             "conditioning", "decode", "progress", "sampler"))
 def generate(params, inputs, seed, indices, guidance, guidance_rescale, eta, latents=None, *,
              models: SDModels, scheduler: SchedulerConfig, num_steps: int,
              latent_shape: tuple[int, int, int], conditioning=TextConditioning(),
-             decode: bool = True, progress: bool = False):
+             decode: bool = True, progress: bool = False, sampler: str = "ddim"):
   """Text-to-image: the whole pipeline in one compiled program.
 
   Args:
@@ -224,6 +173,7 @@ def generate(params, inputs, seed, indices, guidance, guidance_rescale, eta, lat
     guidance, guidance_rescale, eta: float scalars (traced: changing them does not recompile).
     latents: optional [B, h, w, c] initial latents (otherwise drawn from the image keys).
     latent_shape: (h, w, c) of the latents.
+    sampler: one of diffusion/samplers.py's SAMPLERS, on `scheduler`'s schedule.
     decode: False returns the final latents instead of images.
     progress: tick the host progress bar installed by `progress_to` after every step.
   Returns:
@@ -234,7 +184,8 @@ def generate(params, inputs, seed, indices, guidance, guidance_rescale, eta, lat
     latents = initial_latents(keys, latent_shape, jnp.float32)
   latents = latents.astype(models.unet.config.dtype)
   state = conditioning.prepare(models, params, inputs)
-  latents = denoise(models, scheduler, num_steps, conditioning, params, state, latents, keys,
+  latents = denoise(models, make_sampler(sampler, scheduler, num_steps), conditioning, params,
+                    state, latents, keys,
                     jnp.asarray(guidance, jnp.float32), jnp.asarray(guidance_rescale, jnp.float32),
                     jnp.asarray(eta, jnp.float32), progress)
   return decode_latents(models.vae, params, latents) if decode else latents

@@ -43,6 +43,9 @@ class SchedulerConfig:
   timestep_spacing: str = "leading"
   rescale_betas_zero_snr: bool = False
   class_name: str = dataclasses.field(default="DDIMScheduler", metadata={"runtime": True})
+  # Whether the file gave timestep_spacing: diffusers' `from_config` of a file without it takes
+  # the sampler class's default (DDIM "leading", Euler and DPM-Solver "linspace").
+  spacing_given: bool = dataclasses.field(default=True, metadata={"runtime": True})
 
   @classmethod
   def from_dict(cls, raw, source="scheduler/scheduler_config.json") -> "SchedulerConfig":
@@ -56,7 +59,8 @@ class SchedulerConfig:
         log.info("%s: %s config; ignoring its sampler-only keys %s", source, class_name,
                  ", ".join(sorted(extra)))
     config = read_config(cls, raw, source=source, ignored=extra)
-    return dataclasses.replace(config, class_name=class_name)
+    return dataclasses.replace(config, class_name=class_name,
+                               spacing_given="timestep_spacing" in raw)
 
   def validate(self, source: str) -> None:
     if self.trained_betas is None and self.beta_schedule not in BETA_SCHEDULES:

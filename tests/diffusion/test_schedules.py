@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from persona_jax.diffusion import sampling, schedules
+from persona_jax.diffusion import sampling, samplers, schedules
 from persona_jax.diffusion.schedules import SchedulerConfig
 from tests.torch_reference import require_torch
 
@@ -66,7 +66,7 @@ def test_ddim_step_matches_diffusers(prediction, clip, spacing, eta):
   steps = 10
   ref.set_timesteps(steps)
   config = SchedulerConfig(**kw)
-  arrays = sampling.ddim_arrays(config, steps)
+  arrays = samplers.ddim_arrays(config, steps)
   np.testing.assert_array_equal(arrays.timesteps, ref.timesteps.numpy())
   rng = np.random.default_rng(0)
   x = rng.standard_normal((2, 4, 6, 5)).astype(np.float32)
@@ -75,7 +75,7 @@ def test_ddim_step_matches_diffusers(prediction, clip, spacing, eta):
     noise = rng.standard_normal(x.shape).astype(np.float32)
     want = ref.step(torch.from_numpy(out), t, torch.from_numpy(x), eta=eta,
                     variance_noise=torch.from_numpy(noise))
-    got, x0 = sampling.ddim_step(config, jnp.asarray(out), jnp.asarray(x), arrays.alpha[i],
+    got, x0 = samplers.ddim_step(config, jnp.asarray(out), jnp.asarray(x), arrays.alpha[i],
                                  arrays.alpha_prev[i], jnp.float32(eta), jnp.asarray(noise))
     np.testing.assert_allclose(x0, want.pred_original_sample.numpy(), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(got, want.prev_sample.numpy(), rtol=1e-5, atol=1e-5)
@@ -108,7 +108,7 @@ def test_v_target_is_consistent_with_the_sampler():
   t = jnp.array([321])
   xt = schedules.add_noise(ab, x0, noise, t)
   v = schedules.training_target("v_prediction", ab, x0, noise, t)
-  rx0, reps = sampling.predict_x0_and_eps("v_prediction", v, xt, ab[321])
+  rx0, reps = samplers.predict_x0_and_eps("v_prediction", v, xt, ab[321])
   np.testing.assert_allclose(rx0, x0, atol=1e-5)
   np.testing.assert_allclose(reps, noise, atol=1e-5)
 
