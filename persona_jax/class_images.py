@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from persona_jax.convert.files import write_json
 from persona_jax.data.images import IMAGE_SUFFIXES, DataError
 from persona_jax.images import save_png
-from persona_jax.text_to_image import SampleOptions, text_to_image
+from persona_jax.text_to_image import SampleOptions, sampler_name, text_to_image
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,8 @@ def make_class_images(pipe, prompt: str, num: int, out, *, options: SampleOption
     raise DataError(f"{out}: class images need a prompt (e.g. 'a photo of a dog')")
   record = {"prompt": prompt, "negative_prompt": negative_prompt, "steps": options.steps,
             "guidance": options.guidance, "seed": options.seed, "height": options.height,
-            "width": options.width, "model": str(pipe.path) if pipe.path else None}
+            "width": options.width, "model": str(pipe.path) if pipe.path else None,
+            "scheduler": sampler_name(pipe, options)}
   _check_metadata(out, record)
   out.mkdir(parents=True, exist_ok=True)
   ours = {image_name(i) for i in range(num)}

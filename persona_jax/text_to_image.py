@@ -11,12 +11,13 @@ import dataclasses
 import numpy as np
 from tqdm.auto import tqdm
 
-from persona_jax.data.batch import IDS, NEGATIVE_IDS
+from persona_jax.data.batch import (IDS, IDS_2, NEGATIVE_IDS, NEGATIVE_IDS_2, NEGATIVE_TIME_IDS,
+                                    NEGATIVE_ZERO, TIME_IDS)
 from persona_jax.diffusion.conditioning import TextConditioning
+from persona_jax.diffusion.samplers import folder_default_sampler
 from persona_jax.diffusion.sampling import generate, pipeline_scheduler, progress_to
 from persona_jax.errors import ConfigError
 from persona_jax.images import to_uint8
-from persona_jax.models.components import SDModels
 from persona_jax.models.unet import UNet2DConditionModel
 from persona_jax.pipeline import Pipeline
 from persona_jax.tokenizer import tokenize
@@ -24,7 +25,14 @@ from persona_jax.tokenizer import tokenize
 
 @dataclasses.dataclass(frozen=True)
 class SampleOptions:
-  """Sampling knobs of the `sample` command (defaults as diffusers' StableDiffusionPipeline)."""
+  """Sampling knobs of the `sample` command (defaults as diffusers' StableDiffusionPipeline).
+
+  scheduler: a sampler of diffusion/samplers.py (`euler`, `dpmpp_2m_karras`, ...); None: the one
+    the folder's scheduler config names (DDIM for schedulers we do not have, e.g. PNDM).
+  SDXL's micro-conditioning, (H, W) / (top, left) pairs as diffusers takes them: original_size
+    and target_size default to the image size, the crop to (0, 0); the negative half uses the
+    positive ones unless negative_original_size and negative_target_size are both given.
+  """
   steps: int = 50
   guidance: float = 7.5
   guidance_rescale: float = 0.0
@@ -34,6 +42,51 @@ class SampleOptions:
   width: int | None = None
   batch_size: int = 4
   clip_skip: int | None = None
+  scheduler: str | None = None
+  original_size: tuple[int, int] | None = None
+  crops_coords_top_left: tuple[int, int] = (0, 0)
+  target_size: tuple[int, int] | None = None
+  negative_original_size: tuple[int, int] | None = None
+  negative_crops_coords_top_left: tuple[int, int] = (0, 0)
+  negative_target_size: tuple[int, int] | None = None
+
+
+def sampler_name(pipe: Pipeline, options: SampleOptions) -> str:
+  """The sampler of a run: `options.scheduler`, else the folder's."""
+  return options.scheduler or folder_default_sampler(pipe.raw_configs["scheduler"])
+
+
+def micro_conditioning(options: SampleOptions, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+  """SDXL's time ids of the positive and the negative half: [6] float32 each (diffusers'
+  `_get_add_time_ids`: original size + crop top-left + target size)."""
+  original = tuple(options.original_size or size)
+  target = tuple(options.target_size or size)
+  positive = np.asarray(original + tuple(options.crops_coords_top_left) + target, np.float32)
+  if options.negative_original_size is None or options.negative_target_size is None:
+    return positive, positive
+  negative = (tuple(options.negative_original_size)
+              + tuple(options.negative_crops_coords_top_left)
+              + tuple(options.negative_target_size))
+  return positive, np.asarray(negative, np.float32)
+
+
+def prompt_inputs(pipe: Pipeline, tokenizer, prompts: list[str], negatives: list[str],
+                  options: SampleOptions, size: tuple[int, int]) -> dict:
+  """The sampler's text inputs of one batch: ids and negative ids [B, L]; for SDXL also the
+  second tokenizer's, the time ids [B, 6] and which negatives are zeros [B] (empty ones, when
+  the folder says force_zeros_for_empty_prompt, as diffusers does for a negative prompt None)."""
+  batch = {IDS: tokenize(tokenizer, prompts), NEGATIVE_IDS: tokenize(tokenizer, negatives)}
+  if pipe.is_sdxl:
+    positive, negative = micro_conditioning(options, size)
+    n = len(prompts)
+    batch.update({
+        IDS_2: tokenize(pipe.tokenizer_2, prompts),
+        NEGATIVE_IDS_2: tokenize(pipe.tokenizer_2, negatives),
+        TIME_IDS: np.tile(positive, (n, 1)), NEGATIVE_TIME_IDS: np.tile(negative, (n, 1)),
+        NEGATIVE_ZERO: np.asarray([pipe.force_zeros_for_empty_prompt and not neg
+                                   for neg in negatives]),
+    })
+  return batch
 
 
 def image_size(pipe: Pipeline, height: int | None, width: int | None) -> tuple[int, int]:
@@ -110,8 +163,9 @@ def text_to_image(pipe: Pipeline, prompts: str | list[str], negative_prompt: str
   unet = pipe.unet
   if sampling.addons:
     unet = UNet2DConditionModel(dataclasses.replace(unet.config, addons=sampling.addons))
-  models = SDModels(unet, pipe.text_encoder, pipe.vae)
+  models = pipe.models(unet)
   params = pipe.params if sampling.params is None else sampling.params
+  sampler = sampler_name(pipe, options)
   total = len(all_prompts)
   bs = max(1, min(options.batch_size, total))
   out = []
@@ -121,13 +175,14 @@ def text_to_image(pipe: Pipeline, prompts: str | list[str], negative_prompt: str
     for start in range(0, total, bs):
       chunk = list(range(start, min(start + bs, total)))
       padded = chunk + [chunk[-1]] * (bs - len(chunk))
-      batch = {IDS: tokenize(tokenizer, [all_prompts[i] for i in padded]),
-               NEGATIVE_IDS: tokenize(tokenizer, [all_negatives[i] for i in padded])}
+      batch = prompt_inputs(pipe, tokenizer, [all_prompts[i] for i in padded],
+                            [all_negatives[i] for i in padded], options, (h, w))
       batch.update({k: np.repeat(np.asarray(v), bs, axis=0) for k, v in sampling.inputs.items()})
       images = generate(params, batch, options.seed, np.asarray(padded) + start_index,
                         options.guidance, options.guidance_rescale, options.eta, models=models,
-                        scheduler=pipeline_scheduler(pipe.scheduler_config), num_steps=options.steps,
+                        scheduler=pipeline_scheduler(pipe.scheduler_config, pipe.is_sdxl),
+                        num_steps=options.steps,
                         latent_shape=latent_shape, conditioning=conditioning,
-                        progress=progress)
+                        sampler=sampler, progress=progress)
       out.append(to_uint8(images)[: len(chunk)])
   return np.concatenate(out, axis=0)

@@ -1,5 +1,7 @@
 """`persona-jax verify`: run a model folder in persona_jax and in diffusers/transformers PyTorch on
-identical inputs and report the largest error per component. With an image encoder (`--image-encoder
+identical inputs and report the largest error per component. SDXL folders add the second text
+encoder (hidden states, pooled, projected), the UNet's added conditioning and
+StableDiffusionXLPipeline's sampling with micro-conditioning and zeroed negatives. With an image encoder (`--image-encoder
 DIR`, or the model's `image_encoder/`), random images also go through both CLIP preprocessors
 (ours and transformers' PIL `CLIPImageProcessorPil`) and both vision encoders.
 
@@ -75,22 +77,46 @@ def _require_reference() -> None:
   torch.backends.cuda.matmul.allow_tf32 = False
 
 
-def _torch_components(path: Path, variant, allow_pickle):
+@dataclasses.dataclass
+class TorchComponents:
+  """The folder's networks in diffusers/transformers PyTorch (text_2: SDXL's second encoder)."""
+  unet: object
+  vae: object
+  text: object
+  text_2: object = None
+
+
+def _torch_components(path: Path, variant, allow_pickle, sdxl: bool = False) -> TorchComponents:
   _require_reference()
   from diffusers import AutoencoderKL, UNet2DConditionModel
-  from transformers import CLIPTextModel
+  from transformers import CLIPTextModel, CLIPTextModelWithProjection
   kw = dict(variant=variant, use_safetensors=None if allow_pickle else True, local_files_only=True)
   unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kw).eval().float()
   vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **kw).eval().float()
   text = CLIPTextModel.from_pretrained(path / "text_encoder", **kw).eval().float()
-  return unet, vae, text
+  text_2 = (CLIPTextModelWithProjection.from_pretrained(path / "text_encoder_2", **kw).eval().float()
+            if sdxl else None)
+  return TorchComponents(unet, vae, text, text_2)
+
+
+def _compare_text_encoder(name: str, ours, ref, ref_pooled) -> list[Comparison]:
+  """Last hidden state, pooled output and penultimate layer (+ the projection, if any)."""
+  out = [compare(f"{name}.last_hidden_state", ours.last_hidden_state, ref.last_hidden_state.numpy()),
+         compare(f"{name}.pooled", ours.pooled, ref_pooled.numpy()),
+         compare(f"{name}.hidden_states[-2]", ours.hidden_states[-2],
+                 ref.hidden_states[-2].numpy())]
+  if ours.text_embeds is not None:
+    out.append(compare(f"{name}.text_embeds (projected)", ours.text_embeds,
+                       ref.text_embeds.numpy()))
+  return out
 
 
 def compare_components(pipe: Pipeline, path: Path, *, variant=None, allow_pickle=False,
-                       seed: int = 0) -> list[Comparison]:
+                       seed: int = 0, sampler: str | None = None) -> list[Comparison]:
   """Runs text encoder, UNet and VAE (encode and decode) on both sides; returns the errors."""
   import torch
-  unet_t, vae_t, text_t = _torch_components(path, variant, allow_pickle)
+  ref_models = _torch_components(path, variant, allow_pickle, pipe.is_sdxl)
+  unet_t, vae_t = ref_models.unet, ref_models.vae
   rng = np.random.default_rng(seed)
   results = []
   b = len(PROMPTS)
@@ -99,21 +125,30 @@ def compare_components(pipe: Pipeline, path: Path, *, variant=None, allow_pickle
   h, w = 4 * f, 3 * f                                          # non-square latents
   with torch.no_grad(), jax.default_matmul_precision("highest"):
     ids = tokenize(pipe.tokenizer, list(PROMPTS))
-    ref = text_t(torch.from_numpy(ids).long(), output_hidden_states=True)
+    ref = ref_models.text(torch.from_numpy(ids).long(), output_hidden_states=True)
     ours = jax.jit(pipe.text_encoder.apply)({"params": pipe.params["text_encoder"]}, ids)
-    results.append(compare("text_encoder.last_hidden_state", ours.last_hidden_state,
-                           ref.last_hidden_state.numpy()))
-    results.append(compare("text_encoder.pooled", ours.pooled, ref.pooler_output.numpy()))
-    results.append(compare("text_encoder.hidden_states[-2]", ours.hidden_states[-2],
-                           ref.hidden_states[-2].numpy()))
-    context = ref.last_hidden_state.numpy()
+    results += _compare_text_encoder("text_encoder", ours, ref, ref.pooler_output)
+    context, added, added_ref = ref.last_hidden_state.numpy(), None, {}
+    if pipe.is_sdxl:
+      ids_2 = tokenize(pipe.tokenizer_2, list(PROMPTS))
+      text_2 = ref_models.text_2
+      ref_2 = text_2(torch.from_numpy(ids_2).long(), output_hidden_states=True)
+      ours_2 = jax.jit(pipe.text_encoder_2.apply)({"params": pipe.params["text_encoder_2"]}, ids_2)
+      results += _compare_text_encoder("text_encoder_2", ours_2, ref_2,
+                                       text_2.text_model(torch.from_numpy(ids_2).long()).pooler_output)
+      context = np.concatenate([ref.hidden_states[-2].numpy(), ref_2.hidden_states[-2].numpy()], -1)
+      time_ids = np.array([[4 * f * 8, 3 * f * 8, 0, 0, 4 * f * 8, 3 * f * 8],
+                           [1024, 768, 16, 32, 512, 512]][:b], np.float32)
+      added = {"text_embeds": ref_2.text_embeds.numpy(), "time_ids": time_ids}
+      added_ref = {"added_cond_kwargs": {k: torch.from_numpy(v) for k, v in added.items()}}
 
     latents = rng.standard_normal((b, h, w, uc.in_channels)).astype(np.float32)
     t = np.linspace(1, 999, b).astype(np.int64)
     ref_eps = unet_t(torch.from_numpy(nchw(latents)), torch.from_numpy(t),
-                     torch.from_numpy(context)).sample.numpy()
-    eps = jax.jit(pipe.unet.apply)({"params": pipe.params["unet"]}, latents, t, context)
-    results.append(compare("unet", nchw(eps), ref_eps))
+                     torch.from_numpy(context), **added_ref).sample.numpy()
+    eps = jax.jit(pipe.unet.apply)({"params": pipe.params["unet"]}, latents, t, context,
+                                   added_cond=added)
+    results.append(compare("unet" + (" (added conditioning)" if added else ""), nchw(eps), ref_eps))
 
     vf = vc.downsample_factor
     images = rng.uniform(-1, 1, (b, 4 * vf, 3 * vf, vc.in_channels)).astype(np.float32)
@@ -129,40 +164,69 @@ def compare_components(pipe: Pipeline, path: Path, *, variant=None, allow_pickle
     # diffusers' pipeline wants image sizes divisible by 8.
     m = math.lcm(f, max(1, 8 // vc.downsample_factor))
     latents = rng.standard_normal((b, 4 * m, 3 * m, uc.in_channels)).astype(np.float32)
-    results.extend(_compare_sampling(pipe, unet_t, vae_t, text_t, path, latents))
+    results.extend(compare_sampling(pipe, ref_models, path, latents, sampler))
   return results
 
 
-def _compare_sampling(pipe, unet_t, vae_t, text_t, path, latents):
-  """A few DDIM steps with guidance and negative prompts against diffusers' pipeline, from
-  identical initial latents; diffusers' scheduler is `DDIMScheduler.from_config` of the folder's."""
+def reference_scheduler(sampler: str, path: Path):
+  """diffusers' scheduler of one of our samplers, `from_config` of the folder's config."""
+  import diffusers
+  classes = {"ddim": ("DDIMScheduler", {}), "euler": ("EulerDiscreteScheduler", {}),
+             "euler_ancestral": ("EulerAncestralDiscreteScheduler", {}),
+             "dpmpp_2m": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": False}),
+             "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True})}
+  name, overrides = classes[sampler]
+  cls = getattr(diffusers, name)
+  return cls.from_config(cls.load_config(path, subfolder="scheduler"), **overrides)
+
+
+def compare_sampling(pipe, ref_models: TorchComponents, path, latents, sampler: str | None = None):
+  """A few sampler steps with guidance against diffusers' pipeline, from identical initial
+  latents, with `sampler` (default: the folder's; DDIM where we have not its class; Euler's
+  deterministic twin for Euler ancestral, whose noise diffusers draws itself); diffusers'
+  scheduler is that class `from_config` of the folder's. SD 1.x/2.x: negative prompts; SDXL: an
+  empty negative prompt (zeros where the folder says force_zeros_for_empty_prompt) and
+  micro-conditioning that is not the default."""
   import torch
-  from diffusers import DDIMScheduler, StableDiffusionPipeline
+  from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
   from persona_jax.diffusion.sampling import generate, pipeline_scheduler
+  from persona_jax.text_to_image import SampleOptions, prompt_inputs, sampler_name
 
-  from persona_jax.models.components import SDModels
-  scheduler = DDIMScheduler.from_config(DDIMScheduler.load_config(path, subfolder="scheduler"))
-  ref = StableDiffusionPipeline(vae=vae_t, text_encoder=text_t, tokenizer=pipe.tokenizer,
-                                unet=unet_t, scheduler=scheduler, safety_checker=None,
-                                feature_extractor=None, requires_safety_checker=False)
-  ref.set_progress_bar_config(disable=True)
+  sampler = sampler or sampler_name(pipe, SampleOptions())
+  if sampler == "euler_ancestral":
+    sampler = "euler"
+  scheduler = reference_scheduler(sampler, path)
   b, h, w, _ = latents.shape
   f = pipe.vae_scale_factor
-  negative = ["blurry"] * b
-  kw = dict(prompt=list(PROMPTS), negative_prompt=negative, num_inference_steps=SAMPLING_STEPS,
-            guidance_scale=GUIDANCE, latents=torch.from_numpy(nchw(latents)), height=h * f,
-            width=w * f)
+  parts = dict(vae=ref_models.vae, text_encoder=ref_models.text, tokenizer=pipe.tokenizer,
+               unet=ref_models.unet, scheduler=scheduler)
+  kw = dict(prompt=list(PROMPTS), num_inference_steps=SAMPLING_STEPS, guidance_scale=GUIDANCE,
+            latents=torch.from_numpy(nchw(latents)), height=h * f, width=w * f)
+  if pipe.is_sdxl:
+    ref = StableDiffusionXLPipeline(**parts, text_encoder_2=ref_models.text_2,
+                                    tokenizer_2=pipe.tokenizer_2,
+                                    force_zeros_for_empty_prompt=pipe.force_zeros_for_empty_prompt)
+    options = SampleOptions(original_size=(2 * h * f, 3 * w * f), crops_coords_top_left=(8, 0))
+    kw.update(original_size=options.original_size,
+              crops_coords_top_left=options.crops_coords_top_left)
+    negative = [""] * b
+  else:
+    ref = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
+                                  requires_safety_checker=False)
+    options = SampleOptions()
+    negative = ["blurry"] * b
+    kw.update(negative_prompt=negative)
+  ref.set_progress_bar_config(disable=True)
   want_latents = ref(**kw, output_type="latent").images.numpy()
   want_images = ref(**kw, output_type="np").images
-  inputs = {"ids": tokenize(pipe.tokenizer, list(PROMPTS)),
-            "negative_ids": tokenize(pipe.tokenizer, negative)}
+  inputs = prompt_inputs(pipe, pipe.tokenizer, list(PROMPTS), negative, options, (h * f, w * f))
   run = functools.partial(generate, pipe.params, inputs, 0, np.arange(b), GUIDANCE, 0.0, 0.0,
-                          latents, models=SDModels(pipe.unet, pipe.text_encoder, pipe.vae),
-                          scheduler=pipeline_scheduler(pipe.scheduler_config),
-                          num_steps=SAMPLING_STEPS,
-                          latent_shape=latents.shape[1:])
-  name = f"ddim {SAMPLING_STEPS} steps, cfg {GUIDANCE}"
+                          latents, models=pipe.models(),
+                          scheduler=pipeline_scheduler(pipe.scheduler_config, pipe.is_sdxl),
+                          num_steps=SAMPLING_STEPS, latent_shape=latents.shape[1:],
+                          sampler=sampler)
+  name = f"{sampler} {SAMPLING_STEPS} steps, cfg {GUIDANCE}"
   return [compare(f"{name}: latents", nchw(run(decode=False)), want_latents),
           compare(f"{name}: images", run(), want_images)]
 
@@ -250,7 +314,6 @@ def compare_adapter(pipe: Pipeline, path: Path, load_both, *, seed: int = 0) -> 
 
   from persona_jax.data.batch import IDS
   from persona_jax.diffusion.conditioning import TextConditioning
-  from persona_jax.models.components import SDModels
   ref = StableDiffusionPipeline.from_pretrained(path, safety_checker=None, local_files_only=True,
                                                 use_safetensors=True, torch_dtype=torch.float32)
   latents, t = _adapter_inputs(pipe, seed)
@@ -268,7 +331,7 @@ def compare_adapter(pipe: Pipeline, path: Path, load_both, *, seed: int = 0) -> 
     pipe, sampling, token = load_both(ref, pipe, tmp)
   token = token or "a ball"
   ctx_ref, eps_ref = run_ref(token)
-  models = SDModels(pipe.unet, pipe.text_encoder, pipe.vae)
+  models = pipe.models()
   params = pipe.params if sampling.params is None else sampling.params
   tokenizer = sampling.tokenizer or pipe.tokenizer
   conditioning = sampling.conditioning or TextConditioning()
@@ -294,10 +357,11 @@ def find_image_encoder(path: Path, image_encoder=None) -> Path | None:
 
 def verify(path, *, tolerance: float = DEFAULT_TOLERANCE, variant: str | None = None,
            allow_pickle: bool = False, seed: int = 0, image_encoder=None, adapter=None,
-           print_fn=print) -> bool:
+           sampler: str | None = None, print_fn=print) -> bool:
   """Loads `path` (and the image encoder, see `find_image_encoder`) on both sides, prints one
   line per output and returns whether all pass. With `adapter` = (a method's VerifySpec, the
-  flag's value), only that method's files are compared (its `run`)."""
+  flag's value), only that method's files are compared (its `run`). `sampler`: the sampling
+  comparison's (default: the folder's scheduler's)."""
   path = Path(path)
   pipe = load_pipeline(path, variant=variant, allow_pickle=allow_pickle, attention="auto")
   encoder = None
@@ -309,7 +373,8 @@ def verify(path, *, tolerance: float = DEFAULT_TOLERANCE, variant: str | None = 
     what = f" + {hook.flag} {value}"
   else:
     encoder = find_image_encoder(path, image_encoder)
-    results = compare_components(pipe, path, variant=variant, allow_pickle=allow_pickle, seed=seed)
+    results = compare_components(pipe, path, variant=variant, allow_pickle=allow_pickle, seed=seed,
+                                 sampler=sampler)
     what = ""
   if encoder is not None:
     results += compare_image_encoder(encoder, variant=variant, allow_pickle=allow_pickle, seed=seed)

@@ -45,6 +45,18 @@ def model_dirs(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def sdxl_dir(tmp_path_factory):
+  """The tiny SDXL pipeline of `make-random-model --preset sdxl` (read-only for tests)."""
+  return make_random_model(tmp_path_factory.mktemp("models") / "sdxl", "sdxl", seed=5)
+
+
+@pytest.fixture(scope="session")
+def sdxl_pipe(sdxl_dir):
+  """The tiny SDXL pipeline loaded in persona_jax (float32)."""
+  return load_pipeline(sdxl_dir)
+
+
+@pytest.fixture(scope="session")
 def pipes(model_dirs):
   """The two random pipelines loaded in persona_jax (float32)."""
   return {p: load_pipeline(d) for p, d in model_dirs.items()}

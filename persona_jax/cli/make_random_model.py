@@ -10,9 +10,10 @@ HELP = "write a small random-weight pipeline (diffusers layout)"
 
 def add_arguments(p) -> None:
   p.add_argument("out", type=Path, help="output folder")
-  p.add_argument("--preset", choices=("sd1", "sd2"), default="sd1",
+  p.add_argument("--preset", choices=("sd1", "sd2", "sdxl"), default="sd1",
                  help="sd1: conv projections, epsilon; sd2: linear projections, per-block heads, "
-                      "v-prediction")
+                      "v-prediction; sdxl: SDXL's layout (two text encoders, added "
+                      "conditioning, Euler)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--overwrite", action="store_true", help="replace an existing folder")
 
@@ -45,4 +46,15 @@ def describe(pipe) -> str:
       f"  tokenizer     CLIPTokenizer         {len(pipe.tokenizer):>11,d} tokens  "
       f"pad id {pipe.tokenizer.pad_token_id}",
   ]
+  if pipe.is_sdxl:
+    t2 = pipe.text_encoder_2_config
+    lines[3:3] = [
+        f"  text_encoder_2 CLIPTextModelWithProjection {counts['text_encoder_2']:>6,d} params  "
+        f"{t2.num_hidden_layers} layers x {t2.hidden_size}, {t2.hidden_act}, projection "
+        f"{t2.projection_dim}",
+    ]
+    lines.append(f"  tokenizer_2   CLIPTokenizer         {len(pipe.tokenizer_2):>11,d} tokens  "
+                 f"pad id {pipe.tokenizer_2.pad_token_id}")
+    lines.append(f"  SDXL          added conditioning {u.addition_embed_type}, "
+                 f"force_zeros_for_empty_prompt {pipe.force_zeros_for_empty_prompt}")
   return "\n".join(lines)

@@ -1,4 +1,5 @@
-"""`persona-jax sample`: DDIM text-to-image, with a trained run (`--run WORKDIR`, any method: its
+"""`persona-jax sample`: text-to-image (DDIM, Euler, Euler ancestral, DPM-Solver++ 2M; SD 1.x/2.x
+and SDXL), with a trained run (`--run WORKDIR`, any method: its
 registry entry says how it samples) and adapter files (`--lora`, `--embedding`) that compose.
 
 The per-method flags (`--e4t DIR`, `--instantbooth DIR`, `--ip-adapter FILE`, ...) are `--run`
@@ -16,7 +17,8 @@ from persona_jax.cli.model_flags import add_model_flags, load_model
 from persona_jax.errors import ConfigError, PersonaError
 
 NAME = "sample"
-HELP = "text-to-image with DDIM (with a trained run or adapter files): one PNG per image and a grid"
+HELP = ("text-to-image (SD 1.x/2.x, SDXL; with a trained run or adapter files): one PNG per image "
+        "and a grid")
 
 
 def _flag(name: str) -> str:
@@ -52,6 +54,47 @@ def knob_values(args) -> dict:
   return out
 
 
+SCHEDULERS = ("ddim", "euler", "euler_ancestral", "dpmpp_2m", "dpmpp_2m_karras")
+
+
+def add_scheduler_flags(p) -> None:
+  p.add_argument("--scheduler", choices=SCHEDULERS, default=None,
+                 help="the sampler, as diffusers' scheduler of that name computes it (default: "
+                      "the one the model's scheduler_config.json names; DDIM for others, e.g. "
+                      "PNDM)")
+
+
+def add_sdxl_flags(p) -> None:
+  """SDXL's micro-conditioning (diffusers' StableDiffusionXLPipeline arguments)."""
+  pair = dict(type=int, nargs=2, default=None)
+  p.add_argument("--original-size", metavar=("H", "W"), **pair,
+                 help="SDXL: the original_size the model is told (default: the image size)")
+  p.add_argument("--crops-coords-top-left", metavar=("TOP", "LEFT"), **pair,
+                 help="SDXL: the crop the model is told (default 0 0)")
+  p.add_argument("--target-size", metavar=("H", "W"), **pair,
+                 help="SDXL: the target_size the model is told (default: the image size)")
+  p.add_argument("--negative-original-size", metavar=("H", "W"), **pair,
+                 help="SDXL: the negative half's original_size (with --negative-target-size)")
+  p.add_argument("--negative-crops-coords-top-left", metavar=("TOP", "LEFT"), **pair)
+  p.add_argument("--negative-target-size", metavar=("H", "W"), **pair)
+
+
+def sample_options(args, pipe, **fields):
+  """SampleOptions from the sampling flags, with the pipeline's defaults (SDXL: guidance 5)."""
+  from persona_jax.text_to_image import SampleOptions
+  guidance = args.guidance if args.guidance is not None else (5.0 if pipe.is_sdxl else 7.5)
+  sdxl = {name: tuple(getattr(args, name)) for name in (
+      "original_size", "crops_coords_top_left", "target_size", "negative_original_size",
+      "negative_crops_coords_top_left", "negative_target_size")
+      if getattr(args, name, None) is not None}
+  if sdxl and not pipe.is_sdxl:
+    raise ConfigError(f"--{sorted(sdxl)[0].replace('_', '-')} is SDXL's micro-conditioning; "
+                      f"{pipe.path or 'this model'} is not an SDXL model")
+  return SampleOptions(steps=args.steps, guidance=guidance, seed=args.seed, height=args.height,
+                       width=args.width, batch_size=args.batch_size, scheduler=args.scheduler,
+                       **sdxl, **fields)
+
+
 def _method_flags():
   from persona_jax.methods.registry import METHODS
   return {s.name: s.sampling.flag for s in METHODS.values() if s.sampling.flag}
@@ -62,10 +105,13 @@ def add_arguments(p) -> None:
   p.add_argument("--prompt", required=True, nargs="+", help="one or more prompts")
   p.add_argument("--negative-prompt", default="", help="negative prompt (default: empty)")
   p.add_argument("--steps", type=int, default=50)
-  p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
+  p.add_argument("--guidance", type=float, default=None,
+                 help="classifier-free guidance scale (default 7.5; SDXL 5.0, as diffusers)")
+  add_scheduler_flags(p)
   p.add_argument("--guidance-rescale", type=float, default=0.0,
                  help="rescale guided noise (Lin et al.; 0.7 for zero-terminal-SNR models)")
   p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 deterministic, 1 DDPM-like)")
+  add_sdxl_flags(p)
   p.add_argument("--seed", type=int, default=0, help="image i uses fold_in(key(seed), i)")
   p.add_argument("--num-images", type=int, default=1, help="images per prompt")
   p.add_argument("--height", type=int, default=None)
@@ -150,17 +196,15 @@ def run(args) -> int:
   from persona_jax.images import grid, save_png
   from persona_jax.methods.lora_compose import LoRASpec, with_loras
   from persona_jax.methods.spec import SampleRequest
-  from persona_jax.text_to_image import SampleOptions, Sampling, identity_prompt, text_to_image
+  from persona_jax.text_to_image import Sampling, identity_prompt, text_to_image
   loras = [LoRASpec.parse(s) for s in args.lora]
   spec, result = chosen_run(args)
   model = args.model
   if model is None and spec is not None:
     model = spec.base_model(result)
   pipe = load_model(args, model)
-  options = SampleOptions(steps=args.steps, guidance=args.guidance,
-                          guidance_rescale=args.guidance_rescale, eta=args.eta, seed=args.seed,
-                          height=args.height, width=args.width, batch_size=args.batch_size,
-                          clip_skip=args.clip_skip)
+  options = sample_options(args, pipe, guidance_rescale=args.guidance_rescale, eta=args.eta,
+                           clip_skip=args.clip_skip)
   start = time.perf_counter()
   params = with_loras(pipe.params, loras, pipe.unet_config) if loras else pipe.params
   added = None
@@ -168,7 +212,8 @@ def run(args) -> int:
     from persona_jax.convert.embedding_formats import read_embedding_spec, with_embeddings
     embeddings = {}
     for text in args.embedding:
-      embeddings.update(read_embedding_spec(text, width=pipe.text_encoder_config.hidden_size))
+      embeddings.update(read_embedding_spec(text, width=pipe.text_encoder_config.hidden_size,
+                                            sdxl=pipe.is_sdxl))
     added = with_embeddings(pipe, embeddings, params)
     pipe, params = added.pipe, added.pipe.params
   sampling = Sampling(params, added.tokenizer if added else None,

@@ -30,6 +30,10 @@ def add_arguments(p) -> None:
   p.add_argument("--allow-pickle", action="store_true",
                  help="read .bin/.ckpt pickle files (only files you trust)")
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--scheduler", default=None,
+                 choices=("ddim", "euler", "euler_ancestral", "dpmpp_2m", "dpmpp_2m_karras"),
+                 help="the sampler of the sampling comparison (default: the folder's scheduler's; "
+                      "Euler ancestral compares as Euler, its noise being diffusers' own)")
   p.add_argument("--image-encoder", type=Path, default=None, metavar="DIR",
                  help="also compare a CLIP image encoder folder (CLIPVisionModel[WithProjection], "
                       "preprocessing included; default: MODEL/image_encoder when it exists)")
@@ -47,5 +51,5 @@ def run(args) -> int:
                        ", ".join(hook.flag for hook, _ in given) + ")")
   ok = verify(args.model, tolerance=args.tolerance, variant=args.variant,
               allow_pickle=args.allow_pickle, seed=args.seed, image_encoder=args.image_encoder,
-              adapter=given[0] if given else None)
+              adapter=given[0] if given else None, sampler=args.scheduler)
   return 0 if ok else 1

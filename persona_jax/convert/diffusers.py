@@ -137,13 +137,18 @@ def state_dict_to_params(state_dict: Mapping[str, np.ndarray], abstract_params, 
   return unflatten_dict(flat)
 
 
-def params_to_state_dict(params, *, prefix: str = "") -> dict[str, np.ndarray]:
-  """Converts a Flax param tree back to PyTorch names and layouts (host numpy arrays)."""
+def params_to_state_dict(params, *, prefix: str = "",
+                         unprefixed: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+  """Converts a Flax param tree back to PyTorch names and layouts (host numpy arrays).
+
+  `prefix` goes before every key except those starting with one of `unprefixed` (transformers'
+  CLIPTextModelWithProjection: `text_model.*` beside a bare `text_projection.weight`).
+  """
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), params)
   table = key_table(abstract)
   flat = flatten_dict(params)
-  return {prefix + key: _to_torch_array(np.asarray(jax.device_get(flat[e.path])), e)
-          for key, e in table.items()}
+  return {(key if key.startswith(unprefixed) else prefix + key):
+          _to_torch_array(np.asarray(jax.device_get(flat[e.path])), e) for key, e in table.items()}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -96,20 +96,22 @@ def write_a1111_embedding(token: str, vectors: np.ndarray, out_dir) -> Path:
   return path
 
 
-def read_embedding_spec(spec: str, width: int | None = None) -> dict[str, np.ndarray]:
+def read_embedding_spec(spec: str, width: int | None = None,
+                        sdxl: bool = False) -> dict[str, np.ndarray]:
   """`--embedding FILE[:TOKEN]`: an existing path is taken whole (its name may hold `:`)."""
   file, _, token = (spec, "", "") if Path(spec).exists() else str(spec).partition(":")
-  return read_embedding_file(file, token or None, width=width)
+  return read_embedding_file(file, token or None, width=width, sdxl=sdxl)
 
 
-def read_embedding_file(path, token: str | None = None,
-                        width: int | None = None) -> dict[str, np.ndarray]:
+def read_embedding_file(path, token: str | None = None, width: int | None = None,
+                        sdxl: bool = False) -> dict[str, np.ndarray]:
   """Reads a Textual Inversion embedding file -> {token: float32 [N, D]}.
 
   Accepts a diffusers output folder (its learned_embeds.safetensors) or a safetensors file:
   {token: [N, D] | [D]} (the key is the token), {"emb_params": ...} or {"*": ...} (the file
   stem is the token), or `string_to_param.*` (+ optional `string_to_token.*`; the stem is the
-  token). `token` overrides the token in every layout; `width` checks D.
+  token). `token` overrides the token in every layout; `width` checks D; `sdxl`: the model the
+  embedding is for is SDXL (SD 1.x/2.x embeddings, one table, are refused for it).
   Raises:
     PickleRefusedError for .pt/.bin/.ckpt/.pth; ModelFileError naming the file and the first key
     that fits no layout, or the width found and needed.
@@ -131,6 +133,9 @@ def read_embedding_file(path, token: str | None = None,
   if "clip_g" in tensors or "clip_l" in tensors:
     raise ModelFileError(f"{path}: an SDXL embedding (keys {', '.join(sorted(tensors))}); "
                          "persona_jax supports SD 1.x/2.x embeddings")
+  if sdxl:
+    raise ModelFileError(f"{path}: an SD 1.x/2.x embedding (one table), but the model is SDXL "
+                         "(two text encoders); use an SD 1.x/2.x base model with it")
   if any(k.startswith(STRING_TO_PARAM) for k in keys):
     other = [k for k in keys if not k.startswith((STRING_TO_PARAM, STRING_TO_TOKEN))]
     params = [k for k in keys if k.startswith(STRING_TO_PARAM)]

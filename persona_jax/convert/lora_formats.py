@@ -320,8 +320,18 @@ def _component_module(module: str, path: Path, key: str) -> str:
 
 def read_lora_file(path, base_params) -> LoRAFactors:
   """Reads a LoRA file in any supported format against the base it applies to (the pipeline's
-  params). Returns {base kernel path: Factor}. Errors name the file and the first bad key."""
-  path = Path(path)
+  params). Returns {base kernel path: Factor}. Errors name the file and the first bad key (on an
+  SDXL base, saying so: an SD 1.x/2.x LoRA does not fit it)."""
+  try:
+    return _read_lora_file(Path(path), base_params)
+  except ModelFileError as e:
+    if "text_encoder_2" not in base_params:
+      raise
+    raise ModelFileError(f"{e}; the model is SDXL: is this an SD 1.x/2.x LoRA? Use a LoRA made "
+                         "for this base model") from None
+
+
+def _read_lora_file(path: Path, base_params) -> LoRAFactors:
   tensors = read_lora_tensors(path)
   kind = detect_format(tensors)
   if kind == "persona_jax":

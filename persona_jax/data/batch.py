@@ -12,7 +12,12 @@ keys a run needs are present.
   subject_pixels              [B, K, S, S, 3]  FastComposer's subject crops (zeros where absent)
   subject_masks               [B, K, h, w]  FastComposer's subject masks
   subject_union               [B, h, w, 1]  FastComposer's denoising-loss mask (data/fastcomposer.py)
-Sampling passes its inputs under the same names, plus `negative_ids` [B, L].
+Sampling passes its inputs under the same names, plus `negative_ids` [B, L]; for SDXL also
+  ids_2, negative_ids_2       [B, L] int    the second tokenizer's ids ("!" padding)
+  time_ids, negative_time_ids [B, 6] float  micro-conditioning: original size, crop top-left,
+                                            target size (H, W order each)
+  negative_zero               [B] bool      the negative half is zeros (an empty negative prompt
+                                            with force_zeros_for_empty_prompt)
 """
 
 LATENT_MEAN, LATENT_LOGVAR, PIXELS = "latent_mean", "latent_logvar", "pixels"
@@ -20,3 +25,5 @@ IDS, CONTEXT, MASK, PRIOR = "ids", "context", "mask", "prior"
 CLIP_PIXELS = "clip_pixels"
 SUBJECT_PIXELS, SUBJECT_MASKS, SUBJECT_UNION = "subject_pixels", "subject_masks", "subject_union"
 NEGATIVE_IDS = "negative_ids"
+IDS_2, NEGATIVE_IDS_2 = "ids_2", "negative_ids_2"
+TIME_IDS, NEGATIVE_TIME_IDS, NEGATIVE_ZERO = "time_ids", "negative_time_ids", "negative_zero"

@@ -22,13 +22,17 @@ A conditioning is a hashable object (a static argument of the jitted step and sa
                                       the unconditional half of classifier-free guidance (sampling)
 
 UNet kwargs are `{"encoder_hidden_states": [B, L, D]}` plus, for UNets with add-ons,
-`"streams": {name: array}` (models/addons.py). The two halves must have the same tree structure
+`"streams": {name: array}` (models/addons.py), and for SDXL `"added_cond": {"text_embeds": [B, P],
+"time_ids": [B, 6]}`. The two halves must have the same tree structure
 (the sampler concatenates them on the batch axis; a scalar leaf counts for every example), so a
 stream absent from one half is given there at scale 0 (exactly the base model).
 
 `TextConditioning` is the text path every method starts from: the prompt through the text encoder,
 with a method's new token rows (`params["tokens"]` [N, D], ids V .. V+N-1, entering as input
-embeddings) and, when sampling, an optional clip skip.
+embeddings) and, when sampling, an optional clip skip. On SDXL (`models.text_encoder_2`) it is
+diffusers' StableDiffusionXLPipeline.encode_prompt: both encoders' penultimate hidden states
+concatenated, the second's projected pooled output, the micro-conditioning time ids, and zeros
+for an empty negative prompt when the folder says `force_zeros_for_empty_prompt`.
 """
 
 from __future__ import annotations
@@ -38,7 +42,9 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from persona_jax.data.batch import CONTEXT, IDS, NEGATIVE_IDS
+from persona_jax.data.batch import (CONTEXT, IDS, IDS_2, NEGATIVE_IDS, NEGATIVE_IDS_2,
+                                    NEGATIVE_TIME_IDS, NEGATIVE_ZERO, TIME_IDS)
+from persona_jax.errors import ConfigError
 from persona_jax.models.norms import LayerNorm
 
 TOKENS = "tokens"      # the top-level key of added token rows [N, D] (Textual Inversion, Custom Diffusion)
@@ -64,6 +70,35 @@ def encode_prompt(models, params, ids, *, token_rows: bool = False, clip_skip: i
   c = models.text_encoder.config
   final_ln = LayerNorm(c.layer_norm_eps, c.dtype, c.param_dtype)
   return final_ln.apply({"params": params["text_encoder"]["final_layer_norm"]}, hidden)
+
+
+def encode_sdxl_prompt(models, params, ids, ids_2, clip_skip: int | None = None):
+  """SDXL's text path, as diffusers' StableDiffusionXLPipeline.encode_prompt.
+
+  ids, ids_2: [B, L] of the two tokenizers. Each encoder's hidden state (clip_skip + 2) from the
+  end (the penultimate one by default; no final layer norm) -> concatenated on features.
+  Returns (context [B, L, D1 + D2], pooled [B, P]: text_encoder_2's projected pooled output).
+  """
+  k = -((clip_skip or 0) + 2)
+  out_1 = models.text_encoder.apply({"params": params["text_encoder"]}, ids)
+  out_2 = models.text_encoder_2.apply({"params": params["text_encoder_2"]}, ids_2)
+  return jnp.concatenate([out_1.hidden_states[k], out_2.hidden_states[k]], axis=-1), out_2.text_embeds
+
+
+def sdxl_state(models, params, inputs, clip_skip: int | None = None) -> dict:
+  """SDXL's conditioning of a batch: {"context", "pooled", "time_ids"} and, when sampling,
+  the negative half's {"negative", "negative_pooled", "negative_time_ids"}, zeros where
+  `inputs["negative_zero"]` says so."""
+  context, pooled = encode_sdxl_prompt(models, params, inputs[IDS], inputs[IDS_2], clip_skip)
+  state = {"context": context, "pooled": pooled, "time_ids": inputs[TIME_IDS]}
+  if NEGATIVE_IDS in inputs:
+    negative, negative_pooled = encode_sdxl_prompt(models, params, inputs[NEGATIVE_IDS],
+                                                   inputs[NEGATIVE_IDS_2], clip_skip)
+    keep = ~jnp.asarray(inputs[NEGATIVE_ZERO], bool)                          # [B]
+    state.update(negative=negative * keep[:, None, None].astype(negative.dtype),
+                 negative_pooled=negative_pooled * keep[:, None].astype(negative_pooled.dtype),
+                 negative_time_ids=inputs[NEGATIVE_TIME_IDS])
+  return state
 
 
 def negative_context(models, params, inputs):
@@ -104,14 +139,26 @@ class TextConditioning:
     return encode_prompt(models, params, ids, token_rows=self.token_rows, clip_skip=self.clip_skip)
 
   def prepare(self, models, params, inputs):
-    """{"context": [B, L, D], "negative": [B, L, D] when sampling}."""
+    """{"context": [B, L, D], "negative": [B, L, D] when sampling} (SDXL: `sdxl_state`'s)."""
+    if models.text_encoder_2 is not None:
+      if self.token_rows:
+        raise ConfigError("new token rows on an SDXL model: persona_jax's methods do not "
+                          "train on SDXL yet; use an SD 1.x/2.x base")
+      return sdxl_state(models, params, inputs, self.clip_skip)
     context = inputs[CONTEXT] if CONTEXT in inputs else self.encode(models, params, inputs[IDS])
     negative = (self.encode(models, params, inputs[NEGATIVE_IDS]) if NEGATIVE_IDS in inputs
                 else None)
     return {"context": context, "negative": negative}
 
   def at(self, models, params, state, noisy, t, step):
+    if "pooled" in state:
+      return {"encoder_hidden_states": state["context"],
+              "added_cond": {"text_embeds": state["pooled"], "time_ids": state["time_ids"]}}, {}
     return {"encoder_hidden_states": state["context"]}, {}
 
   def negative(self, models, params, state):
+    if "pooled" in state:
+      return {"encoder_hidden_states": state["negative"],
+              "added_cond": {"text_embeds": state["negative_pooled"],
+                             "time_ids": state["negative_time_ids"]}}
     return {"encoder_hidden_states": state["negative"]}

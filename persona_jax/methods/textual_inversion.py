@@ -137,7 +137,8 @@ def verify_embedding(pipe, model_path, value, **options):
 
     from persona_jax.convert.embedding_formats import read_embedding_spec, with_embeddings
     from persona_jax.text_to_image import Sampling
-    rows = read_embedding_spec(str(value), width=pipe.text_encoder_config.hidden_size)
+    rows = read_embedding_spec(str(value), width=pipe.text_encoder_config.hidden_size,
+                               sdxl=pipe.is_sdxl)
     (token, vectors), = rows.items()
     added = with_embeddings(pipe, rows)
     ref.load_textual_inversion({token: torch.from_numpy(vectors)}, token=token)

@@ -13,26 +13,27 @@ import jax
 import jax.numpy as jnp
 
 from persona_jax.models.text_encoder import CLIPTextModel
-from persona_jax.models.unet import UNet2DConditionModel
+from persona_jax.models.unet import UNet2DConditionModel, example_inputs
 from persona_jax.models.vae import AutoencoderKL
 
-COMPONENT_NAMES = ("unet", "text_encoder", "vae")
+COMPONENT_NAMES = ("unet", "text_encoder", "vae", "text_encoder_2")
 
 
 class SDModels(NamedTuple):
-  """The three networks of a pipeline (static module objects; params come separately)."""
+  """The networks of a pipeline (static module objects; params come separately); SDXL's second
+  text encoder (CLIPTextModelWithProjection) in `text_encoder_2`, None for SD 1.x/2.x."""
   unet: UNet2DConditionModel
   text_encoder: CLIPTextModel
   vae: AutoencoderKL
+  text_encoder_2: CLIPTextModel | None = None
 
 
 def component_model(name: str, config):
   """(module, example inputs) of a pipeline component, for creating its params."""
   if name == "unet":
-    f = config.downsample_factor
-    return UNet2DConditionModel(config), (jnp.zeros((1, f, f, config.in_channels)), jnp.zeros((1,)),
-                                          jnp.zeros((1, 1, config.cross_attention_dims[0])))
-  if name == "text_encoder":
+    *args, added_cond = example_inputs(config)
+    return UNet2DConditionModel(config), (*args, None, added_cond)
+  if name in ("text_encoder", "text_encoder_2"):
     return CLIPTextModel(config), (jnp.zeros((1, 1), jnp.int32),)
   if name == "vae":
     f = config.downsample_factor

@@ -47,7 +47,8 @@ TRANSFORMERS_GENERIC_KEYS = frozenset({
 
 
 def _tuple(x):
-  return tuple(x) if isinstance(x, (list, tuple)) else x
+  """JSON lists as tuples, nested ones too (configs are hashable: static arguments of jit)."""
+  return tuple(_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
 def read_config(cls, raw: Mapping[str, Any], *, source: str,
@@ -111,6 +112,13 @@ def _per_block(value, n: int, name: str, source: str) -> tuple:
   return (value,) * n
 
 
+def _per_layer(value, layers: int) -> tuple[int, ...]:
+  """A level's transformer depth: an int for every layer, or a list with one per layer."""
+  if isinstance(value, (tuple, list)):
+    return tuple(int(v) for v in value)
+  return (int(value),) * layers
+
+
 # ----------------------------------------------------------------------------------------------
 # UNet2DConditionModel
 
@@ -123,14 +131,11 @@ ACTIVATIONS = ("silu", "swish", "mish", "gelu", "relu")
 UNET_UNSUPPORTED = {
     "only_cross_attention": False,
     "dropout": 0.0,
-    "reverse_transformer_layers_per_block": None,
     "encoder_hid_dim": None,
     "encoder_hid_dim_type": None,
     "num_attention_heads": None,
     "dual_cross_attention": False,
     "class_embed_type": None,
-    "addition_embed_type": None,
-    "addition_time_embed_dim": None,
     "num_class_embeds": None,
     "resnet_time_scale_shift": "default",
     "resnet_skip_time_act": False,
@@ -139,7 +144,6 @@ UNET_UNSUPPORTED = {
     "time_embedding_act_fn": None,
     "timestep_post_act": None,
     "time_cond_proj_dim": None,
-    "projection_class_embeddings_input_dim": None,
     "attention_type": "default",
     "class_embeddings_concat": False,
     "mid_block_only_cross_attention": None,
@@ -150,7 +154,15 @@ UNET_UNSUPPORTED = {
 
 @dataclasses.dataclass(frozen=True)
 class UNetConfig:
-  """diffusers `UNet2DConditionModel` config (SD 1.x / 2.x). `attention_head_dim` is the head count."""
+  """diffusers `UNet2DConditionModel` config (SD 1.x / 2.x / SDXL). `attention_head_dim` is the
+  head count (per level or one for all).
+
+  `transformer_layers_per_block`: an int, one per level, or one per layer of each level (a list
+  of lists, then `reverse_transformer_layers_per_block` gives the up levels', as diffusers asks).
+  SDXL's added conditioning: `addition_embed_type="text_time"`, `addition_time_embed_dim` (each of
+  the 6 time ids' sinusoidal width) and `projection_class_embeddings_input_dim` (pooled text width
+  + 6 * addition_time_embed_dim).
+  """
   sample_size: int | None = None
   in_channels: int = 4
   out_channels: int = 4
@@ -170,13 +182,17 @@ class UNetConfig:
   norm_num_groups: int = 32
   norm_eps: float = 1e-5
   cross_attention_dim: int | tuple[int, ...] = 1280
-  transformer_layers_per_block: int | tuple[int, ...] = 1
+  transformer_layers_per_block: int | tuple = 1
+  reverse_transformer_layers_per_block: tuple | None = None
   attention_head_dim: int | tuple[int, ...] = 8     # diffusers' name; in SD configs: number of heads
   use_linear_projection: bool = False
   upcast_attention: bool = False
   time_embedding_dim: int | None = None
   conv_in_kernel: int = 3
   conv_out_kernel: int = 3
+  addition_embed_type: str | None = None
+  addition_time_embed_dim: int | None = None
+  projection_class_embeddings_input_dim: int | None = None
   # Runtime choices, not read from config.json.
   dtype: Any = dataclasses.field(default=jnp.float32, metadata=_RUNTIME)
   param_dtype: Any = dataclasses.field(default=jnp.float32, metadata=_RUNTIME)
@@ -213,6 +229,17 @@ class UNetConfig:
     for name in ("layers_per_block", "cross_attention_dim", "transformer_layers_per_block",
                  "attention_head_dim"):
       _per_block(getattr(self, name), n, name, source)
+    self._check_transformer_layers(source)
+    if self.addition_embed_type not in (None, "text_time"):
+      raise ConfigError(f"{source}: addition_embed_type '{self.addition_embed_type}' is not "
+                        "supported (only SDXL's 'text_time', or null)")
+    if self.addition_embed_type == "text_time" and not (
+        self.addition_time_embed_dim and self.projection_class_embeddings_input_dim):
+      raise ConfigError(f"{source}: addition_embed_type 'text_time' needs addition_time_embed_dim "
+                        "and projection_class_embeddings_input_dim")
+    if self.addition_embed_type is None and self.projection_class_embeddings_input_dim is not None:
+      raise ConfigError(f"{source}: projection_class_embeddings_input_dim without an "
+                        "addition_embed_type or class_embed_type is not supported")
     if len(set(self.cross_attention_dims)) != 1:
       raise ConfigError(f"{source}: per-block cross_attention_dim with different values "
                         f"{self.cross_attention_dim} is not supported (one text encoder width)")
@@ -226,6 +253,27 @@ class UNetConfig:
                           f"{self.norm_num_groups}")
     if self.conv_in_kernel % 2 == 0 or self.conv_out_kernel % 2 == 0:
       raise ConfigError(f"{source}: conv_in_kernel/conv_out_kernel must be odd")
+
+  def _check_transformer_layers(self, source: str) -> None:
+    """Per-layer depths: each down level's list has layers_per_block entries, each up level's
+    (from reverse_transformer_layers_per_block) one more."""
+    value, reverse = self.transformer_layers_per_block, self.reverse_transformer_layers_per_block
+    per_layer = isinstance(value, tuple) and any(isinstance(v, (tuple, list)) for v in value)
+    if per_layer and reverse is None:
+      raise ConfigError(f"{source}: per-layer transformer_layers_per_block needs "
+                        "reverse_transformer_layers_per_block (as diffusers asks)")
+    try:
+      down, up = self.down_transformer_layers, self.up_transformer_layers
+    except ValueError as e:
+      raise ConfigError(f"{source}: {e}") from None
+    for i, layers in enumerate(self.layers_per_block_list):
+      if len(down[i]) != layers:
+        raise ConfigError(f"{source}: transformer_layers_per_block[{i}] has {len(down[i])} "
+                          f"entries for {layers} layers")
+      if len(up[-1 - i]) != layers + 1:
+        raise ConfigError(f"{source}: the up level of down level {i} has {len(up[-1 - i])} "
+                          f"transformer depths for {layers + 1} layers "
+                          "(reverse_transformer_layers_per_block)")
 
   # Per-block views of the int-or-list fields, in down-block order.
   @property
@@ -241,9 +289,31 @@ class UNetConfig:
     return _per_block(self.cross_attention_dim, len(self.block_out_channels), "cross_attention_dim", "")
 
   @property
-  def transformer_layers(self) -> tuple[int, ...]:
-    return _per_block(self.transformer_layers_per_block, len(self.block_out_channels),
-                      "transformer_layers_per_block", "")
+  def down_transformer_layers(self) -> tuple[tuple[int, ...], ...]:
+    """Transformer depth of each layer of each down level: [level][layer]."""
+    levels = _per_block(self.transformer_layers_per_block, len(self.block_out_channels),
+                        "transformer_layers_per_block", "")
+    return tuple(_per_layer(v, k) for v, k in zip(levels, self.layers_per_block_list))
+
+  @property
+  def mid_transformer_layers(self) -> int:
+    """The mid block's transformer depth (diffusers: the last level's entry, its first layer's)."""
+    levels = _per_block(self.transformer_layers_per_block, len(self.block_out_channels),
+                        "transformer_layers_per_block", "")
+    return _per_layer(levels[-1], 1)[0]
+
+  @property
+  def up_transformer_layers(self) -> tuple[tuple[int, ...], ...]:
+    """Transformer depth of each layer of each up level (bottom first): [level][layer]."""
+    n = len(self.block_out_channels)
+    if self.reverse_transformer_layers_per_block is not None:
+      levels = _per_block(self.reverse_transformer_layers_per_block, n,
+                          "reverse_transformer_layers_per_block", "")
+    else:
+      levels = _per_block(self.transformer_layers_per_block, n, "transformer_layers_per_block",
+                          "")[::-1]
+    layers = self.layers_per_block_list[::-1]
+    return tuple(_per_layer(v, k + 1) for v, k in zip(levels, layers))
 
   @property
   def time_embed_dim(self) -> int:
@@ -263,17 +333,22 @@ CLIP_ACTIVATIONS = ("quick_gelu", "gelu")
 
 @dataclasses.dataclass(frozen=True)
 class TextEncoderConfig:
-  """transformers `CLIPTextConfig` (the fields that shape the network)."""
+  """transformers `CLIPTextConfig` (the fields that shape the network).
+
+  `with_projection` is not in config.json: the loader sets it for CLIPTextModelWithProjection
+  (SDXL's text_encoder_2, by model_index.json's class).
+  """
   vocab_size: int = 49408
   hidden_size: int = 512
   intermediate_size: int = 2048
-  projection_dim: int = 512          # only used by CLIPTextModelWithProjection (SDXL, later)
+  projection_dim: int = 512          # the width of CLIPTextModelWithProjection's text_projection
   num_hidden_layers: int = 12
   num_attention_heads: int = 8
   max_position_embeddings: int = 77
   hidden_act: str = "quick_gelu"
   layer_norm_eps: float = 1e-5
   eos_token_id: int = 49407          # 2 means the legacy rule: pool at the argmax of the ids
+  with_projection: bool = dataclasses.field(default=False, metadata=_RUNTIME)
   dtype: Any = dataclasses.field(default=jnp.float32, metadata=_RUNTIME)
   param_dtype: Any = dataclasses.field(default=jnp.float32, metadata=_RUNTIME)
   attention: str = dataclasses.field(default="auto", metadata=_RUNTIME)

@@ -1,4 +1,5 @@
-"""CLIP text transformer (transformers `CLIPTextModel`) in Flax linen.
+"""CLIP text transformer (transformers `CLIPTextModel`, and `CLIPTextModelWithProjection` when
+the config says `with_projection`: SDXL's second encoder) in Flax linen.
 
 Param names are transformers' without the `text_model.` level (as transformers >= 5.6 flattens
 it): `embeddings/token_embedding/embedding`, `encoder/layers_N/self_attn/q_proj`, `final_layer_norm`.
@@ -26,6 +27,7 @@ class TextEncoderOutput(NamedTuple):
   last_hidden_state: jnp.ndarray     # [B, L, D] after final_layer_norm
   pooled: jnp.ndarray | None         # [B, D] at the EOS position (None when no ids were given)
   hidden_states: tuple               # L+1 arrays [B, L, D]: embeddings, then each layer (no final LN)
+  text_embeds: jnp.ndarray | None = None   # [B, projection_dim]: text_projection(pooled) (WithProjection)
 
 
 def eos_positions(input_ids, eos_token_id: int):
@@ -111,7 +113,8 @@ class CLIPTextEmbeddings(nn.Module):
 
 
 class CLIPTextModel(nn.Module):
-  """The CLIP text transformer with a causal mask."""
+  """The CLIP text transformer with a causal mask; with `config.with_projection`, transformers'
+  CLIPTextModelWithProjection (a bias-free `text_projection` of the pooled output)."""
   config: TextEncoderConfig
 
   @nn.compact
@@ -132,7 +135,14 @@ class CLIPTextModel(nn.Module):
     x = CLIPTextEmbeddings(c, name="embeddings")(input_ids, inputs_embeds)
     hidden = CLIPEncoder(c, name="encoder")(x)
     last = LayerNorm(c.layer_norm_eps, c.dtype, c.param_dtype, name="final_layer_norm")(hidden[-1])
-    pooled = None
+    pooled = projected = None
     if input_ids is not None:
       pooled = last[jnp.arange(last.shape[0]), eos_positions(input_ids, c.eos_token_id)]
-    return TextEncoderOutput(last, pooled, hidden)
+    if c.with_projection:
+      projection = nn.Dense(c.projection_dim, use_bias=False, dtype=c.dtype,
+                            param_dtype=c.param_dtype, name="text_projection")
+      if pooled is not None:
+        projected = projection(pooled)
+      else:
+        projection(last[:, -1])  # creates the param so the tree is the same either way
+    return TextEncoderOutput(last, pooled, hidden, projected)

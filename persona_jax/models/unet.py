@@ -1,4 +1,12 @@
-"""UNet2DConditionModel for SD 1.x / 2.x in Flax linen, diffusers parameter names, channels-last."""
+"""UNet2DConditionModel for SD 1.x / 2.x and SDXL in Flax linen, diffusers parameter names,
+channels-last.
+
+SDXL's added conditioning (`addition_embed_type="text_time"`) is the `added_cond` argument,
+diffusers' `added_cond_kwargs`: {"text_embeds": [B, P] pooled text, "time_ids": [B, 6]
+(original size, crop top-left, target size)}; each time id is embedded sinusoidally
+(`add_time_proj`, no params), concatenated after the pooled text and mapped by `add_embedding`
+(linear_1, act, linear_2) onto the time embedding.
+"""
 
 from __future__ import annotations
 
@@ -22,7 +30,7 @@ class UNet2DConditionModel(nn.Module):
 
   @nn.compact
   @with_low_rank_paths
-  def __call__(self, sample, timesteps, encoder_hidden_states, streams=None):
+  def __call__(self, sample, timesteps, encoder_hidden_states, streams=None, added_cond=None):
     """Predicts noise (or v, or x0, per the scheduler's prediction type).
 
     Args:
@@ -31,6 +39,8 @@ class UNet2DConditionModel(nn.Module):
       encoder_hidden_states: [B, L, cross_attention_dim] text conditioning.
       streams: {name: array} read by the config's add-ons (models/addons.py); None, or an
         add-on's stream absent, computes the base model exactly.
+      added_cond: SDXL's {"text_embeds": [B, P], "time_ids": [B, 6]} (needed exactly when the
+        config has addition_embed_type "text_time").
     Returns:
       [B, H, W, out_channels]. With the `AttentionMaps` add-on, `apply(..., mutable=
       [ATTENTION_MAPS])` also returns the maps (models/attention_maps.py).
@@ -39,7 +49,8 @@ class UNet2DConditionModel(nn.Module):
     n = len(c.block_out_channels)
     height, width = sample.shape[1:3]
     streams = {} if streams is None else streams
-    x, skips, temb, context = down_path(c, sample, timesteps, encoder_hidden_states, streams)
+    x, skips, temb, context = down_path(c, sample, timesteps, encoder_hidden_states, streams,
+                                        added_cond)
     for addon in c.addons:                     # the skips the up path reads, the mid output
       skips = [addon.block_output(where, h, streams)
                for where, h in zip(skip_places(c), skips, strict=True)]
@@ -72,7 +83,31 @@ def skip_places(c: UNetConfig) -> list[Where]:
   return out
 
 
-def down_path(c: UNetConfig, sample, timesteps, encoder_hidden_states, streams=None):
+def added_embedding(c: UNetConfig, added_cond, batch: int):
+  """SDXL's added text/time embedding [B, T] (called inside the UNet's scope), or None."""
+  if c.addition_embed_type is None:
+    if added_cond:
+      raise ValueError("added_cond given, but the UNet's config has no addition_embed_type")
+    return None
+  missing = [k for k in ("text_embeds", "time_ids") if added_cond is None or k not in added_cond]
+  if missing:
+    raise ValueError(f"the UNet's addition_embed_type 'text_time' (SDXL) needs "
+                     f"added_cond['{missing[0]}']")
+  text, time_ids = added_cond["text_embeds"], added_cond["time_ids"]
+  time = timestep_embedding(jnp.reshape(time_ids, (-1,)), c.addition_time_embed_dim,
+                            c.flip_sin_to_cos, c.freq_shift).reshape(batch, -1)
+  joined = jnp.concatenate([jnp.broadcast_to(text, (batch, text.shape[-1])).astype(jnp.float32),
+                            time], axis=-1)
+  if joined.shape[-1] != c.projection_class_embeddings_input_dim:
+    raise ValueError(f"added_cond: pooled text width {text.shape[-1]} + {time.shape[-1]} time "
+                     f"features != projection_class_embeddings_input_dim "
+                     f"{c.projection_class_embeddings_input_dim}")
+  return TimestepEmbedding(c.time_embed_dim, c.act_fn, c.dtype, c.param_dtype,
+                           name="add_embedding")(joined.astype(c.dtype))
+
+
+def down_path(c: UNetConfig, sample, timesteps, encoder_hidden_states, streams=None,
+              added_cond=None):
   """conv_in, the down blocks and the mid block, creating their submodules in the calling
   module's scope (so both modules below share diffusers' param names).
 
@@ -94,6 +129,9 @@ def down_path(c: UNetConfig, sample, timesteps, encoder_hidden_states, streams=N
   temb = timestep_embedding(t, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift)
   temb = TimestepEmbedding(c.time_embed_dim, c.act_fn, c.dtype, c.param_dtype,
                            name="time_embedding")(temb.astype(c.dtype))      # [B, T]
+  added = added_embedding(c, added_cond, b)
+  if added is not None:
+    temb = temb + added
   for addon in c.addons:
     temb = addon.time_embedding(temb, streams)
 
@@ -127,7 +165,7 @@ class UNetEncoderFeatures(nn.Module):
 
   @nn.compact
   @with_low_rank_paths
-  def __call__(self, sample, timesteps, encoder_hidden_states, streams=None):
+  def __call__(self, sample, timesteps, encoder_hidden_states, streams=None, added_cond=None):
     """Pooled encoder features.
 
     Args:
@@ -138,9 +176,22 @@ class UNetEncoderFeatures(nn.Module):
       attention / downsampler output, then the mid block's, each averaged over H and W and
       concatenated in that order (SD 1.5: 12 skips + mid = 10880 features).
     """
-    x, skips, _, _ = down_path(self.config, sample, timesteps, encoder_hidden_states, streams)
+    x, skips, _, _ = down_path(self.config, sample, timesteps, encoder_hidden_states, streams,
+                               added_cond)
     outputs = skips + ([x] if self.config.mid_block_type is not None else [])
     return jnp.concatenate([h.astype(jnp.float32).mean(axis=(1, 2)) for h in outputs], axis=-1)
+
+
+def example_inputs(c: UNetConfig, batch: int = 1):
+  """Zero inputs of the smallest shapes the UNet takes: (sample, timesteps, context, added_cond)."""
+  f = c.downsample_factor
+  added = None
+  if c.addition_embed_type == "text_time":
+    pooled = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
+    added = {"text_embeds": jnp.zeros((batch, pooled), c.dtype),
+             "time_ids": jnp.zeros((batch, 6), jnp.float32)}
+  return (jnp.zeros((batch, f, f, c.in_channels), c.dtype), jnp.zeros((batch,)),
+          jnp.zeros((batch, 1, c.cross_attention_dims[0]), c.dtype), added)
 
 
 def init_added_params(unet: UNet2DConditionModel, rng, streams: dict, base_params=None) -> dict:
@@ -154,16 +205,15 @@ def init_added_params(unet: UNet2DConditionModel, rng, streams: dict, base_param
   """
   import dataclasses
   c = unet.config
-  f = c.downsample_factor
-  example = (jnp.zeros((1, f, f, c.in_channels), c.dtype), jnp.zeros((1,)),
-             jnp.zeros((1, 1, c.cross_attention_dims[0]), c.dtype))
+  *example, added_cond = example_inputs(c)
   if base_params is None:
     base = UNet2DConditionModel(dataclasses.replace(c, addons=()))
-    base_params = jax.eval_shape(base.init, jax.random.key(0), *example)["params"]
+    base_params = jax.eval_shape(base.init, jax.random.key(0), *example, None,
+                                 added_cond)["params"]
   base_paths = set(tree.flatten(base_params))
   streams = {k: v if v is None or jnp.ndim(v) == 0 else v[:1] for k, v in streams.items()}
 
   def added(rng, streams):
-    params = unet.init(rng, *example, streams)["params"]
+    params = unet.init(rng, *example, streams, added_cond)["params"]
     return tree.unflatten({p: v for p, v in tree.flatten(params).items() if p not in base_paths})
   return jax.jit(added)(rng, streams)

@@ -228,7 +228,7 @@ class UNetDownBlock(nn.Module):
     for j in range(c.layers_per_block_list[i]):
       x = _resnet(c, out, f"resnets_{j}")(x, temb)
       if cross:
-        x = _transformer(c, out, c.heads_per_block[i], c.transformer_layers[i],
+        x = _transformer(c, out, c.heads_per_block[i], c.down_transformer_layers[i][j],
                          f"down_blocks_{i}/attentions_{j}")(x, context, streams)
       skips.append(x)
     if i < len(c.block_out_channels) - 1:
@@ -246,7 +246,7 @@ class UNetMidBlock2DCrossAttn(nn.Module):
     c = self.config
     ch = c.block_out_channels[-1]
     x = _resnet(c, ch, "resnets_0", c.mid_block_scale_factor)(x, temb)
-    x = _transformer(c, ch, c.heads_per_block[-1], c.transformer_layers[-1],
+    x = _transformer(c, ch, c.heads_per_block[-1], c.mid_transformer_layers,
                      "mid_block/attentions_0")(x, context, streams)
     return _resnet(c, ch, "resnets_1", c.mid_block_scale_factor)(x, temb)
 
@@ -268,7 +268,7 @@ class UNetUpBlock(nn.Module):
       x = jnp.concatenate([x, skip], axis=-1)
       x = _resnet(c, out, f"resnets_{j}")(x, temb)
       if cross:
-        x = _transformer(c, out, heads, c.transformer_layers[::-1][i],
+        x = _transformer(c, out, heads, c.up_transformer_layers[i][j],
                          f"up_blocks_{i}/attentions_{j}")(x, context, streams)
     if i < n - 1:
       x = Upsample2D(out, c.dtype, c.param_dtype, name="upsamplers_0")(x, upsample_size)

@@ -95,6 +95,10 @@ def build(config: RunConfig, *, mesh=None, workdir=None, progress: bool = False)
   single_file = {k: v for k, v in (("config_dir", config.model_config),
                                    ("prediction_type", config.prediction_type)) if v}
   pipe = load_pipeline(model_dir, **single_file)
+  if pipe.is_sdxl:
+    raise ConfigError(f"model {config.model}: an SDXL model; persona_jax's methods train on SD "
+                      "1.x/2.x bases for now (SDXL loads, samples and verifies); pass "
+                      "--config.model= an SD 1.x/2.x model")
   compute = jnp.bfloat16 if config.mixed_precision == "bf16" else jnp.float32
   method = make_method(config.method_name, config.method_options, pipe.params, pipe.tokenizer_dir,
                        pipe.unet_config)

@@ -14,6 +14,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from persona_jax.convert import single_file as sf
+from persona_jax.convert import single_file_layout as sfl
 from persona_jax.convert.diffusers import params_to_state_dict
 from persona_jax.errors import ConfigError, ModelFileError, PickleRefusedError
 from persona_jax.convert.diffusers_folder import parse_configs
@@ -39,7 +40,7 @@ def sd2_base(pipes, tmp_path_factory):
   """An original-style SD 2.x single file of the sd2 model: + extra layer, projection, scale."""
   pipe = pipes["sd2"]
   tensors = sf.state_dict_to_single_file(
-      {n: params_to_state_dict(pipe.params[n]) for n in sf.COMPONENTS}, configs_of(pipe))
+      {n: params_to_state_dict(pipe.params[n]) for n in sfl.COMPONENTS}, configs_of(pipe))
   rng = np.random.default_rng(7)
   for key in [k for k in tensors if ".resblocks.0." in k]:
     tensors[key.replace(".resblocks.0.", ".resblocks.3.")] = rng.standard_normal(
@@ -273,7 +274,7 @@ def _script_convert(folder, sd2: bool, n_vae_blocks: int = 2):
 def test_import_of_a_file_from_diffusers_script_logic(preset, model_dirs, pipes, tmp_path):
   tensors = _script_convert(model_dirs[preset], sd2=preset == "sd2")
   ours = sf.state_dict_to_single_file(
-      {n: params_to_state_dict(pipes[preset].params[n]) for n in sf.COMPONENTS},
+      {n: params_to_state_dict(pipes[preset].params[n]) for n in sfl.COMPONENTS},
       configs_of(pipes[preset]))
   assert sorted(tensors) == sorted(ours)          # the same names as our exporter's
   path = tmp_path / f"{preset}-script.safetensors"
@@ -395,10 +396,10 @@ def _standard_shapes(sd2: bool) -> dict:
   vae = {"block_out_channels": [128, 256, 512, 512], "layers_per_block": 2, "latent_channels": 4,
          "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4}
   configs = parse_configs({"unet": unet, "text_encoder": text, "vae": vae, "scheduler": {}})
-  tables = sf.key_tables(configs)
-  layout = sf.single_file_layout(configs, tables)
+  tables = sfl.key_tables(configs)
+  layout = sfl.single_file_layout(configs, tables)
   out = {}
-  for name in sf.COMPONENTS:
+  for name in sfl.COMPONENTS:
     for key, entry in tables[name].items():
       slot, shape = layout[name][key], entry.torch_shape()
       if slot.part is not None:

@@ -1,0 +1,93 @@
+"""SDXL end to end: `verify` on an SDXL folder written by diffusers' own save_pretrained (per-layer
+transformer depths, a level without attention, transformers' byte-level BPE tokenizers, a
+DPM-Solver++ 2M Karras scheduler), and `sample` / `make-class-images` on the tiny SDXL model with
+a sampler and micro-conditioning of their own."""
+
+import numpy as np
+from PIL import Image
+
+from persona_jax.cli import main
+from tests.torch_reference import randomize_affine_, require_torch
+
+
+def diffusers_sdxl_folder(path, unet_config: dict):
+  """A random StableDiffusionXLPipeline written by diffusers/transformers themselves."""
+  torch = require_torch()
+  from diffusers import (AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionXLPipeline,
+                         UNet2DConditionModel)
+  from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection,
+                            CLIPTokenizer)
+
+  from persona_jax.tokenizer import shipped_tokenizer_dir
+  torch.manual_seed(0)
+  unet = UNet2DConditionModel(**unet_config)
+  vae = AutoencoderKL(block_out_channels=(16, 32), layers_per_block=1, latent_channels=4,
+                      down_block_types=("DownEncoderBlock2D",) * 2,
+                      up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8,
+                      scaling_factor=0.13025, force_upcast=True)
+  tokenizer = CLIPTokenizer.from_pretrained(shipped_tokenizer_dir(), local_files_only=True)
+  tokenizer_2 = CLIPTokenizer.from_pretrained(shipped_tokenizer_dir(), local_files_only=True,
+                                              pad_token="!")
+  common = dict(vocab_size=len(tokenizer), bos_token_id=49406, eos_token_id=49407,
+                num_hidden_layers=2, projection_dim=24)
+  text = CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=37, num_attention_heads=4,
+                                      hidden_act="quick_gelu", pad_token_id=49407, **common))
+  text_2 = CLIPTextModelWithProjection(CLIPTextConfig(
+      hidden_size=48, intermediate_size=64, num_attention_heads=2, hidden_act="gelu",
+      pad_token_id=0, **common))
+  for i, m in enumerate((unet, vae, text, text_2)):
+    randomize_affine_(m, seed=i)
+  scheduler = DPMSolverMultistepScheduler(beta_schedule="scaled_linear", beta_start=0.00085,
+                                          beta_end=0.012, steps_offset=1,
+                                          timestep_spacing="leading", use_karras_sigmas=True)
+  pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text, text_encoder_2=text_2,
+                                   tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet,
+                                   scheduler=scheduler)
+  pipe.save_pretrained(path, safe_serialization=True)
+  return path
+
+
+def test_verify_passes_on_an_sdxl_folder_saved_by_diffusers(sdxl_pipe, tmp_path, capsys):
+  from persona_jax import load_pipeline
+  from tests.models.test_sdxl import per_layer_unet_config
+  folder = diffusers_sdxl_folder(tmp_path / "sdxl", per_layer_unet_config(sdxl_pipe))
+  pipe = load_pipeline(folder)
+  assert pipe.is_sdxl and pipe.unet_config.down_transformer_layers == ((1, 1), (2, 1))
+  assert pipe.unet_config.down_block_types[0] == "DownBlock2D"
+  assert (folder / "tokenizer_2" / "tokenizer.json").is_file()         # byte-level BPE, fast
+  assert pipe.tokenizer_2.pad_token == "!"
+  assert main(["verify", str(folder)]) == 0
+  out = capsys.readouterr().out
+  for line in ("text_encoder_2.text_embeds (projected)", "unet (added conditioning)",
+               "dpmpp_2m_karras 3 steps, cfg 7.5: images"):
+    assert line in out
+  assert "FAIL" not in out and out.rstrip().endswith("PASS")
+
+
+def test_sample_and_class_images_on_sdxl_with_a_sampler_and_micro_conditioning(sdxl_dir, tmp_path,
+                                                                              capsys):
+  flags = ["--model", str(sdxl_dir), "--steps", "2", "--scheduler", "euler_ancestral",
+           "--original-size", "64", "48", "--crops-coords-top-left", "8", "0",
+           "--height", "32", "--width", "48", "--batch-size", "2"]
+  out = tmp_path / "samples"
+  assert main(["sample", *flags, "--prompt", "a photo of a dog", "--num-images", "2",
+               "--out", str(out)]) == 0
+  first = np.asarray(Image.open(out / "0000_0000.png"))
+  assert first.shape == (32, 48, 3) and first.std() > 0
+  assert not np.array_equal(first, np.asarray(Image.open(out / "0000_0001.png")))
+  # make-class-images samples through the same function: image i is sample's image i.
+  classes = tmp_path / "classes"
+  assert main(["make-class-images", *flags, "--prompt", "a photo of a dog", "--num", "2",
+               "--out", str(classes)]) == 0
+  np.testing.assert_array_equal(np.asarray(Image.open(classes / "class-00000.png")), first)
+  # Another micro-conditioning is another image.
+  again = tmp_path / "again"
+  flags[flags.index("--original-size") + 1] = "1024"
+  assert main(["sample", *flags, "--prompt", "a photo of a dog", "--out", str(again)]) == 0
+  assert not np.array_equal(np.asarray(Image.open(again / "0000_0000.png")), first)
+
+
+def test_sdxl_flags_on_an_sd1_model_are_refused(model_dirs, tmp_path, capsys):
+  assert main(["sample", "--model", str(model_dirs["sd1"]), "--prompt", "x", "--original-size",
+               "64", "64", "--out", str(tmp_path)]) == 2
+  assert "--original-size is SDXL's micro-conditioning" in capsys.readouterr().err
