@@ -22,7 +22,7 @@ SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
 def load_pipeline(path, *, dtype=jnp.float32, variant: str | None = None,
                   allow_pickle: bool = False, attention: str = "auto", config_dir=None,
                   prediction_type: str | None = None) -> Pipeline:
-  """Loads a diffusers-format SD 1.x/2.x folder, or an original single-file checkpoint.
+  """Loads a diffusers-format SD 1.x/2.x or SDXL folder, or an original single-file checkpoint.
 
   Args:
     path: the folder holding `model_index.json`, or a single `.safetensors` (`.ckpt`) file:
