@@ -7,11 +7,14 @@ import numpy as np
 from PIL import Image
 
 from persona_jax.cli import main
+from tests.markers import slow
 from tests.torch_reference import randomize_affine_, require_torch
 
 
-def diffusers_sdxl_folder(path, unet_config: dict):
-  """A random StableDiffusionXLPipeline written by diffusers/transformers themselves."""
+def diffusers_sdxl_folder(path, unet_config: dict, scheduler=None,
+                          force_zeros_for_empty_prompt: bool = True):
+  """A random StableDiffusionXLPipeline written by diffusers/transformers themselves (scheduler
+  default: DPM-Solver++ 2M with Karras sigmas)."""
   torch = require_torch()
   from diffusers import (AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionXLPipeline,
                          UNet2DConditionModel)
@@ -37,12 +40,13 @@ def diffusers_sdxl_folder(path, unet_config: dict):
       pad_token_id=0, **common))
   for i, m in enumerate((unet, vae, text, text_2)):
     randomize_affine_(m, seed=i)
-  scheduler = DPMSolverMultistepScheduler(beta_schedule="scaled_linear", beta_start=0.00085,
-                                          beta_end=0.012, steps_offset=1,
-                                          timestep_spacing="leading", use_karras_sigmas=True)
+  scheduler = scheduler or DPMSolverMultistepScheduler(
+      beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1,
+      timestep_spacing="leading", use_karras_sigmas=True)
   pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text, text_encoder_2=text_2,
                                    tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet,
-                                   scheduler=scheduler)
+                                   scheduler=scheduler,
+                                   force_zeros_for_empty_prompt=force_zeros_for_empty_prompt)
   pipe.save_pretrained(path, safe_serialization=True)
   return path
 
@@ -62,6 +66,26 @@ def test_verify_passes_on_an_sdxl_folder_saved_by_diffusers(sdxl_pipe, tmp_path,
                "dpmpp_2m_karras 3 steps, cfg 7.5: images"):
     assert line in out
   assert "FAIL" not in out and out.rstrip().endswith("PASS")
+
+
+@slow
+def test_verify_passes_on_another_sdxl_configuration(sdxl_pipe, tmp_path, capsys):
+  """Conv projections, upcast attention, one depth per level, a v-prediction zero-terminal-SNR
+  Euler schedule with trailing spacing, and the encoded empty negative prompt
+  (force_zeros_for_empty_prompt false)."""
+  require_torch()
+  from diffusers import EulerDiscreteScheduler
+  raw = {k: v for k, v in sdxl_pipe.raw_configs["unet"].items() if not k.startswith("_")}
+  unet = dict(raw, use_linear_projection=False, upcast_attention=True,
+              transformer_layers_per_block=2, attention_head_dim=4)
+  scheduler = EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085,
+                                     beta_end=0.012, prediction_type="v_prediction",
+                                     rescale_betas_zero_snr=True, timestep_spacing="trailing")
+  folder = diffusers_sdxl_folder(tmp_path / "sdxl", unet, scheduler,
+                                 force_zeros_for_empty_prompt=False)
+  assert main(["verify", str(folder)]) == 0
+  out = capsys.readouterr().out
+  assert "euler 3 steps" in out and out.rstrip().endswith("PASS")
 
 
 def test_sample_and_class_images_on_sdxl_with_a_sampler_and_micro_conditioning(sdxl_dir, tmp_path,
