@@ -18,7 +18,8 @@ from tqdm.auto import tqdm
 from persona_jax.convert.files import write_json
 from persona_jax.data.images import IMAGE_SUFFIXES, DataError
 from persona_jax.images import save_png
-from persona_jax.text_to_image import SampleOptions, sampler_name, text_to_image
+from persona_jax.text_to_image import (SampleOptions, sampler_name, text_to_image,
+                                      with_pipeline_defaults)
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +49,17 @@ def _check_metadata(folder: Path, record: dict) -> None:
   if saved.get("prompt") != record["prompt"]:
     raise DataError(f"{folder}: its class images were made for the prompt '{saved.get('prompt')}', "
                     f"not '{record['prompt']}'; use another folder (or delete this one)")
+  if saved.get("scheduler", record["scheduler"]) != record["scheduler"]:
+    raise DataError(f"{folder}: its class images were sampled with {saved['scheduler']}, not "
+                    f"{record['scheduler']}; pass --scheduler {saved['scheduler']} (or use "
+                    "another folder)")
 
 
 def make_class_images(pipe, prompt: str, num: int, out, *, options: SampleOptions = SampleOptions(),
-                      negative_prompt: str = "", progress: bool = True) -> list[Path]:
+                      negative_prompt: str | None = None, progress: bool = True) -> list[Path]:
   """Tops up `out` to `num` images of `prompt` sampled from `pipe`. Returns the new files."""
   out = Path(out)
+  options = with_pipeline_defaults(options, pipe)
   if not prompt:
     raise DataError(f"{out}: class images need a prompt (e.g. 'a photo of a dog')")
   record = {"prompt": prompt, "negative_prompt": negative_prompt, "steps": options.steps,

@@ -34,7 +34,7 @@ class SampleOptions:
     positive ones unless negative_original_size and negative_target_size are both given.
   """
   steps: int = 50
-  guidance: float = 7.5
+  guidance: float | None = None  # default: 7.5, SDXL 5.0 (as diffusers' pipelines)
   guidance_rescale: float = 0.0
   eta: float = 0.0
   seed: int = 0
@@ -49,6 +49,13 @@ class SampleOptions:
   negative_original_size: tuple[int, int] | None = None
   negative_crops_coords_top_left: tuple[int, int] = (0, 0)
   negative_target_size: tuple[int, int] | None = None
+
+
+def with_pipeline_defaults(options: SampleOptions, pipe: Pipeline) -> SampleOptions:
+  """The options with what they leave to the pipeline filled in (the guidance scale)."""
+  if options.guidance is not None:
+    return options
+  return dataclasses.replace(options, guidance=5.0 if pipe.is_sdxl else 7.5)
 
 
 def sampler_name(pipe: Pipeline, options: SampleOptions) -> str:
@@ -70,11 +77,14 @@ def micro_conditioning(options: SampleOptions, size: tuple[int, int]) -> tuple[n
   return positive, np.asarray(negative, np.float32)
 
 
-def prompt_inputs(pipe: Pipeline, tokenizer, prompts: list[str], negatives: list[str],
+def prompt_inputs(pipe: Pipeline, tokenizer, prompts: list[str], negatives: list[str | None],
                   options: SampleOptions, size: tuple[int, int]) -> dict:
   """The sampler's text inputs of one batch: ids and negative ids [B, L]; for SDXL also the
-  second tokenizer's, the time ids [B, 6] and which negatives are zeros [B] (empty ones, when
-  the folder says force_zeros_for_empty_prompt, as diffusers does for a negative prompt None)."""
+  second tokenizer's, the time ids [B, 6] and which negatives are zeros [B]: those not given
+  (None) when the folder says force_zeros_for_empty_prompt, as diffusers does (None is "" when
+  encoded; an explicit "" is always encoded)."""
+  given = [n is not None for n in negatives]
+  negatives = [n or "" for n in negatives]
   batch = {IDS: tokenize(tokenizer, prompts), NEGATIVE_IDS: tokenize(tokenizer, negatives)}
   if pipe.is_sdxl:
     positive, negative = micro_conditioning(options, size)
@@ -83,8 +93,7 @@ def prompt_inputs(pipe: Pipeline, tokenizer, prompts: list[str], negatives: list
         IDS_2: tokenize(pipe.tokenizer_2, prompts),
         NEGATIVE_IDS_2: tokenize(pipe.tokenizer_2, negatives),
         TIME_IDS: np.tile(positive, (n, 1)), NEGATIVE_TIME_IDS: np.tile(negative, (n, 1)),
-        NEGATIVE_ZERO: np.asarray([pipe.force_zeros_for_empty_prompt and not neg
-                                   for neg in negatives]),
+        NEGATIVE_ZERO: np.asarray([pipe.force_zeros_for_empty_prompt and not g for g in given]),
     })
   return batch
 
@@ -127,7 +136,8 @@ class Sampling:
   addons: tuple = ()
 
 
-def text_to_image(pipe: Pipeline, prompts: str | list[str], negative_prompt: str | list[str] = "",
+def text_to_image(pipe: Pipeline, prompts: str | list[str],
+                  negative_prompt: str | None | list[str | None] = None,
                   num_images: int = 1, options: SampleOptions = SampleOptions(),
                   start_index: int = 0, progress: bool = True,
                   sampling: Sampling | None = None) -> np.ndarray:
@@ -142,14 +152,20 @@ def text_to_image(pipe: Pipeline, prompts: str | list[str], negative_prompt: str
     [len(prompts) * num_images, H, W, 3] uint8.
   """
   prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-  negatives = ([negative_prompt] * len(prompts) if isinstance(negative_prompt, str)
+  negatives = ([negative_prompt] * len(prompts)
+               if negative_prompt is None or isinstance(negative_prompt, str)
                else list(negative_prompt))
   if len(negatives) != len(prompts):
     raise ConfigError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
+  options = with_pipeline_defaults(options, pipe)
   sampling = sampling or Sampling()
   expand = sampling.expand_prompt
   tokenizer = sampling.tokenizer or pipe.tokenizer
   conditioning = sampling.conditioning or TextConditioning()
+  if pipe.is_sdxl and type(conditioning) is not TextConditioning:
+    raise ConfigError(f"{type(conditioning).__name__}: this method samples on SD 1.x/2.x bases "
+                      f"for now, and the model ({pipe.path or 'in memory'}) is SDXL; pass "
+                      "--model an SD 1.x/2.x base")
   if options.clip_skip:
     if not isinstance(conditioning, TextConditioning):
       raise ConfigError(f"--clip-skip: this method's conditioning ({type(conditioning).__name__}) "

@@ -21,7 +21,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from persona_jax.errors import ModelFileError
+from persona_jax.errors import ConfigError, ModelFileError
 from persona_jax.pipeline import Pipeline, load_pipeline
 from persona_jax.tokenizer import tokenize
 
@@ -185,7 +185,7 @@ def compare_sampling(pipe, ref_models: TorchComponents, path, latents, sampler: 
   latents, with `sampler` (default: the folder's; DDIM where we have not its class; Euler's
   deterministic twin for Euler ancestral, whose noise diffusers draws itself); diffusers'
   scheduler is that class `from_config` of the folder's. SD 1.x/2.x: negative prompts; SDXL: an
-  empty negative prompt (zeros where the folder says force_zeros_for_empty_prompt) and
+  negative prompt not given (zeros where the folder says force_zeros_for_empty_prompt) and
   micro-conditioning that is not the default."""
   import torch
   from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
@@ -210,7 +210,7 @@ def compare_sampling(pipe, ref_models: TorchComponents, path, latents, sampler: 
     options = SampleOptions(original_size=(2 * h * f, 3 * w * f), crops_coords_top_left=(8, 0))
     kw.update(original_size=options.original_size,
               crops_coords_top_left=options.crops_coords_top_left)
-    negative = [""] * b
+    negative = [None] * b                # as diffusers' negative_prompt=None
   else:
     ref = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
                                   requires_safety_checker=False)
@@ -366,8 +366,11 @@ def verify(path, *, tolerance: float = DEFAULT_TOLERANCE, variant: str | None = 
   pipe = load_pipeline(path, variant=variant, allow_pickle=allow_pickle, attention="auto")
   encoder = None
   if adapter is not None:
-    _require_reference()
     hook, value = adapter
+    if pipe.is_sdxl:
+      raise ConfigError(f"verify {hook.flag}: adapter files are compared on SD 1.x/2.x models; "
+                        f"{path} is SDXL (verify it without {hook.flag})")
+    _require_reference()
     results = hook.run(pipe, path, value, seed=seed, image_encoder=image_encoder,
                        allow_pickle=allow_pickle)
     what = f" + {hook.flag} {value}"

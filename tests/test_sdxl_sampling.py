@@ -115,3 +115,43 @@ def test_sdxl_flags_on_an_sd1_model_are_refused(model_dirs, tmp_path, capsys):
   assert main(["sample", "--model", str(model_dirs["sd1"]), "--prompt", "x", "--original-size",
                "64", "64", "--out", str(tmp_path)]) == 2
   assert "--original-size is SDXL's micro-conditioning" in capsys.readouterr().err
+
+
+def test_negative_prompts_guidance_and_methods_on_sdxl_as_diffusers_takes_them(sdxl_pipe, pipes):
+  """No negative prompt is zeros (force_zeros_for_empty_prompt), an explicit "" is encoded, as
+  diffusers does for None and ""; the guidance default is 5 on SDXL, 7.5 else; a method's own
+  conditioning on SDXL is a one-line error before anything compiles."""
+  import pytest
+
+  from persona_jax.diffusion.conditioning import TextConditioning
+  from persona_jax.errors import ConfigError
+  from persona_jax.text_to_image import (SampleOptions, Sampling, prompt_inputs, text_to_image,
+                                         with_pipeline_defaults)
+  inputs = prompt_inputs(sdxl_pipe, sdxl_pipe.tokenizer, ["a", "b", "c"], [None, "", "blurry"],
+                         SampleOptions(), (32, 32))
+  np.testing.assert_array_equal(inputs["negative_zero"], [True, False, False])
+  np.testing.assert_array_equal(inputs["negative_ids"][0], inputs["negative_ids"][1])
+  assert inputs["time_ids"].tolist() == [[32, 32, 0, 0, 32, 32]] * 3
+  assert with_pipeline_defaults(SampleOptions(), sdxl_pipe).guidance == 5.0
+  assert with_pipeline_defaults(SampleOptions(), pipes["sd1"]).guidance == 7.5
+  assert with_pipeline_defaults(SampleOptions(guidance=3.0), sdxl_pipe).guidance == 3.0
+
+  class MethodConditioning(TextConditioning):
+    pass
+  with pytest.raises(ConfigError, match="MethodConditioning: this method samples on SD 1.x/2.x"):
+    text_to_image(sdxl_pipe, "a", sampling=Sampling(conditioning=MethodConditioning()))
+
+
+def test_adapters_on_sdxl_are_one_line_errors(sdxl_dir, sdxl_pipe, tmp_path, capsys):
+  from persona_jax.convert.files import write_safetensors
+  from persona_jax.errors import ModelFileError
+  from persona_jax.methods.lora_compose import LoRASpec, with_loras
+  lora = tmp_path / "sdxl_kohya.safetensors"
+  key = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"
+  write_safetensors(lora, {f"{key}.lora_down.weight": np.ones((4, 64), np.float32),
+                           f"{key}.lora_up.weight": np.ones((64, 4), np.float32)})
+  import pytest
+  with pytest.raises(ModelFileError, match="an SDXL LoRA in a layout persona_jax does not read yet"):
+    with_loras(sdxl_pipe.params, [LoRASpec.parse(str(lora))], sdxl_pipe.unet_config)
+  assert main(["verify", str(sdxl_dir), "--lora", str(lora)]) == 2
+  assert "verify --lora: adapter files are compared on SD 1.x/2.x models" in capsys.readouterr().err

@@ -16,7 +16,9 @@ def add_arguments(p) -> None:
   add_model_flags(p)
   p.add_argument("--prompt", required=True, help='the class prompt, e.g. "a photo of a dog"')
   p.add_argument("--num", type=int, required=True, help="how many images OUT should hold")
-  p.add_argument("--negative-prompt", default="")
+  p.add_argument("--negative-prompt", default=None,
+                 help="default: none (the empty prompt, or zeros where an SDXL folder says "
+                      "force_zeros_for_empty_prompt)")
   p.add_argument("--steps", type=int, default=50)
   p.add_argument("--guidance", type=float, default=None,
                  help="classifier-free guidance scale (default 7.5; SDXL 5.0, as diffusers)")

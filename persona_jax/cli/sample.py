@@ -80,9 +80,8 @@ def add_sdxl_flags(p) -> None:
 
 
 def sample_options(args, pipe, **fields):
-  """SampleOptions from the sampling flags, with the pipeline's defaults (SDXL: guidance 5)."""
+  """SampleOptions from the sampling flags (what they leave out: the pipeline's defaults)."""
   from persona_jax.text_to_image import SampleOptions
-  guidance = args.guidance if args.guidance is not None else (5.0 if pipe.is_sdxl else 7.5)
   sdxl = {name: tuple(getattr(args, name)) for name in (
       "original_size", "crops_coords_top_left", "target_size", "negative_original_size",
       "negative_crops_coords_top_left", "negative_target_size")
@@ -90,7 +89,7 @@ def sample_options(args, pipe, **fields):
   if sdxl and not pipe.is_sdxl:
     raise ConfigError(f"--{sorted(sdxl)[0].replace('_', '-')} is SDXL's micro-conditioning; "
                       f"{pipe.path or 'this model'} is not an SDXL model")
-  return SampleOptions(steps=args.steps, guidance=guidance, seed=args.seed, height=args.height,
+  return SampleOptions(steps=args.steps, guidance=args.guidance, seed=args.seed, height=args.height,
                        width=args.width, batch_size=args.batch_size, scheduler=args.scheduler,
                        **sdxl, **fields)
 
@@ -103,7 +102,9 @@ def _method_flags():
 def add_arguments(p) -> None:
   add_model_flags(p)
   p.add_argument("--prompt", required=True, nargs="+", help="one or more prompts")
-  p.add_argument("--negative-prompt", default="", help="negative prompt (default: empty)")
+  p.add_argument("--negative-prompt", default=None,
+                 help="negative prompt (default: none: the empty prompt, or zeros where an SDXL "
+                      "folder says force_zeros_for_empty_prompt)")
   p.add_argument("--steps", type=int, default=50)
   p.add_argument("--guidance", type=float, default=None,
                  help="classifier-free guidance scale (default 7.5; SDXL 5.0, as diffusers)")

@@ -327,8 +327,18 @@ def read_lora_file(path, base_params) -> LoRAFactors:
   except ModelFileError as e:
     if "text_encoder_2" not in base_params:
       raise
+    sdxl_key = next((k for k in read_lora_tensors(Path(path)) if _SDXL_ONLY.search(k)), None)
+    if sdxl_key is not None:
+      raise ModelFileError(f"{path}: key '{sdxl_key}': an SDXL LoRA in a layout persona_jax does "
+                           "not read yet (kohya's lora_te1_/lora_te2_ and input_blocks names, "
+                           "text_encoder_2 factors); diffusers' UNet-only SDXL LoRAs load") from None
     raise ModelFileError(f"{e}; the model is SDXL: is this an SD 1.x/2.x LoRA? Use a LoRA made "
                          "for this base model") from None
+
+
+# Keys only SDXL LoRAs have: kohya's two text encoders and SGM block names, diffusers' second encoder.
+_SDXL_ONLY = re.compile(r"^lora_te[12]_|^lora_unet_(?:input_blocks|middle_block|output_blocks)_|"
+                        r"^text_encoder_2\.")
 
 
 def _read_lora_file(path: Path, base_params) -> LoRAFactors:

@@ -368,11 +368,22 @@ def make_sampler(name: str, config: SchedulerConfig, num_steps: int) -> Sampler:
   return sampler
 
 
+# What euler computes with; a folder's Euler config that says otherwise is warned about.
+_EULER_DEFAULTS = dict(use_karras_sigmas=False, use_exponential_sigmas=False, use_beta_sigmas=False,
+                       timestep_type="discrete", interpolation_type="linear",
+                       final_sigmas_type="zero")
+
 # What dpmpp_2m computes with; a folder's DPM-Solver++ 2M config that says otherwise is logged.
 _DPM_DEFAULTS = dict(solver_type="midpoint", lower_order_final=True, euler_at_final=False,
                      final_sigmas_type="zero", use_lu_lambdas=False, use_exponential_sigmas=False,
                      use_beta_sigmas=False, use_flow_sigmas=False, variance_type=None,
                      lambda_min_clipped=-float("inf"))
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(message: str) -> None:
+  """A warning about the folder's scheduler config, once per process (not once per batch)."""
+  log.warning(message)
 
 
 def folder_default_sampler(raw_scheduler_config: dict) -> str:
@@ -382,11 +393,11 @@ def folder_default_sampler(raw_scheduler_config: dict) -> str:
   if class_name == "DDIMScheduler":
     return "ddim"
   if class_name == "EulerDiscreteScheduler":
-    options = [k for k in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
-               if raw.get(k)]
+    options = [f"{k}={raw[k]!r}" for k, plain in _EULER_DEFAULTS.items()
+               if raw.get(k, plain) not in (plain, None)]
     if options:
-      log.info("scheduler config: EulerDiscreteScheduler with %s; sampling with plain euler "
-               "sigmas", ", ".join(options))
+      _warn_once(f"scheduler config: EulerDiscreteScheduler with {', '.join(options)}; "
+                 "persona_jax samples with plain Euler sigmas (diffusers would follow the config)")
     return "euler"
   if class_name == "EulerAncestralDiscreteScheduler":
     if raw.get("prediction_type") == "sample":
@@ -398,13 +409,13 @@ def folder_default_sampler(raw_scheduler_config: dict) -> str:
     algorithm = raw.get("algorithm_type", "dpmsolver++")
     order = raw.get("solver_order", 2)
     if algorithm != "dpmsolver++" or order != 2:
-      log.info("scheduler config: DPMSolverMultistepScheduler %s of order %s is not available; "
+      log.warning("scheduler config: DPMSolverMultistepScheduler %s of order %s is not available; "
                "sampling with ddim (--scheduler picks one of %s)", algorithm, order,
                ", ".join(SAMPLERS))
       return "ddim"
     other = sorted(k for k, v in _DPM_DEFAULTS.items() if k in raw and raw[k] != v)
     if other:
-      log.info("scheduler config: sampling with DPM-Solver++ 2M's defaults, not the config's %s",
+      log.warning("scheduler config: sampling with DPM-Solver++ 2M's defaults, not the config's %s",
                ", ".join(f"{k}={raw[k]!r}" for k in other))
     return "dpmpp_2m_karras" if raw.get("use_karras_sigmas") else "dpmpp_2m"
   log.info("scheduler config: %s is not available; sampling with ddim (--scheduler picks one of "

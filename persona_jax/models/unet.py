@@ -102,7 +102,8 @@ def added_embedding(c: UNetConfig, added_cond, batch: int):
     raise ValueError(f"added_cond: pooled text width {text.shape[-1]} + {time.shape[-1]} time "
                      f"features != projection_class_embeddings_input_dim "
                      f"{c.projection_class_embeddings_input_dim}")
-  return TimestepEmbedding(c.time_embed_dim, c.act_fn, c.dtype, c.param_dtype,
+  # diffusers builds add_embedding with TimestepEmbedding's default activation, not act_fn.
+  return TimestepEmbedding(c.time_embed_dim, "silu", c.dtype, c.param_dtype,
                            name="add_embedding")(joined.astype(c.dtype))
 
 
