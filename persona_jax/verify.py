@@ -190,7 +190,7 @@ def compare_sampling(pipe, ref_models: TorchComponents, path, latents, sampler: 
   import torch
   from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-  from persona_jax.diffusion.sampling import generate, pipeline_scheduler
+  from persona_jax.diffusion.sampling import decode_latents, generate, pipeline_scheduler
   from persona_jax.text_to_image import SampleOptions, prompt_inputs, sampler_name
 
   sampler = sampler or sampler_name(pipe, SampleOptions())
@@ -221,14 +221,16 @@ def compare_sampling(pipe, ref_models: TorchComponents, path, latents, sampler: 
   want_latents = ref(**kw, output_type="latent").images.numpy()
   want_images = ref(**kw, output_type="np").images
   inputs = prompt_inputs(pipe, pipe.tokenizer, list(PROMPTS), negative, options, (h * f, w * f))
-  run = functools.partial(generate, pipe.params, inputs, 0, np.arange(b), GUIDANCE, 0.0, 0.0,
-                          latents, models=pipe.models(),
-                          scheduler=pipeline_scheduler(pipe.scheduler_config, pipe.is_sdxl),
-                          num_steps=SAMPLING_STEPS, latent_shape=latents.shape[1:],
-                          sampler=sampler)
+  final = generate(pipe.params, inputs, 0, np.arange(b), GUIDANCE, 0.0, 0.0, latents,
+                   models=pipe.models(),
+                   scheduler=pipeline_scheduler(pipe.scheduler_config, pipe.is_sdxl),
+                   num_steps=SAMPLING_STEPS, latent_shape=latents.shape[1:], sampler=sampler,
+                   decode=False)
+  # generate(decode=True) ends with exactly this decode; one sampling program compiles, not two.
+  images = jax.jit(decode_latents, static_argnums=0)(pipe.vae, pipe.params, final)
   name = f"{sampler} {SAMPLING_STEPS} steps, cfg {GUIDANCE}"
-  return [compare(f"{name}: latents", nchw(run(decode=False)), want_latents),
-          compare(f"{name}: images", run(), want_images)]
+  return [compare(f"{name}: latents", nchw(final), want_latents),
+          compare(f"{name}: images", images, want_images)]
 
 
 def _reference_image_processor(folder: Path, image_size: int):
