@@ -75,13 +75,36 @@ def test_diffusers_full_config_dump_is_accepted():
   VAEConfig.from_dict(dict(vae.config))
 
 
-@pytest.mark.parametrize("key,value", [("addition_embed_type", "text_time"),
+@pytest.mark.parametrize("key,value", [("addition_embed_type", "image"),
+                                       ("class_embed_type", "projection"),
                                        ("time_embedding_type", "fourier"),
                                        ("resnet_time_scale_shift", "scale_shift"),
                                        ("only_cross_attention", True)])
 def test_unet_unsupported_non_defaults(key, value):
   with pytest.raises(ConfigError, match=f"'{key}'"):
     UNetConfig.from_dict({**SD15_UNET, key: value})
+
+
+def test_sdxl_unet_keys_are_read_and_checked():
+  """SDXL's added conditioning and per-layer depths are read; a text_time UNet without its
+  widths, or per-layer depths without the reversed ones, are refused naming the key."""
+  sdxl = {**SD15_UNET, "addition_embed_type": "text_time", "addition_time_embed_dim": 256,
+          "projection_class_embeddings_input_dim": 2816}
+  c = UNetConfig.from_dict(sdxl)
+  assert c.addition_embed_type == "text_time" and c.projection_class_embeddings_input_dim == 2816
+  with pytest.raises(ConfigError, match="'text_time' needs addition_time_embed_dim"):
+    UNetConfig.from_dict({**sdxl, "addition_time_embed_dim": None})
+  depths = {**SD15_UNET, "transformer_layers_per_block": [[1, 2], [1, 1], [2, 2], [1, 1]]}
+  with pytest.raises(ConfigError, match="needs reverse_transformer_layers_per_block"):
+    UNetConfig.from_dict(depths)
+  c = UNetConfig.from_dict({**depths, "reverse_transformer_layers_per_block":
+                            [[1, 1, 1], [3, 2, 1], [1, 1, 1], [2, 1, 2]]})
+  assert c.down_transformer_layers[0] == (1, 2) and c.up_transformer_layers[1] == (3, 2, 1)
+  assert c.mid_transformer_layers == 1
+  hash(c)                                   # a static argument of jit: nested lists are tuples
+  with pytest.raises(ConfigError, match="has 3 entries for 2 layers"):
+    UNetConfig.from_dict({**depths, "transformer_layers_per_block": [[1, 2, 1]] + [[1, 1]] * 3,
+                          "reverse_transformer_layers_per_block": [[1, 1, 1]] * 4})
 
 
 def test_unknown_null_key_is_accepted(caplog):

@@ -231,8 +231,9 @@ class UNetConfig:
       _per_block(getattr(self, name), n, name, source)
     self._check_transformer_layers(source)
     if self.addition_embed_type not in (None, "text_time"):
-      raise ConfigError(f"{source}: addition_embed_type '{self.addition_embed_type}' is not "
-                        "supported (only SDXL's 'text_time', or null)")
+      raise ConfigError(f"{source}: config key 'addition_embed_type' = "
+                        f"{self.addition_embed_type!r} is not supported (only SDXL's 'text_time', "
+                        "or null)")
     if self.addition_embed_type == "text_time" and not (
         self.addition_time_embed_dim and self.projection_class_embeddings_input_dim):
       raise ConfigError(f"{source}: addition_embed_type 'text_time' needs addition_time_embed_dim "
