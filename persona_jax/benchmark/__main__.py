@@ -24,10 +24,15 @@ def _reset_peak_rss() -> bool:
 
 
 def _peak_rss_mb() -> float | None:
-  with open("/proc/self/status") as f:
-    for line in f:
-      if line.startswith("VmHWM:"):
-        return int(line.split()[1]) / 1024
+  """This process image's peak RSS (Linux's VmHWM), None where unknown. Not `ru_maxrss`: Linux
+  keeps that across exec, so a worker's would be at least the driver's RSS when it spawned it."""
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith("VmHWM:"):
+          return int(line.split()[1]) / 1024
+  except OSError:
+    pass
   return None
 
 
@@ -42,16 +47,19 @@ def worker(framework: str, case: str, unet_dir: Path, preset: str, iters: int, d
   start = time.perf_counter()
   run()
   first = time.perf_counter() - start
+  first_peak = _peak_rss_mb()
   steady_from = _reset_peak_rss()
   times = []
   for _ in range(iters):
     start = time.perf_counter()
     run()
     times.append(time.perf_counter() - start)
+  last = _peak_rss_mb()               # since the reset, or (no reset) since exec
+  steady = last if steady_from else None
+  peak = (max(first_peak, last) if first_peak is not None
+          else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
   result = dict(framework=framework, case=case, first_call_s=first, times_s=times,
-                median_s=statistics.median(times),
-                peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                steady_peak_rss_mb=_peak_rss_mb() if steady_from else None)
+                median_s=statistics.median(times), peak_rss_mb=peak, steady_peak_rss_mb=steady)
   if getattr(run, "xla_memory", None):
     result["xla_memory_mb"] = run.xla_memory
   if framework == "jax":

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import numpy as np
 
-from persona_jax.benchmark import (ADAPTER_CASES, BATCH, DB_VARIANTS, E4T_STEPS, LORA_RANK,
-                                   PRESETS, Preset, _ids, _inputs, db_options)
-
+from persona_jax.benchmark import (ADAPTER_CASES, ADDED_KEYS, BATCH, DB_VARIANTS, E4T_STEPS,
+                                   LORA_RANK, PRESETS, Preset, _ids, _inputs, added_cond,
+                                   added_cond_shapes, db_options)
+from persona_jax.diffusion.conditioning import TextConditioning
 
 
 def jax_case(case: str, unet_dir: Path, preset: Preset, dtype: str):
@@ -30,23 +31,24 @@ def jax_case(case: str, unet_dir: Path, preset: Preset, dtype: str):
   params = jax.device_put(state_dict_to_params(state, abstract_params("unet", config), source=source))
   unet = UNet2DConditionModel(config)
   x, t, ctx, noise = (jnp.asarray(a) for a in _inputs(preset, BATCH[case], channels_last=True))
+  added = jax.tree.map(jnp.asarray, added_cond(preset, BATCH[case]))
   if case == "unet_forward":
     fwd = jax.jit(unet.apply)
-    return lambda: jax.block_until_ready(fwd({"params": params}, x, t, ctx))
+    return lambda: jax.block_until_ready(fwd({"params": params}, x, t, ctx, None, added))
   if case == "ti_train":
     return _jax_ti_step(unet, params, unet_dir.parent / "text_encoder", x, noise, jdtype)
   if case in DB_VARIANTS:
-    return _jax_db_step(case, config, params, x, ctx)
+    return _jax_db_step(case, config, params, x, ctx, added)
   if case in ADAPTER_CASES:
-    return _jax_adapter_step(case, config, params, x, ctx)
+    return _jax_adapter_step(case, config, params, x, ctx, added)
   if case == "e4t_tune":
     return _jax_e4t_tune(config, params, unet_dir.parent, x, jdtype)
   tx = optax.adamw(1e-5)
   opt_state = tx.init(params)
 
-  def step(params, opt_state, x, t, ctx, noise):
+  def step(params, opt_state, x, t, ctx, noise, added):
     def loss_fn(p):
-      pred = unet.apply({"params": p}, x, t, ctx)
+      pred = unet.apply({"params": p}, x, t, ctx, None, added)
       return jnp.mean(jnp.square(pred.astype(jnp.float32) - noise))
     loss, grads = jax.value_and_grad(loss_fn)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
@@ -55,9 +57,48 @@ def jax_case(case: str, unet_dir: Path, preset: Preset, dtype: str):
   carry = [params, opt_state]
 
   def run():
-    carry[0], carry[1], loss = step(carry[0], carry[1], x, t, ctx, noise)
+    carry[0], carry[1], loss = step(carry[0], carry[1], x, t, ctx, noise, added)
     jax.block_until_ready(loss)
   return run
+
+
+@dataclasses.dataclass(frozen=True)
+class AddedCondConditioning(TextConditioning):
+  """Cached inputs only: the batch's text context and SDXL's added conditioning (pooled text
+  embeds and time ids, `ADDED_KEYS`), as the UNet's `added_cond`. The bench's stand-in: the
+  training core does not train on SDXL (cached pooled embeds) yet."""
+
+  def prepare(self, models, params, inputs):
+    return {"context": inputs["context"], "added": {k: inputs[k] for k in ADDED_KEYS}}
+
+  def at(self, models, params, state, noisy, t, step):
+    return {"encoder_hidden_states": state["context"], "added_cond": state["added"]}, {}
+
+
+def _with_added_cond(method, config):
+  """`method` conditioned as the UNet needs: SDXL's added conditioning from the batch."""
+  if config.addition_embed_type is None:
+    return method
+  c = method.conditioning
+  assert type(c) is TextConditioning and not c.token_rows, c
+  return dataclasses.replace(method, conditioning=AddedCondConditioning())
+
+
+def _batch(shapes: dict, abstract: bool, rng, prior_rows: int | None = None, added=None):
+  """A cached-latent batch of `shapes` (+ SDXL's added conditioning `added`, {name: shape} or
+  {name: array}): ShapeDtypeStructs, or random arrays with a tiny latent variance and, with
+  `prior_rows`, the last `prior_rows` rows marked as class rows."""
+  import jax
+  import jax.numpy as jnp
+  added = added or {}
+  if abstract:
+    return {k: jax.ShapeDtypeStruct(v, jnp.float32) for k, v in {**shapes, **added}.items()}
+  batch = {k: jnp.asarray(rng.standard_normal(v), jnp.float32) for k, v in shapes.items()}
+  batch["latent_logvar"] = jnp.full(shapes["latent_logvar"], -30.0)
+  if prior_rows is not None:
+    m = shapes["prior"][0]
+    batch["prior"] = jnp.asarray([0.0] * (m - prior_rows) + [1.0] * prior_rows)
+  return dict(batch, **{k: jnp.asarray(v) for k, v in added.items()})
 
 
 def _jitted_train_step(method, unet, text_encoder, tx):
@@ -168,9 +209,11 @@ def _jax_e4t_tune(config, unet_params, folder: Path, latents, jdtype):
   return run
 
 
-def _jax_db_parts(case, config, unet_params, batch_size: int, latent: int, context_len: int):
+def _jax_db_parts(case, config, unet_params, batch_size: int, latent: int, context_len: int,
+                  added=None):
   """(jitted step, state, micro-batch list) of our DreamBooth step: the real train_step with the
-  dreambooth method, frozen = {}. Works on arrays or on ShapeDtypeStructs (memory plans)."""
+  dreambooth method, frozen = {}. Works on arrays or on ShapeDtypeStructs (memory plans).
+  `added`: SDXL's added conditioning of the whole batch, {name: array} (or {name: shape})."""
   import functools
 
   import jax
@@ -183,7 +226,8 @@ def _jax_db_parts(case, config, unet_params, batch_size: int, latent: int, conte
   bf16, remat, accum = db_options(case)
   unet = UNet2DConditionModel(dataclasses.replace(
       config, dtype=jnp.bfloat16 if bf16 else config.dtype, remat="blocks" if remat else "none"))
-  method = dreambooth.make(dreambooth.DreamBoothConfig(), {"unet": unet_params})
+  method = _with_added_cond(dreambooth.make(dreambooth.DreamBoothConfig(), {"unet": unet_params}),
+                            config)
   trainable = {"unet": unet_params}
   tx, _ = make_optimizer(OptimConfig(lr=5e-6, clip_grad_norm=1.0, grad_accum=accum), trainable,
                          total_steps=10, batch_size=batch_size // accum)
@@ -196,23 +240,19 @@ def _jax_db_parts(case, config, unet_params, batch_size: int, latent: int, conte
   shapes = {"latent_mean": (m, latent, latent, 4), "latent_logvar": (m, latent, latent, 4),
             "context": (m, context_len, config.cross_attention_dims[0]), "prior": (m,)}
   batches = []
-  for _ in range(accum):
-    if abstract:
-      batch = {k: jax.ShapeDtypeStruct(v, jnp.float32) for k, v in shapes.items()}
-    else:
-      batch = {k: jnp.asarray(rng.standard_normal(v), jnp.float32) for k, v in shapes.items()}
-      batch["latent_logvar"] = jnp.full(shapes["latent_logvar"], -30.0)
-      batch["prior"] = jnp.asarray([0.0] * (m // 2) + [1.0] * (m // 2))
-    batches.append(batch)
+  for k in range(accum):
+    rows = {name: (m,) + v[1:] if abstract else v[k * m:(k + 1) * m]
+            for name, v in (added or {}).items()}
+    batches.append(_batch(shapes, abstract, rng, m // 2, rows))
   return step, state, batches
 
 
-def _jax_db_step(case, config, unet_params, latents, ctx):
+def _jax_db_step(case, config, unet_params, latents, ctx, added=None):
   """Our DreamBooth step, timed (compiled ahead of time inside the first call, so the
   result also carries XLA's memory plan)."""
   import jax
   step, state, batches = _jax_db_parts(case, config, unet_params, latents.shape[0],
-                                       latents.shape[1], ctx.shape[1])
+                                       latents.shape[1], ctx.shape[1], added)
   carry = [state]
   compiled = []
 
@@ -229,24 +269,27 @@ def _jax_db_step(case, config, unet_params, latents, ctx):
 def memory_plan(preset: str = "sd15", cases=DB_VARIANTS, batch_size: int = 2, print_fn=print) -> dict:
   """XLA's buffer plan of the DreamBooth step for each memory option (and of the LoRA and Custom
   Diffusion steps: ADAPTER_CASES), compiled from shapes only
-  (no weights are created, so the real SD 1.5 UNet plans on a laptop). CPU plans; an
-  accelerator's compiler fuses and schedules differently."""
+  (no weights are created, so the real SD 1.5 and SDXL UNets plan on a laptop; a preset with a
+  `plan` preset plans that one: sdxl plans sdxl_full). CPU plans; an accelerator's compiler fuses
+  and schedules differently."""
   import jax
   import jax.numpy as jnp
 
   from persona_jax.models.configs import UNetConfig
   from persona_jax.models.components import abstract_params
-  p = PRESETS[preset]
+  p = PRESETS[PRESETS[preset].plan or preset]
   config = UNetConfig.from_dict(p.unet)
   params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32),
                         abstract_params("unet", config))
+  added = added_cond_shapes(p, batch_size)
   out = {}
   for case in cases:
     if case in ADAPTER_CASES:
       step, state, frozen, batch = _adapter_parts(case, config, params, batch_size, p.latent,
-                                                  p.context_len)
+                                                  p.context_len, added)
     else:
-      step, state, batches = _jax_db_parts(case, config, params, batch_size, p.latent, p.context_len)
+      step, state, batches = _jax_db_parts(case, config, params, batch_size, p.latent,
+                                           p.context_len, added)
       frozen, batch = {}, batches[0]
     out[case] = xla_memory_mb(step.lower(state, frozen, batch).compile())
     print_fn(f"  {case:16s} {out[case]}")
@@ -266,10 +309,15 @@ def xla_memory_mb(compiled) -> dict | None:
                       - stats.alias_size_in_bytes + stats.temp_size_in_bytes))
 
 
-def _adapter_parts(case, config, unet_params, batch_size: int, latent: int, context_len: int):
+def _adapter_parts(case, config, unet_params, batch_size: int, latent: int, context_len: int,
+                   added=None):
   """(jitted step, state, frozen, batch) of our LoRA (rank 4 on the attention projections) or
   Custom Diffusion (attn2 K/V, BOS detached, no modifier token) step: the real train_step and
-  method, cached latents and contexts. Works on arrays or on ShapeDtypeStructs (memory plans)."""
+  method, cached latents and contexts (and SDXL's added conditioning `added`, {name: array} or
+  {name: shape}). Works on arrays or on ShapeDtypeStructs (memory plans: nothing allocated but
+  LoRA's small factors)."""
+  import functools
+
   import jax
   import jax.numpy as jnp
 
@@ -287,31 +335,27 @@ def _adapter_parts(case, config, unet_params, batch_size: int, latent: int, cont
     method = cd.make(cd.CustomDiffusionConfig(modifier_tokens=(), initializer_tokens=()),
                      dict(base, text_encoder=_BENCH_TEXT_TABLE))
     (trainable, frozen), lr = tree.split(base, method.params.select), 1e-5
+  method = _with_added_cond(method, config)
   unet = UNet2DConditionModel(dataclasses.replace(config, addons=method.unet))
   abstract = isinstance(jax.tree.leaves(unet_params)[0], jax.ShapeDtypeStruct)
-  if abstract:          # the plan needs only shapes; the trainable leaves are small or copied
-    trainable = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), trainable)
+  if abstract:          # the plan needs only shapes
+    trainable = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), trainable)
   tx, _ = make_optimizer(OptimConfig(lr=lr, clip_grad_norm=1.0), trainable, total_steps=10,
                          batch_size=batch_size)
   step = _jitted_train_step(method, unet, None, tx)
-  state = init_state(trainable, tx, seed=0)
+  init = functools.partial(init_state, tx=tx, seed=0)
+  state = jax.eval_shape(init, trainable) if abstract else init(trainable)
   shapes = {"latent_mean": (batch_size, latent, latent, 4), "latent_logvar": (batch_size, latent, latent, 4),
             "context": (batch_size, context_len, config.cross_attention_dims[0])}
-  if abstract:
-    batch = {k: jax.ShapeDtypeStruct(v, jnp.float32) for k, v in shapes.items()}
-  else:
-    rng = np.random.default_rng(1)
-    batch = {k: jnp.asarray(rng.standard_normal(v), jnp.float32) for k, v in shapes.items()}
-    batch["latent_logvar"] = jnp.full(shapes["latent_logvar"], -30.0)
-  return step, state, frozen, batch
+  return step, state, frozen, _batch(shapes, abstract, np.random.default_rng(1), added=added)
 
 
-def _jax_adapter_step(case, config, unet_params, latents, ctx):
+def _jax_adapter_step(case, config, unet_params, latents, ctx, added=None):
   """Our LoRA or Custom Diffusion step, timed (compiled ahead of time in the first call, so the
   result also carries XLA's memory plan)."""
   import jax
   step, state, frozen, batch = _adapter_parts(case, config, unet_params, latents.shape[0],
-                                              latents.shape[1], ctx.shape[1])
+                                              latents.shape[1], ctx.shape[1], added)
   batch = dict(batch, latent_mean=latents, context=ctx)
   carry, compiled = [state], []
 

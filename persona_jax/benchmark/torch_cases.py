@@ -7,10 +7,11 @@ from pathlib import Path
 
 import numpy as np
 
-from persona_jax.benchmark import BATCH, DB_VARIANTS, LORA_RANK, Preset, _ids, _inputs, db_options
+from persona_jax.benchmark import (BATCH, DB_VARIANTS, LORA_RANK, Preset, _ids, _inputs,
+                                   added_cond, db_options)
 
 
-def _torch_db_step(case, unet, x, noise, t, ctx, sync):
+def _torch_db_step(case, unet, x, noise, t, ctx, added, sync):
   """diffusers' train_dreambooth.py step with prior preservation: one forward over instance +
   class rows, `chunk(2)`, mse + prior_loss_weight * mse, clip 1.0, AdamW."""
   import contextlib
@@ -30,7 +31,7 @@ def _torch_db_step(case, unet, x, noise, t, ctx, sync):
   def run():
     for rows in micro:
       with autocast():
-        pred = unet(x[rows], t[rows], ctx[rows]).sample
+        pred = unet(x[rows], t[rows], ctx[rows], added_cond_kwargs=_rows(added, rows)).sample
       pred, pred_prior = pred.float().chunk(2)
       target, target_prior = noise[rows].float().chunk(2)
       loss = (torch.nn.functional.mse_loss(pred, target)
@@ -43,7 +44,12 @@ def _torch_db_step(case, unet, x, noise, t, ctx, sync):
   return run
 
 
-def _torch_cd_step(unet, x, noise, t, ctx, sync):
+def _rows(added, rows):
+  """SDXL's added_cond_kwargs at `rows` (None without them)."""
+  return None if added is None else {k: v[rows] for k, v in added.items()}
+
+
+def _torch_cd_step(unet, x, noise, t, ctx, added, sync):
   """diffusers' train_custom_diffusion.py step (no modifier token): CustomDiffusionAttnProcessor2_0
   with train_kv on every cross-attention, initialized from to_k/to_v, AdamW over them, clip 1.0."""
   from diffusers.models.attention_processor import CustomDiffusionAttnProcessor2_0
@@ -64,10 +70,10 @@ def _torch_cd_step(unet, x, noise, t, ctx, sync):
                                  "to_v_custom_diffusion.weight": weights[layer + ".to_v.weight"]})
   params = [p for proc in procs.values() for p in proc.parameters()]
   unet.set_attn_processor(dict(procs))         # diffusers pops the entries of the dict it gets
-  return _torch_adapter_run(unet, params, 1e-5, x, noise, t, ctx, sync)
+  return _torch_adapter_run(unet, params, 1e-5, x, noise, t, ctx, added, sync)
 
 
-def _torch_adapter_run(unet, params, lr, x, noise, t, ctx, sync):
+def _torch_adapter_run(unet, params, lr, x, noise, t, ctx, added, sync):
   """The timed step of a frozen UNet with trainable `params` (LoRA, Custom Diffusion): forward,
   backward, clipping 1.0, AdamW."""
   import torch
@@ -75,7 +81,8 @@ def _torch_adapter_run(unet, params, lr, x, noise, t, ctx, sync):
   opt = torch.optim.AdamW(params, lr=lr)
 
   def run():
-    loss = torch.nn.functional.mse_loss(unet(x, t, ctx).sample.float(), noise.float())
+    loss = torch.nn.functional.mse_loss(
+        unet(x, t, ctx, added_cond_kwargs=added).sample.float(), noise.float())
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     opt.step()
@@ -84,7 +91,7 @@ def _torch_adapter_run(unet, params, lr, x, noise, t, ctx, sync):
   return run
 
 
-def _torch_lora_step(unet, x, noise, t, ctx, sync):
+def _torch_lora_step(unet, x, noise, t, ctx, added, sync):
   """diffusers' train_dreambooth_lora.py step: peft LoRA (rank 4, alpha 4, gaussian init) on
   to_q/to_k/to_v/to_out.0, UNet frozen, AdamW over the adapter, clipping 1.0."""
   from peft import LoraConfig
@@ -92,7 +99,7 @@ def _torch_lora_step(unet, x, noise, t, ctx, sync):
   unet.add_adapter(LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK, init_lora_weights="gaussian",
                               target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
   params = [p for p in unet.parameters() if p.requires_grad]
-  return _torch_adapter_run(unet, params, 1e-4, x, noise, t, ctx, sync)
+  return _torch_adapter_run(unet, params, 1e-4, x, noise, t, ctx, added, sync)
 
 
 def _torch_ti_step(unet, text_dir: Path, x, noise, t, tdtype, device, sync):
@@ -138,29 +145,33 @@ def torch_case(case: str, unet_dir: Path, preset: Preset, dtype: str):
   x, t, ctx, noise = (torch.from_numpy(np.asarray(a)).to(device)
                       for a in _inputs(preset, BATCH[case], channels_last=False))
   x, ctx, noise = x.to(tdtype), ctx.to(tdtype), noise.to(tdtype)
+  added = added_cond(preset, BATCH[case])            # SDXL: pooled text embeds, time ids
+  if added is not None:
+    added = {k: torch.from_numpy(v).to(device=device, dtype=tdtype) for k, v in added.items()}
   sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
   if case == "unet_forward":
     unet.eval()
 
     def run():
       with torch.no_grad():
-        unet(x, t, ctx)
+        unet(x, t, ctx, added_cond_kwargs=added)
       sync()
     return run
   if case == "ti_train":
     return _torch_ti_step(unet, unet_dir.parent / "text_encoder", x, noise, t, tdtype, device, sync)
   if case in DB_VARIANTS:
-    return _torch_db_step(case, unet, x, noise, t, ctx, sync)
+    return _torch_db_step(case, unet, x, noise, t, ctx, added, sync)
   if case == "lora_train":
-    return _torch_lora_step(unet, x, noise, t, ctx, sync)
+    return _torch_lora_step(unet, x, noise, t, ctx, added, sync)
   if case == "cd_train":
-    return _torch_cd_step(unet, x, noise, t, ctx, sync)
+    return _torch_cd_step(unet, x, noise, t, ctx, added, sync)
   unet.train()
   opt = torch.optim.AdamW(unet.parameters(), lr=1e-5)
 
   def run():
     opt.zero_grad(set_to_none=True)
-    loss = torch.nn.functional.mse_loss(unet(x, t, ctx).sample.float(), noise.float())
+    loss = torch.nn.functional.mse_loss(
+        unet(x, t, ctx, added_cond_kwargs=added).sample.float(), noise.float())
     loss.backward()
     opt.step()
     sync()
