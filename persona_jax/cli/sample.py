@@ -54,6 +54,7 @@ def knob_values(args) -> dict:
   return out
 
 
+# diffusion/samplers.py's SAMPLERS, spelled out so the CLI starts without importing JAX.
 SCHEDULERS = ("ddim", "euler", "euler_ancestral", "dpmpp_2m", "dpmpp_2m_karras")
 
 

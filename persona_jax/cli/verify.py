@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from persona_jax.cli.sample import SCHEDULERS
 from persona_jax.errors import PersonaError
 
 NAME = "verify"
@@ -30,8 +31,7 @@ def add_arguments(p) -> None:
   p.add_argument("--allow-pickle", action="store_true",
                  help="read .bin/.ckpt pickle files (only files you trust)")
   p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--scheduler", default=None,
-                 choices=("ddim", "euler", "euler_ancestral", "dpmpp_2m", "dpmpp_2m_karras"),
+  p.add_argument("--scheduler", default=None, choices=SCHEDULERS,
                  help="the sampler of the sampling comparison (default: the folder's scheduler's; "
                       "Euler ancestral compares as Euler, its noise being diffusers' own)")
   p.add_argument("--image-encoder", type=Path, default=None, metavar="DIR",

@@ -93,7 +93,7 @@ class Pipeline:
 
   @property
   def force_zeros_for_empty_prompt(self) -> bool:
-    """SDXL: an empty negative prompt is zeros, not the encoded "" (model_index.json's flag)."""
+    """SDXL: a negative prompt not given is zeros, not the encoded "" (model_index.json's flag)."""
     return self.is_sdxl and bool(self.raw_configs["model_index"].get(
         "force_zeros_for_empty_prompt", True))
 

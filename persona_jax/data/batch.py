@@ -16,7 +16,7 @@ Sampling passes its inputs under the same names, plus `negative_ids` [B, L]; for
   ids_2, negative_ids_2       [B, L] int    the second tokenizer's ids ("!" padding)
   time_ids, negative_time_ids [B, 6] float  micro-conditioning: original size, crop top-left,
                                             target size (H, W order each)
-  negative_zero               [B] bool      the negative half is zeros (an empty negative prompt
+  negative_zero               [B] bool      the negative half is zeros (no negative prompt given,
                                             with force_zeros_for_empty_prompt)
 """
 

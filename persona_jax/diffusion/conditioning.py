@@ -32,7 +32,7 @@ with a method's new token rows (`params["tokens"]` [N, D], ids V .. V+N-1, enter
 embeddings) and, when sampling, an optional clip skip. On SDXL (`models.text_encoder_2`) it is
 diffusers' StableDiffusionXLPipeline.encode_prompt: both encoders' penultimate hidden states
 concatenated, the second's projected pooled output, the micro-conditioning time ids, and zeros
-for an empty negative prompt when the folder says `force_zeros_for_empty_prompt`.
+for a negative prompt not given when the folder says `force_zeros_for_empty_prompt`.
 """
 
 from __future__ import annotations

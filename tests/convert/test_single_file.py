@@ -25,7 +25,9 @@ EXTRA_LAYER = "cond_stage_model.model.transformer.resblocks.3."     # the tiny s
 
 
 def configs_of(pipe):
-  return {"unet": pipe.unet_config, "text_encoder": pipe.text_encoder_config, "vae": pipe.vae_config}
+  """The typed configs of a pipeline (text_encoder_2 None unless SDXL)."""
+  return {"unet": pipe.unet_config, "text_encoder": pipe.text_encoder_config,
+          "vae": pipe.vae_config, "text_encoder_2": pipe.text_encoder_2_config}
 
 
 def assert_params_equal(a, b):
@@ -216,7 +218,17 @@ def _script_convert(folder, sd2: bool, n_vae_blocks: int = 2):
     mapping[k] = v
   out = {"model.diffusion_model." + v: unet[k] for k, v in mapping.items()}
 
-  n = n_vae_blocks
+  out.update(vae_file_tensors(vae, n_vae_blocks))
+  if not sd2:
+    out.update({"cond_stage_model.transformer." + k: v for k, v in text.items()})
+    return out
+  out.update(openclip_file_tensors(text, "cond_stage_model.model."))
+  return out
+
+
+def vae_file_tensors(vae: dict, n: int) -> dict:
+  """The conversion script's VAE part: diffusers' AutoencoderKL keys of an n-block VAE ->
+  `first_stage_model.*`, mid-block attention weights as (C, C, 1, 1) convs."""
   vae_map = [("nin_shortcut", "conv_shortcut"), ("norm_out", "conv_norm_out"),
              ("mid.attn_1.", "mid_block.attentions.0.")]
   for i in range(n):
@@ -231,24 +243,24 @@ def _script_convert(folder, sd2: bool, n_vae_blocks: int = 2):
     vae_map.append((f"mid.block_{i + 1}.", f"mid_block.resnets.{i}."))
   attn_map = [("norm.", "group_norm."), ("q.", "to_q."), ("k.", "to_k."), ("v.", "to_v."),
               ("proj_out.", "to_out.0.")]
-  mapping = {}
-  for k in vae:
+  out = {}
+  for k, w in vae.items():
     v = k
     for sd_part, hf_part in vae_map:
       v = v.replace(hf_part, sd_part)
     if "attentions" in k:
       for sd_part, hf_part in attn_map:
         v = v.replace(hf_part, sd_part)
-    mapping[k] = v
-  for k, v in mapping.items():
-    w = vae[k]
     if any(f"mid.attn_1.{name}.weight" in v for name in ("q", "k", "v", "proj_out")):
       w = w.reshape(*w.shape, 1, 1)
     out["first_stage_model." + v] = w
+  return out
 
-  if not sd2:
-    out.update({"cond_stage_model.transformer." + k: v for k, v in text.items()})
-    return out
+
+def openclip_file_tensors(text: dict, prefix: str) -> dict:
+  """The conversion scripts' OpenCLIP part: transformers CLIP text keys -> OpenCLIP keys under
+  `prefix`, q/k/v fused into `in_proj_*`, a `text_projection.weight` (SDXL) written as the
+  matrix of x @ P."""
   import re
   conversions = [("resblocks.", "text_model.encoder.layers."), ("ln_1", "layer_norm1"),
                  ("ln_2", "layer_norm2"), (".c_fc.", ".fc1."), (".c_proj.", ".fc2."),
@@ -258,15 +270,19 @@ def _script_convert(folder, sd2: bool, n_vae_blocks: int = 2):
   protected = {re.escape(hf): sd for sd, hf in conversions}
   pattern = re.compile("|".join(protected))
   relabel = lambda k: pattern.sub(lambda m: protected[re.escape(m.group(0))], k)   # noqa: E731
-  qkv = {}
-  for k, v in {"transformer." + k: v for k, v in text.items()}.items():
+  out, qkv = {}, {}
+  for k, v in text.items():
+    if k == "text_projection.weight":
+      out[prefix + "text_projection"] = np.ascontiguousarray(v.T)
+      continue
+    k = "transformer." + k
     m = re.match(r"^(.*\.self_attn)\.([qkv])_proj\.(weight|bias)$", k)
     if m:
       qkv.setdefault((m[1], m[3]), [None] * 3)["qkv".index(m[2])] = v
     else:
-      out["cond_stage_model.model." + relabel(k)] = v
+      out[prefix + relabel(k)] = v
   for (pre, kind), parts in qkv.items():
-    out[f"cond_stage_model.model.{relabel(pre)}.in_proj_{kind}"] = np.concatenate(parts)
+    out[f"{prefix}{relabel(pre)}.in_proj_{kind}"] = np.concatenate(parts)
   return out
 
 

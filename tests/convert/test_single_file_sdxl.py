@@ -12,7 +12,6 @@ OpenCLIP by the positional embedding's width, and with equal widths loads CLIP-L
 text_encoder_2.
 """
 
-import re
 from types import SimpleNamespace
 
 import jax
@@ -29,22 +28,12 @@ from persona_jax.errors import ConfigError, ModelFileError
 from persona_jax.pipeline import load_pipeline, save_pipeline
 from persona_jax.random_model import preset_configs, random_params
 from persona_jax.tokenizer import load_tokenizer, write_tokenizer
+from tests.convert.test_single_file import (assert_params_equal, configs_of, openclip_file_tensors,
+                                            vae_file_tensors)
 
 XL_TEXT = "conditioner.embedders.0.transformer.text_model."
 XL_OPENCLIP = "conditioner.embedders.1.model."
 UNET = "model.diffusion_model."
-
-
-def assert_params_equal(a, b):
-  fa, fb = jax.tree_util.tree_flatten_with_path(a)[0], jax.tree_util.tree_flatten_with_path(b)[0]
-  assert [p for p, _ in fa] == [p for p, _ in fb]
-  for (path, x), (_, y) in zip(fa, fb):
-    assert np.asarray(x).dtype == np.asarray(y).dtype and np.array_equal(x, y), path
-
-
-def configs_of(pipe):
-  return {"unet": pipe.unet_config, "text_encoder": pipe.text_encoder_config,
-          "vae": pipe.vae_config, "text_encoder_2": pipe.text_encoder_2_config}
 
 
 @pytest.fixture(scope="module")
@@ -176,49 +165,9 @@ def _sgm_convert(folder) -> dict:
       v = v.replace(hf, sd)
     out[UNET + v] = w
 
-  vae_map = [("nin_shortcut", "conv_shortcut"), ("norm_out", "conv_norm_out"),
-             ("mid.attn_1.", "mid_block.attentions.0."), ("mid.block_1.", "mid_block.resnets.0."),
-             ("mid.block_2.", "mid_block.resnets.1.")]
-  for i in range(2):
-    vae_map.append((f"encoder.down.{i}.block.0.", f"encoder.down_blocks.{i}.resnets.0."))
-    vae_map += [(f"decoder.up.{1 - i}.block.{j}.", f"decoder.up_blocks.{i}.resnets.{j}.") for j in range(2)]
-  vae_map += [("down.0.downsample.", "down_blocks.0.downsamplers.0."),
-              ("up.1.upsample.", "up_blocks.0.upsamplers.0.")]
-  attn = [("norm.", "group_norm."), ("q.", "to_q."), ("k.", "to_k."), ("v.", "to_v."),
-          ("proj_out.", "to_out.0.")]
-  for k, w in vae.items():
-    v = k
-    for sd, hf in vae_map:
-      v = v.replace(hf, sd)
-    if "attentions" in k:
-      for sd, hf in attn:
-        v = v.replace(hf, sd)
-      if k.endswith("weight") and "group_norm" not in k:
-        w = w[:, :, None, None]
-    out["first_stage_model." + v] = w
-
+  out.update(vae_file_tensors(vae, 2))
   out.update({"conditioner.embedders.0.transformer." + k: v for k, v in text.items()})
-  conversions = [("resblocks.", "text_model.encoder.layers."), ("ln_1", "layer_norm1"),
-                 ("ln_2", "layer_norm2"), (".c_fc.", ".fc1."), (".c_proj.", ".fc2."),
-                 (".attn", ".self_attn"), ("ln_final.", "transformer.text_model.final_layer_norm."),
-                 ("token_embedding.weight", "transformer.text_model.embeddings.token_embedding.weight"),
-                 ("positional_embedding", "transformer.text_model.embeddings.position_embedding.weight")]
-  protected = {re.escape(hf): sd for sd, hf in conversions}
-  pattern = re.compile("|".join(protected))
-  qkv = {}
-  for k, v in text2.items():
-    if k == "text_projection.weight":
-      out[XL_OPENCLIP + "text_projection"] = np.ascontiguousarray(v.T)    # x @ P
-      continue
-    k = "transformer." + k
-    m = re.match(r"^(.*\.self_attn)\.([qkv])_proj\.(weight|bias)$", k)
-    if m:
-      qkv.setdefault((m[1], m[3]), [None] * 3)["qkv".index(m[2])] = v
-    else:
-      out[XL_OPENCLIP + pattern.sub(lambda m: protected[re.escape(m.group(0))], k)] = v
-  for (pre, kind), parts in qkv.items():
-    name = pattern.sub(lambda m: protected[re.escape(m.group(0))], pre)
-    out[f"{XL_OPENCLIP}{name}.in_proj_{kind}"] = np.concatenate(parts)
+  out.update(openclip_file_tensors(text2, XL_OPENCLIP))
   return out
 
 

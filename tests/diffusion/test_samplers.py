@@ -205,6 +205,8 @@ def test_samplers_are_static_arguments():
 
 
 def test_bad_sampler_names_and_options():
+  from persona_jax.cli.sample import SCHEDULERS
+  assert SCHEDULERS == SAMPLERS                       # the --scheduler choices are every sampler
   config = SchedulerConfig()
   with pytest.raises(ConfigError, match="unknown sampler 'heun'.*ddim, euler, euler_ancestral"):
     make_sampler("heun", config, 10)
