@@ -193,19 +193,19 @@ def render(scene: Scene, size: int = 32) -> np.ndarray:
   s = size * SUPERSAMPLE
   yy, xx = (np.mgrid[0:s, 0:s] + 0.5) / s                          # [s, s] in (0, 1)
   rng = np.random.default_rng(_stable_hash(repr(scene)) & 0xFFFFFFFF)   # texture noise
-  image = _background(scene.background, xx, yy, rng)
+  image = background_pixels(scene.background, xx, yy, rng)
   cx, cy = POSITIONS[scene.position] + scene.dx, 0.5 + scene.dy
   r = SIZES[scene.size]
   # Object-centred, rotated coordinates in units of the radius.
   u, v = (xx - cx) / r, (yy - cy) / r
   c, si = np.cos(scene.angle), np.sin(scene.angle)
   u, v = c * u + si * v, -si * u + c * v
-  mask = _shape(scene.cls, u, v)
+  mask = shape_mask(scene.cls, u, v)
   colour = np.asarray(COLOURS[scene.look.colour], np.float32)
   fill = np.broadcast_to(colour, image.shape).copy()
   if scene.look.pattern != "plain":
     second = np.asarray(COLOURS[scene.look.pattern_colour], np.float32)
-    fill[_pattern(scene.look.pattern, u, v)] = second
+    fill[pattern_mask(scene.look.pattern, u, v)] = second
   image = np.where(mask[..., None], fill, image)
   return image.reshape(size, SUPERSAMPLE, size, SUPERSAMPLE, 3).mean(axis=(1, 3)).round().astype(np.uint8)
 
@@ -219,11 +219,11 @@ def coverage(scene: Scene, size: int = 32) -> np.ndarray:
   r = SIZES[scene.size]
   u, v = (xx - cx) / r, (yy - cy) / r
   c, si = np.cos(scene.angle), np.sin(scene.angle)
-  mask = _shape(scene.cls, c * u + si * v, -si * u + c * v).astype(np.float32)
+  mask = shape_mask(scene.cls, c * u + si * v, -si * u + c * v).astype(np.float32)
   return mask.reshape(size, SUPERSAMPLE, size, SUPERSAMPLE).mean(axis=(1, 3))
 
 
-def _background(name: str, xx, yy, rng) -> np.ndarray:
+def background_pixels(name: str, xx, yy, rng) -> np.ndarray:
   s = xx.shape[0]
   if name in COLOURS:
     return np.broadcast_to(np.asarray(COLOURS[name], np.float32), (s, s, 3)).copy()
@@ -241,7 +241,7 @@ def _background(name: str, xx, yy, rng) -> np.ndarray:
   return a + (b - a) * noise[..., None]
 
 
-def _shape(cls: str, u, v, xp=np) -> np.ndarray:
+def shape_mask(cls: str, u, v, xp=np) -> np.ndarray:
   """Mask of a class in object coordinates (radius 1); `xp` is numpy or jax.numpy."""
   rho, theta = xp.hypot(u, v), xp.arctan2(v, u)
   if cls == "ball":
@@ -261,7 +261,7 @@ def _shape(cls: str, u, v, xp=np) -> np.ndarray:
   raise ValueError(f"unknown class {cls!r}")
 
 
-def _pattern(name: str, u, v, xp=np) -> np.ndarray:
+def pattern_mask(name: str, u, v, xp=np) -> np.ndarray:
   """Where the pattern's second colour goes, in object coordinates."""
   # Periods of 0.7-0.8 radius: at 32x32 even a small object's stripes, dots and checks are
   # two or more pixels wide.
@@ -329,8 +329,8 @@ def render_batch(arrays: dict, size: int = 32):
     u, v = (xx - a["centre"][0]) / a["radius"], (yy - a["centre"][1]) / a["radius"]
     c, si = jnp.cos(a["angle"]), jnp.sin(a["angle"])
     u, v = c * u + si * v, -si * u + c * v
-    mask = jnp.stack([_shape(cls, u, v, xp=jnp) for cls in CLASSES])[a["cls"]]
-    second = jnp.stack([jnp.zeros_like(mask)] + [_pattern(p, u, v, xp=jnp) for p in PATTERNS[1:]])[a["pattern"]]
+    mask = jnp.stack([shape_mask(cls, u, v, xp=jnp) for cls in CLASSES])[a["cls"]]
+    second = jnp.stack([jnp.zeros_like(mask)] + [pattern_mask(p, u, v, xp=jnp) for p in PATTERNS[1:]])[a["pattern"]]
     fill = jnp.where(second[..., None], jnp.asarray(_COLOUR_RGB)[a["pattern_colour"]][None, None, :],
                      jnp.asarray(_COLOUR_RGB)[a["colour"]][None, None, :])
     image = jnp.where(mask[..., None], fill, image)
