@@ -23,8 +23,12 @@ def add_arguments(p) -> None:
   p.add_argument("--prompt-following", type=int, default=None, metavar="N",
                  help="instead: how well the model follows N held-out full captions (class, "
                       "colour, pattern, background accuracy by the metric encoder)")
+  p.add_argument("--domain", choices=("scenes", "identities"), default="scenes",
+                 help="with --prompt-following: the world's scenes, or scenes of held-out "
+                      "identities")
   p.add_argument("--out", required=True, type=Path, help="folder for eval.json, samples, runs")
-  p.add_argument("--model", default=None, help="base model folder (default: the embedded default)")
+  p.add_argument("--model", default=None, help="base model folder, or toy-xl (default: the "
+                 "embedded SD 1.x base)")
   p.add_argument("--subjects", type=int, default=None, help="held-out subjects (default 2)")
   p.add_argument("--seeds", type=int, default=None, help="images per prompt (default 4)")
   p.add_argument("--references", type=int, default=None, help="reference images per subject (4)")
@@ -57,7 +61,7 @@ def run(args) -> int:
                               args.seed if args.seed is not None else 1, metric=metric,
                               sample_steps=args.sample_steps or 25,
                               guidance=args.guidance if args.guidance is not None else 4.0,
-                              progress=not args.noprogress, out=args.out)
+                              progress=not args.noprogress, out=args.out, domain=args.domain)
     print(json.dumps(result, indent=2))
     return 0
   if args.method is None:

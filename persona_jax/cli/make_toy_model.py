@@ -1,4 +1,5 @@
-"""`persona-jax make-toy-model --workdir DIR`: pre-train the toy-world base (world/toy_model.py)."""
+"""`persona-jax make-toy-model --workdir DIR [--xl]`: pre-train the toy-world base
+(world/toy_model.py) or, with --xl, the toy SDXL base grown from it (world/toy_xl.py)."""
 
 from __future__ import annotations
 
@@ -32,9 +33,15 @@ def add_arguments(p) -> None:
                  help="with --start-from: deepen the UNet to these layers per block first "
                       "(new layers start as the identity, so it computes the same function)")
   p.add_argument("--lr", type=float, default=None, help="default: configs/toy_pretrain.py's")
+  p.add_argument("--xl", action="store_true",
+                 help="the toy SDXL base (toy-xl): grown from the SD 1.x base (--start-from, "
+                      "default the shipped one) and pre-trained on the world with its identity "
+                      "scenes; --images defaults to 40000, --unet-steps to 4000")
 
 
 def run(args) -> int:
+  if args.xl:
+    return _run_xl(args)
   from persona_jax.world.toy_model import VAETraining, build_base, pretrain
   vae = VAETraining(steps=args.vae_steps)
   if args.stop_after_init:
@@ -46,4 +53,22 @@ def run(args) -> int:
                     grow_layers=args.grow_layers, lr=args.lr)
   for path in result["outputs"] + ([result["samples"]] if result["samples"] else []):
     print(path)
+  return 0
+
+
+def _run_xl(args) -> int:
+  import dataclasses
+
+  from persona_jax.errors import ConfigError
+  from persona_jax.world import toy_xl
+  if args.grow_layers is not None:
+    raise ConfigError("--grow-layers deepens the SD 1.x base; it does not apply with --xl")
+  images = args.images if args.images != 20000 else 40000
+  if args.stop_after_init:
+    print(toy_xl.build_xl_base(args.workdir, num_images=images, start_from=args.start_from))
+    return 0
+  given = {k: v for k, v in (("steps", args.unet_steps), ("batch_size", args.batch_size),
+                              ("lr", args.lr)) if v is not None}
+  print(toy_xl.pretrain_xl(args.workdir, dataclasses.replace(toy_xl.XLTraining(), **given),
+                           num_images=images, start_from=args.start_from))
   return 0

@@ -24,7 +24,8 @@ def _dest(flag: str) -> str:
 
 def add_arguments(p) -> None:
   from persona_jax.verify import DEFAULT_TOLERANCE
-  p.add_argument("model", type=Path, help="a diffusers folder (model_index.json, unet/, ...)")
+  p.add_argument("model", help="a diffusers folder (model_index.json, unet/, ...), a single "
+                 "file, or an embedded model: default, toy-xl")
   p.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
                  help="largest allowed relative error (default %(default)s)")
   p.add_argument("--variant", default=None, help="weight-file variant, e.g. fp16")
@@ -43,13 +44,14 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
+  from persona_jax.default_model import resolve_model
   from persona_jax.verify import verify
   given = [(hook, getattr(args, _dest(hook.flag))) for hook in _hooks()
            if getattr(args, _dest(hook.flag)) is not None]
   if len(given) > 1:
     raise PersonaError("verify compares one adapter at a time (" +
                        ", ".join(hook.flag for hook, _ in given) + ")")
-  ok = verify(args.model, tolerance=args.tolerance, variant=args.variant,
+  ok = verify(resolve_model(args.model), tolerance=args.tolerance, variant=args.variant,
               allow_pickle=args.allow_pickle, seed=args.seed, image_encoder=args.image_encoder,
               adapter=given[0] if given else None, sampler=args.scheduler)
   return 0 if ok else 1

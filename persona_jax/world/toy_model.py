@@ -84,12 +84,21 @@ def toy_configs() -> dict:
 # ---------------------------------------------------------------------------------------------
 # world: the UNet stage's training folder
 
-def write_world(folder: Path, num_images: int, seed: int = 0, progress: bool = True) -> Path:
-  """Renders `num_images` training scenes into `folder`: NAME.png, the object's coverage as the
-  subject mask NAME.mask.png (the UNet stage's loss weights, `data.mask_loss_weight`) and
-  metadata.jsonl. Resumable: files already written are kept (scene k is the same whenever it
-  is drawn); metadata.jsonl is written last, so a folder with it is complete (a folder written
-  before masks existed gets them added)."""
+def world_scene(seed: int, k: int):
+  """Training scene k of the SD 1.x base's world: (uint8 image [32, 32, 3], the object's
+  coverage float32 [32, 32], a sampled caption)."""
+  scene = scenes.sample_scene(seed, "train", k)
+  return (scenes.render(scene, RESOLUTION), scenes.coverage(scene, RESOLUTION),
+          scenes.caption(scene, np.random.default_rng([seed, k, 7])))
+
+
+def write_world(folder: Path, num_images: int, seed: int = 0, progress: bool = True,
+                draw=world_scene) -> Path:
+  """Renders `num_images` training scenes (`draw(seed, k)`: image, coverage, caption) into
+  `folder`: NAME.png, the objects' coverage as the subject mask NAME.mask.png (the UNet stage's
+  loss weights, `data.mask_loss_weight`) and metadata.jsonl. Resumable: files already written are
+  kept (scene k is the same whenever it is drawn); metadata.jsonl is written last, so a folder
+  with it is complete (a folder written before masks existed gets them added)."""
   from PIL import Image
   folder = Path(folder)
   last = f"{num_images - 1:06d}"
@@ -107,12 +116,10 @@ def write_world(folder: Path, num_images: int, seed: int = 0, progress: bool = T
   rows = []
   for k in tqdm(range(num_images), desc="world images", unit="img", disable=not progress):
     name = f"{k:06d}.png"
-    scene = scenes.sample_scene(seed, "train", k)
-    write_png(name, lambda: scenes.render(scene, RESOLUTION))
-    write_png(f"{k:06d}.mask.png",
-              lambda: np.round(scenes.coverage(scene, RESOLUTION) * 255).astype(np.uint8))
-    rows.append({"file_name": name,
-                 "text": scenes.caption(scene, np.random.default_rng([seed, k, 7]))})
+    image, cover, text = draw(seed, k)
+    write_png(name, lambda: image)
+    write_png(f"{k:06d}.mask.png", lambda: np.round(cover * 255).astype(np.uint8))
+    rows.append({"file_name": name, "text": text})
   if not (folder / "metadata.jsonl").is_file():
     tmp = folder / ".metadata.jsonl.tmp"
     tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
@@ -385,9 +392,10 @@ def snapshot(unet_workdir, out, step: int | None = None) -> Path:
 
 
 def ship(model_dir, dest=None) -> Path:
-  """Writes a finished base into the package as the embedded default (`default_model.py`):
-  float16 weights in the diffusers layout, `image_encoder/` included, without tokenizer files
-  (the shipped tokenizer is added when the default is first copied to the user cache)."""
+  """Writes a finished base into the package as the embedded default (`default_model.py`; `dest`
+  another shipped base's folder, e.g. `shipped_xl_dir()`): float16 weights in the diffusers
+  layout, `image_encoder/` included, without tokenizer files (the shipped tokenizer is added when
+  the model is first copied to the user cache)."""
   import shutil
   import tempfile
 
@@ -397,7 +405,8 @@ def ship(model_dir, dest=None) -> Path:
   model_dir, dest = Path(model_dir), Path(dest) if dest is not None else shipped_base_dir()
   with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
     staged = save_pipeline(load_pipeline(model_dir), Path(tmp) / "base", dtype=np.float16)
-    shutil.rmtree(staged / "tokenizer")
+    for tokenizer in ("tokenizer", "tokenizer_2"):
+      shutil.rmtree(staged / tokenizer, ignore_errors=True)
     if (model_dir / "image_encoder" / "config.json").is_file():
       shutil.copytree(model_dir / "image_encoder", staged / "image_encoder")
       for weights in (staged / "image_encoder").glob("*.safetensors"):
