@@ -1,4 +1,4 @@
-"""The interface every face-recognition network is used through (ArcFace and its stand-in).
+"""Loading face-recognition networks (ArcFace and its stand-in) as `face.recognizer.Recognizer`s.
 
 A `Recognizer` embeds aligned crops: uint8 [N, S, S, 3] -> float32 [N, 512], raw as ArcFace's
 output (not unit-normalized; its norm says how face-like and sharp the crop is, its direction
@@ -13,61 +13,16 @@ world's `toy_identity_encoder`); insightface's ONNX models come with face analys
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import importlib
 import json
 from pathlib import Path
-from typing import Callable
 
-import numpy as np
 
 from persona_jax.errors import ConfigError
-from persona_jax.face import align
+from persona_jax.face.recognizer import Recognizer, cosine  # noqa: F401  (the interface, re-exported)
 
-# architecture name in config.json -> module whose load(folder) returns a Recognizer
-ARCHITECTURES = {"toy_identity_encoder": "persona_jax.world.toy_identity_encoder"}
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class Recognizer:
-  """A face-recognition network: `embed_fn` maps float32 [N, S, S, 3] (0..255) aligned crops
-  to [N, D] raw embeddings; `template` [5, 2] is where alignment puts the keypoints (crop
-  pixels, `align`'s convention)."""
-  name: str
-  input_size: int
-  template: np.ndarray
-  embed_fn: Callable[[np.ndarray], np.ndarray]
-  threshold: float | None = None
-  config: dict = dataclasses.field(default_factory=dict)
-
-  def embed(self, aligned) -> np.ndarray:
-    """uint8 [N, S, S, 3] aligned crops -> float32 [N, D] raw embeddings."""
-    aligned = np.asarray(aligned)
-    s = self.input_size
-    if aligned.ndim != 4 or aligned.shape[1:] != (s, s, 3):
-      raise ValueError(f"{self.name} embeds aligned crops [N, {s}, {s}, 3], got {aligned.shape}")
-    if len(aligned) == 0:
-      return np.zeros((0, int(self.config.get("embedding", 512))), np.float32)
-    return np.asarray(self.embed_fn(aligned.astype(np.float32)), np.float32)
-
-  def align(self, image, keypoints) -> np.ndarray:
-    """uint8 [n, S, S, 3]: the faces of image [H, W, 3] with keypoints [n, 5, 2], aligned."""
-    keypoints = np.asarray(keypoints, np.float32).reshape(-1, 5, 2)
-    return np.stack([align.norm_crop(image, k, self.input_size, self.template) for k in keypoints]
-                    ) if len(keypoints) else np.zeros((0, self.input_size, self.input_size, 3), np.uint8)
-
-  def embed_faces(self, image, keypoints) -> np.ndarray:
-    """float32 [n, D]: the faces of image [H, W, 3] with keypoints [n, 5, 2] aligned, embedded."""
-    return self.embed(self.align(np.asarray(image), keypoints))
-
-
-def cosine(a, b) -> np.ndarray:
-  """Row-wise cosine similarity of a [N, D] and b [N, D] -> [N] (a [D] and b [M, D] -> [M])."""
-  a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-  a = a / (np.linalg.norm(a, axis=-1, keepdims=True) + 1e-12)
-  b = b / (np.linalg.norm(b, axis=-1, keepdims=True) + 1e-12)
-  return np.sum(a * b, axis=-1)
+# architecture names in config.json (the networks' loaders are imported when used)
+ARCHITECTURES = ("toy_identity_encoder",)
 
 
 def load_recognizer(path) -> Recognizer:
@@ -89,7 +44,8 @@ def load_recognizer(path) -> Recognizer:
   if architecture not in ARCHITECTURES:
     raise ConfigError(f"{config_file}: architecture {architecture!r} is not a face-recognition "
                       f"model persona_jax knows; {expected}")
-  return importlib.import_module(ARCHITECTURES[architecture]).load(path)
+  from persona_jax.face import toy_network
+  return toy_network.load(path)
 
 
 def shipped_toy_dir() -> Path:

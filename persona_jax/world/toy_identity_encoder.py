@@ -25,27 +25,19 @@ import json
 import time
 from pathlib import Path
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from persona_jax import tree
 from persona_jax.face import align
-from persona_jax.face.recognition import Recognizer, cosine
+from persona_jax.face import toy_network
+from persona_jax.face.recognizer import Recognizer, cosine
+from persona_jax.face.toy_network import INPUT_SIZE, EncoderConfig, IdentityEncoder
 from persona_jax.world import identities
 
-ARCHITECTURE = "toy_identity_encoder"
-INPUT_SIZE = 32
 RADIUS_PX = 12.0
 TEMPLATE = ((INPUT_SIZE - 1) / 2 + RADIUS_PX * identities.KEYPOINT_TEMPLATE).astype(np.float32)
-
-
-@dataclasses.dataclass(frozen=True)
-class EncoderConfig:
-  widths: tuple[int, ...] = (16, 32, 64, 128)
-  embedding: int = 512
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,22 +53,6 @@ class TrainConfig:
   views: int = 40                   # pool scenes per training identity
   jitter: float = 0.3               # keypoint noise (pixels of the 32x32 scene)
   seed: int = 0
-
-
-class IdentityEncoder(nn.Module):
-  """Aligned crops [B, 32, 32, 3] (float, 0..255) -> raw embeddings [B, embedding]."""
-  config: EncoderConfig = EncoderConfig()
-
-  @nn.compact
-  def __call__(self, images):
-    widths = self.config.widths
-    x = images.astype(jnp.float32) / 127.5 - 1.0
-    x = nn.silu(nn.GroupNorm(8, name="stem_norm")(nn.Conv(widths[0], (3, 3), name="stem")(x)))
-    for i, w in enumerate(widths[1:]):                  # 32 -> 16 -> 8 -> 4
-      x = nn.silu(nn.GroupNorm(8, name=f"down_norm{i}")(
-          nn.Conv(w, (3, 3), strides=2, name=f"down{i}")(x)))
-      x = nn.silu(nn.GroupNorm(8, name=f"norm{i}")(nn.Conv(w, (3, 3), name=f"conv{i}")(x)))
-    return nn.Dense(self.config.embedding, name="embed")(x.reshape(x.shape[0], -1))
 
 
 def face_keypoints(scene) -> np.ndarray:
@@ -211,21 +187,9 @@ def train(workdir=None, config: TrainConfig = TrainConfig(), encoder: EncoderCon
 
 
 def recognizer(encoder_params, config: EncoderConfig = EncoderConfig(), threshold=None,
-               info=None, chunk: int = 256) -> Recognizer:
-  """A `Recognizer` over encoder params (batches padded to a power of two up to `chunk`, so a
-  few shapes compile)."""
-  apply = jax.jit(lambda p, x: IdentityEncoder(config).apply({"params": p}, x))
-
-  def embed_fn(x):
-    out = []
-    for i in range(0, len(x), chunk):
-      part = x[i:i + chunk]
-      padded = min(chunk, 1 << int(np.ceil(np.log2(len(part)))))
-      full = np.concatenate([part, np.zeros((padded - len(part),) + part.shape[1:], part.dtype)])
-      out.append(np.asarray(apply(encoder_params, jnp.asarray(full)))[:len(part)])
-    return np.concatenate(out)
-  return Recognizer(ARCHITECTURE, INPUT_SIZE, TEMPLATE, embed_fn, threshold,
-                    {"embedding": config.embedding, **(info or {})})
+               info=None) -> Recognizer:
+  """The toy `Recognizer` over encoder params, with this world's template."""
+  return toy_network.recognizer(encoder_params, config, TEMPLATE, threshold, info)
 
 
 def _pair_scores(rec: Recognizer, split: str, who: list, views: int, n_pairs: int, seed: int,
@@ -294,30 +258,8 @@ def verification_accuracy(rec: Recognizer, n_pairs: int = 3000, views: int = 6, 
 
 def save(folder, encoder_params, config: EncoderConfig = EncoderConfig(), threshold=None,
          facts=None) -> Path:
-  """Writes FOLDER/config.json (architecture, input size, template, threshold, `facts`) and
-  FOLDER/model.safetensors (the encoder, float16)."""
-  from persona_jax.convert.files import write_json, write_safetensors
-  folder = Path(folder)
-  folder.mkdir(parents=True, exist_ok=True)
-  flat = {p: np.asarray(v, np.float16) for p, v in tree.flatten(encoder_params).items()}
-  write_safetensors(folder / "model.safetensors", flat, {"format": "persona_jax-toy-identity-encoder"})
-  write_json(folder / "config.json", {
-      "architecture": ARCHITECTURE, "input_size": INPUT_SIZE, "template": TEMPLATE.tolist(),
-      "widths": list(config.widths), "embedding": config.embedding, "threshold": threshold,
-      **(facts or {})})
-  return folder
-
-
-def load(folder) -> Recognizer:
-  """The recognizer saved in `folder` (float32 weights)."""
-  from persona_jax.convert.files import read_safetensors
-  folder = Path(folder)
-  raw = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-  config = EncoderConfig(tuple(raw["widths"]), int(raw["embedding"]))
-  params = tree.unflatten({p: jnp.asarray(v, jnp.float32)
-                           for p, v in read_safetensors(folder / "model.safetensors").items()})
-  info = {k: v for k, v in raw.items() if k not in ("threshold",)}
-  return recognizer(params, config, raw.get("threshold"), info)
+  """`toy_network.save` with this world's template."""
+  return toy_network.save(folder, encoder_params, config, TEMPLATE, threshold, facts)
 
 
 def make(out, *, steps: int = TrainConfig.steps, workdir=None, plot=None, log=print) -> dict:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from persona_jax.errors import ConfigError
-from persona_jax.face import recognition
+from persona_jax.face import recognition, toy_network
 from persona_jax.world import identities as I
 from persona_jax.world import toy_identity_encoder as T
 
@@ -32,7 +32,7 @@ def test_shipped_encoder_verifies_held_out_identities(shipped):
 
 def test_shipped_config_records_its_training_and_accuracy():
   config = json.loads((recognition.shipped_toy_dir() / "config.json").read_text())
-  assert config["architecture"] == T.ARCHITECTURE and config["input_size"] == 32
+  assert config["architecture"] == toy_network.ARCHITECTURE and config["input_size"] == 32
   np.testing.assert_allclose(config["template"], T.TEMPLATE, rtol=1e-6)
   assert config["training"]["identities"] == I.NUM_TRAIN and config["verification"]["accuracy"] >= 0.9
   assert (recognition.shipped_toy_dir() / "model.safetensors").stat().st_size < 5 * 2**20
