@@ -244,15 +244,17 @@ def _folder_arrays(pipe, world: Path, cache: Path, vae_scaling: float):
 
 
 def pretrain_xl(workdir, t: XLTraining = XLTraining(), *, num_images: int = 40000, start_from=None,
-                progress: bool = True) -> Path:
-  """The whole recipe (module docstring), resumable; returns WORKDIR/unet/model."""
+                distill_steps: int = 1500, until: int | None = None, progress: bool = True):
+  """The whole recipe (module docstring), resumable; returns WORKDIR/unet/model. `until`: end
+  this sitting after that step (checkpointed; returns None), the same call resumes."""
   import orbax.checkpoint as ocp
 
   from persona_jax.diffusion.conditioning import encode_sdxl_prompt
   from persona_jax.diffusion.losses import Objective
   from persona_jax.pipeline import load_pipeline
   workdir = Path(workdir)
-  init = build_xl_base(workdir, num_images=num_images, start_from=start_from, progress=progress)
+  init = build_xl_base(workdir, num_images=num_images, start_from=start_from,
+                       distill_steps=distill_steps, progress=progress)
   run = workdir / "unet"
   run.mkdir(exist_ok=True)
   if (run / "model" / "model_index.json").is_file():
@@ -311,13 +313,14 @@ def pretrain_xl(workdir, t: XLTraining = XLTraining(), *, num_images: int = 4000
   log_file = open(run / "metrics.jsonl", "a", encoding="utf-8")
   bar = tqdm(total=t.steps, initial=start, desc="pre-train toy-xl", unit="step", disable=not progress)
   losses, last = [], time.perf_counter()
+  end = t.steps if until is None else min(until, t.steps)
   try:
-    for step in range(start, t.steps):
+    for step in range(start, end):
       state, loss = step_fn(state, batch_at(step))
       losses.append(loss)
       bar.update(1)
       done = step + 1
-      if done % 25 == 0 or done == t.steps:
+      if done % 25 == 0 or done == end:
         now = time.perf_counter()
         mean_loss = float(np.mean(jax.device_get(losses)))
         log_file.write(json.dumps({"step": done, "loss": mean_loss, "lr": float(schedule(done)),
@@ -325,13 +328,16 @@ def pretrain_xl(workdir, t: XLTraining = XLTraining(), *, num_images: int = 4000
         log_file.flush()
         bar.set_postfix(loss=f"{mean_loss:.4f}")
         losses, last = [], now
-      if done % t.checkpoint_every == 0 or done == t.steps:
+      if done % t.checkpoint_every == 0 or done == end:
         manager.save(done, args=ocp.args.StandardSave(state))
     manager.wait_until_finished()
   finally:
     bar.close()
     log_file.close()
     manager.close()
+  if end < t.steps:
+    log.info("stopped after step %d of %d; run the same command to continue", end, t.steps)
+    return None
   return write_model(pipe, state["ema"], run / "model")
 
 

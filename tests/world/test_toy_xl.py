@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from persona_jax import tree
+from tests.markers import slow
 from persona_jax.world import identities, toy_xl
 
 
@@ -73,3 +74,52 @@ def test_the_world_mixes_in_identity_scenes():
   assert pair_cover.max() <= 1.0 and pair_image.shape == (32, 32, 3)
   from persona_jax.world import toy_model
   np.testing.assert_array_equal(toy_xl.world_xl_scene(0, 3)[0], toy_model.world_scene(0, 3)[0])
+
+
+def test_the_shipped_toy_xl_loads_verifies_and_draws_what_it_is_asked(tmp_path, monkeypatch, capsys):
+  """`--model toy-xl`: written to the cache on first use with both tokenizers, equal to diffusers'
+  StableDiffusionXLPipeline (verify), and its samples show the asked colour and background."""
+  from persona_jax.cli import main
+  from persona_jax.default_model import TOY_XL_PREFIX, resolve_model, shipped_xl_dir
+  from persona_jax.pipeline import load_pipeline
+  from persona_jax.text_to_image import SampleOptions, text_to_image
+  from persona_jax.world import metric_encoder
+  from persona_jax.world.prompt_following import score
+  from tests.torch_reference import require_torch
+  require_torch()
+  monkeypatch.setenv("PERSONA_JAX_CACHE", str(tmp_path / "cache"))
+  size = sum(f.stat().st_size for f in shipped_xl_dir().rglob("*") if f.is_file())
+  assert size < 30e6
+  folder = resolve_model("toy-xl")
+  assert folder.name.startswith(TOY_XL_PREFIX) and (folder / "tokenizer_2" / "vocab.json").is_file()
+  pipe = load_pipeline(folder)
+  assert pipe.is_sdxl and pipe.tokenizer_2.pad_token == "!" and not pipe.force_zeros_for_empty_prompt
+  assert main(["verify", "toy-xl"]) == 0
+  out = capsys.readouterr().out
+  assert "unet (added conditioning)" in out and out.rstrip().endswith("PASS")
+  prompts = ["a photo of a red ball on a blue background", "a photo of a yellow box on a black background",
+             "a photo of a green heart on a white background", "a photo of a purple star on a yellow background"]
+  images = text_to_image(pipe, prompts, "", 1, SampleOptions(steps=15, guidance=4.0, seed=0, height=32,
+                                                           width=32, batch_size=4), progress=False)
+  asked = [{"class": p.split()[4], "colour": p.split()[3], "pattern": "plain", "pattern_colour": "none",
+            "background": p.split()[-2]} for p in prompts]
+  result = score(metric_encoder.load(), images, asked)
+  assert result["colour"] >= 0.75 and result["background"] >= 0.75, result
+
+
+@slow
+def test_xl_pretraining_resumed_equals_uninterrupted(model_dirs, tmp_path):
+  from persona_jax.pipeline import load_pipeline
+  t = toy_xl.XLTraining(steps=3, batch_size=2, warmup_steps=1, checkpoint_every=1)
+  kwargs = dict(num_images=8, start_from=model_dirs["sd1"], distill_steps=2, progress=False)
+  assert toy_xl.pretrain_xl(tmp_path / "a", t, until=2, **kwargs) is None
+  resumed = toy_xl.pretrain_xl(tmp_path / "a", t, **kwargs)
+  whole = toy_xl.pretrain_xl(tmp_path / "b", t, **kwargs)
+  a, b = tree.flatten(load_pipeline(resumed).params), tree.flatten(load_pipeline(whole).params)
+  assert a.keys() == b.keys()
+  for path in a:
+    np.testing.assert_array_equal(a[path], b[path], err_msg=path)
+  steps = [r["step"] for r in map(__import__("json").loads,
+                                  (tmp_path / "a" / "unet" / "metrics.jsonl").read_text().splitlines())]
+  assert steps == [2, 3]
+  assert load_pipeline(resumed).is_sdxl
