@@ -36,7 +36,7 @@ def add_arguments(p) -> None:
   p.add_argument("--xl", action="store_true",
                  help="the toy SDXL base (toy-xl): grown from the SD 1.x base (--start-from, "
                       "default the shipped one) and pre-trained on the world with its identity "
-                      "scenes; --images defaults to 40000, --unet-steps to 4000")
+                      "scenes; --images defaults to 40000, --unet-steps to 4500")
 
 
 def run(args) -> int:

@@ -190,7 +190,8 @@ def train_vae(workdir: Path, config, t: VAETraining = VAETraining(), progress: b
     log.info("resuming the VAE from step %d", start)
 
   @functools.partial(jax.jit, donate_argnums=0)
-  def step_fn(state, images, weights):
+  def step_fn(state, batch):
+    images, weights = batch
     rng = jax.random.fold_in(jax.random.PRNGKey(t.seed + 1), state["step"])
     (loss, metrics), grads = jax.value_and_grad(
         lambda p: vae_loss(vae, p, images, weights, rng, t.kl_weight), has_aux=True)(state["params"])
@@ -198,29 +199,47 @@ def train_vae(workdir: Path, config, t: VAETraining = VAETraining(), progress: b
     return ({"params": optax.apply_updates(state["params"], updates), "opt": opt,
              "step": state["step"] + 1}, dict(metrics, loss=loss))
 
-  log_file = open(workdir / "metrics.jsonl", "a", encoding="utf-8")
-  bar = tqdm(total=t.steps, initial=start, desc="train vae", unit="step", disable=not progress)
+  state = run_steps(step_fn, state, lambda step: world_images(t.seed, step, t.batch_size, t.object_weight),
+                    start=start, end=t.steps, total=t.steps, manager=manager,
+                    metrics_path=workdir / "metrics.jsonl", desc="train vae",
+                    checkpoint_every=t.checkpoint_every, progress=progress)
+  return state["params"]
+
+
+def run_steps(step_fn, state, batch_at, *, start: int, end: int, total: int, manager,
+              metrics_path: Path, desc: str, checkpoint_every: int, lr=None,
+              progress: bool = True):
+  """Steps start .. end-1 of a resumable pre-training stage: `state, metrics = step_fn(state,
+  batch_at(step))`; every 25 steps (and at `end`) the window's mean metrics, `lr(step)` if given
+  and sec_per_step are appended to `metrics_path`; an orbax checkpoint (`manager`) every
+  `checkpoint_every` steps and at `end`. Returns the state."""
+  import orbax.checkpoint as ocp
+  log_file = open(metrics_path, "a", encoding="utf-8")
+  bar = tqdm(total=total, initial=start, desc=desc, unit="step", disable=not progress)
+  window, last = [], time.perf_counter()
   try:
-    last = time.perf_counter()
-    for step in range(start, t.steps):
-      state, metrics = step_fn(state, *world_images(t.seed, step, t.batch_size, t.object_weight))
+    for step in range(start, end):
+      state, metrics = step_fn(state, batch_at(step))
+      window.append(metrics)
       bar.update(1)
       done = step + 1
-      if done % 25 == 0 or done == t.steps:
-        m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      if done % 25 == 0 or done == end:
         now = time.perf_counter()
-        log_file.write(json.dumps({"step": done, **m, "sec_per_step": (now - last) / 25}) + "\n")
+        means = {k: float(np.mean([m[k] for m in jax.device_get(window)])) for k in window[0]}
+        record = {"step": done, **means, **({"lr": float(lr(done))} if lr else {}),
+                  "sec_per_step": (now - last) / len(window)}
+        log_file.write(json.dumps(record) + "\n")
         log_file.flush()
-        last = now
-        bar.set_postfix(mse=f"{m['mse']:.4f}", kl=f"{m['kl']:.2f}")
-      if done % t.checkpoint_every == 0 or done == t.steps:
+        bar.set_postfix({k: f"{v:.4f}" for k, v in means.items() if k in ("loss", "mse", "kl")})
+        window, last = [], now
+      if done % checkpoint_every == 0 or done == end:
         manager.save(done, args=ocp.args.StandardSave(state))
     manager.wait_until_finished()
   finally:
     bar.close()
     log_file.close()
     manager.close()
-  return state["params"]
+  return state
 
 
 def latent_std(vae, params, seed: int = 12345, n: int = 512) -> float:

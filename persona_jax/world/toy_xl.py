@@ -35,7 +35,6 @@ import dataclasses
 import functools
 import json
 import logging
-import time
 from pathlib import Path
 
 import jax
@@ -199,7 +198,7 @@ def build_xl_base(workdir, *, num_images: int = 40000, start_from=None, distill_
 
 @dataclasses.dataclass(frozen=True)
 class XLTraining:
-  steps: int = 4000
+  steps: int = 4500
   batch_size: int = 64
   lr: float = 2e-4
   warmup_steps: int = 200
@@ -300,7 +299,7 @@ def pretrain_xl(workdir, t: XLTraining = XLTraining(), *, num_images: int = 4000
     updates, opt = tx.update(grads, state["opt"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     ema = jax.tree.map(lambda e, p: t.ema_decay * e + (1 - t.ema_decay) * p, state["ema"], params)
-    return {"params": params, "opt": opt, "ema": ema, "step": state["step"] + 1}, loss
+    return {"params": params, "opt": opt, "ema": ema, "step": state["step"] + 1}, {"loss": loss}
 
   def batch_at(step: int) -> dict:
     rng = np.random.default_rng([t.seed, step])
@@ -310,31 +309,11 @@ def pretrain_xl(workdir, t: XLTraining = XLTraining(), *, num_images: int = 4000
             "ids": np.where(drop[:, None], data["empty"], data["ids"][idx]),
             "ids_2": np.where(drop[:, None], data["empty_2"], data["ids_2"][idx])}
 
-  log_file = open(run / "metrics.jsonl", "a", encoding="utf-8")
-  bar = tqdm(total=t.steps, initial=start, desc="pre-train toy-xl", unit="step", disable=not progress)
-  losses, last = [], time.perf_counter()
   end = t.steps if until is None else min(until, t.steps)
-  try:
-    for step in range(start, end):
-      state, loss = step_fn(state, batch_at(step))
-      losses.append(loss)
-      bar.update(1)
-      done = step + 1
-      if done % 25 == 0 or done == end:
-        now = time.perf_counter()
-        mean_loss = float(np.mean(jax.device_get(losses)))
-        log_file.write(json.dumps({"step": done, "loss": mean_loss, "lr": float(schedule(done)),
-                                   "sec_per_step": (now - last) / len(losses)}) + "\n")
-        log_file.flush()
-        bar.set_postfix(loss=f"{mean_loss:.4f}")
-        losses, last = [], now
-      if done % t.checkpoint_every == 0 or done == end:
-        manager.save(done, args=ocp.args.StandardSave(state))
-    manager.wait_until_finished()
-  finally:
-    bar.close()
-    log_file.close()
-    manager.close()
+  state = toy_model.run_steps(step_fn, state, batch_at, start=start, end=end, total=t.steps,
+                              manager=manager, metrics_path=run / "metrics.jsonl",
+                              desc="pre-train toy-xl", checkpoint_every=t.checkpoint_every,
+                              lr=schedule, progress=progress)
   if end < t.steps:
     log.info("stopped after step %d of %d; run the same command to continue", end, t.steps)
     return None
