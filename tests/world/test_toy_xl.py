@@ -101,7 +101,7 @@ def test_the_shipped_toy_xl_loads_verifies_and_draws_what_it_is_asked(tmp_path, 
              "a photo of a green heart on a white background", "a photo of a purple star on a yellow background"]
   images = text_to_image(pipe, prompts, "", 1, SampleOptions(steps=15, guidance=4.0, seed=0, height=32,
                                                            width=32, batch_size=4), progress=False)
-  asked = [{"class": p.split()[4], "colour": p.split()[3], "pattern": "plain", "pattern_colour": "none",
+  asked = [{"class": p.split()[5], "colour": p.split()[4], "pattern": "plain", "pattern_colour": "none",
             "background": p.split()[-2]} for p in prompts]
   result = score(metric_encoder.load(), images, asked)
   assert result["colour"] >= 0.75 and result["background"] >= 0.75, result
