@@ -85,20 +85,21 @@ def toy_configs() -> dict:
 # world: the UNet stage's training folder
 
 def world_scene(seed: int, k: int):
-  """Training scene k of the SD 1.x base's world: (uint8 image [32, 32, 3], the object's
-  coverage float32 [32, 32], a sampled caption)."""
+  """Training scene k of the SD 1.x base's world: (its sampled caption, paint) where paint() ->
+  (uint8 image [32, 32, 3], the object's coverage float32 [32, 32])."""
   scene = scenes.sample_scene(seed, "train", k)
-  return (scenes.render(scene, RESOLUTION), scenes.coverage(scene, RESOLUTION),
-          scenes.caption(scene, np.random.default_rng([seed, k, 7])))
+  return (scenes.caption(scene, np.random.default_rng([seed, k, 7])),
+          lambda: (scenes.render(scene, RESOLUTION), scenes.coverage(scene, RESOLUTION)))
 
 
 def write_world(folder: Path, num_images: int, seed: int = 0, progress: bool = True,
                 draw=world_scene) -> Path:
-  """Renders `num_images` training scenes (`draw(seed, k)`: image, coverage, caption) into
-  `folder`: NAME.png, the objects' coverage as the subject mask NAME.mask.png (the UNet stage's
-  loss weights, `data.mask_loss_weight`) and metadata.jsonl. Resumable: files already written are
-  kept (scene k is the same whenever it is drawn); metadata.jsonl is written last, so a folder
-  with it is complete (a folder written before masks existed gets them added)."""
+  """Renders `num_images` training scenes (`draw(seed, k)`: caption, paint) into `folder`:
+  NAME.png, the objects' coverage as the subject mask NAME.mask.png (the UNet stage's loss
+  weights, `data.mask_loss_weight`) and metadata.jsonl. Resumable: files already written are
+  kept and not painted again (scene k is the same whenever it is drawn); metadata.jsonl is
+  written last, so a folder with it is complete (a folder written before masks existed gets
+  them added)."""
   from PIL import Image
   folder = Path(folder)
   last = f"{num_images - 1:06d}"
@@ -106,19 +107,19 @@ def write_world(folder: Path, num_images: int, seed: int = 0, progress: bool = T
     return folder
   folder.mkdir(parents=True, exist_ok=True)
 
-  def write_png(name, draw):
-    """Writes draw() (uint8) as NAME unless it exists (a resumed folder renders only what lacks)."""
-    if not (folder / name).is_file():
-      tmp = folder / f".{name}.tmp"
-      Image.fromarray(draw()).save(tmp, format="PNG")
-      tmp.replace(folder / name)
+  def write_png(name, pixels):
+    tmp = folder / f".{name}.tmp"
+    Image.fromarray(pixels).save(tmp, format="PNG")
+    tmp.replace(folder / name)
 
   rows = []
   for k in tqdm(range(num_images), desc="world images", unit="img", disable=not progress):
-    name = f"{k:06d}.png"
-    image, cover, text = draw(seed, k)
-    write_png(name, lambda: image)
-    write_png(f"{k:06d}.mask.png", lambda: np.round(cover * 255).astype(np.uint8))
+    name, mask_name = f"{k:06d}.png", f"{k:06d}.mask.png"
+    text, paint = draw(seed, k)
+    if not ((folder / name).is_file() and (folder / mask_name).is_file()):
+      image, cover = paint()
+      write_png(name, image)
+      write_png(mask_name, np.round(cover * 255).astype(np.uint8))
     rows.append({"file_name": name, "text": text})
   if not (folder / "metadata.jsonl").is_file():
     tmp = folder / ".metadata.jsonl.tmp"

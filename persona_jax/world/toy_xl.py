@@ -137,15 +137,15 @@ def distill_text_encoder(te1, te1_params, sd1_te, sd1_params, ids, steps: int = 
 
 
 def world_xl_scene(seed: int, k: int):
-  """Training scene k of toy-xl's world: (uint8 image [32, 32, 3], coverage [32, 32], caption).
+  """Training scene k of toy-xl's world: (caption, paint) as `toy_model.world_scene`'s.
   k % 8 < 6: the SD 1.x world's scene k; 6: one training identity; 7: two side by side."""
   kind = k % 8
   if kind < 6:
     return toy_model.world_scene(seed, k)
   scene = (identities.identity_scene if kind == 6 else identities.pair_scene)(seed, "train", k)
-  return (identities.render(scene, toy_model.RESOLUTION),
-          identities.masks(scene, toy_model.RESOLUTION).sum(0),
-          identities.caption(scene, np.random.default_rng([seed, k, 7])))
+  return (identities.caption(scene, np.random.default_rng([seed, k, 7])),
+          lambda: (identities.render(scene, toy_model.RESOLUTION),
+                   identities.masks(scene, toy_model.RESOLUTION).sum(0)))
 
 
 def build_xl_base(workdir, *, num_images: int = 40000, start_from=None, distill_steps: int = 1500,

@@ -65,15 +65,19 @@ def test_the_grown_text_encoder_keeps_the_sd1_layers_and_distills_toward_its_out
 
 
 def test_the_world_mixes_in_identity_scenes():
-  image, cover, text = toy_xl.world_xl_scene(0, 6)
+  text, paint = toy_xl.world_xl_scene(0, 6)
+  image, cover = paint()
   scene = identities.identity_scene(0, "train", 6)
   np.testing.assert_array_equal(image, identities.render(scene))
   np.testing.assert_allclose(cover, identities.masks(scene)[0])
-  pair_image, pair_cover, pair_text = toy_xl.world_xl_scene(0, 15)
+  pair_text, paint = toy_xl.world_xl_scene(0, 15)
+  pair_image, pair_cover = paint()
+  assert pair_text.startswith("a photo of a") and " and a " in pair_text
   assert " and a " in identities.caption(identities.pair_scene(0, "train", 15))
   assert pair_cover.max() <= 1.0 and pair_image.shape == (32, 32, 3)
   from persona_jax.world import toy_model
-  np.testing.assert_array_equal(toy_xl.world_xl_scene(0, 3)[0], toy_model.world_scene(0, 3)[0])
+  np.testing.assert_array_equal(toy_xl.world_xl_scene(0, 3)[1]()[0], toy_model.world_scene(0, 3)[1]()[0])
+  assert text == identities.caption(scene, np.random.default_rng([0, 6, 7]))
 
 
 def test_the_shipped_toy_xl_loads_verifies_and_draws_what_it_is_asked(tmp_path, monkeypatch, capsys):
