@@ -210,7 +210,7 @@ class XLTraining:
   seed: int = 0
 
 
-def _folder_arrays(pipe, world: Path, cache: Path, vae_scaling: float):
+def _folder_arrays(pipe, world: Path, cache: Path):
   """The world folder in memory: VAE moments of every image (cached in `cache`), loss weights at
   latent size, both tokenizers' ids, and the empty caption's ids."""
   from PIL import Image
@@ -261,7 +261,7 @@ def pretrain_xl(workdir, t: XLTraining = XLTraining(), *, num_images: int = 4000
   pipe = load_pipeline(init)
   models = pipe.models()
   scaling = pipe.vae_config.scaling_factor
-  data = _folder_arrays(pipe, workdir / "world", run / "latents.npz", scaling)
+  data = _folder_arrays(pipe, workdir / "world", run / "latents.npz")
   objective = Objective(pipe.scheduler_config, scaling, min_snr_gamma=t.min_snr_gamma)
   time_ids = jnp.asarray([[32, 32, 0, 0, 32, 32]], jnp.float32)
   trainable = {k: pipe.params[k] for k in ("unet", "text_encoder", "text_encoder_2")}
