@@ -134,13 +134,16 @@ def batch_indices(seed: int, step: int, batch_size: int, n: int) -> np.ndarray:
   return np.random.default_rng([seed, 11, epoch]).permutation(n)[k * batch_size:(k + 1) * batch_size]
 
 
-def train(workdir=None, config: TrainConfig = TrainConfig(), encoder: EncoderConfig = EncoderConfig(),
-          pool=None, log=print, log_every: int = 10, checkpoint_every: int = 250):
-  """Trains an identity encoder; returns {"encoder": params, "centres": [D, C]}. With `workdir`,
-  the loss and accuracy go to WORKDIR/metrics.jsonl every `log_every` steps and the state to
-  WORKDIR/checkpoint.msgpack every `checkpoint_every` steps (a rerun resumes from it). `pool`:
-  (crops, labels) instead of `training_pool(config)`."""
-  from flax import serialization
+def train(workdir, config: TrainConfig = TrainConfig(), encoder: EncoderConfig = EncoderConfig(),
+          pool=None, log=print, log_every: int = 10, checkpoint_every: int = 250,
+          progress: bool = True):
+  """Trains an identity encoder; returns {"encoder": params, "centres": [D, C]}. The loss and
+  accuracy go to WORKDIR/metrics.jsonl every `log_every` steps and the state to
+  WORKDIR/checkpoints every `checkpoint_every` steps (`toy_model.run_steps`: a rerun resumes).
+  `pool`: (crops, labels) instead of `training_pool(config)`."""
+  import orbax.checkpoint as ocp
+
+  from persona_jax.world.toy_model import run_steps
   t0 = time.perf_counter()
   if pool is None:
     pool = training_pool(config)
@@ -149,41 +152,30 @@ def train(workdir=None, config: TrainConfig = TrainConfig(), encoder: EncoderCon
   num_classes = int(np.max(pool[1])) + 1
   model, tx = IdentityEncoder(encoder), make_optimizer(config)
   params = init(encoder, num_classes, config.seed)
-  opt = tx.init(params)
-  step_fn = jax.jit(functools.partial(train_step, model=model, tx=tx, config=config))
-
-  @jax.jit
-  def gather(index):
-    return crops[index], labels[index]
-
-  start, workdir = 0, Path(workdir) if workdir is not None else None
-  checkpoint = workdir / "checkpoint.msgpack" if workdir is not None else None
-  if checkpoint is not None and checkpoint.is_file():
-    restored = serialization.from_bytes({"params": params, "opt": opt, "step": 0},
-                                        checkpoint.read_bytes())
-    params, opt, start = restored["params"], restored["opt"], int(restored["step"])
-    log(f"resuming from step {start} ({checkpoint})")
-  elif workdir is not None:
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "metrics.jsonl").write_text("")
+  state = {"params": params, "opt": tx.init(params), "step": jnp.zeros((), jnp.int32)}
   base = jax.random.PRNGKey(config.seed)
-  for k in range(start, config.steps):
-    x, y = gather(jnp.asarray(batch_indices(config.seed, k, config.batch_size, len(pool[1]))))
-    params, opt, metrics = step_fn(params, opt, x, y, jax.random.fold_in(base, k))
-    if (k + 1) % log_every == 0 or k + 1 == config.steps:
-      record = {"step": k + 1, **{n: float(v) for n, v in metrics.items()},
-                "seconds": round(time.perf_counter() - t0, 1)}
-      if workdir is not None:
-        with open(workdir / "metrics.jsonl", "a", encoding="utf-8") as f:
-          f.write(json.dumps(record) + "\n")
-      if (k + 1) % (log_every * 20) == 0 or k + 1 == config.steps:
-        log(f"step {k + 1}: loss {record['loss']:.3f}, batch accuracy {record['accuracy']:.3f} "
-            f"({record['seconds']:.0f} s)")
-    if checkpoint is not None and ((k + 1) % checkpoint_every == 0 or k + 1 == config.steps):
-      tmp = checkpoint.with_suffix(".tmp")
-      tmp.write_bytes(serialization.to_bytes({"params": params, "opt": opt, "step": k + 1}))
-      tmp.replace(checkpoint)
-  return params
+
+  @functools.partial(jax.jit, donate_argnums=0)
+  def step_fn(state, index):
+    params, opt, metrics = train_step(state["params"], state["opt"], crops[index], labels[index],
+                                      jax.random.fold_in(base, state["step"]), model=model, tx=tx,
+                                      config=config)
+    return {"params": params, "opt": opt, "step": state["step"] + 1}, metrics
+
+  workdir = Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  manager = ocp.CheckpointManager(workdir.absolute() / "checkpoints",
+                                  options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
+  start = manager.latest_step() or 0
+  if start:
+    state = manager.restore(start, args=ocp.args.StandardRestore(state))
+    log(f"resuming from step {start} ({workdir / 'checkpoints'})")
+  state = run_steps(step_fn, state,
+                    lambda k: batch_indices(config.seed, k, config.batch_size, len(pool[1])),
+                    start=start, end=config.steps, total=config.steps, manager=manager,
+                    metrics_path=workdir / "metrics.jsonl", desc="train identity encoder",
+                    checkpoint_every=checkpoint_every, log_every=log_every, progress=progress)
+  return state["params"]
 
 
 def recognizer(encoder_params, config: EncoderConfig = EncoderConfig(), threshold=None,

@@ -209,11 +209,11 @@ def train_vae(workdir: Path, config, t: VAETraining = VAETraining(), progress: b
 
 def run_steps(step_fn, state, batch_at, *, start: int, end: int, total: int, manager,
               metrics_path: Path, desc: str, checkpoint_every: int, lr=None,
-              progress: bool = True):
+              log_every: int = 25, progress: bool = True):
   """Steps start .. end-1 of a resumable pre-training stage: `state, metrics = step_fn(state,
-  batch_at(step))`; every 25 steps (and at `end`) the window's mean metrics, `lr(step)` if given
-  and sec_per_step are appended to `metrics_path`; an orbax checkpoint (`manager`) every
-  `checkpoint_every` steps and at `end`. Returns the state."""
+  batch_at(step))`; every `log_every` steps (and at `end`) the window's mean metrics, `lr(step)`
+  if given and sec_per_step are appended to `metrics_path`; an orbax checkpoint (`manager`)
+  every `checkpoint_every` steps and at `end`. Returns the state."""
   import orbax.checkpoint as ocp
   log_file = open(metrics_path, "a", encoding="utf-8")
   bar = tqdm(total=total, initial=start, desc=desc, unit="step", disable=not progress)
@@ -224,14 +224,15 @@ def run_steps(step_fn, state, batch_at, *, start: int, end: int, total: int, man
       window.append(metrics)
       bar.update(1)
       done = step + 1
-      if done % 25 == 0 or done == end:
+      if done % log_every == 0 or done == end:
         now = time.perf_counter()
         means = {k: float(np.mean([m[k] for m in jax.device_get(window)])) for k in window[0]}
         record = {"step": done, **means, **({"lr": float(lr(done))} if lr else {}),
                   "sec_per_step": (now - last) / len(window)}
         log_file.write(json.dumps(record) + "\n")
         log_file.flush()
-        bar.set_postfix({k: f"{v:.4f}" for k, v in means.items() if k in ("loss", "mse", "kl")})
+        bar.set_postfix({k: f"{v:.4f}" for k, v in means.items()
+                         if k in ("loss", "mse", "kl", "accuracy")})
         window, last = [], now
       if done % checkpoint_every == 0 or done == end:
         manager.save(done, args=ocp.args.StandardSave(state))
@@ -303,7 +304,7 @@ def build_base(workdir, *, num_images: int = 20000, vae: VAETraining = VAETraini
   """
   from persona_jax.models.configs import VAEConfig
   from persona_jax.models.vae import AutoencoderKL
-  from persona_jax.pipeline import load_pipeline, save_pipeline
+  from persona_jax.pipeline import save_pipeline
   if grow_layers is not None and start_from is None:
     raise ConfigError("--grow-layers deepens a trained UNet: give --start-from MODEL too")
   workdir = Path(workdir)
@@ -313,16 +314,10 @@ def build_base(workdir, *, num_images: int = 20000, vae: VAETraining = VAETraini
   if (init / "model_index.json").is_file():
     return init
   if start_from is not None:
-    import shutil
     import tempfile
 
-    from persona_jax.tokenizer import shipped_tokenizer_dir
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
-      source = Path(start_from)
-      if not (source / "tokenizer").is_dir():      # a shipped model: float16, no tokenizer files
-        source = Path(shutil.copytree(source, Path(tmp) / "model"))
-        shutil.copytree(shipped_tokenizer_dir(), source / "tokenizer")
-      pipe = load_pipeline(source)
+      pipe = load_toy_pipeline(start_from, Path(tmp))
       params = jax.tree.map(lambda a: np.asarray(a, np.float32), pipe.params)
       if grow_layers is not None:
         pipe = _deepened(pipe, params, grow_layers)
@@ -343,6 +338,20 @@ def build_base(workdir, *, num_images: int = 20000, vae: VAETraining = VAETraini
                                               "steps": vae.steps, "reconstruction": ceiling})
   save_pipeline(initial_pipeline(params, 1.0 / std), init, overwrite=True)
   return init
+
+
+def load_toy_pipeline(folder, scratch: Path):
+  """A toy pipeline folder, a shipped one too (float16, no tokenizer files: copied into
+  `scratch` with the shipped tokenizer added)."""
+  import shutil
+
+  from persona_jax.pipeline import load_pipeline
+  from persona_jax.tokenizer import shipped_tokenizer_dir
+  folder = Path(folder)
+  if not (folder / "tokenizer").is_dir():
+    folder = Path(shutil.copytree(folder, Path(scratch) / "model"))
+    shutil.copytree(shipped_tokenizer_dir(), folder / "tokenizer")
+  return load_pipeline(folder)
 
 
 def _deepened(pipe, params: dict, layers):

@@ -152,15 +152,14 @@ def build_xl_base(workdir, *, num_images: int = 40000, start_from=None, distill_
                   progress: bool = True) -> Path:
   """The world and init stages (each skipped when done); returns WORKDIR/init. `start_from`: the
   SD 1.x toy base (default: the shipped one)."""
-  import shutil
   import tempfile
 
   from persona_jax.convert.diffusers_folder import Pipeline, parse_configs
   from persona_jax.convert.files import write_json
   from persona_jax.default_model import shipped_base_dir
   from persona_jax.models.text_encoder import CLIPTextModel
-  from persona_jax.pipeline import load_pipeline, save_pipeline
-  from persona_jax.tokenizer import load_tokenizer, shipped_tokenizer_dir, tokenize, write_tokenizer
+  from persona_jax.pipeline import save_pipeline
+  from persona_jax.tokenizer import load_tokenizer, tokenize, write_tokenizer
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   world = toy_model.write_world(workdir / "world", num_images, progress=progress, draw=world_xl_scene)
@@ -168,11 +167,7 @@ def build_xl_base(workdir, *, num_images: int = 40000, start_from=None, distill_
   if (init / "model_index.json").is_file():
     return init
   with tempfile.TemporaryDirectory(dir=workdir) as tmp:
-    source = Path(start_from or shipped_base_dir())
-    if not (source / "tokenizer").is_dir():          # a shipped model: no tokenizer files
-      source = Path(shutil.copytree(source, Path(tmp) / "model"))
-      shutil.copytree(shipped_tokenizer_dir(), source / "tokenizer")
-    sd1 = load_pipeline(source)
+    sd1 = toy_model.load_toy_pipeline(start_from or shipped_base_dir(), Path(tmp))
     sd1_params = jax.tree.map(lambda a: np.asarray(a, np.float32), sd1.params)
     raw = xl_configs(sd1.raw_configs)
     configs = parse_configs(raw)
