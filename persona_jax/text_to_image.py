@@ -78,7 +78,7 @@ def micro_conditioning(options: SampleOptions, size: tuple[int, int]) -> tuple[n
 
 
 def prompt_inputs(pipe: Pipeline, tokenizer, prompts: list[str], negatives: list[str | None],
-                  options: SampleOptions, size: tuple[int, int]) -> dict:
+                  options: SampleOptions, size: tuple[int, int], tokenizer_2=None) -> dict:
   """The sampler's text inputs of one batch: ids and negative ids [B, L]; for SDXL also the
   second tokenizer's, the time ids [B, 6] and which negatives are zeros [B]: those not given
   (None) when the folder says force_zeros_for_empty_prompt, as diffusers does (None is "" when
@@ -90,8 +90,8 @@ def prompt_inputs(pipe: Pipeline, tokenizer, prompts: list[str], negatives: list
     positive, negative = micro_conditioning(options, size)
     n = len(prompts)
     batch.update({
-        IDS_2: tokenize(pipe.tokenizer_2, prompts),
-        NEGATIVE_IDS_2: tokenize(pipe.tokenizer_2, negatives),
+        IDS_2: tokenize(tokenizer_2 or pipe.tokenizer_2, prompts),
+        NEGATIVE_IDS_2: tokenize(tokenizer_2 or pipe.tokenizer_2, negatives),
         TIME_IDS: np.tile(positive, (n, 1)), NEGATIVE_TIME_IDS: np.tile(negative, (n, 1)),
         NEGATIVE_ZERO: np.asarray([pipe.force_zeros_for_empty_prompt and not g for g in given]),
     })
@@ -127,6 +127,7 @@ class Sampling:
   inputs: the conditioning's extra inputs, the same for every image ({key: [1, ...] array}, e.g.
     E4T's clip_pixels, IP-Adapter's ip_scale), repeated to each batch; traced.
   addons: the UNet add-ons the conditioning feeds (models/addons.py).
+  tokenizer_2: SDXL: the second tokenizer with the method's tokens (None: the pipeline's).
   """
   params: dict | None = None
   tokenizer: object = None
@@ -134,6 +135,7 @@ class Sampling:
   expand_prompt: object = identity_prompt
   inputs: dict = dataclasses.field(default_factory=dict)
   addons: tuple = ()
+  tokenizer_2: object = None
 
 
 def text_to_image(pipe: Pipeline, prompts: str | list[str],
@@ -192,7 +194,8 @@ def text_to_image(pipe: Pipeline, prompts: str | list[str],
       chunk = list(range(start, min(start + bs, total)))
       padded = chunk + [chunk[-1]] * (bs - len(chunk))
       batch = prompt_inputs(pipe, tokenizer, [all_prompts[i] for i in padded],
-                            [all_negatives[i] for i in padded], options, (h, w))
+                            [all_negatives[i] for i in padded], options, (h, w),
+                            sampling.tokenizer_2)
       batch.update({k: np.repeat(np.asarray(v), bs, axis=0) for k, v in sampling.inputs.items()})
       images = generate(params, batch, options.seed, np.asarray(padded) + start_index,
                         options.guidance, options.guidance_rescale, options.eta, models=models,

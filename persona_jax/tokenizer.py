@@ -18,10 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
+from persona_jax.data.batch import IDS, IDS_2
 from persona_jax.errors import ConfigError, ModelFileError
 
 log = logging.getLogger(__name__)
 
+ID_KEYS = (IDS, IDS_2)         # the batch key of each tokenizer's ids (SD: the first only)
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer_config.json",
                    "tokenizer.json", "added_tokens.json")
 
@@ -61,6 +63,22 @@ def tokenizer_with_tokens(folder: Path | str | None, tokens: tuple[str, ...]):
   if tokens:
     tok.add_tokens(list(tokens))
   return tok
+
+
+def tokenizers_with_tokens(folders, tokens: tuple[str, ...]) -> tuple:
+  """One tokenizer per text encoder (`folders`: SD's one, SDXL's two), each with `tokens` added:
+  a new token has the same id in every one, or a ConfigError names the folders."""
+  out = tuple(tokenizer_with_tokens(f, tokens) for f in folders)
+  if len({len(t) for t in out}) > 1:
+    raise ConfigError(f"{', '.join(map(str, folders))}: the tokenizers have vocabularies of "
+                      f"different sizes ({', '.join(str(len(t)) for t in out)}), so a new token "
+                      "would get different ids in each; use tokenizers of one vocabulary")
+  return out
+
+
+def tokenize_prompts(tokenizers, prompts: list[str]) -> dict[str, np.ndarray]:
+  """{"ids": [B, L] (, SDXL "ids_2": [B, L] of the second tokenizer)} int32 (data/batch.py keys)."""
+  return {key: tokenize(t, prompts) for key, t in zip(ID_KEYS, tokenizers)}
 
 
 def tokenize(tokenizer, prompts: str | list[str], max_length: int | None = None) -> np.ndarray:

@@ -126,6 +126,11 @@ class Pipeline:
     return load_tokenizer(self.tokenizer_dir)
 
   @property
+  def tokenizer_dirs(self) -> tuple[Path, ...]:
+    """One tokenizer folder per text encoder (SDXL: two)."""
+    return (self.tokenizer_dir,) + ((self.tokenizer_2_dir,) if self.is_sdxl else ())
+
+  @property
   def vae_scale_factor(self) -> int:
     return self.vae_config.downsample_factor
 

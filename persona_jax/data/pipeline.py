@@ -9,7 +9,10 @@ Expensive work happens once, before training:
     (image, flip) pair are encoded once; a latent is sampled from them in the step. With random
     crops the step encodes pixels instead;
   * when nothing in the text path trains, the text-encoder output of every caption the run can
-    see is computed once (`context`); otherwise the step gets token ids.
+    see is computed once (`context`, and SDXL's `pooled`); otherwise the step gets token ids.
+Every example carries its micro-conditioning (`time_ids`: original size, crop top-left in the
+resized image, target size), which SDXL's conditioning reads, as diffusers'
+train_dreambooth_lora_sdxl.py computes it (a flipped example's left offset is the mirrored one).
 Augmentation randomness comes from grain's per-element generator, so batch k is the same
 whenever it is produced (resume, iterator state in checkpoints).
 """
@@ -31,7 +34,7 @@ from persona_jax.data.images import DataError
 from persona_jax.data.sources import read_image_folder
 from persona_jax.data.templates import TEMPLATES
 from persona_jax.errors import ConfigError
-from persona_jax.data.batch import CONTEXT, IDS, LATENT_LOGVAR, LATENT_MEAN, MASK, PIXELS, PRIOR
+from persona_jax.data.batch import LATENT_LOGVAR, LATENT_MEAN, MASK, PIXELS, PRIOR, TIME_IDS
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +121,16 @@ class InstanceSet:
   # Subject masks (NAME.mask.png, data/sources.py), uint8 [R, R] / [>=R, >=R] resized and
   # cropped as their images, or None per image; None: no image of the set has one.
   masks: list[np.ndarray | None] | None = None
+  # Per image: its file's size (H, W) and where the stored image sits in the resized one
+  # (top, left, resized width; (0, 0, W) for uncropped images). None: as stored, uncropped.
+  sizes: list[tuple[int, int]] | None = None
+  crops: list[tuple[int, int, int]] | None = None
+
+  def geometry(self, index: int) -> tuple[tuple[int, int], tuple[int, int, int]]:
+    """(original (H, W), (top, left, resized width)) of image `index`."""
+    h, w = self.images[index].shape[:2]
+    size = self.sizes[index] if self.sizes is not None else (h, w)
+    return size, (self.crops[index] if self.crops is not None else (0, 0, w))
 
 
 def caption_pool(config: DataConfig, file_caption: str | None, expand: Callable[[str], str]):
@@ -135,12 +148,18 @@ def caption_pool(config: DataConfig, file_caption: str | None, expand: Callable[
   return [expand(file_caption)]
 
 
-def prepare_image(path: Path, config: DataConfig) -> np.ndarray:
-  """An image decoded, its shorter side resized to `resolution` and, with center crops, cropped:
-  uint8 [R, R, 3] (center crop) or [>=R, >=R, 3]."""
+def prepare_image(path: Path, config: DataConfig):
+  """An image decoded, its shorter side resized to `resolution` and, with center crops, cropped.
+  Returns (uint8 [R, R, 3] (center crop) or [>=R, >=R, 3], its file's (H, W), (top, left,
+  resized width) of the crop)."""
+  image = img_ops.load_image(path)
+  size = image.shape[:2]
+  image = img_ops.resize_shorter_side(image, config.resolution)
+  top, left = img_ops.center_crop_offsets(image, config.resolution) if config.center_crop else (0, 0)
+  width = image.shape[1]
   if config.center_crop:
-    return img_ops.load_square(path, config.resolution)
-  return img_ops.resize_shorter_side(img_ops.load_image(path), config.resolution)
+    image = img_ops.crop(image, config.resolution, top, left)
+  return image, size, (top, left, width)
 
 
 def prepare_mask(path: Path, image_path: Path, config: DataConfig) -> np.ndarray:
@@ -153,7 +172,7 @@ def prepare_mask(path: Path, image_path: Path, config: DataConfig) -> np.ndarray
 
 def load_instances(config: DataConfig, expand: Callable[[str], str]) -> InstanceSet:
   """The instance images of every concept, each with its caption pool (and its mask, if any)."""
-  images, captions, masks = [], [], []
+  images, captions, masks, sizes, crops = [], [], [], [], []
   for concept in concept_configs(config):
     if concept.caption_source not in CAPTION_SOURCES:
       raise ConfigError(f"data.caption_source: '{concept.caption_source}' is not one of "
@@ -162,20 +181,25 @@ def load_instances(config: DataConfig, expand: Callable[[str], str]) -> Instance
     examples = read_image_folder(folder, need_captions=concept.caption_source == "files")
     if config.num_images > 0:
       examples = examples[: config.num_images]
-    images += [prepare_image(e.path, concept) for e in examples]
+    for e in examples:
+      image, size, where = prepare_image(e.path, concept)
+      images.append(image)
+      sizes.append(size)
+      crops.append(where)
     captions += [caption_pool(concept, e.caption, expand) for e in examples]
     masks += [None if e.mask is None else prepare_mask(e.mask, e.path, concept) for e in examples]
     log.info("%s: %d instance image(s) at %dpx", folder, len(examples), config.resolution)
   return InstanceSet(images, captions, folder,
-                     masks if any(m is not None for m in masks) else None)
+                     masks if any(m is not None for m in masks) else None, sizes, crops)
 
 
 def load_class_images(config: DataConfig, folder: Path) -> InstanceSet:
   """The first `num_class_images` images of `folder` (by name), each captioned `class_prompt`."""
   examples = read_image_folder(folder)[: config.num_class_images]
-  images = [prepare_image(e.path, config) for e in examples]
-  log.info("%s: %d class image(s), caption '%s'", folder, len(images), config.class_prompt)
-  return InstanceSet(images, [[config.class_prompt]] * len(images), folder)
+  prepared = [prepare_image(e.path, config) for e in examples]
+  log.info("%s: %d class image(s), caption '%s'", folder, len(prepared), config.class_prompt)
+  return InstanceSet([p[0] for p in prepared], [[config.class_prompt]] * len(prepared), folder,
+                     sizes=[p[1] for p in prepared], crops=[p[2] for p in prepared])
 
 
 def encode_moments(vae, vae_params, images: np.ndarray, batch: int | None = None,
@@ -201,14 +225,22 @@ def encode_moments(vae, vae_params, images: np.ndarray, batch: int | None = None
           np.concatenate(logvars).reshape(shape).astype(np.float32))
 
 
-def encode_captions(encode_fn, tokenize_fn, captions: list[str], batch: int = 16) -> np.ndarray:
-  """Text-encoder outputs of `captions`: [K, L, D] float32."""
-  out = []
+def encode_captions(encode_fn, tokenize_fn, captions: list[str], batch: int = 16) -> dict:
+  """Text-encoder outputs of `captions`, by batch key: {"context": [K, L, D] (, SDXL "pooled":
+  [K, P])} float32. `tokenize_fn(prompts) -> {ids key: [B, L]}`, `encode_fn(that) -> {key: [B, ...]}`."""
+  out = {}
   for start in range(0, len(captions), batch):
     chunk = captions[start: start + batch]
-    ids = tokenize_fn(chunk + [chunk[-1]] * (batch - len(chunk)))
-    out.append(np.asarray(encode_fn(ids))[: len(chunk)])
-  return np.concatenate(out).astype(np.float32)
+    encoded = encode_fn(tokenize_fn(chunk + [chunk[-1]] * (batch - len(chunk))))
+    for k, v in encoded.items():
+      out.setdefault(k, []).append(np.asarray(v)[: len(chunk)])
+  return {k: np.concatenate(v).astype(np.float32) for k, v in out.items()}
+
+
+def micro_conditioning(size: tuple[int, int], top: int, left: int,
+                       target: tuple[int, int]) -> np.ndarray:
+  """SDXL's time ids of one example: [6] float32, original (H, W) + crop (top, left) + target (H, W)."""
+  return np.asarray(tuple(size) + (top, left) + tuple(target), np.float32)
 
 
 @dataclasses.dataclass
@@ -216,10 +248,10 @@ class Augment(grain.transforms.RandomMap):
   """Index of an instance -> one training example (flip, crop, caption, dropout)."""
   config: DataConfig
   instances: InstanceSet
-  tokenize: Callable[[list[str]], np.ndarray] | None      # None when contexts are cached
+  tokenize: Callable[[list[str]], dict] | None           # -> {ids key: [B, L]}; None: cached
   moments: tuple[np.ndarray, np.ndarray] | None           # [N, 2 (1: no flips), h, w, c] each
-  caption_index: dict[str, int] | None                    # caption -> row of the context table
-  contexts: np.ndarray | None                             # [K, L, D]
+  caption_index: dict[str, int] | None                    # caption -> row of the context tables
+  contexts: dict[str, np.ndarray] | None                  # {"context": [K, L, D], ...}
   prior: float | None = None                              # the `prior` value, when there are classes
   latent_factor: int = 8                                  # the VAE's downsampling (loss masks)
   # A method's per-example hook (Method.image_inputs): image_inputs(uint8 image, mask=, rng=)
@@ -237,6 +269,7 @@ class Augment(grain.transforms.RandomMap):
     out = {}
     masks = getattr(self.instances, "masks", None)
     mask = None if masks is None else masks[index]
+    size, (top, left, width) = self.instances.geometry(index)
     if self.moments is not None:
       out[LATENT_MEAN] = self.moments[0][index, flip]
       out[LATENT_LOGVAR] = self.moments[1][index, flip]
@@ -254,6 +287,7 @@ class Augment(grain.transforms.RandomMap):
           mask = img_ops.resize_shorter_side(mask, min(image.shape[:2]))
       top = int(rng.integers(image.shape[0] - r + 1))
       left = int(rng.integers(image.shape[1] - r + 1))
+      width = image.shape[1]
       image = img_ops.crop(image, r, top, left)
       image = image[:, ::-1] if flip else image
       if mask is not None:
@@ -268,10 +302,12 @@ class Augment(grain.transforms.RandomMap):
           out[MASK] = np.ones((r // self.latent_factor,) * 2 + (1,), np.float32)
     if c.mask_loss_weight:
       out[MASK] = mask_loss_weights(mask, c.resolution, self.latent_factor, c.mask_loss_weight)
+    out[TIME_IDS] = micro_conditioning(size, top, width - left - c.resolution if flip else left,
+                                       (c.resolution, c.resolution))
     if self.contexts is not None:
-      out[CONTEXT] = self.contexts[self.caption_index[caption]]
+      out.update({k: v[self.caption_index[caption]] for k, v in self.contexts.items()})
     else:
-      out[IDS] = self.tokenize([caption])[0]
+      out.update({k: v[0] for k, v in self.tokenize([caption]).items()})
     if self.prior is not None:
       out[PRIOR] = np.float32(self.prior)
     if self.image_inputs is not None:

@@ -32,7 +32,10 @@ with a method's new token rows (`params["tokens"]` [N, D], ids V .. V+N-1, enter
 embeddings) and, when sampling, an optional clip skip. On SDXL (`models.text_encoder_2`) it is
 diffusers' StableDiffusionXLPipeline.encode_prompt: both encoders' penultimate hidden states
 concatenated, the second's projected pooled output, the micro-conditioning time ids, and zeros
-for a negative prompt not given when the folder says `force_zeros_for_empty_prompt`.
+for a negative prompt not given when the folder says `force_zeros_for_empty_prompt`. New tokens
+have one row per text encoder (`TOKEN_ROWS`: `tokens` [N, D1] for text_encoder, `tokens_2`
+[N, D2] for text_encoder_2, the same ids in both tokenizers), so a method adds them with
+`new_token_rows` and never asks which family the base is.
 """
 
 from __future__ import annotations
@@ -43,18 +46,37 @@ import jax
 import jax.numpy as jnp
 
 from persona_jax.data.batch import (CONTEXT, IDS, IDS_2, NEGATIVE_IDS, NEGATIVE_IDS_2,
-                                    NEGATIVE_TIME_IDS, NEGATIVE_ZERO, TIME_IDS)
-from persona_jax.errors import ConfigError
+                                    NEGATIVE_TIME_IDS, NEGATIVE_ZERO, POOLED, TIME_IDS)
 from persona_jax.models.norms import LayerNorm
 
 TOKENS = "tokens"      # the top-level key of added token rows [N, D] (Textual Inversion, Custom Diffusion)
+TOKENS_2 = "tokens_2"  # their rows in SDXL's second text encoder [N, D2]
+TOKEN_ROWS = {"text_encoder": TOKENS, "text_encoder_2": TOKENS_2}   # encoder -> its new rows' key
 
 
-def embed_with_new_rows(params, ids):
-  """Input embeddings [B, L, D] of ids [B, L] over the base table with the rows `params["tokens"]`
-  [N, D] appended (ids V .. V+N-1 are the new tokens)."""
-  base_table = params["text_encoder"]["embeddings"]["token_embedding"]["embedding"]
-  full = jnp.concatenate([base_table, params[TOKENS].astype(base_table.dtype)], axis=0)
+def text_encoders(params) -> tuple[str, ...]:
+  """The text encoders of a param tree: ("text_encoder",) or, SDXL, ("text_encoder", "text_encoder_2")."""
+  return tuple(name for name in TOKEN_ROWS if name in params)
+
+
+def token_table(params, encoder: str = "text_encoder"):
+  """An encoder's token-embedding table [V, D]."""
+  return params[encoder]["embeddings"]["token_embedding"]["embedding"]
+
+
+def new_token_rows(base, init_ids) -> dict:
+  """Rows for new tokens in every text encoder of `base`, each a copy of its initializer's row:
+  {"tokens": [N, D1] (, "tokens_2": [N, D2])} float32, `init_ids` [N] ids of the initializers."""
+  ids = jnp.asarray(init_ids, jnp.int32)
+  return {TOKEN_ROWS[e]: jnp.take(token_table(base, e), ids, axis=0).astype(jnp.float32)
+          for e in text_encoders(base)}
+
+
+def embed_with_new_rows(params, ids, encoder: str = "text_encoder"):
+  """Input embeddings [B, L, D] of ids [B, L] over an encoder's base table with its new rows
+  (`params["tokens"]`, or `params["tokens_2"]` for text_encoder_2) appended (ids V .. V+N-1)."""
+  base_table = token_table(params, encoder)
+  full = jnp.concatenate([base_table, params[TOKEN_ROWS[encoder]].astype(base_table.dtype)], axis=0)
   return jnp.take(full, ids, axis=0)
 
 
@@ -72,33 +94,52 @@ def encode_prompt(models, params, ids, *, token_rows: bool = False, clip_skip: i
   return final_ln.apply({"params": params["text_encoder"]["final_layer_norm"]}, hidden)
 
 
-def encode_sdxl_prompt(models, params, ids, ids_2, clip_skip: int | None = None):
+def encode_sdxl_prompt(models, params, ids, ids_2, clip_skip: int | None = None, *,
+                       token_rows: bool = False):
   """SDXL's text path, as diffusers' StableDiffusionXLPipeline.encode_prompt.
 
   ids, ids_2: [B, L] of the two tokenizers. Each encoder's hidden state (clip_skip + 2) from the
-  end (the penultimate one by default; no final layer norm) -> concatenated on features.
+  end (the penultimate one by default; no final layer norm) -> concatenated on features. With
+  `token_rows`, `params["tokens"]` / `params["tokens_2"]` are the rows of ids V and above.
   Returns (context [B, L, D1 + D2], pooled [B, P]: text_encoder_2's projected pooled output).
   """
   k = -((clip_skip or 0) + 2)
-  out_1 = models.text_encoder.apply({"params": params["text_encoder"]}, ids)
-  out_2 = models.text_encoder_2.apply({"params": params["text_encoder_2"]}, ids_2)
+  embeds = (embed_with_new_rows(params, ids) if token_rows else None,
+            embed_with_new_rows(params, ids_2, "text_encoder_2") if token_rows else None)
+  out_1 = models.text_encoder.apply({"params": params["text_encoder"]}, ids, embeds[0])
+  out_2 = models.text_encoder_2.apply({"params": params["text_encoder_2"]}, ids_2, embeds[1])
   return jnp.concatenate([out_1.hidden_states[k], out_2.hidden_states[k]], axis=-1), out_2.text_embeds
 
 
-def sdxl_state(models, params, inputs, clip_skip: int | None = None) -> dict:
-  """SDXL's conditioning of a batch: {"context", "pooled", "time_ids"} and, when sampling,
-  the negative half's {"negative", "negative_pooled", "negative_time_ids"}, zeros where
-  `inputs["negative_zero"]` says so."""
-  context, pooled = encode_sdxl_prompt(models, params, inputs[IDS], inputs[IDS_2], clip_skip)
+def sdxl_state(models, params, inputs, clip_skip: int | None = None, *,
+               token_rows: bool = False) -> dict:
+  """SDXL's conditioning of a batch: {"context", "pooled", "time_ids"} (a cached `context` and
+  `pooled` used as given) and, when sampling, the negative half's {"negative",
+  "negative_pooled", "negative_time_ids"}, zeros where `inputs["negative_zero"]` says so."""
+  if CONTEXT in inputs:
+    context, pooled = inputs[CONTEXT], inputs[POOLED]
+  else:
+    context, pooled = encode_sdxl_prompt(models, params, inputs[IDS], inputs[IDS_2], clip_skip,
+                                         token_rows=token_rows)
   state = {"context": context, "pooled": pooled, "time_ids": inputs[TIME_IDS]}
   if NEGATIVE_IDS in inputs:
     negative, negative_pooled = encode_sdxl_prompt(models, params, inputs[NEGATIVE_IDS],
-                                                   inputs[NEGATIVE_IDS_2], clip_skip)
+                                                   inputs[NEGATIVE_IDS_2], clip_skip,
+                                                   token_rows=token_rows)
     keep = ~jnp.asarray(inputs[NEGATIVE_ZERO], bool)                          # [B]
     state.update(negative=negative * keep[:, None, None].astype(negative.dtype),
                  negative_pooled=negative_pooled * keep[:, None].astype(negative_pooled.dtype),
                  negative_time_ids=inputs[NEGATIVE_TIME_IDS])
   return state
+
+
+def encode_for_cache(models, params, inputs) -> dict:
+  """The text conditioning of a batch's ids as the data pipeline caches it when nothing in the
+  text path trains: {"context": [B, L, D]} (SDXL: and "pooled" [B, P])."""
+  if models.text_encoder_2 is not None:
+    context, pooled = encode_sdxl_prompt(models, params, inputs[IDS], inputs[IDS_2])
+    return {CONTEXT: context, POOLED: pooled}
+  return {CONTEXT: encode_prompt(models, params, inputs[IDS])}
 
 
 def negative_context(models, params, inputs):
@@ -141,10 +182,7 @@ class TextConditioning:
   def prepare(self, models, params, inputs):
     """{"context": [B, L, D], "negative": [B, L, D] when sampling} (SDXL: `sdxl_state`'s)."""
     if models.text_encoder_2 is not None:
-      if self.token_rows:
-        raise ConfigError("new token rows on an SDXL model: persona_jax's methods do not "
-                          "train on SDXL yet; use an SD 1.x/2.x base")
-      return sdxl_state(models, params, inputs, self.clip_skip)
+      return sdxl_state(models, params, inputs, self.clip_skip, token_rows=self.token_rows)
     context = inputs[CONTEXT] if CONTEXT in inputs else self.encode(models, params, inputs[IDS])
     negative = (self.encode(models, params, inputs[NEGATIVE_IDS]) if NEGATIVE_IDS in inputs
                 else None)

@@ -34,6 +34,7 @@ Where new parameters live is one rule, stated in models/addons.py.
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,9 @@ from persona_jax.models.attention_maps import ATTENTION_MAPS
 from persona_jax.models.attention_maps import collect as collect_maps
 from persona_jax.models.components import SDModels
 from persona_jax.models.vae import Moments
+
+
+TEXT_PATH = re.compile(r"(^|/)text_encoder(_2)?/")
 
 
 def no_new_params(rng, base):
@@ -131,11 +135,10 @@ class Method:
   def text_trains(self, trainable) -> bool:
     """Whether anything in the text path trains (then text contexts cannot be cached): the
     conditioning reads trainable params, or a trainable leaf is or modifies a text-encoder
-    weight (its path, after the method's key, starts with text_encoder/)."""
+    weight (its path, after the method's key, starts with text_encoder/ or text_encoder_2/)."""
     if not self.conditioning.cacheable:
       return True
-    return any(p.startswith("text_encoder/") or "/text_encoder/" in p
-               for p in tree.flatten(trainable))
+    return any(TEXT_PATH.search(p) for p in tree.flatten(trainable))
 
 
 def batch_latents(models: SDModels, params, batch, rng):

@@ -37,7 +37,10 @@ class DreamBoothConfig:
 
 
 def select_rules(config: DreamBoothConfig):
-  return (("unet/.*", True),) + ((("text_encoder/.*", True),) if config.train_text_encoder else ())
+  """The whole UNet and, with `train_text_encoder`, every text encoder (SDXL: both, as
+  train_dreambooth_lora_sdxl.py's --train_text_encoder)."""
+  return (("unet/.*", True),) + ((("text_encoder(_2)?/.*", True),) if config.train_text_encoder
+                                 else ())
 
 
 def save(trainable, context):
@@ -106,7 +109,7 @@ PROMPT = f"a photo of a {IDENTIFIER} {{cls}}"
 EVAL = EvalRecipe("tuned", f"{IDENTIFIER} {{cls}}", "dreambooth", 150, 2e-4,
                   (("data.prompt", PROMPT),), prior=True)
 SPEC = MethodSpec(
-    name="dreambooth", config=DreamBoothConfig, make=make, result=ResultSpec(RESULT_DIR),
+    name="dreambooth", config=DreamBoothConfig, make=make, result=ResultSpec(RESULT_DIR), sdxl=True,
     load=load, sample=sample, upgrade=upgrade,
     exports={"diffusers": export_folder, "single-file": export_single_file},
     export_options=(Knob("base_single_file", "dreambooth, single-file export of an SD 2.x run: the "

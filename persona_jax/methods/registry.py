@@ -16,6 +16,7 @@ A method module declares one `MethodSpec` (its `SPEC`) and this module lists the
   verify              a `--FLAG VALUE` of `persona-jax verify` comparing its files with diffusers
   data_sources        {name: builder} data sources it brings (train/data_sources.py)
   upgrade             rewrites a config.json of an earlier version to today's keys
+  sdxl                whether it trains on SDXL bases too (else a one-line error)
 Modules in `COMMANDS` add subcommands (a `COMMAND`: Custom Diffusion's merge, importing an
 official FastComposer release).
 Adding a method: one module with its SPEC, one entry in `SPECS` below, one config
@@ -65,8 +66,14 @@ def method_config(name: str, values: Mapping):
 
 
 def make_method(name: str, values: Mapping, base_params, tokenizer_dir=None, unet_config=None):
-  """Builds the Method from its name, its config values and the base model."""
-  return spec(name).make(method_config(name, values), base_params, tokenizer_dir, unet_config)
+  """Builds the Method from its name, its config values and the base model (an SDXL base only
+  for methods whose entry says `sdxl`)."""
+  entry = spec(name)
+  if "text_encoder_2" in base_params and not entry.sdxl:
+    on_xl = sorted(n for n, s in METHODS.items() if s.sdxl)
+    raise ConfigError(f"method.name: {name} trains on SD 1.x/2.x bases only and the model is "
+                      f"SDXL; on SDXL use {', '.join(on_xl)}, or pass an SD 1.x/2.x model")
+  return entry.make(method_config(name, values), base_params, tokenizer_dir, unet_config)
 
 
 def format_tag(path: Path) -> str | None:

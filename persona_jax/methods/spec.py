@@ -40,6 +40,7 @@ class DataRequest:
   method: Any                      # the built Method
   models: Any                      # SDModels of the run
   tokenizer: Any                   # with the method's tokens
+  tokenizers: tuple                # one per text encoder (SDXL: two), with the method's tokens
   trainable: dict                  # the initial trainable tree (what trains decides what caches)
   workdir: Path | None
   progress: bool
@@ -154,3 +155,5 @@ class MethodSpec:
   # (method section, whole run config) of a config.json from an earlier version -> rewritten in
   # place to today's keys (recipe knobs that moved to the run config).
   upgrade: Callable | None = None
+  # Whether it trains and samples on SDXL bases too (False: SD 1.x/2.x only, a one-line error).
+  sdxl: bool = False

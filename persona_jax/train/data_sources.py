@@ -24,11 +24,11 @@ import numpy as np
 from persona_jax.class_images import count_images, make_class_images
 from persona_jax.data import pipeline as data
 from persona_jax.data.images import DataError
-from persona_jax.diffusion.conditioning import encode_prompt
+from persona_jax.diffusion.conditioning import encode_for_cache, text_encoders
 from persona_jax.errors import ConfigError
 from persona_jax.methods.spec import DataBuild, DataRequest
 from persona_jax.text_to_image import SampleOptions
-from persona_jax.tokenizer import tokenize
+from persona_jax.tokenizer import tokenize_prompts
 
 log = logging.getLogger(__name__)
 
@@ -50,15 +50,15 @@ def image_source(request: DataRequest) -> DataBuild:
       dataset_kwargs["class_moments"] = encode(np.stack(classes.images))
   else:
     needed.add("vae")
-  tokenize_fn = lambda prompts: tokenize(request.tokenizer, prompts)
+  tokenize_fn = functools.partial(tokenize_prompts, request.tokenizers)
   if method.text_trains(request.trainable):
-    needed.add("text_encoder")
+    needed.update(text_encoders(pipe.params))
     dataset_kwargs["tokenize"] = tokenize_fn
   else:
     captions = data.all_captions(instances, config.data.caption_dropout, classes)
     if config.data.zoom_augment:
       captions = sorted(set(captions) | set(data.zoom_captions(instances)))
-    encode = jax.jit(lambda ids: encode_prompt(request.models, pipe.params, ids))
+    encode = jax.jit(lambda ids: encode_for_cache(request.models, pipe.params, ids))
     dataset_kwargs["contexts"] = data.encode_captions(encode, tokenize_fn, captions)
     dataset_kwargs["caption_index"] = {c: i for i, c in enumerate(captions)}
   dataset = data.make_dataset(config.data, instances, config.batch_size, config.seed,

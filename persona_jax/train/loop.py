@@ -42,7 +42,7 @@ from persona_jax.parallel import mesh as mesh_lib
 from persona_jax.parallel.rules import infer_shardings, optimizer_shardings, shard_like
 from persona_jax.pipeline import Pipeline, load_pipeline
 from persona_jax.text_to_image import SampleOptions, Sampling, text_to_image
-from persona_jax.tokenizer import tokenize, tokenizer_with_tokens
+from persona_jax.tokenizer import tokenize, tokenize_prompts, tokenizers_with_tokens
 from persona_jax.train import checkpoint as ckpt
 from persona_jax.train import data_sources
 from persona_jax.train.config import RunConfig
@@ -63,7 +63,7 @@ class Run:
   method: object
   models: SDModels
   objective: Objective
-  tokenizer: object
+  tokenizers: tuple            # one per text encoder (SDXL: two), with the method's tokens
   frozen: dict                 # the base params the step needs (not trained)
   trainable: dict              # initial trainable params
   tx: object
@@ -74,8 +74,18 @@ class Run:
   model_dir: Path
   components: dict = dataclasses.field(default_factory=dict)   # the method's own frozen networks
 
+  @property
+  def tokenizer(self):
+    """The (first) text encoder's tokenizer, with the method's tokens."""
+    return self.tokenizers[0]
+
   def tokenize(self, prompts):
+    """[B, L] ids of the first tokenizer (`prompt_inputs` gives every encoder's)."""
     return tokenize(self.tokenizer, [self.method.tokens.expand(p) for p in prompts])
+
+  def prompt_inputs(self, prompts) -> dict:
+    """{"ids": [B, L] (, SDXL "ids_2")} of prompts as the method rewrites them."""
+    return tokenize_prompts(self.tokenizers, [self.method.tokens.expand(p) for p in prompts])
 
   def full_params(self, trainable):
     """The params the models see: the whole base (all components) with the method applied."""
@@ -95,19 +105,17 @@ def build(config: RunConfig, *, mesh=None, workdir=None, progress: bool = False)
   single_file = {k: v for k, v in (("config_dir", config.model_config),
                                    ("prediction_type", config.prediction_type)) if v}
   pipe = load_pipeline(model_dir, **single_file)
-  if pipe.is_sdxl:
-    raise ConfigError(f"model {config.model}: an SDXL model; persona_jax's methods train on SD "
-                      "1.x/2.x bases for now (SDXL loads, samples and verifies); pass "
-                      "--config.model= an SD 1.x/2.x model")
   compute = jnp.bfloat16 if config.mixed_precision == "bf16" else jnp.float32
   method = make_method(config.method_name, config.method_options, pipe.params, pipe.tokenizer_dir,
                        pipe.unet_config)
+  text_2 = (CLIPTextModel(dataclasses.replace(pipe.text_encoder_2_config, dtype=compute))
+            if pipe.is_sdxl else None)
   models = SDModels(
       UNet2DConditionModel(dataclasses.replace(pipe.unet_config, dtype=compute, remat=config.remat,
                                                addons=method.unet)),
       CLIPTextModel(dataclasses.replace(pipe.text_encoder_config, dtype=compute)),
-      pipe.vae)
-  tokenizer = tokenizer_with_tokens(pipe.tokenizer_dir, method.tokens.added)
+      pipe.vae, text_2)
+  tokenizers = tokenizers_with_tokens(pipe.tokenizer_dirs, method.tokens.added)
 
   components = method.components() if method.components is not None else {}
   base = {**pipe.params, **components}
@@ -117,7 +125,8 @@ def build(config: RunConfig, *, mesh=None, workdir=None, progress: bool = False)
   if not tree.flatten(trainable):
     raise ConfigError(f"method {config.method_name} selects no trainable parameters")
 
-  built = data_sources.build(data_sources.DataRequest(config, pipe, method, models, tokenizer,
+  built = data_sources.build(data_sources.DataRequest(config, pipe, method, models, tokenizers[0],
+                                                      tokenizers,
                                                       trainable, workdir, progress))
   classes = built.classes
   frozen = {k: v for k, v in rest.items() if k in built.needed | set(components)}
@@ -130,7 +139,7 @@ def build(config: RunConfig, *, mesh=None, workdir=None, progress: bool = False)
                                 batch_size=config.batch_size, class_rows=classes is not None)
   objective = Objective(pipe.scheduler_config, pipe.vae_config.scaling_factor,
                         config.min_snr_gamma, config.offset_noise, config.prior_loss_weight)
-  return Run(config, pipe, method, models, objective, tokenizer, frozen, trainable, tx, schedule,
+  return Run(config, pipe, method, models, objective, tokenizers, frozen, trainable, tx, schedule,
              built.dataset, mesh, ckpt.base_fingerprint(model_dir), model_dir, components)
 
 
@@ -253,7 +262,8 @@ def sample_grid(run: Run, trainable, step: int, workdir: Path, progress: bool = 
     first = run.dataset[0]
     inputs = {k: np.asarray(first[k][:1]) for k in method.conditioning.input_keys}
   sampling = Sampling(run.full_params(trainable), run.tokenizer, method.conditioning,
-                      method.tokens.expand, inputs, method.unet)
+                      method.tokens.expand, inputs, method.unet,
+                      run.tokenizers[1] if len(run.tokenizers) > 1 else None)
   images = text_to_image(run.pipe, list(c.sample_prompts), c.sample_negative_prompt,
                          c.sample_images, options, progress=progress, sampling=sampling)
   return save_png(grid(images, cols=c.sample_images), workdir / "samples" / f"step_{step:06d}.png")

@@ -5,7 +5,7 @@ import pytest
 
 from persona_jax import ConfigError
 from persona_jax.data import pipeline as data
-from persona_jax.data.batch import CONTEXT, IDS, LATENT_LOGVAR, LATENT_MEAN, MASK, PIXELS
+from persona_jax.data.batch import CONTEXT, IDS, LATENT_LOGVAR, LATENT_MEAN, MASK, PIXELS, TIME_IDS
 
 
 def instances(config):
@@ -13,7 +13,7 @@ def instances(config):
 
 
 def fake_tokenize(prompts):
-  return np.asarray([[len(p), hash(p) % 1000] for p in prompts], np.int32)
+  return {IDS: np.asarray([[len(p), hash(p) % 1000] for p in prompts], np.int32)}
 
 
 def test_batches_are_deterministic_and_resume_from_iterator_state():
@@ -44,14 +44,14 @@ def test_cached_moments_and_contexts():
              np.zeros((n, 2, 4, 4, 2), np.float32))
   captions = data.all_captions(inst, config.caption_dropout)
   assert "" in captions
-  contexts = np.arange(len(captions), dtype=np.float32)[:, None, None] * np.ones((1, 3, 5))
+  contexts = {CONTEXT: np.arange(len(captions), dtype=np.float32)[:, None, None] * np.ones((1, 3, 5))}
   ds = data.make_dataset(config, inst, 4, seed=0, moments=moments,
                          caption_index={c: i for i, c in enumerate(captions)}, contexts=contexts)
   seen_flip, seen_empty = set(), False
   it = data.make_iterator(ds)
   for _ in range(10):
     b = next(it)
-    assert set(b) == {LATENT_MEAN, LATENT_LOGVAR, CONTEXT}
+    assert set(b) == {LATENT_MEAN, LATENT_LOGVAR, CONTEXT, TIME_IDS}
     seen_flip |= {int(v) % 2 for v in b[LATENT_MEAN][:, 0, 0, 0]}
     seen_empty |= bool((b[CONTEXT][:, 0, 0] == captions.index("")).any())
   assert seen_flip == {0, 1} and seen_empty
@@ -76,7 +76,7 @@ def test_class_stream_appends_class_rows(tmp_path):
   captions = data.all_captions(inst, config.caption_dropout, classes)
   assert captions == ["", "<t> <t>_1", "a toy"]
   index = {c: i for i, c in enumerate(captions)}
-  contexts = np.arange(3, dtype=np.float32)[:, None, None] * np.ones((1, 2, 4))
+  contexts = {CONTEXT: np.arange(3, dtype=np.float32)[:, None, None] * np.ones((1, 2, 4))}
   ds = data.make_dataset(config, inst, 2, seed=0, caption_index=index, contexts=contexts,
                          classes=classes)
   it = data.make_iterator(ds)
@@ -113,7 +113,7 @@ def test_subject_masks_weight_the_loss(tmp_path):
   moments = (np.arange(n * 2, dtype=np.float32).reshape(n, 2, 1, 1, 1) * np.ones((1, 1, 4, 4, 2)),
              np.zeros((n, 2, 4, 4, 2), np.float32))
   ds = data.make_dataset(config, inst, 2, seed=0, moments=moments, caption_index={"x": 0},
-                         contexts=np.zeros((1, 3, 5), np.float32))
+                         contexts={CONTEXT: np.zeros((1, 3, 5), np.float32)})
   expected = np.ones((4, 4), np.float32)
   expected[:, 0] = 5.0
   expected[0, 1] = 1 + 4 * 0.5

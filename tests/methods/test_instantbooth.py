@@ -339,7 +339,7 @@ def test_pipeline_hands_the_hook_the_flipped_mask(data_dir):
   config = DataConfig(instance_dir=str(data_dir), caption_source="files", resolution=32,
                       center_crop=False, random_flip=0.5)
   instances = load_instances(config, lambda c: c)
-  dataset = make_dataset(config, instances, 4, 0, tokenize=lambda c: np.zeros((len(c), 4)),
+  dataset = make_dataset(config, instances, 4, 0, tokenize=lambda c: {"ids": np.zeros((len(c), 4))},
                          image_inputs=Hook())
   batch = next(make_iterator(dataset))
   for (image, mask), pixels in zip(seen, batch["pixels"]):
