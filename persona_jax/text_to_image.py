@@ -164,7 +164,7 @@ def text_to_image(pipe: Pipeline, prompts: str | list[str],
   expand = sampling.expand_prompt
   tokenizer = sampling.tokenizer or pipe.tokenizer
   conditioning = sampling.conditioning or TextConditioning()
-  if pipe.is_sdxl and type(conditioning) is not TextConditioning:
+  if pipe.is_sdxl and not getattr(conditioning, "sdxl", False):
     raise ConfigError(f"{type(conditioning).__name__}: this method samples on SD 1.x/2.x bases "
                       f"for now, and the model ({pipe.path or 'in memory'}) is SDXL; pass "
                       "--model an SD 1.x/2.x base")

@@ -21,7 +21,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from persona_jax.errors import ConfigError, ModelFileError
+from persona_jax.errors import ModelFileError
 from persona_jax.pipeline import Pipeline, load_pipeline
 from persona_jax.tokenizer import tokenize
 
@@ -302,30 +302,45 @@ def _adapter_inputs(pipe: Pipeline, seed: int):
 
 def compare_adapter(pipe: Pipeline, path: Path, load_both, *, seed: int = 0) -> list[Comparison]:
   """One adapter file loaded by diffusers (its own loader) and by persona_jax, then the text
-  encoder's output on a prompt that uses it and the UNet's output on that context compared.
+  conditioning of a prompt that uses it and the UNet's output on it compared (SDXL: the
+  concatenated context, the pooled embedding and the micro-conditioning, as
+  StableDiffusionXLPipeline.encode_prompt and its UNet call).
 
   `load_both(ref, pipe, tmp) -> (pipe, Sampling, token or None)` (a method's verify hook) loads
-  the file into diffusers' pipeline `ref` and returns ours (the pipeline, the params, tokenizer
+  the file into diffusers' pipeline `ref` and returns ours (the pipeline, the params, tokenizers
   and text conditioning to sample it with, and the words that use it in the prompt; None: "a
   ball"); `tmp` is a scratch folder. A last line reports how much the adapter moved diffusers'
   UNet output: a loader that silently skipped the file shows 0 there."""
   import tempfile
 
   import torch
-  from diffusers import StableDiffusionPipeline
+  from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-  from persona_jax.data.batch import IDS
   from persona_jax.diffusion.conditioning import TextConditioning
-  ref = StableDiffusionPipeline.from_pretrained(path, safety_checker=None, local_files_only=True,
-                                                use_safetensors=True, torch_dtype=torch.float32)
+  from persona_jax.text_to_image import SampleOptions, prompt_inputs
+  sdxl = pipe.is_sdxl
+  kind = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
+  extra = {} if sdxl else {"safety_checker": None}
+  ref = kind.from_pretrained(path, local_files_only=True, use_safetensors=True,
+                             torch_dtype=torch.float32, **extra)
   latents, t = _adapter_inputs(pipe, seed)
+  f = pipe.vae_scale_factor
+  size = (latents.shape[1] * f, latents.shape[2] * f)
+  time_ids = np.asarray([size + (0, 0) + size], np.float32)                     # [1, 6]
 
   def run_ref(token):
-    ids = ref.tokenizer([ADAPTER_PROMPT.format(token=token)], padding="max_length",
-                        max_length=ref.tokenizer.model_max_length, return_tensors="pt").input_ids
+    prompt = ADAPTER_PROMPT.format(token=token)
     with torch.no_grad():
-      ctx = ref.text_encoder(ids)[0]
-      eps = ref.unet(torch.from_numpy(nchw(latents)), torch.from_numpy(t), ctx).sample
+      if sdxl:
+        ctx, _, pooled, _ = ref.encode_prompt(prompt, do_classifier_free_guidance=False)
+        added = {"text_embeds": pooled, "time_ids": torch.from_numpy(time_ids)}
+        eps = ref.unet(torch.from_numpy(nchw(latents)), torch.from_numpy(t), ctx,
+                       added_cond_kwargs=added).sample
+      else:
+        ids = ref.tokenizer([prompt], padding="max_length",
+                            max_length=ref.tokenizer.model_max_length, return_tensors="pt").input_ids
+        ctx = ref.text_encoder(ids)[0]
+        eps = ref.unet(torch.from_numpy(nchw(latents)), torch.from_numpy(t), ctx).sample
     return ctx.numpy(), eps.numpy()
 
   base_ctx, base_eps = run_ref("a ball")
@@ -335,14 +350,20 @@ def compare_adapter(pipe: Pipeline, path: Path, load_both, *, seed: int = 0) -> 
   ctx_ref, eps_ref = run_ref(token)
   models = pipe.models()
   params = pipe.params if sampling.params is None else sampling.params
-  tokenizer = sampling.tokenizer or pipe.tokenizer
   conditioning = sampling.conditioning or TextConditioning()
+  inputs = prompt_inputs(pipe, sampling.tokenizer or pipe.tokenizer,
+                         [ADAPTER_PROMPT.format(token=token)], [None], SampleOptions(), size,
+                         sampling.tokenizer_2)
+  inputs = {k: v for k, v in inputs.items() if not k.startswith("negative")}   # one half only
+
+  def ours(p, inputs):
+    state = conditioning.prepare(models, p, inputs)
+    kwargs, _ = conditioning.at(models, p, state, latents, t, None)
+    return state["context"], models.unet.apply({"params": p["unet"]}, latents, t, **kwargs)
   with jax.default_matmul_precision("highest"):
-    ids = tokenize(tokenizer, [ADAPTER_PROMPT.format(token=token)])
-    ctx = jax.jit(lambda p, i: conditioning.prepare(models, p, {IDS: i})["context"])(params, ids)
-    eps = jax.jit(pipe.unet.apply)({"params": params["unet"]}, latents, t, ctx)
+    ctx, eps = jax.jit(ours)(params, inputs)
   moved = float(np.abs(eps_ref - base_eps).max() / max(np.abs(base_eps).max(), 1e-12))
-  return [compare("adapter: text_encoder.last_hidden_state", ctx, ctx_ref),
+  return [compare("adapter: text conditioning", ctx, ctx_ref),
           compare("adapter: unet", nchw(eps), eps_ref),
           Comparison("adapter moved diffusers' unet by", moved, moved)]
 
@@ -369,9 +390,6 @@ def verify(path, *, tolerance: float = DEFAULT_TOLERANCE, variant: str | None = 
   encoder = None
   if adapter is not None:
     hook, value = adapter
-    if pipe.is_sdxl:
-      raise ConfigError(f"verify {hook.flag}: adapter files are compared on SD 1.x/2.x models; "
-                        f"{path} is SDXL (verify it without {hook.flag})")
     _require_reference()
     results = hook.run(pipe, path, value, seed=seed, image_encoder=image_encoder,
                        allow_pickle=allow_pickle)

@@ -137,7 +137,7 @@ def test_negative_prompts_guidance_and_methods_on_sdxl_as_diffusers_takes_them(s
   assert with_pipeline_defaults(SampleOptions(guidance=3.0), sdxl_pipe).guidance == 3.0
 
   class MethodConditioning(TextConditioning):
-    pass
+    sdxl = False
   with pytest.raises(ConfigError, match="MethodConditioning: this method samples on SD 1.x/2.x"):
     text_to_image(sdxl_pipe, "a", sampling=Sampling(conditioning=MethodConditioning()))
 

@@ -20,6 +20,8 @@ A conditioning is a hashable object (a static argument of the jitted step and sa
                                       Loss terms are returned as values (training adds them)
   negative(models, params, state) -> UNet kwargs
                                       the unconditional half of classifier-free guidance (sampling)
+  sdxl                                True when it conditions SDXL's UNet too (its text path and
+                                      added conditioning); sampling refuses others on SDXL
 
 UNet kwargs are `{"encoder_hidden_states": [B, L, D]}` plus, for UNets with add-ons,
 `"streams": {name: array}` (models/addons.py), and for SDXL `"added_cond": {"text_embeds": [B, P],
@@ -171,6 +173,7 @@ class TextConditioning:
   token_rows: bool = False
   clip_skip: int | None = None
   input_keys = ()
+  sdxl = True
 
   @property
   def cacheable(self) -> bool:
