@@ -226,17 +226,22 @@ def test_bad_sdxl_folders_are_one_line_errors(sdxl_dir, tmp_path):
     load_pipeline(five)
 
 
-def test_sd1_lora_and_embedding_on_sdxl_are_one_line_errors(sdxl_pipe, pipes, tmp_path):
+def test_sd1_embedding_on_sdxl_is_a_one_line_error(sdxl_pipe, pipes, tmp_path):
   from persona_jax.convert.embedding_formats import read_embedding_spec
   from persona_jax.convert.files import write_safetensors
   from persona_jax.errors import PersonaError
-  from persona_jax.methods.lora_compose import LoRASpec, with_loras
   emb = tmp_path / "learned_embeds.safetensors"
   write_safetensors(emb, {"<cat>": np.ones((32,), np.float32)})
   with pytest.raises(PersonaError, match="learned_embeds.safetensors: an SD 1.x/2.x embedding "
                                         ".*SDXL.*use an SD 1.x/2.x base") as e:
     read_embedding_spec(str(emb), width=32, sdxl=sdxl_pipe.is_sdxl)
   assert "\n" not in str(e.value)
+
+
+def test_sd1_lora_on_sdxl_is_a_one_line_error(sdxl_pipe, tmp_path):
+  from persona_jax.convert.files import write_safetensors
+  from persona_jax.errors import PersonaError
+  from persona_jax.methods.lora_compose import LoRASpec, with_loras
   lora = tmp_path / "pytorch_lora_weights.safetensors"
   key = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight"
   write_safetensors(lora, {key: np.ones((4, 32), np.float32),
