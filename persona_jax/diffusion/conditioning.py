@@ -74,6 +74,17 @@ def new_token_rows(base, init_ids) -> dict:
           for e in text_encoders(base)}
 
 
+def unread_text_rules(params) -> tuple[tuple[str, bool], ...]:
+  """Selection rules `(regex, False)` for the text-encoder leaves the text conditioning never
+  reads, to put before a method's own: on SDXL the first encoder's last layer and final layer
+  norm (SDXL reads its penultimate hidden state; the second's last layer feeds the pooled
+  output). Empty for SD 1.x/2.x. Training them would give leaves with no gradient."""
+  if "text_encoder_2" not in params:
+    return ()
+  last = max(int(k.rsplit("_", 1)[1]) for k in params["text_encoder"]["encoder"])
+  return ((f"text_encoder/(encoder/layers_{last}|final_layer_norm)/.*", False),)
+
+
 def embed_with_new_rows(params, ids, encoder: str = "text_encoder"):
   """Input embeddings [B, L, D] of ids [B, L] over an encoder's base table with its new rows
   (`params["tokens"]`, or `params["tokens_2"]` for text_encoder_2) appended (ids V .. V+N-1)."""

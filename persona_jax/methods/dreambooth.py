@@ -20,6 +20,7 @@ import dataclasses
 import logging
 from pathlib import Path
 
+from persona_jax.diffusion.conditioning import unread_text_rules
 from persona_jax.errors import ConfigError, ModelFileError
 from persona_jax.methods import result_file
 from persona_jax.methods.base import Method, ParamSpec
@@ -36,11 +37,13 @@ class DreamBoothConfig:
   train_text_encoder: bool = False
 
 
-def select_rules(config: DreamBoothConfig):
+def select_rules(config: DreamBoothConfig, base_params=None):
   """The whole UNet and, with `train_text_encoder`, every text encoder (SDXL: both, as
-  train_dreambooth_lora_sdxl.py's --train_text_encoder)."""
-  return (("unet/.*", True),) + ((("text_encoder(_2)?/.*", True),) if config.train_text_encoder
-                                 else ())
+  train_dreambooth_lora_sdxl.py's --train_text_encoder) but the leaves the text conditioning
+  never reads (SDXL's first encoder's last layer)."""
+  if not config.train_text_encoder:
+    return (("unet/.*", True),)
+  return unread_text_rules(base_params or {}) + (("unet/.*", True), ("text_encoder(_2)?/.*", True))
 
 
 def save(trainable, context):
@@ -54,7 +57,8 @@ def save(trainable, context):
 
 
 def make(config: DreamBoothConfig, base_params, tokenizer_dir=None, unet_config=None) -> Method:
-  return Method(name="dreambooth", params=ParamSpec(select=select_rules(config)), save=save)
+  return Method(name="dreambooth", params=ParamSpec(select=select_rules(config, base_params)),
+                save=save)
 
 
 def load(path) -> result_file.Result:

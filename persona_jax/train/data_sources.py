@@ -79,7 +79,8 @@ def class_images(config, pipe, workdir, progress: bool):
   sets = [concept_class_images(c, k if len(concepts) > 1 else None, pipe, workdir, progress)
           for k, c in enumerate(concepts)]
   return data.InstanceSet([i for s in sets for i in s.images], [c for s in sets for c in s.captions],
-                          sets[-1].folder)
+                          sets[-1].folder, sizes=[z for s in sets for z in s.sizes],
+                          crops=[z for s in sets for z in s.crops])
 
 
 def concept_class_images(d, index, pipe, workdir, progress: bool):
