@@ -40,16 +40,17 @@ def test_sdxl_preset_runs_the_unet_cases_and_plans_the_real_unet():
 
 
 def test_added_conditioning_reaches_the_unet_kwargs():
-  from persona_jax.benchmark.jax_cases import AddedCondConditioning, _with_added_cond
+  """The bench's cached SDXL batches carry `pooled` and `time_ids`, which the methods' own text
+  conditioning hands to the UNet as its added conditioning (no bench-local conditioning)."""
+  from persona_jax.benchmark.jax_cases import cached_added
   from persona_jax.methods import dreambooth
-  from persona_jax.models.configs import UNetConfig
+  from persona_jax.models.components import SDModels
   method = dreambooth.make(dreambooth.DreamBoothConfig(), {})
-  sd15, sdxl = (UNetConfig.from_dict(benchmark.PRESETS[k].unet) for k in ("reduced", "sdxl"))
-  assert _with_added_cond(method, sd15) is method
-  conditioning = _with_added_cond(method, sdxl).conditioning
-  assert isinstance(conditioning, AddedCondConditioning)
-  batch = {"context": "ctx", "text_embeds": "pooled", "time_ids": "ids", "prior": "p"}
-  state = conditioning.prepare(None, None, batch)
-  kwargs, terms = conditioning.at(None, None, state, None, None, None)
+  batch = {"context": "ctx", **cached_added({"text_embeds": "pooled", "time_ids": "ids"}),
+           "prior": "p"}
+  models = SDModels(None, None, None)
+  state = method.conditioning.prepare(models, None, batch)
+  kwargs, terms = method.conditioning.at(models, None, state, None, None, None)
   assert kwargs == {"encoder_hidden_states": "ctx",
                     "added_cond": {"text_embeds": "pooled", "time_ids": "ids"}} and terms == {}
+  assert cached_added(None) == {}

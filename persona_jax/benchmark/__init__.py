@@ -20,6 +20,9 @@ Cases (more join as methods land):
                  cached text contexts, AdamW over the factors (persona_jax: the lora method, factors
                  merged into the weights each step; PyTorch: peft's LoRA adapter on the same
                  modules, as diffusers' train_dreambooth_lora.py)
+  dblora_train   DreamBooth-LoRA: lora_train with prior preservation, 2 instance + 2 class rows
+                 in one forward, loss mean(instance) + mean(class) (diffusers'
+                 train_dreambooth_lora(_sdxl).py with --with_prior_preservation)
   cd_train       Custom Diffusion at batch 4: cross-attention to_k/to_v trainable, BOS key/value
                  detached, cached text contexts, clipping 1.0, AdamW (persona_jax: the
                  custom_diffusion method without a modifier token; PyTorch: diffusers'
@@ -47,7 +50,9 @@ Presets:
            (two encoders' 96 + 160), pooled text 160, time-id width 32, 32x32 latents
            (CPU-sized). Only the cases without a text or image encoder (not ti_train,
            e4t_tune), each also given pooled text embeds [B, 160] and time ids [B, 6]
-           (diffusers' added_cond_kwargs). With --memory-plan: sdxl_full's shapes.
+           (diffusers' added_cond_kwargs; ours: the cached batch's `pooled` and `time_ids`,
+           which the text conditioning hands to the UNet). With --memory-plan: sdxl_full's
+           shapes.
   sdxl_full  stable-diffusion-xl-base-1.0's UNet shapes (2.6B parameters), 128x128 latents
            (for GPU/TPU machines; what `--preset sdxl --memory-plan` plans)
 """
@@ -68,8 +73,9 @@ from pathlib import Path
 import numpy as np
 
 DB_VARIANTS = ("db_train", "db_train_bf16", "db_train_remat", "db_train_accum2")
-ADAPTER_CASES = ("lora_train", "cd_train")
-CASES = ("unet_forward", "unet_train", "ti_train", "lora_train", "cd_train", "e4t_tune") + DB_VARIANTS
+ADAPTER_CASES = ("lora_train", "dblora_train", "cd_train")
+CASES = ("unet_forward", "unet_train", "ti_train", "lora_train", "dblora_train", "cd_train",
+         "e4t_tune") + DB_VARIANTS
 JAX_ONLY = ("e4t_tune",)                                         # no diffusers counterpart
 E4T_STEPS = 15
 DEFAULT_CASES = ("unet_forward", "unet_train", "ti_train", "db_train", "lora_train",
@@ -106,7 +112,7 @@ _SDXL_BLOCKS = dict(
     down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
     up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
     layers_per_block=2, use_linear_projection=True, addition_embed_type="text_time", in_channels=4, out_channels=4, norm_num_groups=32)
-SDXL_CASES = ("unet_forward", "unet_train", "lora_train", "cd_train") + DB_VARIANTS
+SDXL_CASES = ("unet_forward", "unet_train", "lora_train", "dblora_train", "cd_train") + DB_VARIANTS
 PRESETS = {
     "reduced": Preset(dict(_SD15_BLOCKS, block_out_channels=[64, 128, 256, 256],
                            cross_attention_dim=256, sample_size=32), latent=32,
@@ -140,8 +146,8 @@ PRESETS = {
                              projection_class_embeddings_input_dim=2816, sample_size=128),
                         latent=128, cases=SDXL_CASES),
 }
-BATCH = ({"unet_forward": 2, "unet_train": 4, "ti_train": 4, "lora_train": 4, "cd_train": 4,
-          "e4t_tune": 4} | {c: 4 for c in DB_VARIANTS})
+BATCH = ({"unet_forward": 2, "unet_train": 4, "ti_train": 4, "lora_train": 4, "dblora_train": 4,
+          "cd_train": 4, "e4t_tune": 4} | {c: 4 for c in DB_VARIANTS})
 PLACEHOLDER_POSITION = 5
 LORA_RANK = 4
 
@@ -211,9 +217,6 @@ def _inputs(preset: Preset, batch: int, channels_last: bool):
   if not channels_last:
     x, noise = x.transpose(0, 3, 1, 2).copy(), noise.transpose(0, 3, 1, 2).copy()
   return x, t, ctx, noise
-
-
-ADDED_KEYS = ("text_embeds", "time_ids")       # SDXL's added conditioning, diffusers' names
 
 
 def added_cond_shapes(preset: Preset, batch: int) -> dict:

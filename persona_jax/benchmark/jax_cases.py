@@ -8,10 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from persona_jax.benchmark import (ADAPTER_CASES, ADDED_KEYS, BATCH, DB_VARIANTS, E4T_STEPS,
-                                   LORA_RANK, PRESETS, Preset, _ids, _inputs, added_cond,
-                                   added_cond_shapes, db_options)
-from persona_jax.diffusion.conditioning import TextConditioning
+from persona_jax.benchmark import (ADAPTER_CASES, BATCH, DB_VARIANTS, E4T_STEPS, LORA_RANK,
+                                   PRESETS, Preset, _ids, _inputs, added_cond, added_cond_shapes,
+                                   db_options)
 
 
 def jax_case(case: str, unet_dir: Path, preset: Preset, dtype: str):
@@ -62,26 +61,11 @@ def jax_case(case: str, unet_dir: Path, preset: Preset, dtype: str):
   return run
 
 
-@dataclasses.dataclass(frozen=True)
-class AddedCondConditioning(TextConditioning):
-  """Cached inputs only: the batch's text context and SDXL's added conditioning (pooled text
-  embeds and time ids, `ADDED_KEYS`), as the UNet's `added_cond`. The bench's stand-in: the
-  training core does not train on SDXL (cached pooled embeds) yet."""
-
-  def prepare(self, models, params, inputs):
-    return {"context": inputs["context"], "added": {k: inputs[k] for k in ADDED_KEYS}}
-
-  def at(self, models, params, state, noisy, t, step):
-    return {"encoder_hidden_states": state["context"], "added_cond": state["added"]}, {}
-
-
-def _with_added_cond(method, config):
-  """`method` conditioned as the UNet needs: SDXL's added conditioning from the batch."""
-  if config.addition_embed_type is None:
-    return method
-  c = method.conditioning
-  assert type(c) is TextConditioning and not c.token_rows, c
-  return dataclasses.replace(method, conditioning=AddedCondConditioning())
+def cached_added(added):
+  """SDXL's added conditioning ({"text_embeds", "time_ids"}: diffusers' names, arrays or shapes)
+  as a cached training batch carries it ({"pooled", "time_ids"}: data/batch.py), which the text
+  conditioning hands to the UNet; None -> {}."""
+  return {("pooled" if k == "text_embeds" else k): v for k, v in (added or {}).items()}
 
 
 def _batch(shapes: dict, abstract: bool, rng, prior_rows: int | None = None, added=None):
@@ -226,8 +210,7 @@ def _jax_db_parts(case, config, unet_params, batch_size: int, latent: int, conte
   bf16, remat, accum = db_options(case)
   unet = UNet2DConditionModel(dataclasses.replace(
       config, dtype=jnp.bfloat16 if bf16 else config.dtype, remat="blocks" if remat else "none"))
-  method = _with_added_cond(dreambooth.make(dreambooth.DreamBoothConfig(), {"unet": unet_params}),
-                            config)
+  method = dreambooth.make(dreambooth.DreamBoothConfig(), {"unet": unet_params})
   trainable = {"unet": unet_params}
   tx, _ = make_optimizer(OptimConfig(lr=5e-6, clip_grad_norm=1.0, grad_accum=accum), trainable,
                          total_steps=10, batch_size=batch_size // accum)
@@ -242,7 +225,7 @@ def _jax_db_parts(case, config, unet_params, batch_size: int, latent: int, conte
   batches = []
   for k in range(accum):
     rows = {name: (m,) + v[1:] if abstract else v[k * m:(k + 1) * m]
-            for name, v in (added or {}).items()}
+            for name, v in cached_added(added).items()}
     batches.append(_batch(shapes, abstract, rng, m // 2, rows))
   return step, state, batches
 
@@ -311,8 +294,8 @@ def xla_memory_mb(compiled) -> dict | None:
 
 def _adapter_parts(case, config, unet_params, batch_size: int, latent: int, context_len: int,
                    added=None):
-  """(jitted step, state, frozen, batch) of our LoRA (rank 4 on the attention projections) or
-  Custom Diffusion (attn2 K/V, BOS detached, no modifier token) step: the real train_step and
+  """(jitted step, state, frozen, batch) of our LoRA (rank 4 on the attention projections; as
+  DreamBooth-LoRA with half the rows class rows for `dblora_train`) or Custom Diffusion (attn2 K/V, BOS detached, no modifier token) step: the real train_step and
   method, cached latents and contexts (and SDXL's added conditioning `added`, {name: array} or
   {name: shape}). Works on arrays or on ShapeDtypeStructs (memory plans: nothing allocated but
   LoRA's small factors)."""
@@ -328,14 +311,13 @@ def _adapter_parts(case, config, unet_params, batch_size: int, latent: int, cont
   from persona_jax.train.optim import OptimConfig, make_optimizer
   from persona_jax.train.state import init_state
   base = {"unet": unet_params}
-  if case == "lora_train":
+  if case in ("lora_train", "dblora_train"):
     method = lora.make(lora.LoRAConfig(rank=LORA_RANK, targets=("attn",)), base, unet_config=config)
     trainable, frozen, lr = method.params.init(jax.random.PRNGKey(0), base), base, 1e-4
   else:
     method = cd.make(cd.CustomDiffusionConfig(modifier_tokens=(), initializer_tokens=()),
                      dict(base, text_encoder=_BENCH_TEXT_TABLE))
     (trainable, frozen), lr = tree.split(base, method.params.select), 1e-5
-  method = _with_added_cond(method, config)
   unet = UNet2DConditionModel(dataclasses.replace(config, addons=method.unet))
   abstract = isinstance(jax.tree.leaves(unet_params)[0], jax.ShapeDtypeStruct)
   if abstract:          # the plan needs only shapes
@@ -347,7 +329,11 @@ def _adapter_parts(case, config, unet_params, batch_size: int, latent: int, cont
   state = jax.eval_shape(init, trainable) if abstract else init(trainable)
   shapes = {"latent_mean": (batch_size, latent, latent, 4), "latent_logvar": (batch_size, latent, latent, 4),
             "context": (batch_size, context_len, config.cross_attention_dims[0])}
-  return step, state, frozen, _batch(shapes, abstract, np.random.default_rng(1), added=added)
+  prior = None
+  if case == "dblora_train":                # DreamBooth-LoRA: the second half are class rows
+    shapes["prior"], prior = (batch_size,), batch_size // 2
+  return step, state, frozen, _batch(shapes, abstract, np.random.default_rng(1), prior,
+                                     cached_added(added))
 
 
 def _jax_adapter_step(case, config, unet_params, latents, ctx, added=None):

@@ -73,16 +73,22 @@ def _torch_cd_step(unet, x, noise, t, ctx, added, sync):
   return _torch_adapter_run(unet, params, 1e-5, x, noise, t, ctx, added, sync)
 
 
-def _torch_adapter_run(unet, params, lr, x, noise, t, ctx, added, sync):
+def _torch_adapter_run(unet, params, lr, x, noise, t, ctx, added, sync, prior: bool = False):
   """The timed step of a frozen UNet with trainable `params` (LoRA, Custom Diffusion): forward,
-  backward, clipping 1.0, AdamW."""
+  backward, clipping 1.0, AdamW. `prior`: the second half of the rows are class rows,
+  mse(instance) + mse(class) as train_dreambooth_lora_sdxl.py's prior preservation."""
   import torch
   unet.train()
   opt = torch.optim.AdamW(params, lr=lr)
+  mse = torch.nn.functional.mse_loss
 
   def run():
-    loss = torch.nn.functional.mse_loss(
-        unet(x, t, ctx, added_cond_kwargs=added).sample.float(), noise.float())
+    pred = unet(x, t, ctx, added_cond_kwargs=added).sample.float()
+    if prior:
+      (pred, pred_prior), (target, target_prior) = pred.chunk(2), noise.float().chunk(2)
+      loss = mse(pred, target) + 1.0 * mse(pred_prior, target_prior)
+    else:
+      loss = mse(pred, noise.float())
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     opt.step()
@@ -91,15 +97,16 @@ def _torch_adapter_run(unet, params, lr, x, noise, t, ctx, added, sync):
   return run
 
 
-def _torch_lora_step(unet, x, noise, t, ctx, added, sync):
+def _torch_lora_step(unet, x, noise, t, ctx, added, sync, prior: bool = False):
   """diffusers' train_dreambooth_lora.py step: peft LoRA (rank 4, alpha 4, gaussian init) on
-  to_q/to_k/to_v/to_out.0, UNet frozen, AdamW over the adapter, clipping 1.0."""
+  to_q/to_k/to_v/to_out.0, UNet frozen, AdamW over the adapter, clipping 1.0 (`prior`: with
+  prior preservation)."""
   from peft import LoraConfig
   unet.requires_grad_(False)
   unet.add_adapter(LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK, init_lora_weights="gaussian",
                               target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
   params = [p for p in unet.parameters() if p.requires_grad]
-  return _torch_adapter_run(unet, params, 1e-4, x, noise, t, ctx, added, sync)
+  return _torch_adapter_run(unet, params, 1e-4, x, noise, t, ctx, added, sync, prior)
 
 
 def _torch_ti_step(unet, text_dir: Path, x, noise, t, tdtype, device, sync):
@@ -161,8 +168,8 @@ def torch_case(case: str, unet_dir: Path, preset: Preset, dtype: str):
     return _torch_ti_step(unet, unet_dir.parent / "text_encoder", x, noise, t, tdtype, device, sync)
   if case in DB_VARIANTS:
     return _torch_db_step(case, unet, x, noise, t, ctx, added, sync)
-  if case == "lora_train":
-    return _torch_lora_step(unet, x, noise, t, ctx, added, sync)
+  if case in ("lora_train", "dblora_train"):
+    return _torch_lora_step(unet, x, noise, t, ctx, added, sync, prior=case == "dblora_train")
   if case == "cd_train":
     return _torch_cd_step(unet, x, noise, t, ctx, added, sync)
   unet.train()

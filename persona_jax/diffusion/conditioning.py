@@ -195,7 +195,7 @@ class TextConditioning:
 
   def prepare(self, models, params, inputs):
     """{"context": [B, L, D], "negative": [B, L, D] when sampling} (SDXL: `sdxl_state`'s)."""
-    if models.text_encoder_2 is not None:
+    if models.text_encoder_2 is not None or POOLED in inputs:     # SDXL (or its cached batch)
       return sdxl_state(models, params, inputs, self.clip_skip, token_rows=self.token_rows)
     context = inputs[CONTEXT] if CONTEXT in inputs else self.encode(models, params, inputs[IDS])
     negative = (self.encode(models, params, inputs[NEGATIVE_IDS]) if NEGATIVE_IDS in inputs
