@@ -5,6 +5,10 @@ the Plus resampler's `latents`, `proj_in`, `layers.N.*`, `proj_out`, `norm_out`)
 diffusers' `unet.attn_processors` order (down, up, mid blocks). Ours hold the same tensors as the
 trainable tree of methods/ip_adapter.py: `ip_adapter/image_proj/...` and
 `unet/.../attn2/to_{k,v}_ip/kernel` (the UNet add-on's layers, models/adapters.py).
+
+The same rule numbers SDXL's attn2 layers (ip-adapter_sdxl, ip-adapter-plus_sdxl_vit-h: 70 of
+them, ids 1 .. 139; several transformer blocks per attention, in order): the official code saves
+`torch.nn.ModuleList(unet.attn_processors.values())`, whose odd entries are the attn2 processors.
 """
 
 from __future__ import annotations
@@ -16,13 +20,31 @@ import jax.numpy as jnp
 import numpy as np
 
 from persona_jax import tree
-from persona_jax.errors import ModelFileError
+from persona_jax.errors import ConfigError, ModelFileError
 from persona_jax.models.image_projection import BASIC, DIM_HEAD, PLUS, ProjectionConfig
 
 PROJECTION = "ip_adapter/image_proj"        # the projection's place in the trainable tree
+RESULT_FILE = "ip_adapter.safetensors"      # a training run's result (WORKDIR/RESULT_FILE)
 ATTN2_KERNEL = re.compile(
     r"unet/(?:(down|up)_blocks_(\d+)|mid_block)/attentions_(\d+)/transformer_blocks_(\d+)/attn2/"
     r"to_k(?:_ip)?/kernel")
+
+
+def find_file(path) -> Path:
+  """An IP-Adapter file, or a run folder's WORKDIR/ip_adapter.safetensors."""
+  path = Path(path)
+  path = path / RESULT_FILE if path.is_dir() else path
+  if not path.is_file():
+    raise ModelFileError(f"{path}: no IP-Adapter file here")
+  return path
+
+
+def cross_attention_dim(unet_config) -> int:
+  """The UNet's one cross-attention width: the image tokens' (SD 1.x 768, SDXL 2048)."""
+  dims = set(unet_config.cross_attention_dims)
+  if len(dims) != 1:
+    raise ConfigError(f"IP-Adapter needs one cross_attention_dim; this UNet has {sorted(dims)}")
+  return dims.pop()
 
 
 def attn2_paths(unet_params) -> list[str]:

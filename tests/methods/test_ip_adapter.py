@@ -16,6 +16,8 @@ from persona_jax import tree
 from persona_jax.cli import main
 from persona_jax.data.pipeline import make_iterator
 from persona_jax.methods import ip_adapter as ipa
+from persona_jax.methods import ip_adapter_conditioning as ipc
+from persona_jax.methods import ip_adapter_verify as ipv
 from persona_jax.data.batch import CLIP_PIXELS, IDS
 from persona_jax.models.addons import DecoupledCrossAttention
 from persona_jax.train import loop
@@ -125,7 +127,7 @@ def probe(run):
     drops = {}
     for d in range(4):
       s = cond.prepare(m, params, {IDS: batch[IDS], CLIP_PIXELS: batch[CLIP_PIXELS],
-                                   ipa.DROP: jnp.asarray([d, 0], jnp.int32)})
+                                   ipc.DROP: jnp.asarray([d, 0], jnp.int32)})
       drops[d] = (s["context"][0], s["tokens"][0])
     out["drops"] = drops
     out["zeros"] = cond.project(params, jnp.zeros((1, cond.projection.image_dim)))[0]
@@ -181,14 +183,14 @@ def test_condition_drop_draws():
   """The data hook's one uniform draw per example: image only, text only, both at their rates;
   without the pipeline's generator nothing is dropped."""
   from persona_jax.data.clip_images import CLIPImageProcessorConfig
-  hook = ipa.ConditionInputs(CLIPImageProcessorConfig.for_image_size(16), 0.05, 0.1, 0.15)
+  hook = ipc.ConditionInputs(CLIPImageProcessorConfig.for_image_size(16), 0.05, 0.1, 0.15)
   image = np.zeros((20, 20, 3), np.uint8)
   rng = np.random.default_rng(0)
-  drops = np.asarray([hook(image, rng=rng)[ipa.DROP] for _ in range(3000)])
+  drops = np.asarray([hook(image, rng=rng)[ipc.DROP] for _ in range(3000)])
   np.testing.assert_allclose([np.mean(drops == d) for d in range(4)], [0.7, 0.05, 0.1, 0.15],
                              atol=0.02)
   out = hook(image)
-  assert out[ipa.DROP] == 0 and out[CLIP_PIXELS].shape == (16, 16, 3)
+  assert out[ipc.DROP] == 0 and out[CLIP_PIXELS].shape == (16, 16, 3)
 
 
 def test_two_identical_images_give_the_one_image_result(probe):
@@ -273,7 +275,7 @@ def official_keys(n_layers=4):
 
 
 def check_against_diffusers(run, model_dir, encoder_dir, file, kind):
-  results = ipa.compare_ip_adapter(run.pipe, model_dir, file, encoder_dir, scale=0.6)
+  results = ipv.compare_ip_adapter(run.pipe, model_dir, file, encoder_dir, scale=0.6)
   assert [r.name for r in results][:3] == [f"ip_adapter({kind}).image_features",
                                            f"ip_adapter({kind}).image_proj tokens",
                                            f"ip_adapter({kind}).unet (scale 0.6)"]
