@@ -8,8 +8,12 @@ where W0 is the base matrix, C [s, in] holds the text features of every concept'
 V [out, s] is each run's own trained matrix applied to its concept's features, and C_reg [n, in]
 the features of ~200 regularization captions (every token after BOS through EOS). Solution:
   d = C (C_reg^T C_reg)^-1,   W_hat = W0 + (V - W0 C^T) (d C^T)^-1 d.
+Text features are the context the cross-attention reads (the text conditioning's): SD 1.x/2.x
+the text encoder's last hidden state, SDXL both encoders' penultimate hidden states concatenated
+(in = 2048 on SDXL: the default captions give ~2090 feature rows, just enough).
 The merged result has the same layout as a run's (methods/custom_diffusion.py), with every
-run's modifier-token rows; a token name used by two runs is renamed for the later one.
+run's modifier-token rows (in every text encoder); a token name used by two runs is renamed for
+the later one.
 """
 
 from __future__ import annotations
@@ -24,11 +28,13 @@ import jax
 import numpy as np
 
 from persona_jax import tree
+from persona_jax.data.batch import TIME_IDS
+from persona_jax.diffusion.conditioning import TextConditioning, text_encoders
 from persona_jax.errors import ConfigError, ModelFileError, PersonaError
 from persona_jax.methods import custom_diffusion as cd
+from persona_jax.methods import result_file
 from persona_jax.methods.spec import Command
-from persona_jax.diffusion.conditioning import TOKENS, embed_with_new_rows
-from persona_jax.tokenizer import tokenizer_with_tokens
+from persona_jax.tokenizer import tokenize_prompts, tokenizers_with_tokens
 
 log = logging.getLogger(__name__)
 
@@ -58,27 +64,32 @@ def default_reg_captions() -> list[str]:
   return [line.strip() for line in text.splitlines() if line.strip()]
 
 
-def text_features(pipe, tokenizer, rows, prompts: list[str], skips: list[int]) -> list[np.ndarray]:
-  """Per prompt, the text encoder's outputs at positions skip .. EOS (inclusive): [n_i, D] each.
-  `rows` [N, D] are the added tokens' embeddings (ids after the vocabulary). One compilation:
-  prompts go through in padded batches of 32."""
-  from persona_jax.tokenizer import tokenize
-  ids = tokenize(tokenizer, prompts)                                         # [P, 77]
-  lengths = [min(len(tokenizer(p)["input_ids"]), ids.shape[1]) for p in prompts]
-  params = {"text_encoder": pipe.params["text_encoder"], TOKENS: jax.numpy.asarray(rows)}
-  encode = jax.jit(lambda p, i: pipe.text_encoder.apply(
-      {"params": p["text_encoder"]}, i, embed_with_new_rows(p, i)).last_hidden_state)
+def text_features(pipe, tokenizers, rows: dict, prompts: list[str],
+                  skips: list[int]) -> list[np.ndarray]:
+  """Per prompt, the cross-attention context (TextConditioning's: SDXL both encoders' penultimate
+  states, [.., D1 + D2]) at positions skip .. EOS (inclusive): [n_i, D] each. `tokenizers`: one
+  per text encoder with the added tokens; `rows`: their embeddings by params key ({"tokens":
+  [N, D1] (, "tokens_2": [N, D2])}, ids after the vocabulary). One compilation: prompts go
+  through in padded batches of 32."""
+  inputs = tokenize_prompts(tokenizers, prompts)                             # {"ids": [P, 77], ..}
+  length = inputs["ids"].shape[1]
+  lengths = [min(len(tokenizers[0](p)["input_ids"]), length) for p in prompts]
+  params = {e: pipe.params[e] for e in text_encoders(pipe.params)}
+  params.update({k: jax.numpy.asarray(v) for k, v in rows.items()})
+  models, conditioning = pipe.models(), TextConditioning(token_rows=True)
+  encode = jax.jit(lambda p, x: conditioning.prepare(models, p, x)["context"])
   out = []
   for start in range(0, len(prompts), 32):
-    chunk = ids[start: start + 32]
-    pad = 32 - len(chunk)
-    h = np.asarray(encode(params, np.concatenate([chunk, np.repeat(chunk[-1:], pad, 0)])))
-    out.extend(h[: len(chunk)])
+    chunk = {k: v[start: start + 32] for k, v in inputs.items()}
+    pad = 32 - len(chunk["ids"])
+    batch = {k: np.concatenate([v, np.repeat(v[-1:], pad, 0)]) for k, v in chunk.items()}
+    batch[TIME_IDS] = np.zeros((32, 6), np.float32)    # SDXL's micro-conditioning: unused here
+    out.extend(np.asarray(encode(params, batch))[: 32 - pad])
   return [h[skip: n].astype(np.float64) for h, n, skip in zip(out, lengths, skips)]
 
 
 def _read_run(path: Path):
-  """A run folder (or a merged folder) -> (Result, base model path)."""
+  """A run folder (or a merged folder) -> (Result, base model path the run names)."""
   path = Path(path)
   result = cd.load_result(path)
   config = path / "config.json" if path.is_dir() else path.parent / "config.json"
@@ -123,9 +134,12 @@ def merge_runs(runs: list, out, *, model=None, reg_captions: list[str] | None = 
     model = bases.pop()
   pipe = load_pipeline(resolve_model(model))
   base_flat = tree.flatten(pipe.params)
+  for result, _ in read:               # a run of another base (family) is a one-line error
+    result_file.check_fits(result.path, result.base_model, base_flat, result.weights)
+    cd.check_rows(result, pipe.params)
 
-  # Concepts with unique token names, in run order; the rows of every token.
-  concepts, rows, used = [], [], set()
+  # Concepts with unique token names, in run order; the rows of every token in every encoder.
+  concepts, rows, used = [], {key: [] for key in read[0][0].rows}, set()
   for k, (result, _) in enumerate(read):
     for i, concept in enumerate(result.concepts):
       phrase = _target_phrase(concept, result.path)
@@ -140,17 +154,22 @@ def merge_runs(runs: list, out, *, model=None, reg_captions: list[str] | None = 
       used.add(token)
       concepts.append({"token": token, "prompt": PREFIX + phrase, "phrase": phrase, "run": k,
                        "source": str(runs[k])})
-      rows.append(result.tokens[i])
-  rows = np.stack(rows).astype(np.float32)
+      for key, table in rows.items():
+        table.append(result.rows[key][i])
+  rows = {key: np.stack(table).astype(np.float32) for key, table in rows.items()}
   tokens = tuple(c["token"] for c in concepts)
-  tokenizer = tokenizer_with_tokens(pipe.tokenizer_dir, tokens)
+  tokenizers = tokenizers_with_tokens(pipe.tokenizer_dirs, tokens)
 
-  prefix_len = 1 + len(tokenizer(PREFIX.strip(), add_special_tokens=False)["input_ids"])
+  prefix_len = 1 + len(tokenizers[0](PREFIX.strip(), add_special_tokens=False)["input_ids"])
   captions = reg_captions or default_reg_captions()
   phrases = [p for c in concepts for p in (c["phrase"], PREFIX + c["phrase"])]
-  feats = text_features(pipe, tokenizer, rows, captions + phrases,
+  feats = text_features(pipe, tokenizers, rows, captions + phrases,
                         [1] * len(captions) + [1, prefix_len] * len(concepts))
   reg = np.concatenate(feats[: len(captions)])                               # [n, in]
+  if reg.shape[0] < reg.shape[1]:
+    raise ConfigError(f"--reg-captions: {len(captions)} captions give {reg.shape[0]} text features "
+                      f"for a text width of {reg.shape[1]}; give more captions (at least "
+                      f"{reg.shape[1]} tokens in all) so the merge has one solution")
   targets = [(c["run"], np.concatenate(feats[len(captions) + 2 * i: len(captions) + 2 * i + 2]))
              for i, c in enumerate(concepts)]          # (run index, [s_i, in] features) per concept
   c_all = np.concatenate([f for _, f in targets])
@@ -178,7 +197,7 @@ def merge_runs(runs: list, out, *, model=None, reg_captions: list[str] | None = 
           "concepts": json.dumps([{"token": c["token"], "prompt": c["prompt"]} for c in concepts]),
           "method": json.dumps({"modifier_tokens": list(tokens), "freeze_model": "crossattn_kv"})}
   path = out / cd.RESULT_FILE
-  write_safetensors(path, {**merged, TOKENS: rows}, meta)
+  write_safetensors(path, {**merged, **rows}, meta)
   summary = {"path": str(path), "concepts": [{k: c[k] for k in ("token", "prompt", "source")}
                                              for c in concepts],
              "layers": len(merged), "max_constraint_error": worst, "base_model": str(model),

@@ -201,10 +201,10 @@ def test_result_file_and_merge_command(run, trajectory, model_dirs, tmp_path):
   merged = cd.load_result(out)
   # Every merged matrix maps each concept's target features exactly as that concept's run did.
   from persona_jax.pipeline import load_pipeline
-  from persona_jax.tokenizer import tokenizer_with_tokens
+  from persona_jax.tokenizer import tokenizers_with_tokens
   pipe = load_pipeline(model_dirs["sd1"])
-  tok = tokenizer_with_tokens(pipe.tokenizer_dir, ("<new1>", "<new2>", "<new3>"))
-  feats = text_features(pipe, tok, merged.tokens, ["<new1> toy", "<new2> cat", "<new3> dog"], [1] * 3)
+  toks = tokenizers_with_tokens(pipe.tokenizer_dirs, ("<new1>", "<new2>", "<new3>"))
+  feats = text_features(pipe, toks, merged.rows, ["<new1> toy", "<new2> cat", "<new3> dog"], [1] * 3)
   path = "unet/mid_block/attentions_0/transformer_blocks_0/attn2/to_k/kernel"
   for f, source in zip(feats, (result.weights, result.weights, b)):
     np.testing.assert_allclose(f @ merged.weights[path], f @ source[path], rtol=1e-4, atol=1e-5)
