@@ -150,10 +150,34 @@ def test_export_loads_in_diffusers_and_verify_passes(workdir, sdxl_dir, tmp_path
 
 
 @slow
-def test_sample_run_on_the_sdxl_base(workdir, tmp_path):
+def test_sample_run_and_the_merged_export_on_the_sdxl_base(workdir, sdxl_dir, tmp_path):
+  """`sample --run` draws with the result; the merged export (a StableDiffusionXLPipeline folder
+  plus tokens/) gives diffusers the UNet output the processors export gives it."""
+  import torch
+  from diffusers import StableDiffusionXLPipeline
+  from safetensors.torch import load_file
   assert main(["sample", "--run", str(workdir), "--prompt", PROMPT, "--steps", "1", "--height",
                "32", "--width", "32", "--out", str(tmp_path / "s")]) == 0
   assert (tmp_path / "s" / "grid.png").is_file()
+  outs = {}
+  for fmt in ("diffusers", "merged"):
+    out = tmp_path / fmt
+    assert main(["export", str(workdir), "--format", fmt, "--out", str(out)]) == 0
+    ref = StableDiffusionXLPipeline.from_pretrained(out if fmt == "merged" else sdxl_dir,
+                                                    torch_dtype=torch.float32)
+    if fmt == "diffusers":                 # the processors (the tokens are loaded below)
+      cd.load_exports_in_diffusers(ref, out, [])
+    emb = load_file((out / "tokens" if fmt == "merged" else out) / "<new1>.safetensors")
+    ref.load_textual_inversion(emb["clip_l"], token="<new1>", text_encoder=ref.text_encoder,
+                               tokenizer=ref.tokenizer)
+    ref.load_textual_inversion(emb["clip_g"], token="<new1>", text_encoder=ref.text_encoder_2,
+                               tokenizer=ref.tokenizer_2)
+    with torch.no_grad():
+      ctx, _, pooled, _ = ref.encode_prompt(PROMPT, do_classifier_free_guidance=False)
+      x = torch.from_numpy(np.random.default_rng(0).standard_normal((1, 4, 8, 8)).astype(np.float32))
+      outs[fmt] = ref.unet(x, torch.tensor([500]), ctx, added_cond_kwargs={
+          "text_embeds": pooled, "time_ids": torch.tensor([[32.0, 32, 0, 0, 32, 32]])}).sample.numpy()
+  np.testing.assert_allclose(outs["merged"], outs["diffusers"], rtol=1e-4, atol=1e-5)
 
 
 def test_merge_satisfies_its_constraint_on_sdxl(workdir, sdxl_dir, sdxl_pipe, tmp_path):
