@@ -307,10 +307,12 @@ def compare_adapter(pipe: Pipeline, path: Path, load_both, *, seed: int = 0) -> 
   StableDiffusionXLPipeline.encode_prompt and its UNet call).
 
   `load_both(ref, pipe, tmp) -> (pipe, Sampling, token or None)` (a method's verify hook) loads
-  the file into diffusers' pipeline `ref` and returns ours (the pipeline, the params, tokenizers
-  and text conditioning to sample it with, and the words that use it in the prompt; None: "a
-  ball"); `tmp` is a scratch folder. A last line reports how much the adapter moved diffusers'
-  UNet output: a loader that silently skipped the file shows 0 there."""
+  the file into diffusers' pipeline `ref` and returns ours (the pipeline, the params, tokenizers,
+  text conditioning and prompt rewrite to sample it with, and the words that use it in the prompt
+  as a user types them: diffusers' side expands multi-vector tokens with its maybe_convert_prompt,
+  ours with the Sampling's `expand_prompt`; None: "a ball"); `tmp` is a scratch folder. A last
+  line reports how much the adapter moved diffusers' UNet output: a loader that silently skipped
+  the file shows 0 there."""
   import tempfile
 
   import torch
@@ -336,7 +338,8 @@ def compare_adapter(pipe: Pipeline, path: Path, load_both, *, seed: int = 0) -> 
         added = {"text_embeds": pooled, "time_ids": torch.from_numpy(time_ids)}
         eps = ref.unet(torch.from_numpy(nchw(latents)), torch.from_numpy(t), ctx,
                        added_cond_kwargs=added).sample
-      else:
+      else:                         # StableDiffusionPipeline.encode_prompt's text path
+        prompt = ref.maybe_convert_prompt(prompt, ref.tokenizer)
         ids = ref.tokenizer([prompt], padding="max_length",
                             max_length=ref.tokenizer.model_max_length, return_tensors="pt").input_ids
         ctx = ref.text_encoder(ids)[0]
@@ -352,8 +355,8 @@ def compare_adapter(pipe: Pipeline, path: Path, load_both, *, seed: int = 0) -> 
   params = pipe.params if sampling.params is None else sampling.params
   conditioning = sampling.conditioning or TextConditioning()
   inputs = prompt_inputs(pipe, sampling.tokenizer or pipe.tokenizer,
-                         [ADAPTER_PROMPT.format(token=token)], [None], SampleOptions(), size,
-                         sampling.tokenizer_2)
+                         [sampling.expand_prompt(ADAPTER_PROMPT.format(token=token))], [None],
+                         SampleOptions(), size, sampling.tokenizer_2)
   inputs = {k: v for k, v in inputs.items() if not k.startswith("negative")}   # one half only
 
   def ours(p, inputs):
