@@ -142,8 +142,9 @@ def add_arguments(p) -> None:
                       "a.safetensors:0.8:IN01=0,BASE=0")
   p.add_argument("--embedding", action="append", default=[], metavar="FILE[:TOKEN]",
                  help="a textual-inversion embedding (diffusers learned_embeds.safetensors, an "
-                      "A1111/ComfyUI .safetensors embedding, a TI workdir); TOKEN names it in "
-                      "prompts (default: the name in the file, or its file name). Repeatable")
+                      "A1111/ComfyUI .safetensors embedding, an SDXL clip_l/clip_g embedding, a "
+                      "TI workdir); TOKEN names it in prompts (default: the name in the file, or "
+                      "its file name). Repeatable")
   p.add_argument("--out", required=True, type=Path, help="output folder")
 
 
@@ -211,15 +212,16 @@ def run(args) -> int:
   params = with_loras(pipe.params, loras, pipe.unet_config) if loras else pipe.params
   added = None
   if args.embedding:
-    from persona_jax.convert.embedding_formats import read_embedding_spec, with_embeddings
+    from persona_jax.convert.embedding_formats import (read_embedding_spec, text_widths,
+                                                       with_embeddings)
     embeddings = {}
     for text in args.embedding:
-      embeddings.update(read_embedding_spec(text, width=pipe.text_encoder_config.hidden_size,
-                                            sdxl=pipe.is_sdxl))
+      embeddings.update(read_embedding_spec(text, width=text_widths(params), sdxl=pipe.is_sdxl))
     added = with_embeddings(pipe, embeddings, params)
     pipe, params = added.pipe, added.pipe.params
   sampling = Sampling(params, added.tokenizer if added else None,
-                      expand_prompt=added.expand_prompt if added else identity_prompt)
+                      expand_prompt=added.expand_prompt if added else identity_prompt,
+                      tokenizer_2=added.tokenizer_2 if added else None)
   if spec is not None:
     sampling = spec.sample(SampleRequest(result, pipe, params, tuple(args.image),
                                          knob_values(args), args.allow_pickle))
@@ -245,5 +247,5 @@ def _with_embedding_tokens(sampling, added):
   """A run's sampling with the embeddings' tokenizer and prompt rewrite (its own first)."""
   import dataclasses
   expand = sampling.expand_prompt
-  return dataclasses.replace(sampling, tokenizer=added.tokenizer,
+  return dataclasses.replace(sampling, tokenizer=added.tokenizer, tokenizer_2=added.tokenizer_2,
                              expand_prompt=lambda p: added.expand_prompt(expand(p)))

@@ -2,7 +2,9 @@
 every layout we read comes back as {token: float32 [N, D]}; bad files and tokens are named."""
 
 import copy
+import functools
 
+import jax
 import ml_dtypes
 import numpy as np
 import pytest
@@ -199,7 +201,6 @@ def test_read_refuses_pickles(tmp_path, suffix):
     ({"lora_unet_down.lora_down.weight": rows(4), "lora_unet_down.lora_up.weight": rows(4)},
      "key 'lora_unet_down.lora_down.weight' fits no layout"),
     ({"string_to_param.*": rows(1), "step": np.array([3])}, "tensor step is int64, not floating point"),
-    ({"clip_g": rows(1), "clip_l": rows(1)}, "an SDXL embedding"),
     ({"<t>": np.zeros((1, 2, D), np.float32)}, r"key '<t>': expected a float \[D\] or \[N, D\] "
                                                r"tensor, got float32 \(1, 2, 32\)"),
     ({"<t>": np.zeros((1, D), np.int32)}, "tensor <t> is int32, not floating point"),
@@ -228,3 +229,117 @@ def test_read_missing_or_garbled_files(tmp_path):
   (tmp_path / "bad.safetensors").write_bytes(b"garbage")
   with pytest.raises(ModelFileError, match="bad.safetensors: cannot read safetensors"):
     ef.read_embedding_file(tmp_path / "bad.safetensors")
+
+
+# --- SDXL: {"clip_l": [N, D1], "clip_g": [N, D2]} -------------------------------------------------
+
+XL = (32, 48)   # the tiny sdxl model's text widths (text_encoder, text_encoder_2)
+
+
+def xl_rows(n, seed=0):
+  rng = np.random.default_rng(seed)
+  return {k: rng.normal(size=(n, d)).astype(np.float32) for k, d in zip(("clip_l", "clip_g"), XL)}
+
+
+def test_sdxl_file_round_trip_and_token_names(tmp_path):
+  """Ours record the token; A1111's and the advanced script's take the file name or FILE:TOKEN."""
+  from safetensors import safe_open
+  emb = xl_rows(2)
+  path = ef.write_sdxl_embedding(tmp_path / "x.safetensors", emb, {"base_model": "xl"}, token="<t>")
+  with safe_open(str(path), "np") as f:
+    assert sorted(f.keys()) == ["clip_g", "clip_l"]
+    assert f.metadata()["tokens"] == '["<t>", "<t>_1"]' and f.metadata()["format"] == "pt"
+  for token, kw, want in [(None, {}, "<t>"), ("<o>", {}, "<o>"), (None, dict(sdxl=True), "<t>")]:
+    out = ef.read_embedding_file(path, token=token, width=XL, **kw)
+    assert list(out) == [want]
+    for k in emb:
+      np.testing.assert_array_equal(out[want][k], emb[k])
+  a1111 = ef.write_a1111_embedding("<my style>", emb, tmp_path)
+  assert a1111.name == "mystyle.safetensors"
+  assert list(ef.read_embedding_spec(str(a1111), width=XL, sdxl=True)) == ["mystyle"]
+  save_file({k: v.astype(np.float16) for k, v in emb.items()}, str(tmp_path / "y_emb.safetensors"))
+  out = ef.read_embedding_spec(f"{tmp_path / 'y_emb.safetensors'}:<s0>", width=XL[0])
+  np.testing.assert_array_equal(out["<s0>"]["clip_g"], emb["clip_g"].astype(np.float16))
+  with pytest.raises(ConfigError, match="exactly clip_l and clip_g"):
+    ef.write_sdxl_embedding(tmp_path / "z.safetensors", {"clip_l": emb["clip_l"]})
+  with pytest.raises(ConfigError, match="clip_l has 2 vectors and clip_g 1"):
+    ef.write_sdxl_embedding(tmp_path / "z.safetensors", {**emb, "clip_g": emb["clip_g"][:1]})
+
+
+@pytest.mark.parametrize("tensors,kw,match", [
+    (xl_rows(1), dict(sdxl=False), "an SDXL embedding \\(keys clip_g, clip_l\\), but the model is "
+                                   "SD 1.x/2.x .*use an SDXL base model"),
+    ({"clip_l": rows(1)}, {}, "an SDXL embedding without 'clip_g'"),
+    ({**xl_rows(1), "step": np.ones(1, np.float32)}, {}, "key 'step' does not belong to an SDXL"),
+    ({**xl_rows(1), "clip_g": xl_rows(2)["clip_g"]}, {}, "clip_l holds 1 vectors and clip_g 2"),
+    (xl_rows(1), dict(width=(32, 1280)), "clip_g width 48, but this model's text encoder needs 1280"),
+])
+def test_bad_sdxl_files_are_named(tmp_path, tensors, kw, match):
+  path = tmp_path / "thing.safetensors"
+  save_file(tensors, str(path))
+  with pytest.raises(ModelFileError, match=match) as e:
+    ef.read_embedding_file(path, **kw)
+  assert str(path) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_embeddings_of_the_other_family_are_refused(pipes, sdxl_pipe):
+  with pytest.raises(ConfigError, match="embedding '<a>': an SDXL embedding .*the model is SD 1.x"):
+    ef.with_embeddings(pipes["sd1"], {"<a>": xl_rows(1)})
+  with pytest.raises(ConfigError, match="embedding '<a>': an SD 1.x/2.x embedding .*model is SDXL"):
+    ef.with_embeddings(sdxl_pipe, {"<a>": rows(1)})
+  with pytest.raises(ConfigError, match="clip_g width 32, but this model's text encoder 2 needs 48"):
+    ef.with_embeddings(sdxl_pipe, {"<a>": {"clip_l": rows(1), "clip_g": rows(1)}})
+
+
+def test_advanced_sdxl_script_file_reproduces_its_text_conditioning(sdxl_dir, sdxl_pipe, tmp_path):
+  """diffusers' train_dreambooth_lora_sdxl_advanced.py at tiny size: TokenEmbeddingsHandler's
+  initialize_new_tokens (<s0><s1> as special tokens, resize, random rows) and save_embeddings
+  (clip_l / clip_g of the new ids, safetensors.torch.save_file). Read back as FILE:<s0>, the
+  prompt `<s0>` (our 2-vector expansion) gives the script's own encoders' SDXL conditioning of
+  `<s0><s1>`: both penultimate states and the pooled projection."""
+  torch = require_torch()
+  from safetensors.torch import save_file as torch_save_file
+  from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+  from persona_jax.diffusion.conditioning import encode_sdxl_prompt
+  tokenizers = [CLIPTokenizer.from_pretrained(sdxl_dir / t) for t in ("tokenizer", "tokenizer_2")]
+  encoders = [CLIPTextModel.from_pretrained(sdxl_dir / "text_encoder"),
+              CLIPTextModelWithProjection.from_pretrained(sdxl_dir / "text_encoder_2")]
+  inserting_toks = ["<s0>", "<s1>"]
+
+  def model(text_encoder):            # the script's `text_encoder.text_model if hasattr(...)`
+    return text_encoder.text_model if hasattr(text_encoder, "text_model") else text_encoder
+  torch.manual_seed(0)
+  for tokenizer, text_encoder in zip(tokenizers, encoders):          # initialize_new_tokens
+    tokenizer.add_special_tokens({"additional_special_tokens": inserting_toks})
+    text_encoder.resize_token_embeddings(len(tokenizer))
+    train_ids = tokenizer.convert_tokens_to_ids(inserting_toks)
+    weight = model(text_encoder).embeddings.token_embedding.weight.data
+    weight[train_ids] = torch.randn(len(train_ids), model(text_encoder).config.hidden_size) * (
+        weight.std())
+  tensors = {}                                                        # save_embeddings
+  for idx, text_encoder in enumerate(encoders):
+    weight = model(text_encoder).embeddings.token_embedding.weight.data
+    assert weight.shape[0] == len(tokenizers[0]), "Tokenizers should be the same."
+    tensors[{0: "clip_l", 1: "clip_g"}[idx]] = weight[train_ids]
+  path = tmp_path / f"{tmp_path.name}_emb.safetensors"
+  torch_save_file(tensors, str(path))
+
+  embedding = ef.read_embedding_spec(f"{path}:<s0>", width=ef.text_widths(sdxl_pipe.params),
+                                     sdxl=True)
+  added = ef.with_embeddings(sdxl_pipe, embedding)
+  prompt = "a photo of <s0> on a table"
+  ids = [tokenize(t, [added.expand_prompt(prompt)]) for t in (added.tokenizer, added.tokenizer_2)]
+  theirs_ids = [t(prompt.replace("<s0>", "<s0><s1>"), padding="max_length", max_length=77,
+                  return_tensors="pt").input_ids for t in tokenizers]
+  for ours, theirs in zip(ids, theirs_ids):
+    np.testing.assert_array_equal(ours, theirs.numpy())
+  assert {49408, 49409} <= set(ids[0][0].tolist())
+  encode = jax.jit(functools.partial(encode_sdxl_prompt, added.pipe.models()))
+  context, pooled = encode(added.pipe.params, *ids)
+  with torch.no_grad():
+    out_1 = encoders[0](theirs_ids[0], output_hidden_states=True)
+    out_2 = encoders[1](theirs_ids[1], output_hidden_states=True)
+  want = np.concatenate([out_1.hidden_states[-2].numpy(), out_2.hidden_states[-2].numpy()], -1)
+  np.testing.assert_allclose(context, want, atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(pooled, out_2.text_embeds.numpy(), atol=1e-5, rtol=1e-5)
