@@ -10,8 +10,10 @@
     on to_q/to_k/to_v/to_out.0, lr 1e-4 constant, weight decay 1e-4, clipping 1.0, batch 4;
     the rows at 5e-4 (Textual Inversion's diffusers lr; the script's --text_encoder_lr default
     5e-6 is for text-encoder weights and its README trains the rows with Prodigy) until half
-    the steps (--train_text_encoder_ti_frac 0.5): optim.lr_groups = (("tokens", 5e-4, 0.5),).
-    1000 steps, "a photo of <s0>". LoRA on the text encoder too: --config.method.text_encoder=True.
+    the steps (--train_text_encoder_ti_frac 0.5): optim.lr_groups = (("tokens(_2)?", 5e-4,
+    0.5),) (tokens_2: the rows in SDXL's second text encoder; --config.model=an SDXL folder trains
+    train_dreambooth_lora_sdxl_advanced.py's recipe). 1000 steps, "a photo of <s0>". LoRA on the
+    text encoder too: --config.method.text_encoder=True.
 
 Writes WORKDIR/learned_embeds.safetensors and WORKDIR/lora.safetensors; `persona-jax export
 WORKDIR --format kohya` gives the webui's LoRA and embedding, `--format diffusers` diffusers'.
@@ -32,7 +34,7 @@ def get_config(arg=None):
   c.data.prompt = "a photo of a <s0>" if tiny else "a photo of <s0>"
   c.data.resolution = 32 if tiny else 512
   c.optim.lr = 1e-3 if tiny else 1e-4
-  c.optim.lr_groups = (("tokens", 5e-3 if tiny else 5e-4, 0.5),)
+  c.optim.lr_groups = (("tokens(_2)?", 5e-3 if tiny else 5e-4, 0.5),)
   c.optim.weight_decay = 1e-4
   c.steps = 40 if tiny else 1000
   c.batch_size = 2 if tiny else 4
