@@ -61,7 +61,6 @@ FREEZE_MODELS = {"crossattn_kv": r"unet/.*/attn2/to_(k|v)/kernel",
 RESULT_FILE = "custom_diffusion.safetensors"
 FORMAT = "persona_jax-custom-diffusion"
 PROCESSORS_FILE = "pytorch_custom_diffusion_weights"
-EMBEDDING_KEYS = {TOKENS: "clip_l", TOKENS_2: "clip_g"}   # SDXL embedding file: rows key -> its key
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,16 +210,18 @@ def processors_state(weights: dict) -> dict:
 def token_files(result: Result, folder: Path) -> list[Path]:
   """One file per modifier token: {token: [D]} as diffusers' Custom Diffusion example saves them,
   or with rows in two encoders the SDXL embedding {"clip_l": [1, D1], "clip_g": [1, D2]}."""
+  from persona_jax.convert.embedding_formats import SDXL_KEYS, write_sdxl_embedding
   from persona_jax.convert.files import write_safetensors
-  written = []
+  encoders = {key: encoder for encoder, key in TOKEN_ROWS.items()}
+  rows, written = result.rows, []
   for i, concept in enumerate(result.concepts):
     path = folder / f"{concept['token']}.safetensors"
-    rows = result.rows
     if len(rows) > 1:
-      tensors = {EMBEDDING_KEYS[k]: np.asarray(v[i: i + 1], np.float32) for k, v in rows.items()}
+      write_sdxl_embedding(path, {SDXL_KEYS[encoders[k]]: v[i: i + 1] for k, v in rows.items()},
+                           token=concept["token"])
     else:
-      tensors = {concept["token"]: np.asarray(rows[TOKENS][i], np.float32)}
-    write_safetensors(path, tensors, {"format": "pt"})
+      write_safetensors(path, {concept["token"]: np.asarray(rows[TOKENS][i], np.float32)},
+                        {"format": "pt"})
     written.append(path)
   return written
 
@@ -265,13 +266,15 @@ def load_exports_in_diffusers(ref, folder: Path, concepts: list) -> None:
   own loaders: the processors by `unet.load_attn_procs`, each token file by
   `load_textual_inversion` (an SDXL file's clip_l / clip_g rows into each encoder)."""
   from safetensors.torch import load_file
+
+  from persona_jax.convert.embedding_formats import SDXL_KEYS
   ref.unet.load_attn_procs(folder, weight_name=f"{PROCESSORS_FILE}.bin", _pipeline=ref)
   for concept in concepts:
     token, file = concept["token"], folder / f"{concept['token']}.safetensors"
     state = load_file(file)
-    if set(state) <= set(EMBEDDING_KEYS.values()):       # the SDXL embedding: one per encoder
-      for encoder, key in TOKEN_ROWS.items():
-        ref.load_textual_inversion(state[EMBEDDING_KEYS[key]], token=token,
+    if set(state) == set(SDXL_KEYS.values()):          # the SDXL embedding: one per encoder
+      for encoder, key in SDXL_KEYS.items():
+        ref.load_textual_inversion(state[key], token=token,
                                    text_encoder=getattr(ref, encoder),
                                    tokenizer=getattr(ref, encoder.replace("text_encoder", "tokenizer")))
     else:

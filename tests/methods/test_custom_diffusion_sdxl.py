@@ -143,6 +143,9 @@ def test_export_loads_in_diffusers_and_verify_passes(workdir, sdxl_dir, tmp_path
   assert set(emb) == {"clip_l", "clip_g"}
   np.testing.assert_array_equal(emb["clip_l"], result.tokens)
   np.testing.assert_array_equal(emb["clip_g"], result.tokens_2)
+  from persona_jax.convert.embedding_formats import read_embedding_file    # and ours reads it
+  back = read_embedding_file(out / "<new1>.safetensors", sdxl=True)
+  assert list(back) == ["<new1>"] and set(back["<new1>"]) == {"clip_l", "clip_g"}
   capsys.readouterr()
   assert main(["verify", str(sdxl_dir), "--custom-diffusion", str(workdir)]) == 0
   printed = capsys.readouterr().out
