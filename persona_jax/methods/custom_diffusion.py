@@ -17,7 +17,8 @@ SD 1.x/2.x and SDXL (whose cross-attention reads both encoders' context, 2048 wi
 
 The result, WORKDIR/custom_diffusion.safetensors, holds the trained tree (the attn2 weights by
 param path, `tokens` and, SDXL, `tokens_2`) with the concepts (token, prompt) in its metadata;
-`persona-jax merge` combines several such results in closed form (methods/custom_diffusion_merge.py).
+`persona-jax merge` combines several such results in closed form
+(methods/custom_diffusion_merge.py).
 It samples with `sample --run WORKDIR` (or `--custom-diffusion DIR`, merged folders too).
 
 Exports (`persona-jax export WORKDIR --format F --out OUT`):
@@ -143,14 +144,15 @@ def make(config: CustomDiffusionConfig, base_params, tokenizer_dir=None, unet_co
 def check_rows(result: Result, params) -> None:
   """A result's modifier-token rows fit the text encoders of `params` (one [N, D] per encoder);
   else a one-line error naming the base it trained on."""
-  want = {TOKEN_ROWS[e]: token_table(params, e).shape[1] for e in text_encoders(params)}
-  have = {k: tuple(v.shape) for k, v in result.rows.items()}
   n = len(result.concepts)
-  if have and have != {k: (n, d) for k, d in want.items()}:
-    raise ModelFileError(
-        f"{result.path}: its modifier-token rows ({', '.join(f'{k} {list(v)}' for k, v in have.items())}) "
-        f"do not fit this model's text encoders ({', '.join(f'{k} [{n}, {d}]' for k, d in want.items())}); "
-        f"it was trained on {result.base_model}")
+  want = {TOKEN_ROWS[e]: (n, token_table(params, e).shape[1]) for e in text_encoders(params)}
+  have = {k: tuple(v.shape) for k, v in result.rows.items()}
+  if have and have != want:
+    def shapes(rows):
+      return ", ".join(f"{k} {list(v)}" for k, v in rows.items())
+    raise ModelFileError(f"{result.path}: its modifier-token rows ({shapes(have)}) do not fit this "
+                         f"model's text encoders ({shapes(want)}); it was trained on "
+                         f"{result.base_model}")
 
 
 def with_result(result: Result, pipe, params=None, *, both_tokenizers: bool = False):
@@ -274,9 +276,9 @@ def load_exports_in_diffusers(ref, folder: Path, concepts: list) -> None:
     state = load_file(file)
     if set(state) == set(SDXL_KEYS.values()):          # the SDXL embedding: one per encoder
       for encoder, key in SDXL_KEYS.items():
-        ref.load_textual_inversion(state[key], token=token,
-                                   text_encoder=getattr(ref, encoder),
-                                   tokenizer=getattr(ref, encoder.replace("text_encoder", "tokenizer")))
+        tokenizer = getattr(ref, encoder.replace("text_encoder", "tokenizer"))
+        ref.load_textual_inversion(state[key], token=token, text_encoder=getattr(ref, encoder),
+                                   tokenizer=tokenizer)
     else:
       ref.load_textual_inversion(folder, weight_name=file.name)
 
