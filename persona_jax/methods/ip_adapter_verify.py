@@ -11,6 +11,7 @@ loader that silently skipped the file shows 0 there).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 
 import jax
@@ -52,6 +53,24 @@ def random_added_cond(unet_config, rng, b: int):
   return {"text_embeds": rng.standard_normal((b, pooled)).astype(np.float32), "time_ids": sizes}
 
 
+@functools.lru_cache(maxsize=4)
+def adapter_program(unet_config, clip_config, projection):
+  """The jitted (params, clip_params, pixels, latents, t, ctx, added_cond, scale) -> (image
+  features, tokens, the UNet's output with the decoupled cross-attention): one compilation for
+  every file of one shape."""
+  from persona_jax.models.unet import UNet2DConditionModel
+  unet = UNet2DConditionModel(dataclasses.replace(unet_config, addons=(DecoupledCrossAttention(),)))
+
+  @jax.jit
+  def ours(params, clip_params, pixels, latents, t, ctx, added, scale):
+    feats = image_features(clip_config, projection.kind, clip_params, pixels)
+    tokens = projection_model(projection).apply({"params": params[IP_ADAPTER]["image_proj"]}, feats)
+    out = unet.apply({"params": params["unet"]}, latents, t, ctx,
+                     {IP_TOKENS: tokens, IP_SCALE: scale}, added_cond=added)
+    return feats, tokens, out
+  return ours
+
+
 def compare_ip_adapter(pipe, model_path, file, image_encoder, *, scale: float = VERIFY_SCALE,
                        allow_pickle: bool = False, seed: int = 0, sampling_steps: int = 0):
   """[Comparison] of `file` (official layout) on both sides; `pipe` is persona_jax's pipeline of
@@ -61,7 +80,6 @@ def compare_ip_adapter(pipe, model_path, file, image_encoder, *, scale: float = 
   from transformers import CLIPVisionModel, CLIPVisionModelWithProjection
 
   from persona_jax.image_encoder import load_image_encoder
-  from persona_jax.models.unet import UNet2DConditionModel
   from persona_jax.verify import Comparison, compare, nchw, nhwc
   file, image_encoder = Path(file), Path(image_encoder)
   state = read_official(file, allow_pickle)                  # refuses a pickle unless allowed
@@ -81,19 +99,11 @@ def compare_ip_adapter(pipe, model_path, file, image_encoder, *, scale: float = 
   t = np.array([500, 80])
   ctx = rng.standard_normal((2, 7, cross_attention_dim(c))).astype(np.float32)
   added = random_added_cond(c, rng, 2)
-  unet = UNet2DConditionModel(dataclasses.replace(c, addons=(DecoupledCrossAttention(),)))
   params = jax.tree.map(jnp.asarray, tree.merge({"unet": pipe.params["unet"]}, trainable))
-
-  @jax.jit
-  def ours(params, clip_params, pixels, scale):
-    feats = image_features(clip_config, projection.kind, clip_params, pixels)
-    tokens = projection_model(projection).apply({"params": params[IP_ADAPTER]["image_proj"]}, feats)
-    out = unet.apply({"params": params["unet"]}, latents, t, ctx,
-                     {IP_TOKENS: tokens, IP_SCALE: scale}, added_cond=added)
-    return feats, tokens, out
-
+  ours = adapter_program(c, clip_config, projection)
   with torch.no_grad(), jax.default_matmul_precision("highest"):
-    got = jax.device_get(ours(params, clip_params, pixels, jnp.float32(scale)))
+    got = jax.device_get(ours(params, clip_params, pixels, latents, t, ctx, added,
+                              jnp.float32(scale)))
     out = encoder(torch.from_numpy(nchw(pixels)), output_hidden_states=True)
     feats = out.hidden_states[-2] if projection.kind == PLUS else out.image_embeds
     embeds = [feats[:, None]]                               # [B, 1 image, ...]
