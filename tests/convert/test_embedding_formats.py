@@ -272,7 +272,8 @@ def test_sdxl_file_round_trip_and_token_names(tmp_path):
     ({"clip_l": rows(1)}, {}, "an SDXL embedding without 'clip_g'"),
     ({**xl_rows(1), "step": np.ones(1, np.float32)}, {}, "key 'step' does not belong to an SDXL"),
     ({**xl_rows(1), "clip_g": xl_rows(2)["clip_g"]}, {}, "clip_l holds 1 vectors and clip_g 2"),
-    (xl_rows(1), dict(width=(32, 1280)), "clip_g width 48, but this model's text encoder needs 1280"),
+    (xl_rows(1), dict(width=(32, 1280)),
+     "clip_g width 48, but this model's text encoder needs 1280"),
 ])
 def test_bad_sdxl_files_are_named(tmp_path, tensors, kw, match):
   path = tmp_path / "thing.safetensors"
@@ -287,7 +288,7 @@ def test_embeddings_of_the_other_family_are_refused(pipes, sdxl_pipe):
     ef.with_embeddings(pipes["sd1"], {"<a>": xl_rows(1)})
   with pytest.raises(ConfigError, match="embedding '<a>': an SD 1.x/2.x embedding .*model is SDXL"):
     ef.with_embeddings(sdxl_pipe, {"<a>": rows(1)})
-  with pytest.raises(ConfigError, match="clip_g width 32, but this model's text encoder 2 needs 48"):
+  with pytest.raises(ConfigError, match="clip_g width 32, but this model's text encoder 2 needs"):
     ef.with_embeddings(sdxl_pipe, {"<a>": {"clip_l": rows(1), "clip_g": rows(1)}})
 
 

@@ -105,7 +105,8 @@ def test_result_is_the_sdxl_embedding_and_samples_as_trained(run, trajectory, re
   with safe_open(str(path), "np") as f:
     assert sorted(f.keys()) == ["clip_g", "clip_l"]
     meta = f.metadata()
-    assert meta["tokens"] == '["<my-toy>", "<my-toy>_1"]' and meta["base_model"] == str(run.model_dir)
+    assert meta["tokens"] == '["<my-toy>", "<my-toy>_1"]'
+    assert meta["base_model"] == str(run.model_dir)
     np.testing.assert_array_equal(f.get_tensor("clip_l"), trajectory["trained"]["tokens"])
     np.testing.assert_array_equal(f.get_tensor("clip_g"), trajectory["trained"]["tokens_2"])
   prompt = ["a photo of <my-toy> on a table"]
@@ -115,8 +116,8 @@ def test_result_is_the_sdxl_embedding_and_samples_as_trained(run, trajectory, re
                             [sampling.expand_prompt(p) for p in prompt])
   for a, b in zip(encode(sampling.params, inputs), want):
     np.testing.assert_array_equal(a, b)
-  added = ef.with_embeddings(run.pipe, ef.read_embedding_spec(str(path), sdxl=True,
-                                                              width=ef.text_widths(run.pipe.params)))
+  read = ef.read_embedding_spec(str(path), sdxl=True, width=ef.text_widths(run.pipe.params))
+  added = ef.with_embeddings(run.pipe, read)
   inputs = tokenize_prompts((added.tokenizer, added.tokenizer_2),
                             [added.expand_prompt(p) for p in prompt])
   plain = jax.jit(functools.partial(encode_sdxl_prompt, added.pipe.models()))
@@ -136,13 +137,15 @@ def test_exports_load_in_diffusers_sdxl_pipeline(run, result_dir, sdxl_dir, tmp_
   (diffusers_file,), _ = ti.SPEC.exports["diffusers"](request)
   (a1111_file,), _ = ti.SPEC.exports["a1111"](ExportRequest(
       result_dir, result, {}, tmp_path / "a", run.model_dir))
-  assert diffusers_file.name == "learned_embeds.safetensors" and a1111_file.name == "my-toy.safetensors"
+  assert diffusers_file.name == "learned_embeds.safetensors"
+  assert a1111_file.name == "my-toy.safetensors"
   for path, token in ((diffusers_file, "<my-toy>"), (a1111_file, "my-toy")):
     (name, rows), = ef.read_embedding_file(path, sdxl=True).items()
     assert name == token
     np.testing.assert_array_equal(rows["clip_g"], result.weights["<my-toy>"]["clip_g"])
   comparisons = ti.verify_embedding(run.pipe, sdxl_dir, str(diffusers_file))
   names = [c.name for c in comparisons]
-  assert names == ["adapter: text conditioning", "adapter: unet", "adapter moved diffusers' unet by"]
+  assert names == ["adapter: text conditioning", "adapter: unet",
+                   "adapter moved diffusers' unet by"]
   assert all(c.ok(1e-4) for c in comparisons[:2]), comparisons
   assert comparisons[2].max_rel > 0
