@@ -2,8 +2,9 @@
 train_dreambooth_lora_sdxl_advanced.py: the new tokens' rows in both text encoders (`tokens`,
 `tokens_2`) and a UNet LoRA; the pivot stops both row tables; the exports (the LoRA file and the
 {"clip_l", "clip_g"} embedding) load in StableDiffusionXLPipeline as the script's README loads
-them and reproduce our outputs. The training trajectory (loss falls, lr 0, frozen bitwise) is
-slow: Textual Inversion's and LoRA's SDXL tests run the same step pieces by default."""
+them and reproduce our outputs. Slow: the training trajectory (loss falls, lr 0, frozen
+bitwise) and the exports, whose pieces Textual Inversion's and LoRA's SDXL tests check by
+default (the same step, the same two files)."""
 
 import functools
 import json
@@ -17,6 +18,8 @@ from persona_jax import tree
 from persona_jax.cli import main
 from persona_jax.diffusion.conditioning import encode_sdxl_prompt, token_table
 from persona_jax.methods import pivotal
+from persona_jax.methods.registry import make_method
+from persona_jax.tokenizer import tokenize_prompts, tokenizers_with_tokens
 from persona_jax.train import loop
 from persona_jax.train.config import load_config, run_config
 from tests.markers import slow
@@ -25,8 +28,7 @@ from tests.runs import fixed_batch_trajectory, one_device_mesh
 ATTENTION = {f"attn{i}/to_{p}" for i in (1, 2) for p in ("q", "k", "v", "out_0")}
 
 
-@pytest.fixture(scope="module")
-def run(sdxl_dir):
+def recipe(sdxl_dir):
   """configs/pivotal.py's tiny recipe (its lr groups and pivot) on the tiny SDXL model: 2 rows
   per encoder for <s0> from "ball", rank 2 on the UNet's attention, 4 steps, the rows stopping
   after 2."""
@@ -35,61 +37,80 @@ def run(sdxl_dir):
   c.method.rank = 2
   c.steps, c.batch_size, c.log_every, c.sample_prompts = 4, 1, 1, ()
   c.optim.warmup_steps = 1
-  return loop.build(run_config(c), mesh=one_device_mesh())
+  return run_config(c)
 
 
-def test_trainable_set_is_both_row_tables_and_the_unet_lora(run):
-  paths = set(tree.paths(run.trainable))
-  assert run.trainable["tokens"].shape == (2, 32) and run.trainable["tokens_2"].shape == (2, 48)
+@pytest.fixture(scope="module")
+def built(sdxl_dir, sdxl_pipe):
+  """The method on the SDXL base, its initial trainable tree and tokenizers (no data pipeline)."""
+  method = make_method("pivotal", recipe(sdxl_dir).method_options, sdxl_pipe.params,
+                       sdxl_pipe.tokenizer_dir, sdxl_pipe.unet_config)
+  trainable = method.params.init(jax.random.PRNGKey(0), sdxl_pipe.params)
+  tokenizers = tokenizers_with_tokens(sdxl_pipe.tokenizer_dirs, method.tokens.added)
+  return method, trainable, tokenizers
+
+
+@pytest.fixture(scope="module")
+def run(sdxl_dir):
+  return loop.build(recipe(sdxl_dir), mesh=one_device_mesh())
+
+
+def test_trainable_set_is_both_row_tables_and_the_unet_lora(built):
+  method, trainable, tokenizers = built
+  paths = set(tree.paths(trainable))
+  assert trainable["tokens"].shape == (2, 32) and trainable["tokens_2"].shape == (2, 48)
   factors = {p.rsplit("/", 1)[0] for p in paths - {"tokens", "tokens_2"}}
   assert {p.rsplit("/", 1)[1] for p in paths - {"tokens", "tokens_2"}} == {"a", "b"}
   assert all(p.startswith("lora/unet/") for p in factors)
   assert {f.split("/transformer_blocks_")[1].split("/", 1)[1] for f in factors} == ATTENTION
-  assert set(run.frozen) == {"unet", "text_encoder", "text_encoder_2"}
-  assert run.method.tokens.added == ("<s0>", "<s0>_1") and len(run.tokenizers) == 2
+  assert method.tokens.added == ("<s0>", "<s0>_1")
+  assert [t.convert_tokens_to_ids(["<s0>", "<s0>_1"]) for t in tokenizers] == [[49408, 49409]] * 2
 
 
-def test_neutral_init_reproduces_the_base_and_the_rows_are_the_initializer(run):
+def test_neutral_init_reproduces_the_base_and_the_rows_are_the_initializer(built, sdxl_pipe):
   """Step 0: the UNet is the base's; a prompt without <s0> conditions as the base's (context and
-  pooled); <s0> is "ball ball" in both encoders."""
-  params = run.method.params.apply(run.frozen, run.trainable)
-  for a, b in zip(jax.tree.leaves(params["unet"]), jax.tree.leaves(run.frozen["unet"])):
+  pooled), whatever the rows; <s0> is "ball ball" in both encoders."""
+  method, trainable, tokenizers = built
+  base = sdxl_pipe.params
+  params = method.params.apply(base, trainable)
+  for a, b in zip(jax.tree.leaves(params["unet"]), jax.tree.leaves(base["unet"])):
     assert np.array_equal(np.asarray(a), np.asarray(b))
-  ball = run.tokenizers[0].convert_tokens_to_ids("ball</w>")
+  ball = tokenizers[0].convert_tokens_to_ids("ball</w>")
   for key, encoder in (("tokens", "text_encoder"), ("tokens_2", "text_encoder_2")):
-    np.testing.assert_array_equal(run.trainable[key],
-                                  np.stack([token_table(run.pipe.params, encoder)[ball]] * 2))
+    np.testing.assert_array_equal(trainable[key], np.stack([token_table(base, encoder)[ball]] * 2))
 
   @functools.partial(jax.jit, static_argnames="token_rows")
-  def encode(p, inputs, token_rows=True):
-    return encode_sdxl_prompt(run.models, p, inputs["ids"], inputs["ids_2"], token_rows=token_rows)
-  moved = dict(run.trainable, tokens=run.trainable["tokens"] + 1,
-               tokens_2=run.trainable["tokens_2"] + 1)
-  plain = run.prompt_inputs(["a photo of a toy"])
-  for a, b in zip(encode(run.method.params.apply(run.frozen, moved), plain),
-                  encode(run.pipe.params, plain, token_rows=False)):
+  def encode_ids(p, ids, token_rows):
+    return encode_sdxl_prompt(sdxl_pipe.models(), p, ids["ids"], ids["ids_2"],
+                              token_rows=token_rows)
+
+  def encode(p, prompt, token_rows=True):
+    return encode_ids(p, tokenize_prompts(tokenizers, [method.tokens.expand(prompt)]), token_rows)
+  moved = dict(trainable, tokens=trainable["tokens"] + 1, tokens_2=trainable["tokens_2"] + 1)
+  for a, b in zip(encode(method.params.apply(base, moved), "a photo of a toy"),
+                  encode(base, "a photo of a toy", token_rows=False)):
     np.testing.assert_array_equal(a, b)
-  assert run.method.tokens.expand("a photo of <s0>") == "a photo of <s0> <s0>_1"
-  with_token = encode(params, run.prompt_inputs(["a photo of <s0>"]))     # expands it
-  with_ball = encode(params, run.prompt_inputs(["a photo of ball ball"]))
-  for a, b in zip(with_token, with_ball):
+  assert method.tokens.expand("a photo of <s0>") == "a photo of <s0> <s0>_1"
+  for a, b in zip(encode(params, "a photo of <s0>"), encode(params, "a photo of ball ball")):
     np.testing.assert_array_equal(a, b)
 
 
-def test_the_pivot_stops_both_row_tables_and_the_lora_goes_on(run):
-  """The recipe's lr group ("tokens(_2)?", lr, 0.5) over the run's 4 steps (its optimizer on the
-  rows and one LoRA factor): step 0 is the warm-up's lr 0; both encoders' rows get an update in
-  step 1 and none after; the LoRA factor in every step."""
+def test_the_pivot_stops_both_row_tables_and_the_lora_goes_on(built, sdxl_dir):
+  """The recipe's lr group ("tokens(_2)?", lr, 0.5) over its 4 steps (its optimizer on the rows
+  and one LoRA factor): step 0 is the warm-up's lr 0; both encoders' rows get an update in step
+  1 and none after; the LoRA factor in every step."""
   from persona_jax.train.optim import make_optimizer
-  lora = next(p for p in tree.paths(run.trainable) if p.startswith("lora/"))
-  params = tree.unflatten({p: tree.flatten(run.trainable)[p] for p in ("tokens", "tokens_2", lora)})
-  tx, _ = make_optimizer(run.config.optim, params, total_steps=run.config.steps, batch_size=1)
+  config = recipe(sdxl_dir)
+  flat = tree.flatten(built[1])
+  lora = next(p for p in flat if p.startswith("lora/"))
+  params = tree.unflatten({p: flat[p] for p in ("tokens", "tokens_2", lora)})
+  tx, _ = make_optimizer(config.optim, params, total_steps=config.steps, batch_size=1)
   update, state = jax.jit(tx.update), tx.init(params)
   moved = []
   for _ in range(4):
     updates, state = update(jax.tree.map(jnp.ones_like, params), state, params)
-    flat = {p: float(jnp.abs(v).max()) > 0 for p, v in tree.flatten(updates).items()}
-    moved.append([flat["tokens"], flat["tokens_2"], flat[lora]])
+    nonzero = {p: float(jnp.abs(v).max()) > 0 for p, v in tree.flatten(updates).items()}
+    moved.append([nonzero["tokens"], nonzero["tokens_2"], nonzero[lora]])
     params = jax.tree.map(lambda p, u: p + u, params, updates)
   assert moved == [[False, False, False], [True, True, True]] + [[False, False, True]] * 2
 
@@ -108,6 +129,7 @@ def finished(run, tmp_path_factory):
   return wd
 
 
+@slow
 def test_diffusers_export_loads_as_the_sdxl_script_readme_does(finished, sdxl_dir, sdxl_pipe,
                                                                tmp_path, capsys):
   """`export --format diffusers`: pytorch_lora_weights.safetensors and learned_embeds.safetensors

@@ -1,7 +1,8 @@
 """Textual Inversion on an SDXL base (the tiny `sdxl` random model): one token with a row in each
 text encoder (`tokens` [N, 32], `tokens_2` [N, 48]); the method bar of DESIGN section 5; the
 result is the SDXL embedding ({"clip_l", "clip_g"}) that diffusers' StableDiffusionXLPipeline
-loads into both encoders (load_textual_inversion) and that `--embedding` samples as the run does."""
+loads into both encoders (load_textual_inversion) and that `--embedding` samples as the run does
+(slow: `verify --embedding` on SDXL, the UNet's output included)."""
 
 import functools
 
@@ -14,6 +15,7 @@ from persona_jax.diffusion.conditioning import encode_sdxl_prompt, token_table
 from persona_jax.methods import textual_inversion as ti
 from persona_jax.tokenizer import tokenize_prompts
 from persona_jax.train import loop
+from tests.markers import slow
 from tests.runs import fixed_batch_trajectory, one_device_mesh, ti_config
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
@@ -125,11 +127,17 @@ def test_result_is_the_sdxl_embedding_and_samples_as_trained(run, trajectory, re
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
 
 
-def test_exports_load_in_diffusers_sdxl_pipeline(run, result_dir, sdxl_dir, tmp_path):
-  """diffusers and a1111 exports are the SDXL file; `verify --embedding` loads it into both of
-  StableDiffusionXLPipeline's encoders (load_textual_inversion) and ours: the text conditioning
-  and the UNet's output agree, and the embedding moved diffusers' UNet."""
-  pytest.importorskip("diffusers")
+def test_exports_load_in_diffusers_sdxl_pipeline(run, trajectory, result_dir, sdxl_dir, encode,
+                                                 tmp_path):
+  """diffusers and a1111 exports are the SDXL file; StableDiffusionXLPipeline takes it into both
+  encoders with its own loader (load_textual_inversion(rows, token=, text_encoder(_2)=,
+  tokenizer(_2)=)) and its encode_prompt of "<my-toy>" (which it expands) gives our trained
+  conditioning: both encoders' states and the pooled projection. The UNet after it: `verify
+  --embedding` (slow test below)."""
+  from tests.torch_reference import require_torch
+  torch = require_torch()
+  from diffusers import StableDiffusionXLPipeline
+
   from persona_jax.convert import embedding_formats as ef
   from persona_jax.methods.spec import ExportRequest
   result = ti.load(result_dir)
@@ -143,7 +151,25 @@ def test_exports_load_in_diffusers_sdxl_pipeline(run, result_dir, sdxl_dir, tmp_
     (name, rows), = ef.read_embedding_file(path, sdxl=True).items()
     assert name == token
     np.testing.assert_array_equal(rows["clip_g"], result.weights["<my-toy>"]["clip_g"])
-  comparisons = ti.verify_embedding(run.pipe, sdxl_dir, str(diffusers_file))
+  ref = StableDiffusionXLPipeline.from_pretrained(sdxl_dir, local_files_only=True)
+  (token, rows), = ef.read_embedding_file(diffusers_file, sdxl=True).items()
+  ti.load_into_diffusers(ref, token, rows, run.pipe.params)
+  assert ref.tokenizer_2.convert_tokens_to_ids(["<my-toy>", "<my-toy>_1"]) == [49408, 49409]
+  prompt = "a photo of <my-toy> on a table"
+  with torch.no_grad():
+    context, _, pooled, _ = ref.encode_prompt(prompt, do_classifier_free_guidance=False)
+  ours = encode(run.full_params(trajectory["trained"]), run.prompt_inputs([prompt]))
+  np.testing.assert_allclose(ours[0], context.numpy(), rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(ours[1], pooled.numpy(), rtol=1e-4, atol=1e-5)
+
+
+@slow
+def test_verify_embedding_on_sdxl(run, result_dir, sdxl_dir):
+  """`verify --embedding` on SDXL: the file into both of StableDiffusionXLPipeline's encoders and
+  ours: the text conditioning and the UNet's output (added conditioning) agree, and the embedding
+  moved diffusers' UNet."""
+  pytest.importorskip("diffusers")
+  comparisons = ti.verify_embedding(run.pipe, sdxl_dir, str(result_dir / ti.RESULT_FILE))
   names = [c.name for c in comparisons]
   assert names == ["adapter: text conditioning", "adapter: unet",
                    "adapter moved diffusers' unet by"]
