@@ -4,12 +4,16 @@ Every format holds, per adapted module, a down factor A and an up factor B with
 `W' = W + s * B @ A` (PyTorch layout: A [r, in(, kh, kw)], B [out, r(, 1, 1)]). Ours
 (`lora.safetensors`, methods/lora.py) holds a [fan_in, r], b [r, out] and alpha per kernel path.
 
-  diffusers / PEFT   `unet.<module>.lora_A.weight` / `.lora_B.weight`, text encoder under
-                     `text_encoder.text_model.<module>`; we fold the scale into B and write
-                     `lora_adapter_metadata` with lora_alpha = r (so it loads at scale 1 in
-                     diffusers >= 0.34 and, without reading the metadata, in older ones)
+  diffusers / PEFT   `unet.<module>.lora_A.weight` / `.lora_B.weight`, text encoders under
+                     `text_encoder.text_model.<module>` (SDXL's second: `text_encoder_2.`, as
+                     StableDiffusionXLPipeline.save_lora_weights writes); we fold the scale into
+                     B and write `lora_adapter_metadata` with lora_alpha = r (so it loads at
+                     scale 1 in diffusers >= 0.34 and, without reading the metadata, in older ones)
   kohya / A1111      `lora_unet_<module, . -> _>.lora_down.weight` / `.lora_up.weight` / `.alpha`
-  (ComfyUI too)      and `lora_te_text_model_<...>`; scale = alpha / r
+  (ComfyUI too)      and `lora_te_text_model_<...>`; scale = alpha / r. With two text encoders
+                     (SDXL, sdxl_train_network.py) `lora_te1_` / `lora_te2_` and the UNet in
+                     LDM/SGM names (`lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q`,
+                     `sgm_modules`); both UNet spellings are read on any base
   old diffusers      `unet.<module>.processor.to_q_lora.down.weight` (attention processors),
                      `<module>.lora.down.weight`, `text_encoder.<...>.q_proj.lora_linear_layer.down`
                      (read only)
@@ -38,7 +42,7 @@ from persona_jax.errors import ModelFileError
 # `<target>/alpha` [] per target (the kernel's path without `/kernel`), metadata format OURS.
 
 OURS = "persona_jax-lora"
-FILE_KEY = re.compile(r"((?:unet|text_encoder)/.+)/(a|b|alpha)")
+FILE_KEY = re.compile(r"((?:unet|text_encoder|text_encoder_2)/.+)/(a|b|alpha)")
 
 
 class Factor(NamedTuple):
@@ -52,15 +56,21 @@ LoRAFactors = dict[str, Factor]     # base kernel path (`unet/.../to_q/kernel`) 
 
 
 def read_lora_tensors(path) -> dict[str, np.ndarray]:
-  """The tensors of a LoRA file, which must be a .safetensors (pickles are refused)."""
-  from persona_jax.convert.files import read_adapter
+  """The tensors of a LoRA file, which must be a .safetensors (pickles are refused), float and
+  finite; an integer kohya `.alpha` (diffusers' convert_state_dict_to_kohya writes int64) is read
+  as float32."""
+  from persona_jax.convert.files import check_weights, read_safetensors
   path = Path(path)
   if path.suffix != ".safetensors":
     raise ModelFileError(f"{path}: LoRA files are read as .safetensors only (pickle formats such as "
                          ".pt/.ckpt/.bin are refused)")
   if not path.is_file():
     raise ModelFileError(f"{path}: LoRA file not found")
-  return read_adapter(path)
+  tensors = dict(read_safetensors(path))
+  for key, value in tensors.items():
+    if key.endswith(".alpha") and np.ndim(value) == 0 and np.issubdtype(value.dtype, np.integer):
+      tensors[key] = np.asarray(value, np.float32)
+  return dict(check_weights(tensors, path, finite=True))
 
 
 def load_lora_file(path, base_params=None, *, tensors=None) -> LoRAFactors:
@@ -129,8 +139,11 @@ def write_ours(path, factors: dict[str, tuple[np.ndarray, np.ndarray, float]], m
 # ---------------------------------------------------------------------------------------------
 # Other tools' formats.
 
-COMPONENTS = ("unet", "text_encoder")
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+COMPONENTS = ("unet",) + TEXT_ENCODERS
 KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+# Two text encoders (SDXL): kohya's lora_te1_ / lora_te2_ (networks/lora.py LORA_PREFIX_TEXT_ENCODER1/2).
+KOHYA_XL_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
 PEFT_FILE = "pytorch_lora_weights.safetensors"
 
 
@@ -138,21 +151,119 @@ def module_names(base_params) -> dict[str, str]:
   """Our kernel path -> diffusers module name with its component prefix, for every UNet and text
   encoder kernel: 'unet/down_blocks_0/.../to_q/kernel' -> 'unet.down_blocks.0....to_q',
   'text_encoder/encoder/layers_0/self_attn/q_proj/kernel' ->
-  'text_encoder.text_model.encoder.layers.0.self_attn.q_proj'."""
+  'text_encoder.text_model.encoder.layers.0.self_attn.q_proj' (text_encoder_2 alike; its
+  `text_projection` sits beside `text_model`)."""
   out = {}
   for path in tree.flatten(base_params):
     parts = path.split("/")
     if parts[0] not in COMPONENTS or parts[-1] != "kernel":
       continue
     module = torch_name(tuple(parts[1:]))[: -len(".weight")]
-    out[path] = f"{parts[0]}.{'text_model.' if parts[0] == 'text_encoder' else ''}{module}"
+    text = parts[0] in TEXT_ENCODERS and parts[1] != "text_projection"
+    out[path] = f"{parts[0]}.{'text_model.' if text else ''}{module}"
   return out
 
 
 def kohya_name(module: str) -> str:
-  """'unet.down_blocks.0.attentions.0...' -> 'lora_unet_down_blocks_0_attentions_0...'."""
+  """'unet.down_blocks.0.attentions.0...' -> 'lora_unet_down_blocks_0_attentions_0...' (the
+  SD 1.x/2.x spelling; a base with two text encoders: `kohya_names`)."""
   component, _, rest = module.partition(".")
   return KOHYA_PREFIX[component] + rest.replace(".", "_")
+
+
+# LDM/SGM names of the UNet (kohya's SDXL UNet, library/sdxl_original_unet.py; diffusers reads them
+# back with lora_conversion_utils._maybe_map_sgm_blocks_to_diffusers and _convert_unet_lora_key).
+_SGM_RESNET = {"conv1": "in_layers.2", "conv2": "out_layers.3", "time_emb_proj": "emb_layers.1",
+               "conv_shortcut": "skip_connection"}
+_SGM_TOP = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",
+            "time_embedding.linear_2": "time_embed.2", "add_embedding.linear_1": "label_emb.0.0",
+            "add_embedding.linear_2": "label_emb.0.2", "conv_out": "out.2"}
+_LEVEL_PART = re.compile(r"(down|up)_blocks\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)\.(\d+)\.(.+)")
+_MID_PART = re.compile(r"mid_block\.(resnets|attentions)\.(\d+)\.(.+)")
+
+
+def sgm_modules(unet_modules) -> dict[str, str]:
+  """diffusers UNet module names (without `unet.`) -> LDM/SGM names, as `input_blocks` /
+  `output_blocks` number them (models/block_names.py's IN/OUT numbers):
+    down_blocks.i.resnets.j.conv1      -> input_blocks.(1 + sum_{k<i}(L_k + 1) + j).0.in_layers.2
+    down_blocks.i.attentions.j.X       -> input_blocks.(same).1.X
+    down_blocks.i.downsamplers.0.conv  -> input_blocks.(1 + sum_{k<=i}(L_k + 1) - 1).0.op
+    mid_block.resnets.0 / attentions.0 / resnets.1 -> middle_block.0 / .1 / .2
+    up_blocks.i.resnets.j / attentions.j -> output_blocks.(sum_{k<i} U_k + j).0 / .1
+    up_blocks.i.upsamplers.0.conv      -> output_blocks.(sum_{k<=i} U_k - 1).(2, or 1 without
+                                          attentions).conv
+  with conv2 -> out_layers.3, time_emb_proj -> emb_layers.1, conv_shortcut -> skip_connection
+  (L_i, U_i: the resnets of down / up level i). Modules without an SGM name are left out."""
+  layers, attention = Counter(), set()
+  for m in unet_modules:
+    part = _LEVEL_PART.fullmatch(m)
+    if part and part[3] == "resnets":
+      key = (part[1], int(part[2]))
+      layers[key] = max(layers[key], int(part[4]) + 1)
+    elif part and part[3] == "attentions":
+      attention.add((part[1], int(part[2])))
+
+  def start(side, level):
+    if side == "down":
+      return 1 + sum(layers["down", k] + 1 for k in range(level))
+    return sum(layers["up", k] for k in range(level))
+
+  out = {}
+  for m in unet_modules:
+    name = None
+    if m in _SGM_TOP:
+      name = _SGM_TOP[m]
+    elif part := _LEVEL_PART.fullmatch(m):
+      side, level, kind, j, rest = part[1], int(part[2]), part[3], int(part[4]), part[5]
+      blocks = "input_blocks" if side == "down" else "output_blocks"
+      first = start(side, level)
+      if kind == "resnets" and rest in _SGM_RESNET:
+        name = f"{blocks}.{first + j}.0.{_SGM_RESNET[rest]}"
+      elif kind == "attentions":
+        name = f"{blocks}.{first + j}.1.{rest}"
+      elif kind == "downsamplers" and rest == "conv":
+        name = f"input_blocks.{first + layers[side, level]}.0.op"
+      elif kind == "upsamplers" and rest == "conv":
+        inner = 2 if (side, level) in attention else 1
+        name = f"output_blocks.{first + layers[side, level] - 1}.{inner}.conv"
+    elif part := _MID_PART.fullmatch(m):
+      kind, j, rest = part[1], int(part[2]), part[3]
+      if kind == "attentions":
+        name = f"middle_block.1.{rest}"
+      elif rest in _SGM_RESNET:
+        name = f"middle_block.{2 * j}.{_SGM_RESNET[rest]}"
+    if name is not None:
+      out[m] = name
+  return out
+
+
+def kohya_names(base_params, *, every_spelling: bool = False) -> dict[str, str | tuple[str, ...]]:
+  """Our kernel path -> kohya's module name (the key without `.lora_down.weight`): on a base with
+  one text encoder `lora_unet_` + the diffusers name and `lora_te_`; with two (SDXL, as
+  sdxl_train_network.py writes) `lora_unet_` + the SGM name (`sgm_modules`), `lora_te1_` and
+  `lora_te2_`. `every_spelling`: a tuple of every name a reader accepts instead (both UNet
+  spellings; `lora_te_` and `lora_te1_` for the first encoder, as diffusers reads them; text
+  encoder names with and without `text_model_`, which diffusers' convert_state_dict_to_kohya
+  leaves out under transformers 5)."""
+  names = module_names(base_params)
+  xl = "text_encoder_2" in base_params
+  sgm = sgm_modules([m[len("unet."):] for m in names.values() if m.startswith("unet.")])
+  out = {}
+  for path, module in names.items():
+    component, _, rest = module.partition(".")
+    if component == "unet":
+      spellings = ([sgm[rest]] if rest in sgm else []) + [rest]
+      spellings = [f"lora_unet_{n.replace('.', '_')}" for n in spellings]
+      if not xl:
+        spellings.reverse()
+    else:
+      prefixes = [KOHYA_XL_PREFIX[component]] if xl else [KOHYA_PREFIX.get(component)]
+      prefixes += {"text_encoder": ["lora_te_", "lora_te1_"]}.get(component, [])
+      rests = dict.fromkeys((rest, rest.removeprefix("text_model.")))    # transformers 5 drops it
+      spellings = [f"{p}{r.replace('.', '_')}" for p in dict.fromkeys(prefixes) if p for r in rests]
+    if spellings:
+      out[path] = tuple(spellings) if every_spelling else spellings[0]
+  return out
 
 
 def to_torch(factor: Factor, kernel_shape) -> tuple[np.ndarray, np.ndarray]:
@@ -233,32 +344,45 @@ def peft_state_dict(factors: LoRAFactors, base_params) -> tuple[dict, dict]:
 
 
 def kohya_state_dict(factors: LoRAFactors, base_params, *, base_version: str) -> tuple[dict, dict]:
-  """(tensors, metadata) of the kohya / A1111 / ComfyUI file; `base_version` is kohya's
-  ss_base_model_version ("sd_v1", "sd_v2", "sd_v2_v")."""
-  names, shapes = module_names(base_params), _shapes(base_params)
-  tensors, ranks, alphas = {}, [], []
+  """(tensors, metadata) of the kohya / A1111 / ComfyUI file (names: `kohya_names`);
+  `base_version` is kohya's ss_base_model_version ("sd_v1", "sd_v2", "sd_v2_v",
+  "sdxl_base_v1-0"). Every module gets the file's most common alpha, a module whose own alpha
+  differs its up factor rescaled by alpha / common (the same W + alpha / r * B @ A): diffusers'
+  kohya loader keeps only the majority alpha for attention projections (their alpha keys get
+  processor names, lora_conversion_utils._get_alpha_name), as with per-block ranks at alpha = r."""
+  names, shapes = kohya_names(base_params), _shapes(base_params)
+  alphas = {path: float(np.float32(f.scale) * f.a.shape[1]) for path, f in factors.items()}
+  common = Counter(alphas.values()).most_common(1)[0][0] if alphas else 1.0
+  tensors, ranks = {}, []
   for path, f in sorted(factors.items()):
     down, up = to_torch(f, shapes[path])
-    name = kohya_name(names[path])
-    r = down.shape[0]
-    alpha = np.float32(f.scale) * r
+    if path not in names:
+      raise ModelFileError(f"{path}: kohya's format has no name for this layer")
+    name = names[path]
+    if alphas[path] != common:
+      up = (up * np.float32(alphas[path] / common)).astype(np.float32)
     tensors[f"{name}.lora_down.weight"] = down
     tensors[f"{name}.lora_up.weight"] = up
-    tensors[f"{name}.alpha"] = np.asarray(alpha, np.float32)
-    ranks.append(r)
-    alphas.append(float(alpha))
+    tensors[f"{name}.alpha"] = np.asarray(common, np.float32)
+    ranks.append(down.shape[0])
   metadata = {"ss_network_module": "networks.lora", "ss_network_dim": str(max(ranks)),
-              "ss_network_alpha": str(max(alphas)), "ss_base_model_version": base_version,
+              "ss_network_alpha": str(common), "ss_base_model_version": base_version,
               "ss_v2": str(base_version.startswith("sd_v2")),
               "modelspec.sai_model_spec": "1.0.1",
-              "modelspec.architecture": ("stable-diffusion-v2-768-v" if base_version == "sd_v2_v"
-                                         else "stable-diffusion-v2-512" if base_version == "sd_v2"
-                                         else "stable-diffusion-v1") + "/lora"}
+              "modelspec.architecture": ARCHITECTURES.get(base_version, "stable-diffusion-v1") + "/lora"}
   return tensors, metadata
 
 
+# kohya's ss_base_model_version -> modelspec.architecture (library/sai_model_spec.py).
+ARCHITECTURES = {"sd_v1": "stable-diffusion-v1", "sd_v2": "stable-diffusion-v2-512",
+                 "sd_v2_v": "stable-diffusion-v2-768-v", "sdxl_base_v1-0": "stable-diffusion-xl-v1-base"}
+
+
 def base_version(pipe) -> str:
-  """kohya's ss_base_model_version of a pipeline: SD 2.x has a 1024-wide text encoder."""
+  """kohya's ss_base_model_version of a pipeline: SDXL has two text encoders, SD 2.x a
+  1024-wide one."""
+  if "text_encoder_2" in pipe.params:
+    return "sdxl_base_v1-0"
   if pipe.text_encoder_config.hidden_size >= 1024:
     return "sd_v2_v" if pipe.scheduler_config.get("prediction_type") == "v_prediction" else "sd_v2"
   return "sd_v1"
@@ -268,7 +392,7 @@ def base_version(pipe) -> str:
 # reading
 
 _PEFT = re.compile(r"(.+)\.lora_([AB])\.weight")
-_KOHYA = re.compile(r"(lora_(?:unet|te)_.+)\.(lora_down\.weight|lora_up\.weight|alpha)")
+_KOHYA = re.compile(r"(lora_(?:unet|te|te1|te2)_.+)\.(lora_down\.weight|lora_up\.weight|alpha)")
 _OLD = [  # (pattern, module rewrite): the older diffusers spellings
     (re.compile(r"(.+)\.processor\.(to_q|to_k|to_v)_lora\.(down|up)\.weight"), r"\1.\2"),
     (re.compile(r"(.+)\.processor\.to_out_lora\.(down|up)\.weight"), r"\1.to_out.0"),
@@ -309,12 +433,13 @@ def detect_format(keys) -> str:
 def _component_module(module: str, path: Path, key: str) -> str:
   """A diffusers module name with its component prefix, the text encoder's `text_model.` added
   when the file leaves it out (transformers >= 5.6 spelling)."""
-  component = module.split(".", 1)[0]
+  component, _, rest = module.partition(".")
   if component not in COMPONENTS:
-    raise ModelFileError(f"{path}: key '{key}' has no 'unet.' or 'text_encoder.' prefix (diffusers "
-                         "would silently skip it); add the prefix of the model part it adapts")
-  if component == "text_encoder" and not module.startswith("text_encoder.text_model."):
-    module = "text_encoder.text_model." + module[len("text_encoder."):]
+    raise ModelFileError(f"{path}: key '{key}' has no 'unet.', 'text_encoder.' or 'text_encoder_2.' "
+                         "prefix (diffusers would silently skip it); add the prefix of the model "
+                         "part it adapts")
+  if component in TEXT_ENCODERS and not rest.startswith(("text_model.", "text_projection")):
+    module = f"{component}.text_model.{rest}"
   return module
 
 
@@ -327,11 +452,8 @@ def read_lora_file(path, base_params) -> LoRAFactors:
   except ModelFileError as e:
     if "text_encoder_2" not in base_params:
       raise
-    sdxl_key = next((k for k in read_lora_tensors(Path(path)) if _SDXL_ONLY.search(k)), None)
-    if sdxl_key is not None:
-      raise ModelFileError(f"{path}: key '{sdxl_key}': an SDXL LoRA in a layout persona_jax does "
-                           "not read yet (kohya's lora_te1_/lora_te2_ and input_blocks names, "
-                           "text_encoder_2 factors); diffusers' UNet-only SDXL LoRAs load") from None
+    if any(_SDXL_ONLY.search(k) for k in read_lora_tensors(Path(path))):
+      raise
     raise ModelFileError(f"{e}; the model is SDXL: is this an SD 1.x/2.x LoRA? Use a LoRA made "
                          "for this base model") from None
 
@@ -356,35 +478,40 @@ def _read_lora_file(path: Path, base_params) -> LoRAFactors:
                          "mixed formats in one file are not read")
   names = {m: p for p, m in module_names(base_params).items()}
   shapes = _shapes(base_params)
-  parts: dict[str, dict[str, np.ndarray]] = {}
+  parts: dict[str, dict[str, np.ndarray]] = {}      # kernel path -> {"down", "up"(, "alpha")}
+  labels: dict[str, str] = {}                        # kernel path -> its module name in the file
   if kind == "kohya":
-    by_kohya = {kohya_name(m): m for m in names}
+    by_kohya = {n: p for p, spellings in kohya_names(base_params, every_spelling=True).items()
+                for n in spellings}
     for key, value in sorted(tensors.items()):
       m = _KOHYA.fullmatch(key)
       if m[1] not in by_kohya:
         raise ModelFileError(f"{path}: key '{key}': the base model has no module {m[1]} (a LoRA "
-                             "for another model, or SDXL's lora_te1_/lora_te2_?)")
-      parts.setdefault(by_kohya[m[1]], {})[m[2].split(".")[0].replace("lora_", "")] = value
+                             "for another model?)")
+      kernel = by_kohya[m[1]]
+      if labels.setdefault(kernel, m[1]) != m[1]:
+        raise ModelFileError(f"{path}: '{m[1]}' and '{labels[kernel]}' name the same layer")
+      parts.setdefault(kernel, {})[m[2].split(".")[0].replace("lora_", "")] = value
   else:
     for key, value in sorted(tensors.items()):
       module, which = _diffusers_key(key)
       module = _component_module(module, path, key)
       if module not in names:
         raise ModelFileError(f"{path}: key '{key}': the base model has no module {module}")
-      parts.setdefault(module, {})[which] = value
+      labels[names[module]] = module
+      parts.setdefault(names[module], {})[which] = value
   alphas = _peft_alphas(tensors, path) if kind == "diffusers" else {}
   out = {}
-  for module, p in parts.items():
-    where = f"{path}: {module}"
+  for kernel, p in parts.items():
+    where = f"{path}: {labels[kernel]}"
     for name in ("down", "up"):
       if name not in p:
         raise ModelFileError(f"{where}: the {name} factor is missing")
     r = p["down"].shape[0]
-    alpha = float(np.ravel(p["alpha"])[0]) if "alpha" in p else alphas.get(module, float(r))
+    alpha = float(np.ravel(p["alpha"])[0]) if "alpha" in p else alphas.get(labels[kernel], float(r))
     if not np.isfinite(alpha):
       raise ModelFileError(f"{where}: alpha is not finite")
     alpha = alpha or float(r)                 # kohya: a missing or zero alpha means alpha = r
-    kernel = names[module]
     out[kernel] = from_torch(p["down"], p["up"], shapes[kernel], alpha / r, where)
   return out
 

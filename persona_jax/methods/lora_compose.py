@@ -8,7 +8,9 @@ OUT00..): a LoRA's strength times its block weight, as sd-webui-lora-block-weigh
 block weights never recompile it (nor the sampler: the merged tree keeps its shapes).
 
 The command line spells one LoRA `FILE[:WEIGHT[:BLOCKS]]`, A1111's `<lora:FILE:WEIGHT:lbw=BLOCKS>`,
-with BLOCKS either `NAME=VALUE,...` (other blocks 1) or the extension's 17 or 26 numbers.
+with BLOCKS either `NAME=VALUE,...` (other blocks 1) or the extension's 17 or 26 numbers (SD
+1.x/2.x; its 12 "XL" or 20 "XL full" on SDXL). SDXL files of both tools merge (diffusers'
+`text_encoder_2.`, kohya's `lora_te2_`: block BASE, like the first encoder).
 """
 
 from __future__ import annotations
@@ -33,8 +35,9 @@ from persona_jax.models.configs import UNetConfig
 def block_weights(spec: str, unet_config: UNetConfig, field: str = "blocks") -> np.ndarray:
   """Per-block weights from a user string, over `all_blocks(unet_config)`. Three forms:
   `IN01=0,OUT03=0.5,MID=1` (names as `block_names.canonical`; blocks not named get 1), one
-  number per block of the 26 or 17 preset in its order (`1,0,0,...`; blocks outside the 17 get 0,
-  as the extension's `to26()` fills them), or a named preset of the extension (`MIDD`, `OUTALL`, ...).
+  number per block of the 26 or 17 preset in its order (`1,0,0,...`; 20 or 12 on SDXL; blocks
+  outside the short list get 0, as the extension's `to26()` fills them), or a named preset of the
+  extension (`MIDD`, `OUTALL`, ...; SD 1.x/2.x).
 
   Returns:
     [n_blocks] float32.

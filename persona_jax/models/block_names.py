@@ -1,5 +1,5 @@
 """UNet blocks named as practitioners name them (A1111's LoRA block weights, kohya's block dims):
-IN00..INnn, MID, OUT00..OUTnn, and BASE for the text encoder.
+IN00..INnn, MID, OUT00..OUTnn, and BASE for the text encoders (SDXL: both).
 
 The names follow LDM's `input_blocks` / `output_blocks` numbering, derived by a general rule from
 the UNet's own structure, so a UNet with another number of levels or layers gets consistent names:
@@ -10,11 +10,18 @@ the UNet's own structure, so a UNet with another number of levels or layers gets
   up_blocks_i/{resnets,attentions}_j           -> OUT(sum_{k<i} U_k + j)
   up_blocks_i/upsamplers_0                     -> OUT(sum_{k<i} U_k + U_i - 1)
 with L_i the layers of down level i and U_i = L_(n-1-i) + 1 those of up level i. For SD 1.x/2.x
-(4 levels, 2 layers) this is IN00..IN11, MID, OUT00..OUT11 (methods.md 0.2). The time embedding
-and the output head (conv_norm_out, conv_out) belong to no block.
+(4 levels, 2 layers) this is IN00..IN11, MID, OUT00..OUT11 (methods.md 0.2); for SDXL (3 levels,
+2 layers) IN00..IN08, MID, OUT00..OUT08, LDM's `input_blocks.i` / `output_blocks.i` numbering as
+kohya and sd-webui-lora-block-weight use it. The time and added-condition embeddings and the
+output head (conv_norm_out, conv_out) belong to no block.
 
-Presets (methods.md 4.2): "26" = BASE, every IN, MID, every OUT (LoCon/LyCORIS); "17" = BASE and
-the blocks that hold a transformer (plain attention LoRA).
+Presets (methods.md 4.2), from the UNet's structure: "26" = BASE, every IN, MID, every OUT
+(LoCon/LyCORIS; 26 values on SD 1.x, the extension's 20 "XL full" on SDXL); "17" = BASE and the
+blocks that hold a transformer (plain attention LoRA; 17 on SD 1.x, the extension's 12 "XL" list
+BASE, IN04, IN05, IN07, IN08, M00, OUT00..OUT05 on SDXL). Blocks outside a short list get 0, as
+the extension's `to26()` fills its 26 slots. Per-block ranks also take kohya's SDXL `block_dims`
+order (sdxl_train.py, networks/lora.py `get_block_index`): 1 + n_in + 3 + n_out + 1 values,
+time/label embedding, input_blocks, middle_block 0..2, output_blocks, out (23 on SDXL).
 """
 
 from __future__ import annotations
@@ -56,9 +63,13 @@ def unet_block(path: str, config: UNetConfig) -> str | None:
   return f"OUT{start + (layers[level] - 1 if kind == 'upsamplers' else j):02d}"
 
 
+_TEXT = re.compile(r"text_encoder(_2)?/")
+
+
 def param_block(path: str, config: UNetConfig) -> str | None:
-  """The block of a `/`-joined path of the whole pipeline (`unet/...`, `text_encoder/...`)."""
-  if path.startswith("text_encoder/"):
+  """The block of a `/`-joined path of the whole pipeline (`unet/...`, `text_encoder/...`,
+  `text_encoder_2/...`: every text encoder is BASE)."""
+  if _TEXT.match(path):
     return BASE
   if path.startswith("unet/"):
     return unet_block(path[len("unet/"):], config)
@@ -90,10 +101,22 @@ def attention_blocks(config: UNetConfig) -> tuple[str, ...]:
   return tuple(out)
 
 
+def kohya_order(config: UNetConfig) -> tuple[str | None, ...]:
+  """Our block of each entry of kohya's SDXL per-block list (`block_dims`, `block_alphas`,
+  sdxl_train.py's `block_lr`): the embeddings (None: no LoRA), every IN, MID three times
+  (middle_block 0, 1, 2), every OUT, the output head (None). 23 entries on SDXL."""
+  blocks = all_blocks(config)
+  ins = tuple(b for b in blocks if b.startswith("IN"))
+  outs = tuple(b for b in blocks if b.startswith("OUT"))
+  return (None,) + ins + ((MID,) if MID in blocks else (None,)) * 3 + outs + (None,)
+
+
 PRESETS = {"26": all_blocks, "17": attention_blocks}
 
-# sd-webui-lora-block-weight's named presets (methods.md 4.2), values in the 17-block order
-# (BASE, IN01, IN02, IN04, IN05, IN07, IN08, MID, OUT03..OUT11 on SD 1.x).
+# sd-webui-lora-block-weight's named presets (methods.md 4.2), values in its 17-block order (the
+# attention blocks of SD 1.x/2.x; the extension has no named SDXL presets).
+LBW_ORDER = ("BASE", "IN01", "IN02", "IN04", "IN05", "IN07", "IN08", MID,
+             *(f"OUT{i:02d}" for i in range(3, 12)))
 LBW_PRESETS = {
     "ALL": (1,) * 17,
     "INS": (1, 1, 1, 1) + (0,) * 13,
@@ -107,18 +130,24 @@ LBW_PRESETS = {
 
 
 def block_values(spec: str, config: UNetConfig, field: str) -> dict[str, float]:
-  """{block: value} for every block from a named preset (LBW_PRESETS) or 17 / 26 comma-separated
-  numbers in the preset's order; blocks outside a 17-value list get 0, as the extension's `to26()`
-  fills them (sd-webui-lora-block-weight scripts/lora_block_weight.py)."""
+  """{block: value} for every block from a named preset (LBW_PRESETS; SD 1.x/2.x block layout
+  only) or comma-separated numbers in a preset's order (17 / 26 on SD 1.x, 12 / 20 on SDXL);
+  blocks outside a short list get 0, as the extension's `to26()` fills them
+  (sd-webui-lora-block-weight scripts/lora_block_weight.py)."""
   text = spec.strip()
+  sizes = f"{len(all_blocks(config))} or {len(attention_blocks(config))}"
   if text.upper() in LBW_PRESETS:
+    if attention_blocks(config) != LBW_ORDER:
+      raise ConfigError(f"{field}: '{spec}' is a preset over sd-webui-lora-block-weight's 17 SD "
+                        f"1.x/2.x blocks, which this UNet does not have: give {sizes} "
+                        "comma-separated numbers (SDXL: 20 or 12)")
     values = LBW_PRESETS[text.upper()]
   else:
     try:
       values = tuple(float(v) for v in text.split(","))
     except ValueError:
       raise ConfigError(f"{field}: '{spec}' is neither a preset ({', '.join(LBW_PRESETS)}) nor "
-                        "17 or 26 comma-separated numbers") from None
+                        f"{sizes} comma-separated numbers") from None
   return {b: float(0.0 if v is None else v) for b, v in per_block(values, config, field).items()}
 
 
@@ -143,7 +172,9 @@ def canonical(name: str, config: UNetConfig, field: str = "blocks") -> str:
 
 def per_block(values, config: UNetConfig, field: str, default=None) -> dict[str, object]:
   """{block: value} from a mapping {name: value}, or from a sequence ordered like a preset of the
-  same length (17 or 26 values for SD 1.x; any block not given gets `default`)."""
+  same length (17 or 26 values for SD 1.x, 12 or 20 for SDXL; any block not given gets
+  `default`), or like kohya's SDXL list (`kohya_order`: 23 values on SDXL; its three middle_block
+  values must agree, MID being one block here; the embeddings' and head's are ignored)."""
   blocks = all_blocks(config)
   out = {b: default for b in blocks}
   if isinstance(values, dict):
@@ -155,6 +186,15 @@ def per_block(values, config: UNetConfig, field: str, default=None) -> dict[str,
     if len(values) == len(order):
       out.update(zip(order, values))
       return out
+  kohya = kohya_order(config)
+  if len(values) == len(kohya):
+    mid = {v for b, v in zip(kohya, values) if b == MID}
+    if len(mid) > 1:
+      raise ConfigError(f"{field}: kohya's three middle_block values differ ({sorted(mid)}); "
+                        "persona_jax has one MID block: give them equal")
+    out.update((b, v) for b, v in zip(kohya, values) if b is not None)
+    return out
   raise ConfigError(f"{field}: {len(values)} values; give one per block of a preset "
                     f"({len(all_blocks(config))} for all blocks, {len(attention_blocks(config))} "
-                    "for the attention blocks) or a {name: value} mapping")
+                    f"for the attention blocks, {len(kohya)} as kohya's SDXL block_dims) "
+                    "or a {name: value} mapping")

@@ -1,5 +1,7 @@
 """Block names (IN00..OUT11, MID, BASE) derived from the UNet's structure."""
 
+import functools
+
 import pytest
 
 from persona_jax import ConfigError, tree
@@ -17,7 +19,13 @@ THREE_LEVELS = UNetConfig.from_dict(dict(
     down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
     up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"], attention_head_dim=4))
 
-BLOCKLESS = ("time_embedding/", "conv_norm_out/", "conv_out/")
+@functools.lru_cache
+def unet_params(name):
+  """The abstract UNet params of a config above (once per test process)."""
+  return abstract_params("unet", globals()[name])
+
+
+BLOCKLESS = ("time_embedding/", "add_embedding/", "conv_norm_out/", "conv_out/")
 
 
 def test_sd1_map_matches_the_ldm_table():
@@ -51,9 +59,10 @@ def test_sd1_presets():
     bn.preset("12", SD1)
 
 
-@pytest.mark.parametrize("config", [SD1, THREE_LEVELS], ids=["sd1", "three-levels"])
+@pytest.mark.parametrize("config", ["SD1", "THREE_LEVELS", "SDXL"])
 def test_every_param_has_a_block_and_every_block_has_params(config):
-  paths = tree.paths(abstract_params("unet", config))
+  paths = tree.paths(unet_params(config))
+  config = globals()[config]
   blocks = {p: bn.unet_block(p, config) for p in paths}
   assert {p for p, b in blocks.items() if b is None} == {p for p in paths if p.startswith(BLOCKLESS)}
   assert set(blocks.values()) - {None} == set(bn.all_blocks(config)) - {"BASE"}
@@ -118,3 +127,59 @@ def test_lora_block_preset_configs_select_their_blocks(preset, blocks):
     lora.targets(lora.LoRAConfig(block_ranks=(1, 2, 3)), base, SD1)
   with pytest.raises(ConfigError, match="method.blocks: 'MIDDLE' is neither a preset"):
     lora.targets(lora.LoRAConfig(blocks="MIDDLE"), base, SD1)
+
+
+# SDXL base 1.0's UNet (the block layout only; shapes are abstract).
+SDXL = UNetConfig.from_dict(dict(
+    block_out_channels=[320, 640, 1280], layers_per_block=2, cross_attention_dim=2048,
+    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    attention_head_dim=[5, 10, 20], transformer_layers_per_block=[1, 2, 10],
+    use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816))
+# sd-webui-lora-block-weight scripts/lora_block_weight.py BLOCKID20 ("XL full") and BLOCKID12 ("XL").
+BLOCKID20 = ["BASE", *[f"IN{i:02d}" for i in range(9)], "M00", *[f"OUT{i:02d}" for i in range(9)]]
+BLOCKID12 = ["BASE", "IN04", "IN05", "IN07", "IN08", "M00", "OUT00", "OUT01", "OUT02", "OUT03",
+             "OUT04", "OUT05"]
+
+
+def test_sdxl_presets_are_the_extensions_xl_lists():
+  mid = {"M00": "MID"}
+  assert bn.preset("26", SDXL) == tuple(mid.get(b, b) for b in BLOCKID20)
+  assert bn.preset("17", SDXL) == tuple(mid.get(b, b) for b in BLOCKID12)
+  assert bn.param_block("text_encoder_2/encoder/layers_0/mlp/fc1/kernel", SDXL) == "BASE"
+  twelve = bn.block_values(",".join(str(i + 1) for i in range(12)), SDXL, "blocks")
+  assert twelve["OUT05"] == 12 and twelve["IN04"] == 2 and twelve["IN00"] == 0 and twelve["OUT06"] == 0
+  with pytest.raises(ConfigError, match="'MIDD' is a preset over sd-webui-lora-block-weight's 17 SD "
+                                        "1.x/2.x blocks.*give 20 or 12"):
+    bn.block_values("MIDD", SDXL, "blocks")
+
+
+def test_sdxl_blocks_agree_with_kohya_and_the_extension_on_sgm_names():
+  """Every UNet kernel's block, against kohya's SDXL `get_block_index` (networks/lora.py: index
+  into block_dims from the SGM name) and the extension's `diffusion_model_input_blocks_{i}_`
+  match, both read off the kohya file names we write (lora_formats.kohya_names)."""
+  from persona_jax.convert import lora_formats as lf
+  unet = unet_params("SDXL")
+  names = lf.kohya_names({"unet": unet, "text_encoder_2": {}})
+  order = bn.kohya_order(SDXL)
+  assert len(order) == 23 and order[10:13] == ("MID",) * 3
+  checked = 0
+  for path in tree.paths(unet):
+    block = bn.unet_block(path, SDXL)
+    name = names.get(f"unet/{path}")
+    if name is None or block is None:
+      assert path.startswith(BLOCKLESS) or not path.endswith("kernel"), path
+      continue
+    rest = name[len("lora_unet_"):]
+    kind, index = rest.split("_")[0], int(rest.split("_")[2])
+    kohya = {"input": 1, "middle": 10, "output": 13}[kind] + index     # get_block_index, is_sdxl
+    assert order[kohya] == block, (path, name)
+    lbw = {"input": f"IN{index:02d}", "middle": "MID", "output": f"OUT{index:02d}"}[kind]
+    assert lbw == block, (path, name)
+    checked += 1
+  assert checked == 789                    # every SGM-named kernel of SDXL's UNet
+  ranks = bn.per_block((0, *range(1, 10), 7, 7, 7, *range(13, 22), 0), SDXL, "method.block_ranks")
+  assert ranks["IN00"] == 1 and ranks["IN08"] == 9 and ranks["MID"] == 7 and ranks["OUT08"] == 21
+  with pytest.raises(ConfigError, match="kohya's three middle_block values differ"):
+    bn.per_block((0,) * 10 + (1, 2, 3) + (0,) * 10, SDXL, "method.block_ranks")
