@@ -17,15 +17,23 @@ Targets (`/`-joined param paths):
               networks/lora.py: every Linear and 1x1 conv of a Transformer2DModel; with
               `conv_rank` its LoCon convs too: the `lora:kohya` config)
   convs       resnet conv1 / conv2 / conv_shortcut, down/upsampler convs (rank: `conv_rank`; LoCon)
-  text        text encoder self_attn q/k/v/out_proj, mlp fc1/fc2 (block BASE; `text_encoder=True`)
-Per-block rank and alpha (block names from models/block_names.py: IN00..OUT11, MID, BASE) override
-the uniform values; rank 0 skips a block. Trainable leaves: `lora/<target path>/{a,b}`.
+  text        text encoder self_attn q/k/v/out_proj, mlp fc1/fc2 (block BASE), in the encoders
+              `text_encoder` names: True = every encoder of the base (SDXL: both, as
+              train_dreambooth_lora_sdxl.py's --train_text_encoder and kohya's SDXL default),
+              "te1" / "te2" one of SDXL's (kohya's lora_te1_ / lora_te2_), "both", or a tuple;
+              not the layers the conditioning never reads (SDXL: the first encoder's last one,
+              diffusion/conditioning.py `unread_text_rules`), where factors would get no gradient
+Per-block rank and alpha (block names from models/block_names.py: IN00..OUT11, MID, BASE on SD 1.x,
+IN00..IN08, MID, OUT00..OUT08, BASE on SDXL) override the uniform values; rank 0 skips a block.
+Trainable leaves: `lora/<target path>/{a,b}`.
 
 Result file WORKDIR/lora.safetensors, per target (the kernel's path without `/kernel`):
 `<target>/a` [fan_in, r], `<target>/b` [r, out] and `<target>/alpha` [] (float32; kohya's
 convention: scale = alpha / r, r = b.shape[0]); convert/lora_formats.py reads and writes it (and
 the formats of other tools). A run samples as its file does with `--lora FILE`
-(methods/lora_compose.py); exports: diffusers/PEFT (`pipe.load_lora_weights`) and kohya/A1111.
+(methods/lora_compose.py); exports: diffusers/PEFT (`pipe.load_lora_weights`; `unet.`,
+`text_encoder.`, `text_encoder_2.`) and kohya/A1111 (SDXL: `lora_unet_input_blocks_...`,
+`lora_te1_`, `lora_te2_`).
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ import numpy as np
 
 from persona_jax import tree
 from persona_jax.convert import lora_formats as lf
+from persona_jax.diffusion.conditioning import text_encoders, unread_text_rules
 from persona_jax.errors import ConfigError
 from persona_jax.methods import result_file
 from persona_jax.methods.base import Method, ParamSpec
@@ -54,7 +63,10 @@ LINEAR_TARGETS = {"attn": r"attn[12]/to_(q|k|v|out_0)", "ff": r"ff/net_0/proj|ff
                   "proj": r"proj_in|proj_out"}
 TARGET_SETS = {"diffusers": ("attn",), "kohya": ("attn", "ff", "proj")}
 CONVS = re.compile(r"unet/.*/(resnets_\d+/(conv1|conv2|conv_shortcut)|(down|up)samplers_0/conv)/kernel")
-TEXT = re.compile(r"text_encoder/.*/(self_attn/(q|k|v|out)_proj|mlp/fc[12])/kernel")
+TEXT = re.compile(r"(text_encoder|text_encoder_2)/.*/(self_attn/(q|k|v|out)_proj|mlp/fc[12])/kernel")
+# `text_encoder` values naming encoders (kohya's prefixes, the components, the SDXL file keys).
+ENCODER_NAMES = {"te1": "text_encoder", "text_encoder": "text_encoder", "clip_l": "text_encoder",
+                 "te2": "text_encoder_2", "text_encoder_2": "text_encoder_2", "clip_g": "text_encoder_2"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +75,9 @@ class LoRAConfig:
   alpha: float = 0.0                 # 0: alpha = rank (scale 1, PEFT's default)
   conv_rank: int = 0                 # LoCon on resnet and sampler convs; 0: off
   conv_alpha: float = 0.0            # 0: alpha = conv_rank
-  text_encoder: bool = False         # LoRA on the text encoder too (block BASE)
+  # LoRA on text encoders too (block BASE): False, True (every encoder of the base), "te1",
+  # "te2", "both", or a tuple of encoder names.
+  text_encoder: bool | str | tuple = False
   # Per block: {block: value}, or 26 / 17 values in the preset's order (BASE, IN00.., MID, OUT..;
   # or BASE and the attention blocks). Rank 0 skips a block.
   block_ranks: Mapping | tuple = dataclasses.field(default_factory=dict)
@@ -101,6 +115,31 @@ def _per_block(values, unet_config: UNetConfig, field: str) -> dict:
   return {b: v for b, v in given.items() if v is not None}
 
 
+def chosen_encoders(value, base_params) -> tuple[str, ...]:
+  """The text encoders a `text_encoder` value names, of those the base has (`text_encoders`)."""
+  have = text_encoders(base_params)
+  if isinstance(value, str):
+    word = value.strip().lower()
+    if word in ("", "false", "none", "0"):
+      return ()
+    if word in ("true", "all", "1"):
+      return have
+    value = ("te1", "te2") if word == "both" else tuple(w.strip() for w in word.split(","))
+  elif not isinstance(value, (tuple, list)):
+    return have if value else ()
+  out = []
+  for name in value:
+    encoder = ENCODER_NAMES.get(str(name).strip().lower())
+    if encoder is None:
+      raise ConfigError(f"method.text_encoder: '{name}' is not a text encoder (give True, False, "
+                        "'te1', 'te2', 'both' or a tuple of them)")
+    if encoder not in have:
+      raise ConfigError(f"method.text_encoder: '{name}': the model has one text encoder (SD "
+                        "1.x/2.x); use text_encoder=True")
+    out.append(encoder)
+  return tuple(e for e in have if e in out)
+
+
 def targets(config: LoRAConfig, base_params, unet_config: UNetConfig) -> tuple[Target, ...]:
   """The kernels that get factors, with their rank and scale (blocks resolved)."""
   for name, value in (("rank", config.rank), ("conv_rank", config.conv_rank)):
@@ -116,9 +155,14 @@ def targets(config: LoRAConfig, base_params, unet_config: UNetConfig) -> tuple[T
     raise ConfigError(f"method.targets: '{unknown[0]}' is not one of "
                       f"{', '.join([*LINEAR_TARGETS, *TARGET_SETS])}")
   linear = re.compile(r"unet/.*/(" + "|".join(LINEAR_TARGETS[t] for t in sorted(names)) + r")/kernel")
+  encoders = chosen_encoders(config.text_encoder, base_params)
+  unread = [re.compile(rule) for rule, _ in unread_text_rules(base_params)]
   out = []
   for path, leaf in tree.flatten(base_params).items():
-    if (names and linear.fullmatch(path)) or (config.text_encoder and TEXT.fullmatch(path)):
+    text = TEXT.fullmatch(path)
+    if text and any(rule.fullmatch(path) for rule in unread):
+      continue                              # SDXL never reads the first encoder's last layer
+    if (names and linear.fullmatch(path)) or (text and text[1] in encoders):
       rank, alpha = config.rank, config.alpha
     elif config.conv_rank and CONVS.fullmatch(path):
       rank, alpha = config.conv_rank, config.conv_alpha
@@ -240,7 +284,7 @@ def verify_file(pipe, model_path, value, **options):
 
 
 SPEC = MethodSpec(
-    name="lora", config=LoRAConfig, make=make, result=ResultSpec(RESULT_FILE, lf.OURS),
+    name="lora", config=LoRAConfig, make=make, result=ResultSpec(RESULT_FILE, lf.OURS), sdxl=True,
     load=load, sample=sample,
     exports={"diffusers": lambda r: export(r, "diffusers"), "kohya": lambda r: export(r, "kohya"),
              "a1111": lambda r: export(r, "kohya")},
