@@ -85,17 +85,31 @@ def resize_shorter_side(image: np.ndarray, size: int) -> np.ndarray:
   return np.asarray(Image.fromarray(image).resize(new, Image.Resampling.BICUBIC))
 
 
-def crop(image: np.ndarray, size: int, top: int, left: int) -> np.ndarray:
-  return image[top: top + size, left: left + size]
+def resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
+  """Bicubic resize to [height, width] (the image itself when it has that size)."""
+  if image.shape[:2] == (height, width):
+    return image
+  return np.asarray(Image.fromarray(image).resize((width, height), Image.Resampling.BICUBIC))
 
 
-def center_crop_offsets(image: np.ndarray, size: int) -> tuple[int, int]:
-  h, w = image.shape[:2]
-  return (h - size) // 2, (w - size) // 2
+def _hw(size) -> tuple[int, int]:
+  return (size, size) if isinstance(size, (int, np.integer)) else (int(size[0]), int(size[1]))
 
 
-def center_crop(image: np.ndarray, size: int) -> np.ndarray:
-  """The [size, size] middle of an image at least that large."""
+def crop(image: np.ndarray, size, top: int, left: int) -> np.ndarray:
+  """The [h, w] window at (top, left); `size` is a side or (h, w)."""
+  h, w = _hw(size)
+  return image[top: top + h, left: left + w]
+
+
+def center_crop_offsets(image: np.ndarray, size) -> tuple[int, int]:
+  """(top, left) of the middle [h, w] window (`size`: a side or (h, w))."""
+  h, w = _hw(size)
+  return (image.shape[0] - h) // 2, (image.shape[1] - w) // 2
+
+
+def center_crop(image: np.ndarray, size) -> np.ndarray:
+  """The [h, w] middle (`size`: a side or (h, w)) of an image at least that large."""
   return crop(image, size, *center_crop_offsets(image, size))
 
 

@@ -15,12 +15,16 @@ resized image, target size), which SDXL's conditioning reads, as diffusers'
 train_dreambooth_lora_sdxl.py computes it (a flipped example's left offset is the mirrored one).
 Augmentation randomness comes from grain's per-element generator, so batch k is the same
 whenever it is produced (resume, iterator state in checkpoints).
+With `buckets` (data/buckets.py), images are fitted to aspect-ratio buckets instead of the square
+and every batch is one bucket's (`bucketed_dataset`), batch k still a function of k alone.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Callable
@@ -29,6 +33,7 @@ import grain
 import jax
 import numpy as np
 
+from persona_jax.data import buckets as bucket_ops
 from persona_jax.data import images as img_ops
 from persona_jax.data.images import DataError
 from persona_jax.data.sources import read_image_folder
@@ -79,6 +84,14 @@ class DataConfig:
   # keeping the background: a latent pixel counts 1 + mask_loss_weight * (the mask's mean over
   # it), and each example's loss is the weighted mean. Images without a mask weigh 1 everywhere.
   mask_loss_weight: float = 0.0
+  # Aspect-ratio buckets (data/buckets.py, kohya's): each image goes to the bucket of about
+  # resolution^2 pixels nearest its aspect ratio, resized to cover it and cropped; every batch is
+  # from one bucket (one compiled step per bucket used). Sides from bucket_min to bucket_max in
+  # bucket_step pixels (a multiple of the VAE's factor); 0: resolution/2 and 2 x resolution.
+  buckets: bool = False
+  bucket_min: int = 0
+  bucket_max: int = 0
+  bucket_step: int = 64
 
 
 CONCEPT_FIELDS = ("instance_dir", "caption_source", "prompt", "templates", "class_prompt",
@@ -125,6 +138,13 @@ class InstanceSet:
   # (top, left, resized width; (0, 0, W) for uncropped images). None: as stored, uncropped.
   sizes: list[tuple[int, int]] | None = None
   crops: list[tuple[int, int, int]] | None = None
+  buckets: list | None = None       # data.buckets: each image's Bucket (its stored image's size)
+
+  def subset(self, indices) -> "InstanceSet":
+    """The images at `indices`, with their captions, masks and geometry."""
+    pick = lambda xs: None if xs is None else [xs[i] for i in indices]     # noqa: E731
+    return InstanceSet(pick(self.images), pick(self.captions), self.folder, pick(self.masks),
+                       pick(self.sizes), pick(self.crops), pick(self.buckets))
 
   def geometry(self, index: int) -> tuple[tuple[int, int], tuple[int, int, int]]:
     """(original (H, W), (top, left, resized width)) of image `index`."""
@@ -148,31 +168,44 @@ def caption_pool(config: DataConfig, file_caption: str | None, expand: Callable[
   return [expand(file_caption)]
 
 
-def prepare_image(path: Path, config: DataConfig):
-  """An image decoded, its shorter side resized to `resolution` and, with center crops, cropped.
-  Returns (uint8 [R, R, 3] (center crop) or [>=R, >=R, 3], its file's (H, W), (top, left,
-  resized width) of the crop)."""
-  image = img_ops.load_image(path)
-  size = image.shape[:2]
-  image = img_ops.resize_shorter_side(image, config.resolution)
-  top, left = img_ops.center_crop_offsets(image, config.resolution) if config.center_crop else (0, 0)
+def fit_image(image: np.ndarray, config: DataConfig, bucket=None):
+  """An image (or mask) resized to cover the target, the square of `resolution` or a `bucket`,
+  and with center crops cropped to it: (uint8 [H, W(, 3)] (the target) or at least that large,
+  (top, left, resized width) of the crop)."""
+  if bucket is None:
+    image, target = img_ops.resize_shorter_side(image, config.resolution), config.resolution
+  else:
+    image = img_ops.resize(image, *bucket_ops.cover_size(*image.shape[:2], bucket))
+    target = bucket.shape
+  top, left = img_ops.center_crop_offsets(image, target) if config.center_crop else (0, 0)
   width = image.shape[1]
   if config.center_crop:
-    image = img_ops.crop(image, config.resolution, top, left)
-  return image, size, (top, left, width)
+    image = img_ops.crop(image, target, top, left)
+  return image, (top, left, width)
 
 
-def prepare_mask(path: Path, image_path: Path, config: DataConfig) -> np.ndarray:
+def prepare_image(path: Path, config: DataConfig, bucket=None):
+  """An image decoded, resized to cover the square of `resolution` (its shorter side to it) or
+  `bucket` and, with center crops, cropped. Returns (uint8 [R, R, 3] / the bucket's [H, W, 3]
+  (center crop) or at least that large, its file's (H, W), (top, left, resized width) of the
+  crop)."""
+  image = img_ops.load_image(path)
+  fitted, where = fit_image(image, config, bucket)
+  return fitted, image.shape[:2], where
+
+
+def prepare_mask(path: Path, image_path: Path, config: DataConfig, bucket=None) -> np.ndarray:
   """A subject mask resized and cropped as `prepare_image` does its image: uint8 [R, R] or
-  [>=R, >=R]; a DataError naming the mask when its size is not the image's."""
+  [>=R, >=R] (a bucket's [H, W]); a DataError naming the mask when its size is not the image's."""
   mask = img_ops.load_mask(path, img_ops.image_shape(image_path))
-  mask = img_ops.resize_shorter_side(mask, config.resolution)
-  return img_ops.center_crop(mask, config.resolution) if config.center_crop else mask
+  return fit_image(mask, config, bucket)[0]
 
 
 def load_instances(config: DataConfig, expand: Callable[[str], str]) -> InstanceSet:
-  """The instance images of every concept, each with its caption pool (and its mask, if any)."""
-  images, captions, masks, sizes, crops = [], [], [], [], []
+  """The instance images of every concept, each with its caption pool (and its mask, if any);
+  with `buckets`, each resized and cropped to its bucket."""
+  images, captions, masks, sizes, crops, buckets = [], [], [], [], [], []
+  choices = bucket_ops.config_buckets(config) if config.buckets else None
   for concept in concept_configs(config):
     if concept.caption_source not in CAPTION_SOURCES:
       raise ConfigError(f"data.caption_source: '{concept.caption_source}' is not one of "
@@ -182,24 +215,44 @@ def load_instances(config: DataConfig, expand: Callable[[str], str]) -> Instance
     if config.num_images > 0:
       examples = examples[: config.num_images]
     for e in examples:
-      image, size, where = prepare_image(e.path, concept)
+      bucket = None if choices is None else bucket_ops.assign(choices, *img_ops.image_shape(e.path))
+      image, size, where = prepare_image(e.path, concept, bucket)
       images.append(image)
       sizes.append(size)
       crops.append(where)
+      buckets.append(bucket)
+      masks.append(None if e.mask is None else prepare_mask(e.mask, e.path, concept, bucket))
     captions += [caption_pool(concept, e.caption, expand) for e in examples]
-    masks += [None if e.mask is None else prepare_mask(e.mask, e.path, concept) for e in examples]
     log.info("%s: %d instance image(s) at %dpx", folder, len(examples), config.resolution)
   return InstanceSet(images, captions, folder,
-                     masks if any(m is not None for m in masks) else None, sizes, crops)
+                     masks if any(m is not None for m in masks) else None, sizes, crops,
+                     buckets if choices is not None else None)
 
 
-def load_class_images(config: DataConfig, folder: Path) -> InstanceSet:
-  """The first `num_class_images` images of `folder` (by name), each captioned `class_prompt`."""
+def load_class_images(config: DataConfig, folder: Path, buckets=None):
+  """The first `num_class_images` images of `folder` (by name), each captioned `class_prompt`:
+  an InstanceSet at the square `resolution`, or with `buckets` (a list of Buckets) a dict
+  {bucket: InstanceSet} of the same images resized to cover each bucket and cropped to it."""
   examples = read_image_folder(folder)[: config.num_class_images]
-  prepared = [prepare_image(e.path, config) for e in examples]
-  log.info("%s: %d class image(s), caption '%s'", folder, len(prepared), config.class_prompt)
-  return InstanceSet([p[0] for p in prepared], [[config.class_prompt]] * len(prepared), folder,
-                     sizes=[p[1] for p in prepared], crops=[p[2] for p in prepared])
+  log.info("%s: %d class image(s), caption '%s'", folder, len(examples), config.class_prompt)
+  captions = [[config.class_prompt]] * len(examples)
+  if buckets is None:
+    prepared = [prepare_image(e.path, config) for e in examples]
+    return InstanceSet([p[0] for p in prepared], captions, folder,
+                       sizes=[p[1] for p in prepared], crops=[p[2] for p in prepared])
+  raw = [img_ops.load_image(e.path) for e in examples]
+  out = {}
+  for b in buckets:
+    fitted = [fit_image(image, config, b) for image in raw]
+    out[b] = InstanceSet([f[0] for f in fitted], captions, folder, sizes=[r.shape[:2] for r in raw],
+                         crops=[f[1] for f in fitted], buckets=[b] * len(raw))
+  return out
+
+
+def encode_batch(shape: tuple[int, int]) -> int:
+  """encode_moments' default batch for images of `shape` (H, W): as many as 8 at 512x512 hold
+  pixels (8 .. 256)."""
+  return int(np.clip(8 * 512 * 512 // (shape[0] * shape[1]), 8, 256))
 
 
 def encode_moments(vae, vae_params, images: np.ndarray, batch: int | None = None,
@@ -208,7 +261,7 @@ def encode_moments(vae, vae_params, images: np.ndarray, batch: int | None = None
   (row [:, flip]); without `mirror` (no flips) [N, 1, h, w, c], half the work. `batch` defaults
   to as many images as 8 at 512x512 hold pixels (8 .. 256)."""
   if batch is None:
-    batch = int(np.clip(8 * 512 * 512 // (images.shape[1] * images.shape[2]), 8, 256))
+    batch = encode_batch(images.shape[1:3])
   encode = jax.jit(lambda p, x: vae.apply({"params": p}, x, method="encode"))
   pixels = img_ops.to_model_range(images)
   views = [pixels, pixels[:, :, ::-1]] if mirror else [pixels]
@@ -258,9 +311,11 @@ class Augment(grain.transforms.RandomMap):
   # -> extra keys; the subject mask is cropped and flipped as the image (None without one), the
   # rng is the example's.
   image_inputs: Callable | None = None
+  size: tuple[int, int] | None = None                     # (H, W) of the example; None: (R, R)
 
   def random_map(self, index, rng: np.random.Generator):
     c = self.config
+    th, tw = self.size or (c.resolution, c.resolution)
     flip = int(rng.random() < c.random_flip)
     pool = self.instances.captions[index]
     caption = pool[int(rng.integers(len(pool)))]
@@ -285,13 +340,14 @@ class Augment(grain.transforms.RandomMap):
             image, int(round(min(image.shape[:2]) * rng.uniform(1.0, c.random_zoom))))
         if mask is not None:
           mask = img_ops.resize_shorter_side(mask, min(image.shape[:2]))
-      top = int(rng.integers(image.shape[0] - r + 1))
-      left = int(rng.integers(image.shape[1] - r + 1))
-      width = image.shape[1]
-      image = img_ops.crop(image, r, top, left)
+        top, left, width = 0, 0, image.shape[1]          # the zoomed image is the resized one
+      dy = int(rng.integers(image.shape[0] - th + 1))
+      dx = int(rng.integers(image.shape[1] - tw + 1))
+      image = img_ops.crop(image, (th, tw), dy, dx)
+      top, left = top + dy, left + dx     # in the resized image (a stored center crop's offsets)
       image = image[:, ::-1] if flip else image
       if mask is not None:
-        mask = img_ops.crop(mask, r, top, left)
+        mask = img_ops.crop(mask, (th, tw), dy, dx)
         mask = mask[:, ::-1] if flip else mask
       if c.zoom_augment and not self.prior:
         out[PIXELS], out[MASK], words = self.zoom(image, rng)
@@ -301,9 +357,8 @@ class Augment(grain.transforms.RandomMap):
         if c.zoom_augment:
           out[MASK] = np.ones((r // self.latent_factor,) * 2 + (1,), np.float32)
     if c.mask_loss_weight:
-      out[MASK] = mask_loss_weights(mask, c.resolution, self.latent_factor, c.mask_loss_weight)
-    out[TIME_IDS] = micro_conditioning(size, top, width - left - c.resolution if flip else left,
-                                       (c.resolution, c.resolution))
+      out[MASK] = mask_loss_weights(mask, (th, tw), self.latent_factor, c.mask_loss_weight)
+    out[TIME_IDS] = micro_conditioning(size, top, width - left - tw if flip else left, (th, tw))
     if self.contexts is not None:
       out.update({k: v[self.caption_index[caption]] for k, v in self.contexts.items()})
     else:
@@ -335,14 +390,17 @@ class Augment(grain.transforms.RandomMap):
     return pixels, mask, words
 
 
-def mask_loss_weights(mask: np.ndarray | None, resolution: int, latent_factor: int,
+def mask_loss_weights(mask: np.ndarray | None, size, latent_factor: int,
                       weight: float) -> np.ndarray:
-  """Per-latent-pixel loss weights float32 [R/f, R/f, 1] of one example: 1 + weight * the
-  subject mask (uint8 [R, R], 255 = subject) averaged over each f x f block; ones without a mask."""
-  h = resolution // latent_factor
+  """Per-latent-pixel loss weights float32 [H/f, W/f, 1] of one example (`size`: the side R or
+  (H, W)): 1 + weight * the subject mask (uint8 [H, W], 255 = subject) averaged over each f x f
+  block; ones without a mask."""
+  h, w = (size, size) if isinstance(size, int) else size
+  h, w = h // latent_factor, w // latent_factor
   if mask is None:
-    return np.ones((h, h, 1), np.float32)
-  cover = mask.astype(np.float32).reshape(h, latent_factor, h, latent_factor).mean(axis=(1, 3)) / 255.0
+    return np.ones((h, w, 1), np.float32)
+  blocks = mask.astype(np.float32).reshape(h, latent_factor, w, latent_factor)
+  cover = blocks.mean(axis=(1, 3)) / 255.0
   return (1.0 + weight * cover)[..., None].astype(np.float32)
 
 
@@ -363,7 +421,9 @@ def make_dataset(config: DataConfig, instances: InstanceSet, batch_size: int, se
                  image_inputs=None):
   """The infinite, reshuffled-every-epoch batch dataset (grain MapDataset). With `classes`,
   every batch is `batch_size` instance rows then `batch_size` class rows. `image_inputs`: a
-  method's per-example extra keys from the augmented uint8 image (`Method.image_inputs`)."""
+  method's per-example extra keys from the augmented uint8 image (`Method.image_inputs`).
+  With `data.buckets` (`bucketed_dataset`): `moments` per image (lists of [V, h, w, c], its
+  bucket's shape), `classes` and `class_moments` dicts by bucket."""
   if batch_size < 1:
     raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
   if config.random_zoom < 1 or (config.random_zoom > 1 and moments is not None):
@@ -379,6 +439,14 @@ def make_dataset(config: DataConfig, instances: InstanceSet, batch_size: int, se
     raise ConfigError(f"data.mask_loss_weight: no image in {instances.folder} has a subject mask "
                       "(NAME.mask.png beside NAME.png, white = subject); add masks or set it to 0")
 
+  if config.buckets:
+    return bucketed_dataset(config, instances, batch_size, seed, moments=moments, classes=classes,
+                            class_moments=class_moments, latent_factor=latent_factor,
+                            augment=functools.partial(
+                                Augment, config, tokenize=tokenize, caption_index=caption_index,
+                                contexts=contexts, latent_factor=latent_factor,
+                                image_inputs=image_inputs))
+
   def stream(images, moments_, prior, stream_seed):
     augment = Augment(config, images, tokenize, moments_, caption_index, contexts, prior,
                       latent_factor, image_inputs)
@@ -389,6 +457,50 @@ def make_dataset(config: DataConfig, instances: InstanceSet, batch_size: int, se
   inst = stream(instances, moments, 0.0, seed)
   cls = stream(classes, class_moments, 1.0, seed + 7919)
   return grain.MapDataset.range(len(inst)).map(Concatenate(inst, cls))
+
+
+def bucketed_dataset(config: DataConfig, instances: InstanceSet, batch_size: int, seed: int, *,
+                     moments, classes, class_moments, latent_factor: int, augment):
+  """The bucketed batch dataset (data/buckets.py): batch k holds `batch_size` rows of one bucket
+  (then as many class rows cropped to it). `moments`: (means, logvars), lists of each image's
+  [V, h, w, c]; `classes` / `class_moments`: {bucket: InstanceSet / (mean, logvar)};
+  `augment(instances, moments=, prior=, size=)` -> a per-example Augment."""
+  bucket_ops.check_config(config, latent_factor)
+  if instances.buckets is None:
+    raise ConfigError("data.buckets: the instances were loaded without buckets (load_instances "
+                      "with data.buckets on)")
+  used = sorted(set(instances.buckets))
+  rows, class_rows, counts = [], [], []
+  for b in used:
+    idx = [i for i, x in enumerate(instances.buckets) if x == b]
+    m = None if moments is None else tuple(np.stack([v[i] for i in idx]) for v in moments)
+    rows.append(augment(instances.subset(idx), moments=m, prior=None if classes is None else 0.0,
+                        size=b.shape).random_map)
+    counts.append(len(idx))
+    if classes is not None:
+      cm = None if class_moments is None else class_moments[b]
+      class_rows.append(augment(classes[b], moments=cm, prior=1.0, size=b.shape).random_map)
+  log.info("buckets: %d of %d used (%s)", len(used), len(bucket_ops.config_buckets(config)),
+           ", ".join(f"{b}: {n} image(s)" for b, n in zip(used, counts)))
+  plan = bucket_ops.BucketPlan(tuple(counts), batch_size, seed)
+  batches = bucket_ops.BucketBatches(plan, rows, class_rows if classes is not None else None,
+                                     len(classes[used[0]].images) if classes is not None else 0)
+  return grain.MapDataset.range(sys.maxsize).map(batches)
+
+
+def encode_moments_by_shape(encode, images: list[np.ndarray]):
+  """VAE moments of images of several shapes (buckets): `encode` ([n, H, W, 3] uint8 ->
+  (mean, logvar) [n, V, h, w, c], e.g. encode_moments) over each shape's images; returns
+  (means, logvars), lists of each image's [V, h, w, c]."""
+  groups = {}
+  for i, image in enumerate(images):
+    groups.setdefault(image.shape, []).append(i)
+  means, logvars = [None] * len(images), [None] * len(images)
+  for idx in groups.values():
+    mean, logvar = encode(np.stack([images[i] for i in idx]))
+    for j, i in enumerate(idx):
+      means[i], logvars[i] = mean[j], logvar[j]
+  return means, logvars
 
 
 def make_iterator(dataset):
@@ -412,4 +524,5 @@ def zoom_captions(instances: InstanceSet) -> list[str]:
 __all__ = ["DataConfig", "DataError", "InstanceSet", "load_instances", "load_class_images",
            "concept_configs", "zoom_captions",
            "encode_moments",
+           "encode_moments_by_shape", "bucketed_dataset", "fit_image",
            "encode_captions", "make_dataset", "make_iterator", "all_captions", "example_subject_dir"]

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from persona_jax import tree
 from persona_jax.data import pipeline as data
+from persona_jax.data.batch import TIME_IDS
 from persona_jax.default_model import resolve_model
 from persona_jax.diffusion.losses import Objective
 from persona_jax.errors import ConfigError, PersonaError, WriteFailed, write_failure
@@ -380,10 +381,19 @@ def _train(config: RunConfig, workdir: Path, *, progress: bool, mesh,
   bar = tqdm(total=total, initial=start, desc=f"train {c.method_name}", unit="step",
              disable=not progress, dynamic_ncols=True)
   failed = True
+  shapes = set()                   # batch shapes seen: the step compiles once per shape (bucket)
   pending, pending_from, last_log_time, last_log_step = [], start, time.perf_counter(), start
   try:
     for step in range(start, total):
-      batch = jax.device_put(next(iterator), batch_sh)
+      batch = next(iterator)
+      shape = tuple(sorted((k, np.shape(v)) for k, v in batch.items()))
+      if shape not in shapes:
+        shapes.add(shape)
+        if c.data.buckets:
+          h, w = (int(v) for v in batch[TIME_IDS][0, 4:])     # the target size: the bucket's
+          log.info("step %d: compiling the step for bucket %dx%d (%d batch shape(s) so far)",
+                   step + 1, w, h, len(shapes))
+      batch = jax.device_put(batch, batch_sh)
       state, metrics = step_fn(state, frozen, batch)
       pending.append(metrics)
       done = step + 1
@@ -422,7 +432,7 @@ def _train(config: RunConfig, workdir: Path, *, progress: bool, mesh,
   outputs = write_outputs(run, final, workdir, step=total)
   grid_path = sample_grid(run, final, total, workdir, progress=progress)
   return {"workdir": str(workdir), "steps": total, "state": state, "run": run, "outputs": outputs,
-          "samples": str(grid_path) if grid_path else None}
+          "samples": str(grid_path) if grid_path else None, "batch_shapes": len(shapes)}
 
 
 def write_outputs(run: Run, trainable, workdir: Path, step: int | None = None) -> list[str]:
