@@ -289,6 +289,9 @@ SPEC = MethodSpec(
     exports={"diffusers": lambda r: export(r, "diffusers"), "kohya": lambda r: export(r, "kohya"),
              "a1111": lambda r: export(r, "kohya")},
     eval={"lora": EvalRecipe("tuned", "sks {cls}", "lora", 200, 1e-3,
-                             (("data.prompt", "a photo of a sks {cls}"),))},
+                             (("data.prompt", "a photo of a sks {cls}"),)),
+          # DreamBooth-LoRA (train_dreambooth_lora(_sdxl).py): the same with prior preservation.
+          "dreambooth_lora": EvalRecipe("tuned", "sks {cls}", "lora", 200, 1e-3,
+                                        (("data.prompt", "a photo of a sks {cls}"),), prior=True)},
     verify=VerifySpec("--lora", "FILE", "compare one LoRA file (ours, diffusers/PEFT, kohya) "
                       "loaded by diffusers and by persona_jax", verify_file))
