@@ -142,22 +142,32 @@ def test_negative_prompts_guidance_and_methods_on_sdxl_as_diffusers_takes_them(s
     text_to_image(sdxl_pipe, "a", sampling=Sampling(conditioning=MethodConditioning()))
 
 
-def test_an_sdxl_kohya_lora_merges_and_verifies(sdxl_dir, sdxl_pipe, tmp_path, capsys):
-  """A kohya SDXL file (SGM block names) merges into the layer it names, and `verify --lora`
-  compares it on SDXL (diffusers' StableDiffusionXLPipeline.load_lora_weights against ours)."""
-  from persona_jax import tree
+def sdxl_kohya_lora(path):
+  """A kohya SDXL file (SGM block names) adapting one layer."""
   from persona_jax.convert.files import write_safetensors
-  from persona_jax.methods.lora_compose import LoRASpec, with_loras
-  lora = tmp_path / "sdxl_kohya.safetensors"
   key = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"
   rng = np.random.default_rng(0)
-  write_safetensors(lora, {f"{key}.lora_down.weight": rng.normal(0, 0.1, (4, 64)).astype(np.float32),
+  write_safetensors(path, {f"{key}.lora_down.weight": rng.normal(0, 0.1, (4, 64)).astype(np.float32),
                            f"{key}.lora_up.weight": rng.normal(0, 0.1, (64, 4)).astype(np.float32),
                            f"{key}.alpha": np.asarray(8.0, np.float32)})
+  return path
+
+
+def test_an_sdxl_kohya_lora_merges_into_its_layer(sdxl_pipe, tmp_path):
+  from persona_jax import tree
+  from persona_jax.methods.lora_compose import LoRASpec, with_loras
+  lora = sdxl_kohya_lora(tmp_path / "sdxl_kohya.safetensors")
   base = tree.flatten(sdxl_pipe.params)
   merged = tree.flatten(with_loras(sdxl_pipe.params, [LoRASpec.parse(str(lora))],
                                    sdxl_pipe.unet_config))
   assert [p for p, v in merged.items() if not np.array_equal(v, base[p])] == [
       "unet/down_blocks_1/attentions_0/transformer_blocks_0/attn1/to_q/kernel"]
+
+
+@slow
+def test_verify_lora_on_sdxl(sdxl_dir, tmp_path, capsys):
+  """`verify --lora` on SDXL: diffusers' StableDiffusionXLPipeline.load_lora_weights against ours
+  (tests/convert/test_lora_formats_sdxl.py compares the same outputs by default)."""
+  lora = sdxl_kohya_lora(tmp_path / "sdxl_kohya.safetensors")
   assert main(["verify", str(sdxl_dir), "--lora", str(lora)]) == 0
   assert "PASS" in capsys.readouterr().out

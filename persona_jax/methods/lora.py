@@ -76,7 +76,8 @@ class LoRAConfig:
   conv_rank: int = 0                 # LoCon on resnet and sampler convs; 0: off
   conv_alpha: float = 0.0            # 0: alpha = conv_rank
   # LoRA on text encoders too (block BASE): False, True (every encoder of the base), "te1",
-  # "te2", "both", or a tuple of encoder names.
+  # "te2", "both", or a tuple of encoder names. The command line takes True/False (the field is a
+  # bool there); a config file sets the others inside `with c.ignore_type():`.
   text_encoder: bool | str | tuple = False
   # Per block: {block: value}, or 26 / 17 values in the preset's order (BASE, IN00.., MID, OUT..;
   # or BASE and the attention blocks). Rank 0 skips a block.

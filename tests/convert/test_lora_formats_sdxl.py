@@ -25,10 +25,15 @@ COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 
 @pytest.fixture(scope="module")
 def sdxl(sdxl_pipe):
-  """Every module we adapt (kohya's linears, LoCon convs, both encoders), alphas != ranks; B
-  scaled to LoRA-sized updates (at random_factors' size they swamp the tiny model, whose float32
-  round-off then grows past 1e-4 on either side)."""
-  return sdxl_pipe, {p: f._replace(b=0.3 * f.b) for p, f in random_factors(sdxl_pipe).items()}
+  """Every module we adapt (kohya's linears, LoCon convs, both encoders), alphas != ranks and, in
+  one block's attention, another alpha (diffusers' kohya loader keeps only the majority alpha for
+  attention projections: the writer must even them out); B scaled to LoRA-sized updates (at
+  random_factors' size they swamp the tiny model, whose float32 round-off then grows past 1e-4)."""
+  factors = {p: f._replace(b=0.3 * f.b) for p, f in random_factors(sdxl_pipe).items()}
+  for p, f in factors.items():
+    if "up_blocks_0/attentions_1/" in p:
+      factors[p] = f._replace(scale=np.asarray(0.5, np.float32))
+  return sdxl_pipe, factors
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +66,8 @@ def outputs_torch(ref, pipe):
 
 @pytest.fixture(scope="module")
 def ours(sdxl):
-  """Our (context, eps NCHW) with the factors merged: one compile for every format."""
+  """Our merged params (flat) and (context, eps NCHW) with the factors merged, once for every
+  format."""
   from persona_jax.diffusion.conditioning import encode_sdxl_prompt
   pipe, factors = sdxl
   models = pipe.models()
@@ -72,9 +78,10 @@ def ours(sdxl):
     eps = models.unet.apply({"params": params["unet"]}, x, t, ctx,
                             added_cond={"text_embeds": pooled, "time_ids": time_ids})
     return ctx, eps
+  params = merged(pipe, factors)
   with jax.default_matmul_precision("highest"):
-    ctx, eps = jax.jit(run)(merged(pipe, factors))
-  return np.asarray(ctx), nchw(np.asarray(eps))
+    ctx, eps = jax.jit(run)(params)
+  return tree.flatten(params), (np.asarray(ctx), nchw(np.asarray(eps)))
 
 
 def file_of(fmt, factors, params, path):
@@ -133,8 +140,8 @@ def test_diffusers_loads_every_key_and_matches_us(sdxl, base_ref, ours, tmp_path
                                                                   unet_config=base_ref.unet.config)
     assert len([k for k in converted if k.endswith(".down.weight")]) == len(factors)
     assert len(alphas) == len(factors)
+    assert lf.base_version(pipe) == "sdxl_base_v1-0"
   ref = copy.deepcopy(base_ref)
-  base_ctx, base_eps = outputs_torch(ref, pipe)
   messages, logger = Messages(), logging.getLogger("diffusers")
   logger.addHandler(messages)
   try:
@@ -145,18 +152,19 @@ def test_diffusers_loads_every_key_and_matches_us(sdxl, base_ref, ours, tmp_path
   wrapped = {short(f"{c}.{n}") for c in COMPONENTS for n, m in getattr(ref, c).named_modules()
              if isinstance(m, BaseTunerLayer)}
   assert wrapped == {short(m) for m in targeted}
-  ctx, eps = outputs_torch(ref, pipe)
-  assert np.abs(eps - base_eps).max() > 1e-3 and np.abs(ctx - base_ctx).max() > 1e-3
-  # Fused, every targeted weight is W + s * B @ A exactly as we merge it.
+  # Fused, every targeted weight is W + s * B @ A exactly as we merge it, and the outputs are ours
+  # (and not the base's).
   ref.fuse_lora()
-  ours_merged = tree.flatten(merged(pipe, factors))
+  ours_merged, (our_ctx, our_eps) = ours
   for p in factors:
     module = torch_module(ref, names[p])
     w = getattr(module, "base_layer", module).weight.detach().numpy()
     np.testing.assert_allclose(w, torch_layout(ours_merged[p]), atol=1e-5, rtol=1e-5, err_msg=p)
   ctx, eps = outputs_torch(ref, pipe)
-  assert compare("context", ours[0], ctx).max_rel < 1e-4
-  assert compare("eps", ours[1], eps).max_rel < 1e-4
+  assert compare("context", our_ctx, ctx).max_rel < 1e-4
+  assert compare("eps", our_eps, eps).max_rel < 1e-4
+  base_ctx, base_eps = outputs_torch(base_ref, pipe)
+  assert np.abs(eps - base_eps).max() > 1e-2 and np.abs(ctx - base_ctx).max() > 1e-2
   # Read back: the same merged weights.
   back = tree.flatten(merged(pipe, lf.read_lora_file(path, pipe.params)))
   for p in factors:
@@ -234,3 +242,31 @@ def test_sdxl_names_and_bad_files(sdxl, tmp_path):
                                            r"layers_7.*no module") as e:
     lf.read_lora_file(bad, pipe.params)
   assert "SD 1.x" not in str(e.value)
+
+
+def test_kohya_targets_are_kohyas_selection_on_sdxl(sdxl, base_ref):
+  """`targets=("kohya",)` with conv_rank and both encoders is kohya's networks/lora.py selection
+  on diffusers' SDXL modules: every Linear and 1x1 Conv2d of a Transformer2DModel, the Conv2d of
+  ResnetBlock2D / Downsample2D / Upsample2D (but time_emb_proj, a Linear kohya also adapts
+  there), the Linears of CLIPAttention / CLIPMLP, the first encoder's unread last layer aside."""
+  import torch
+  from persona_jax.methods import lora
+  pipe, factors = sdxl
+  official = set()
+  for component in COMPONENTS:
+    kinds = (("Transformer2DModel", "ResnetBlock2D", "Downsample2D", "Upsample2D")
+             if component == "unet" else ("CLIPAttention", "CLIPSdpaAttention", "CLIPMLP"))
+    for name, module in getattr(base_ref, component).named_modules():
+      if type(module).__name__ not in kinds:
+        continue
+      for child, c in module.named_modules():
+        transformer = type(module).__name__ == "Transformer2DModel"
+        if isinstance(c, torch.nn.Linear) and (transformer or component != "unet"):
+          official.add(short(f"{component}.{name}.{child}"))
+        elif isinstance(c, torch.nn.Conv2d) and (not transformer or c.kernel_size == (1, 1)):
+          official.add(short(f"{component}.{name}.{child}"))
+  official -= {m for m in official if m.startswith("text_encoder.encoder.layers.2.")}
+  config = lora.LoRAConfig(targets=("kohya",), conv_rank=2, text_encoder=True)
+  names = lf.module_names(pipe.params)
+  ours = {short(names[t.kernel]) for t in lora.targets(config, pipe.params, pipe.unet_config)}
+  assert ours == official and ours == {short(names[p]) for p in factors}

@@ -1,6 +1,8 @@
-"""LoRA / LoCon on an SDXL base (the tiny `sdxl` random model): the method bar with kohya's targets,
-LoCon convs, per-block ranks and both text encoders; which encoders `text_encoder` names; a
-training run whose exports diffusers' StableDiffusionXLPipeline loads."""
+"""LoRA / LoCon on an SDXL base (the tiny `sdxl` random model): the method bar with attention
+targets, per-block ranks and alphas and both text encoders (kohya's wider set and LoCon convs: the
+SD 1.x bar, tests/methods/test_lora.py; on SDXL: the target sets below and every-module files in
+tests/convert/test_lora_formats_sdxl.py); which encoders `text_encoder` names; slow: a training
+run whose exports diffusers' StableDiffusionXLPipeline loads."""
 
 import copy
 
@@ -18,8 +20,8 @@ from tests.markers import slow
 from tests.runs import fixed_batch_trajectory, lora_config, one_device_mesh
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
-METHOD = dict(name="lora", rank=2, conv_rank=2, text_encoder=True, targets=("kohya",),
-              block_ranks={"IN04": 3, "OUT05": 0}, block_alphas={"MID": 1.0})
+METHOD = dict(name="lora", rank=2, text_encoder=True, block_ranks={"IN04": 3, "OUT02": 0},
+              block_alphas={"MID": 1.0})
 
 
 @pytest.fixture(scope="module")
@@ -37,30 +39,28 @@ def factor_keys(run):
 
 
 def test_trainable_leaves_are_exactly_the_targets(run):
-  """kohya's transformer linears (6 attentions: 12 transformer blocks x 10 + 6 x proj_in/out),
-  LoCon on 12 resnets (conv1, conv2), 7 shortcuts and 2 samplers, and every encoder layer's
-  q/k/v/out/fc1/fc2 in both encoders (2 of the first's 3 layers: SDXL never reads
-  its last; the second's 2); OUT05 (up_blocks_1/resnets_2) at rank 0."""
+  """attn1/attn2 q/k/v/out of the 12 transformer blocks (2 in each of 6 attentions) but OUT02's
+  (up_blocks_0/attentions_2: rank 0), and q/k/v/out/fc1/fc2 of both encoders' layers but the
+  first encoder's last, which SDXL never reads (2 of its 3; the second's 2)."""
   keys = factor_keys(run)
   assert {p.rsplit("/", 1)[1] for p in tree.paths(run.trainable)} == {"a", "b"}
   unet = {k for k in keys if k.startswith("lora/unet/")}
-  linear = {k for k in unet if "/attentions_" in k}
-  convs = unet - linear
-  assert len(linear) == 12 * 10 + 6 * 2
-  assert len(convs) == 12 * 2 + 7 + 2 - 3                   # OUT05's conv1, conv2, conv_shortcut
-  assert not [k for k in keys if "up_blocks_1/resnets_2/" in k]
+  assert len(unet) == (12 - 2) * 8
+  assert {k.split("/transformer_blocks_")[1].split("/", 1)[1] for k in unet} == {
+      f"attn{i}/to_{n}" for i in (1, 2) for n in ("q", "k", "v", "out_0")}
+  assert not [k for k in keys if "up_blocks_0/attentions_2/" in k]
   for encoder, layers in (("text_encoder", 2), ("text_encoder_2", 2)):
     assert len([k for k in keys if k.startswith(f"lora/{encoder}/")]) == layers * 6
+  assert not [k for k in keys if k.startswith("lora/text_encoder/encoder/layers_2/")]
   # Ranks and alphas by block: IN04 (down_blocks_1 layer 0) rank 3; MID alpha 1 at rank 2.
-  factors = run.trainable["lora"]["unet"]
-  assert factors["down_blocks_1"]["attentions_0"]["proj_in"]["a"].shape == (64, 3)
-  assert factors["down_blocks_1"]["resnets_0"]["conv1"]["a"].shape == (3 * 3 * 32, 3)
-  assert factors["down_blocks_1"]["attentions_1"]["proj_in"]["a"].shape == (64, 2)
+  factors = run.trainable["lora"]["unet"]["down_blocks_1"]
+  assert factors["attentions_0"]["transformer_blocks_1"]["attn2"]["to_k"]["a"].shape == (80, 3)
+  assert factors["attentions_1"]["transformer_blocks_1"]["attn2"]["to_k"]["a"].shape == (80, 2)
   chosen = {t.kernel: t for t in lora.targets(lora.LoRAConfig(**{k: v for k, v in METHOD.items()
                                                                   if k != "name"}),
                                                run.pipe.params, run.pipe.unet_config)}
   assert {f"lora/{k[:-len('/kernel')]}" for k in chosen} == keys
-  assert chosen["unet/mid_block/attentions_0/proj_out/kernel"].scale == 0.5
+  assert chosen["unet/mid_block/attentions_0/transformer_blocks_0/attn1/to_q/kernel"].scale == 0.5
   assert set(run.frozen) == {"unet", *TEXT_ENCODERS}
 
 
@@ -127,10 +127,13 @@ def run_folder(run, trajectory, sdxl_dir, tmp_path_factory):
   return workdir
 
 
+@slow
 def test_exports_load_in_diffusers_as_sample_merges_them(run_folder, sdxl_dir, sdxl_pipe, tmp_path):
   """The run's file exported as diffusers/PEFT and as kohya: each reads back to the run's
   factors and, loaded by StableDiffusionXLPipeline.load_lora_weights (UNet, both encoders, LoCon
-  convs) and fused, holds the weights `sample --lora` merges."""
+  convs) and fused, holds the weights `sample --lora` merges. Per-block ranks at alpha = r give
+  the kohya file mixed alphas, which its writer evens out for diffusers' loader. (Default:
+  tests/convert/test_lora_formats_sdxl.py, every module, random factors.)"""
   check_exports(run_folder, sdxl_dir, sdxl_pipe, tmp_path, ("unet", *TEXT_ENCODERS))
 
 
