@@ -19,7 +19,10 @@ encoder's) weights, trained on a few images of a subject.
     The same recipe with factors only in the blocks of one of sd-webui-lora-block-weight's
     17-block presets (ALL, INS, IND, INALL, MIDD, OUTD, OUTS, OUTALL; methods.md 4.2), i.e.
     block-wise LoRA; in any config: --config.method.blocks=MIDD, or 17 / 26 numbers
-    ("1,0,0,...": 0 skips a block). SD 1.x/2.x block layout.
+    ("1,0,0,...": 0 skips a block). SD 1.x/2.x block layout; on SDXL (IN00..IN08, MID,
+    OUT00..OUT08) the extension's 12 or 20 numbers, the named presets being SD 1.x/2.x's.
+  On SDXL: --config.model=/path/to/stable-diffusion-xl-base-1.0; --config.method.text_encoder=True
+    trains LoRA on both text encoders (train_dreambooth_lora_sdxl.py's --train_text_encoder).
 
 Writes WORKDIR/lora.safetensors (the factors by param path); `persona-jax export --format
 diffusers|kohya` writes the files diffusers' `load_lora_weights` and A1111/ComfyUI read.
