@@ -138,7 +138,8 @@ def add_arguments(p) -> None:
                       "kohya/A1111 (repeat to add several; they sum). WEIGHT scales it (default 1); "
                       "BLOCKS are per-block weights as A1111's lbw: NAME=VALUE pairs (e.g. "
                       "IN01=0,MID=0.5,OUT03=0; blocks not named: 1; BASE is the text encoder) or "
-                      "the 17 or 26 numbers of the sd-webui-lora-block-weight presets, e.g. "
+                      "the 17 or 26 numbers of the sd-webui-lora-block-weight presets (SDXL: its "
+                      "12 or 20), e.g. "
                       "a.safetensors:0.8:IN01=0,BASE=0")
   p.add_argument("--embedding", action="append", default=[], metavar="FILE[:TOKEN]",
                  help="a textual-inversion embedding (diffusers learned_embeds.safetensors, an "
