@@ -23,10 +23,10 @@ def class_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def run(sdxl_dir, class_dir):
-  """UNet and both text encoders, random crops (the step encodes pixels and both prompts)."""
+  """UNet and both text encoders (the step encodes both prompts; VAE moments cached)."""
   return loop.build(db_config(sdxl_dir, class_dir, method=dict(name="dreambooth",
-                                                               train_text_encoder=True),
-                              data=dict(center_crop=False)), mesh=one_device_mesh())
+                                                               train_text_encoder=True)),
+                    mesh=one_device_mesh())
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,7 @@ def test_trainable_set_is_the_unet_and_both_text_encoders(run):
                                                  "text_encoder/final_layer_norm/"))}
   assert len(unread) == 18
   assert set(tree.paths(run.trainable)) == expected - unread
-  assert set(run.frozen) == {"vae", "text_encoder"}
+  assert set(run.frozen) == {"text_encoder"}           # its unread leaves; VAE moments cached
   assert len(run.tokenizers) == 2
 
 
@@ -58,7 +58,7 @@ def test_batch_carries_both_prompts_and_the_crop_as_time_ids(run, trajectory):
 
 def test_method_bar(run, trajectory):
   """Step 0 is the base; lr 0 moves nothing; every leaf gets a gradient; the loss falls; the
-  frozen VAE stays bit-identical."""
+  frozen leaves stay bit-identical."""
   params = run.full_params(run.trainable)
   for name in ("unet", "vae") + TEXT_ENCODERS:
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params[name]),
@@ -85,12 +85,14 @@ def test_cached_sdxl_conditioning_is_both_encoders_output(sdxl_dir, class_dir):
   np.testing.assert_allclose(first[POOLED], pooled, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("single_file", [False, pytest.param(True, marks=slow)])
+@slow
+@pytest.mark.parametrize("single_file", [False, True])
 def test_exports_load_in_diffusers_sdxl_pipeline(run, trajectory, tmp_path, single_file):
-  """The result folder (diffusers) and the original single file (A1111/ComfyUI; slow: diffusers'
-  single-file SDXL loading is tested on its own in tests/convert/test_single_file_sdxl.py) hold
-  the trained weights; diffusers' StableDiffusionXLPipeline loads them, and its UNet reproduces
-  ours."""
+  """The result folder (diffusers) and the original single file (A1111/ComfyUI) hold the trained
+  weights; diffusers' StableDiffusionXLPipeline loads them, and its UNet reproduces ours. Slow:
+  the result is `save_pipeline`'s SDXL folder and `save_single_file`'s SDXL file, each loaded by
+  diffusers in tests/models/test_sdxl.py, test_sdxl_sampling.py and
+  tests/convert/test_single_file_sdxl.py."""
   torch = pytest.importorskip("torch")
   from diffusers import StableDiffusionXLPipeline
 

@@ -23,7 +23,7 @@ from tests.train.test_loop import _final_state
 # (H, W): square, 3:2, 2:3, an odd size; at resolution 32 with 8-pixel steps they fall in the
 # buckets 32x32, 40x24 and 24x40 (both of the last two).
 SIZES = {"square": (32, 32), "wide": (32, 48), "tall": (48, 32), "odd": (53, 37)}
-STEPS, STOP_AFTER, BATCH = 4, 2, 4
+STEPS, STOP_AFTER, BATCH = 4, 2, 1
 
 
 class Stopped(Exception):
@@ -38,8 +38,10 @@ def test_bucketed_run_compiles_once_per_bucket_and_resumes_bitwise(model_dirs, t
   for name, (h, w) in SIZES.items():
     Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(inst / f"{name}.png")
   classes = write_class_images(tmp_path / "classes", n=2, size=40)
-  # Batch 4 + 4 class rows: the 8 test devices. LoRA on the UNet, text contexts and VAE moments
-  # cached (per bucket).
+  # Batch 1 + 1 class row on one device (the 8 test devices' sharded programs compile several
+  # times slower). LoRA on the UNet, text contexts and VAE moments cached (per bucket).
+  mesh = one_device_mesh()
+  monkeypatch.setattr(loop.mesh_lib, "make_mesh", lambda *a, **k: mesh)
   values = lora_config(
       model_dirs["sd1"], steps=STEPS, batch_size=BATCH, checkpoint_every=STOP_AFTER,
       data=dict(instance_dir=str(inst), buckets=True, bucket_step=8, num_class_images=2,
