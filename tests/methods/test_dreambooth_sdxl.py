@@ -8,6 +8,7 @@ import pytest
 
 from persona_jax import tree
 from persona_jax.data.batch import CONTEXT, IDS_2, POOLED, PRIOR, TIME_IDS
+from persona_jax.data.pipeline import make_iterator
 from persona_jax.diffusion.conditioning import encode_sdxl_prompt
 from persona_jax.train import loop
 from tests.markers import slow
@@ -23,15 +24,24 @@ def class_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def run(sdxl_dir, class_dir):
-  """UNet and both text encoders (the step encodes both prompts; VAE moments cached)."""
+  """UNet and both text encoders (the step would encode both prompts; VAE moments cached)."""
   return loop.build(db_config(sdxl_dir, class_dir, method=dict(name="dreambooth",
                                                                train_text_encoder=True)),
                     mesh=one_device_mesh())
 
 
 @pytest.fixture(scope="module")
-def trajectory(run):
-  return fixed_batch_trajectory(run, steps=4)
+def unet_run(sdxl_dir, class_dir):
+  """UNet only: VAE moments and both encoders' context and pooled embedding cached."""
+  return loop.build(db_config(sdxl_dir, class_dir), mesh=one_device_mesh())
+
+
+@pytest.fixture(scope="module", params=["unet", pytest.param("unet+text", marks=slow)])
+def trained(request, run, unet_run):
+  """(run, its trajectory): the UNet-only run (default) or with both text encoders (slow: the
+  text-encoder path trains in LoRA's SDXL bar too)."""
+  which = unet_run if request.param == "unet" else run
+  return which, fixed_batch_trajectory(which, steps=4)
 
 
 def test_trainable_set_is_the_unet_and_both_text_encoders(run):
@@ -47,8 +57,8 @@ def test_trainable_set_is_the_unet_and_both_text_encoders(run):
   assert len(run.tokenizers) == 2
 
 
-def test_batch_carries_both_prompts_and_the_crop_as_time_ids(run, trajectory):
-  batch = trajectory["batch"]
+def test_batch_carries_both_prompts_and_the_crop_as_time_ids(run):
+  batch = next(make_iterator(run.dataset))
   np.testing.assert_array_equal(batch[PRIOR], [0.0, 1.0])
   np.testing.assert_array_equal(batch[IDS_2], run.prompt_inputs(["a photo of sks toy",
                                                                  "a photo of toy"])[IDS_2])
@@ -56,9 +66,10 @@ def test_batch_carries_both_prompts_and_the_crop_as_time_ids(run, trajectory):
   np.testing.assert_array_equal(batch[TIME_IDS], [[128, 128, 0, 0, 32, 32], [40, 40, 0, 0, 32, 32]])
 
 
-def test_method_bar(run, trajectory):
+def test_method_bar(trained):
   """Step 0 is the base; lr 0 moves nothing; every leaf gets a gradient; the loss falls; the
   frozen leaves stay bit-identical."""
+  run, trajectory = trained
   params = run.full_params(run.trainable)
   for name in ("unet", "vae") + TEXT_ENCODERS:
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params[name]),
@@ -73,10 +84,10 @@ def test_method_bar(run, trajectory):
     assert np.array_equal(a, np.asarray(b))
 
 
-def test_cached_sdxl_conditioning_is_both_encoders_output(sdxl_dir, class_dir):
+def test_cached_sdxl_conditioning_is_both_encoders_output(unet_run):
   """UNet only: the data pipeline caches each caption's concatenated context and pooled
   embedding (nothing in the text path trains), and the step needs neither text encoder."""
-  run = loop.build(db_config(sdxl_dir, class_dir), mesh=one_device_mesh())
+  run = unet_run
   assert run.frozen == {}
   first = run.dataset[0]
   ids = run.prompt_inputs(["a photo of sks toy", "a photo of toy"])
@@ -87,7 +98,7 @@ def test_cached_sdxl_conditioning_is_both_encoders_output(sdxl_dir, class_dir):
 
 @slow
 @pytest.mark.parametrize("single_file", [False, True])
-def test_exports_load_in_diffusers_sdxl_pipeline(run, trajectory, tmp_path, single_file):
+def test_exports_load_in_diffusers_sdxl_pipeline(run, tmp_path, single_file):
   """The result folder (diffusers) and the original single file (A1111/ComfyUI) hold the trained
   weights; diffusers' StableDiffusionXLPipeline loads them, and its UNet reproduces ours. Slow:
   the result is `save_pipeline`'s SDXL folder and `save_single_file`'s SDXL file, each loaded by
@@ -100,7 +111,7 @@ def test_exports_load_in_diffusers_sdxl_pipeline(run, trajectory, tmp_path, sing
   from persona_jax.methods.dreambooth import export_single_file, load
   from persona_jax.methods.spec import ExportRequest
   from persona_jax.verify import nchw
-  trained = trajectory["trained"]
+  trained = fixed_batch_trajectory(run, steps=2)["trained"]
   context = ResultContext(tmp_path, run.pipe, run.model_dir, run.config, run.full_params)
   (folder,) = run.method.save(trained, context)
   loaded = StableDiffusionXLPipeline.from_pretrained(folder, local_files_only=True)
