@@ -41,6 +41,17 @@ def lora_config(model_dir, **overrides):
   return _merge(values, overrides)
 
 
+def ip_config(model_dir, encoder_dir, **overrides):
+  """The example subject's 4 images, 32px, batch 2, one warm-up step (lr 0 at step 0)."""
+  values = dict(
+      model=str(model_dir),
+      method=dict(name="ip_adapter", image_encoder=str(encoder_dir)),
+      data=dict(caption_source="templates", prompt="ball", templates="object", resolution=32),
+      optim=dict(lr=1e-2, clip_grad_norm=0.0, weight_decay=0.0, warmup_steps=1),
+      steps=2, batch_size=2, log_every=1, checkpoint_every=2, sample_prompts=())
+  return _merge(values, overrides)
+
+
 def write_class_images(folder, n=2, size=40, seed=0):
   """`n` random RGB images (stand-ins for sampled class images); returns the folder."""
   import numpy as np
@@ -107,6 +118,24 @@ def fixed_batch_trajectory(run, steps: int = 8, keep_states: bool = False):
   return dict(batch=jax.device_get(batch), frozen_before=frozen_before, after_lr0=after_lr0,
               loss0=float(m0["loss"]), loss_end=float(m_end["loss"]),
               trained=jax.device_get(state.trainable), **({"states": states} if keep_states else {}))
+
+
+def assert_training_bar(run, trajectory) -> None:
+  """DESIGN 5's training bar on a `fixed_batch_trajectory`: lr 0 moves nothing, every trainable
+  leaf moves (weight decay 0: Adam moves a leaf iff its gradient is non-zero), the loss falls on
+  the fixed batch, and the frozen params stay bit-identical."""
+  import jax
+  import numpy as np
+
+  from persona_jax import tree
+  for a, b in zip(jax.tree.leaves(trajectory["after_lr0"]), jax.tree.leaves(run.trainable)):
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+  init, trained = tree.flatten(run.trainable), tree.flatten(trajectory["trained"])
+  still = [p for p in init if np.array_equal(np.asarray(trained[p]), np.asarray(init[p]))]
+  assert not still, f"{still[:3]} never got a gradient"
+  assert trajectory["loss_end"] < trajectory["loss0"]
+  for a, b in zip(jax.tree.leaves(trajectory["frozen_before"]), jax.tree.leaves(run.frozen)):
+    assert np.array_equal(a, np.asarray(b))
 
 
 def run_cli(*args, timeout: int = 900) -> None:

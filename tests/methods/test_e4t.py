@@ -17,7 +17,7 @@ from persona_jax.methods import e4t
 from persona_jax.data.batch import CLIP_PIXELS
 from persona_jax.train import loop
 from tests.markers import slow
-from tests.runs import _merge, fixed_batch_trajectory, one_device_mesh
+from tests.runs import _merge, assert_training_bar, fixed_batch_trajectory, one_device_mesh
 
 TRANSFORMERS = ["down_blocks_0/attentions_0", "up_blocks_1/attentions_0",
                 "up_blocks_1/attentions_1", "mid_block/attentions_0"]
@@ -255,14 +255,7 @@ def test_training_bar(phase, request):
   whole UNet (no E4T-specific path: DreamBooth's tests cover it), so its run is slow-only."""
   run = request.getfixturevalue(phase)
   trajectory = request.getfixturevalue(f"{phase}_trajectory")
-  for a, b in zip(jax.tree.leaves(trajectory["after_lr0"]), jax.tree.leaves(run.trainable)):
-    assert np.array_equal(np.asarray(a), np.asarray(b))
-  init, trained = tree.flatten(run.trainable), tree.flatten(trajectory["trained"])
-  still = [p for p in init if np.array_equal(np.asarray(trained[p]), np.asarray(init[p]))]
-  assert not still, f"{still[:3]} never got a gradient"
-  assert trajectory["loss_end"] < trajectory["loss0"]
-  for a, b in zip(jax.tree.leaves(trajectory["frozen_before"]), jax.tree.leaves(run.frozen)):
-    assert np.array_equal(a, np.asarray(b))
+  assert_training_bar(run, trajectory)
   batch = trajectory["batch"]
   if phase == "tune":                    # one image, augmented into a batch
     assert not np.array_equal(batch["pixels"][0], batch["pixels"][1])

@@ -28,7 +28,7 @@ from persona_jax.train import loop
 from persona_jax.world.captioned_folder import write_captioned_folder
 from tests.methods.test_e4t import write_image_encoder, write_model
 from tests.markers import slow
-from tests.runs import _merge, fixed_batch_trajectory, one_device_mesh
+from tests.runs import _merge, assert_training_bar, fixed_batch_trajectory, one_device_mesh
 
 TRANSFORMERS = ["down_blocks_0/attentions_0", "up_blocks_1/attentions_0",
                 "up_blocks_1/attentions_1", "mid_block/attentions_0"]
@@ -108,14 +108,7 @@ def test_trainable_set_is_literal(run):
 def test_training_bar(run, trajectory):
   """lr 0 moves nothing; every trainable leaf moves (non-zero gradients: the adapters' leaves
   once gamma has left 0); frozen params are bit-identical; the loss falls on a fixed batch."""
-  for a, b in zip(jax.tree.leaves(trajectory["after_lr0"]), jax.tree.leaves(run.trainable)):
-    assert np.array_equal(np.asarray(a), np.asarray(b))
-  init, trained = tree.flatten(run.trainable), tree.flatten(trajectory["trained"])
-  still = [p for p in init if np.array_equal(np.asarray(trained[p]), np.asarray(init[p]))]
-  assert not still, f"{still[:3]} never got a gradient"
-  assert trajectory["loss_end"] < trajectory["loss0"]
-  for a, b in zip(jax.tree.leaves(trajectory["frozen_before"]), jax.tree.leaves(run.frozen)):
-    assert np.array_equal(a, np.asarray(b))
+  assert_training_bar(run, trajectory)
   batch = trajectory["batch"]
   assert batch[CLIP_PIXELS].shape == (2, 16, 16, 3)
   assert not np.array_equal(batch[CLIP_PIXELS][0], batch[CLIP_PIXELS][1])    # each its own image

@@ -23,7 +23,7 @@ from persona_jax.models.addons import DecoupledCrossAttention
 from persona_jax.train import loop
 from tests.methods.test_e4t import write_image_encoder, write_model
 from tests.markers import slow
-from tests.runs import _merge, fixed_batch_trajectory, one_device_mesh
+from tests.runs import fixed_batch_trajectory, ip_config, one_device_mesh
 
 TRANSFORMERS = ["down_blocks_0/attentions_0", "up_blocks_1/attentions_0",
                 "up_blocks_1/attentions_1", "mid_block/attentions_0"]
@@ -33,17 +33,6 @@ PROJECTION = ["ip_adapter/image_proj/proj/kernel", "ip_adapter/image_proj/proj/b
               "ip_adapter/image_proj/norm/scale", "ip_adapter/image_proj/norm/bias"]
 # diffusers' attn_processors order: down, up, mid (ids 1, 3, 5, 7)
 OFFICIAL_IDS = {1: TRANSFORMERS[0], 3: TRANSFORMERS[1], 5: TRANSFORMERS[2], 7: TRANSFORMERS[3]}
-
-
-def ip_config(model_dir, encoder_dir, **overrides):
-  """The example subject's 4 images, 32px, batch 2, one warm-up step (lr 0 at step 0)."""
-  values = dict(
-      model=str(model_dir),
-      method=dict(name="ip_adapter", image_encoder=str(encoder_dir)),
-      data=dict(caption_source="templates", prompt="ball", templates="object", resolution=32),
-      optim=dict(lr=1e-2, clip_grad_norm=0.0, weight_decay=0.0, warmup_steps=1),
-      steps=2, batch_size=2, log_every=1, checkpoint_every=2, sample_prompts=())
-  return _merge(values, overrides)
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ from persona_jax.methods import ip_adapter_verify as ipv
 from persona_jax.models.addons import DecoupledCrossAttention
 from persona_jax.train import loop
 from tests.markers import slow
-from tests.runs import _merge, fixed_batch_trajectory, one_device_mesh
+from tests.runs import assert_training_bar, fixed_batch_trajectory, ip_config, one_device_mesh
 
 # diffusers' attn_processors order (down, up, mid; by attention, then transformer block): the
 # official ids 1, 3, 5, ... of the attn2 processors.
@@ -59,17 +59,6 @@ def write_image_encoder(folder, hidden_size, projection_dim):
 def encoders(tmp_path_factory):
   root = tmp_path_factory.mktemp("sdxl_image_encoders")
   return {name: write_image_encoder(root / name, **dims) for name, dims in ENCODERS.items()}
-
-
-def ip_config(model_dir, encoder_dir, **overrides):
-  """The example subject's 4 images, 32px, batch 2, one warm-up step (lr 0 at step 0)."""
-  values = dict(
-      model=str(model_dir),
-      method=dict(name="ip_adapter", image_encoder=str(encoder_dir)),
-      data=dict(caption_source="templates", prompt="ball", templates="object", resolution=32),
-      optim=dict(lr=1e-2, clip_grad_norm=0.0, weight_decay=0.0, warmup_steps=1),
-      steps=2, batch_size=2, log_every=1, checkpoint_every=2, sample_prompts=())
-  return _merge(values, overrides)
 
 
 @pytest.fixture(scope="module")
@@ -126,14 +115,7 @@ def test_training_bar(run):
   """Every trainable leaf moves, frozen params are bit-identical, the loss falls on a fixed
   batch, lr 0 moves nothing."""
   trajectory = fixed_batch_trajectory(run, steps=3)
-  for a, b in zip(jax.tree.leaves(trajectory["after_lr0"]), jax.tree.leaves(run.trainable)):
-    assert np.array_equal(np.asarray(a), np.asarray(b))
-  init, trained = tree.flatten(run.trainable), tree.flatten(trajectory["trained"])
-  still = [p for p in init if np.array_equal(np.asarray(trained[p]), np.asarray(init[p]))]
-  assert not still, f"{still[:3]} never got a gradient"
-  assert trajectory["loss_end"] < trajectory["loss0"]
-  for a, b in zip(jax.tree.leaves(trajectory["frozen_before"]), jax.tree.leaves(run.frozen)):
-    assert np.array_equal(a, np.asarray(b))
+  assert_training_bar(run, trajectory)
 
 
 def test_plus_on_sdxl_follows_ipadapterplusxl(run, encoders):
