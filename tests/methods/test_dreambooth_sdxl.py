@@ -37,10 +37,12 @@ def unet_run(sdxl_dir, class_dir):
   return loop.build(db_config(sdxl_dir, class_dir), mesh=one_device_mesh())
 
 
-@pytest.fixture(scope="module", params=["unet", pytest.param("unet+text", marks=slow)])
+@pytest.fixture(scope="module", params=[pytest.param("unet", marks=slow),
+                                        pytest.param("unet+text", marks=slow)])
 def trained(request, run, unet_run):
-  """(run, its trajectory): the UNet-only run (default) or with both text encoders (slow: the
-  text-encoder path trains in LoRA's SDXL bar too)."""
+  """(run, its trajectory): the UNet-only run or with both text encoders. Slow: a full SDXL UNet
+  step's compile; the SDXL step trains in the LoRA, Textual Inversion, Custom Diffusion and
+  IP-Adapter bars by default, and DreamBooth's step is the SD 1.x one's."""
   which = unet_run if request.param == "unet" else run
   return which, fixed_batch_trajectory(which, steps=4)
 
