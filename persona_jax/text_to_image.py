@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -16,6 +17,7 @@ from persona_jax.data.batch import (IDS, IDS_2, NEGATIVE_IDS, NEGATIVE_IDS_2, NE
 from persona_jax.diffusion.conditioning import TextConditioning
 from persona_jax.diffusion.samplers import folder_default_sampler
 from persona_jax.diffusion.sampling import generate, pipeline_scheduler, progress_to
+from persona_jax.distributed import is_main, map_over_processes
 from persona_jax.errors import ConfigError
 from persona_jax.images import to_uint8
 from persona_jax.models.unet import UNet2DConditionModel
@@ -146,7 +148,8 @@ def text_to_image(pipe: Pipeline, prompts: str | list[str],
   """Generates `num_images` images per prompt (prompt-major order).
 
   Image k of the run uses the key fold_in(key(seed), start_index + k), so it is the same image
-  whatever the batch size. The last batch is padded to the batch size (one compilation).
+  whatever the batch size. The last batch is padded to the batch size (one compilation). With
+  several processes, every process calls it and the batches are split over them.
   `sampling`: a method's params, tokenizer, conditioning, prompt rewrite, inputs and UNet
   add-ons (None: the pipeline as it is).
 
@@ -186,22 +189,30 @@ def text_to_image(pipe: Pipeline, prompts: str | list[str],
   sampler = sampler_name(pipe, options)
   total = len(all_prompts)
   bs = max(1, min(options.batch_size, total))
-  out = []
-  bar = tqdm(total=-(-total // bs) * options.steps, desc=f"sampling {total} image(s)", unit="step",
-             disable=not progress, leave=False)
+  starts = list(range(0, total, bs))
+  mine = len(starts[jax.process_index()::jax.process_count()])
+  bar = tqdm(total=mine * options.steps, desc=f"sampling {total} image(s)", unit="step",
+             disable=not (progress and is_main()), leave=False)
+
+  def sample_batch(start):
+    """[bs, H, W, 3] uint8: images start .. start + bs - 1 (the last batch padded)."""
+    chunk = list(range(start, min(start + bs, total)))
+    padded = chunk + [chunk[-1]] * (bs - len(chunk))
+    batch = prompt_inputs(pipe, tokenizer, [all_prompts[i] for i in padded],
+                          [all_negatives[i] for i in padded], options, (h, w),
+                          sampling.tokenizer_2)
+    batch.update({k: np.repeat(np.asarray(v), bs, axis=0) for k, v in sampling.inputs.items()})
+    images = generate(params, batch, options.seed, np.asarray(padded) + start_index,
+                      options.guidance, options.guidance_rescale, options.eta, models=models,
+                      scheduler=pipeline_scheduler(pipe.scheduler_config, pipe.is_sdxl),
+                      num_steps=options.steps,
+                      latent_shape=latent_shape, conditioning=conditioning,
+                      sampler=sampler, progress=progress)
+    return to_uint8(images)
+
+  # With several processes each samples its share of the batches (the same programs as one
+  # process runs, so the same images), and every process gets them all.
   with bar, progress_to(bar):
-    for start in range(0, total, bs):
-      chunk = list(range(start, min(start + bs, total)))
-      padded = chunk + [chunk[-1]] * (bs - len(chunk))
-      batch = prompt_inputs(pipe, tokenizer, [all_prompts[i] for i in padded],
-                            [all_negatives[i] for i in padded], options, (h, w),
-                            sampling.tokenizer_2)
-      batch.update({k: np.repeat(np.asarray(v), bs, axis=0) for k, v in sampling.inputs.items()})
-      images = generate(params, batch, options.seed, np.asarray(padded) + start_index,
-                        options.guidance, options.guidance_rescale, options.eta, models=models,
-                        scheduler=pipeline_scheduler(pipe.scheduler_config, pipe.is_sdxl),
-                        num_steps=options.steps,
-                        latent_shape=latent_shape, conditioning=conditioning,
-                        sampler=sampler, progress=progress)
-      out.append(to_uint8(images)[: len(chunk)])
+    out = map_over_processes(sample_batch, starts)
+  out = [images[: min(bs, total - start)] for images, start in zip(out, starts)]
   return np.concatenate(out, axis=0)

@@ -52,6 +52,18 @@ def ip_config(model_dir, encoder_dir, **overrides):
   return _merge(values, overrides)
 
 
+def write_config_file(path, values: dict):
+  """A config file (`persona-jax train --config PATH`) returning `values` (a resolved config's
+  dict); returns its path."""
+  import json
+  from pathlib import Path
+  path = Path(path)
+  path.write_text("import json\nfrom ml_collections import ConfigDict\n\n"
+                  "def get_config(arg=None):\n"
+                  f"  return ConfigDict(json.loads({json.dumps(json.dumps(values))}))\n")
+  return path
+
+
 def write_class_images(folder, n=2, size=40, seed=0):
   """`n` random RGB images (stand-ins for sampled class images); returns the folder."""
   import numpy as np

@@ -54,6 +54,9 @@ def main(argv=None) -> int:
   args = build_parser().parse_args(argv)
   setup_logging(args.verbose)
   try:
+    if hasattr(args, "coordinator_address"):         # a computing command: several processes?
+      from persona_jax.cli import process_flags
+      process_flags.start(args)
     return args.func(args)
   except PersonaError as e:
     print(f"persona-jax {args.command}: error: {e}", file=sys.stderr)

@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from persona_jax.cli import process_flags
 from persona_jax.errors import ConfigError
 
 NAME = "eval"
@@ -48,10 +49,12 @@ def add_arguments(p) -> None:
                  "the run trained once on the world")
   add_knob_flags(p)
   p.add_argument("--noprogress", action="store_true")
+  process_flags.add_arguments(p)
 
 
 def run(args) -> int:
   from persona_jax.cli.sample import knob_values
+  from persona_jax.distributed import is_main
   from persona_jax.world.efficacy import TABLE_HEADER, EvalConfig, evaluate, table_row
   if args.prompt_following is not None:
     from persona_jax.world import metric_encoder
@@ -62,13 +65,16 @@ def run(args) -> int:
                               sample_steps=args.sample_steps or 25,
                               guidance=args.guidance if args.guidance is not None else 4.0,
                               progress=not args.noprogress, out=args.out, domain=args.domain)
-    print(json.dumps(result, indent=2))
+    if is_main():
+      print(json.dumps(result, indent=2))
     return 0
   if args.method is None:
     raise ConfigError("eval: give --method NAME (or --prompt-following N)")
   values = {f: getattr(args, f) for f in FIELDS if getattr(args, f) is not None}
   cfg = EvalConfig(**values, inputs=tuple(sorted(knob_values(args).items())))
   summary = evaluate(cfg, args.out, progress=not args.noprogress)
+  if not is_main():
+    return 0
   print(TABLE_HEADER)
   print(table_row(summary))
   print(f"{args.out / 'eval.json'} (per-subject rows), samples in {args.out / 'samples'}",

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from persona_jax.cli.model_flags import add_model_flags, load_model
 from persona_jax.cli.sample import add_scheduler_flags, add_sdxl_flags, sample_options
+from persona_jax.cli import process_flags
 
 NAME = "make-class-images"
 HELP = "sample class images for prior preservation (resumable: tops up OUT)"
@@ -29,13 +30,16 @@ def add_arguments(p) -> None:
   p.add_argument("--batch-size", type=int, default=4, help="images per compiled batch")
   add_sdxl_flags(p)
   p.add_argument("--out", required=True, type=Path, help="output folder")
+  process_flags.add_arguments(p)
 
 
 def run(args) -> int:
   from persona_jax.class_images import make_class_images
+  from persona_jax.distributed import is_main
   pipe = load_model(args)
   options = sample_options(args, pipe)
   written = make_class_images(pipe, args.prompt, args.num, args.out, options=options,
                               negative_prompt=args.negative_prompt)
-  print(f"{args.out}: {len(written)} new class image(s), {args.num} wanted", file=sys.stderr)
+  if is_main():
+    print(f"{args.out}: {len(written)} new class image(s), {args.num} wanted", file=sys.stderr)
   return 0

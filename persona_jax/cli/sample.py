@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+from persona_jax.cli import process_flags
 from persona_jax.cli.model_flags import add_model_flags, load_model
 from persona_jax.errors import ConfigError, PersonaError
 
@@ -147,6 +148,7 @@ def add_arguments(p) -> None:
                       "TI workdir); TOKEN names it in prompts (default: the name in the file, or "
                       "its file name). Repeatable")
   p.add_argument("--out", required=True, type=Path, help="output folder")
+  process_flags.add_arguments(p)
 
 
 def chosen_run(args):
@@ -233,6 +235,9 @@ def run(args) -> int:
   images = text_to_image(pipe, args.prompt, args.negative_prompt, args.num_images, options,
                          sampling=sampling)
   seconds = time.perf_counter() - start
+  from persona_jax.distributed import is_main
+  if not is_main():                   # every process sampled its share; the first one writes
+    return 0
   out = Path(args.out)
   paths = [save_png(img, out / f"{args.seed:04d}_{i:04d}.png") for i, img in enumerate(images)]
   paths.append(save_png(grid(images), out / "grid.png"))

@@ -10,7 +10,11 @@ import sys
 NAME = "train"
 HELP = "train a method: --config NAME[:tiny] --workdir DIR [--config.a.b=v] (--help: the configs)"
 USAGE = ("usage: persona-jax train --config NAME[:variant] --workdir DIR [--config.a.b=VALUE ...] "
-         "[--noprogress] [--print-config] [--continue-with-changes]")
+         "[--noprogress] [--print-config] [--continue-with-changes] [--coordinator-address "
+         "HOST:PORT --num-processes N --process-id I] [--heartbeat-timeout SECONDS]")
+# Flags spelled with dashes, as the other commands spell them; absl defines them with '_'.
+DASHED = ("print-config", "continue-with-changes", "coordinator-address", "num-processes",
+          "process-id", "heartbeat-timeout")
 
 
 def help_text() -> str:
@@ -29,7 +33,13 @@ def help_text() -> str:
             "holds it) and exit",
             "  --continue-with-changes   resume this workdir from its last checkpoint with a "
             "changed optim.lr, optim.schedule, optim.warmup_steps or steps (a run stopped on "
-            "NaN or divergence); each change is logged and kept in WORKDIR/config_changes.jsonl"]
+            "NaN or divergence); each change is logged and kept in WORKDIR/config_changes.jsonl",
+            "  --coordinator-address HOST:PORT --num-processes N --process-id I",
+            "                            several processes (a TPU pod slice, a multi-node GPU "
+            "job), one per host on a shared workdir: all three or none (a cluster JAX detects, "
+            "such as SLURM, Open MPI or Cloud TPU, configures itself)",
+            "  --heartbeat-timeout SECONDS  seconds without a heartbeat before a lost process "
+            "stops the others (default: JAX's, 100)"]
   return "\n".join(lines)
 
 
@@ -44,9 +54,11 @@ def main(argv) -> int:
     return 0
   # ml_collections finds the --config.a.b overrides in `sys_argv`, spelled `--config=PATH`.
   args = []
-  renames = {"--print-config": "--print_config",
-             "--continue-with-changes": "--continue_with_changes"}
-  for a in (renames.get(a, a) for a in argv):
+
+  def undashed(a):
+    name, eq, value = a.partition("=")
+    return ("--" + name[2:].replace("-", "_") if name[2:] in DASHED else name) + eq + value
+  for a in map(undashed, argv):
     if args and args[-1] == "--config":
       args[-1] = f"--config={config_path(a)}"
     elif a.startswith("--config="):
@@ -62,6 +74,11 @@ def main(argv) -> int:
   flags.DEFINE_bool("print_config", False, "print the resolved config and exit", flag_values=fv)
   flags.DEFINE_bool("continue_with_changes", False, "resume with a changed lr/schedule/steps",
                     flag_values=fv)
+  flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0", flag_values=fv)
+  flags.DEFINE_integer("num_processes", None, "how many processes", flag_values=fv)
+  flags.DEFINE_integer("process_id", None, "this process's index", flag_values=fv)
+  flags.DEFINE_integer("heartbeat_timeout", None, "seconds before a lost process stops the rest",
+                       flag_values=fv)
   try:
     fv(["persona-jax train", *args])
   except (flags.Error, AttributeError, KeyError, ValueError) as e:
@@ -81,9 +98,12 @@ def main(argv) -> int:
   if fv.workdir is None:
     print("persona-jax train: error: --config and --workdir are required", file=sys.stderr)
     return 2
+  from persona_jax.distributed import is_main, start
+  start(fv.coordinator_address, fv.num_processes, fv.process_id, fv.heartbeat_timeout)
   from persona_jax.train.loop import train
   result = train(config, fv.workdir, progress=fv.progress,
                  continue_with_changes=fv.continue_with_changes)
-  for path in result["outputs"] + ([result["samples"]] if result["samples"] else []):
-    print(path)
+  if is_main():
+    for path in result["outputs"] + ([result["samples"]] if result["samples"] else []):
+      print(path)
   return 0

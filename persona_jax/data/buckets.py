@@ -159,7 +159,8 @@ class BucketPlan:
 
 @dataclasses.dataclass
 class BucketBatches(grain.transforms.Map):
-  """Batch index -> the batch: `batch_size` rows of one bucket (then as many class rows).
+  """Batch index -> the batch: `batch_size` rows of one bucket (then as many class rows), or
+  only rows `take` of it.
 
   `rows[b](index, rng)` / `class_rows[b](index, rng)` make one example of bucket b (its image
   `index` among the bucket's, or among the class images), e.g. pipeline.Augment.random_map; each
@@ -168,14 +169,17 @@ class BucketBatches(grain.transforms.Map):
   rows: Sequence[Callable]
   class_rows: Sequence[Callable] | None = None
   class_count: int = 0
+  take: slice | None = None          # the batch rows to make (a process's part); None: all
 
   def map(self, k):
     b, indices = self.plan.batch(k)
-    seed = self.plan.seed
-    out = [self.rows[b](int(i), _rng(seed, k, r, 0)) for r, i in enumerate(indices)]
-    if self.class_rows is not None:
-      picks = self.plan.class_rows(k, self.class_count)
-      out += [self.class_rows[b](int(i), _rng(seed, k, r, 1)) for r, i in enumerate(picks)]
+    seed, n = self.plan.seed, self.plan.batch_size
+    take = self.take or slice(0, n * (1 if self.class_rows is None else 2))
+    picks = (self.plan.class_rows(k, self.class_count)
+             if self.class_rows is not None and take.stop > n else None)
+    out = [self.rows[b](int(indices[r]), _rng(seed, k, r, 0)) if r < n else
+           self.class_rows[b](int(picks[r - n]), _rng(seed, k, r - n, 1))
+           for r in range(take.start, take.stop)]
     return {key: np.stack([row[key] for row in out]) for key in out[0]}
 
 

@@ -404,23 +404,49 @@ def mask_loss_weights(mask: np.ndarray | None, size, latent_factor: int,
   return (1.0 + weight * cover)[..., None].astype(np.float32)
 
 
-@dataclasses.dataclass
-class Concatenate(grain.transforms.Map):
-  """Batch index -> the instance batch followed by the class batch (one array per key)."""
-  instances: grain.MapDataset
-  classes: grain.MapDataset
+def row_slice(rows: int, block: tuple[int, int] = (0, 1)) -> slice:
+  """Block i of n equal, contiguous blocks of a global batch's `rows` rows (`block` = (i, n)):
+  the rows process i of n loads (parallel/mesh.py `process_block`)."""
+  i, n = block
+  if rows % n:
+    raise ConfigError(f"a batch of {rows} rows does not split over {n} processes; use a batch "
+                      "size that does")
+  return slice(i * rows // n, (i + 1) * rows // n)
 
-  def map(self, index):
-    a, b = self.instances[index], self.classes[index]
-    return {k: np.concatenate([a[k], b[k]]) for k in a}
+
+@dataclasses.dataclass
+class Rows(grain.transforms.Map):
+  """Global batch index k -> rows `rows` of batch k (each key stacked over them), loading only
+  those: row r < B is example k*B + r of `streams[0]` (the instances), row B + r example
+  k*B + r of `streams[1]` (the class images), B = `batch_size`."""
+  streams: tuple
+  batch_size: int
+  rows: slice
+
+  def map(self, k):
+    b = self.batch_size
+    examples = [self.streams[r // b][k * b + r % b]
+                for r in range(self.rows.start, self.rows.stop)]
+    return {key: np.stack([e[key] for e in examples]) for key in examples[0]}
+
+
+@dataclasses.dataclass
+class TakeRows(grain.transforms.Map):
+  """A whole global batch -> block `block` of its rows (for sources that load every row)."""
+  block: tuple[int, int]
+
+  def map(self, batch):
+    return {k: v[row_slice(len(v), self.block)] for k, v in batch.items()}
 
 
 def make_dataset(config: DataConfig, instances: InstanceSet, batch_size: int, seed: int, *,
                  tokenize=None, moments=None, caption_index=None, contexts=None,
                  classes: InstanceSet | None = None, class_moments=None, latent_factor: int = 8,
-                 image_inputs=None):
+                 image_inputs=None, row_block: tuple[int, int] = (0, 1)):
   """The infinite, reshuffled-every-epoch batch dataset (grain MapDataset). With `classes`,
-  every batch is `batch_size` instance rows then `batch_size` class rows. `image_inputs`: a
+  every batch is `batch_size` instance rows then `batch_size` class rows; `row_block` (i, n):
+  each element is only block i of n of those rows (`row_slice`: process i of n loads its part
+  of every global batch, nothing else). `image_inputs`: a
   method's per-example extra keys from the augmented uint8 image (`Method.image_inputs`).
   With `data.buckets` (`bucketed_dataset`): `moments` per image (lists of [V, h, w, c], its
   bucket's shape), `classes` and `class_moments` dicts by bucket."""
@@ -442,7 +468,7 @@ def make_dataset(config: DataConfig, instances: InstanceSet, batch_size: int, se
   if config.buckets:
     return bucketed_dataset(config, instances, batch_size, seed, moments=moments, classes=classes,
                             class_moments=class_moments, latent_factor=latent_factor,
-                            augment=functools.partial(
+                            row_block=row_block, augment=functools.partial(
                                 Augment, config, tokenize=tokenize, caption_index=caption_index,
                                 contexts=contexts, latent_factor=latent_factor,
                                 image_inputs=image_inputs))
@@ -451,16 +477,19 @@ def make_dataset(config: DataConfig, instances: InstanceSet, batch_size: int, se
     augment = Augment(config, images, tokenize, moments_, caption_index, contexts, prior,
                       latent_factor, image_inputs)
     return (grain.MapDataset.source(list(range(len(images.images)))).seed(stream_seed).shuffle()
-            .repeat().random_map(augment).batch(batch_size, drop_remainder=True))
+            .repeat().random_map(augment))
   if classes is None:
-    return stream(instances, moments, None, seed)
-  inst = stream(instances, moments, 0.0, seed)
-  cls = stream(classes, class_moments, 1.0, seed + 7919)
-  return grain.MapDataset.range(len(inst)).map(Concatenate(inst, cls))
+    streams = (stream(instances, moments, None, seed),)
+  else:
+    streams = (stream(instances, moments, 0.0, seed),
+               stream(classes, class_moments, 1.0, seed + 7919))
+  rows = row_slice(batch_size * len(streams), row_block)
+  return grain.MapDataset.range(sys.maxsize).map(Rows(streams, batch_size, rows))
 
 
 def bucketed_dataset(config: DataConfig, instances: InstanceSet, batch_size: int, seed: int, *,
-                     moments, classes, class_moments, latent_factor: int, augment):
+                     moments, classes, class_moments, latent_factor: int, augment,
+                     row_block: tuple[int, int] = (0, 1)):
   """The bucketed batch dataset (data/buckets.py): batch k holds `batch_size` rows of one bucket
   (then as many class rows cropped to it). `moments`: (means, logvars), lists of each image's
   [V, h, w, c]; `classes` / `class_moments`: {bucket: InstanceSet / (mean, logvar)};
@@ -483,8 +512,10 @@ def bucketed_dataset(config: DataConfig, instances: InstanceSet, batch_size: int
   log.info("buckets: %d of %d used (%s)", len(used), len(bucket_ops.config_buckets(config)),
            ", ".join(f"{b}: {n} image(s)" for b, n in zip(used, counts)))
   plan = bucket_ops.BucketPlan(tuple(counts), batch_size, seed)
-  batches = bucket_ops.BucketBatches(plan, rows, class_rows if classes is not None else None,
-                                     len(classes[used[0]].images) if classes is not None else 0)
+  batches = bucket_ops.BucketBatches(
+      plan, rows, class_rows if classes is not None else None,
+      len(classes[used[0]].images) if classes is not None else 0,
+      row_slice(batch_size * (1 if classes is None else 2), row_block))
   return grain.MapDataset.range(sys.maxsize).map(batches)
 
 
@@ -522,7 +553,7 @@ def zoom_captions(instances: InstanceSet) -> list[str]:
 
 
 __all__ = ["DataConfig", "DataError", "InstanceSet", "load_instances", "load_class_images",
-           "concept_configs", "zoom_captions",
+           "concept_configs", "zoom_captions", "row_slice", "Rows", "TakeRows",
            "encode_moments",
            "encode_moments_by_shape", "bucketed_dataset", "fit_image",
            "encode_captions", "make_dataset", "make_iterator", "all_captions", "example_subject_dir"]

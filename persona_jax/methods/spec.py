@@ -44,15 +44,20 @@ class DataRequest:
   trainable: dict                  # the initial trainable tree (what trains decides what caches)
   workdir: Path | None
   progress: bool
+  # (i, n): this process loads block i of n equal row blocks of every global batch
+  # (data/pipeline.py `row_slice`); (0, 1) with one process.
+  row_block: tuple = (0, 1)
 
 
 @dataclasses.dataclass(frozen=True)
 class DataBuild:
   """A built dataset (grain, infinite batches), its class images (or None) and the frozen
-  components the step needs to turn its batches into latents and conditioning."""
+  components the step needs to turn its batches into latents and conditioning. `local_rows`:
+  its batches are already the request's `row_block` (else the loop takes that block of each)."""
   dataset: Any
   classes: Any = None
   needed: frozenset = frozenset({"unet", "vae", "text_encoder"})
+  local_rows: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

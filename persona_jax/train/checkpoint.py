@@ -107,8 +107,7 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state, data_iterator
           state = manager.restore(step, args=ocp.args.Composite(
               state=ocp.args.StandardRestore(abstract_state)))["state"]
         else:
-          manager.restore(step, args=ocp.args.Composite(
-              data=grain.checkpoint.CheckpointRestore(data_iterator)))
+          restore_data(manager, step, data_iterator)
       except PersonaError:
         raise
       except Exception as e:  # orbax/tensorstore/grain errors of a damaged file
@@ -127,6 +126,22 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state, data_iterator
                             + "; ".join(f"step {s}: {why}" for s, why in damaged)
                             + f". Move {manager.directory} aside to start the run again")
   return None
+
+
+def restore_data(manager: ocp.CheckpointManager, step: int, data_iterator) -> None:
+  """Restores the data iterator's position from checkpoint `step`: this process's file
+  (grain writes process_I-of-N.json per process). A run resumed on another process count reads
+  process 0's: every process's iterator is at the same global batch index."""
+  folder = Path(manager.directory) / str(step) / "data"
+  own = folder / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+  others = sorted(folder.glob("process_0-of-*.json"))
+  if not own.is_file() and others:
+    log.info("%s: written by %s process(es); resuming the data position from %s on %d",
+             folder, others[0].stem.rsplit("-", 1)[1], others[0].name, jax.process_count())
+    data_iterator.set_state(json.loads(others[0].read_text()))
+    return
+  manager.restore(step, args=ocp.args.Composite(
+      data=grain.checkpoint.CheckpointRestore(data_iterator)))
 
 
 def move_aside(manager: ocp.CheckpointManager, steps, folder: Path) -> None:

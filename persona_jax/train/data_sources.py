@@ -15,6 +15,7 @@ A source is `build(request: DataRequest) -> DataBuild` (both in methods/spec.py)
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 import logging
@@ -85,8 +86,8 @@ def image_source(request: DataRequest) -> DataBuild:
     dataset_kwargs["contexts"] = data.encode_captions(encode, tokenize_fn, captions)
     dataset_kwargs["caption_index"] = {c: i for i, c in enumerate(captions)}
   dataset = data.make_dataset(config.data, instances, config.batch_size, config.seed,
-                              **dataset_kwargs)
-  return DataBuild(dataset, classes, frozenset(needed))
+                              row_block=request.row_block, **dataset_kwargs)
+  return DataBuild(dataset, classes, frozenset(needed), local_rows=True)
 
 
 def class_images(config, pipe, workdir, progress: bool, buckets=None):
@@ -169,7 +170,8 @@ def resolve(name: str):
 
 
 def build(request: DataRequest) -> DataBuild:
-  """The run's dataset from its `data.source`."""
+  """The run's dataset from its `data.source`, each batch the request's `row_block` of the
+  global batch (a source that loads whole batches has the block taken from each)."""
   builder = resolve(request.config.data.source)
   if request.config.data.buckets and builder is not image_source:
     raise ConfigError(f"data.buckets: the data source '{request.config.data.source}' makes square "
@@ -178,4 +180,7 @@ def build(request: DataRequest) -> DataBuild:
   if request.config.data.num_class_images > 0 and built.classes is None:
     raise ConfigError(f"data.num_class_images: the data source '{request.config.data.source}' "
                       "takes no class images; set it to 0")
+  if request.row_block != (0, 1) and not built.local_rows:
+    built = dataclasses.replace(built, dataset=built.dataset.map(data.TakeRows(request.row_block)),
+                                local_rows=True)
   return built

@@ -53,7 +53,9 @@ class Guard:
     flat, _ = jax.tree_util.tree_flatten_with_path(initial_trainable)
     self.paths = ["/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
                   for path, _ in flat]
-    initial = np.asarray(jax.device_get(leaf_max(initial_trainable)), np.float64)
+    # One compiled program: eager ops on arrays sharded across processes would each be a
+    # collective, and gloo can deadlock on a stream of them.
+    initial = np.asarray(jax.device_get(jax.jit(leaf_max)(initial_trainable)), np.float64)
     self.initial = initial
     self.limits = MAGNITUDE_FACTOR * np.maximum(1.0, initial)
     self.lr_at = lr_at

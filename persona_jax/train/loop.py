@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from persona_jax import tree
+from persona_jax import distributed, tree
 from persona_jax.data import pipeline as data
 from persona_jax.data.batch import TIME_IDS
 from persona_jax.default_model import resolve_model
@@ -126,14 +126,14 @@ def build(config: RunConfig, *, mesh=None, workdir=None, progress: bool = False)
   if not tree.flatten(trainable):
     raise ConfigError(f"method {config.method_name} selects no trainable parameters")
 
-  built = data_sources.build(data_sources.DataRequest(config, pipe, method, models, tokenizers[0],
-                                                      tokenizers,
-                                                      trainable, workdir, progress))
+  mesh = mesh or mesh_lib.make_mesh(config.fsdp)
+  built = data_sources.build(data_sources.DataRequest(
+      config, pipe, method, models, tokenizers[0], tokenizers, trainable, workdir, progress,
+      mesh_lib.process_block(mesh)))
   classes = built.classes
   frozen = {k: v for k, v in rest.items() if k in built.needed | set(components)}
   if compute != jnp.float32:
     frozen = jax.tree.map(lambda x: x.astype(compute), frozen)
-  mesh = mesh or mesh_lib.make_mesh(config.fsdp)
   mesh_lib.check_batch_size(config.batch_size, mesh,
                             config.batch_size if classes is not None else 0)
   tx, schedule = make_optimizer(config.optim, trainable, total_steps=config.steps,
@@ -233,10 +233,13 @@ def _write_config(workdir: Path, config: RunConfig, continue_with_changes: bool 
       raise ConfigError(f"{path}: this workdir was started with a different config (differs in "
                         f"{dotted(blocking[:5])}); resume with the same config or use a new "
                         f"workdir{hint}")
+    distributed.sync("config checked")         # every process has read it before it changes
     if not diff:
       return
     log.info("%s: resuming with changed %s", path, dotted(diff))
     changed = {k.replace("/", "."): [saved.get(k), new.get(k)] for k in diff}
+    if not distributed.is_main():
+      return
     ckpt.write_json_atomic(path, resolved)
     if continue_with_changes:
       for k, (old, now) in changed.items():
@@ -247,11 +250,14 @@ def _write_config(workdir: Path, config: RunConfig, continue_with_changes: bool 
                         encoding="utf-8") as f:
         _guard_write(workdir / CHANGES_LOG, _append_line, f, record)
     return
-  ckpt.write_json_atomic(path, resolved)
+  distributed.sync("config checked")
+  if distributed.is_main():
+    ckpt.write_json_atomic(path, resolved)
 
 
 def sample_grid(run: Run, trainable, step: int, workdir: Path, progress: bool = False) -> Path | None:
-  """Samples the config's prompts with the current params; writes samples/step_STEP.png."""
+  """Samples the config's prompts with `trainable` (host arrays); writes samples/step_STEP.png.
+  Every process calls it (the images are split over them); the first one writes."""
   c = run.config
   if not c.sample_prompts:
     return None
@@ -267,7 +273,8 @@ def sample_grid(run: Run, trainable, step: int, workdir: Path, progress: bool = 
                       run.tokenizers[1] if len(run.tokenizers) > 1 else None)
   images = text_to_image(run.pipe, list(c.sample_prompts), c.sample_negative_prompt,
                          c.sample_images, options, progress=progress, sampling=sampling)
-  return save_png(grid(images, cols=c.sample_images), workdir / "samples" / f"step_{step:06d}.png")
+  path = workdir / "samples" / f"step_{step:06d}.png"
+  return save_png(grid(images, cols=c.sample_images), path) if distributed.is_main() else path
 
 
 def _append_line(f, line: str) -> None:
@@ -306,7 +313,8 @@ def train(config: RunConfig, workdir, *, progress: bool = True, mesh=None,
   second run on the same workdir is refused). `continue_with_changes`: the run may resume with
   CONTINUE_CHANGES changed (its lr, schedule, steps), logged. Returns a summary dict."""
   workdir = Path(workdir)
-  with workdir_lock(workdir, hold=jax.process_index() == 0):
+  with workdir_lock(workdir, hold=distributed.is_main()):
+    distributed.sync("workdir locked")
     try:
       return _train(config, workdir, progress=progress, mesh=mesh,
                     continue_with_changes=continue_with_changes)
@@ -318,7 +326,7 @@ def _last_complete(workdir: Path) -> str:
   """'the last complete checkpoint is step N in DIR ...' (orbax's unfinished temporaries of
   the failed save removed)."""
   folder = workdir / "checkpoints"
-  for tmp in folder.glob("*.orbax-checkpoint-tmp*"):
+  for tmp in folder.glob("*.orbax-checkpoint-tmp*") if distributed.is_main() else ():
     shutil.rmtree(tmp, ignore_errors=True)
   steps = ckpt.finished_steps(workdir)
   if not steps:
@@ -374,12 +382,15 @@ def _train(config: RunConfig, workdir: Path, *, progress: bool, mesh,
            ", ".join(tree.paths(run.trainable)[:4]) + (" ..." if len(tree.flatten(run.trainable)) > 4 else ""),
            c.steps, c.batch_size, run.mesh.size)
   step_fn = jit_step(run, st_sh, fr_sh)
-  batch_sh = mesh_lib.batch_sharding(run.mesh)
-  metrics = workdir / "metrics.jsonl"
-  _guard_write(metrics, _terminate_last_line, metrics)      # a torn line of a killed run
-  metrics_file = _guard_write(metrics, open, metrics, "a", encoding="utf-8")
+  main = distributed.is_main()           # writes the metrics and shows progress
+  blocks = mesh_lib.process_block(run.mesh)[1]
+  metrics_path = workdir / "metrics.jsonl"
+  metrics_file = None
+  if main:
+    _guard_write(metrics_path, _terminate_last_line, metrics_path)   # a killed run's torn line
+    metrics_file = _guard_write(metrics_path, open, metrics_path, "a", encoding="utf-8")
   bar = tqdm(total=total, initial=start, desc=f"train {c.method_name}", unit="step",
-             disable=not progress, dynamic_ncols=True)
+             disable=not (progress and main), dynamic_ncols=True)
   failed = True
   shapes = set()                   # batch shapes seen: the step compiles once per shape (bucket)
   pending, pending_from, last_log_time, last_log_step = [], start, time.perf_counter(), start
@@ -393,7 +404,8 @@ def _train(config: RunConfig, workdir: Path, *, progress: bool, mesh,
           h, w = (int(v) for v in batch[TIME_IDS][0, 4:])     # the target size: the bucket's
           log.info("step %d: compiling the step for bucket %dx%d (%d batch shape(s) so far)",
                    step + 1, w, h, len(shapes))
-      batch = jax.device_put(batch, batch_sh)
+      rows = len(next(iter(batch.values()))) * blocks          # this process loads its block
+      batch = mesh_lib.global_batch(run.mesh, batch, rows)
       state, metrics = step_fn(state, frozen, batch)
       pending.append(metrics)
       done = step + 1
@@ -409,35 +421,38 @@ def _train(config: RunConfig, workdir: Path, *, progress: bool, mesh,
         record = {"step": done, **{k: float(v) for k, v in last.items() if k != "leaf_max"},
                   "lr": float(run.schedule(optimizer_step(done - 1, c.optim.grad_accum))),
                   "steps_per_sec": (done - last_log_step) / max(now - last_log_time, 1e-9)}
-        _guard_write(workdir / "metrics.jsonl", _append_line, metrics_file, json.dumps(record))
+        if main:
+          _guard_write(metrics_path, _append_line, metrics_file, json.dumps(record))
         bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
         pending, pending_from, last_log_time, last_log_step = [], done, now, done
       if at_ckpt:
         _guard_write(workdir / "checkpoints" / str(done), ckpt.save, manager, done, state,
                      iterator, meta)
       if c.sample_every and done % c.sample_every == 0 and done != total:
-        sample_grid(run, state.trainable, done, workdir)
+        sample_grid(run, distributed.to_host(state.trainable), done, workdir)
     _guard_write(workdir / "checkpoints" / str(total), manager.wait_until_finished)
     failed = False
   finally:
     bar.close()
-    metrics_file.close()
+    if metrics_file is not None:
+      metrics_file.close()
     try:
       manager.close()
     except Exception:          # a failed save's error: already being raised as one line
       if not failed:
         raise
   # With EMA on, the averaged params are the result (written and sampled).
-  final = jax.device_get(state.ema if state.ema is not None else state.trainable)
-  outputs = write_outputs(run, final, workdir, step=total)
-  grid_path = sample_grid(run, final, total, workdir, progress=progress)
+  final = distributed.to_host(state.ema if state.ema is not None else state.trainable)
+  outputs = write_outputs(run, final, workdir, step=total) if main else []
+  grid_path = sample_grid(run, final, total, workdir, progress=progress and main)
   return {"workdir": str(workdir), "steps": total, "state": state, "run": run, "outputs": outputs,
           "samples": str(grid_path) if grid_path else None, "batch_shapes": len(shapes)}
 
 
 def write_outputs(run: Run, trainable, workdir: Path, step: int | None = None) -> list[str]:
   """The method's result files (Textual Inversion's embeddings, DreamBooth's model folder);
-  with `step`, each records it and WORKDIR/result.json too (methods/result_file.py)."""
+  with `step`, each records it and WORKDIR/result.json too (methods/result_file.py). Called on
+  the first process only."""
   if run.method.save is None:
     return []
   context = ResultContext(Path(workdir), run.pipe, run.model_dir, run.config, run.full_params,

@@ -170,15 +170,18 @@ def write_references(subject: scenes.Subject, folder: Path, n: int) -> np.ndarra
   from PIL import Image
 
   from persona_jax.data.fastcomposer import subject_crop
+  from persona_jax.distributed import is_main, sync
   folder = Path(folder)
-  (folder / "segmented").mkdir(parents=True, exist_ok=True)
   scene_list = scenes.subject_scenes(subject, n)
   images = np.stack([scenes.render(scene) for scene in scene_list])
-  rng = np.random.default_rng(0)
-  for k, (image, scene) in enumerate(zip(images, scene_list)):
-    Image.fromarray(image).save(folder / f"{k:03d}.png")
-    Image.fromarray(subject_crop(image, scenes.coverage(scene), rng)).save(
-        folder / "segmented" / f"{k:03d}.png")
+  if is_main():                   # with several processes the first writes, the others wait
+    (folder / "segmented").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for k, (image, scene) in enumerate(zip(images, scene_list)):
+      Image.fromarray(image).save(folder / f"{k:03d}.png")
+      Image.fromarray(subject_crop(image, scenes.coverage(scene), rng)).save(
+          folder / "segmented" / f"{k:03d}.png")
+  sync("references written")
   return images
 
 
@@ -283,12 +286,15 @@ def evaluate(cfg: EvalConfig, out: Path, progress: bool = True) -> dict:
   """Runs the evaluation; writes OUT/eval.json and a sample grid per subject; returns the
   summary (mean metrics over subjects, per-subject rows, wall times)."""
   from persona_jax.default_model import resolve_model
+  from persona_jax.distributed import is_main
   from persona_jax.images import grid, save_png
   from persona_jax.pipeline import load_pipeline
   from persona_jax.text_to_image import SampleOptions, text_to_image
   from persona_jax.world import metric_encoder as me
   out = Path(out)
-  out.mkdir(parents=True, exist_ok=True)
+  main = is_main()                # with several processes every one computes, the first writes
+  if main:
+    out.mkdir(parents=True, exist_ok=True)
   metric = me.load(cfg.metric)
   options = SampleOptions(steps=cfg.sample_steps, guidance=cfg.guidance, seed=cfg.seed,
                           height=32, width=32, batch_size=16)
@@ -325,7 +331,8 @@ def evaluate(cfg: EvalConfig, out: Path, progress: bool = True) -> dict:
                                   sampling=sampling))
     images = np.concatenate(images)
     sample_seconds = time.perf_counter() - start
-    save_png(grid(images, cols=cfg.seeds), out / "samples" / f"{name}.png")
+    if main:
+      save_png(grid(images, cols=cfg.seeds), out / "samples" / f"{name}.png")
     row = {"subject": subject.words, **score(metric, images, prompts, cfg.seeds, subject, references),
            "train_seconds": round(train_seconds, 1), "sample_seconds": round(sample_seconds, 1),
            "prompts": [p.text for p in prompts]}
@@ -340,9 +347,10 @@ def evaluate(cfg: EvalConfig, out: Path, progress: bool = True) -> dict:
              "train_seconds": float(np.mean([r["train_seconds"] for r in rows])),
              "sample_seconds": float(np.mean([r["sample_seconds"] for r in rows])),
              "subjects": rows}
-  tmp = out / ".eval.json.tmp"
-  tmp.write_text(json.dumps(summary, indent=2, default=str))     # knob values may be paths
-  tmp.replace(out / "eval.json")
+  if main:
+    tmp = out / ".eval.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2, default=str))     # knob values may be paths
+    tmp.replace(out / "eval.json")
   return summary
 
 

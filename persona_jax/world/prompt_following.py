@@ -73,7 +73,8 @@ def prompt_following(model="default", n: int = 96, seed: int = 1, *, metric=None
   images = text_to_image(pipe, prompts, "", 1, options, progress=progress)
   result = {"model": str(model), "domain": domain, "n": n, "seed": seed, "sample_steps": sample_steps,
             "guidance": guidance, **score(metric, images, asked)}
-  if out is not None:
+  from persona_jax.distributed import is_main
+  if out is not None and is_main():          # with several processes the first one writes
     out = Path(out)
     save_png(grid(images, cols=8), out / "prompt_following.png")
     write_json(out / "prompt_following.json", {**result, "prompts": prompts})

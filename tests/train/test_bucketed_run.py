@@ -17,7 +17,7 @@ from persona_jax.data import buckets as B
 from persona_jax.train import checkpoint as ckpt
 from persona_jax.train import loop
 from tests.markers import slow
-from tests.runs import lora_config, one_device_mesh, write_class_images
+from tests.runs import lora_config, one_device_mesh, write_class_images, write_config_file
 from tests.train.test_loop import _final_state
 
 # (H, W): 3:2, 2:3, an odd size; at resolution 32 with 8-pixel steps they fall in the buckets
@@ -55,10 +55,7 @@ def test_bucketed_run_compiles_once_per_bucket_and_resumes_bitwise(model_dirs, t
       data=dict(instance_dir=str(inst), buckets=True, bucket_step=8, num_class_images=2,
                 class_dir=str(classes), class_prompt="a photo of toy",
                 class_generate=False)).to_dict()
-  config_file = tmp_path / "bucketed.py"
-  config_file.write_text("import json\nfrom ml_collections import ConfigDict\n\n"
-                         "def get_config(arg=None):\n"
-                         f"  return ConfigDict(json.loads({json.dumps(json.dumps(values))}))\n")
+  config_file = write_config_file(tmp_path / "bucketed.py", values)
   traces = []
   real_step = loop.train_step
 
