@@ -101,11 +101,27 @@ def is_main() -> bool:
   return jax.process_index() == 0
 
 
-def sync(name: str) -> None:
-  """A barrier of all processes (nothing with one)."""
-  if jax.process_count() > 1:
+_barriers = 0              # barriers passed: every process counts the same, so ids match
+
+
+def sync(name: str, timeout_s: int = 3600) -> None:
+  """A barrier of all processes (nothing with one), through the coordination service, so a
+  process may wait up to `timeout_s` while another writes (a collective would time out: gloo's
+  after 30 s)."""
+  global _barriers
+  if jax.process_count() == 1:
+    return
+  _barriers += 1
+  try:
+    from jax._src.distributed import global_state
+    client = global_state.client
+  except (ImportError, AttributeError):          # JAX moved it: a collective barrier instead
+    client = None
+  if client is None:
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices(f"persona_jax: {name}")
+    return
+  client.wait_at_barrier(f"persona_jax_{_barriers}_{name.replace(' ', '_')}", timeout_s * 1000)
 
 
 def to_host(tree):

@@ -21,6 +21,7 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
+from persona_jax.distributed import sync
 from persona_jax.errors import PersonaError
 
 log = logging.getLogger(__name__)
@@ -154,9 +155,7 @@ def move_aside(manager: ocp.CheckpointManager, steps, folder: Path) -> None:
       target.parent.mkdir(exist_ok=True)
       shutil.rmtree(target, ignore_errors=True)
       (Path(manager.directory) / str(s)).rename(target)
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices("persona_jax: damaged checkpoints moved")
+  sync("checkpoints moved aside")
   manager.reload()
 
 

@@ -444,6 +444,7 @@ def _train(config: RunConfig, workdir: Path, *, progress: bool, mesh,
   # With EMA on, the averaged params are the result (written and sampled).
   final = distributed.to_host(state.ema if state.ema is not None else state.trainable)
   outputs = write_outputs(run, final, workdir, step=total) if main else []
+  distributed.sync("outputs written")        # the others wait while the first one writes
   grid_path = sample_grid(run, final, total, workdir, progress=progress and main)
   return {"workdir": str(workdir), "steps": total, "state": state, "run": run, "outputs": outputs,
           "samples": str(grid_path) if grid_path else None, "batch_shapes": len(shapes)}
