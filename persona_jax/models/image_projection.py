@@ -50,18 +50,20 @@ class ImageProjection(nn.Module):
 
 
 class PerceiverAttention(nn.Module):
-  """Queries from the latents; keys/values over [x, latents]. x: [B, T, D], latents: [B, Q, D]."""
+  """Queries from the latents; keys/values over [x, latents]. x: [B, T, D], latents: [B, Q, D].
+  IP-Adapter's heads are DIM_HEAD wide; PhotoMaker v2's perceiver passes 128."""
   heads: int
+  dim_head: int = DIM_HEAD
 
   @nn.compact
   def __call__(self, x, latents):
     b, q_len, dim = latents.shape
-    inner = self.heads * DIM_HEAD
+    inner = self.heads * self.dim_head
     x, latents = layer_norm("norm1")(x), layer_norm("norm2")(latents)
     q = nn.Dense(inner, use_bias=False, name="to_q")(latents)
     kv = nn.Dense(2 * inner, use_bias=False, name="to_kv")(jnp.concatenate([x, latents], axis=1))
     k, v = jnp.split(kv, 2, axis=-1)
-    heads = lambda a: a.reshape(b, -1, self.heads, DIM_HEAD)
+    heads = lambda a: a.reshape(b, -1, self.heads, self.dim_head)
     out = jax.nn.dot_product_attention(heads(q), heads(k), heads(v))          # [B, Q, H, Dh]
     return nn.Dense(dim, use_bias=False, name="to_out")(out.reshape(b, q_len, inner))
 
