@@ -7,8 +7,9 @@ onto the network's `template`) and embeds them. Identity similarity is the cosin
 embeddings; `threshold`, where the network has one, is the cosine above which two faces are
 called the same person.
 
-`load_recognizer(path)` reads a folder with config.json naming its "architecture" (the toy
-world's `toy_identity_encoder`); insightface's ONNX models come with face analysis.
+`load_recognizer(path)` reads insightface's ArcFace ONNX files (`w600k_r50.onnx`,
+`glintr100.onnx`: an IResNet run in Flax, `face.onnx_iresnet`) or a folder with config.json
+naming its "architecture" (the toy world's `toy_identity_encoder`).
 """
 
 from __future__ import annotations
@@ -26,12 +27,12 @@ ARCHITECTURES = ("toy_identity_encoder",)
 
 
 def load_recognizer(path) -> Recognizer:
-  """The recognizer saved at `path`: a folder with config.json whose "architecture" is one of
-  ARCHITECTURES (and its weights)."""
+  """The recognizer saved at `path`: insightface's IResNet ONNX file (needs the `face` extra), or
+  a folder with config.json whose "architecture" is one of ARCHITECTURES (and its weights)."""
   path = Path(path)
   if path.suffix.lower() == ".onnx":
-    raise ConfigError(f"{path}: ONNX recognition models (insightface's w600k_r50.onnx, "
-                      "glintr100.onnx) are not supported yet; they arrive with face analysis")
+    from persona_jax.face import onnx_iresnet
+    return onnx_iresnet.load(path)
   expected = (f"expected a folder with config.json whose \"architecture\" is one of "
               f"{', '.join(sorted(ARCHITECTURES))}, and model.safetensors")
   config_file = path / "config.json"

@@ -46,6 +46,20 @@ class Recognizer:
     return self.embed(self.align(np.asarray(image), keypoints))
 
 
+def padded_batches(apply, chunk: int = 256) -> Callable[[np.ndarray], np.ndarray]:
+  """An `embed_fn` over `apply` (a jitted [B, S, S, 3] -> [B, D]): batches of at most `chunk`,
+  each padded with zeros to a power of two, so a few shapes compile."""
+  def embed_fn(x):
+    out = []
+    for i in range(0, len(x), chunk):
+      part = x[i:i + chunk]
+      padded = min(chunk, 1 << int(np.ceil(np.log2(len(part)))))
+      full = np.concatenate([part, np.zeros((padded - len(part),) + part.shape[1:], part.dtype)])
+      out.append(np.asarray(apply(full))[:len(part)])
+    return np.concatenate(out)
+  return embed_fn
+
+
 def cosine(a, b) -> np.ndarray:
   """Row-wise cosine similarity of a [N, D] and b [N, D] -> [N] (a [D] and b [M, D] -> [M])."""
   a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)

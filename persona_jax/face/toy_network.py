@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from persona_jax import tree
-from persona_jax.face.recognizer import Recognizer
+from persona_jax.face.recognizer import Recognizer, padded_batches
 
 ARCHITECTURE = "toy_identity_encoder"
 INPUT_SIZE = 32
@@ -48,15 +48,7 @@ def recognizer(encoder_params, config: EncoderConfig, template, threshold=None, 
   """A `Recognizer` over encoder params (batches padded to a power of two up to `chunk`, so a
   few shapes compile)."""
   apply = jax.jit(lambda p, x: IdentityEncoder(config).apply({"params": p}, x))
-
-  def embed_fn(x):
-    out = []
-    for i in range(0, len(x), chunk):
-      part = x[i:i + chunk]
-      padded = min(chunk, 1 << int(np.ceil(np.log2(len(part)))))
-      full = np.concatenate([part, np.zeros((padded - len(part),) + part.shape[1:], part.dtype)])
-      out.append(np.asarray(apply(encoder_params, jnp.asarray(full)))[:len(part)])
-    return np.concatenate(out)
+  embed_fn = padded_batches(lambda x: apply(encoder_params, jnp.asarray(x)), chunk)
   return Recognizer(ARCHITECTURE, INPUT_SIZE, np.asarray(template, np.float32), embed_fn, threshold,
                     {"embedding": config.embedding, **(info or {})})
 

@@ -53,7 +53,7 @@ def test_embeddings_are_raw_and_pair_scene_faces_match_their_own_identity(shippe
 
 
 def test_bad_paths_are_refused(tmp_path):
-  with pytest.raises(ConfigError, match="ONNX recognition models .* not supported yet"):
+  with pytest.raises(ConfigError, match="w600k_r50.onnx: no such ONNX file; expected insightface"):
     recognition.load_recognizer(tmp_path / "w600k_r50.onnx")
   with pytest.raises(ConfigError, match="nothing_here: not a face-recognition model; expected"):
     recognition.load_recognizer(tmp_path / "nothing_here")
