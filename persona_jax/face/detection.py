@@ -33,24 +33,14 @@ from pathlib import Path
 import numpy as np
 
 from persona_jax.errors import ConfigError, ModelFileError
+from persona_jax.face.extra import import_face_package
 
-FACE_EXTRA = "pip install 'persona-jax[face]'"
 INPUT_MEAN, INPUT_STD = 127.5, 128.0
 SCORE_THRESHOLD, NMS_THRESHOLD = 0.5, 0.4
 DEFAULT_INPUT_SIZE = (640, 640)          # (width, height), as the official pipelines prepare it
 # number of outputs -> (strides, anchors per position, keypoints?)
 OUTPUT_LAYOUTS = {6: ((8, 16, 32), 2, False), 9: ((8, 16, 32), 2, True),
                   10: ((8, 16, 32, 64, 128), 1, False), 15: ((8, 16, 32, 64, 128), 1, True)}
-
-
-def import_onnxruntime():
-  """onnxruntime, or a one-line ConfigError naming the extra that installs it."""
-  try:
-    import onnxruntime
-  except ImportError:
-    raise ConfigError(f"face analysis runs insightface's ONNX models with onnxruntime, which is "
-                      f"not installed; install the face extra: {FACE_EXTRA}") from None
-  return onnxruntime
 
 
 @dataclasses.dataclass(frozen=True)
@@ -261,11 +251,7 @@ class FaceDetector:
 def onnx_signature(path):
   """(input shapes, output shapes) of an ONNX file, as lists of dims (int, or str when dynamic);
   initializers listed among the inputs are left out, as onnxruntime does."""
-  try:
-    import onnx
-  except ImportError:
-    raise ConfigError(f"reading ONNX files needs the onnx package; install the face extra: "
-                      f"{FACE_EXTRA}") from None
+  onnx = import_face_package("onnx")
   try:
     graph = onnx.load(str(path), load_external_data=False).graph
   except Exception as e:    # protobuf's DecodeError and friends
@@ -286,7 +272,7 @@ def load_detector(path, input_size=DEFAULT_INPUT_SIZE) -> FaceDetector:
   if not path.is_file():
     raise ModelFileError(f"{path}: no such ONNX file; give insightface's det_10g.onnx (buffalo_l) "
                          "or scrfd_10g_bnkps.onnx (antelopev2)")
-  ort = import_onnxruntime()
+  ort = import_face_package("onnxruntime")
   try:
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
   except Exception as e:    # onnxruntime raises its own exception types
@@ -311,4 +297,4 @@ def load_detector(path, input_size=DEFAULT_INPUT_SIZE) -> FaceDetector:
 
 __all__ = ["Detections", "FaceDetector", "load_detector", "letterbox", "resize_linear",
            "anchor_centers", "distance_to_box", "offsets_to_keypoints", "nms", "central_order",
-           "onnx_signature", "import_onnxruntime", "FACE_EXTRA", "DEFAULT_INPUT_SIZE"]
+           "onnx_signature", "DEFAULT_INPUT_SIZE"]

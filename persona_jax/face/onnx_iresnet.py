@@ -29,6 +29,7 @@ import numpy as np
 
 from persona_jax.errors import ConfigError
 from persona_jax.face import align
+from persona_jax.face.extra import import_face_package
 from persona_jax.face.iresnet import IResNetConfig, embed
 from persona_jax.face.recognizer import Recognizer, padded_batches
 
@@ -47,16 +48,6 @@ class _Node:
   inputs: tuple[str, ...]
   outputs: tuple[str, ...]
   attrs: dict
-
-
-def _import_onnx():
-  try:
-    import onnx
-    from onnx import numpy_helper
-  except ImportError as e:
-    raise ConfigError(f"reading insightface's ONNX face models needs the onnx package ({e}): "
-                      "pip install 'persona-jax[face]'") from None
-  return onnx, numpy_helper
 
 
 def insightface_input_norm(node_names) -> tuple[float, float]:
@@ -299,7 +290,8 @@ def read_iresnet(path) -> tuple[IResNetConfig, dict]:
   path = Path(path)
   if not path.is_file():
     raise ConfigError(f"{path}: no such ONNX file; {EXPECTED}")
-  onnx, numpy_helper = _import_onnx()
+  onnx = import_face_package("onnx")
+  numpy_helper = import_face_package("onnx.numpy_helper")
   try:
     model = onnx.load(str(path))
   except Exception as e:  # noqa: BLE001  (protobuf and onnx raise several kinds)

@@ -176,3 +176,53 @@ def test_bad_pack_folders(pack, tmp_path, stand_in, monkeypatch):
   monkeypatch.setitem(sys.modules, "onnx", None)
   with pytest.raises(ConfigError, match=r"pip install 'persona-jax\[face\]'"):
     analysis.load_face_analysis(pack)
+
+
+@pytest.fixture(scope="module")
+def insightface_root(pack):
+  """root/models/buffalo_l/ (insightface's layout under its `root`) with the pack's tiny SCRFD as
+  det_10g.onnx and a tiny ArcFace IResNet exported as the released w600k_r50.onnx."""
+  pytest.importorskip("torch")
+  from tests.face import tiny_iresnet
+  folder = pack.parent / "insightface_root" / "models" / "buffalo_l"
+  folder.mkdir(parents=True)
+  shutil.copy(pack / "det_10g.onnx", folder / "det_10g.onnx")
+  tiny_iresnet.export(tiny_iresnet.build(0), folder / "w600k_r50.onnx")
+  return folder.parent.parent
+
+
+@pytest.mark.filterwarnings("ignore:`estimate` is deprecated:FutureWarning")  # skimage, in insightface
+def test_a_whole_pack_matches_insightfaces_face_analysis(insightface_root):
+  """Boxes, scores and keypoints as insightface's; embeddings as its recognizer's on its aligned
+  crops (1e-5 relative). Whole-pipeline embeddings agree to 1e-3 only: cv2.warpAffine rounds its
+  samples in its own way (fixed point before OpenCV 4.11, float32 with FMAs after), so our
+  alignment differs from it by 1 level on the odd pixel near a .5 tie."""
+  app = pytest.importorskip("insightface.app")
+  face_align = pytest.importorskip("insightface.utils.face_align")
+  image = tiny_scrfd.image(3, (480, 560))
+  faces = analysis.load_face_analysis(insightface_root / "models" / "buffalo_l")
+  ours = faces.analyze(image)
+  theirs = app.FaceAnalysis(name="buffalo_l", root=str(insightface_root),
+                            allowed_modules=["detection", "recognition"],
+                            providers=["CPUExecutionProvider"])
+  theirs.prepare(ctx_id=-1, det_size=(640, 640))   # 2.1's default detects at 128 and at 640
+  assert theirs.det_model.input_sizes == [(640, 640)]
+  bgr = np.ascontiguousarray(image[..., ::-1])     # insightface reads images as cv2 does
+  reference = theirs.get(bgr)
+  assert len(ours) == len(reference) >= 2
+  for face, expected in zip(ours, reference):
+    np.testing.assert_array_equal(face.box, expected.bbox[:4])
+    np.testing.assert_array_equal(face.keypoints, expected.kps)
+    assert face.score == expected.det_score
+    their_crop = face_align.norm_crop(bgr, expected.kps)[..., ::-1]
+    our_crop = align.norm_crop(image, face.keypoints)
+    assert np.abs(our_crop.astype(int) - their_crop).max() <= 1
+    assert np.mean(our_crop != their_crop) < 1e-3
+    on_their_crop = faces.recognizer.embed(np.ascontiguousarray(their_crop)[None])[0]
+    assert _relative(on_their_crop, expected.embedding) < 1e-5
+    assert _relative(face.embedding, expected.embedding) < 1e-3
+    np.testing.assert_allclose(face.norm, expected.embedding_norm, rtol=1e-3)
+
+
+def _relative(a, b):
+  return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))

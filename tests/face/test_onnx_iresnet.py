@@ -1,123 +1,36 @@
 """insightface's ArcFace ONNX files read into the Flax IResNet (face/onnx_iresnet.py, face/iresnet.py).
 
-A tiny IResNet re-created in torch after insightface's `arcface_torch/backbones/iresnet.py`
-(random weights and batch-norm statistics; narrow widths, few blocks, the real 112x112 input and
-512-d embedding) is exported as arcface_torch's `torch2onnx.py` exports the released files: the
-TorchScript exporter, opset 11, eval mode (so batch norm after a convolution is folded into it),
-batch dimension renamed "None". Our embeddings are compared with onnxruntime's and with
-insightface's own `ArcFaceONNX.get_feat` on aligned crops (1e-5 relative, float32).
+A tiny IResNet re-created in torch and exported as the released files are (tests/face/tiny_iresnet.py:
+opset 11, eval mode, batch norm folded) is read back; our embeddings are compared with
+onnxruntime's and with insightface's own `ArcFaceONNX.get_feat` on aligned crops (1e-5 relative,
+float32).
 """
-
-import warnings
 
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+pytest.importorskip("torch")
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
 from persona_jax.errors import ConfigError  # noqa: E402
 from persona_jax.face import align, onnx_iresnet, recognition  # noqa: E402
+from tests.face import tiny_iresnet  # noqa: E402
 from tests.markers import slow  # noqa: E402
 
-nn = torch.nn
-STEM, WIDTHS, LAYERS, EMBEDDING = 8, (8, 16, 16, 24), (2, 1, 1, 1), 512
-
-
-class IBasicBlock(nn.Module):
-  """insightface's IBasicBlock: bn1 -> conv1 -> bn2 -> prelu -> conv2 (stride) -> bn3, + shortcut."""
-
-  def __init__(self, inplanes, planes, stride):
-    super().__init__()
-    self.bn1 = nn.BatchNorm2d(inplanes, eps=1e-5)
-    self.conv1 = nn.Conv2d(inplanes, planes, 3, 1, 1, bias=False)
-    self.bn2 = nn.BatchNorm2d(planes, eps=1e-5)
-    self.prelu = nn.PReLU(planes)
-    self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
-    self.bn3 = nn.BatchNorm2d(planes, eps=1e-5)
-    self.downsample = None
-    if stride != 1 or inplanes != planes:
-      self.downsample = nn.Sequential(nn.Conv2d(inplanes, planes, 1, stride, bias=False),
-                                      nn.BatchNorm2d(planes, eps=1e-5))
-
-  def forward(self, x):
-    out = self.bn3(self.conv2(self.prelu(self.bn2(self.conv1(self.bn1(x))))))
-    return out + (x if self.downsample is None else self.downsample(x))
-
-
-class IResNet(nn.Module):
-  """insightface's IResNet with its widths as arguments (theirs: 64, (64, 128, 256, 512))."""
-
-  def __init__(self, stem, widths, layers, embedding, normalize_inside=False):
-    super().__init__()
-    self.normalize_inside = normalize_inside     # an MXNet conversion's (x - 127.5) * 0.0078125
-    self.conv1 = nn.Conv2d(3, stem, 3, 1, 1, bias=False)
-    self.bn1 = nn.BatchNorm2d(stem, eps=1e-5)
-    self.prelu = nn.PReLU(stem)
-    blocks, inplanes = [], stem
-    for width, n in zip(widths, layers):
-      stage = [IBasicBlock(inplanes, width, 2)] + [IBasicBlock(width, width, 1) for _ in range(n - 1)]
-      blocks.append(nn.Sequential(*stage))
-      inplanes = width
-    self.layer1, self.layer2, self.layer3, self.layer4 = blocks
-    self.bn2 = nn.BatchNorm2d(inplanes, eps=1e-5)
-    self.dropout = nn.Dropout(p=0.0)
-    self.fc = nn.Linear(inplanes * 7 * 7, embedding)
-    self.features = nn.BatchNorm1d(embedding, eps=1e-5)
-
-  def forward(self, x):
-    if self.normalize_inside:
-      x = (x - 127.5) * 0.0078125
-    x = self.prelu(self.bn1(self.conv1(x)))
-    x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-    x = self.dropout(torch.flatten(self.bn2(x), 1))
-    return self.features(self.fc(x))
-
-
-def _randomized(net, seed):
-  g = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for m in net.modules():
-      if isinstance(m, nn.Conv2d):
-        fan_in = m.weight[0].numel()
-        m.weight.copy_(torch.randn(m.weight.shape, generator=g) * (2.0 / fan_in) ** 0.5)
-      elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
-        c = m.num_features
-        m.weight.copy_(0.5 + torch.rand(c, generator=g))
-        m.bias.copy_(0.2 * torch.randn(c, generator=g))
-        m.running_mean.copy_(0.2 * torch.randn(c, generator=g))
-        m.running_var.copy_(0.5 + torch.rand(c, generator=g))
-      elif isinstance(m, nn.PReLU):
-        m.weight.copy_(0.5 * torch.rand(m.weight.shape, generator=g))
-  return net.eval()
-
-
-def _export(net, path, fold=True, rename=None):
-  """As torch2onnx.py: opset 11, eval; `fold=False` keeps batch norms apart (as MXNet files);
-  `rename` {op type: node name} renames nodes (MXNet's `_minusscalar0`, `_mulscalar0`)."""
-  with warnings.catch_warnings():     # the TorchScript exporter's deprecation notices
-    warnings.simplefilter("ignore")
-    torch.onnx.export(net, torch.zeros(1, 3, 112, 112), str(path), input_names=["input.1"],
-                      opset_version=11, dynamo=False, keep_initializers_as_inputs=False,
-                      training=torch.onnx.TrainingMode.EVAL if fold else torch.onnx.TrainingMode.PRESERVE)
-  model = onnx.load(str(path))
-  model.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "None"
-  for node in model.graph.node:
-    node.name = (rename or {}).get(node.op_type, node.name)
-  onnx.save(model, str(path))
-  return path
+STEM, WIDTHS, LAYERS, EMBEDDING = (tiny_iresnet.STEM, tiny_iresnet.WIDTHS, tiny_iresnet.LAYERS,
+                                   tiny_iresnet.EMBEDDING)
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
   folder = tmp_path_factory.mktemp("arcface")
-  net = _randomized(IResNet(STEM, WIDTHS, LAYERS, EMBEDDING), 0)
-  inside = _randomized(IResNet(STEM, WIDTHS, LAYERS, EMBEDDING, normalize_inside=True), 1)
-  return {"folded": _export(net, folder / "w600k_r50.onnx"),
-          "unfolded": _export(net, folder / "unfolded.onnx", fold=False),
-          "inside": _export(inside, folder / "mxnet_style.onnx",
-                            rename={"Sub": "_minusscalar0", "Mul": "_mulscalar0"})}
+  net = tiny_iresnet.build(0)
+  inside = tiny_iresnet.build(1, normalize_inside=True)
+  return {"folded": tiny_iresnet.export(net, folder / "w600k_r50.onnx"),
+          "unfolded": tiny_iresnet.export(net, folder / "unfolded.onnx", fold=False),
+          "inside": tiny_iresnet.export(inside, folder / "mxnet_style.onnx",
+                                        rename={"Sub": "_minusscalar0", "Mul": "_mulscalar0"})}
 
 
 @pytest.fixture(scope="module")
@@ -234,17 +147,11 @@ def test_other_graphs_and_files_are_refused_in_one_line(tmp_path, files):
     assert "\n" not in str(err.value)
 
 
-def test_missing_onnx_package_names_the_extra(monkeypatch, files):
-  monkeypatch.setitem(__import__("sys").modules, "onnx", None)
-  with pytest.raises(ConfigError, match=r"pip install 'persona-jax\[face\]'"):
-    onnx_iresnet.read_iresnet(files["folded"])
-
-
 @slow
 def test_a_real_size_r50_matches_onnxruntime_and_insightface(tmp_path, faces):
   """insightface's iresnet50 (w600k_r50's sizes: 64, (64, 128, 256, 512), (3, 4, 14, 3))."""
-  net = _randomized(IResNet(64, (64, 128, 256, 512), (3, 4, 14, 3), 512), 2)
-  path = _export(net, tmp_path / "w600k_r50.onnx")
+  net = tiny_iresnet.build(2, stem=64, widths=(64, 128, 256, 512), layers=(3, 4, 14, 3))
+  path = tiny_iresnet.export(net, tmp_path / "w600k_r50.onnx")
   config, _ = onnx_iresnet.read_iresnet(path)
   assert (config.layers, config.widths) == ((3, 4, 14, 3), (64, 128, 256, 512))
   _, _, crops = faces
