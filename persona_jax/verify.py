@@ -383,19 +383,21 @@ def find_image_encoder(path: Path, image_encoder=None) -> Path | None:
 
 def verify(path, *, tolerance: float = DEFAULT_TOLERANCE, variant: str | None = None,
            allow_pickle: bool = False, seed: int = 0, image_encoder=None, adapter=None,
-           sampler: str | None = None, print_fn=print) -> bool:
+           sampler: str | None = None, images=(), print_fn=print) -> bool:
   """Loads `path` (and the image encoder, see `find_image_encoder`) on both sides, prints one
   line per output and returns whether all pass. With `adapter` = (a method's VerifySpec, the
   flag's value), only that method's files are compared (its `run`). `sampler`: the sampling
-  comparison's (default: the folder's scheduler's)."""
+  comparison's (default: the folder's scheduler's). `images`: passed to an adapter hook that
+  takes images (VerifySpec.images)."""
   path = Path(path)
   pipe = load_pipeline(path, variant=variant, allow_pickle=allow_pickle, attention="auto")
   encoder = None
   if adapter is not None:
     hook, value = adapter
     _require_reference()
+    extra = {"images": tuple(images)} if hook.images else {}
     results = hook.run(pipe, path, value, seed=seed, image_encoder=image_encoder,
-                       allow_pickle=allow_pickle)
+                       allow_pickle=allow_pickle, **extra)
     what = f" + {hook.flag} {value}"
   else:
     encoder = find_image_encoder(path, image_encoder)

@@ -53,7 +53,7 @@ def test_bad_size_is_a_clear_error(model_dirs, tmp_path, capsys):
     (["--e4t", "a", "--instantbooth", "b"], "--e4t and --instantbooth do not combine"),
     (["--e4t", "a", "--run", "b"], "--e4t and --run do not combine"),
     (["--image", "x.png"], "--image is a subject image of a run (--run or --e4t, --fastcomposer, "
-                           "--instantbooth, --ip-adapter)"),
+                           "--instantbooth, --ip-adapter, --photomaker)"),
     (["--e4t", "a"], "--e4t needs --image PATH"),
     (["--e4t", "a", "--image", "x.png", "--image", "y.png"], "--e4t reads one --image"),
     (["--e4t", "a", "--image", "x.png", "--beta", "1"], "--beta is not a knob of e4t"),

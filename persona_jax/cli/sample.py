@@ -154,7 +154,7 @@ def add_arguments(p) -> None:
 def chosen_run(args):
   """(method spec, result) of `--run` or a per-method flag, or (None, None). The knobs and images
   given are checked against the method first (before a per-method flag's run is read)."""
-  from persona_jax.methods.registry import METHODS, find_run, knobs
+  from persona_jax.methods.registry import METHODS, find_run
   flags = _method_flags()
   given = [(name, getattr(args, f"run_{name}")) for name in flags
            if getattr(args, f"run_{name}", None) is not None]
@@ -172,7 +172,7 @@ def chosen_run(args):
   if values:
     name = sorted(values)[0]
     owners = [s.sampling.flag or s.name for s in METHODS.values()
-              if knobs()[name] in s.sampling.knobs]
+              if any(k.name == name for k in s.sampling.knobs)]
     raise PersonaError(f"{_flag(name)} goes with a run of {' or '.join(owners)}")
   if args.image:
     takers = sorted(s.sampling.flag for s in METHODS.values()

@@ -38,6 +38,9 @@ def add_arguments(p) -> None:
   p.add_argument("--image-encoder", type=Path, default=None, metavar="DIR",
                  help="also compare a CLIP image encoder folder (CLIPVisionModel[WithProjection], "
                       "preprocessing included; default: MODEL/image_encoder when it exists)")
+  p.add_argument("--image", type=Path, action="append", default=[], metavar="PATH",
+                 help="an image an adapter's comparison uses (repeatable; e.g. --photomaker's "
+                      "ID images)")
   for hook in _hooks():
     p.add_argument(hook.flag, default=None, metavar=hook.metavar, dest=_dest(hook.flag),
                    help=hook.help)
@@ -51,7 +54,11 @@ def run(args) -> int:
   if len(given) > 1:
     raise PersonaError("verify compares one adapter at a time (" +
                        ", ".join(hook.flag for hook, _ in given) + ")")
+  if args.image and not (given and given[0][0].images):
+    takers = [hook.flag for hook in _hooks() if hook.images]
+    raise PersonaError(f"--image goes with {' or '.join(takers)}")
   ok = verify(resolve_model(args.model), tolerance=args.tolerance, variant=args.variant,
               allow_pickle=args.allow_pickle, seed=args.seed, image_encoder=args.image_encoder,
-              adapter=given[0] if given else None, sampler=args.scheduler)
+              adapter=given[0] if given else None, sampler=args.scheduler,
+              images=tuple(args.image))
   return 0 if ok else 1

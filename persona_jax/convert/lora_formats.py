@@ -443,16 +443,18 @@ def _component_module(module: str, path: Path, key: str) -> str:
   return module
 
 
-def read_lora_file(path, base_params) -> LoRAFactors:
+def read_lora_file(path, base_params, *, tensors=None) -> LoRAFactors:
   """Reads a LoRA file in any supported format against the base it applies to (the pipeline's
   params). Returns {base kernel path: Factor}. Errors name the file and the first bad key (on an
-  SDXL base, saying so: an SD 1.x/2.x LoRA does not fit it)."""
+  SDXL base, saying so: an SD 1.x/2.x LoRA does not fit it). `tensors`: the LoRA's tensors when
+  they are part of another file (`path` then only names it; no metadata alphas are read)."""
   try:
-    return _read_lora_file(Path(path), base_params)
+    return _read_lora_file(Path(path), base_params, tensors)
   except ModelFileError as e:
     if "text_encoder_2" not in base_params:
       raise
-    if any(_SDXL_ONLY.search(k) for k in read_lora_tensors(Path(path))):
+    if any(_SDXL_ONLY.search(k) for k in (tensors if tensors is not None
+                                          else read_lora_tensors(Path(path)))):
       raise
     raise ModelFileError(f"{e}; the model is SDXL: is this an SD 1.x/2.x LoRA? Use a LoRA made "
                          "for this base model") from None
@@ -463,8 +465,8 @@ _SDXL_ONLY = re.compile(r"^lora_te[12]_|^lora_unet_(?:input_blocks|middle_block|
                         r"^text_encoder_2\.")
 
 
-def _read_lora_file(path: Path, base_params) -> LoRAFactors:
-  tensors = read_lora_tensors(path)
+def _read_lora_file(path: Path, base_params, given=None) -> LoRAFactors:
+  tensors = read_lora_tensors(path) if given is None else dict(given)
   kind = detect_format(tensors)
   if kind == "persona_jax":
     return load_lora_file(path, base_params, tensors=tensors)
@@ -500,7 +502,7 @@ def _read_lora_file(path: Path, base_params) -> LoRAFactors:
         raise ModelFileError(f"{path}: key '{key}': the base model has no module {module}")
       labels[names[module]] = module
       parts.setdefault(names[module], {})[which] = value
-  alphas = _peft_alphas(tensors, path) if kind == "diffusers" else {}
+  alphas = _peft_alphas(tensors, path) if kind == "diffusers" and given is None else {}
   out = {}
   for kernel, p in parts.items():
     where = f"{path}: {labels[kernel]}"

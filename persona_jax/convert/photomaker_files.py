@@ -11,7 +11,10 @@ strict=True)`): `vision_model.*` (transformers' CLIP tower), `visual_projection.
 norm_out}.*` and `...perceiver_resampler.layers.N.0.{norm1,norm2,to_q,to_kv,to_out}.*` /
 `layers.N.1.{0,1,3}.*` (LayerNorm, Linear, GELU, Linear). Sizes are inferred from the weights;
 the two head widths that weights cannot tell (CLIP's 64, the perceiver's 128) are arguments.
-`lora_weights.*` are the UNet LoRA's (diffusers/kohya names): left to the pipeline's LoRA loader.
+`lora_weights.*` are the UNet LoRA's (the official files: diffusers' older attention-processor
+names, `unet.<...>.attn1.processor.to_q_lora.down.weight`): `lora_state` gives them to the LoRA
+reader (convert/lora_formats.py). A safetensors file may record the two head widths in its
+metadata (`vision_head_dim`, `perceiver_head_dim`: `recorded_head_dims`); official files do not.
 """
 
 from __future__ import annotations
@@ -213,3 +216,29 @@ def load_id_encoder(path, *, allow_pickle: bool = False, vision_head_dim: int = 
   state = read_official(path, allow_pickle)
   return id_encoder_params(state, str(path), vision_head_dim=vision_head_dim,
                            perceiver_head_dim=perceiver_head_dim, dtype=dtype)
+
+
+HEAD_DIM_KEYS = ("vision_head_dim", "perceiver_head_dim")
+
+
+def recorded_head_dims(path) -> dict[str, int]:
+  """{vision_head_dim, perceiver_head_dim} a safetensors PhotoMaker file records in its metadata
+  (ours and small test files; official files record none: {})."""
+  path = Path(path)
+  if path.suffix != ".safetensors":
+    return {}
+  from safetensors import safe_open
+  with safe_open(str(path), "np") as f:
+    meta = f.metadata() or {}
+  out = {}
+  for key in HEAD_DIM_KEYS:
+    if key in meta:
+      if not meta[key].isdigit() or int(meta[key]) <= 0:
+        raise ModelFileError(f"{path}: metadata {key} = {meta[key]!r} is not a positive integer")
+      out[key] = int(meta[key])
+  return out
+
+
+def lora_state(state: dict) -> dict[str, np.ndarray]:
+  """The `lora_weights.*` tensors of a whole file's dict, prefix removed (diffusers' names)."""
+  return {k[len(LORA_WEIGHTS):]: v for k, v in state.items() if k.startswith(LORA_WEIGHTS)}

@@ -35,7 +35,7 @@ from persona_jax.errors import ConfigError, ModelFileError
 from persona_jax.methods.spec import EvalRecipe, Knob, MethodSpec
 
 SPECS = ("custom_diffusion", "dreambooth", "e4t", "fastcomposer", "instantbooth", "ip_adapter",
-         "lora", "pivotal", "textual_inversion")
+         "lora", "photomaker", "pivotal", "textual_inversion")
 COMMANDS = ("custom_diffusion_merge", "fastcomposer_official")
 METHODS: dict[str, MethodSpec] = {}
 for _module in SPECS:
@@ -131,7 +131,9 @@ def knobs() -> dict[str, Knob]:
   out = {}
   for s in METHODS.values():
     for knob in s.sampling.knobs:
-      out.setdefault(knob.name, knob)
+      if knob.name in out:            # a knob of several methods: one flag, both helps
+        knob = dataclasses.replace(out[knob.name], help=f"{out[knob.name].help}; {knob.help}")
+      out[knob.name] = knob
   return out
 
 

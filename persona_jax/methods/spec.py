@@ -121,11 +121,13 @@ class EvalRecipe:
 @dataclasses.dataclass(frozen=True)
 class VerifySpec:
   """`persona-jax verify MODEL FLAG VALUE`: `run(pipe, model_path, value, **options)` ->
-  [verify.Comparison] (options: seed, image_encoder, allow_pickle)."""
+  [verify.Comparison] (options: seed, image_encoder, allow_pickle; with `images`, also the
+  `--image` paths given as `images`)."""
   flag: str
   metavar: str
   help: str
   run: Callable
+  images: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

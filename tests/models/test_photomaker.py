@@ -1,5 +1,5 @@
 """PhotoMaker's ID encoders (v1, v2) against a torch re-creation of the official modules
-(tests/photomaker_reference.py) at tiny size on random weights, loaded from official-layout files
+(persona_jax/photomaker_torch.py) at tiny size on random weights, loaded from official-layout files
 (a pickled .bin {"id_encoder", "lora_weights"} for v1, a flattened safetensors for v2).
 
 Tiny sizes: CLIP tower hidden 32, 4 heads of 8, 2 layers, 32x32 images in 8x8 patches;
@@ -29,7 +29,7 @@ def official(tmp_path_factory):
   from safetensors.torch import save_file
   from transformers import CLIPVisionConfig
 
-  from tests import photomaker_reference as ref
+  from persona_jax import photomaker_torch as ref
   vision = CLIPVisionConfig(hidden_size=32, intermediate_size=37, projection_dim=24,
                             num_hidden_layers=2, num_attention_heads=4, image_size=SIZE,
                             patch_size=8)
@@ -182,7 +182,7 @@ def test_official_sizes_and_keys_at_full_size():
 
   from persona_jax.convert.diffusers import key_table
   from persona_jax.models.photomaker import PhotoMakerConfig, abstract_params
-  from tests import photomaker_reference as ref
+  from persona_jax import photomaker_torch as ref
   vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_attention_heads=16,
                             num_hidden_layers=24, patch_size=14, projection_dim=768)
   with torch.device("meta"):

@@ -1,8 +1,14 @@
-"""A torch re-creation of PhotoMaker's ID encoders (TencentARC/PhotoMaker `photomaker/model.py`,
-`model_v2.py`, `resampler.py`; the repository is not a package) with the sizes as arguments, so
-tests build them tiny. The forward passes follow the official code line by line, including
-FuseModule's single-row `num_inputs` logic (it only runs with batch 1, as the official pipeline
-calls it). Imported only by tests that have torch (tests.torch_reference.require_torch).
+"""A torch re-creation of PhotoMaker (TencentARC/PhotoMaker; the repository is not a package): the
+ID encoders of `photomaker/model.py`, `model_v2.py`, `resampler.py` with the sizes as arguments
+(so tests build them tiny), loaded strictly from the official `id_encoder.*` keys
+(`official_id_encoder`), and the parts of `photomaker/pipeline.py` around them: the prompt
+expansion of `encode_prompt_with_trigger_word`, the text-only prompt of the delayed conditioning
+and the denoising loop's switch at `start_merge_step`. The forward passes follow the official code
+line by line, including FuseModule's single-row `num_inputs` logic (it only runs with batch 1, as
+the official pipeline calls it).
+
+The reference of `persona-jax verify --photomaker` and of the tests: torch and transformers (the
+verify extra) are imported when this module is, and only verify and tests import it.
 """
 
 import math
@@ -187,3 +193,114 @@ def randomize_(module, seed: int):
         p.copy_(0.5 + torch.rand(p.shape, generator=g))
       elif name.endswith(".bias"):
         p.copy_(0.1 * torch.randn(p.shape, generator=g))
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading an official state dict strictly, and the pipeline's parts.
+
+
+def official_id_encoder(state: dict, config):
+  """The official module of an `id_encoder.*` state dict (prefix removed), built with the sizes
+  of `config` (persona_jax's PhotoMakerConfig, `convert/photomaker_files.infer_config`) and
+  loaded with `load_state_dict(strict=True)` as `load_photomaker_adapter` does; float32, eval."""
+  from transformers import CLIPVisionConfig
+  v = config.vision
+  vision = CLIPVisionConfig(hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,
+                            projection_dim=v.projection_dim, num_hidden_layers=v.num_hidden_layers,
+                            num_attention_heads=v.num_attention_heads, num_channels=v.num_channels,
+                            image_size=v.image_size, patch_size=v.patch_size,
+                            hidden_act=v.hidden_act, layer_norm_eps=v.layer_norm_eps)
+  if config.version == "v1":
+    model = IDEncoderV1(vision, config.projection_2_dim)
+  else:
+    model = IDEncoderV2(vision, config.projection_2_dim, config.fuse_dim, config.id_embeddings_dim,
+                        num_tokens=config.num_tokens, depth=config.perceiver_depth,
+                        dim_head=config.perceiver_head_dim)
+  model.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()}, strict=True)
+  return model.float().eval()
+
+
+def add_trigger_word(tokenizer, trigger_word: str):
+  """`load_photomaker_adapter`'s `tokenizer.add_tokens([trigger_word], special_tokens=True)` on a
+  copy; returns (tokenizer, the trigger word's id)."""
+  import copy
+  tokenizer = copy.deepcopy(tokenizer)
+  tokenizer.add_tokens([trigger_word], special_tokens=True)
+  return tokenizer, tokenizer.convert_tokens_to_ids(trigger_word)
+
+
+def expand_prompt_ids(tokenizer, prompt: str, image_token_id: int, copies: int):
+  """`encode_prompt_with_trigger_word`'s expansion for one tokenizer: the prompt's ids (padded and
+  truncated to 77) with the trigger word removed and the class word before it repeated `copies`
+  (= ID images x num_tokens) times, truncated or padded again; and the class_tokens_mask.
+  Returns (ids [1, L] long, mask [1, L] bool). ValueError unless exactly one trigger word."""
+  ids = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length,
+                  truncation=True, return_tensors="pt").input_ids
+  clean_index, clean, class_token_index = 0, [], []
+  for token_id in ids.tolist()[0]:
+    if token_id == image_token_id:
+      class_token_index.append(clean_index - 1)
+    else:
+      clean.append(token_id)
+      clean_index += 1
+  if len(class_token_index) != 1:
+    raise ValueError(f"PhotoMaker currently does not support multiple trigger words in a single "
+                     f"prompt. Prompt: {prompt}.")
+  c = class_token_index[0]
+  clean = clean[:c] + [clean[c]] * copies + clean[c + 1:]
+  max_len = tokenizer.model_max_length
+  clean = clean[:max_len] if len(clean) > max_len else clean + [tokenizer.pad_token_id] * (
+      max_len - len(clean))
+  mask = [c <= i < c + copies for i in range(len(clean))]
+  return torch.tensor([clean], dtype=torch.long), torch.tensor([mask], dtype=torch.bool)
+
+
+def encode_prompt_with_trigger_word(tokenizers, text_encoders, prompt: str, image_token_id: int,
+                                    copies: int):
+  """The official SDXL text path of the expanded prompt: both encoders' penultimate hidden states
+  concatenated, text_encoder_2's pooled (projected) output, and the mask of the last tokenizer.
+  Returns (prompt_embeds [1, L, D], pooled [1, P], class_tokens_mask [1, L], [ids per tokenizer])."""
+  embeds, all_ids = [], []
+  with torch.no_grad():
+    for tokenizer, encoder in zip(tokenizers, text_encoders):
+      ids, mask = expand_prompt_ids(tokenizer, prompt, image_token_id, copies)
+      out = encoder(ids, output_hidden_states=True)
+      pooled = out[0]
+      embeds.append(out.hidden_states[-2])
+      all_ids.append(ids)
+  return torch.concat(embeds, dim=-1), pooled, mask, all_ids
+
+
+def text_only_prompt(tokenizer, prompt: str, trigger_word: str) -> str:
+  """The pipeline's prompt for the steps before the merge: the first tokenizer's ids without the
+  trigger word, decoded. Decoded as CLIP's tokenizer does (byte-level tokens joined, "</w>" a
+  space): transformers 5 leaves "</w>" in `decode` for tokenizer folders without a tokenizer.json
+  decoder, which the official code (transformers 4) never saw."""
+  from transformers.convert_slow_tokenizer import bytes_to_unicode
+  tokens = tokenizer.encode(prompt, add_special_tokens=False)
+  tokens.remove(tokenizer.convert_tokens_to_ids(trigger_word))
+  byte_of = {u: b for b, u in bytes_to_unicode().items()}
+  text = "".join(tokenizer.convert_ids_to_tokens(tokens))
+  return bytearray(byte_of[ch] for ch in text).decode("utf-8", "replace").replace("</w>", " ").strip()
+
+
+def denoise(unet, scheduler, latents, steps: int, guidance: float, start_merge_step: int, *,
+            negative, negative_pooled, text_only, text_only_pooled, fused, pooled, time_ids):
+  """The official denoising loop's conditioning switch (classifier-free guidance, batch 1 or
+  more): steps i <= start_merge_step see [negative; text-only prompt] and its pooled embedding,
+  the later ones [negative; fused prompt] and the expanded prompt's pooled one. NCHW latents in,
+  NCHW latents out."""
+  scheduler.set_timesteps(steps)
+  time_ids = torch.cat([time_ids, time_ids])
+  with torch.no_grad():
+    for i, t in enumerate(scheduler.timesteps):
+      x = scheduler.scale_model_input(torch.cat([latents] * 2), t)
+      if i <= start_merge_step:
+        ctx, add = torch.cat([negative, text_only]), torch.cat([negative_pooled, text_only_pooled])
+      else:
+        ctx, add = torch.cat([negative, fused]), torch.cat([negative_pooled, pooled])
+      out = unet(x, t, encoder_hidden_states=ctx,
+                 added_cond_kwargs={"text_embeds": add, "time_ids": time_ids}).sample
+      uncond, cond = out.chunk(2)
+      latents = scheduler.step(uncond + guidance * (cond - uncond), t, latents).prev_sample
+  return latents
