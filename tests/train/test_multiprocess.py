@@ -227,3 +227,19 @@ def test_sample_on_two_processes_draws_one_process_images(model_dirs, tmp_path):
   for name in two:
     np.testing.assert_array_equal(two[name], one[name], err_msg=name)
   assert processes.created(tmp_path / "logs_two", 1, tmp_path / "two") == []
+
+
+@slow
+def test_make_class_images_on_two_processes_writes_one_process_images(model_dirs, tmp_path):
+  """`make-class-images` with three batches over 2 processes x 1 device writes the images one
+  process writes (the default suite checks the same function inside `train`), process 1 nothing."""
+  args = ["make-class-images", "--model", str(model_dirs["sd1"]), "--prompt", "a photo of a dog",
+          "--num", "5", "--batch-size", "2", "--steps", "2", "--height", "32", "--width", "32"]
+  for name, count in (("two", 2), ("one", 1)):
+    processes.run(args + ["--out", str(tmp_path / name)], count, 1, tmp_path / f"logs_{name}",
+                  audit=True)
+  two, one = images(tmp_path / "two"), images(tmp_path / "one")
+  assert len(two) == 5 and two.keys() == one.keys()
+  for name in two:
+    np.testing.assert_array_equal(two[name], one[name], err_msg=name)
+  assert processes.created(tmp_path / "logs_two", 1, tmp_path / "two") == []
