@@ -242,3 +242,21 @@ def recorded_head_dims(path) -> dict[str, int]:
 def lora_state(state: dict) -> dict[str, np.ndarray]:
   """The `lora_weights.*` tensors of a whole file's dict, prefix removed (diffusers' names)."""
   return {k[len(LORA_WEIGHTS):]: v for k, v in state.items() if k.startswith(LORA_WEIGHTS)}
+
+
+_PEFT_KEY = re.compile(r"(unet\..+)\.(to_q|to_k|to_v|to_out\.0)\.lora_([AB])\.weight")
+
+
+def lora_to_official(peft: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """A UNet attention LoRA as diffusers/PEFT tensors (`lora_formats.peft_state_dict`: the scale
+  folded into B) -> the official files' `lora_weights.*` keys, diffusers' older
+  attention-processor names (`unet.<...>.attn1.processor.to_q_lora.down.weight`, scale 1)."""
+  out = {}
+  for key, value in peft.items():
+    m = _PEFT_KEY.fullmatch(key)
+    if m is None:
+      raise ModelFileError(f"{key}: PhotoMaker's lora_weights hold UNet attention (to_q, to_k, "
+                           "to_v, to_out.0) LoRA only; train with method.targets=('attn',)")
+    proj = "to_out" if m[2] == "to_out.0" else m[2]
+    out[f"{LORA_WEIGHTS}{m[1]}.processor.{proj}_lora.{'down' if m[3] == 'A' else 'up'}.weight"] = value
+  return out

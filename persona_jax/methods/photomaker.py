@@ -27,12 +27,31 @@ together with its embedding, where the official script keeps the image but not t
 then fails on the mismatch (none with a face: an error, as there); a trigger word that follows
 no class word (right after the start token) is an error, where the official code would repeat
 the start token; a trigger word in the negative prompt is removed.
-Training (the ID encoder's projections, fuse module and LoRA) is not built yet.
+
+Training v1 (the authors released no training code; the paper's recipe, ours in the details):
+  persona-jax train --config photomaker:tiny --workdir runs/pm
+  persona-jax sample --run runs/pm --image A.png --image B.png --prompt "a photo of a ball img"
+* trainable: the ID encoder's `visual_projection_2` and `fuse_module` (fresh, flax's default
+  initializers; `fuse_dim` the base's context width, text_encoder + text_encoder_2) and a UNet
+  LoRA on every attention's to_q/to_k/to_v/to_out.0 (`rank`, default 64; alpha = rank); frozen:
+  the CLIP tower and its `visual_projection` (`image_encoder`, a CLIPVisionModelWithProjection
+  folder, default MODEL/image_encoder), both text encoders (read in the step: the fused prompt
+  depends on trainable leaves), the UNet and the VAE. The paper trains the fuse MLP and the
+  projection it adds beside CLIP's own (which keeps the pretrained image embedding CLIP learned;
+  the new one widens the token to the prompt's width), and the UNet by LoRA;
+* data (data/photomaker.py, `data.source = "photomaker"`): identity folders; each example a target
+  image conditioned on 1 .. `num_references` OTHER images of the same person, its caption with the
+  class word followed by the trigger word; the class word repeated once per ID image;
+* result: WORKDIR/photomaker.safetensors in the official flattened layout (`id_encoder.*`, tower
+  included, and `lora_weights.*` in the older attention-processor names, the LoRA scale folded
+  in), which `sample --photomaker` and the official `load_photomaker_adapter` read.
+Not built: v2 training (the face embeddings' QFormerPerceiver), `method.pretrained`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -40,25 +59,158 @@ import numpy as np
 from persona_jax.convert import photomaker_files as pmf
 from persona_jax.errors import ConfigError, ModelFileError
 from persona_jax.methods import result_file
+from persona_jax.methods.base import Method, ParamSpec, TokenSpec, compose
 from persona_jax.methods.photomaker_conditioning import (ID_EMBEDS, ID_PIXELS, PHOTOMAKER, START,
                                                          START_MERGE_STEP, PhotoMakerConditioning)
 from persona_jax.methods.photomaker_inputs import (TRIGGER_WORD, check_base, check_prompt,
                                                    face_embeddings, id_pixels, trigger_tokenizers)
 from persona_jax.methods.photomaker_verify import verify_file
-from persona_jax.methods.spec import Knob, MethodSpec, ResultSpec, SamplingSpec, VerifySpec
+from persona_jax.methods.spec import (DataBuild, Knob, MethodSpec, ResultSpec, SamplingSpec,
+                                      VerifySpec)
+from persona_jax.models.photomaker import V1, PhotoMakerConfig, init_params
 FILE_HELP = ("photomaker-v1.bin / photomaker-v2.bin (pickles: with --allow-pickle) or a "
              ".safetensors with the same id_encoder.* and lora_weights.* keys")
 
 
+RESULT_FILE = "photomaker.safetensors"
+FORMAT = "persona_jax-photomaker"
+
+
 @dataclasses.dataclass(frozen=True)
 class PhotoMakerOptions:
-  """Training options (training is not built yet)."""
+  """Training options (module docstring)."""
+  version: str = V1                  # v1 only for now
+  image_encoder: str = ""            # a CLIPVisionModelWithProjection folder; "": MODEL/image_encoder
+  num_references: int = 4            # ID images per example: 1 .. this many (random)
+  rank: int = 64                     # the UNet LoRA's rank (alpha = rank unless `alpha`)
+  alpha: float = 0.0
   trigger_word: str = TRIGGER_WORD
 
 
-def make(config, base_params, tokenizer_dir=None, unet_config=None):
-  raise ConfigError("method.name: photomaker trains nothing yet; sample with an official file "
-                    "(persona-jax sample --photomaker FILE)")
+def trigger_tokens(tokenizer_dir, word: str):
+  """(trigger id, (pad id, pad id 2)) of SDXL's two tokenizers with `word` added (the same id in
+  both; as the loop adds the method's tokens)."""
+  from persona_jax.methods.ip_adapter import second_tokenizer_dir
+  from persona_jax.tokenizer import load_tokenizer, tokenizers_with_tokens
+  if not word or len(word.split()) != 1:
+    raise ConfigError(f"method.trigger_word {word!r}: one word without spaces")
+  folders = (tokenizer_dir, second_tokenizer_dir(tokenizer_dir))
+  for folder in folders:
+    if word in load_tokenizer(folder).get_vocab():
+      raise ConfigError(f"method.trigger_word {word!r} is already a token of {folder}; use a word "
+                        f"that is not (the official one: {TRIGGER_WORD})")
+  tok, tok_2 = tokenizers_with_tokens(folders, (word,))
+  return tok.convert_tokens_to_ids(word), (tok.pad_token_id, tok_2.pad_token_id)
+
+
+def id_encoder_config(clip, fuse_dim: int) -> PhotoMakerConfig:
+  """The v1 ID encoder on image encoder `clip` for prompt embeddings `fuse_dim` wide: the
+  visual_projection_2 widens CLIP's projection to fuse_dim; the fuse MLPs are fuse_dim wide."""
+  if not clip.with_projection:
+    raise ConfigError("method.image_encoder: PhotoMaker reads CLIP's projected image embedding; "
+                      "this encoder has no visual_projection (a CLIPVisionModelWithProjection)")
+  if (clip.hidden_act, clip.layer_norm_eps) != ("quick_gelu", 1e-5):
+    raise ConfigError(f"method.image_encoder: {clip.hidden_act} / eps {clip.layer_norm_eps}; a "
+                      "PhotoMaker file records no activation and is read as CLIP ViT-L's "
+                      "(quick_gelu, 1e-5): use such an encoder")
+  width = fuse_dim - clip.projection_dim
+  if width <= 0:
+    raise ConfigError(f"method.image_encoder: its projection ({clip.projection_dim}) must be "
+                      f"narrower than the prompt embeddings ({fuse_dim})")
+  return PhotoMakerConfig(V1, vision=clip, projection_2_dim=width, fuse_dim=fuse_dim,
+                          mlp1_hidden_dim=fuse_dim, mlp2_hidden_dim=fuse_dim)
+
+
+def make(config: PhotoMakerOptions, base_params, tokenizer_dir=None, unet_config=None) -> Method:
+  """PhotoMaker v1 training on an SDXL base: the ID encoder's heads and a UNet LoRA."""
+  from persona_jax.image_encoder import load_method_image_encoder
+  from persona_jax.methods import lora
+  if "text_encoder_2" not in base_params:
+    raise ConfigError("method photomaker trains on SDXL bases (two text encoders); this model is "
+                      "SD 1.x/2.x: pass an SDXL --config.model (e.g. toy-xl)")
+  if config.version != V1:
+    raise ConfigError(f"method.version: '{config.version}': only v1 trains here (v2 training is "
+                      "not built yet; v2 files sample with --photomaker)")
+  if config.num_references < 1:
+    raise ConfigError(f"method.num_references must be >= 1, got {config.num_references}")
+  encoder = load_method_image_encoder(config.image_encoder, tokenizer_dir)
+  pm_config = id_encoder_config(encoder.config, unet_config.cross_attention_dim)
+  trigger_id, pad_ids = trigger_tokens(tokenizer_dir, config.trigger_word)
+  cond = PhotoMakerConditioning(pm_config, trigger_id, pad_ids, config.num_references)
+  lora_options = lora.LoRAConfig(rank=config.rank, alpha=config.alpha, targets=("attn",))
+  factors = lora.make(lora_options, base_params, tokenizer_dir, unet_config)
+  tower = {PHOTOMAKER: {k: encoder.params[k] for k in ("vision_model", "visual_projection")}}
+
+  def init(rng, base):
+    fresh = init_params(rng, pm_config)
+    return {PHOTOMAKER: {k: fresh[k] for k in TRAINED_HEADS}}
+  params = compose(ParamSpec(init=init), factors.params)
+  chosen = lora.targets(lora_options, base_params, unet_config)
+  return Method(name=PHOTOMAKER, params=params, conditioning=cond,
+                tokens=TokenSpec(added=(config.trigger_word,)), components=lambda: tower,
+                save=functools.partial(save, pm_config, chosen))
+
+
+TRAINED_HEADS = ("visual_projection_2", "fuse_module")
+
+
+def run_options(request) -> PhotoMakerOptions:
+  """The run's PhotoMaker options (its data sources are for this method only)."""
+  config = request.config
+  if config.method_name != PHOTOMAKER:
+    raise ConfigError(f"data.source: PhotoMaker's identity data is for method photomaker, not "
+                      f"{config.method_name}")
+  return PhotoMakerOptions(**config.method_options)
+
+
+def examples_source(request, people):
+  """A PhotoMaker run's DataBuild over `people` (data/photomaker.py's Person list)."""
+  from persona_jax.data import photomaker as pm_data
+  from persona_jax.data.clip_images import load_image_processor
+  from persona_jax.image_encoder import image_encoder_dir
+  from persona_jax.tokenizer import tokenize_prompts
+  config, options = request.config, run_options(request)
+  cond = request.method.conditioning
+  folder = image_encoder_dir(options.image_encoder, request.pipe.tokenizer_dir)
+  processor = load_image_processor(folder, cond.config.vision.image_size)
+  tokenize = functools.partial(tokenize_prompts, request.tokenizers)
+  pm_data.check_captions(people, lambda c: tokenize(c)["ids_2"], cond.trigger_id,
+                         options.trigger_word)
+  dataset = pm_data.make_dataset(people, tokenize, processor, options.num_references,
+                                 config.data.random_flip, config.batch_size, config.seed)
+  return DataBuild(dataset, None, frozenset({"unet", "vae", "text_encoder", "text_encoder_2"}))
+
+
+def folder_source(request):
+  """The `photomaker` data source: data.instance_dir/<identity>/*.png (data/photomaker.py)."""
+  from persona_jax.data.photomaker import read_folders
+  d = request.config.data
+  if not d.instance_dir:
+    raise ConfigError("data.instance_dir: the photomaker data source reads a folder of identity "
+                      "folders (data/photomaker.py)")
+  return examples_source(request, read_folders(d.instance_dir, d.resolution, d.prompt))
+
+
+def save(pm_config: PhotoMakerConfig, chosen, trainable, context):
+  """WORKDIR/photomaker.safetensors in the official flattened layout (module docstring)."""
+  import jax
+
+  from persona_jax import tree
+  from persona_jax.convert import lora_formats as lf
+  from persona_jax.convert.files import write_safetensors
+  params = context.full_params(trainable)
+  flat = tree.flatten(trainable)
+  factors = {t.kernel: lf.Factor(np.asarray(flat[f"{t.key}/a"]), np.asarray(flat[f"{t.key}/b"]),
+                                 np.float32(t.scale)) for t in chosen if f"{t.key}/a" in flat}
+  peft, _ = lf.peft_state_dict(factors, context.pipe.params)
+  id_encoder = jax.tree.map(lambda x: np.asarray(x, np.float32), params[PHOTOMAKER])
+  tensors = {**pmf.to_official(id_encoder), **pmf.lora_to_official(peft)}
+  vision = pm_config.vision
+  meta = result_file.run_metadata(context, FORMAT, vision_head_dim=str(
+      vision.hidden_size // vision.num_attention_heads))
+  path = Path(context.workdir) / RESULT_FILE
+  write_safetensors(path, {k: np.asarray(v, np.float32) for k, v in tensors.items()}, meta)
+  return [str(path)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -68,8 +220,11 @@ def make(config, base_params, tokenizer_dir=None, unet_config=None):
 def load(path) -> result_file.Result:
   """A PhotoMaker file (read when sampling, which may need --allow-pickle): path and metadata."""
   path = Path(path)
+  if path.is_dir():
+    path = path / RESULT_FILE
   if not path.is_file():
-    raise ModelFileError(f"{path}: no PhotoMaker file here; pass {FILE_HELP}")
+    raise ModelFileError(f"{path}: no PhotoMaker file here; pass {FILE_HELP} (or a photomaker "
+                         "run's WORKDIR once its training finished)")
   return result_file.Result(path, {}, result_file.metadata(path))
 
 
@@ -122,7 +277,8 @@ def sample(request):
 
 SPEC = MethodSpec(
     name=PHOTOMAKER, config=PhotoMakerOptions, make=make,
-    result=ResultSpec("photomaker.safetensors"), sdxl=True, load=load, sample=sample,
+    result=ResultSpec(RESULT_FILE, FORMAT), sdxl=True, load=load, sample=sample,
+    data_sources={"photomaker": folder_source},
     sampling=SamplingSpec(
         images="some", flag="--photomaker",
         flag_help=f"a PhotoMaker v1/v2 file ({FILE_HELP}) on an SDXL --model: --image the "

@@ -17,6 +17,11 @@ loop), traced:
 The denoising loop uses the text-only prompt for steps i <= start_merge_step and the fused one
 after (`at`, `delayed`); `start_merge_step` is a traced input. The negative half is the plain SDXL
 negative (zeros where the folder says force_zeros_for_empty_prompt), a trigger word in it removed.
+
+Training (`at` with no step) conditions on the fused prompt. Its rows may hold fewer ID images
+than `num_images` (`ID_COUNT`, [B] int: the first n slots are real, the rest zeros): the class
+word is repeated n x tokens per image times in that row and only the first n images' tokens are
+fused (FuseModule leaves the padded ones out).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from persona_jax.models.photomaker import PhotoMakerConfig, PhotoMakerIDEncoder
 PHOTOMAKER = "photomaker"                  # the ID encoder's params: params["photomaker"]
 ID_PIXELS = "photomaker_pixels"            # [B, N, S, S, 3] CLIP pixels of the ID images
 ID_EMBEDS = "photomaker_id_embeds"         # v2: [B, N, 512] raw ArcFace embeddings
+ID_COUNT = "photomaker_num_images"         # training: [B] int, ID images per row (<= num_images)
 START = "start_merge_step"                 # the last step with the text-only prompt (traced)
 START_MERGE_STEP = 10                      # its default, the official pipeline's
 
@@ -81,9 +87,13 @@ class PhotoMakerConditioning:
     return self.num_images * self.config.tokens_per_image
 
   def expanded(self, inputs):
-    """(ids, ids_2, class_tokens_mask) of the expanded prompt (the mask from ids_2)."""
-    ids, _ = expand_class_word(inputs[IDS], self.trigger_id, self.copies, self.pad_ids[0])
-    ids_2, mask = expand_class_word(inputs[IDS_2], self.trigger_id, self.copies, self.pad_ids[1])
+    """(ids, ids_2, class_tokens_mask) of the expanded prompt (the mask from ids_2); with
+    `ID_COUNT`, each row's own number of copies."""
+    copies = self.copies
+    if ID_COUNT in inputs:
+      copies = jnp.asarray(inputs[ID_COUNT], jnp.int32)[:, None] * self.config.tokens_per_image
+    ids, _ = expand_class_word(inputs[IDS], self.trigger_id, copies, self.pad_ids[0])
+    ids_2, mask = expand_class_word(inputs[IDS_2], self.trigger_id, copies, self.pad_ids[1])
     return ids, ids_2, mask
 
   def fused(self, models, params, inputs):

@@ -1,0 +1,61 @@
+"""PhotoMaker's toy-world identity data (data/photomaker.py's layout): K training identities
+(world/identities.py) x M scenes each, captioned with the trigger word right after the class word
+("a photo of a large red ball img on grass"); the `photomaker:tiny` config's data source
+(`data.source = "persona_jax.world.photomaker_data:toy_source"`) and a folder writer.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from persona_jax.data.photomaker import Person
+from persona_jax.world import identities
+
+
+def with_trigger(caption: str, cls: str, word: str) -> str:
+  """The caption with `word` inserted after its first class word."""
+  words = caption.split()
+  at = words.index(cls) + 1
+  return " ".join(words[:at] + [word] + words[at:])
+
+
+def toy_people(num_identities: int, scenes_per_identity: int, resolution: int = 32,
+               seed: int = 0, word: str = "img") -> list[Person]:
+  """Identities 0 .. K-1 of the training split, M rendered scenes each."""
+  people = []
+  for k in range(num_identities):
+    who = identities.identity(k)
+    images, captions = [], []
+    for m in range(scenes_per_identity):
+      scene = identities.identity_scene(seed, "train", m, who=who)
+      images.append(identities.render(scene, resolution))
+      rng = np.random.default_rng((seed, k, m))
+      captions.append(with_trigger(identities.caption(scene, rng), who.cls, word))
+    people.append(Person(f"identity_{k:04d}", images, captions, [f"toy identity {k}"] * len(images)))
+  return people
+
+
+def write_identity_folders(folder, num_identities: int, scenes_per_identity: int,
+                           resolution: int = 32, seed: int = 0, word: str = "img") -> Path:
+  """`toy_people` as folder/<identity>/NNN.png + NNN.txt (data.instance_dir of a photomaker run)."""
+  from PIL import Image
+  folder = Path(folder)
+  for person in toy_people(num_identities, scenes_per_identity, resolution, seed, word):
+    out = folder / person.name
+    out.mkdir(parents=True, exist_ok=True)
+    for n, (image, caption) in enumerate(zip(person.images, person.captions)):
+      Image.fromarray(image).save(out / f"{n:03d}.png")
+      (out / f"{n:03d}.txt").write_text(caption + "\n", encoding="utf-8")
+  return folder
+
+
+def toy_source(request):
+  """A data source (train/data_sources.py) for method photomaker: `data.num_images` (default 8)
+  identities x 4 scenes at `data.resolution`, of the run's seed."""
+  from persona_jax.methods.photomaker import examples_source, run_options
+  d = request.config.data
+  word = run_options(request).trigger_word
+  return examples_source(request, toy_people(d.num_images or 8, 4, d.resolution,
+                                             request.config.seed, word))
