@@ -208,3 +208,17 @@ def test_config_errors(sdxl_dir, files, model_dirs):
   with pytest.raises(ConfigError, match="already a token"):
     loop.build(pm_config(sdxl_dir, files["encoder"], files["identities"],
                          method=dict(trigger_word="<|endoftext|>")), mesh=one_device_mesh())
+
+
+def test_per_row_copies_match_each_rows_own_expansion():
+  """ID_COUNT: each row expanded as with its own number of ID images (the official expansion)."""
+  from persona_jax.methods.photomaker_conditioning import expand_class_word
+  ids = jnp.asarray([[49406, 5, 6, 7, 99, 8, 49407, 0, 0, 0],
+                     [49406, 5, 7, 99, 8, 9, 10, 49407, 0, 0]], jnp.int32)
+  counts = jnp.asarray([[1], [3]], jnp.int32)
+  got, mask = expand_class_word(ids, 99, counts, 0)
+  for row, n in enumerate((1, 3)):
+    want, want_mask = expand_class_word(ids[row:row + 1], 99, n, 0)
+    np.testing.assert_array_equal(got[row], want[0])
+    np.testing.assert_array_equal(mask[row], want_mask[0])
+    assert int(mask[row].sum()) == n
