@@ -45,7 +45,9 @@ Training v1 (the authors released no training code; the paper's recipe, ours in 
 * result: WORKDIR/photomaker.safetensors in the official flattened layout (`id_encoder.*`, tower
   included, and `lora_weights.*` in the older attention-processor names, the LoRA scale folded
   in), which `sample --photomaker` and the official `load_photomaker_adapter` read.
-Not built: v2 training (the face embeddings' QFormerPerceiver), `method.pretrained`.
+`method.pretrained` (an official-layout v1 file, e.g. a run's result or photomaker-v1.bin with
+`allow_pickle`) starts from its tower (frozen), heads and LoRA (its rank). Not built: v2 training
+(the face embeddings' QFormerPerceiver).
 """
 
 from __future__ import annotations
@@ -85,6 +87,9 @@ class PhotoMakerOptions:
   rank: int = 64                     # the UNet LoRA's rank (alpha = rank unless `alpha`)
   alpha: float = 0.0
   trigger_word: str = TRIGGER_WORD
+  pretrained: str = ""               # an official-layout v1 file to start from (its tower frozen,
+                                     # its heads and LoRA trained on; `image_encoder` unused)
+  allow_pickle: bool = False         # read `pretrained` as a pickled .bin (trusted files only)
 
 
 def trigger_tokens(tokenizer_dir, word: str):
@@ -133,22 +138,70 @@ def make(config: PhotoMakerOptions, base_params, tokenizer_dir=None, unet_config
                       "not built yet; v2 files sample with --photomaker)")
   if config.num_references < 1:
     raise ConfigError(f"method.num_references must be >= 1, got {config.num_references}")
-  encoder = load_method_image_encoder(config.image_encoder, tokenizer_dir)
-  pm_config = id_encoder_config(encoder.config, unet_config.cross_attention_dim)
+  width = unet_config.cross_attention_dim
+  if config.pretrained:
+    pm_config, id_params, lora_factors = read_pretrained(config, base_params, width)
+  else:
+    encoder = load_method_image_encoder(config.image_encoder, tokenizer_dir)
+    pm_config, id_params, lora_factors = id_encoder_config(encoder.config, width), None, None
   trigger_id, pad_ids = trigger_tokens(tokenizer_dir, config.trigger_word)
   cond = PhotoMakerConditioning(pm_config, trigger_id, pad_ids, config.num_references)
-  lora_options = lora.LoRAConfig(rank=config.rank, alpha=config.alpha, targets=("attn",))
+  rank = config.rank
+  if lora_factors:
+    rank = int(next(iter(lora_factors.values())).a.shape[1])
+  lora_options = lora.LoRAConfig(rank=rank, alpha=0.0 if lora_factors else config.alpha,
+                                 targets=("attn",))
   factors = lora.make(lora_options, base_params, tokenizer_dir, unet_config)
-  tower = {PHOTOMAKER: {k: encoder.params[k] for k in ("vision_model", "visual_projection")}}
+  chosen = lora.targets(lora_options, base_params, unet_config)
+  frozen = id_params if id_params is not None else encoder.params
+  tower = {PHOTOMAKER: {k: frozen[k] for k in ("vision_model", "visual_projection")}}
 
   def init(rng, base):
-    fresh = init_params(rng, pm_config)
-    return {PHOTOMAKER: {k: fresh[k] for k in TRAINED_HEADS}}
-  params = compose(ParamSpec(init=init), factors.params)
-  chosen = lora.targets(lora_options, base_params, unet_config)
-  return Method(name=PHOTOMAKER, params=params, conditioning=cond,
-                tokens=TokenSpec(added=(config.trigger_word,)), components=lambda: tower,
-                save=functools.partial(save, pm_config, chosen))
+    heads = id_params if id_params is not None else init_params(rng, pm_config)
+    return {PHOTOMAKER: {k: heads[k] for k in TRAINED_HEADS}}
+  lora_params = factors.params
+  if lora_factors is not None:
+    loaded = pretrained_lora(lora_factors, chosen, config.pretrained)
+    lora_params = dataclasses.replace(lora_params, init=lambda rng, base: loaded)
+  return Method(name=PHOTOMAKER, params=compose(ParamSpec(init=init), lora_params),
+                conditioning=cond, tokens=TokenSpec(added=(config.trigger_word,)),
+                components=lambda: tower, save=functools.partial(save, pm_config, chosen))
+
+
+def read_pretrained(config: PhotoMakerOptions, base_params, width: int):
+  """(PhotoMakerConfig, ID-encoder params, the LoRA factors by base kernel) of
+  `method.pretrained`, an official-layout v1 file for this base."""
+  from persona_jax.convert.lora_formats import read_lora_file
+  path = load(config.pretrained).path
+  pm_config, id_params, lora_tensors = read_file(path, config.allow_pickle)
+  if pm_config.version != V1:
+    raise ConfigError(f"method.pretrained: {path} is a PhotoMaker {pm_config.version} file; only "
+                      "v1 trains here")
+  if pm_config.fuse_dim != width:
+    raise ModelFileError(f"{path}: the ID encoder fuses {pm_config.fuse_dim}-wide prompt "
+                         f"embeddings; this SDXL base's are {width} wide (a file for another base?)")
+  factors = read_lora_file(path, base_params, tensors=lora_tensors) if lora_tensors else {}
+  return pm_config, id_params, factors
+
+
+def pretrained_lora(factors, chosen, source) -> dict:
+  """The LoRA tree (`lora/<target>/{a, b}`, alpha = rank) of a file's factors: one per chosen
+  target, of one rank, the file's scale folded into b."""
+  from persona_jax import tree
+  missing = [t.kernel for t in chosen if t.kernel not in factors]
+  if missing or len(factors) != len(chosen):
+    raise ModelFileError(f"{source}: its lora_weights cover {len(factors)} layers, not the "
+                         f"{len(chosen)} attention projections of this UNet"
+                         + (f" (missing {missing[0]})" if missing else ""))
+  out = {}
+  for t in chosen:
+    f = factors[t.kernel]
+    if f.a.shape[1] != t.rank:
+      raise ModelFileError(f"{source}: its LoRA ranks differ ({f.a.shape[1]} and {t.rank}); "
+                           "PhotoMaker training takes one rank")
+    out[f"{t.key}/a"] = np.asarray(f.a, np.float32)
+    out[f"{t.key}/b"] = np.asarray(f.b, np.float32) * np.float32(f.scale / t.scale)
+  return tree.unflatten(out)
 
 
 TRAINED_HEADS = ("visual_projection_2", "fuse_module")
@@ -166,13 +219,17 @@ def run_options(request) -> PhotoMakerOptions:
 def examples_source(request, people):
   """A PhotoMaker run's DataBuild over `people` (data/photomaker.py's Person list)."""
   from persona_jax.data import photomaker as pm_data
-  from persona_jax.data.clip_images import load_image_processor
+  from persona_jax.data.clip_images import CLIPImageProcessorConfig, load_image_processor
   from persona_jax.image_encoder import image_encoder_dir
   from persona_jax.tokenizer import tokenize_prompts
   config, options = request.config, run_options(request)
   cond = request.method.conditioning
-  folder = image_encoder_dir(options.image_encoder, request.pipe.tokenizer_dir)
-  processor = load_image_processor(folder, cond.config.vision.image_size)
+  size = cond.config.vision.image_size
+  if options.pretrained:             # as sampling preprocesses a file's ID images
+    processor = CLIPImageProcessorConfig.for_image_size(size)
+  else:
+    processor = load_image_processor(
+        image_encoder_dir(options.image_encoder, request.pipe.tokenizer_dir), size)
   tokenize = functools.partial(tokenize_prompts, request.tokenizers)
   pm_data.check_captions(people, lambda c: tokenize(c)["ids_2"], cond.trigger_id,
                          options.trigger_word)

@@ -152,7 +152,8 @@ def test_training_bar(run, trajectory):
 
 def test_result_file_samples(run, trajectory, sdxl_dir, files, tmp_path):
   """photomaker.safetensors (the official layout) read by the sampling path: the same fused
-  prompt as training's conditioning, the same LoRA-merged UNet."""
+  prompt as training's conditioning, the same LoRA-merged UNet; `method.pretrained` on it starts
+  a run from the trained leaves (its rank, its tower)."""
   from persona_jax.convert.lora_formats import read_lora_file
   from persona_jax.methods.lora_compose import apply_loras
   from persona_jax.models import block_names
@@ -178,6 +179,17 @@ def test_result_file_samples(run, trajectory, sdxl_dir, files, tmp_path):
   read = jax.jit(lambda p, b: sampling.fused(run.models, p, b))(
       {**params, PHOTOMAKER: id_params}, batch)
   np.testing.assert_allclose(read[0], fused[0], atol=1e-5)
+  # method.pretrained: a run starting from the file starts where this one ended
+  again = loop.build(pm_config(sdxl_dir, files["encoder"], files["identities"],
+                               method=dict(pretrained=str(path), image_encoder="", rank=64)),
+                     mesh=one_device_mesh())
+  assert again.method.conditioning == cond
+  start, ended = tree.flatten(again.trainable), tree.flatten(trained)
+  assert set(start) == set(ended)
+  for p in start:
+    np.testing.assert_allclose(start[p], ended[p], rtol=1e-6, atol=1e-7)
+  for a, b in zip(jax.tree.leaves(again.frozen[PHOTOMAKER]), jax.tree.leaves(run.frozen[PHOTOMAKER])):
+    np.testing.assert_array_equal(a, b)
 
 
 @slow
