@@ -44,7 +44,8 @@ Training v1 (the authors released no training code; the paper's recipe, ours in 
   class word followed by the trigger word; the class word repeated once per ID image;
 * result: WORKDIR/photomaker.safetensors in the official flattened layout (`id_encoder.*`, tower
   included, and `lora_weights.*` in the older attention-processor names, the LoRA scale folded
-  in), which `sample --photomaker` and the official `load_photomaker_adapter` read.
+  in), which `sample --photomaker` reads (the official `load_photomaker_adapter` expects the same
+  keys; loading a result there is not checked yet).
 `method.pretrained` (an official-layout v1 file, e.g. a run's result or photomaker-v1.bin with
 `allow_pickle`) starts from its tower (frozen), heads and LoRA (its rank). Not built: v2 training
 (the face embeddings' QFormerPerceiver).
