@@ -161,13 +161,16 @@ def read_adapter(path: Path) -> dict[str, np.ndarray]:
   return dict(check_weights(read_safetensors(path), path, finite=True))
 
 
-def _read_pickle(path: Path, allow_pickle: bool) -> dict[str, np.ndarray]:
+def load_pickle(path: Path, allow_pickle: bool):
+  """What a torch pickle holds (torch's safe `weights_only` unpickler), only with the opt-in:
+  without it PickleRefusedError; without torch, or a file torch refuses, one-line
+  ModelFileErrors."""
   if not allow_pickle:
     raise PickleRefusedError(
         f"{path}: refusing to load a pickle file (it can run arbitrary code). Convert it to "
         "safetensors, or, if you trust it, opt in: --allow-pickle for sample, verify and "
-        "import-fastcomposer; --config.method.allow_pickle=True for an ip_adapter train run's "
-        "pretrained file (train reads no other pickle); allow_pickle=True in load_pipeline; "
+        "import-fastcomposer; --config.method.allow_pickle=True for an ip_adapter or photomaker "
+        "train run's pretrained file (train reads no other pickle); allow_pickle=True in load_pipeline; "
         "reading it needs torch (pip install 'persona-jax[verify]').")
   try:
     import torch
@@ -181,6 +184,12 @@ def _read_pickle(path: Path, allow_pickle: bool) -> dict[str, np.ndarray]:
     raise ModelFileError(f"{path}: cannot read this pickle even with the opt-in ({type(e).__name__}: "
                          f"{first}); it holds more than tensors or is damaged: convert it to "
                          "safetensors where it was made") from None
+  return state
+
+
+def _read_pickle(path: Path, allow_pickle: bool) -> dict[str, np.ndarray]:
+  state = load_pickle(path, allow_pickle)
+  import torch
   while isinstance(state, Mapping) and "state_dict" in state and len(state) <= 3:
     state = state["state_dict"]
   out = {}

@@ -124,20 +124,16 @@ def projection_config(state: dict, cross_attention_dim: int, source: str) -> Pro
 
 def read_official(path, allow_pickle: bool = False) -> dict[str, np.ndarray]:
   """An IP-Adapter file as a flat official state dict (`image_proj.*`, `ip_adapter.*`)."""
-  from persona_jax.convert.files import _read_pickle, check_weights, read_adapter
+  from persona_jax.convert.files import check_weights, load_pickle, read_adapter
   path = Path(path)
   if not path.is_file():
     raise ModelFileError(f"{path}: no IP-Adapter file here")
   if path.suffix == ".safetensors":
     return read_adapter(path)
-  if not allow_pickle:
-    _read_pickle(path, False)                              # raises PickleRefusedError
+  state = load_pickle(path, allow_pickle)
   import torch
-  try:
-    state = torch.load(str(path), map_location="cpu", weights_only=True)
-  except Exception as e:  # torch's safe unpickler refusing an object, or a damaged file
-    raise ModelFileError(f"{path}: cannot read this pickle even with the opt-in "
-                         f"({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
+  if not isinstance(state, dict):
+    raise ModelFileError(f"{path}: not an IP-Adapter file (the official .bin holds a dict)")
   if "image_proj" in state:                                # the release's nested layout
     state = {f"{group}.{k}": v for group in ("image_proj", "ip_adapter")
              for k, v in state.get(group, {}).items()}

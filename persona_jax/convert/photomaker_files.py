@@ -58,21 +58,15 @@ def official_key(key: str) -> str:
 
 def read_official(path, allow_pickle: bool = False) -> dict[str, np.ndarray]:
   """A PhotoMaker file as one flat dict (`id_encoder.*`, `lora_weights.*`), float32 numpy."""
-  from persona_jax.convert.files import _read_pickle, check_weights, read_adapter
+  from persona_jax.convert.files import check_weights, load_pickle, read_adapter
   path = Path(path)
   if not path.is_file():
     raise ModelFileError(f"{path}: no PhotoMaker file here")
   if path.suffix == ".safetensors":
     state = read_adapter(path)
   else:
-    if not allow_pickle:
-      _read_pickle(path, False)                            # raises PickleRefusedError
+    raw = load_pickle(path, allow_pickle)
     import torch
-    try:
-      raw = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # torch's safe unpickler refusing an object, or a damaged file
-      raise ModelFileError(f"{path}: cannot read this pickle even with the opt-in "
-                           f"({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
     if not isinstance(raw, dict) or not isinstance(raw.get("id_encoder"), dict):
       raise ModelFileError(f"{path}: not a PhotoMaker file (the official .bin holds a dict with "
                            "'id_encoder' and 'lora_weights')")
