@@ -7,10 +7,12 @@ naming (diffusers' older `unet.<...>.processor.to_q_lora.down.weight`) on every 
 UNet. Checked: the prompt expansion (ids and mask) against the official logic, the fused
 embeddings, the LoRA-merged UNet (against diffusers' load_lora_weights) and DDIM sampling through
 the official loop's start_merge_step switch (0 and past the last step) via verify, the sample
-command end to end, and the one-line errors.
+command end to end, v2's face embeddings from a tiny insightface pack (the face tests' SCRFD and
+IResNet), and the one-line errors.
 """
 
 import logging
+import re
 
 import jax.numpy as jnp
 import numpy as np
@@ -281,3 +283,78 @@ def test_face_analysis_picks_the_first_face_and_leaves_out_faceless_images(monke
   monkeypatch.setattr(fa, "load_face_analysis", lambda pack: _Analysis([[], []]))
   with pytest.raises(PersonaError, match="no face found in any --image"):
     pmi.face_embeddings(config, photos, pack="pack")
+
+
+# ---------------------------------------------------------------------------------------------
+# v2's face embeddings from a real (tiny) insightface pack.
+
+
+@pytest.fixture(scope="module")
+def face_pack(tmp_path_factory):
+  """A buffalo_l-layout folder: the face tests' tiny SCRFD as det_10g.onnx and a tiny ArcFace
+  IResNet with ID_DIM-wide embeddings (the v2 file's) exported as w600k_r50.onnx."""
+  pytest.importorskip("onnxruntime")
+  pytest.importorskip("onnx")
+  require_torch()
+  from tests.face import tiny_iresnet, tiny_scrfd
+  folder = tmp_path_factory.mktemp("photomaker_pack") / "buffalo_l"
+  folder.mkdir()
+  model = tiny_scrfd.calibrate(tiny_scrfd.build(0), tiny_scrfd.image(100, (640, 640)), 0.001)
+  tiny_scrfd.export(model, folder / "det_10g.onnx")
+  tiny_iresnet.export(tiny_iresnet.build(0, embedding=ID_DIM), folder / "w600k_r50.onnx")
+  return folder
+
+
+@pytest.fixture(scope="module")
+def face_photos(tmp_path_factory):
+  """{"faces": two photos the tiny SCRFD finds faces in, "blank": a flat gray one it finds none
+  in at any of PhotoMaker v2's detection sizes}."""
+  from tests.face import tiny_scrfd
+  root = tmp_path_factory.mktemp("photomaker_face_photos")
+  images = {"face_a.png": tiny_scrfd.image(4, (300, 260)), "face_b.png": tiny_scrfd.image(5, (200, 240)),
+            "blank.png": np.full((64, 64, 3), 128, np.uint8)}
+  for name, image in images.items():
+    Image.fromarray(image).save(root / name)
+  return {"faces": [root / "face_a.png", root / "face_b.png"], "blank": root / "blank.png"}
+
+
+def test_face_analysis_pack_gives_the_first_faces_raw_embedding(face_pack, face_photos, caplog):
+  """face_embeddings(pack=...) as PhotoMaker v2 takes them: per image, the raw embedding of the
+  first face `load_face_analysis(pack).analyze` detects (highest score); an image without a face
+  left out with a warning naming it; none with a face: the one-line error."""
+  from persona_jax.data.images import load_image
+  from persona_jax.face.analysis import load_face_analysis
+  from persona_jax.models.photomaker import PhotoMakerConfig
+  config = PhotoMakerConfig(version="v2", id_embeddings_dim=ID_DIM)
+  analysis = load_face_analysis(face_pack)
+  expected = []
+  for path in face_photos["faces"]:
+    faces = analysis.analyze(load_image(path))
+    assert len(faces) >= 2 and faces[0].score == max(f.score for f in faces)
+    expected.append(faces[0].embedding)
+  assert analysis.analyze(load_image(face_photos["blank"])) == []
+  images = [face_photos["faces"][0], face_photos["blank"], face_photos["faces"][1]]
+  with caplog.at_level(logging.WARNING):
+    kept, embeds = pmi.face_embeddings(config, images, pack=face_pack)
+  assert kept == face_photos["faces"]
+  assert embeds.dtype == np.float32 and embeds.shape == (2, ID_DIM)
+  np.testing.assert_array_equal(embeds, np.stack(expected))
+  assert np.linalg.norm(embeds, axis=1).min() > 1.5          # raw, not unit-normalized
+  assert f"{face_photos['blank']}: no face found; PhotoMaker v2 leaves this ID image out" in caplog.text
+  for path in face_photos["faces"]:
+    assert re.search(rf"{re.escape(str(path))}: \d+ faces found; using the first detected", caplog.text)
+  with pytest.raises(PersonaError, match=r"^no face found in any --image \(.*blank\.png\)") as e:
+    pmi.face_embeddings(config, [face_photos["blank"]], pack=face_pack)
+  assert "\n" not in str(e.value)
+
+
+@slow
+def test_sample_command_v2_with_a_face_analysis_pack(files, sdxl_dir, face_pack, face_photos,
+                                                     tmp_path, caplog):
+  photos = [face_photos["faces"][0], face_photos["blank"]]
+  with caplog.at_level(logging.WARNING):
+    assert _sample(sdxl_dir, files["v2"], photos, tmp_path / "v2", "--face-analysis",
+                   str(face_pack)) == 0
+  assert f"{face_photos['blank']}: no face found" in caplog.text
+  image = np.asarray(Image.open(tmp_path / "v2" / "0000_0000.png"))
+  assert image.shape[2] == 3 and image.std() > 0
