@@ -64,6 +64,27 @@ def write_config_file(path, values: dict):
   return path
 
 
+def write_image_encoder(folder, seed: int = 0, **config):
+  """A random CLIPVisionModelWithProjection folder written by our own tooling: 16px, patch 8,
+  16 wide, 4 layers, projection 16, quick_gelu unless `config` (CLIPVisionConfig fields) says
+  otherwise; its image processor at that size. Returns the folder."""
+  import jax
+  import jax.numpy as jnp
+
+  from persona_jax.data.clip_images import CLIPImageProcessorConfig
+  from persona_jax.image_encoder import save_image_encoder
+  from persona_jax.models.clip_vision import CLIPVisionModel
+  from persona_jax.models.configs import CLIPVisionConfig
+  config = CLIPVisionConfig(**{**dict(hidden_size=16, intermediate_size=32, projection_dim=16,
+                                      num_hidden_layers=4, num_attention_heads=2, image_size=16,
+                                      patch_size=8, with_projection=True), **config})
+  size = config.image_size
+  params = CLIPVisionModel(config).init(jax.random.PRNGKey(seed),
+                                        jnp.zeros((1, size, size, 3)))["params"]
+  return save_image_encoder(folder, config, params,
+                            processor=CLIPImageProcessorConfig.for_image_size(size))
+
+
 def write_class_images(folder, n=2, size=40, seed=0):
   """`n` random RGB images (stand-ins for sampled class images); returns the folder."""
   import numpy as np

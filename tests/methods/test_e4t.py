@@ -17,7 +17,8 @@ from persona_jax.methods import e4t
 from persona_jax.data.batch import CLIP_PIXELS
 from persona_jax.train import loop
 from tests.markers import slow
-from tests.runs import _merge, assert_training_bar, fixed_batch_trajectory, one_device_mesh
+from tests.runs import (_merge, assert_training_bar, fixed_batch_trajectory, one_device_mesh,
+                        write_image_encoder)
 
 TRANSFORMERS = ["down_blocks_0/attentions_0", "up_blocks_1/attentions_0",
                 "up_blocks_1/attentions_1", "mid_block/attentions_0"]
@@ -49,20 +50,6 @@ def write_model(folder):
     tokenizer = write_tokenizer(Path(tmp) / "tokenizer", "sd1")
     return save_pipeline(Pipeline(**configs, params=params, tokenizer_dir=tokenizer,
                                   raw_configs=raw), folder)
-
-
-def write_image_encoder(folder):
-  """A random CLIPVisionModelWithProjection folder written by our own tooling."""
-  from persona_jax.data.clip_images import CLIPImageProcessorConfig
-  from persona_jax.image_encoder import save_image_encoder
-  from persona_jax.models.clip_vision import CLIPVisionModel
-  from persona_jax.models.configs import CLIPVisionConfig
-  config = CLIPVisionConfig(hidden_size=16, intermediate_size=32, projection_dim=16,
-                            num_hidden_layers=4, num_attention_heads=2, image_size=16,
-                            patch_size=8, with_projection=True)
-  params = CLIPVisionModel(config).init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)))["params"]
-  return save_image_encoder(folder, config, params,
-                            processor=CLIPImageProcessorConfig.for_image_size(16))
 
 
 def e4t_config(model_dir, encoder_dir, **overrides):

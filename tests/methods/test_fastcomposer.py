@@ -27,8 +27,9 @@ from persona_jax.models.postfuse import PostfuseModule
 from persona_jax.world.fastcomposer_data import toy_examples
 from persona_jax.models.configs import UNetConfig
 from persona_jax.train import loop
-from tests.methods.test_e4t import write_image_encoder, write_model
-from tests.runs import _merge, assert_training_bar, fixed_batch_trajectory, one_device_mesh
+from tests.methods.test_e4t import write_model
+from tests.runs import (_merge, assert_training_bar, fixed_batch_trajectory, one_device_mesh,
+                        write_image_encoder)
 
 FUSE = [f"fastcomposer/fuse/{m}/{layer}/{leaf}"
         for m in ("mlp1", "mlp2") for layer, leaves in (("layernorm", ("scale", "bias")),

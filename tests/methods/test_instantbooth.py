@@ -26,9 +26,10 @@ from persona_jax.models.addons import GatedAdapter
 from persona_jax.models.unet import UNet2DConditionModel
 from persona_jax.train import loop
 from persona_jax.world.captioned_folder import write_captioned_folder
-from tests.methods.test_e4t import write_image_encoder, write_model
+from tests.methods.test_e4t import write_model
 from tests.markers import slow
-from tests.runs import _merge, assert_training_bar, fixed_batch_trajectory, one_device_mesh
+from tests.runs import (_merge, assert_training_bar, fixed_batch_trajectory, one_device_mesh,
+                        write_image_encoder)
 
 TRANSFORMERS = ["down_blocks_0/attentions_0", "up_blocks_1/attentions_0",
                 "up_blocks_1/attentions_1", "mid_block/attentions_0"]

@@ -21,9 +21,10 @@ from persona_jax.methods import ip_adapter_verify as ipv
 from persona_jax.data.batch import CLIP_PIXELS, IDS
 from persona_jax.models.addons import DecoupledCrossAttention
 from persona_jax.train import loop
-from tests.methods.test_e4t import write_image_encoder, write_model
+from tests.methods.test_e4t import write_model
 from tests.markers import slow
-from tests.runs import fixed_batch_trajectory, ip_config, one_device_mesh
+from tests.runs import (assert_training_bar, fixed_batch_trajectory, ip_config, one_device_mesh,
+                        write_image_encoder)
 
 TRANSFORMERS = ["down_blocks_0/attentions_0", "up_blocks_1/attentions_0",
                 "up_blocks_1/attentions_1", "mid_block/attentions_0"]
@@ -68,14 +69,7 @@ def test_trainable_set_is_literal(run):
 def test_training_bar(run, trajectory):
   """Every trainable leaf moves, frozen params are bit-identical, the loss falls on a fixed
   batch, lr 0 moves nothing; each example is conditioned on its own image."""
-  for a, b in zip(jax.tree.leaves(trajectory["after_lr0"]), jax.tree.leaves(run.trainable)):
-    assert np.array_equal(np.asarray(a), np.asarray(b))
-  init, trained = tree.flatten(run.trainable), tree.flatten(trajectory["trained"])
-  still = [p for p in init if np.array_equal(np.asarray(trained[p]), np.asarray(init[p]))]
-  assert not still, f"{still[:3]} never got a gradient"
-  assert trajectory["loss_end"] < trajectory["loss0"]
-  for a, b in zip(jax.tree.leaves(trajectory["frozen_before"]), jax.tree.leaves(run.frozen)):
-    assert np.array_equal(a, np.asarray(b))
+  assert_training_bar(run, trajectory)
   batch = trajectory["batch"]
   assert batch[CLIP_PIXELS].shape == (2, 16, 16, 3)
   assert not np.array_equal(batch[CLIP_PIXELS][0], batch[CLIP_PIXELS][1])
@@ -236,14 +230,7 @@ def test_plus_trainable_set_is_literal(run):
 def test_plus_training_bar(plus_run):
   """The bar for the Plus variant (its own train-step compilation: slow only)."""
   trajectory = fixed_batch_trajectory(plus_run, steps=4)
-  init, trained = tree.flatten(plus_run.trainable), tree.flatten(trajectory["trained"])
-  still = [p for p in init if np.array_equal(np.asarray(trained[p]), np.asarray(init[p]))]
-  assert not still, f"{still[:3]} never got a gradient"
-  assert trajectory["loss_end"] < trajectory["loss0"]
-  for a, b in zip(jax.tree.leaves(trajectory["after_lr0"]), jax.tree.leaves(plus_run.trainable)):
-    assert np.array_equal(np.asarray(a), np.asarray(b))
-  for a, b in zip(jax.tree.leaves(trajectory["frozen_before"]), jax.tree.leaves(plus_run.frozen)):
-    assert np.array_equal(a, np.asarray(b))
+  assert_training_bar(plus_run, trajectory)
 
 
 def test_training_starts_from_an_official_file(run, exported):

@@ -29,7 +29,8 @@ from persona_jax.train import loop
 from persona_jax.world.photomaker_data import toy_people, write_identity_folders
 from tests.methods.test_ip_adapter_sdxl import TRANSFORMERS
 from tests.markers import slow
-from tests.runs import _merge, assert_training_bar, fixed_batch_trajectory, one_device_mesh
+from tests.runs import (_merge, assert_training_bar, fixed_batch_trajectory, one_device_mesh,
+                        write_image_encoder)
 
 REFERENCES = 2
 HEADS = ["photomaker/visual_projection_2/kernel"] + [
@@ -43,15 +44,8 @@ LORA = [f"lora/unet/{t}/{attn}/{proj}/{f}" for t in TRANSFORMERS for attn in ("a
 
 def write_encoder(folder):
   """A tiny CLIPVisionModelWithProjection folder as a PhotoMaker file's tower (quick_gelu)."""
-  from persona_jax.image_encoder import save_image_encoder
-  from persona_jax.models.clip_vision import CLIPVisionModel
-  from persona_jax.models.configs import CLIPVisionConfig
-  config = CLIPVisionConfig(hidden_size=32, intermediate_size=64, projection_dim=24,
-                            num_hidden_layers=2, num_attention_heads=2, image_size=16,
-                            patch_size=8, with_projection=True)
-  params = CLIPVisionModel(config).init(jax.random.PRNGKey(3), jnp.zeros((1, 16, 16, 3)))["params"]
-  return save_image_encoder(folder, config, params,
-                            processor=CLIPImageProcessorConfig.for_image_size(16))
+  return write_image_encoder(folder, seed=3, hidden_size=32, intermediate_size=64,
+                             projection_dim=24, num_hidden_layers=2)
 
 
 def pm_config(sdxl_dir, encoder, identities, **overrides):
