@@ -36,6 +36,10 @@ How a method runs is its registry entry's recipe (methods/spec.py `EvalRecipe`),
                 and IP-Adapter is 0 by construction; or the run without images: FastComposer's
                 own UNet's text path).
 Every run, trained here or given, samples through its method's `sample` (as `sample --run`).
+A knob value (`--face-embedding`, `--input NAME=VALUE`) may say "{references}": the subject's
+reference folder. `paired_difference` of two eval.json summaries is BENCHMARKS.md's "vs base
+(paired)". The identity benchmark (identity_efficacy.py, `--domain identities`) runs the same
+pieces on held-out identities, judged by face analysis.
 """
 
 from __future__ import annotations
@@ -49,11 +53,14 @@ from pathlib import Path
 import numpy as np
 
 from persona_jax.errors import ConfigError
-from persona_jax.world import scenes
+from persona_jax.world import identities, scenes
 
 log = logging.getLogger(__name__)
 
 UNTRAINED = ("base", "base_described")
+# The worlds a benchmark runs on: the classes of each (`--subject-class`).
+DOMAIN_CLASSES = {"scenes": scenes.CLASSES, "identities": identities.IDENTITY_CLASSES}
+REFERENCES_PLACEHOLDER = "{references}"
 
 
 def recipes() -> dict:
@@ -85,7 +92,9 @@ class EvalConfig:
   subject_class: str | None = None     # held-out subjects of this class only (default: all)
   state: str | None = None             # one_image: the pre-trained state ("shipped"); tuning-free:
                                        # the method's trained run (workdir or result file)
-  inputs: tuple = ()                   # ((knob, value), ...): sampling knobs (ip_scale, beta, ...)
+  inputs: tuple = ()                   # ((knob, value), ...): sampling knobs (ip_scale, beta, ...);
+                                       # "{references}" in a value: the subject's reference folder
+  domain: str = "scenes"               # scenes (this module) | identities (identity_efficacy.py)
 
   def __post_init__(self):
     names = method_names()
@@ -93,9 +102,12 @@ class EvalConfig:
       raise ConfigError(f"--method {self.method!r}: not one of {', '.join(names)}")
     if self.subjects < 1 or self.seeds < 1 or self.references < 1:
       raise ConfigError("--subjects, --seeds and --references must be at least 1")
-    if self.subject_class is not None and self.subject_class not in scenes.CLASSES:
-      raise ConfigError(f"--subject-class {self.subject_class!r}: not one of "
-                        f"{', '.join(scenes.CLASSES)}")
+    if self.domain not in DOMAIN_CLASSES:
+      raise ConfigError(f"--domain {self.domain!r}: not one of {', '.join(DOMAIN_CLASSES)}")
+    classes = DOMAIN_CLASSES[self.domain]
+    if self.subject_class is not None and self.subject_class not in classes:
+      raise ConfigError(f"--subject-class {self.subject_class!r}: not one of {', '.join(classes)}"
+                        f"{'' if self.domain == 'scenes' else ' (the ' + self.domain + ' domain)'}")
     kind = self.recipe.kind if self.recipe else None
     if kind == "tuning_free" and not self.state:
       raise ConfigError(f"--method {self.method} personalizes with a run trained once on the "
@@ -114,21 +126,21 @@ class EvalConfig:
     return None if self.method in UNTRAINED else recipes()[self.method][0]
 
 
-def eval_subjects(k: int, cls: str | None = None) -> list[scenes.Subject]:
-  """The first k subjects of a fixed order that cycles through the classes (or of class `cls`)."""
-  pool = scenes.subjects()
+def eval_subjects(k: int, cls: str | None = None, pool=None, classes=None) -> list:
+  """The first k subjects of a fixed order that cycles through the classes (or of class `cls`).
+  `pool`, `classes`: other held-out subjects with a `cls` (default: the world's subjects,
+  `scenes.CLASSES`; identity_efficacy.py: the held-out identities)."""
+  pool = scenes.subjects() if pool is None else list(pool)
   rng = np.random.default_rng(1234)
   order = [pool[i] for i in rng.permutation(len(pool))]
-  classes = scenes.CLASSES if cls is None else (cls,)
+  classes = (scenes.CLASSES if classes is None else tuple(classes)) if cls is None else (cls,)
   by_class = {c: [s for s in order if s.cls == c] for c in classes}
   if k > sum(len(v) for v in by_class.values()):
     raise ConfigError(f"--subjects {k}: the world holds out {sum(len(v) for v in by_class.values())}"
                       f" subjects{'' if cls is None else ' of class ' + cls}")
-  picked, i = [], 0
-  while len(picked) < k:
-    picked.append(by_class[classes[i % len(classes)]][i // len(classes)])
-    i += 1
-  return picked
+  rounds = [[by_class[c][r] for c in classes if r < len(by_class[c])]     # a class runs out:
+            for r in range(max(len(v) for v in by_class.values()))]        # the others go on
+  return [s for r in rounds for s in r][:k]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,11 +150,17 @@ class EvalPrompt:
   background: str | None    # the background the prompt asks for
 
 
-def prompts_for(subject: scenes.Subject, phrase: str, contexts: int) -> list[EvalPrompt]:
-  """The subject, context and class prompts of one subject (backgrounds the references lack)."""
-  seen = set(scenes.reference_backgrounds())
-  new = [b for b in scenes.BACKGROUNDS if b not in seen
-         and b not in (subject.look.colour, subject.look.pattern_colour)]
+def prompts_for(subject, phrase: str, contexts: int, new_backgrounds=None) -> list[EvalPrompt]:
+  """The subject, context and class prompts of one subject (with a `cls`), on `new_backgrounds`
+  (default: the backgrounds `scenes.subject_scenes` references lack, but the subject's colours)."""
+  if new_backgrounds is None:
+    seen = set(scenes.reference_backgrounds())
+    new_backgrounds = [b for b in scenes.BACKGROUNDS if b not in seen
+                       and b not in (subject.look.colour, subject.look.pattern_colour)]
+  new = list(new_backgrounds)
+  if contexts and not new:
+    raise ConfigError(f"{subject.words}: no background is left that its references do not show; "
+                      "give fewer --references")
   rng = np.random.default_rng(scenes._stable_hash(repr(subject)) & 0xFFFFFFFF)
   backgrounds = [str(b) for b in rng.choice(new, size=min(contexts, len(new)), replace=False)]
   out = [EvalPrompt(f"a photo of a {phrase}", "subject", None)]
@@ -164,25 +182,45 @@ def subject_phrase(cfg: "EvalConfig", subject: scenes.Subject) -> str:
 
 
 def write_references(subject: scenes.Subject, folder: Path, n: int) -> np.ndarray:
-  """Renders n reference images of a subject into `folder` as PNGs (the method's instance
+  """Renders n reference images of a subject into `folder` (`save_references`); returns them,
+  uint8 [n, 32, 32, 3]."""
+  scene_list = scenes.subject_scenes(subject, n)
+  images = np.stack([scenes.render(scene) for scene in scene_list])
+  save_references(images, [scenes.coverage(scene) for scene in scene_list], folder)
+  return images
+
+
+def save_references(images: np.ndarray, coverages, folder: Path, extra=None) -> None:
+  """Writes reference images uint8 [n, H, W, 3] into `folder` as PNGs (the method's instance
   folder) and, into `folder`/segmented, each with its background replaced by noise, cropped to
-  the object (FastComposer's subject images); returns the references, uint8 [n, 32, 32, 3]."""
+  the object of its coverage [H, W] (FastComposer's subject images); `extra`: {file name:
+  array} saved beside them as .npy."""
   from PIL import Image
 
   from persona_jax.data.fastcomposer import subject_crop
   from persona_jax.distributed import is_main, sync
   folder = Path(folder)
-  scene_list = scenes.subject_scenes(subject, n)
-  images = np.stack([scenes.render(scene) for scene in scene_list])
   if is_main():                   # with several processes the first writes, the others wait
     (folder / "segmented").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
-    for k, (image, scene) in enumerate(zip(images, scene_list)):
+    for k, (image, coverage) in enumerate(zip(images, coverages)):
       Image.fromarray(image).save(folder / f"{k:03d}.png")
-      Image.fromarray(subject_crop(image, scenes.coverage(scene), rng)).save(
+      Image.fromarray(subject_crop(image, coverage, rng)).save(
           folder / "segmented" / f"{k:03d}.png")
+    for name, array in (extra or {}).items():
+      np.save(folder / name, array)
   sync("references written")
-  return images
+
+
+def subject_inputs(inputs: tuple, folder: Path) -> tuple:
+  """The sampling knobs of one subject: REFERENCES_PLACEHOLDER in a str or path value becomes its
+  reference folder (e.g. face_embedding={references}/face_embeddings.npy)."""
+  out = []
+  for name, value in inputs:
+    if isinstance(value, (str, Path)) and REFERENCES_PLACEHOLDER in str(value):
+      value = type(value)(str(value).replace(REFERENCES_PLACEHOLDER, str(folder)))
+    out.append((name, value))
+  return tuple(out)
 
 
 def score(metric, images: np.ndarray, prompts: list[EvalPrompt], seeds: int,
@@ -282,55 +320,84 @@ def tuning_free_sampling(cfg: EvalConfig, pipe, references: list[Path], segmente
   return personal, plain
 
 
+def generate(cfg: EvalConfig, subject, prompts: list[EvalPrompt], refs_dir: Path, workdir: Path,
+             class_dir: Path, base_pipe, progress: bool = True):
+  """The method's images of one subject's prompts: (uint8 [len(prompts) * seeds, 32, 32, 3] in
+  prompt-major order, train seconds, sample seconds). refs_dir holds its references (000.png, ...,
+  segmented/); a tuned method's run goes to `workdir`, class images to `class_dir`; `base_pipe()`:
+  the base pipeline (loaded once by the caller)."""
+  from persona_jax.text_to_image import SampleOptions, text_to_image
+  options = SampleOptions(steps=cfg.sample_steps, guidance=cfg.guidance, seed=cfg.seed,
+                          height=32, width=32, batch_size=16)
+  cfg = dataclasses.replace(cfg, inputs=subject_inputs(cfg.inputs, refs_dir))
+  train_seconds = 0.0
+  start = time.perf_counter()
+  kind = cfg.recipe.kind if cfg.recipe else None
+  if kind in (None, "tuning_free"):
+    pipe, personal = base_pipe(), None
+    plain = personal
+    if kind == "tuning_free":
+      files = [refs_dir / f"{k:03d}.png" for k in range(cfg.references)]
+      personal, plain = tuning_free_sampling(cfg, pipe, files,
+                                             [refs_dir / "segmented" / f.name for f in files])
+  else:
+    pipe, personal, train_seconds = _train(cfg, subject, refs_dir, workdir, class_dir)
+    plain = personal
+    start = time.perf_counter()
+  split = sum(p.kind != "class" for p in prompts)       # prompts_for puts the class ones last
+  groups = [(prompts, personal)] if plain is personal else [(prompts[:split], personal),
+                                                             (prompts[split:], plain)]
+  images = []               # image k keeps the noise of its place in the whole prompt list
+  for group, sampling in groups:
+    images.append(text_to_image(pipe, [p.text for p in group], "", cfg.seeds, options,
+                                start_index=sum(len(x) for x in images), progress=progress,
+                                sampling=sampling))
+  return np.concatenate(images), train_seconds, time.perf_counter() - start
+
+
+def base_loader(model: str):
+  """A zero-argument function that loads the base model `model` on its first call."""
+  import functools
+
+  @functools.cache
+  def load():
+    from persona_jax.default_model import resolve_model
+    from persona_jax.pipeline import load_pipeline
+    return load_pipeline(resolve_model(model))
+  return load
+
+
+def write_summary(summary: dict, out: Path) -> None:
+  """OUT/eval.json (written whole, then moved into place)."""
+  tmp = Path(out) / ".eval.json.tmp"
+  tmp.write_text(json.dumps(summary, indent=2, default=str))     # knob values may be paths
+  tmp.replace(Path(out) / "eval.json")
+
+
 def evaluate(cfg: EvalConfig, out: Path, progress: bool = True) -> dict:
   """Runs the evaluation; writes OUT/eval.json and a sample grid per subject; returns the
   summary (mean metrics over subjects, per-subject rows, wall times)."""
-  from persona_jax.default_model import resolve_model
   from persona_jax.distributed import is_main
   from persona_jax.images import grid, save_png
-  from persona_jax.pipeline import load_pipeline
-  from persona_jax.text_to_image import SampleOptions, text_to_image
   from persona_jax.world import metric_encoder as me
+  if cfg.domain != "scenes":
+    raise ConfigError(f"efficacy.evaluate runs the scenes domain, not {cfg.domain!r} "
+                      "(identity_efficacy.evaluate)")
   out = Path(out)
   main = is_main()                # with several processes every one computes, the first writes
   if main:
     out.mkdir(parents=True, exist_ok=True)
   metric = me.load(cfg.metric)
-  options = SampleOptions(steps=cfg.sample_steps, guidance=cfg.guidance, seed=cfg.seed,
-                          height=32, width=32, batch_size=16)
-  base = None
+  base = base_loader(cfg.model)
   rows = []
   for subject in eval_subjects(cfg.subjects, cfg.subject_class):
     name = subject.words.replace(" ", "_")
     refs_dir = out / "references" / name
     references = write_references(subject, refs_dir, cfg.references)
     prompts = prompts_for(subject, subject_phrase(cfg, subject), cfg.contexts)
-    train_seconds = 0.0
-    start = time.perf_counter()
-    kind = cfg.recipe.kind if cfg.recipe else None
-    if kind in (None, "tuning_free"):
-      base = base or load_pipeline(resolve_model(cfg.model))
-      pipe, personal = base, None
-      plain = personal
-      if kind == "tuning_free":
-        files = [refs_dir / f"{k:03d}.png" for k in range(cfg.references)]
-        personal, plain = tuning_free_sampling(cfg, pipe, files,
-                                               [refs_dir / "segmented" / f.name for f in files])
-    else:
-      pipe, personal, train_seconds = _train(cfg, subject, refs_dir, out / "runs" / name,
-                                             out / "class_images" / subject.cls)
-      plain = personal
-      start = time.perf_counter()
-    split = sum(p.kind != "class" for p in prompts)       # prompts_for puts the class ones last
-    groups = [(prompts, personal)] if plain is personal else [(prompts[:split], personal),
-                                                               (prompts[split:], plain)]
-    images = []               # image k keeps the noise of its place in the whole prompt list
-    for group, sampling in groups:
-      images.append(text_to_image(pipe, [p.text for p in group], "", cfg.seeds, options,
-                                  start_index=sum(len(x) for x in images), progress=progress,
-                                  sampling=sampling))
-    images = np.concatenate(images)
-    sample_seconds = time.perf_counter() - start
+    images, train_seconds, sample_seconds = generate(
+        cfg, subject, prompts, refs_dir, out / "runs" / name, out / "class_images" / subject.cls,
+        base, progress)
     if main:
       save_png(grid(images, cols=cfg.seeds), out / "samples" / f"{name}.png")
     row = {"subject": subject.words, **score(metric, images, prompts, cfg.seeds, subject, references),
@@ -348,9 +415,36 @@ def evaluate(cfg: EvalConfig, out: Path, progress: bool = True) -> dict:
              "sample_seconds": float(np.mean([r["sample_seconds"] for r in rows])),
              "subjects": rows}
   if main:
-    tmp = out / ".eval.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2, default=str))     # knob values may be paths
-    tmp.replace(out / "eval.json")
+    write_summary(summary, out)
+  return summary
+
+
+def paired_difference(summary: dict, base: dict, key: str) -> tuple[float, float, int]:
+  """(mean, standard error, n) of the per-subject differences summary - base of metric `key`
+  over the subjects both eval.json summaries hold (BENCHMARKS.md's "vs base (paired)"); the
+  standard error is the differences' sample standard deviation / sqrt(n) (0 for one subject)."""
+  theirs = {r["subject"]: r[key] for r in base["subjects"]}
+  shared = [r for r in summary["subjects"] if r["subject"] in theirs]
+  if not shared:
+    raise ConfigError(f"the base run ({base.get('method')}) shares no subject with "
+                      f"{summary.get('method')}: run both with the same --subjects and --domain")
+  d = np.asarray([r[key] - theirs[r["subject"]] for r in shared], np.float64)
+  se = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else 0.0
+  return float(d.mean()), se, len(d)
+
+
+def read_summary(path) -> dict:
+  """An eval.json (or the folder holding one), checked to be a summary with per-subject rows."""
+  path = Path(path)
+  path = path / "eval.json" if path.is_dir() else path
+  try:
+    summary = json.loads(path.read_text(encoding="utf-8"))
+  except FileNotFoundError:
+    raise ConfigError(f"{path}: no such file; give an eval OUT folder or its eval.json") from None
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ConfigError(f"{path}: not a readable eval.json ({e})") from None
+  if not isinstance(summary, dict) or not isinstance(summary.get("subjects"), list):
+    raise ConfigError(f"{path}: not an eval.json (no per-subject \"subjects\" rows)")
   return summary
 
 
