@@ -1,13 +1,14 @@
-"""PhotoMaker v1 training on an SDXL base: the ID encoder's visual_projection_2 and fuse module
-and a UNet LoRA, each example a person's image conditioned on 1..4 other images of the same
-person (Li et al. 2024; persona_jax/methods/photomaker.py).
+"""PhotoMaker v1 / v2 training on an SDXL base: the ID encoder's visual_projection_2 (v2: the
+QFormerPerceiver over each ID image's face embedding) and fuse module and a UNet LoRA, each
+example a person's image conditioned on 1..4 other images of the same person (Li et al. 2024;
+persona_jax/methods/photomaker.py).
 
-  persona-jax train --config photomaker:tiny --workdir runs/pm
+  persona-jax train --config photomaker:tiny --workdir runs/pm [--config.method.version=v2]
     The toy SDXL base (toy-xl) with the shipped toy base's CLIP image encoder (toy-xl ships
-    none): 8 toy-world identities x 4 scenes (persona_jax/world/photomaker_data.py), 32px,
-    LoRA rank 8, 20 steps. Then:
+    none): 8 toy-world identities x 4 scenes (persona_jax/world/photomaker_data.py; v2: with the
+    toy identity encoder's face embeddings), 32px, LoRA rank 8, 20 steps. Then:
   persona-jax sample --run runs/pm --image A.png --image B.png \\
-      --prompt "a photo of a ball img on grass" --out out/
+      --prompt "a photo of a ball img on grass" --out out/   [v2: --face-analysis toy]
   persona-jax train --config configs/photomaker.py --workdir runs/pm_sdxl \\
       --config.model=/path/to/stable-diffusion-xl-base-1.0 \\
       --config.data.instance_dir=/path/to/identities \\
@@ -15,6 +16,8 @@ person (Li et al. 2024; persona_jax/methods/photomaker.py).
     identities/<person>/*.png with NAME.txt captions holding the class word followed by the
     trigger word ("a photo of a man img ..."; data/photomaker.py); the paper's batch and rate
     are not released: ours below are a start (bf16, lr 1e-5, LoRA rank 64 as the official file).
+    v2: --config.method.version=v2 --config.method.face_analysis=/path/to/buffalo_l (the
+    insightface pack that embeds every photo's face, as the official v2 pipeline does).
 
 Writes WORKDIR/photomaker.safetensors in the official flattened layout (id_encoder.*,
 lora_weights.*), which `sample --photomaker` and the official pipeline read.

@@ -24,6 +24,10 @@ another tool reads (formats.md 4). Which formats fit is the method's (its regist
                                   OUT/image_encoder/ (the run's CLIP image encoder):
                                   `pipe.load_ip_adapter(OUT, subfolder="", weight_name=
                                   "ip_adapter.safetensors", image_encoder_folder="image_encoder")`
+  photomaker          official    OUT/photomaker.safetensors (the official flattened keys,
+                                  id_encoder.* and lora_weights.*) and, when torch is installed,
+                                  OUT/photomaker-v1.bin / -v2.bin in the released files' pickled
+                                  layout: the official `load_photomaker_adapter` reads either
   e4t (tune)          diffusers   OUT/ a full diffusers folder (the tuned UNet with the weight
                                   offsets merged) and OUT/e4t_embedding/learned_embeds.safetensors:
                                   the placeholder's embedding for the run's image at one stated

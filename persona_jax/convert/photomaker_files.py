@@ -82,6 +82,24 @@ def read_official(path, allow_pickle: bool = False) -> dict[str, np.ndarray]:
   return state
 
 
+def write_official_bin(path, state: dict) -> Path:
+  """The official pickled layout of a flat `id_encoder.*` / `lora_weights.*` dict:
+  `torch.save({"id_encoder": {...}, "lora_weights": {...}})`, as photomaker-v1.bin / -v2.bin hold
+  it (needs torch; written under a temporary name, then renamed)."""
+  import torch
+  path = Path(path)
+  blob = {"id_encoder": {}, "lora_weights": {}}
+  for key, value in state.items():
+    group, _, name = key.partition(".")
+    if group not in blob:
+      raise ValueError(f"{key}: not an id_encoder.* or lora_weights.* key")
+    blob[group][name] = torch.from_numpy(np.ascontiguousarray(value, np.float32))
+  tmp = path.with_name(f".{path.name}.tmp")
+  torch.save(blob, tmp)
+  tmp.replace(path)
+  return path
+
+
 def id_encoder_state(state: dict, source: str) -> dict[str, np.ndarray]:
   """The id_encoder's own state dict (prefix removed) from a whole file's dict; `lora_weights.*`
   are left out; any other top-level key is an error. A dict without `id_encoder.` keys is taken

@@ -11,6 +11,11 @@ with `data.random_flip`), n ID images drawn without replacement from the identit
 n uniform in 1 .. min(N, images - 1). Keys: pixels [R, R, 3] (the target in [-1, 1]), ids / ids_2
 (the caption), time_ids [6], photomaker_pixels [N, S, S, 3] (the ID images through CLIP's image
 processor, zeros after the first n) and photomaker_num_images (n).
+
+v2 (people with `embeddings`: `embed_faces`): ID images are drawn only among the person's images
+with a face (the target may be any; at least two per person have one), and photomaker_id_embeds [N, D] holds their raw face
+embeddings (zeros after the first n), as the official v2 pipeline pairs each ID image with its
+face's embedding.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from persona_jax.data.batch import PIXELS, TIME_IDS
 from persona_jax.data.clip_images import preprocess_image
 from persona_jax.data.images import DataError
 from persona_jax.data.pipeline import micro_conditioning
-from persona_jax.methods.photomaker_conditioning import ID_COUNT, ID_PIXELS
+from persona_jax.methods.photomaker_conditioning import ID_COUNT, ID_EMBEDS, ID_PIXELS
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
@@ -39,6 +44,7 @@ class Person:
   images: list
   captions: list
   files: list                     # where each caption came from (for errors)
+  embeddings: list | None = None  # v2: float32 [D] raw face embedding per image, None: no face
 
 
 def read_folders(root, resolution: int, prompt: str = "") -> list[Person]:
@@ -83,10 +89,41 @@ def check_captions(people: list[Person], tokenize: Callable, trigger_id: int, wo
                         f"right after the class word (e.g. 'a photo of a man {word}')")
 
 
-def pick_references(rng: np.random.Generator, count: int, target: int, most: int) -> np.ndarray:
-  """n indices of [0, count) other than `target`, without replacement, n uniform in
-  1 .. min(most, count - 1)."""
-  others = np.asarray([k for k in range(count) if k != target])
+def embed_faces(people: list[Person], analysis) -> list[Person]:
+  """`people` with `embeddings`: each image's face by `analysis` (face/analysis.py's FaceAnalysis),
+  the first detected as PhotoMaker v2 picks it (retrying at smaller detection sizes), raw
+  embedding; None where no face is found (logged). A person with fewer than two images with a
+  face is a DataError naming it (each target needs another image's face)."""
+  import logging
+
+  from persona_jax.face.analysis import PHOTOMAKER_V2_DET_SIZES, PIPELINE_PICKS, pick
+  out = []
+  for person in people:
+    embeddings = []
+    for image, source in zip(person.images, person.files):
+      faces = analysis.analyze(image, det_sizes=PHOTOMAKER_V2_DET_SIZES)
+      if not faces:
+        logging.getLogger(__name__).warning("%s (%s): no face found; not used as an ID image",
+                                            person.name, source)
+        embeddings.append(None)
+        continue
+      face = pick(faces, PIPELINE_PICKS["photomaker_v2"], f"{person.name} ({source})")
+      embeddings.append(np.asarray(face.embedding, np.float32))
+    found = sum(e is not None for e in embeddings)
+    if found < 2:
+      raise DataError(f"{person.name}: a face found in {found} of {len(embeddings)} images; "
+                      "PhotoMaker v2 needs at least two where the face is clearly visible (a "
+                      "target's ID images are the person's other photos)")
+    out.append(dataclasses.replace(person, embeddings=embeddings))
+  return out
+
+
+def pick_references(rng: np.random.Generator, count: int, target: int, most: int,
+                    eligible=None) -> np.ndarray:
+  """n indices of [0, count) (of `eligible`, default all) other than `target`, without
+  replacement, n uniform in 1 .. min(most, candidates)."""
+  pool = range(count) if eligible is None else eligible
+  others = np.asarray([k for k in pool if k != target])
   n = int(rng.integers(1, min(most, len(others)) + 1))
   return rng.choice(others, n, replace=False)
 
@@ -107,7 +144,9 @@ class Examples(grain.transforms.RandomMap):
     image = person.images[j]
     if rng.random() < self.random_flip:
       image = image[:, ::-1]
-    refs = pick_references(rng, len(person.images), j, self.num_references)
+    faces = person.embeddings
+    eligible = None if faces is None else [k for k, e in enumerate(faces) if e is not None]
+    refs = pick_references(rng, len(person.images), j, self.num_references, eligible)
     h, w = self.processor.crop_size
     pixels = np.zeros((self.num_references, h, w, 3), np.float32)
     for slot, k in enumerate(refs):
@@ -116,6 +155,11 @@ class Examples(grain.transforms.RandomMap):
     out = {PIXELS: img_ops.to_model_range(np.ascontiguousarray(image)),
            TIME_IDS: micro_conditioning((r, r), 0, 0, (r, r)),
            ID_PIXELS: pixels, ID_COUNT: np.int32(len(refs))}
+    if faces is not None:
+      embeds = np.zeros((self.num_references, len(faces[refs[0]])), np.float32)
+      for slot, k in enumerate(refs):
+        embeds[slot] = faces[k]
+      out[ID_EMBEDS] = embeds
     out.update({k: v[0] for k, v in self.tokenize([person.captions[j]]).items()})
     return out
 

@@ -1,5 +1,5 @@
 """PhotoMaker v1/v2 (Li et al. 2024; TencentARC/PhotoMaker) on an SDXL base: sampling with the
-official files.
+official files, and training both.
 
   persona-jax sample --model SDXL_DIR --photomaker photomaker-v2.bin --allow-pickle \\
       --image A.png [--image B.png ...] --prompt "a photo of a man img, in the snow" \\
@@ -44,17 +44,29 @@ Training v1 (the authors released no training code; the paper's recipe, ours in 
   class word followed by the trigger word; the class word repeated once per ID image;
 * result: WORKDIR/photomaker.safetensors in the official flattened layout (`id_encoder.*`, tower
   included, and `lora_weights.*` in the older attention-processor names, the LoRA scale folded
-  in), which `sample --photomaker` reads (the official `load_photomaker_adapter` expects the same
-  keys; loading a result there is not checked yet).
-`method.pretrained` (an official-layout v1 file, e.g. a run's result or photomaker-v1.bin with
-`allow_pickle`) starts from its tower (frozen), heads and LoRA (its rank). Not built: v2 training
-(the face embeddings' QFormerPerceiver).
+  in), which `sample --photomaker` reads, as does the official `load_photomaker_adapter` (tested:
+  `verify --photomaker` on a result loads it strictly into the torch re-creation of the official
+  ID encoder and diffusers' `load_lora_weights`, and matches it); `persona-jax export WORKDIR
+  --format official` adds photomaker-VERSION.bin, the released files' pickled layout.
+Training v2 (`method.version=v2`): the same, with the ID images' face embeddings (data/photomaker.py:
+each image's first detected face, raw embedding, as the official v2 pipeline embeds ID images;
+`method.face_analysis` an insightface pack folder or "toy"; the toy world's data source embeds its
+faces with the toy identity encoder on true keypoints). Trainable: `qformer_perceiver` (fresh;
+the official sizes: 2 tokens per image, token_proj 4 x 512, 4 layers of 128-wide heads) and
+`fuse_module`, with the UNet LoRA; the tower and CLIP's projection frozen, and
+`visual_projection_2`, which the official v2 class owns but never reads, written as zeros so the
+file loads strictly. Each ID image gives 2 tokens: the class word is repeated 2n times.
+`method.pretrained` (an official-layout file of `method.version`, e.g. a run's result or
+photomaker-v1.bin / -v2.bin with `allow_pickle`) starts from its tower (frozen), heads and LoRA
+(its rank).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
+import math
 from pathlib import Path
 
 import numpy as np
@@ -68,9 +80,11 @@ from persona_jax.methods.photomaker_conditioning import (ID_EMBEDS, ID_PIXELS, P
 from persona_jax.methods.photomaker_inputs import (TRIGGER_WORD, check_base, check_prompt,
                                                    face_embeddings, id_pixels, trigger_tokenizers)
 from persona_jax.methods.photomaker_verify import verify_file
-from persona_jax.methods.spec import (DataBuild, Knob, MethodSpec, ResultSpec, SamplingSpec,
-                                      VerifySpec)
-from persona_jax.models.photomaker import V1, PhotoMakerConfig, init_params
+from persona_jax.methods.spec import (DataBuild, EvalRecipe, Knob, MethodSpec, ResultSpec,
+                                      SamplingSpec, VerifySpec)
+from persona_jax.models.photomaker import V1, V2, PhotoMakerConfig, init_params
+log = logging.getLogger(__name__)
+
 FILE_HELP = ("photomaker-v1.bin / photomaker-v2.bin (pickles: with --allow-pickle) or a "
              ".safetensors with the same id_encoder.* and lora_weights.* keys")
 
@@ -82,15 +96,17 @@ FORMAT = "persona_jax-photomaker"
 @dataclasses.dataclass(frozen=True)
 class PhotoMakerOptions:
   """Training options (module docstring)."""
-  version: str = V1                  # v1 only for now
+  version: str = V1                  # "v1" | "v2" (face embeddings through the QFormerPerceiver)
   image_encoder: str = ""            # a CLIPVisionModelWithProjection folder; "": MODEL/image_encoder
   num_references: int = 4            # ID images per example: 1 .. this many (random)
   rank: int = 64                     # the UNet LoRA's rank (alpha = rank unless `alpha`)
   alpha: float = 0.0
   trigger_word: str = TRIGGER_WORD
-  pretrained: str = ""               # an official-layout v1 file to start from (its tower frozen,
-                                     # its heads and LoRA trained on; `image_encoder` unused)
+  pretrained: str = ""               # an official-layout file of `version` to start from (its
+                                     # tower frozen, its heads and LoRA trained on)
   allow_pickle: bool = False         # read `pretrained` as a pickled .bin (trusted files only)
+  face_analysis: str = ""            # v2, folder data: an insightface pack folder (buffalo_l) or
+                                     # "toy" (the toy world's), embedding every image's face
 
 
 def trigger_tokens(tokenizer_dir, word: str):
@@ -109,9 +125,12 @@ def trigger_tokens(tokenizer_dir, word: str):
   return tok.convert_tokens_to_ids(word), (tok.pad_token_id, tok_2.pad_token_id)
 
 
-def id_encoder_config(clip, fuse_dim: int) -> PhotoMakerConfig:
-  """The v1 ID encoder on image encoder `clip` for prompt embeddings `fuse_dim` wide: the
-  visual_projection_2 widens CLIP's projection to fuse_dim; the fuse MLPs are fuse_dim wide."""
+def id_encoder_config(clip, fuse_dim: int, version: str = V1, id_dim: int = 512) -> PhotoMakerConfig:
+  """The ID encoder on image encoder `clip` for prompt embeddings `fuse_dim` wide: the
+  visual_projection_2 widens CLIP's projection to fuse_dim; the fuse MLPs are fuse_dim wide; v2's
+  QFormerPerceiver as the official one (`num_tokens` 2, token_proj 4 x the `id_dim`-wide face
+  embedding, 4 layers of 128-wide heads; on a base whose width 128 does not divide, the widest
+  head that does, recorded in the file)."""
   if not clip.with_projection:
     raise ConfigError("method.image_encoder: PhotoMaker reads CLIP's projected image embedding; "
                       "this encoder has no visual_projection (a CLIPVisionModelWithProjection)")
@@ -123,8 +142,16 @@ def id_encoder_config(clip, fuse_dim: int) -> PhotoMakerConfig:
   if width <= 0:
     raise ConfigError(f"method.image_encoder: its projection ({clip.projection_dim}) must be "
                       f"narrower than the prompt embeddings ({fuse_dim})")
-  return PhotoMakerConfig(V1, vision=clip, projection_2_dim=width, fuse_dim=fuse_dim,
-                          mlp1_hidden_dim=fuse_dim, mlp2_hidden_dim=fuse_dim)
+  v1 = PhotoMakerConfig(V1, vision=clip, projection_2_dim=width, fuse_dim=fuse_dim,
+                        mlp1_hidden_dim=fuse_dim, mlp2_hidden_dim=fuse_dim)
+  if version == V1:
+    return v1
+  head_dim = pmf.PERCEIVER_HEAD_DIM
+  if fuse_dim % head_dim:                  # a small base: the widest head that divides it
+    head_dim = math.gcd(fuse_dim, head_dim)
+  return dataclasses.replace(v1, version=V2, id_embeddings_dim=id_dim,
+                             token_proj_hidden_dim=4 * id_dim, perceiver_heads=fuse_dim // head_dim,
+                             perceiver_head_dim=head_dim)
 
 
 def make(config: PhotoMakerOptions, base_params, tokenizer_dir=None, unet_config=None) -> Method:
@@ -134,9 +161,8 @@ def make(config: PhotoMakerOptions, base_params, tokenizer_dir=None, unet_config
   if "text_encoder_2" not in base_params:
     raise ConfigError("method photomaker trains on SDXL bases (two text encoders); this model is "
                       "SD 1.x/2.x: pass an SDXL --config.model (e.g. toy-xl)")
-  if config.version != V1:
-    raise ConfigError(f"method.version: '{config.version}': only v1 trains here (v2 training is "
-                      "not built yet; v2 files sample with --photomaker)")
+  if config.version not in (V1, V2):
+    raise ConfigError(f"method.version: '{config.version}': one of {V1}, {V2}")
   if config.num_references < 1:
     raise ConfigError(f"method.num_references must be >= 1, got {config.num_references}")
   width = unet_config.cross_attention_dim
@@ -144,7 +170,8 @@ def make(config: PhotoMakerOptions, base_params, tokenizer_dir=None, unet_config
     pm_config, id_params, lora_factors = read_pretrained(config, base_params, width)
   else:
     encoder = load_method_image_encoder(config.image_encoder, tokenizer_dir)
-    pm_config, id_params, lora_factors = id_encoder_config(encoder.config, width), None, None
+    pm_config = id_encoder_config(encoder.config, width, config.version)
+    id_params, lora_factors = None, None
   trigger_id, pad_ids = trigger_tokens(tokenizer_dir, config.trigger_word)
   cond = PhotoMakerConditioning(pm_config, trigger_id, pad_ids, config.num_references)
   rank = config.rank
@@ -154,12 +181,19 @@ def make(config: PhotoMakerOptions, base_params, tokenizer_dir=None, unet_config
                                  targets=("attn",))
   factors = lora.make(lora_options, base_params, tokenizer_dir, unet_config)
   chosen = lora.targets(lora_options, base_params, unet_config)
-  frozen = id_params if id_params is not None else encoder.params
-  tower = {PHOTOMAKER: {k: frozen[k] for k in ("vision_model", "visual_projection")}}
+  trained = trained_heads(pm_config.version)
+  if id_params is not None:
+    tower = {k: v for k, v in id_params.items() if k not in trained}
+  else:
+    tower = {k: encoder.params[k] for k in ("vision_model", "visual_projection")}
+    if pm_config.version == V2:          # in the official layout, read by nothing in v2
+      tower["visual_projection_2"] = {"kernel": np.zeros((pm_config.vision.hidden_size,
+                                                          pm_config.projection_2_dim), np.float32)}
+  tower = {PHOTOMAKER: tower}
 
   def init(rng, base):
     heads = id_params if id_params is not None else init_params(rng, pm_config)
-    return {PHOTOMAKER: {k: heads[k] for k in TRAINED_HEADS}}
+    return {PHOTOMAKER: {k: heads[k] for k in trained}}
   lora_params = factors.params
   if lora_factors is not None:
     loaded = pretrained_lora(lora_factors, chosen, config.pretrained)
@@ -171,13 +205,13 @@ def make(config: PhotoMakerOptions, base_params, tokenizer_dir=None, unet_config
 
 def read_pretrained(config: PhotoMakerOptions, base_params, width: int):
   """(PhotoMakerConfig, ID-encoder params, the LoRA factors by base kernel) of
-  `method.pretrained`, an official-layout v1 file for this base."""
+  `method.pretrained`, an official-layout file of `method.version` for this base."""
   from persona_jax.convert.lora_formats import read_lora_file
   path = load(config.pretrained).path
   pm_config, id_params, lora_tensors = read_file(path, config.allow_pickle)
-  if pm_config.version != V1:
-    raise ConfigError(f"method.pretrained: {path} is a PhotoMaker {pm_config.version} file; only "
-                      "v1 trains here")
+  if pm_config.version != config.version:
+    raise ConfigError(f"method.pretrained: {path} is a PhotoMaker {pm_config.version} file; set "
+                      f"method.version={pm_config.version} (now {config.version})")
   if pm_config.fuse_dim != width:
     raise ModelFileError(f"{path}: the ID encoder fuses {pm_config.fuse_dim}-wide prompt "
                          f"embeddings; this SDXL base's are {width} wide (a file for another base?)")
@@ -205,7 +239,11 @@ def pretrained_lora(factors, chosen, source) -> dict:
   return tree.unflatten(out)
 
 
-TRAINED_HEADS = ("visual_projection_2", "fuse_module")
+def trained_heads(version: str) -> tuple[str, ...]:
+  """The ID encoder's trained parts: v1 the projection beside CLIP's and the fuse module; v2 the
+  QFormerPerceiver and the fuse module (its visual_projection_2 reaches no output)."""
+  return ("visual_projection_2", "fuse_module") if version == V1 else ("qformer_perceiver",
+                                                                       "fuse_module")
 
 
 def run_options(request) -> PhotoMakerOptions:
@@ -234,6 +272,12 @@ def examples_source(request, people):
   tokenize = functools.partial(tokenize_prompts, request.tokenizers)
   pm_data.check_captions(people, lambda c: tokenize(c)["ids_2"], cond.trigger_id,
                          options.trigger_word)
+  if cond.config.version == V2 and people[0].embeddings is None:
+    if not options.face_analysis:
+      raise ConfigError("method.face_analysis: PhotoMaker v2 trains on each ID image's face "
+                        "embedding; give an insightface pack folder (buffalo_l) or 'toy'")
+    from persona_jax.face.analysis import load_face_analysis
+    people = pm_data.embed_faces(people, load_face_analysis(options.face_analysis))
   dataset = pm_data.make_dataset(people, tokenize, processor, options.num_references,
                                  config.data.random_flip, config.batch_size, config.seed)
   return DataBuild(dataset, None, frozenset({"unet", "vae", "text_encoder", "text_encoder_2"}))
@@ -264,11 +308,36 @@ def save(pm_config: PhotoMakerConfig, chosen, trainable, context):
   id_encoder = jax.tree.map(lambda x: np.asarray(x, np.float32), params[PHOTOMAKER])
   tensors = {**pmf.to_official(id_encoder), **pmf.lora_to_official(peft)}
   vision = pm_config.vision
-  meta = result_file.run_metadata(context, FORMAT, vision_head_dim=str(
-      vision.hidden_size // vision.num_attention_heads))
+  dims = {"vision_head_dim": str(vision.hidden_size // vision.num_attention_heads)}
+  if pm_config.version == V2:
+    dims["perceiver_head_dim"] = str(pm_config.perceiver_head_dim)
+  meta = result_file.run_metadata(context, FORMAT, **dims)
   path = Path(context.workdir) / RESULT_FILE
   write_safetensors(path, {k: np.asarray(v, np.float32) for k, v in tensors.items()}, meta)
   return [str(path)]
+
+
+def export(request):
+  """OUT/photomaker.safetensors (the run's result: the official flattened keys, which the
+  official `load_photomaker_adapter` reads) and, when torch is installed, OUT/photomaker-VERSION.bin
+  in the official pickled layout (the released files' form)."""
+  from persona_jax.convert.files import copy_file
+  source = request.result.path
+  written = [copy_file(source, request.out / RESULT_FILE)]
+  import importlib.util
+  if importlib.util.find_spec("torch") is None:
+    log.info("export: torch is not installed; writing the safetensors file only (the official "
+             "loader reads it as it reads the .bin)")
+    return written, {}
+  config, _, _ = read_file(source)
+  official = {"vision_head_dim": pmf.CLIP_HEAD_DIM, "perceiver_head_dim": pmf.PERCEIVER_HEAD_DIM}
+  odd = {k: v for k, v in pmf.recorded_head_dims(source).items() if v != official[k]}
+  if odd:
+    log.warning("export: %s records head widths %s; a .bin records none and is read with the "
+                "official ones (%s): use the .safetensors", source, odd, official)
+  state = pmf.read_official(source)
+  written.append(pmf.write_official_bin(request.out / f"photomaker-{config.version}.bin", state))
+  return written, {}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -336,7 +405,8 @@ def sample(request):
 SPEC = MethodSpec(
     name=PHOTOMAKER, config=PhotoMakerOptions, make=make,
     result=ResultSpec(RESULT_FILE, FORMAT), sdxl=True, load=load, sample=sample,
-    data_sources={"photomaker": folder_source},
+    eval={"photomaker": EvalRecipe("tuning_free", "{cls} img")},
+    data_sources={"photomaker": folder_source}, exports={"official": export},
     sampling=SamplingSpec(
         images="some", flag="--photomaker",
         flag_help=f"a PhotoMaker v1/v2 file ({FILE_HELP}) on an SDXL --model: --image the "
