@@ -76,6 +76,22 @@ def check_combination(args) -> None:
     raise ConfigError("eval: --judge judges identities: add --domain identities or leave it out")
 
 
+# What a paired comparison holds equal: the base row and this one sample the same prompts alike.
+PAIRED_FIELDS = ("domain", "model", "references", "contexts", "seeds", "sample_steps", "guidance",
+                 "seed", "subject_class")
+
+
+def check_same_setting(cfg, base: dict, path) -> None:
+  """Refuses a --vs-base run whose setting differs from this one's (a one-line error)."""
+  import dataclasses
+  theirs = {"domain": "scenes", **base.get("config", {})}
+  ours = dataclasses.asdict(cfg)
+  for field in PAIRED_FIELDS:
+    if field in theirs and theirs[field] != ours[field]:
+      raise ConfigError(f"--vs-base {path}: it ran with {field} {theirs[field]!r}, this run "
+                        f"{ours[field]!r}; a paired comparison needs the same setting")
+
+
 def run(args) -> int:
   from persona_jax.cli.sample import knob_values
   from persona_jax.distributed import is_main
@@ -96,9 +112,8 @@ def run(args) -> int:
   values = {f: getattr(args, f) for f in FIELDS if getattr(args, f) is not None}
   cfg = EvalConfig(**values, inputs=tuple(sorted(knob_values(args).items())))
   base = read_summary(args.vs_base) if args.vs_base else None      # before the work: a bad path
-  if base is not None and base.get("domain", "scenes") != args.domain:
-    raise ConfigError(f"--vs-base {args.vs_base}: a {base.get('domain', 'scenes')} run, not "
-                      f"{args.domain}")
+  if base is not None:
+    check_same_setting(cfg, base, args.vs_base)
   summary = _evaluate(cfg, args)
   if not is_main():
     return 0

@@ -185,9 +185,14 @@ def test_the_config_checks_the_domains_classes():
     (["--domain", "identities", "--method", "base", "--subject-class", "ring"], "'ring'"),
     (["--domain", "identities", "--method", "ip_adapter"], "give --state WORKDIR"),
     (["--domain", "identities", "--method", "base", "--vs-base", "nowhere"], "nowhere: no such"),
+    (["--domain", "identities", "--method", "base", "--vs-base", "BASE"], "contexts 3, this run 2"),
+    (["--method", "base", "--contexts", "3", "--vs-base", "BASE"], "domain 'identities', this run"),
 ])
 def test_the_cli_refuses_bad_combinations_in_one_line(argv, message, tmp_path, capsys):
   from persona_jax.cli import main
+  base = {"method": "base", "config": {"domain": "identities", "contexts": 3}, "subjects": []}
+  (tmp_path / "base.json").write_text(json.dumps(base))
+  argv = [str(tmp_path / "base.json") if a == "BASE" else a for a in argv]
   assert main(["eval", "--out", str(tmp_path / "o"), *argv]) == 2
   err = capsys.readouterr().err.strip()
   assert message in err and len(err.splitlines()) == 1
