@@ -83,11 +83,12 @@ TUNING_FREE = sorted(name for name, (_, r) in ef.recipes().items() if r.kind == 
 def test_the_registry_gives_every_method_its_recipe():
   assert TUNED == ["custom_diffusion", "dreambooth", "dreambooth_lora", "dreambooth_noprior", "lora",
                    "pivotal", "textual_inversion"]
-  assert TUNING_FREE == ["fastcomposer", "instantbooth", "ip_adapter"]
+  assert TUNING_FREE == ["fastcomposer", "instantbooth", "ip_adapter", "photomaker"]
   assert sorted(ef.method_names()) == [
       "base", "base_described", "custom_diffusion", "dreambooth", "dreambooth_lora",
       "dreambooth_noprior", "e4t",
-      "fastcomposer", "instantbooth", "ip_adapter", "lora", "pivotal", "textual_inversion"]
+      "fastcomposer", "instantbooth", "ip_adapter", "lora", "photomaker", "pivotal",
+      "textual_inversion"]
   assert ef.recipes()["e4t"][1].kind == "one_image"
 
 
