@@ -67,13 +67,13 @@ def check_combination(args) -> None:
     for flag, value in (("--method", args.method), ("--vs-base", args.vs_base),
                         ("--judge", args.judge), ("--state", args.state)):
       if value is not None:
-        raise ConfigError(f"eval: {flag} is for the efficacy benchmark, not --prompt-following; "
+        raise ConfigError(f"{flag} is for the efficacy benchmark, not --prompt-following; "
                           "leave one of them out")
     return
   if args.method is None:
-    raise ConfigError("eval: give --method NAME (or --prompt-following N)")
+    raise ConfigError("give --method NAME (or --prompt-following N)")
   if args.judge is not None and args.domain != "identities":
-    raise ConfigError("eval: --judge judges identities: add --domain identities or leave it out")
+    raise ConfigError("--judge judges identities: add --domain identities or leave it out")
 
 
 # What a paired comparison holds equal: the base row and this one sample the same prompts alike.
