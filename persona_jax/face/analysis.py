@@ -21,6 +21,7 @@ Which face each official pipeline uses (`PIPELINE_PICKS`), all at insightface's 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import logging
 from pathlib import Path
 
@@ -39,6 +40,9 @@ PIPELINE_PICKS = {"instantid": "largest", "storymaker": "largest", "photomaker_v
                   "ip_adapter_faceid": "first"}
 # PhotoMaker v2's `analyze_faces`: the prepared 640, then smaller sizes until a face is found
 PHOTOMAKER_V2_DET_SIZES = (640, 576, 512, 448, 384, 320, 256)
+# Analyses named by a word instead of a pack folder: word -> "module:function", imported by name
+# when asked for (the toy world's lives in persona_jax.world, which this core layer never imports).
+NAMED_ANALYSES = {"toy": "persona_jax.world.toy_face_detector:toy_face_analysis"}
 PACK_HELP = ("expected an insightface model pack: buffalo_l (det_10g.onnx, w600k_r50.onnx) or "
              "antelopev2 (scrfd_10g_bnkps.onnx, glintr100.onnx)")
 
@@ -157,7 +161,12 @@ def find_pack_models(folder) -> dict[str, Path]:
 
 def load_face_analysis(folder, det_size=DEFAULT_INPUT_SIZE) -> FaceAnalysis:
   """The face analysis of the insightface model pack in `folder`; det_size (width, height) is
-  the detection size (the official pipelines' 640x640 by default)."""
+  the detection size (the official pipelines' 640x640 by default). A word of NAMED_ANALYSES
+  instead of a folder: that analysis ("toy": the toy world's detector and shipped identity
+  encoder, `world.toy_face_detector.toy_face_analysis`; det_size unused)."""
+  if str(folder) in NAMED_ANALYSES:
+    module, function = NAMED_ANALYSES[str(folder)].split(":")
+    return getattr(importlib.import_module(module), function)()
   found = find_pack_models(folder)
   detector = load_detector(found["detection"], input_size=det_size)
   recognizer = recognition.load_recognizer(found["recognition"])
@@ -167,4 +176,4 @@ def load_face_analysis(folder, det_size=DEFAULT_INPUT_SIZE) -> FaceAnalysis:
 
 
 __all__ = ["Face", "FaceAnalysis", "pick", "route", "find_pack_models", "load_face_analysis",
-           "PICK_POLICIES", "PIPELINE_PICKS", "PHOTOMAKER_V2_DET_SIZES"]
+           "PICK_POLICIES", "PIPELINE_PICKS", "PHOTOMAKER_V2_DET_SIZES", "NAMED_ANALYSES"]

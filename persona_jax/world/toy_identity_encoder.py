@@ -60,16 +60,26 @@ def face_keypoints(scene) -> np.ndarray:
   return identities.keypoints(scene) - 0.5
 
 
-def aligned_views(who_list, views: int, seed: int, split: str, jitter: float = 0.0) -> np.ndarray:
+def aligned_views(who_list, views: int, seed: int, split: str, jitter: float = 0.0,
+                  detector=None) -> np.ndarray:
   """uint8 [len(who_list), views, 32, 32, 3]: scenes 0..views-1 of each identity, aligned (with
-  keypoint noise of `jitter` pixels, drawn from the seed)."""
+  keypoint noise of `jitter` pixels, drawn from the seed). Aligned by the scenes' true keypoints,
+  or with `detector` (a `face.detection.FaceDetector`-like, e.g. `toy_face_detector`) by those
+  of its first detection in the rendered image; all zeros where it finds none."""
   out = np.zeros((len(who_list), views, INPUT_SIZE, INPUT_SIZE, 3), np.uint8)
   for i, who in enumerate(who_list):
     noise = np.random.default_rng([seed, 7, who.index]).normal(0, 1, (views, 5, 2)) * jitter
     for v in range(views):
       scene = identities.identity_scene(seed, split, v, who=who)
-      points = face_keypoints(scene)[0] + noise[v]
-      out[i, v] = align.norm_crop(identities.render(scene), points, INPUT_SIZE, TEMPLATE)
+      image = identities.render(scene)
+      if detector is None:
+        points = face_keypoints(scene)[0]
+      else:
+        found = detector.detect(image)
+        if not len(found):
+          continue
+        points = found.keypoints[0]
+      out[i, v] = align.norm_crop(image, points + noise[v], INPUT_SIZE, TEMPLATE)
   return out
 
 
@@ -185,12 +195,15 @@ def recognizer(encoder_params, config: EncoderConfig = EncoderConfig(), threshol
 
 
 def _pair_scores(rec: Recognizer, split: str, who: list, views: int, n_pairs: int, seed: int,
-                 look_alike: bool = False):
+                 look_alike: bool = False, detector=None):
   """(cosines [n_pairs], same [n_pairs] bool): half same-identity pairs of different scenes,
   half pairs of two different identities (`look_alike`: of the same class and look, told apart
-  by mark and proportions only), over `views` scenes of each identity in `who`."""
-  crops = aligned_views(who, views, seed, split)                       # [n, views, S, S, 3]
+  by mark and proportions only), over `views` scenes of each identity in `who`, aligned by their
+  true keypoints or `detector`'s (`aligned_views`; a scene where it finds nothing scores 0)."""
+  crops = aligned_views(who, views, seed, split, detector=detector)   # [n, views, S, S, 3]
   emb = rec.embed(crops.reshape(-1, *crops.shape[2:])).reshape(len(who), views, -1)
+  if detector is not None:
+    emb = np.where(crops.any(axis=(2, 3, 4))[..., None], emb, 0.0)
   rng = np.random.default_rng([seed, 13])
   n_same = n_pairs // 2
   same = [(i, a, i, b) for i in range(len(who)) for a in range(views) for b in range(a + 1, views)]
@@ -232,14 +245,16 @@ def choose_threshold(rec: Recognizer, n_pairs: int = 3000, views: int = 6, seed:
 
 def verification_accuracy(rec: Recognizer, n_pairs: int = 3000, views: int = 6, seed: int = 1,
                           threshold: float | None = None, split: str = "held_out",
-                          num_identities: int | None = None, look_alike: bool = False) -> dict:
+                          num_identities: int | None = None, look_alike: bool = False,
+                          detector=None) -> dict:
   """Verification on `split`'s identities (the first `num_identities`; default all): accuracy at
   `threshold` (default the recognizer's), the best threshold on these pairs and its accuracy
-  (`look_alike`: different identities share class and look, `_pair_scores`)."""
+  (`look_alike`: different identities share class and look; `detector`: both sides aligned by
+  its keypoints instead of the true ones, `_pair_scores`)."""
   lo = identities.NUM_TRAIN if split == "held_out" else 0
   n = num_identities or (identities.NUM_HELD_OUT if split == "held_out" else identities.NUM_TRAIN)
   scores, same = _pair_scores(rec, split, [identities.identity(lo + k) for k in range(n)], views,
-                              n_pairs, seed, look_alike)
+                              n_pairs, seed, look_alike, detector)
   threshold = rec.threshold if threshold is None else threshold
   cut, best = best_threshold(scores, same)
   return {"pairs": int(len(scores)), "threshold": threshold,
