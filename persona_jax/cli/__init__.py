@@ -43,6 +43,8 @@ def main(argv=None) -> int:
   if argv is None:
     reexec_with_malloc_tunable()
   argv = sys.argv[1:] if argv is None else list(argv)
+  from persona_jax.world import toy_face_detector
+  toy_face_detector.register()                    # --face-analysis toy
   if argv and argv[0] == "train":
     from persona_jax.cli import train
     setup_logging(verbose=False)

@@ -21,7 +21,6 @@ Which face each official pipeline uses (`PIPELINE_PICKS`), all at insightface's 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import logging
 from pathlib import Path
 
@@ -40,9 +39,15 @@ PIPELINE_PICKS = {"instantid": "largest", "storymaker": "largest", "photomaker_v
                   "ip_adapter_faceid": "first"}
 # PhotoMaker v2's `analyze_faces`: the prepared 640, then smaller sizes until a face is found
 PHOTOMAKER_V2_DET_SIZES = (640, 576, 512, 448, 384, 320, 256)
-# Analyses named by a word instead of a pack folder: word -> "module:function", imported by name
-# when asked for (the toy world's lives in persona_jax.world, which this core layer never imports).
-NAMED_ANALYSES = {"toy": "persona_jax.world.toy_face_detector:toy_face_analysis"}
+# Analyses named by a word instead of a pack folder: word -> a function making it. The toy
+# world's ("toy") is registered by `world.toy_face_detector.register()`, which the command line
+# calls at start; this core layer never imports the world.
+NAMED_ANALYSES: dict = {}
+
+
+def register_named_analysis(name: str, make) -> None:
+  """`load_face_analysis(name)` returns `make()` from now on."""
+  NAMED_ANALYSES[name] = make
 PACK_HELP = ("expected an insightface model pack: buffalo_l (det_10g.onnx, w600k_r50.onnx) or "
              "antelopev2 (scrfd_10g_bnkps.onnx, glintr100.onnx)")
 
@@ -165,8 +170,7 @@ def load_face_analysis(folder, det_size=DEFAULT_INPUT_SIZE) -> FaceAnalysis:
   instead of a folder: that analysis ("toy": the toy world's detector and shipped identity
   encoder, `world.toy_face_detector.toy_face_analysis`; det_size unused)."""
   if str(folder) in NAMED_ANALYSES:
-    module, function = NAMED_ANALYSES[str(folder)].split(":")
-    return getattr(importlib.import_module(module), function)()
+    return NAMED_ANALYSES[str(folder)]()
   found = find_pack_models(folder)
   detector = load_detector(found["detection"], input_size=det_size)
   recognizer = recognition.load_recognizer(found["recognition"])

@@ -101,6 +101,8 @@ def write_identity_references(who: Identity, folder: Path, n: int):
 def load_judge(name: str = JUDGE):
   """The face analysis that judges identity (`face.analysis.load_face_analysis`)."""
   from persona_jax.face.analysis import load_face_analysis
+  from persona_jax.world import toy_face_detector
+  toy_face_detector.register()
   return load_face_analysis(name)
 
 

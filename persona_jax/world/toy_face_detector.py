@@ -47,6 +47,7 @@ import functools
 import numpy as np
 from scipy import ndimage
 
+from persona_jax.face.analysis import register_named_analysis
 from persona_jax.face.detection import Detections
 from persona_jax.world import identities, scenes
 
@@ -330,5 +331,11 @@ def toy_face_analysis():
   return FaceAnalysis(detector=ToyFaceDetector(), recognizer=shipped_toy_recognizer())
 
 
-__all__ = ["ToyFaceDetector", "toy_face_analysis", "detection_figures", "class_shape",
+def register() -> None:
+  """Makes `load_face_analysis("toy")` (`--face-analysis toy`) this analysis; the command line
+  calls it at start."""
+  register_named_analysis("toy", toy_face_analysis)
+
+
+__all__ = ["ToyFaceDetector", "toy_face_analysis", "register", "detection_figures", "class_shape",
            "background_segment", "contrast", "coverage", "fit_class", "silhouette"]

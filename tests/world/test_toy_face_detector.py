@@ -61,6 +61,7 @@ def test_no_face_on_bare_backgrounds(detector):
 
 
 def test_load_face_analysis_toy_embeds_the_detected_face():
+  D.register()
   analysis = load_face_analysis("toy")
   assert isinstance(analysis.detector, D.ToyFaceDetector) and analysis.detector.static_size is None
   image = I.render(I.identity_scene(3, "held_out", 7))
