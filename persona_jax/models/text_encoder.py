@@ -97,8 +97,10 @@ class CLIPTextEmbeddings(nn.Module):
   config: TextEncoderConfig
 
   @nn.compact
-  def __call__(self, input_ids=None, inputs_embeds=None):
-    """Token (or given) embeddings plus position embeddings: [B, L, D]."""
+  def __call__(self, input_ids=None, inputs_embeds=None, edit=None):
+    """Token (or given) embeddings plus position embeddings: [B, L, D]. `edit`, when given, maps
+    the token embeddings before positions are added, and may change their length (BLIP-Diffusion's
+    context encoder inserts its query embeddings there)."""
     c = self.config
     token = nn.Embed(c.vocab_size, c.hidden_size, dtype=c.dtype, param_dtype=c.param_dtype,
                      name="token_embedding")
@@ -108,6 +110,8 @@ class CLIPTextEmbeddings(nn.Module):
       inputs_embeds = token(input_ids)
     else:
       token.embedding  # noqa: B018 - creates the param so the tree is the same either way
+    if edit is not None:
+      inputs_embeds = edit(inputs_embeds)
     length = inputs_embeds.shape[1]
     return inputs_embeds.astype(c.dtype) + position(jnp.arange(length))[None]
 
