@@ -17,6 +17,8 @@ keys a run needs are present.
   subject_pixels              [B, K, S, S, 3]  FastComposer's subject crops (zeros where absent)
   subject_masks               [B, K, h, w]  FastComposer's subject masks
   subject_union               [B, h, w, 1]  FastComposer's denoising-loss mask (data/fastcomposer.py)
+  blip_pixels                 [B, S, S, 3]  BLIP-Diffusion's subject input, normalized (data/blip_diffusion.py)
+  category_ids, category_mask [B, C] int    BLIP-Diffusion's category: BERT ids and their mask
 Sampling passes its inputs under the same names, plus `negative_ids` [B, L]; for SDXL also
   negative_ids_2              [B, L] int    the negative prompt's second tokenizer's ids
   negative_time_ids           [B, 6] float  the negative half's micro-conditioning
@@ -28,6 +30,7 @@ LATENT_MEAN, LATENT_LOGVAR, PIXELS = "latent_mean", "latent_logvar", "pixels"
 IDS, CONTEXT, POOLED, MASK, PRIOR = "ids", "context", "pooled", "mask", "prior"
 CLIP_PIXELS = "clip_pixels"
 SUBJECT_PIXELS, SUBJECT_MASKS, SUBJECT_UNION = "subject_pixels", "subject_masks", "subject_union"
+BLIP_PIXELS, CATEGORY_IDS, CATEGORY_MASK = "blip_pixels", "category_ids", "category_mask"
 NEGATIVE_IDS = "negative_ids"
 IDS_2, NEGATIVE_IDS_2 = "ids_2", "negative_ids_2"
 TIME_IDS, NEGATIVE_TIME_IDS, NEGATIVE_ZERO = "time_ids", "negative_time_ids", "negative_zero"
