@@ -80,14 +80,17 @@ def micro_conditioning(options: SampleOptions, size: tuple[int, int]) -> tuple[n
 
 
 def prompt_inputs(pipe: Pipeline, tokenizer, prompts: list[str], negatives: list[str | None],
-                  options: SampleOptions, size: tuple[int, int], tokenizer_2=None) -> dict:
+                  options: SampleOptions, size: tuple[int, int], tokenizer_2=None,
+                  prompt_length: int | None = None) -> dict:
   """The sampler's text inputs of one batch: ids and negative ids [B, L]; for SDXL also the
   second tokenizer's, the time ids [B, 6] and which negatives are zeros [B]: those not given
   (None) when the folder says force_zeros_for_empty_prompt, as diffusers does (None is "" when
-  encoded; an explicit "" is always encoded)."""
+  encoded; an explicit "" is always encoded). `prompt_length`: the prompt's ids padded or cut to
+  that many tokens instead of the tokenizer's length (the negative's keep it)."""
   given = [n is not None for n in negatives]
   negatives = [n or "" for n in negatives]
-  batch = {IDS: tokenize(tokenizer, prompts), NEGATIVE_IDS: tokenize(tokenizer, negatives)}
+  batch = {IDS: tokenize(tokenizer, prompts, prompt_length),
+           NEGATIVE_IDS: tokenize(tokenizer, negatives)}
   if pipe.is_sdxl:
     positive, negative = micro_conditioning(options, size)
     n = len(prompts)
@@ -130,6 +133,8 @@ class Sampling:
     E4T's clip_pixels, IP-Adapter's ip_scale), repeated to each batch; traced.
   addons: the UNet add-ons the conditioning feeds (models/addons.py).
   tokenizer_2: SDXL: the second tokenizer with the method's tokens (None: the pipeline's).
+  prompt_length: the prompt's token count (None: the tokenizer's; BLIP-Diffusion's prompt leaves
+    room for the query embeddings); the negative prompt keeps the tokenizer's.
   """
   params: dict | None = None
   tokenizer: object = None
@@ -138,6 +143,7 @@ class Sampling:
   inputs: dict = dataclasses.field(default_factory=dict)
   addons: tuple = ()
   tokenizer_2: object = None
+  prompt_length: int | None = None
 
 
 def text_to_image(pipe: Pipeline, prompts: str | list[str],
@@ -200,7 +206,7 @@ def text_to_image(pipe: Pipeline, prompts: str | list[str],
     padded = chunk + [chunk[-1]] * (bs - len(chunk))
     batch = prompt_inputs(pipe, tokenizer, [all_prompts[i] for i in padded],
                           [all_negatives[i] for i in padded], options, (h, w),
-                          sampling.tokenizer_2)
+                          sampling.tokenizer_2, sampling.prompt_length)
     batch.update({k: np.repeat(np.asarray(v), bs, axis=0) for k, v in sampling.inputs.items()})
     images = generate(params, batch, options.seed, np.asarray(padded) + start_index,
                       options.guidance, options.guidance_rescale, options.eta, models=models,

@@ -383,16 +383,23 @@ def find_image_encoder(path: Path, image_encoder=None) -> Path | None:
 
 def verify(path, *, tolerance: float = DEFAULT_TOLERANCE, variant: str | None = None,
            allow_pickle: bool = False, seed: int = 0, image_encoder=None, adapter=None,
-           sampler: str | None = None, images=(), print_fn=print) -> bool:
+           sampler: str | None = None, images=(), folder=None, print_fn=print) -> bool:
   """Loads `path` (and the image encoder, see `find_image_encoder`) on both sides, prints one
   line per output and returns whether all pass. With `adapter` = (a method's VerifySpec, the
   flag's value), only that method's files are compared (its `run`). `sampler`: the sampling
   comparison's (default: the folder's scheduler's). `images`: passed to an adapter hook that
-  takes images (VerifySpec.images)."""
+  takes images (VerifySpec.images). `folder`: the PipelineSpec of a method that owns the folder
+  (BLIP-Diffusion's): its loader, and its comparisons instead of the SD components'."""
   path = Path(path)
-  pipe = load_pipeline(path, variant=variant, allow_pickle=allow_pickle, attention="auto")
+  load = load_pipeline if folder is None else folder.load
+  pipe = load(path, variant=variant, allow_pickle=allow_pickle, attention="auto")
   encoder = None
-  if adapter is not None:
+  if folder is not None and adapter is None:
+    _require_reference()
+    results = folder.verify(pipe, path, seed=seed, sampler=sampler, variant=variant,
+                            allow_pickle=allow_pickle)
+    what = f" ({pipe.raw_configs['model_index'].get('_class_name')})"
+  elif adapter is not None:
     hook, value = adapter
     _require_reference()
     extra = {"images": tuple(images)} if hook.images else {}

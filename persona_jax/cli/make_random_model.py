@@ -10,19 +10,26 @@ HELP = "write a small random-weight pipeline (diffusers layout)"
 
 def add_arguments(p) -> None:
   p.add_argument("out", type=Path, help="output folder")
-  p.add_argument("--preset", choices=("sd1", "sd2", "sdxl"), default="sd1",
+  from persona_jax.methods.registry import random_presets
+  extra = random_presets()
+  p.add_argument("--preset", choices=("sd1", "sd2", "sdxl", *extra), default="sd1",
                  help="sd1: conv projections, epsilon; sd2: linear projections, per-block heads, "
                       "v-prediction; sdxl: SDXL's layout (two text encoders, added "
-                      "conditioning, Euler)")
+                      "conditioning, Euler)" + "".join(f"; {name}: {s.name}'s own pipeline folder"
+                                                       for name, s in extra.items()))
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--overwrite", action="store_true", help="replace an existing folder")
 
 
 def run(args) -> int:
-  from persona_jax.pipeline import load_pipeline
+  from persona_jax.methods.registry import load_model, random_presets
   from persona_jax.random_model import make_random_model
-  out = make_random_model(args.out, args.preset, args.seed, overwrite=args.overwrite)
-  print(describe(load_pipeline(out)))
+  owner = random_presets().get(args.preset)
+  if owner is not None:
+    out = owner.pipeline.make_random(args.out, seed=args.seed, overwrite=args.overwrite)
+  else:
+    out = make_random_model(args.out, args.preset, args.seed, overwrite=args.overwrite)
+  print(describe(load_model(out)))
   return 0
 
 
@@ -46,6 +53,8 @@ def describe(pipe) -> str:
       f"  tokenizer     CLIPTokenizer         {len(pipe.tokenizer):>11,d} tokens  "
       f"pad id {pipe.tokenizer.pad_token_id}",
   ]
+  for name in sorted(set(counts) - {"unet", "text_encoder", "text_encoder_2", "vae"}):
+    lines.append(f"  {name:13s} {'':22s}{counts[name]:>11,d} params")
   if pipe.is_sdxl:
     t2 = pipe.text_encoder_2_config
     lines[3:3] = [

@@ -22,10 +22,10 @@ def add_model_flags(p) -> None:
 
 def load_model(args, model=None):
   """The pipeline the flags name (`model`: the folder to load, default --model's or the
-  embedded default)."""
+  embedded default; a pipeline folder a method owns, e.g. BLIP-Diffusion's, by its loader)."""
   from persona_jax.default_model import resolve_model
-  from persona_jax.pipeline import load_pipeline
+  from persona_jax.methods.registry import load_model as load_any
   single_file = {k: v for k, v in (("config_dir", args.config),
                                    ("prediction_type", args.prediction_type)) if v is not None}
-  return load_pipeline(resolve_model(model if model is not None else args.model),
-                       variant=args.variant, allow_pickle=args.allow_pickle, **single_file)
+  return load_any(resolve_model(model if model is not None else args.model),
+                  variant=args.variant, allow_pickle=args.allow_pickle, **single_file)

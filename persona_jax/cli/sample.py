@@ -27,11 +27,18 @@ def _flag(name: str) -> str:
 
 
 def add_knob_flags(p) -> None:
-  """One flag per sampling knob of any method (`--beta`, `--ip-scale`, ...) and `--input`."""
+  """One flag per sampling knob of any method (`--beta`, `--ip-scale`, ...) and `--input`. A
+  command's own flag of the same name wins (eval's --subject-class); the knob is then
+  `--input NAME=VALUE` there."""
+  import argparse
+
   from persona_jax.methods.registry import knobs
   for knob in knobs().values():
-    p.add_argument(_flag(knob.name), type=knob.type, default=None, dest=f"knob_{knob.name}",
-                   help=knob.help)
+    try:
+      p.add_argument(_flag(knob.name), type=knob.type, default=None, dest=f"knob_{knob.name}",
+                     help=knob.help)
+    except argparse.ArgumentError:
+      continue
   p.add_argument("--input", action="append", default=[], metavar="NAME=VALUE",
                  help="a method's sampling knob by name (e.g. ip_scale=0.5); traced: other values "
                       "do not recompile")
@@ -152,9 +159,10 @@ def add_arguments(p) -> None:
 
 
 def chosen_run(args):
-  """(method spec, result) of `--run` or a per-method flag, or (None, None). The knobs and images
-  given are checked against the method first (before a per-method flag's run is read)."""
-  from persona_jax.methods.registry import METHODS, find_run
+  """(method spec, result) of `--run` or a per-method flag, (spec, None) for a --model folder a
+  method owns (BLIP-Diffusion's), or (None, None). The knobs and images given are checked against
+  the method first (before a per-method flag's run is read)."""
+  from persona_jax.methods.registry import METHODS, find_run, pipeline_owner
   flags = _method_flags()
   given = [(name, getattr(args, f"run_{name}")) for name in flags
            if getattr(args, f"run_{name}", None) is not None]
@@ -169,15 +177,22 @@ def chosen_run(args):
     spec, result = find_run(args.run)
     check_inputs(spec, f"--run ({spec.name})", values, args.image)
     return spec, result
+  owner = pipeline_owner(args.model) if args.model is not None else None
+  if owner is not None:                # a method's own pipeline folder samples through it
+    check_inputs(owner, f"--model ({owner.name})", values, args.image)
+    return owner, None
   if values:
     name = sorted(values)[0]
-    owners = [s.sampling.flag or s.name for s in METHODS.values()
-              if any(k.name == name for k in s.sampling.knobs)]
-    raise PersonaError(f"{_flag(name)} goes with a run of {' or '.join(owners)}")
+    owners = [f"a {s.name} --model" if s.pipeline else f"a run of {s.sampling.flag or s.name}"
+              for s in METHODS.values() if any(k.name == name for k in s.sampling.knobs)]
+    raise PersonaError(f"{_flag(name)} goes with {' or '.join(owners)}")
   if args.image:
     takers = sorted(s.sampling.flag for s in METHODS.values()
                     if s.sampling.flag and s.sampling.images != "none")
-    raise PersonaError(f"--image is a subject image of a run (--run or {', '.join(takers)})")
+    models = sorted(s.name for s in METHODS.values()
+                    if s.pipeline and s.sampling.images != "none")
+    also = f" or of a {' / '.join(models)} --model" if models else ""
+    raise PersonaError(f"--image is a subject image of a run (--run or {', '.join(takers)}){also}")
   return None, None
 
 

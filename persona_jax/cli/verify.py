@@ -1,5 +1,6 @@
-"""`persona-jax verify MODEL_DIR`: persona_jax against diffusers/transformers on a model folder,
-or one method's files (`--lora`, `--embedding`, `--custom-diffusion`, `--ip-adapter`: the flags
+"""`persona-jax verify MODEL_DIR`: persona_jax against diffusers/transformers on a model folder
+(a folder a method owns, e.g. BLIP-Diffusion's, by that method's comparisons), or one method's
+files (`--lora`, `--embedding`, `--custom-diffusion`, `--ip-adapter`: the flags
 of the methods' verify hooks)."""
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
   from persona_jax.default_model import resolve_model
+  from persona_jax.methods.registry import pipeline_owner
   from persona_jax.verify import verify
   given = [(hook, getattr(args, _dest(hook.flag))) for hook in _hooks()
            if getattr(args, _dest(hook.flag)) is not None]
@@ -57,8 +59,12 @@ def run(args) -> int:
   if args.image and not (given and given[0][0].images):
     takers = [hook.flag for hook in _hooks() if hook.images]
     raise PersonaError(f"--image goes with {' or '.join(takers)}")
-  ok = verify(resolve_model(args.model), tolerance=args.tolerance, variant=args.variant,
+  model = resolve_model(args.model)
+  owner = pipeline_owner(model)
+  if owner is not None and owner.pipeline.verify is None:
+    raise PersonaError(f"{model}: verify cannot compare a {owner.name} folder yet")
+  ok = verify(model, tolerance=args.tolerance, variant=args.variant,
               allow_pickle=args.allow_pickle, seed=args.seed, image_encoder=args.image_encoder,
               adapter=given[0] if given else None, sampler=args.scheduler,
-              images=tuple(args.image))
+              images=tuple(args.image), folder=owner.pipeline if owner else None)
   return 0 if ok else 1

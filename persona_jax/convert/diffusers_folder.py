@@ -243,6 +243,14 @@ def components_of(raw_or_index: dict) -> tuple[Component, ...]:
   return tuple(c for c in COMPONENTS if sdxl or not c.sdxl_only)
 
 
+def read_component(root: Path, comp: Component, config, *, dtype=jnp.float32,
+                   variant: str | None = None, allow_pickle: bool = False) -> dict:
+  """One component's params from ROOT/comp.name/ (strict: every tensor, the config's shapes)."""
+  state, source = read_weights(root / comp.name, comp.weights_stem, variant, allow_pickle)
+  return convert.state_dict_to_params(state, abstract_params(comp.name, config), source=source,
+                                      dtype=dtype, adapt=comp.adapt, ignore=comp.ignore)
+
+
 def read_folder(root: Path, *, dtype=jnp.float32, variant: str | None = None,
                 allow_pickle: bool = False, attention: str = "auto") -> Pipeline:
   """Loads a diffusers-format SD 1.x/2.x folder (arguments as `pipeline.load_pipeline`)."""
@@ -263,13 +271,9 @@ def read_folder(root: Path, *, dtype=jnp.float32, variant: str | None = None,
                            f"{comp.name}{what}; copy the whole pipeline folder")
     raw[comp.name] = read_json(root / comp.name / comp.config_file)
   configs = parse_configs(raw, dtype=dtype, attention=attention, root=f"{root}/")
-  params = {}
-  for comp in components:
-    config = configs[f"{comp.name}_config"]
-    state, source = read_weights(root / comp.name, comp.weights_stem, variant, allow_pickle)
-    params[comp.name] = convert.state_dict_to_params(
-        state, abstract_params(comp.name, config), source=source, dtype=dtype, adapt=comp.adapt,
-        ignore=comp.ignore)
+  params = {comp.name: read_component(root, comp, configs[f"{comp.name}_config"], dtype=dtype,
+                                      variant=variant, allow_pickle=allow_pickle)
+            for comp in components}
   sdxl = "text_encoder_2_config" in configs
   for name in ("tokenizer", "tokenizer_2") if sdxl else ("tokenizer",):
     load_tokenizer(root / name)   # fail now, naming the folder, rather than at first use

@@ -17,6 +17,8 @@ A method module declares one `MethodSpec` (its `SPEC`) and this module lists the
   data_sources        {name: builder} data sources it brings (train/data_sources.py)
   upgrade             rewrites a config.json of an earlier version to today's keys
   sdxl                whether it trains on SDXL bases too (else a one-line error)
+  pipeline            the pipeline folders it owns (model_index.json classes): their loader,
+                      verify and random preset (`load_model`, `pipeline_owner`)
 Modules in `COMMANDS` add subcommands (a `COMMAND`: Custom Diffusion's merge, importing an
 official FastComposer release).
 Adding a method: one module with its SPEC, one entry in `SPECS` below, one config
@@ -34,8 +36,8 @@ from pathlib import Path
 from persona_jax.errors import ConfigError, ModelFileError
 from persona_jax.methods.spec import EvalRecipe, Knob, MethodSpec
 
-SPECS = ("custom_diffusion", "dreambooth", "e4t", "fastcomposer", "instantbooth", "ip_adapter",
-         "lora", "photomaker", "pivotal", "textual_inversion")
+SPECS = ("blip_diffusion", "custom_diffusion", "dreambooth", "e4t", "fastcomposer", "instantbooth",
+         "ip_adapter", "lora", "photomaker", "pivotal", "textual_inversion")
 COMMANDS = ("custom_diffusion_merge", "fastcomposer_official")
 METHODS: dict[str, MethodSpec] = {}
 for _module in SPECS:
@@ -63,6 +65,43 @@ def method_config(name: str, values: Mapping):
     raise ConfigError(f"method.{unknown[0]}: not an option of {name} "
                       f"(options: {', '.join(sorted(fields))})")
   return cls(**values)
+
+
+def pipeline_owner(path) -> MethodSpec | None:
+  """The method whose own pipeline folder `path` is (by its model_index.json `_class_name`), or
+  None (other folders, single files, unreadable indexes: the SD loader reports those)."""
+  index = Path(path) / "model_index.json" if path is not None else None
+  if index is None or not index.is_file():
+    return None
+  try:
+    name = json.loads(index.read_text()).get("_class_name")
+  except (OSError, ValueError, AttributeError):
+    return None
+  for s in METHODS.values():
+    if s.pipeline is not None and name in s.pipeline.classes:
+      return s
+  return None
+
+
+def load_model(path, **kwargs):
+  """`pipeline.load_pipeline(path, **kwargs)`, or for a pipeline folder a method owns
+  (BLIP-Diffusion's) that method's loader (`dtype`, `variant`, `allow_pickle`, `attention`;
+  single-file options are an error there)."""
+  owner = pipeline_owner(path)
+  if owner is None:
+    from persona_jax.pipeline import load_pipeline
+    return load_pipeline(path, **kwargs)
+  single = sorted(k for k in ("config_dir", "prediction_type") if kwargs.pop(k, None) is not None)
+  if single:
+    raise ConfigError(f"{path}: --{single[0].replace('_', '-')} is for single-file checkpoints; "
+                      "a pipeline folder has its own configs")
+  return owner.pipeline.load(Path(path), **kwargs)
+
+
+def random_presets() -> dict[str, MethodSpec]:
+  """The `make-random-model` presets methods add, by name."""
+  return {s.pipeline.preset: s for s in METHODS.values()
+          if s.pipeline is not None and s.pipeline.make_random is not None}
 
 
 def make_method(name: str, values: Mapping, base_params, tokenizer_dir=None, unet_config=None):

@@ -139,6 +139,25 @@ class Command:
   run: Callable
 
 
+@dataclasses.dataclass(frozen=True)
+class PipelineSpec:
+  """A pipeline folder a method owns: one whose model_index.json `_class_name` is in `classes`.
+
+  load(path, *, dtype, variant, allow_pickle, attention) -> Pipeline: the folder read (an SD
+    pipeline holding the method's extra parts); `sample --model DIR` then samples through the
+    method's `sample` (SampleRequest.result None) and other commands use it as an SD base.
+  verify(pipe, path, *, seed, sampler, variant, allow_pickle) -> [verify.Comparison]: what
+    `persona-jax verify DIR` compares (None: not verifiable).
+  preset, make_random(out, seed, overwrite) -> Path: `make-random-model --preset PRESET` writes
+    a tiny random folder of this layout.
+  """
+  classes: tuple[str, ...]
+  load: Callable
+  verify: Callable | None = None
+  preset: str = ""
+  make_random: Callable | None = None
+
+
 def _recorded_base(result):
   return result.meta.get("base_model") or None
 
@@ -164,3 +183,5 @@ class MethodSpec:
   upgrade: Callable | None = None
   # Whether it trains and samples on SDXL bases too (False: SD 1.x/2.x only, a one-line error).
   sdxl: bool = False
+  # The pipeline folders that are this method's own model (BLIP-Diffusion's), or None.
+  pipeline: PipelineSpec | None = None

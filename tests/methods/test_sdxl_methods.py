@@ -7,7 +7,7 @@ from persona_jax.cli import main
 from persona_jax.errors import ConfigError
 from persona_jax.methods.registry import METHODS, make_method
 
-SD1_ONLY = ("e4t", "fastcomposer", "instantbooth")
+SD1_ONLY = ("blip_diffusion", "e4t", "fastcomposer", "instantbooth")
 
 
 def test_registry_says_which_methods_train_on_sdxl():
