@@ -367,6 +367,22 @@ def base_loader(model: str):
   return load
 
 
+def summarize(cfg: EvalConfig, rows: list[dict], keys, **extra) -> dict:
+  """An eval.json summary: the method, config and steps, the mean of each of `keys` over the
+  subject rows (None when a row has none), mean wall times, `extra` and the rows."""
+  means = {}
+  for k in keys:
+    values = [r[k] for r in rows]
+    means[k] = None if any(v is None for v in values) else float(np.mean(values))
+  return {"method": cfg.method, **extra, "config": dataclasses.asdict(cfg),
+          "steps": (0 if cfg.recipe is None or cfg.recipe.kind == "tuning_free"
+                    else cfg.steps or cfg.recipe.steps),
+          **means,
+          "train_seconds": float(np.mean([r["train_seconds"] for r in rows])),
+          "sample_seconds": float(np.mean([r["sample_seconds"] for r in rows])),
+          "subjects": rows}
+
+
 def write_summary(summary: dict, out: Path) -> None:
   """OUT/eval.json (written whole, then moved into place)."""
   tmp = Path(out) / ".eval.json.tmp"
@@ -406,14 +422,8 @@ def evaluate(cfg: EvalConfig, out: Path, progress: bool = True) -> dict:
     log.info("%s on %s: %s", cfg.method, subject.words,
              ", ".join(f"{k} {v:.3f}" for k, v in row.items() if isinstance(v, float)))
     rows.append(row)
-  keys = ("subject_similarity", "subject_match", "prompt_fidelity", "class_fidelity", "drift")
-  summary = {"method": cfg.method, "config": dataclasses.asdict(cfg),
-             "steps": (0 if cfg.recipe is None or cfg.recipe.kind == "tuning_free"
-                       else cfg.steps or cfg.recipe.steps),
-             **{k: float(np.mean([r[k] for r in rows])) for k in keys},
-             "train_seconds": float(np.mean([r["train_seconds"] for r in rows])),
-             "sample_seconds": float(np.mean([r["sample_seconds"] for r in rows])),
-             "subjects": rows}
+  summary = summarize(cfg, rows, ("subject_similarity", "subject_match", "prompt_fidelity",
+                                   "class_fidelity", "drift"))
   if main:
     write_summary(summary, out)
   return summary

@@ -32,7 +32,6 @@ method with an EvalRecipe. `paired_difference` (efficacy.py) gives a row's "vs b
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from pathlib import Path
 
@@ -181,22 +180,10 @@ def evaluate(cfg: ef.EvalConfig, out: Path, judge=None, progress: bool = True) -
     log.info("%s on %s: %s", cfg.method, name,
              ", ".join(f"{k} {v:.3f}" for k, v in row.items() if isinstance(v, float)))
     rows.append(row)
-  summary = {"method": cfg.method, "domain": "identities", "config": dataclasses.asdict(cfg),
-             "steps": (0 if cfg.recipe is None or cfg.recipe.kind == "tuning_free"
-                       else cfg.steps or cfg.recipe.steps),
-             **{k: mean_of(rows, k) for k in KEYS},
-             "train_seconds": float(np.mean([r["train_seconds"] for r in rows])),
-             "sample_seconds": float(np.mean([r["sample_seconds"] for r in rows])),
-             "subjects": rows}
+  summary = ef.summarize(cfg, rows, KEYS, domain="identities")
   if main:
     ef.write_summary(summary, out)
   return summary
-
-
-def mean_of(rows: list[dict], key: str) -> float | None:
-  """The mean of `key` over the rows (None when a row has none: no recognizer threshold)."""
-  values = [r[key] for r in rows]
-  return None if any(v is None for v in values) else float(np.mean(values))
 
 
 def _number(value, digits: int) -> str:
