@@ -30,8 +30,11 @@ def test_config_builds(name, variant):
   config = run_config(load(name).get_config(variant))
   assert config.method_name
   if variant == "tiny":
-    # the toy SD base, or the toy SDXL one for SDXL-only methods (photomaker)
-    assert config.model in ("default", "toy-xl") and config.data.instance_dir == ""
+    # the toy SD base, or the toy SDXL one for SDXL-only methods (photomaker), or the toy
+    # BLIP-Diffusion folder written from the toy SD base (blip_diffusion)
+    from persona_jax.world.toy_blip_diffusion import toy_blip_diffusion_dir
+    assert config.model in ("default", "toy-xl", str(toy_blip_diffusion_dir()))
+    assert config.data.instance_dir == ""
 
 
 def test_textual_inversion_tiny_runs_through_the_cli(tmp_path, monkeypatch, capsys):

@@ -32,8 +32,10 @@ picks another of ours.
 Bad input: no --subject-class, a prompt strength or reps below 0, an unreadable image, a folder
 whose Q-Former vocabulary is not its tokenizer's size: one-line errors.
 
-Training (subject-representation pre-training and subject fine-tuning) is not written yet: the
-config and `make` below refuse it.
+Training, both stages (stage-2 pre-training, subject fine-tuning), is
+methods/blip_diffusion_training.py; a run's result (WORKDIR/model, a BLIP-Diffusion folder)
+samples with `sample --run WORKDIR`: a pre-trained one as above, a fine-tuned one with its trained
+subject embedding and no --image (`--subject-class` defaults to the run's class).
 """
 
 from __future__ import annotations
@@ -41,9 +43,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 
-from persona_jax.errors import ConfigError, ModelFileError
+from persona_jax.errors import ConfigError
 from persona_jax.methods.blip_diffusion_conditioning import (PROMPT_REPS, PROMPT_STRENGTH,
                                                              build_prompt)
+from persona_jax.methods.blip_diffusion_training import (FORMAT, RESULT_DIR, BlipDiffusionOptions,
+                                                         folder_source, load, make)
 from persona_jax.methods.spec import Knob, MethodSpec, PipelineSpec, ResultSpec, SamplingSpec
 
 BLIP_DIFFUSION = "blip_diffusion"
@@ -85,38 +89,39 @@ def sampling_knobs(inputs) -> tuple[str, str, float, int]:
 
 
 def sample(request):
-  """Zero-shot sampling on a BLIP-Diffusion --model (module docstring)."""
+  """Zero-shot sampling on a BLIP-Diffusion --model or a pre-training run's folder; a fine-tuning
+  run's folder with its subject embedding (module docstring)."""
   from persona_jax.methods.blip_diffusion_folder import BlipDiffusionPipeline
   from persona_jax.text_to_image import Sampling
-  pipe = request.pipe
+  pipe, result = request.pipe, request.result
   if not isinstance(pipe, BlipDiffusionPipeline):
     raise ConfigError(f"{pipe.path or 'the model'}: blip_diffusion samples on a BLIP-Diffusion "
                       "folder (model_index.json BlipDiffusionPipeline); pass it as --model")
-  subject, target, strength, reps = sampling_knobs(request.inputs)
+  embedding = result.weights.get("embedding") if result is not None else None
+  cond, inputs, params = pipe.conditioning(), dict(request.inputs), request.params
+  if embedding is not None:
+    inputs[SUBJECT] = inputs.get(SUBJECT) or result.meta.get(SUBJECT, "")
+  subject, target, strength, reps = sampling_knobs(inputs)
+  expand = functools.partial(build_prompt, target_class=target, prompt_strength=strength,
+                             prompt_reps=reps)
+  if embedding is not None:
+    if request.images:
+      raise ConfigError(f"{result.path}: a fine-tuned blip_diffusion run samples its trained "
+                        "subject embedding; drop --image")
+    shape = (1, cond.qformer.num_query_tokens, cond.text_encoder.hidden_size)
+    if tuple(embedding.shape) != shape:
+      raise ConfigError(f"{result.path}: its subject embedding is {list(embedding.shape)}, this "
+                        f"model's query embeddings {list(shape)} (another base?)")
+    return Sampling({**params, "blip_subject": {"embedding": embedding}},
+                    conditioning=dataclasses.replace(cond, subject_embedding=True),
+                    expand_prompt=expand, prompt_length=cond.prompt_length)
   if len(request.images) != 1:
-    raise ConfigError("blip_diffusion: one --image PATH, the subject image")
-  cond = pipe.conditioning()
-  return Sampling(request.params, conditioning=cond,
-                  expand_prompt=functools.partial(build_prompt, target_class=target,
-                                                  prompt_strength=strength, prompt_reps=reps),
+    what = "--run (blip_diffusion)" if result is not None else "--model (blip_diffusion)"
+    raise ConfigError(f"{what} needs --image PATH" if not request.images
+                      else f"{what} reads one --image")
+  return Sampling(params, conditioning=cond, expand_prompt=expand,
                   inputs=subject_inputs(pipe, request.images[0], subject),
                   prompt_length=cond.prompt_length)
-
-
-@dataclasses.dataclass(frozen=True)
-class BlipDiffusionOptions:
-  """The options of BLIP-Diffusion training (not written yet)."""
-
-
-def make(config: BlipDiffusionOptions, base_params, tokenizer_dir=None, unet_config=None):
-  raise ConfigError("method.name: blip_diffusion training is not written yet; sample zero-shot "
-                    "with `persona-jax sample --model BLIPDIFFUSION_DIR --image ... "
-                    "--subject-class ...`")
-
-
-def load(path):
-  raise ModelFileError(f"{path}: blip_diffusion has no trained results yet; sample zero-shot "
-                       "with --model BLIPDIFFUSION_DIR")
 
 
 def _load_folder(path, **kwargs):
@@ -136,11 +141,12 @@ def _make_random(out, seed: int = 0, overwrite: bool = False):
 
 SPEC = MethodSpec(
     name=BLIP_DIFFUSION, config=BlipDiffusionOptions, make=make,
-    result=ResultSpec("blip_diffusion.safetensors"), load=load, sample=sample,
+    result=ResultSpec(RESULT_DIR, FORMAT), load=load, sample=sample,
+    data_sources={"blip_diffusion": folder_source},
     sampling=SamplingSpec(
-        images="one",
+        images="any",
         knobs=(Knob(SUBJECT, "blip_diffusion: the --image subject's category (required; several "
-                    "words are one category, e.g. 'teddy bear')", str),
+                    "words are one category, e.g. 'teddy bear'; a fine-tuned run: its own)", str),
                Knob(TARGET, "blip_diffusion: the category the prompt renders ('a TARGET PROMPT'; "
                     "default: the subject class)", str),
                Knob(STRENGTH, f"blip_diffusion: prompt repetitions = int(strength x reps) "

@@ -243,3 +243,21 @@ def make_random_folder(out, seed: int = 0, overwrite: bool = False) -> Path:
       shutil.rmtree(out)
     folder.rename(out)
   return out
+
+
+def read_conditioning(root) -> BlipDiffusionConditioning:
+  """The conditioning of the BLIP-Diffusion folder `root` from its configs alone (no weights
+  read): a training method's `make`, which sees the loaded params but not the folder's configs."""
+  root = Path(root)
+  index_path = root / "model_index.json"
+  index = read_json(index_path)
+  _check_index(index, index_path)
+  text = parse_configs({"model_index": index, "scheduler": read_json(root / SCHEDULER_FILE),
+                        **{n: read_json(root / n / "config.json")
+                           for n in ("unet", "text_encoder", "vae")}},
+                       root=f"{root}/")["text_encoder_config"]
+  qformer = Blip2Config.from_dict(read_json(root / "qformer" / "config.json"),
+                                  str(root / "qformer" / "config.json")).with_dtype(jnp.float32,
+                                                                                    "auto")
+  prompt_length = text.max_position_embeddings - qformer.num_query_tokens
+  return BlipDiffusionConditioning(qformer, text, _ctx_begin_pos(index, prompt_length, index_path))

@@ -53,11 +53,15 @@ class DataRequest:
 class DataBuild:
   """A built dataset (grain, infinite batches), its class images (or None) and the frozen
   components the step needs to turn its batches into latents and conditioning. `local_rows`:
-  its batches are already the request's `row_block` (else the loop takes that block of each)."""
+  its batches are already the request's `row_block` (else the loop takes that block of each).
+  `initialize`: (initial trainable tree) -> the tree the run starts from, for new leaves set from
+  the data (BLIP-Diffusion's subject embedding: the mean over the subject's images, as LAVIS's
+  `before_training`), or None."""
   dataset: Any
   classes: Any = None
   needed: frozenset = frozenset({"unet", "vae", "text_encoder"})
   local_rows: bool = False
+  initialize: Callable | None = None
 
 
 @dataclasses.dataclass(frozen=True)

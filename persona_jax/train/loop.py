@@ -35,13 +35,13 @@ from persona_jax.errors import ConfigError, PersonaError, WriteFailed, write_fai
 from persona_jax.images import grid, save_png
 from persona_jax.methods import result_file
 from persona_jax.methods.base import ResultContext
-from persona_jax.methods.registry import make_method
+from persona_jax.methods.registry import load_model, make_method
 from persona_jax.models.components import SDModels
 from persona_jax.models.text_encoder import CLIPTextModel
 from persona_jax.models.unet import UNet2DConditionModel
 from persona_jax.parallel import mesh as mesh_lib
 from persona_jax.parallel.rules import infer_shardings, optimizer_shardings, shard_like
-from persona_jax.pipeline import Pipeline, load_pipeline
+from persona_jax.pipeline import Pipeline
 from persona_jax.text_to_image import SampleOptions, Sampling, text_to_image
 from persona_jax.tokenizer import tokenize, tokenize_prompts, tokenizers_with_tokens
 from persona_jax.train import checkpoint as ckpt
@@ -105,7 +105,7 @@ def build(config: RunConfig, *, mesh=None, workdir=None, progress: bool = False)
   model_dir = resolve_model(config.model)
   single_file = {k: v for k, v in (("config_dir", config.model_config),
                                    ("prediction_type", config.prediction_type)) if v}
-  pipe = load_pipeline(model_dir, **single_file)
+  pipe = load_model(model_dir, **single_file)      # a method's own pipeline folder by its loader
   compute = jnp.bfloat16 if config.mixed_precision == "bf16" else jnp.float32
   method = make_method(config.method_name, config.method_options, pipe.params, pipe.tokenizer_dir,
                        pipe.unet_config)
@@ -131,6 +131,8 @@ def build(config: RunConfig, *, mesh=None, workdir=None, progress: bool = False)
       config, pipe, method, models, tokenizers[0], tokenizers, trainable, workdir, progress,
       mesh_lib.process_block(mesh)))
   classes = built.classes
+  if built.initialize is not None:     # new leaves set from the data (methods/spec.py DataBuild)
+    trainable = built.initialize(trainable)
   frozen = {k: v for k, v in rest.items() if k in built.needed | set(components)}
   if compute != jnp.float32:
     frozen = jax.tree.map(lambda x: x.astype(compute), frozen)
@@ -270,7 +272,8 @@ def sample_grid(run: Run, trainable, step: int, workdir: Path, progress: bool = 
     inputs = {k: np.asarray(first[k][:1]) for k in method.conditioning.input_keys}
   sampling = Sampling(run.full_params(trainable), run.tokenizer, method.conditioning,
                       method.tokens.expand, inputs, method.unet,
-                      run.tokenizers[1] if len(run.tokenizers) > 1 else None)
+                      run.tokenizers[1] if len(run.tokenizers) > 1 else None,
+                      getattr(method.conditioning, "prompt_length", None))
   images = text_to_image(run.pipe, list(c.sample_prompts), c.sample_negative_prompt,
                          c.sample_images, options, progress=progress, sampling=sampling)
   path = workdir / "samples" / f"step_{step:06d}.png"

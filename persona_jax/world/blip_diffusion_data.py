@@ -65,3 +65,35 @@ def subject_examples(subject: scenes.Subject, n: int, resolution: int = 32, blip
   return [SubjectExample(scenes.render(s, blip_size), scenes.render(s, resolution), subject.cls,
                          training_caption(subject.cls))
           for s in scenes.subject_scenes(subject, n, seed)]
+
+
+def toy_pretraining_source(request):
+  """A data source (train/data_sources.py) for blip_diffusion stage 2: `data.num_images`
+  (default 64) training scenes of the run's seed at `data.resolution`, the subject input at the
+  Q-Former's image size."""
+  from persona_jax.methods.blip_diffusion_training import examples_source
+  d = request.config.data
+  size = request.pipe.qformer_config.vision_config.image_size
+  return examples_source(request, pretraining_examples(d.num_images or 64, d.resolution, size,
+                                                       request.config.seed))
+
+
+def held_out_subject(cls: str) -> scenes.Subject:
+  """The first held-out subject of class `cls` (the world's subjects() order)."""
+  for subject in scenes.subjects():
+    if subject.cls == cls:
+      return subject
+  from persona_jax.errors import ConfigError
+  raise ConfigError(f"method.subject_class: '{cls}' is not a toy-world class "
+                    f"({', '.join(scenes.CLASSES)})")
+
+
+def toy_subject_source(request):
+  """A data source for blip_diffusion fine-tuning: `data.num_images` (default 4) reference scenes
+  of the first held-out subject of class `method.subject_class`."""
+  from persona_jax.methods.blip_diffusion_training import examples_source, run_options
+  d = request.config.data
+  size = request.pipe.qformer_config.vision_config.image_size
+  subject = held_out_subject(run_options(request).subject_class.strip())
+  return examples_source(request, subject_examples(subject, d.num_images or 4, d.resolution, size,
+                                                   request.config.seed))

@@ -253,3 +253,14 @@ def write_toy_blip_diffusion(dest, *, base=None, seed: int = 0,
     shutil.rmtree(tmp, ignore_errors=True)
     raise
   return dest
+
+
+def toy_blip_diffusion_dir() -> Path:
+  """The toy BLIP-Diffusion base of the default toy SD base (seed 0), written on first use into
+  the cache (cache/models/toy-blip-diffusion-<the base's name>); the `:tiny` configs' model."""
+  from persona_jax.cache import cache_dir
+  from persona_jax.default_model import default_model_dir, default_model_name
+  folder = cache_dir() / "models" / f"toy-blip-diffusion-{default_model_name()}"
+  if not (folder / "model_index.json").is_file():
+    write_toy_blip_diffusion(folder, base=default_model_dir(), overwrite=True)
+  return folder
