@@ -52,9 +52,10 @@ def add_arguments(p) -> None:
   p.add_argument("--subject-class", default=None, help="held-out subjects of this class only "
                  "(e4t's shipped state knows balls: --subject-class ball)")
   p.add_argument("--state", default=None, help="e4t: the pre-trained state (an e4t_pretrain "
-                 "workdir; default: the shipped one); instantbooth, ip_adapter, fastcomposer, "
-                 "photomaker: the run trained once on the world; knob values may say "
-                 "{references}: the subject's reference folder (e.g. --face-embedding "
+                 "workdir; default: the shipped one); blip_diffusion_finetune: the stage-2 run it "
+                 "tunes from; instantbooth, ip_adapter, fastcomposer, photomaker, blip_diffusion: "
+                 "the run trained once on the world; knob values may say {references}: the "
+                 "subject's reference folder, {cls}: its class (e.g. --face-embedding "
                  "'{references}/face_embeddings.npy' with --domain identities)")
   add_knob_flags(p)
   p.add_argument("--noprogress", action="store_true")

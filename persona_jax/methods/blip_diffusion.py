@@ -36,6 +36,8 @@ Training, both stages (stage-2 pre-training, subject fine-tuning), is
 methods/blip_diffusion_training.py; a run's result (WORKDIR/model, a BLIP-Diffusion folder)
 samples with `sample --run WORKDIR`: a pre-trained one as above, a fine-tuned one with its trained
 subject embedding and no --image (`--subject-class` defaults to the run's class).
+`persona-jax eval --method blip_diffusion|blip_diffusion_finetune --state STAGE2_WORKDIR`: the
+toy world's benchmark (world/efficacy.py; the recipes are EVAL below).
 """
 
 from __future__ import annotations
@@ -48,7 +50,8 @@ from persona_jax.methods.blip_diffusion_conditioning import (PROMPT_REPS, PROMPT
                                                              build_prompt)
 from persona_jax.methods.blip_diffusion_training import (FORMAT, RESULT_DIR, BlipDiffusionOptions,
                                                          folder_source, load, make)
-from persona_jax.methods.spec import Knob, MethodSpec, PipelineSpec, ResultSpec, SamplingSpec
+from persona_jax.methods.spec import (EvalRecipe, Knob, MethodSpec, PipelineSpec, ResultSpec,
+                                      SamplingSpec)
 
 BLIP_DIFFUSION = "blip_diffusion"
 SUBJECT, TARGET = "subject_class", "target_class"
@@ -139,10 +142,24 @@ def _make_random(out, seed: int = 0, overwrite: bool = False):
   return make_random_folder(out, seed=seed, overwrite=overwrite)
 
 
+# `persona-jax eval` (world/efficacy.py), both from a stage-2 run given as --state: zero-shot with
+# the first reference and the subject's class as the Q-Former's category; fine-tuned as LAVIS's
+# finetune-db-dog.yaml (the UNet and the mean subject embedding, constant lr) on all references,
+# its steps and lr scaled to the toy world as DreamBooth's are: lr the toy DreamBooth's (LAVIS
+# fine-tunes at DreamBooth's 5e-6), 40 steps (LAVIS's dog).
+EVAL = {
+    BLIP_DIFFUSION: EvalRecipe("tuning_free", "{cls}", subject_images="first",
+                               inputs=((SUBJECT, "{cls}"),)),
+    f"{BLIP_DIFFUSION}_finetune": EvalRecipe(
+        "tuned", "{cls}", "blip_diffusion:tiny_finetune", 40, 2e-4,
+        (("data.source", "blip_diffusion"), ("method.subject_class", "{cls}")),
+        state_key="model", state_default="", state_result=True),
+}
+
 SPEC = MethodSpec(
     name=BLIP_DIFFUSION, config=BlipDiffusionOptions, make=make,
     result=ResultSpec(RESULT_DIR, FORMAT), load=load, sample=sample,
-    data_sources={"blip_diffusion": folder_source},
+    data_sources={"blip_diffusion": folder_source}, eval=EVAL,
     sampling=SamplingSpec(
         images="any",
         knobs=(Knob(SUBJECT, "blip_diffusion: the --image subject's category (required; several "

@@ -102,13 +102,19 @@ class EvalRecipe:
     trained once on the world with the references: `--state`).
   phrase: the subject in prompts; {cls} is the class word.
   config, steps, lr, options, prior: tuned / one_image: the configs/ name (its :tiny variant is the
-    start), steps, learning rate, (dotted config key, value) overrides, class images of
-    "a photo of a {cls}".
-  state_key: one_image: the config key the pre-trained state goes to ("shipped" by default).
+    start; "name:variant" another variant), steps, learning rate, (dotted config key, value)
+    overrides, class images of "a photo of a {cls}".
+  state_key: one_image, tuned: the config key the pre-trained state (`--state`) goes to;
+    state_default: the state without --state ("": --state is required); state_result: the key
+    gets the state run's result (WORKDIR/the method's result file) when that exists, else the
+    path given.
+  inputs: the sampling knobs ((name, value), ...; `--input` overrides by name); "{cls}" in a str
+    value is the subject's class, "{references}" its reference folder.
   class_prompts: tuning_free: the class prompts sample with "base" (the frozen base itself) or
     "run" (the run without images).
-  subject_images: tuning_free: the subject's images it samples with: "references" (all of them)
-    or "segmented" (the first, its background replaced by noise and cropped to the subject).
+  subject_images: tuning_free: the subject's images it samples with: "references" (all of them),
+    "first" (the first) or "segmented" (the first, its background replaced by noise and cropped
+    to the subject).
   """
   kind: str
   phrase: str
@@ -118,6 +124,9 @@ class EvalRecipe:
   options: tuple = ()
   prior: bool = False
   state_key: str = ""
+  state_default: str = "shipped"
+  state_result: bool = False
+  inputs: tuple = ()
   class_prompts: str = "base"
   subject_images: str = "references"
 

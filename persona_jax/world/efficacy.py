@@ -36,8 +36,8 @@ How a method runs is its registry entry's recipe (methods/spec.py `EvalRecipe`),
                 and IP-Adapter is 0 by construction; or the run without images: FastComposer's
                 own UNet's text path).
 Every run, trained here or given, samples through its method's `sample` (as `sample --run`).
-A knob value (`--face-embedding`, `--input NAME=VALUE`) may say "{references}": the subject's
-reference folder. `paired_difference` of two eval.json summaries is BENCHMARKS.md's "vs base
+A knob value (the recipe's `inputs`, `--face-embedding`, `--input NAME=VALUE`) may say
+"{references}": the subject's reference folder, and "{cls}": its class. `paired_difference` of two eval.json summaries is BENCHMARKS.md's "vs base
 (paired)". The identity benchmark (identity_efficacy.py, `--domain identities`) runs the same
 pieces on held-out identities, judged by face analysis.
 """
@@ -61,6 +61,7 @@ UNTRAINED = ("base", "base_described")
 # The worlds a benchmark runs on: the classes of each (`--subject-class`).
 DOMAIN_CLASSES = {"scenes": scenes.CLASSES, "identities": identities.IDENTITY_CLASSES}
 REFERENCES_PLACEHOLDER = "{references}"
+CLASS_PLACEHOLDER = "{cls}"
 
 
 def recipes() -> dict:
@@ -71,6 +72,11 @@ def recipes() -> dict:
 
 def method_names() -> tuple[str, ...]:
   return UNTRAINED + tuple(recipes())
+
+
+def takes_state(recipe) -> bool:
+  """Whether a recipe (None: an untrained row) starts from a run given as --state."""
+  return recipe is not None and (recipe.kind == "tuning_free" or bool(recipe.state_key))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,10 +96,12 @@ class EvalConfig:
   seed: int = 0
   metric: str | None = None            # metric encoder folder (default: the shipped one)
   subject_class: str | None = None     # held-out subjects of this class only (default: all)
-  state: str | None = None             # one_image: the pre-trained state ("shipped"); tuning-free:
-                                       # the method's trained run (workdir or result file)
-  inputs: tuple = ()                   # ((knob, value), ...): sampling knobs (ip_scale, beta, ...);
-                                       # "{references}" in a value: the subject's reference folder
+  state: str | None = None             # one_image, tuned with a state_key: the pre-trained state
+                                       # (default: the recipe's); tuning-free: the method's trained
+                                       # run (workdir or result file)
+  inputs: tuple = ()                   # ((knob, value), ...): sampling knobs (ip_scale, beta, ...)
+                                       # over the recipe's; "{references}" in a value: the
+                                       # subject's reference folder, "{cls}": its class
   domain: str = "scenes"               # scenes (this module) | identities (identity_efficacy.py)
 
   def __post_init__(self):
@@ -108,12 +116,15 @@ class EvalConfig:
     if self.subject_class is not None and self.subject_class not in classes:
       raise ConfigError(f"--subject-class {self.subject_class!r}: not one of {', '.join(classes)}"
                         f"{'' if self.domain == 'scenes' else ' (the ' + self.domain + ' domain)'}")
-    kind = self.recipe.kind if self.recipe else None
-    if kind == "tuning_free" and not self.state:
+    recipe = self.recipe
+    if recipe and recipe.kind == "tuning_free" and not self.state:
       raise ConfigError(f"--method {self.method} personalizes with a run trained once on the "
                         "world: give --state WORKDIR (BENCHMARKS.md has the training commands)")
-    if self.state and kind not in ("tuning_free", "one_image"):
-      takers = sorted(n for n, (_, r) in recipes().items() if r.kind in ("tuning_free", "one_image"))
+    if recipe and recipe.state_key and not (self.state or recipe.state_default):
+      raise ConfigError(f"--method {self.method} tunes from a pre-trained run: give --state "
+                        "WORKDIR (BENCHMARKS.md has the training commands)")
+    if self.state and not takes_state(recipe):
+      takers = sorted(n for n, (_, r) in recipes().items() if takes_state(r))
       raise ConfigError(f"--state is for {', '.join(takers)}, not {self.method}")
 
   @property
@@ -212,13 +223,23 @@ def save_references(images: np.ndarray, coverages, folder: Path, extra=None) -> 
   sync("references written")
 
 
-def subject_inputs(inputs: tuple, folder: Path) -> tuple:
+def knob_values(cfg: "EvalConfig") -> tuple:
+  """The sampling knobs of a run: the recipe's, then --input's (a name given twice: the last)."""
+  recipe_inputs = cfg.recipe.inputs if cfg.recipe else ()
+  return tuple(dict(tuple(recipe_inputs) + tuple(cfg.inputs)).items())
+
+
+def subject_inputs(inputs: tuple, folder: Path, cls: str | None = None) -> tuple:
   """The sampling knobs of one subject: REFERENCES_PLACEHOLDER in a str or path value becomes its
-  reference folder (e.g. face_embedding={references}/face_embeddings.npy)."""
+  reference folder (e.g. face_embedding={references}/face_embeddings.npy), CLASS_PLACEHOLDER its
+  class `cls` (e.g. subject_class={cls})."""
   out = []
   for name, value in inputs:
-    if isinstance(value, (str, Path)) and REFERENCES_PLACEHOLDER in str(value):
-      value = type(value)(str(value).replace(REFERENCES_PLACEHOLDER, str(folder)))
+    if isinstance(value, (str, Path)):
+      text = str(value).replace(REFERENCES_PLACEHOLDER, str(folder))
+      if cls is not None:
+        text = text.replace(CLASS_PLACEHOLDER, cls)
+      value = type(value)(text) if text != str(value) else value
     out.append((name, value))
   return tuple(out)
 
@@ -255,7 +276,7 @@ def recipe_config(cfg: EvalConfig, subject: scenes.Subject, instance_dir: Path, 
 
   from persona_jax.train.config import load_config
   recipe = cfg.recipe
-  c: ConfigDict = load_config(f"{recipe.config}:tiny")
+  c: ConfigDict = load_config(recipe.config if ":" in recipe.config else f"{recipe.config}:tiny")
   steps = recipe.steps if cfg.steps is None else cfg.steps
   values = {"model": cfg.model, "data.instance_dir": str(instance_dir), "data.resolution": 32,
             "data.random_flip": 0.0, "steps": steps, "batch_size": cfg.batch_size,
@@ -266,7 +287,7 @@ def recipe_config(cfg: EvalConfig, subject: scenes.Subject, instance_dir: Path, 
   for key, value in recipe.options:
     values[key] = value.format(cls=subject.cls) if isinstance(value, str) else value
   if recipe.state_key:
-    values[recipe.state_key] = cfg.state or "shipped"
+    values[recipe.state_key] = state_value(cfg)
   if not recipe.prior:
     values["data.num_class_images"] = 0     # dreambooth:tiny's class images, when they are off
   else:
@@ -280,6 +301,15 @@ def recipe_config(cfg: EvalConfig, subject: scenes.Subject, instance_dir: Path, 
       node = node[p]
     node[leaf] = value
   return c
+
+
+def state_value(cfg: EvalConfig) -> str:
+  """What the recipe's state_key gets: --state (with state_result, the run's result in it when
+  there is one) or the recipe's default."""
+  if not cfg.state:
+    return cfg.recipe.state_default
+  result = Path(cfg.state) / cfg.spec.result.file
+  return str(result) if cfg.recipe.state_result and result.exists() else cfg.state
 
 
 def run_sampling(spec, result, pipe, images, inputs):
@@ -302,22 +332,28 @@ def _train(cfg: EvalConfig, subject: scenes.Subject, instance_dir: Path, workdir
   spec, result = find_run(workdir, cfg.spec.name)
   base = spec.base_model(result)
   if base and Path(base) != Path(pipe.path or ""):       # a result that is its own model
-    from persona_jax.pipeline import load_pipeline
-    pipe = load_pipeline(base)
+    from persona_jax.methods.registry import load_model
+    pipe = load_model(base)
   images = [instance_dir / "000.png"] if cfg.recipe.kind == "one_image" else []
   return pipe, run_sampling(spec, result, pipe, images, cfg.inputs), seconds
 
 
 def tuning_free_sampling(cfg: EvalConfig, pipe, references: list[Path], segmented: list[Path]):
-  """Samplings of a tuning-free method: (with the subject's images, for the subject and context
-  prompts; without them, for the class prompts: None for the base itself)."""
-  from persona_jax.methods.registry import find_run
+  """A tuning-free method's (pipeline, Sampling with the subject's images for the subject and
+  context prompts, Sampling without them for the class prompts: None for the base itself). The
+  pipeline is `pipe` (the base) unless the run's recorded base is a pipeline folder a method owns
+  (a BLIP-Diffusion run's result is its own model)."""
+  from persona_jax.methods.registry import find_run, load_model, pipeline_owner
   spec, result = find_run(cfg.state, cfg.spec.name)
-  images = segmented[:1] if cfg.recipe.subject_images == "segmented" else references
+  base = spec.base_model(result)
+  if base and Path(base) != Path(pipe.path or "") and pipeline_owner(base) is not None:
+    pipe = load_model(base)
+  images = {"segmented": segmented[:1], "first": references[:1]}.get(cfg.recipe.subject_images,
+                                                                     references)
   personal = run_sampling(spec, result, pipe, images, cfg.inputs)
   plain = (run_sampling(spec, result, pipe, [], cfg.inputs)
            if cfg.recipe.class_prompts == "run" else None)
-  return personal, plain
+  return pipe, personal, plain
 
 
 def generate(cfg: EvalConfig, subject, prompts: list[EvalPrompt], refs_dir: Path, workdir: Path,
@@ -329,27 +365,29 @@ def generate(cfg: EvalConfig, subject, prompts: list[EvalPrompt], refs_dir: Path
   from persona_jax.text_to_image import SampleOptions, text_to_image
   options = SampleOptions(steps=cfg.sample_steps, guidance=cfg.guidance, seed=cfg.seed,
                           height=32, width=32, batch_size=16)
-  cfg = dataclasses.replace(cfg, inputs=subject_inputs(cfg.inputs, refs_dir))
+  cfg = dataclasses.replace(cfg, inputs=subject_inputs(knob_values(cfg), refs_dir, subject.cls))
   train_seconds = 0.0
   start = time.perf_counter()
   kind = cfg.recipe.kind if cfg.recipe else None
   if kind in (None, "tuning_free"):
-    pipe, personal = base_pipe(), None
-    plain = personal
+    pipe = plain_pipe = base_pipe()
+    personal = plain = None
     if kind == "tuning_free":
       files = [refs_dir / f"{k:03d}.png" for k in range(cfg.references)]
-      personal, plain = tuning_free_sampling(cfg, pipe, files,
-                                             [refs_dir / "segmented" / f.name for f in files])
+      pipe, personal, plain = tuning_free_sampling(
+          cfg, pipe, files, [refs_dir / "segmented" / f.name for f in files])
+      if plain is not None:                 # the run without images: on the run's pipeline
+        plain_pipe = pipe
   else:
     pipe, personal, train_seconds = _train(cfg, subject, refs_dir, workdir, class_dir)
-    plain = personal
+    plain, plain_pipe = personal, pipe
     start = time.perf_counter()
   split = sum(p.kind != "class" for p in prompts)       # prompts_for puts the class ones last
-  groups = [(prompts, personal)] if plain is personal else [(prompts[:split], personal),
-                                                             (prompts[split:], plain)]
+  groups = ([(prompts, pipe, personal)] if plain is personal and plain_pipe is pipe
+            else [(prompts[:split], pipe, personal), (prompts[split:], plain_pipe, plain)])
   images = []               # image k keeps the noise of its place in the whole prompt list
-  for group, sampling in groups:
-    images.append(text_to_image(pipe, [p.text for p in group], "", cfg.seeds, options,
+  for group, group_pipe, sampling in groups:
+    images.append(text_to_image(group_pipe, [p.text for p in group], "", cfg.seeds, options,
                                 start_index=sum(len(x) for x in images), progress=progress,
                                 sampling=sampling))
   return np.concatenate(images), train_seconds, time.perf_counter() - start

@@ -1,6 +1,8 @@
 """The efficacy benchmark's subjects, prompts and scores (scored here by an oracle that knows each
 image's scene, so the arithmetic is checked apart from the metric encoder)."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -81,11 +83,13 @@ TUNING_FREE = sorted(name for name, (_, r) in ef.recipes().items() if r.kind == 
 
 
 def test_the_registry_gives_every_method_its_recipe():
-  assert TUNED == ["custom_diffusion", "dreambooth", "dreambooth_lora", "dreambooth_noprior", "lora",
-                   "pivotal", "textual_inversion"]
-  assert TUNING_FREE == ["fastcomposer", "instantbooth", "ip_adapter", "photomaker"]
+  assert TUNED == ["blip_diffusion_finetune", "custom_diffusion", "dreambooth", "dreambooth_lora",
+                   "dreambooth_noprior", "lora", "pivotal", "textual_inversion"]
+  assert TUNING_FREE == ["blip_diffusion", "fastcomposer", "instantbooth", "ip_adapter",
+                         "photomaker"]
   assert sorted(ef.method_names()) == [
-      "base", "base_described", "custom_diffusion", "dreambooth", "dreambooth_lora",
+      "base", "base_described", "blip_diffusion", "blip_diffusion_finetune", "custom_diffusion",
+      "dreambooth", "dreambooth_lora",
       "dreambooth_noprior", "e4t",
       "fastcomposer", "instantbooth", "ip_adapter", "lora", "photomaker", "pivotal",
       "textual_inversion"]
@@ -96,7 +100,9 @@ def test_the_registry_gives_every_method_its_recipe():
 def test_every_recipe_is_a_valid_run_with_class_images_only_under_a_prior(method, tmp_path):
   from persona_jax.train.config import run_config
   subject = ef.eval_subjects(1)[0]
-  cfg = ef.EvalConfig(method, steps=7, lr=0.0)
+  recipe = ef.recipes()[method][1]
+  state = "runs/x" if recipe.state_key and not recipe.state_default else None
+  cfg = ef.EvalConfig(method, steps=7, lr=0.0, state=state)
   run = run_config(ef.recipe_config(cfg, subject, tmp_path / "refs", tmp_path / "classes"))
   assert run.steps == 7 and run.optim.lr == 0.0 and run.data.resolution == 32
   assert (run.data.num_class_images > 0) == cfg.recipe.prior
@@ -123,7 +129,7 @@ def test_subjects_of_one_class_and_the_image_methods_phrases():
   for method in TUNING_FREE:
     with pytest.raises(ConfigError, match="give --state WORKDIR"):
       ef.EvalConfig(method)
-  with pytest.raises(ConfigError, match="--state is for e4t"):
+  with pytest.raises(ConfigError, match="--state is for .*e4t"):
     ef.EvalConfig("lora", state="runs/x")
 
 
@@ -150,3 +156,50 @@ def test_e4t_recipe_tunes_the_first_reference_from_the_shipped_state(tmp_path):
   run = run_config(ef.recipe_config(ef.EvalConfig("e4t", state="runs/e4t_pre"), subject, tmp_path,
                                     tmp_path / "c"))
   assert run.method_options["pretrained"] == "runs/e4t_pre"
+
+
+def test_recipe_knobs_states_and_variants_are_generic(tmp_path):
+  """The recipe's knobs under --input's, "{cls}" and "{references}" filled per subject; a state
+  key with a required state that takes the run's result; a "name:variant" config."""
+  from persona_jax.train.config import run_config
+  subject = ef.eval_subjects(1, "ball")[0]
+  cfg = ef.EvalConfig("blip_diffusion", state="x", inputs=(("prompt_reps", 1),
+                                                          ("target_class", "{cls} at {references}")))
+  assert ef.subject_inputs(ef.knob_values(cfg), tmp_path, subject.cls) == (
+      ("subject_class", "ball"), ("prompt_reps", 1), ("target_class", f"ball at {tmp_path}"))
+  assert ef.subject_inputs((("subject_class", "cat"),), tmp_path, "ball") == (("subject_class", "cat"),)
+  with pytest.raises(ConfigError, match="give --state WORKDIR"):
+    ef.EvalConfig("blip_diffusion_finetune")
+  run_dir = tmp_path / "pre"
+  cfg = ef.EvalConfig("blip_diffusion_finetune", state=str(run_dir))
+  assert ef.state_value(cfg) == str(run_dir)                        # no result there: as given
+  (run_dir / cfg.spec.result.file).mkdir(parents=True)
+  run = run_config(ef.recipe_config(cfg, subject, tmp_path / "refs", tmp_path / "c"))
+  assert run.model == str(run_dir / cfg.spec.result.file)
+  assert (run.steps, run.optim.lr, run.data.source, run.data.instance_dir) == (
+      40, 2e-4, "blip_diffusion", str(tmp_path / "refs"))
+  assert run.method_options["stage"] == "finetune" and run.method_options["subject_class"] == "ball"
+
+
+def test_tuning_free_samples_on_a_run_that_is_its_own_model(monkeypatch, tmp_path):
+  """A tuning-free run whose recorded base is a method's own pipeline folder samples on it, with
+  the first reference ("first"); the class prompts stay on the base."""
+  from persona_jax.methods import registry
+  own = tmp_path / "model"
+  spec = type("Spec", (), {"base_model": staticmethod(lambda result: str(own))})()
+  monkeypatch.setattr(registry, "find_run", lambda path, method: (spec, "result"))
+  folder = own                                    # the one folder a method owns
+  monkeypatch.setattr(registry, "pipeline_owner", lambda path: spec if Path(path) == folder else None)
+  monkeypatch.setattr(registry, "load_model", lambda path: ("loaded", str(path)))
+  calls = []
+  monkeypatch.setattr(ef, "run_sampling", lambda s, r, pipe, images, inputs: calls.append(
+      (pipe, tuple(images))) or "personal")
+  base = type("Pipe", (), {"path": str(tmp_path / "base")})()
+  refs = [tmp_path / f"{k:03d}.png" for k in range(3)]
+  pipe, personal, plain = ef.tuning_free_sampling(ef.EvalConfig("blip_diffusion", state="x"), base,
+                                                  refs, [])
+  assert pipe == ("loaded", str(own)) and personal == "personal" and plain is None
+  assert calls == [(pipe, (refs[0],))]
+  own = tmp_path / "elsewhere"                    # not a method's own folder: the base
+  pipe, _, _ = ef.tuning_free_sampling(ef.EvalConfig("ip_adapter", state="x"), base, refs, [])
+  assert pipe is base
