@@ -144,7 +144,7 @@ def load_qformer(folder, tokenizer):
   with tempfile.TemporaryDirectory() as scratch:
     config.tokenizer = _tokenizer_folder(tokenizer, Path(scratch))
     model = modeling_blip2.Blip2QFormerModel.from_pretrained(folder, config=config)
-  return shim_qformer(model)
+  return shim_qformer(model.float())          # float32 whatever the file's dtype (the toy's: float16)
 
 
 def context_text_encoder(config: CLIPTextConfig):
@@ -154,7 +154,8 @@ def context_text_encoder(config: CLIPTextConfig):
 
 def load_context_text_encoder(folder):
   """A BLIP-Diffusion `text_encoder/` folder as diffusers' ContextCLIPTextModel; shimmed."""
-  return shim_context_text_encoder(modeling_ctx_clip.ContextCLIPTextModel.from_pretrained(folder))
+  model = modeling_ctx_clip.ContextCLIPTextModel.from_pretrained(folder)
+  return shim_context_text_encoder(model.float())
 
 
 def tiny_blip2_config(*, vocab_size: int, hidden_size: int = 32, vision_hidden_size: int = 24,

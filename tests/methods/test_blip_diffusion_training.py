@@ -221,7 +221,8 @@ def test_finetune_result_samples_without_an_image(finetune, tmp_path):
 @slow
 def test_tiny_configs_train_and_sample_from_the_command_line(tmp_path):
   """`train --config blip_diffusion:tiny` (2 steps, a sample grid at the end), `sample --run` with
-  an image; then `:tiny_finetune` on its result and `sample --run` without one."""
+  an image; then `:tiny_finetune` on its result and `sample --run` without one; `verify` on the
+  pre-trained folder (diffusers' deprecated pipeline under the shim) passes."""
   from tests.runs import run_cli
   pre, ft = tmp_path / "pre", tmp_path / "ft"
   run_cli("train", "--config", "configs/blip_diffusion.py:tiny", "--workdir", str(pre),
@@ -238,6 +239,8 @@ def test_tiny_configs_train_and_sample_from_the_command_line(tmp_path):
           "--out", str(tmp_path / "s2"))
   assert (pre / "samples" / "step_000002.png").is_file()
   assert (tmp_path / "s1" / "grid.png").is_file() and (tmp_path / "s2" / "grid.png").is_file()
+  # the pre-trained folder loads in diffusers' deprecated BlipDiffusionPipeline and matches it
+  run_cli("verify", str(pre / "model"))
 
 
 @pytest.mark.parametrize("options, message", [
