@@ -103,9 +103,15 @@ def pretrain(folder):
 
 
 @pytest.fixture(scope="module")
-def finetune(folder):
-  run = loop.build(bd_config(folder, "finetune"), mesh=one_device_mesh())
-  return run, fixed_batch_trajectory(run, steps=3)
+def finetune_run(folder):
+  return loop.build(bd_config(folder, "finetune"), mesh=one_device_mesh())
+
+
+@pytest.fixture(scope="module")
+def finetune(finetune_run):
+  """The fine-tuning run and its trajectory (its compile: the slow tests only; the default ones
+  use the built run: the pre-training bar covers the step, the UNet's half of it included)."""
+  return finetune_run, fixed_batch_trajectory(finetune_run, steps=3)
 
 
 def unet_paths(pipe):
@@ -169,17 +175,17 @@ def test_pretrain_result_loads(pretrain, tmp_path):
       np.testing.assert_array_equal(np.asarray(value), np.asarray(full[f"{name}/{path}"]))
 
 
-def test_finetune_trainable_set_is_literal(finetune, pipe):
-  run, _ = finetune
+def test_finetune_trainable_set_is_literal(finetune_run, pipe):
+  run = finetune_run
   assert set(tree.paths(run.trainable)) == unet_paths(pipe) | {f"{SUBJECT}/embedding"}
   assert set(run.frozen) == {"text_encoder"}      # the Q-Former does not run
   assert run.method.conditioning.subject_embedding and not run.method.conditioning.input_keys
 
 
-def test_finetune_embedding_starts_at_the_mean_query_embedding(finetune, pipe):
+def test_finetune_embedding_starts_at_the_mean_query_embedding(finetune_run, pipe):
   """The subject embedding at init = the mean over the subject's images of the frozen Q-Former +
   ProjLayer, computed here from the examples directly."""
-  run, _ = finetune
+  run = finetune_run
   subject = toy_data.held_out_subject("ball")
   size = pipe.qformer_config.vision_config.image_size
   examples = toy_data.subject_examples(subject, 4, 32, size, run.config.seed)
@@ -194,17 +200,20 @@ def test_finetune_embedding_starts_at_the_mean_query_embedding(finetune, pipe):
                              np.asarray(query).mean(0, keepdims=True), rtol=1e-5, atol=1e-6)
 
 
+@slow
 def test_finetune_training_bar(finetune):
   run, trajectory = finetune
   assert_training_bar(run, trajectory)
 
 
-def test_finetune_result_samples_without_an_image(finetune, tmp_path):
-  run, trajectory = finetune
-  [out] = loop.write_outputs(run, trajectory["trained"], tmp_path, step=2)
+def test_finetune_result_samples_without_an_image(finetune_run, tmp_path):
+  """The result (here of the run's initial leaves: the slow bar trains them) stores the subject
+  embedding and samples by it without an image."""
+  run = finetune_run
+  [out] = loop.write_outputs(run, run.trainable, tmp_path, step=2)
   result = load(tmp_path)
   np.testing.assert_array_equal(result.weights["embedding"],
-                                np.asarray(trajectory["trained"][SUBJECT]["embedding"]))
+                                np.asarray(run.trainable[SUBJECT]["embedding"]))
   assert result.meta["subject_class"] == "ball" and (tmp_path / "model" / EMBEDDING_FILE).is_file()
   trained = load_model(out)
   sampling = spec("blip_diffusion").sample(SampleRequest(result, trained, trained.params, (), {}))
