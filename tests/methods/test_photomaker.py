@@ -183,6 +183,7 @@ def _sample(sdxl_dir, file, photos, out, *extra):
                "--image", str(photos[0]), "--image", str(photos[1]), *extra])
 
 
+@slow          # the sampling path runs by default in the verify command and start_merge_step tests
 def test_sample_command_writes_images(files, sdxl_dir, photos, tmp_path, capsys):
   assert _sample(sdxl_dir, files["v1"], photos, tmp_path / "v1", "--allow-pickle",
                  "--start-merge-step", "0", "--num-images", "2") == 0
