@@ -47,8 +47,8 @@ def face_embedding(scene, image, resolution: int) -> np.ndarray:
   """float32 [512]: the toy identity encoder's raw embedding of the scene's identity, aligned by
   its true keypoints."""
   from persona_jax.face.recognition import shipped_toy_recognizer
-  points = identities.keypoints(scene, resolution) - 0.5     # insightface's pixel centres
-  return shipped_toy_recognizer().embed_faces(image, points[:1])[0]
+  from persona_jax.world.toy_identity_encoder import face_keypoints
+  return shipped_toy_recognizer().embed_faces(image, face_keypoints(scene, resolution)[:1])[0]
 
 
 def write_identity_folders(folder, num_identities: int, scenes_per_identity: int,

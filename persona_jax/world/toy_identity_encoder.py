@@ -55,9 +55,10 @@ class TrainConfig:
   seed: int = 0
 
 
-def face_keypoints(scene) -> np.ndarray:
-  """float32 [n, 5, 2]: the scene's keypoints in `face.align`'s pixel convention."""
-  return identities.keypoints(scene) - 0.5
+def face_keypoints(scene, size: int = 32) -> np.ndarray:
+  """float32 [n, 5, 2]: the scene's keypoints, rendered at `size`, in `face.align`'s pixel
+  convention (insightface's: pixel centres at whole numbers)."""
+  return identities.keypoints(scene, size) - 0.5
 
 
 def aligned_views(who_list, views: int, seed: int, split: str, jitter: float = 0.0,
