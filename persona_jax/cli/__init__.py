@@ -39,12 +39,18 @@ def build_parser() -> argparse.ArgumentParser:
   return parser
 
 
+def _toy_face_analysis():
+  """The toy world's face analysis, imported when asked for (not at every start)."""
+  from persona_jax.world.toy_face_detector import toy_face_analysis
+  return toy_face_analysis()
+
+
 def main(argv=None) -> int:
   if argv is None:
     reexec_with_malloc_tunable()
   argv = sys.argv[1:] if argv is None else list(argv)
-  from persona_jax.world import toy_face_detector
-  toy_face_detector.register()                    # --face-analysis toy
+  from persona_jax.face.analysis import register_named_analysis
+  register_named_analysis("toy", _toy_face_analysis)      # --face-analysis toy
   if argv and argv[0] == "train":
     from persona_jax.cli import train
     setup_logging(verbose=False)

@@ -40,8 +40,8 @@ PIPELINE_PICKS = {"instantid": "largest", "storymaker": "largest", "photomaker_v
 # PhotoMaker v2's `analyze_faces`: the prepared 640, then smaller sizes until a face is found
 PHOTOMAKER_V2_DET_SIZES = (640, 576, 512, 448, 384, 320, 256)
 # Analyses named by a word instead of a pack folder: word -> a function making it. The toy
-# world's ("toy") is registered by `world.toy_face_detector.register()`, which the command line
-# calls at start; this core layer never imports the world.
+# world's ("toy") is registered by the command line at start (imported only when used) and by
+# `world.toy_face_detector.register()`; this core layer never imports the world.
 NAMED_ANALYSES: dict = {}
 
 

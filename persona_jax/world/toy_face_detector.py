@@ -332,8 +332,8 @@ def toy_face_analysis():
 
 
 def register() -> None:
-  """Makes `load_face_analysis("toy")` (`--face-analysis toy`) this analysis; the command line
-  calls it at start."""
+  """Makes `load_face_analysis("toy")` this analysis (the command line registers the same,
+  importing this module only when `--face-analysis toy` is used)."""
   register_named_analysis("toy", toy_face_analysis)
 
 
