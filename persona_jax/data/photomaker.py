@@ -21,6 +21,7 @@ face's embedding.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,6 +34,8 @@ from persona_jax.data.clip_images import preprocess_image
 from persona_jax.data.images import DataError
 from persona_jax.data.pipeline import micro_conditioning
 from persona_jax.methods.photomaker_conditioning import ID_COUNT, ID_EMBEDS, ID_PIXELS
+
+log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
@@ -94,8 +97,6 @@ def embed_faces(people: list[Person], analysis) -> list[Person]:
   the first detected as PhotoMaker v2 picks it (retrying at smaller detection sizes), raw
   embedding; None where no face is found (logged). A person with fewer than two images with a
   face is a DataError naming it (each target needs another image's face)."""
-  import logging
-
   from persona_jax.face.analysis import PHOTOMAKER_V2_DET_SIZES, PIPELINE_PICKS, pick
   out = []
   for person in people:
@@ -103,8 +104,7 @@ def embed_faces(people: list[Person], analysis) -> list[Person]:
     for image, source in zip(person.images, person.files):
       faces = analysis.analyze(image, det_sizes=PHOTOMAKER_V2_DET_SIZES)
       if not faces:
-        logging.getLogger(__name__).warning("%s (%s): no face found; not used as an ID image",
-                                            person.name, source)
+        log.warning("%s (%s): no face found; not used as an ID image", person.name, source)
         embeddings.append(None)
         continue
       face = pick(faces, PIPELINE_PICKS["photomaker_v2"], f"{person.name} ({source})")

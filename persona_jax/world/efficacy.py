@@ -37,8 +37,8 @@ How a method runs is its registry entry's recipe (methods/spec.py `EvalRecipe`),
                 own UNet's text path).
 Every run, trained here or given, samples through its method's `sample` (as `sample --run`).
 A knob value (the recipe's `inputs`, `--face-embedding`, `--input NAME=VALUE`) may say
-"{references}": the subject's reference folder, and "{cls}": its class. `paired_difference` of two eval.json summaries is BENCHMARKS.md's "vs base
-(paired)". The identity benchmark (identity_efficacy.py, `--domain identities`) runs the same
+"{references}": the subject's reference folder, and "{cls}": its class. `paired_difference` of
+two eval.json summaries is BENCHMARKS.md's "vs base (paired)". The identity benchmark (identity_efficacy.py, `--domain identities`) runs the same
 pieces on held-out identities, judged by face analysis.
 """
 
