@@ -321,21 +321,23 @@ def export(request):
   """OUT/photomaker.safetensors (the run's result: the official flattened keys, which the
   official `load_photomaker_adapter` reads) and, when torch is installed, OUT/photomaker-VERSION.bin
   in the official pickled layout (the released files' form)."""
+  import importlib.util
+
   from persona_jax.convert.files import copy_file
   source = request.result.path
   written = [copy_file(source, request.out / RESULT_FILE)]
-  import importlib.util
   if importlib.util.find_spec("torch") is None:
     log.info("export: torch is not installed; writing the safetensors file only (the official "
              "loader reads it as it reads the .bin)")
     return written, {}
-  config, _, _ = read_file(source)
+  state = pmf.read_official(source)                  # read once: its version and its tensors
+  dims = pmf.recorded_head_dims(source)
+  config, _ = pmf.id_encoder_params(state, str(source), **dims)
   official = {"vision_head_dim": pmf.CLIP_HEAD_DIM, "perceiver_head_dim": pmf.PERCEIVER_HEAD_DIM}
-  odd = {k: v for k, v in pmf.recorded_head_dims(source).items() if v != official[k]}
+  odd = {k: v for k, v in dims.items() if v != official[k]}
   if odd:
     log.warning("export: %s records head widths %s; a .bin records none and is read with the "
                 "official ones (%s): use the .safetensors", source, odd, official)
-  state = pmf.read_official(source)
   written.append(pmf.write_official_bin(request.out / f"photomaker-{config.version}.bin", state))
   return written, {}
 
