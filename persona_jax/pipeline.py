@@ -31,7 +31,7 @@ def load_pipeline(path, *, dtype=jnp.float32, variant: str | None = None,
     variant: weight-file variant, e.g. "fp16" for `diffusion_pytorch_model.fp16.safetensors`.
     allow_pickle: read `.bin`/`.ckpt` files (with torch) when no safetensors exist. Only for
       files you trust: unpickling can run code.
-    attention: the attention kernel (auto|einsum|xla|cudnn).
+    attention: the attention kernel (auto|einsum|xla|cudnn|blocked|splash).
     config_dir, prediction_type: for single files only (see `load_single_file`).
   Raises:
     ModelFileError naming the file (and key) that is missing, malformed or inconsistent.

@@ -1,12 +1,20 @@
 """Multi-head attention: the `Attention` layer of diffusers and the kernels it runs on.
 
-The kernel is chosen explicitly, never left to a library default (DESIGN.md section 2):
-  * `xla`: `jax.nn.dot_product_attention(implementation="xla")`, on CPU and TPU, and on GPU
-    where cuDNN does not apply;
-  * `cudnn`: on GPU for float16/bfloat16 with a head size cuDNN supports (<= 128 before Hopper,
-    <= 256 on Hopper and later);
+The kernel is chosen explicitly, never left to a library default (DESIGN.md section 2);
+`choose_kernel` resolves `auto` by backend, dtype, head size and lengths:
+  * `cudnn`: `jax.nn.dot_product_attention(implementation="cudnn")` on a CUDA GPU of compute
+    capability >= 8.0 (cuDNN's fused flash attention starts at Ampere) for float16/bfloat16 with
+    a head size that is a multiple of 8 and <= 128 (<= 256 from Hopper, 9.0): the conditions of
+    jax 0.10's `jax/_src/cudnn/fused_attention_stablehlo.py` (check_layout,
+    check_is_flash_attention). Without a bias or padding mask it asks nothing of the lengths,
+    so cross-attention over 77 text tokens qualifies, and causal masking is cuDNN's own;
+  * `splash`: on TPU, JAX's Pallas splash (flash) kernel (models/splash_attention.py) for long
+    non-causal attention: both lengths >= SPLASH_MIN_TOKENS and multiples of 128;
+  * `blocked`: on CPU, query blocks with a recomputing backward (models/blocked_attention.py);
+  * `xla`: `jax.nn.dot_product_attention(implementation="xla")` everywhere else;
   * `einsum`: a plain reference written out below, used by the tests.
-Logits and softmax are float32 in every kernel.
+An explicit `blocked` or `splash` runs where it applies (non-causal; lengths that fit) and XLA
+elsewhere, so one setting serves a whole model. Logits and softmax are float32 in every kernel.
 """
 
 from __future__ import annotations
@@ -19,13 +27,25 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from persona_jax.models import splash_attention as splash
 from persona_jax.models.attention_maps import ATTENTION_MAPS, head_mean_probs
 from persona_jax.models.blocked_attention import blocked_attention
 from persona_jax.models.norms import GroupNorm
 
 log = logging.getLogger(__name__)
 
-KERNELS = ("auto", "einsum", "xla", "cudnn", "blocked")
+KERNELS = ("auto", "einsum", "xla", "cudnn", "blocked", "splash")
+
+# `auto` on TPU takes the splash kernel from this many tokens on both sides. An estimate, not a
+# TPU measurement: XLA's attention writes the [B, N, T, S] float32 logits to HBM and keeps them
+# for the backward, 4 MiB per head and example at 1024 tokens and 64 MiB at SD's 64x64 latent
+# level (4096 tokens; 1 GiB per layer at batch 2 x 8 heads), while the kernel keeps [B, N, T]
+# statistics. Below it the logits are small (256 KiB per head at 256 tokens), XLA's fused
+# softmax handles them well, and the kernel would run a grid of a few 128-token blocks. For SD
+# 1.5 at 512 px and SDXL at 1024 px it picks the kernel at the 4096- and 1024-token levels.
+SPLASH_MIN_TOKENS = 1024
+
+CUDNN_DTYPES = (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
 
 
 def einsum_attention(q, k, v, *, scale: float, causal: bool = False):
@@ -40,24 +60,37 @@ def einsum_attention(q, k, v, *, scale: float, causal: bool = False):
 
 
 @functools.lru_cache(maxsize=None)
-def _cudnn_head_limit() -> int:
+def _cuda_capability() -> tuple[int, int] | None:
+  """(major, minor) compute capability of the first device on a CUDA GPU, else None."""
+  device = jax.devices()[0]
   try:
-    major = int(str(jax.devices()[0].compute_capability).split(".")[0])
-  except (AttributeError, ValueError, IndexError):
-    return 128
-  return 256 if major >= 9 else 128
+    major, minor = (int(x) for x in str(device.compute_capability).split("."))
+  except (AttributeError, ValueError):                    # not CUDA (ROCm reports gfx names)
+    return None
+  return major, minor
 
 
-def choose_kernel(requested: str, dtype, head_dim: int) -> str:
-  """Resolves `auto` to a concrete kernel for the default backend, dtype and head size."""
+def cudnn_supports(dtype, head_dim: int) -> bool:
+  """cuDNN's fused attention on this GPU for q/k/v of `dtype` and head size `head_dim`."""
+  capability = _cuda_capability()
+  if capability is None or capability < (8, 0) or jnp.dtype(dtype) not in CUDNN_DTYPES:
+    return False
+  return head_dim % 8 == 0 and head_dim <= (256 if capability >= (9, 0) else 128)
+
+
+def choose_kernel(requested: str, dtype, head_dim: int, *, q_len: int = 0, kv_len: int = 0) -> str:
+  """Resolves `auto` to a concrete kernel for the default backend, the dtype of q/k/v, the head
+  size and the query and key lengths (0: unknown, never long)."""
   if requested not in KERNELS:
     raise ValueError(f"unknown attention kernel '{requested}' (choose from {', '.join(KERNELS)})")
   if requested != "auto":
     return requested
-  if (jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
-      and head_dim <= _cudnn_head_limit() and head_dim % 8 == 0):
+  backend = jax.default_backend()
+  if backend == "gpu" and cudnn_supports(dtype, head_dim):
     return "cudnn"
-  if jax.default_backend() == "cpu":
+  if backend == "tpu" and min(q_len, kv_len) >= SPLASH_MIN_TOKENS and splash.fits(q_len, kv_len):
+    return "splash"
+  if backend == "cpu":
     return "blocked"
   return "xla"
 
@@ -73,13 +106,17 @@ def dot_product_attention(q, k, v, *, kernel: str = "auto", causal: bool = False
     [B, T, N, H] in q.dtype.
   """
   scale = q.shape[-1] ** -0.5
-  kernel = choose_kernel(kernel, q.dtype, q.shape[-1])
+  kernel = choose_kernel(kernel, q.dtype, q.shape[-1], q_len=q.shape[1], kv_len=k.shape[1])
   if kernel == "einsum":
     return einsum_attention(q, k, v, scale=scale, causal=causal)
   if kernel == "blocked":
     if not causal:
       return blocked_attention(q, k, v, scale=scale)
     kernel = "xla"        # causal attention is the text encoder's 77 tokens: small
+  if kernel == "splash":
+    if not causal and splash.fits(q.shape[1], k.shape[1]):
+      return splash.splash_attention(q, k, v, scale=scale)
+    kernel = "xla"        # cross-attention over text tokens, the text encoder's causal 77
 
   return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=causal, implementation=kernel)
 

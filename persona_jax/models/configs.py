@@ -196,7 +196,7 @@ class UNetConfig:
   # Runtime choices, not read from config.json.
   dtype: Any = dataclasses.field(default=jnp.float32, metadata=_RUNTIME)
   param_dtype: Any = dataclasses.field(default=jnp.float32, metadata=_RUNTIME)
-  attention: str = dataclasses.field(default="auto", metadata=_RUNTIME)  # auto|einsum|xla|cudnn|blocked
+  attention: str = dataclasses.field(default="auto", metadata=_RUNTIME)  # auto|einsum|xla|cudnn|blocked|splash
   remat: str = dataclasses.field(default="none", metadata=_RUNTIME)      # none|blocks|dots
   # Add-ons a method switches on (models/addons.py: added layers such as IP-Adapter's decoupled
   # cross-attention and InstantBooth's adapters, attention-map capture, detached context
