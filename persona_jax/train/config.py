@@ -28,7 +28,7 @@ class RunConfig:
   steps: int = 1000                  # optimizer steps
   batch_size: int = 1                # per optimizer micro-step, over all devices
   seed: int = 0
-  mixed_precision: str = "no"        # no | bf16 (bf16 compute, float32 trainable params)
+  mixed_precision: str = "auto"      # auto | no | bf16 (bf16 compute, float32 trainable params)
   remat: str = "none"                # none | blocks | dots (UNet activation checkpointing)
   min_snr_gamma: float = 0.0         # 0: off; 5 is the paper's value
   offset_noise: float = 0.0
@@ -132,6 +132,18 @@ def upgrade(values: Mapping) -> dict:
   return values
 
 
+MIXED_PRECISION = ("auto", "no", "bf16")
+
+
+def resolve_mixed_precision(value: str, backend: str | None = None) -> str:
+  """`no` or `bf16` for a config's mixed_precision: `auto` is bf16 on an accelerator (GPU, TPU)
+  and no (float32) on CPU, where bf16 is slow; `backend` default: JAX's default backend."""
+  if value != "auto":
+    return value
+  import jax
+  return "no" if (backend or jax.default_backend()) == "cpu" else "bf16"
+
+
 def run_config(values) -> RunConfig:
   """RunConfig from a ConfigDict or nested dict; checks every key, including the method's."""
   if hasattr(values, "to_dict"):
@@ -140,8 +152,9 @@ def run_config(values) -> RunConfig:
   if "name" not in config.method:
     raise ConfigError("config key 'method.name' is missing")
   method_config(config.method_name, config.method_options)     # typos in method options fail here
-  if config.mixed_precision not in ("no", "bf16"):
-    raise ConfigError(f"mixed_precision: '{config.mixed_precision}' is not one of no, bf16")
+  if config.mixed_precision not in MIXED_PRECISION:
+    raise ConfigError(f"mixed_precision: '{config.mixed_precision}' is not one of "
+                      f"{', '.join(MIXED_PRECISION)}")
   if config.remat not in ("none", "blocks", "dots"):
     raise ConfigError(f"remat: '{config.remat}' is not one of none, blocks, dots")
   for name in ("steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):

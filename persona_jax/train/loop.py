@@ -46,7 +46,7 @@ from persona_jax.text_to_image import SampleOptions, Sampling, text_to_image
 from persona_jax.tokenizer import tokenize, tokenize_prompts, tokenizers_with_tokens
 from persona_jax.train import checkpoint as ckpt
 from persona_jax.train import data_sources
-from persona_jax.train.config import RunConfig
+from persona_jax.train.config import RunConfig, resolve_mixed_precision
 from persona_jax.train.divergence import DivergenceError, Guard
 from persona_jax.workdir_lock import workdir_lock
 from persona_jax.train.optim import make_optimizer, optimizer_step
@@ -106,7 +106,7 @@ def build(config: RunConfig, *, mesh=None, workdir=None, progress: bool = False)
   single_file = {k: v for k, v in (("config_dir", config.model_config),
                                    ("prediction_type", config.prediction_type)) if v}
   pipe = load_model(model_dir, **single_file)      # a method's own pipeline folder by its loader
-  compute = jnp.bfloat16 if config.mixed_precision == "bf16" else jnp.float32
+  compute = jnp.bfloat16 if resolve_mixed_precision(config.mixed_precision) == "bf16" else jnp.float32
   method = make_method(config.method_name, config.method_options, pipe.params, pipe.tokenizer_dir,
                        pipe.unet_config)
   text_2 = (CLIPTextModel(dataclasses.replace(pipe.text_encoder_2_config, dtype=compute))
@@ -189,9 +189,12 @@ def _with_defaults(saved: dict) -> dict:
   block its resume)."""
   from persona_jax.train.config import run_config, upgrade
   try:
-    return run_config(upgrade(saved)).to_dict()
+    values = run_config(upgrade(saved)).to_dict()
   except PersonaError:
     return saved
+  # compared with a resolved config: a file without the key (or with `auto`) means this backend's
+  values["mixed_precision"] = resolve_mixed_precision(values["mixed_precision"])
+  return values
 
 
 # Keys `continue_with_changes` may also change (a run stopped on NaN or divergence, continued
@@ -207,7 +210,7 @@ def _write_config(workdir: Path, config: RunConfig, continue_with_changes: bool 
   WORKDIR/config_changes.jsonl). A workdir without a checkpoint (a start that failed, e.g. on a
   wrong flag) takes the new config."""
   path = workdir / "config.json"
-  resolved = config.to_dict()
+  resolved = dict(config.to_dict(), mixed_precision=resolve_mixed_precision(config.mixed_precision))
   done = ckpt.finished_steps(workdir)
   if done and max(done) > config.steps * config.optim.grad_accum:
     raise ConfigError(f"steps: {workdir} has a checkpoint at step {max(done)}, past the "
@@ -359,6 +362,10 @@ def _guard_write(path: Path, fn, *args, **kwargs):
 
 def _train(config: RunConfig, workdir: Path, *, progress: bool, mesh,
            continue_with_changes: bool) -> dict:
+  if config.mixed_precision == "auto":         # resolved once: config.json records the choice
+    config = dataclasses.replace(config, mixed_precision=resolve_mixed_precision("auto"))
+    log.info("mixed_precision auto on %s: %s", jax.default_backend(), {
+        "bf16": "bf16 compute, float32 trainable params", "no": "float32"}[config.mixed_precision])
   _write_config(workdir, config, continue_with_changes)
   run = build(config, mesh=mesh, workdir=workdir, progress=progress)
   c = config
