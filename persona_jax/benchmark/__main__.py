@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from persona_jax.benchmark import PRESETS
+from persona_jax.runtime import release_freed_memory
 
 
 def _reset_peak_rss() -> bool:
@@ -48,6 +49,7 @@ def worker(framework: str, case: str, unet_dir: Path, preset: str, iters: int, d
   run()
   first = time.perf_counter() - start
   first_peak = _peak_rss_mb()
+  release_freed_memory()              # as the train loop does after a compile (runtime.py)
   steady_from = _reset_peak_rss()
   times = []
   for _ in range(iters):
