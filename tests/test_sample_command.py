@@ -11,20 +11,24 @@ from persona_jax.default_model import default_model_dir, default_model_name
 def test_sample_from_the_embedded_default(tmp_path, monkeypatch, capsys):
   monkeypatch.setenv("PERSONA_JAX_CACHE", str(tmp_path / "cache"))
   out = tmp_path / "samples"
-  assert main(["sample", "--prompt", "a photo of a dog", "--num-images", "3", "--batch-size", "2",
-               "--steps", "3", "--out", str(out)]) == 0
+  assert main(["sample", "--prompt", "a photo of a red ball", "a photo of a blue box",
+               "--num-images", "3", "--batch-size", "2", "--steps", "3", "--out", str(out)]) == 0
   folder = default_model_dir()
   assert folder == tmp_path / "cache" / "models" / default_model_name()
   assert (folder / "model_index.json").is_file()
   written = capsys.readouterr().out.split()
   assert sorted(p.rsplit("/", 1)[1] for p in written) == [
-      "0000_0000.png", "0000_0001.png", "0000_0002.png", "grid.png"]
+      f"0000_{i:04d}.png" for i in range(6)] + ["grid.png"]
   img = np.asarray(Image.open(out / "0000_0002.png"))
   assert img.shape == (32, 32, 3) and img.dtype == np.uint8 and img.std() > 0
-  # The grid shows the 32x32 images 4x enlarged (pixel repetition), 2 per row.
+  # The grid shows the 32x32 images 4x enlarged (pixel repetition), one prompt per row: 2 rows of
+  # 3 (image 5 = the second prompt's third image at row 1, column 2).
   tiles = np.asarray(Image.open(out / "grid.png"))
-  assert tiles.shape == (2 + 2 * 130, 2 + 2 * 130, 3)
-  np.testing.assert_array_equal(tiles[132:260:4, 2:130:4], np.asarray(Image.open(out / "0000_0002.png")))
+  assert tiles.shape == (2 + 2 * 130, 2 + 3 * 130, 3)
+  for i in range(6):
+    r, c = divmod(i, 3)
+    np.testing.assert_array_equal(tiles[2 + 130 * r:130 * (r + 1):4, 2 + 130 * c:130 * (c + 1):4],
+                                  np.asarray(Image.open(out / f"0000_{i:04d}.png")))
 
 
 def test_sample_from_a_folder_with_size_and_seed(model_dirs, tmp_path):
@@ -41,7 +45,7 @@ def test_sample_from_a_folder_with_size_and_seed(model_dirs, tmp_path):
 def test_bad_size_is_a_clear_error(model_dirs, tmp_path, capsys):
   assert main(["sample", "--model", str(model_dirs["sd1"]), "--prompt", "x", "--height", "33",
                "--out", str(tmp_path)]) == 2
-  assert "--height 33 must be a positive multiple of 2" in capsys.readouterr().err
+  assert "--height 33: must be a positive multiple of 2" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from persona_jax.cli.parsers import DefaultsHelpFormatter, OneLineErrorParser
 from persona_jax.errors import PersonaError
 from persona_jax.runtime import reexec_with_malloc_tunable, setup_logging
 
@@ -23,17 +24,17 @@ def build_parser() -> argparse.ArgumentParser:
 
   from persona_jax.cli import train
   from persona_jax.methods.registry import commands
-  parser = argparse.ArgumentParser(prog="persona-jax", description=__doc__.splitlines()[0])
+  parser = OneLineErrorParser(prog="persona-jax", description=__doc__.splitlines()[0])
   parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
   sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
   sub.add_parser(train.NAME, help=train.HELP, add_help=False)
   for name in COMMANDS:
     module = importlib.import_module(f"persona_jax.cli.{name}")
-    p = sub.add_parser(module.NAME, help=module.HELP)
+    p = sub.add_parser(module.NAME, help=module.HELP, formatter_class=DefaultsHelpFormatter)
     module.add_arguments(p)
     p.set_defaults(func=module.run)
   for command in commands():
-    p = sub.add_parser(command.name, help=command.help)
+    p = sub.add_parser(command.name, help=command.help, formatter_class=DefaultsHelpFormatter)
     command.add_arguments(p)
     p.set_defaults(func=command.run)
   return parser

@@ -21,7 +21,8 @@ FIELDS = ("method", "model", "subjects", "seeds", "references", "contexts", "ste
 def add_arguments(p) -> None:
   from persona_jax.cli.sample import add_knob_flags
   from persona_jax.world.efficacy import method_names
-  p.add_argument("--method", choices=method_names(), help="the method to evaluate")
+  p.add_argument("--method", choices=method_names(),
+                 help="the method to evaluate (or --prompt-following instead)")
   p.add_argument("--prompt-following", type=int, default=None, metavar="N",
                  help="instead: how well the model follows N held-out full captions (class, "
                       "colour, pattern, background accuracy by the metric encoder)")
@@ -39,15 +40,17 @@ def add_arguments(p) -> None:
                  "embedded SD 1.x base)")
   p.add_argument("--subjects", type=int, default=None, help="held-out subjects (default 2)")
   p.add_argument("--seeds", type=int, default=None, help="images per prompt (default 4)")
-  p.add_argument("--references", type=int, default=None, help="reference images per subject (4)")
-  p.add_argument("--contexts", type=int, default=None, help="new backgrounds per subject (2)")
+  p.add_argument("--references", type=int, default=None, help="reference images per subject (default 4)")
+  p.add_argument("--contexts", type=int, default=None, help="new backgrounds per subject (default 2)")
   p.add_argument("--steps", type=int, default=None, help="training steps (default: per method)")
   p.add_argument("--lr", type=float, default=None, help="learning rate (default: per method)")
-  p.add_argument("--batch-size", type=int, default=None)
-  p.add_argument("--class-images", type=int, default=None, help="prior images per class (16)")
-  p.add_argument("--sample-steps", type=int, default=None)
-  p.add_argument("--guidance", type=float, default=None)
-  p.add_argument("--seed", type=int, default=None)
+  p.add_argument("--batch-size", type=int, default=None, help="training batch (default 4)")
+  p.add_argument("--class-images", type=int, default=None, help="prior images per class (default 16)")
+  p.add_argument("--sample-steps", type=int, default=None, help="sampling steps (default 25)")
+  p.add_argument("--guidance", type=float, default=None,
+                 help="guidance scale of the samples (default 4)")
+  p.add_argument("--seed", type=int, default=None,
+                 help="training and sampling seed (default 0; --prompt-following: 1)")
   p.add_argument("--metric", default=None, help="metric encoder folder (default: the shipped one)")
   p.add_argument("--subject-class", default=None, help="held-out subjects of this class only "
                  "(e4t's shipped state knows balls: --subject-class ball)")

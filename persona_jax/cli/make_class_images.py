@@ -6,7 +6,8 @@ import sys
 from pathlib import Path
 
 from persona_jax.cli.model_flags import add_model_flags, load_model
-from persona_jax.cli.sample import add_scheduler_flags, add_sdxl_flags, sample_options
+from persona_jax.cli.sample import add_sdxl_flags, add_size_flags, add_step_flags, sample_options
+from persona_jax.cli.sampling_checks import check_against_model, check_flags
 from persona_jax.cli import process_flags
 
 NAME = "make-class-images"
@@ -20,14 +21,8 @@ def add_arguments(p) -> None:
   p.add_argument("--negative-prompt", default=None,
                  help="default: none (the empty prompt, or zeros where an SDXL folder says "
                       "force_zeros_for_empty_prompt)")
-  p.add_argument("--steps", type=int, default=50)
-  p.add_argument("--guidance", type=float, default=None,
-                 help="classifier-free guidance scale (default 7.5; SDXL 5.0, as diffusers)")
-  add_scheduler_flags(p)
-  p.add_argument("--seed", type=int, default=0, help="image i uses fold_in(key(seed), i)")
-  p.add_argument("--height", type=int, default=None)
-  p.add_argument("--width", type=int, default=None)
-  p.add_argument("--batch-size", type=int, default=4, help="images per compiled batch")
+  add_step_flags(p)
+  add_size_flags(p)
   add_sdxl_flags(p)
   p.add_argument("--out", required=True, type=Path, help="output folder")
   process_flags.add_arguments(p)
@@ -35,7 +30,10 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
   from persona_jax.class_images import make_class_images
+  from persona_jax.default_model import resolve_model
   from persona_jax.distributed import is_main
+  check_flags(args)
+  check_against_model(args, resolve_model(args.model), args.model or "the embedded default")
   pipe = load_model(args)
   options = sample_options(args, pipe)
   written = make_class_images(pipe, args.prompt, args.num, args.out, options=options,

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from persona_jax.cli import process_flags
 from persona_jax.cli.model_flags import add_model_flags, load_model
+from persona_jax.cli.sampling_checks import check_against_model, check_flags
 from persona_jax.errors import ConfigError, PersonaError
 
 NAME = "sample"
@@ -36,7 +37,7 @@ def add_knob_flags(p) -> None:
   for knob in knobs().values():
     try:
       p.add_argument(_flag(knob.name), type=knob.type, default=None, dest=f"knob_{knob.name}",
-                     help=knob.help)
+                     metavar=knob.name.upper(), help=knob.help)
     except argparse.ArgumentError:
       continue
   p.add_argument("--input", action="append", default=[], metavar="NAME=VALUE",
@@ -73,6 +74,25 @@ def add_scheduler_flags(p) -> None:
                       "PNDM)")
 
 
+def add_step_flags(p) -> None:
+  """--steps, --guidance and --scheduler (`sample`, `make-class-images`)."""
+  p.add_argument("--steps", type=int, default=50, help="denoising steps")
+  p.add_argument("--guidance", type=float, default=None,
+                 help="classifier-free guidance scale, at most 1: none (default 7.5; SDXL 5.0, "
+                      "as diffusers)")
+  add_scheduler_flags(p)
+
+
+def add_size_flags(p) -> None:
+  """--seed, --height, --width and --batch-size (`sample`, `make-class-images`)."""
+  p.add_argument("--seed", type=int, default=0, help="image i uses fold_in(key(seed), i)")
+  for side in ("height", "width"):
+    p.add_argument(f"--{side}", type=int, default=None,
+                   help=f"image {side} in pixels, a multiple of the VAE's factor (default: the "
+                        "model's, its UNet's sample_size x the VAE's factor)")
+  p.add_argument("--batch-size", type=int, default=4, help="images per compiled batch")
+
+
 def add_sdxl_flags(p) -> None:
   """SDXL's micro-conditioning (diffusers' StableDiffusionXLPipeline arguments)."""
   pair = dict(type=int, nargs=2, default=None)
@@ -83,9 +103,13 @@ def add_sdxl_flags(p) -> None:
   p.add_argument("--target-size", metavar=("H", "W"), **pair,
                  help="SDXL: the target_size the model is told (default: the image size)")
   p.add_argument("--negative-original-size", metavar=("H", "W"), **pair,
-                 help="SDXL: the negative half's original_size (with --negative-target-size)")
-  p.add_argument("--negative-crops-coords-top-left", metavar=("TOP", "LEFT"), **pair)
-  p.add_argument("--negative-target-size", metavar=("H", "W"), **pair)
+                 help="SDXL: the negative half's original_size, given with --negative-target-size "
+                      "(default: the positive half's)")
+  p.add_argument("--negative-crops-coords-top-left", metavar=("TOP", "LEFT"), **pair,
+                 help="SDXL: the negative half's crop (default 0 0)")
+  p.add_argument("--negative-target-size", metavar=("H", "W"), **pair,
+                 help="SDXL: the negative half's target_size, given with "
+                      "--negative-original-size (default: the positive half's)")
 
 
 def sample_options(args, pipe, **fields):
@@ -114,20 +138,17 @@ def add_arguments(p) -> None:
   p.add_argument("--negative-prompt", default=None,
                  help="negative prompt (default: none: the empty prompt, or zeros where an SDXL "
                       "folder says force_zeros_for_empty_prompt)")
-  p.add_argument("--steps", type=int, default=50)
-  p.add_argument("--guidance", type=float, default=None,
-                 help="classifier-free guidance scale (default 7.5; SDXL 5.0, as diffusers)")
-  add_scheduler_flags(p)
+  add_step_flags(p)
   p.add_argument("--guidance-rescale", type=float, default=0.0,
-                 help="rescale guided noise (Lin et al.; 0.7 for zero-terminal-SNR models)")
-  p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 deterministic, 1 DDPM-like)")
+                 help="rescale guided noise, 0 to 1 (Lin et al.; 0.7 for zero-terminal-SNR models)")
+  p.add_argument("--eta", type=float, default=0.0,
+                 help="DDIM eta, 0 to 1 (0 deterministic, 1 DDPM-like)")
   add_sdxl_flags(p)
-  p.add_argument("--seed", type=int, default=0, help="image i uses fold_in(key(seed), i)")
-  p.add_argument("--num-images", type=int, default=1, help="images per prompt")
-  p.add_argument("--height", type=int, default=None)
-  p.add_argument("--width", type=int, default=None)
-  p.add_argument("--batch-size", type=int, default=4, help="images per compiled batch")
-  p.add_argument("--clip-skip", type=int, default=None, help="use an earlier text-encoder layer")
+  p.add_argument("--num-images", type=int, default=1, help="images per prompt (a row of the grid)")
+  add_size_flags(p)
+  p.add_argument("--clip-skip", type=int, default=None,
+                 help="use an earlier text-encoder layer: 1 the penultimate, ... (default: none: "
+                      "the last layer)")
   p.add_argument("--run", type=Path, default=None, metavar="PATH",
                  help="a `persona-jax train` workdir of any method (or its result file): samples "
                       "with what it learned, the way its method does (its base model unless "
@@ -217,12 +238,15 @@ def run(args) -> int:
   from persona_jax.images import grid, save_png
   from persona_jax.methods.lora_compose import LoRASpec, with_loras
   from persona_jax.methods.spec import SampleRequest
+  from persona_jax.default_model import resolve_model
   from persona_jax.text_to_image import Sampling, identity_prompt, text_to_image
+  check_flags(args)
   loras = [LoRASpec.parse(s) for s in args.lora]
   spec, result = chosen_run(args)
   model = args.model
   if model is None and spec is not None:
     model = spec.base_model(result)
+  check_against_model(args, resolve_model(model), model or "the embedded default")
   pipe = load_model(args, model)
   options = sample_options(args, pipe, guidance_rescale=args.guidance_rescale, eta=args.eta,
                            clip_skip=args.clip_skip)
@@ -255,7 +279,7 @@ def run(args) -> int:
     return 0
   out = Path(args.out)
   paths = [save_png(img, out / f"{args.seed:04d}_{i:04d}.png") for i, img in enumerate(images)]
-  paths.append(save_png(grid(images), out / "grid.png"))
+  paths.append(save_png(grid(images, cols=args.num_images), out / "grid.png"))  # a prompt a row
   for p in paths:
     print(p)
   print(f"{len(images)} image(s) {images.shape[2]}x{images.shape[1]} from "
