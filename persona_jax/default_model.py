@@ -3,18 +3,21 @@
 `default` (or no --model) is the SD 1.x toy-world base; `toy-xl` is the toy SDXL base
 (`persona-jax make-toy-model --xl`, world/toy_xl.py), shipped the same way in `assets/toy_xl/`
 and copied with both tokenizers (the second with SDXL's "!" padding) into
-`toy-xl-base-DIGEST`.
+`toy-xl-base-DIGEST-FILES`.
 
 It is the toy-world base (`persona-jax make-toy-model`, docs/toy_world.md), shipped as package
 data (`assets/toy_base/`: float16 weights in the diffusers layout, `image_encoder/` included) and
 copied on first use, with the shipped tokenizer, into the user cache (`cache.cache_dir()`) as a
 complete diffusers folder named by the digest of its weights (`ship` writes it to
-`VERSION_FILE`), so an old cached default never shadows a newer one. Until a base is shipped it
-is a random-weight `sd1` pipeline.
+`VERSION_FILE`) and a digest of every shipped file (configs too), so an old cached default never
+shadows a newer one, even one whose weights are unchanged. Until a base is shipped it is a
+random-weight `sd1` pipeline.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import importlib.resources
 import logging
 import shutil
@@ -42,10 +45,29 @@ def is_toy_base_shipped() -> bool:
 
 
 def default_model_name() -> str:
-  """toy-world-base-DIGEST (the shipped base), else the random model's name."""
+  """toy-world-base-DIGEST-FILES (the shipped base: `cache_name`), else the random model's name."""
   if not is_toy_base_shipped():
     return RANDOM_MODEL_NAME
-  return TOY_BASE_PREFIX + (shipped_base_dir() / VERSION_FILE).read_text().strip()
+  return cache_name(TOY_BASE_PREFIX, shipped_base_dir())
+
+
+def cache_name(prefix: str, shipped: Path) -> str:
+  """PREFIX + the weights' digest (VERSION_FILE) + "-" + 8 hex digits of every shipped file."""
+  version = (shipped / VERSION_FILE).read_text().strip()
+  files = sorted(f for f in shipped.rglob("*") if f.is_file() and not f.name.startswith("."))
+  stamps = tuple((f.relative_to(shipped).as_posix(), f.stat().st_size, f.stat().st_mtime_ns)
+                 for f in files)
+  return f"{prefix}{version}-{_files_digest(shipped, stamps)}"
+
+
+@functools.lru_cache(maxsize=16)
+def _files_digest(shipped: Path, stamps: tuple) -> str:
+  """sha256 over the files' paths and bytes (once per process while their sizes and times hold)."""
+  h = hashlib.sha256()
+  for rel, _, _ in stamps:
+    h.update(rel.encode() + b"\0")
+    h.update((shipped / rel).read_bytes())
+  return h.hexdigest()[:8]
 
 
 def default_model_dir() -> Path:
@@ -73,7 +95,7 @@ def toy_xl_dir() -> Path:
     raise ConfigError(f"--model {TOY_XL}: this installation has no toy SDXL base ({shipped} is "
                       "missing); reinstall persona_jax or make one with `persona-jax "
                       "make-toy-model --xl`")
-  name = TOY_XL_PREFIX + (shipped / VERSION_FILE).read_text().strip()
+  name = cache_name(TOY_XL_PREFIX, shipped)
   return _cached_copy(shipped, name, {"tokenizer": "sd1", "tokenizer_2": "sd2"})
 
 

@@ -75,7 +75,7 @@ def toy_configs() -> dict:
       "_class_name": "DDIMScheduler", "_diffusers_version": DIFFUSERS_VERSION,
       "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
       "beta_schedule": "scaled_linear", "clip_sample": False, "set_alpha_to_one": False,
-      "steps_offset": 0, "prediction_type": "v_prediction", "timestep_spacing": "trailing",
+      "steps_offset": 1, "prediction_type": "v_prediction", "timestep_spacing": "trailing",
       "rescale_betas_zero_snr": True,
   }
   return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "scheduler": scheduler}
