@@ -14,7 +14,7 @@ from typing import Any
 from persona_jax.data.pipeline import DataConfig
 from persona_jax.errors import ConfigError
 from persona_jax.methods.registry import method_config
-from persona_jax.train.optim import OptimConfig
+from persona_jax.train.optim import OptimConfig, check as check_optim
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +36,7 @@ class RunConfig:
   fsdp: int = 1                      # size of the mesh's fsdp axis
   sharding: tuple = ()               # ((regex over param paths, "replicate" | "fsdp"), ...)
   log_every: int = 10
+  report_to: str = ""                # also to: tensorboard (event files in WORKDIR), wandb, or both
   checkpoint_every: int = 100
   keep_checkpoints: int = 3
   sample_every: int = 0              # 0: sample only at the end
@@ -155,6 +156,7 @@ def run_config(values) -> RunConfig:
   if config.mixed_precision not in MIXED_PRECISION:
     raise ConfigError(f"mixed_precision: '{config.mixed_precision}' is not one of "
                       f"{', '.join(MIXED_PRECISION)}")
+  check_optim(config.optim)
   if config.remat not in ("none", "blocks", "dots"):
     raise ConfigError(f"remat: '{config.remat}' is not one of none, blocks, dots")
   for name in ("steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):

@@ -45,11 +45,12 @@ from persona_jax.pipeline import Pipeline
 from persona_jax.text_to_image import SampleOptions, Sampling, text_to_image
 from persona_jax.tokenizer import tokenize, tokenize_prompts, tokenizers_with_tokens
 from persona_jax.train import checkpoint as ckpt
-from persona_jax.train import data_sources
+from persona_jax.train import data_sources, reporting
 from persona_jax.train.config import RunConfig, resolve_mixed_precision
 from persona_jax.train.divergence import DivergenceError, Guard
 from persona_jax.workdir_lock import workdir_lock
-from persona_jax.train.optim import make_optimizer, optimizer_step
+from persona_jax.train.optim import (evaluation_params, make_optimizer, optimizer_metrics,
+                                     optimizer_step)
 from persona_jax.train.state import TrainState, init_state
 from persona_jax.train.step import train_step
 
@@ -180,8 +181,9 @@ def initial_state(run: Run) -> TrainState:
 
 # Keys a resumed run may change: they do not alter the steps already taken.
 RESUMABLE_CHANGES = frozenset({
-    "log_every", "checkpoint_every", "keep_checkpoints", "sample_every", "sample_prompts",
-    "sample_negative_prompt", "sample_steps", "sample_guidance", "sample_images", "sample_seed"})
+    "log_every", "report_to", "checkpoint_every", "keep_checkpoints", "sample_every",
+    "sample_prompts", "sample_negative_prompt", "sample_steps", "sample_guidance", "sample_images",
+    "sample_seed"})
 
 
 def _with_defaults(saved: dict) -> dict:
@@ -366,6 +368,7 @@ def _train(config: RunConfig, workdir: Path, *, progress: bool, mesh,
     config = dataclasses.replace(config, mixed_precision=resolve_mixed_precision("auto"))
     log.info("mixed_precision auto on %s: %s", jax.default_backend(), {
         "bf16": "bf16 compute, float32 trainable params", "no": "float32"}[config.mixed_precision])
+  reporting.names(config.report_to)          # a missing writer fails before the model loads
   _write_config(workdir, config, continue_with_changes)
   run = build(config, mesh=mesh, workdir=workdir, progress=progress)
   c = config
@@ -399,6 +402,8 @@ def _train(config: RunConfig, workdir: Path, *, progress: bool, mesh,
   if main:
     _guard_write(metrics_path, _terminate_last_line, metrics_path)   # a killed run's torn line
     metrics_file = _guard_write(metrics_path, open, metrics_path, "a", encoding="utf-8")
+  reporters = (reporting.open_reporters(c.report_to, workdir, config=c.to_dict(), start=start)
+               if main else reporting.Reporters())
   bar = tqdm(total=total, initial=start, desc=f"train {c.method_name}", unit="step",
              disable=not (progress and main), dynamic_ncols=True)
   failed = True
@@ -430,32 +435,40 @@ def _train(config: RunConfig, workdir: Path, *, progress: bool, mesh,
         last = jax.device_get(pending[-1])
         record = {"step": done, **{k: float(v) for k, v in last.items() if k != "leaf_max"},
                   "lr": float(run.schedule(optimizer_step(done - 1, c.optim.grad_accum))),
+                  **optimizer_metrics(state.opt_state),
                   "steps_per_sec": (done - last_log_step) / max(now - last_log_time, 1e-9)}
         if main:
           _guard_write(metrics_path, _append_line, metrics_file, json.dumps(record))
+        reporters.scalars(done, record)
         bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
         pending, pending_from, last_log_time, last_log_step = [], done, now, done
       if at_ckpt:
         _guard_write(workdir / "checkpoints" / str(done), ckpt.save, manager, done, state,
                      iterator, meta)
       if c.sample_every and done % c.sample_every == 0 and done != total:
-        sample_grid(run, distributed.to_host(state.trainable), done, workdir)
+        reporters.image(done, "samples", sample_grid(
+            run, distributed.to_host(evaluation_params(state)), done, workdir))
     _guard_write(workdir / "checkpoints" / str(total), manager.wait_until_finished)
     failed = False
   finally:
     bar.close()
     if metrics_file is not None:
       metrics_file.close()
+    if failed:
+      reporters.close()
     try:
       manager.close()
     except Exception:          # a failed save's error: already being raised as one line
       if not failed:
         raise
-  # With EMA on, the averaged params are the result (written and sampled).
-  final = distributed.to_host(state.ema if state.ema is not None else state.trainable)
-  outputs = write_outputs(run, final, workdir, step=total) if main else []
-  distributed.sync("outputs written")        # the others wait while the first one writes
-  grid_path = sample_grid(run, final, total, workdir, progress=progress and main)
+  try:       # the result, written and sampled: the EMA or schedule-free's averaged params if on
+    final = distributed.to_host(evaluation_params(state))
+    outputs = write_outputs(run, final, workdir, step=total) if main else []
+    distributed.sync("outputs written")        # the others wait while the first one writes
+    grid_path = sample_grid(run, final, total, workdir, progress=progress and main)
+    reporters.image(total, "samples", grid_path)
+  finally:
+    reporters.close()
   return {"workdir": str(workdir), "steps": total, "state": state, "run": run, "outputs": outputs,
           "samples": str(grid_path) if grid_path else None, "batch_shapes": len(shapes)}
 
