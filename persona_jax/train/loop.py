@@ -42,6 +42,7 @@ from persona_jax.models.unet import UNet2DConditionModel
 from persona_jax.parallel import mesh as mesh_lib
 from persona_jax.parallel.rules import infer_shardings, optimizer_shardings, shard_like
 from persona_jax.pipeline import Pipeline
+from persona_jax.runtime import release_freed_memory
 from persona_jax.text_to_image import SampleOptions, Sampling, text_to_image
 from persona_jax.tokenizer import tokenize, tokenize_prompts, tokenizers_with_tokens
 from persona_jax.train import checkpoint as ckpt
@@ -169,14 +170,41 @@ def state_shardings(run: Run):
                     rng=rep, ema=trainable_sh if abstract.ema is not None else None)
 
 
-def initial_state(run: Run) -> TrainState:
+def initial_state(run: Run, consume: bool = False) -> TrainState:
   """The step-0 state, created on the mesh with `state_shardings` (under jit, so a sharded
-  optimizer state is never materialized whole on one device)."""
+  optimizer state is never materialized whole on one device). With `consume`, the run's initial
+  trainable arrays are donated to it (use `without_initial_params` on the run afterwards)."""
   c = run.config
   shardings = state_shardings(run)
   trainable = shard_like(run.trainable, shardings.trainable)
   return jax.jit(functools.partial(init_state, tx=run.tx, seed=c.seed, ema=c.optim.ema_decay > 0),
-                 out_shardings=shardings)(trainable)
+                 out_shardings=shardings, donate_argnums=0 if consume else ())(trainable)
+
+
+def without_initial_params(run: Run) -> Run:
+  """The run once the train state holds the trainable params: its initial trainable leaves, and
+  the base leaves they were taken from (the same arrays: a DreamBooth run's whole UNet), become
+  shapes, which is all later readers need (`pipe_frozen_all` leaves those paths out). Without it
+  a full fine-tune holds the base UNet twice for the whole run: 10 GB in float32 for SDXL's.
+
+  Under bf16 compute on an accelerator, the float32 base leaves whose bf16 copies the step reads
+  (`frozen`) move to host memory too: only the sample grids and the result files read them.
+  """
+  shape = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)      # noqa: E731
+  trainable_paths = set(tree.flatten(run.trainable))
+  frozen = tree.flatten(run.frozen)
+  offload = jax.default_backend() != "cpu"
+
+  def keep(path, value):
+    if path in trainable_paths:
+      return shape(value)
+    twin = frozen.get(path)
+    if offload and twin is not None and twin is not value and isinstance(value, jax.Array):
+      return np.asarray(jax.device_get(value))
+    return value
+  params = tree.unflatten({p: keep(p, v) for p, v in tree.flatten(run.pipe.params).items()})
+  return dataclasses.replace(run, trainable=jax.tree.map(shape, run.trainable),
+                             pipe=dataclasses.replace(run.pipe, params=params))
 
 
 # Keys a resumed run may change: they do not alter the steps already taken.
@@ -373,7 +401,8 @@ def _train(config: RunConfig, workdir: Path, *, progress: bool, mesh,
   run = build(config, mesh=mesh, workdir=workdir, progress=progress)
   c = config
   total = c.steps * c.optim.grad_accum            # micro-steps
-  state = initial_state(run)
+  state = initial_state(run, consume=True)
+  run = without_initial_params(run)
   guard = Guard(state.trainable, lambda step: float(run.schedule(optimizer_step(step - 1,
                                                                                 c.optim.grad_accum))))
   st_sh = jax.tree.map(lambda x: x.sharding, state)
@@ -408,6 +437,7 @@ def _train(config: RunConfig, workdir: Path, *, progress: bool, mesh,
              disable=not (progress and main), dynamic_ncols=True)
   failed = True
   shapes = set()                   # batch shapes seen: the step compiles once per shape (bucket)
+  compiled_shapes = 0
   pending, pending_from, last_log_time, last_log_step = [], start, time.perf_counter(), start
   try:
     for step in range(start, total):
@@ -422,6 +452,9 @@ def _train(config: RunConfig, workdir: Path, *, progress: bool, mesh,
       rows = len(next(iter(batch.values()))) * blocks          # this process loads its block
       batch = mesh_lib.global_batch(run.mesh, batch, rows)
       state, metrics = step_fn(state, frozen, batch)
+      if len(shapes) > compiled_shapes:      # the step compiled: return the compiler's memory
+        compiled_shapes = len(shapes)
+        release_freed_memory()
       pending.append(metrics)
       done = step + 1
       bar.update(1)

@@ -46,3 +46,31 @@ def test_bf16_compute_with_float32_trainable_and_random_crops(model_dirs):
   assert new.trainable["tokens"].dtype == jnp.float32
   assert np.isfinite(float(metrics["loss"]))
   assert not np.array_equal(np.asarray(new.trainable["tokens"]), np.asarray(run.trainable["tokens"]))
+
+
+def test_a_full_fine_tune_holds_the_base_unet_once(model_dirs, tmp_path):
+  """After the step-0 state is made, the run keeps no device copy of the initial trainable
+  params: the live arrays grow by the optimizer state alone, not by another UNet."""
+  import gc
+
+  from tests.runs import db_config, write_class_images
+  class_dir = tmp_path / "class"
+  write_class_images(class_dir)
+  run = loop.build(db_config(model_dirs["sd1"], class_dir), mesh=one_device_mesh())
+  unet_bytes = sum(x.nbytes for x in jax.tree.leaves(run.trainable["unet"]))
+  assert all(a is b for a, b in zip(jax.tree.leaves(run.trainable["unet"]),
+                                    jax.tree.leaves(run.pipe.params["unet"])))  # shared arrays
+  live = lambda: sum(x.nbytes for x in jax.live_arrays())                       # noqa: E731
+  gc.collect()
+  before = live()
+  state = loop.initial_state(run, consume=True)
+  run = loop.without_initial_params(run)
+  gc.collect()
+  grown = live() - before
+  opt_bytes = sum(x.nbytes for x in jax.tree.leaves(state.opt_state))
+  assert opt_bytes >= 2 * unet_bytes                                 # AdamW's two moments
+  assert grown < opt_bytes + unet_bytes // 10, (grown, opt_bytes, unet_bytes)
+  assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(run.pipe.params["unet"]))
+  assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(run.pipe.params["vae"]))
+  params = run.full_params(state.trainable)                           # what grids and results read
+  assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(params))
