@@ -21,6 +21,13 @@ encoder's) weights, trained on a few images of a subject.
     block-wise LoRA; in any config: --config.method.blocks=MIDD, or 17 / 26 numbers
     ("1,0,0,...": 0 skips a block). SD 1.x/2.x block layout; on SDXL (IN00..IN08, MID,
     OUT00..OUT08) the extension's 12 or 20 numbers, the named presets being SD 1.x/2.x's.
+  Variants, in any config: --config.method.variant=dora (PEFT's use_dora: a magnitude per output
+    feature beside the LoRA factors), lokr or loha (LyCORIS's Kronecker and Hadamard products;
+    LoKr's own knobs: --config.method.factor=-1 (the most balanced split of each dimension, or
+    the largest part <= factor), --config.method.decompose_both=True (the smaller Kronecker half
+    low rank too), --config.method.full_matrix=True (both halves full, alpha unused)). rank,
+    alpha, conv_rank, targets and blocks mean the same for every variant. Exports: DoRA to both
+    formats, LoKr/LoHa to kohya (the LyCORIS keys ComfyUI, A1111 and LyCORIS read).
   On SDXL: --config.model=/path/to/stable-diffusion-xl-base-1.0; --config.method.text_encoder=True
     trains LoRA on both text encoders (train_dreambooth_lora_sdxl.py's --train_text_encoder).
 

@@ -18,6 +18,17 @@ Every format holds, per adapted module, a down factor A and an up factor B with
                      `<module>.lora.down.weight`, `text_encoder.<...>.q_proj.lora_linear_layer.down`
                      (read only)
 
+The variants (methods/lora_variants.py) in the same files:
+  DoRA   ours `<target>/magnitude` [out] beside a, b; PEFT `<module>.lora_magnitude_vector` ([out],
+         a conv's [1, out, 1, 1]; `use_dora` in the metadata); kohya/LyCORIS `<name>.dora_scale`
+         [out, 1(, 1, 1)] (LyCORIS's wd_on_out layout, which ComfyUI reads too; diffusers drops
+         `dora_scale` keys of kohya files with a warning)
+  LoKr   `<target>/lokr_w1` (or `lokr_w1_a`, `lokr_w1_b`), `lokr_w2` (or `lokr_w2_a`,
+         `lokr_w2_b`); kohya/LyCORIS `lora_unet_<module>.lokr_w1` ... and `.alpha`
+  LoHa   `<target>/hada_w1_a`, `hada_w1_b`, `hada_w2_a`, `hada_w2_b`; kohya/LyCORIS likewise
+LoKr/LoHa tensors keep LyCORIS's PyTorch orientation in every file; the PEFT layout holds LoRA
+and DoRA only.
+
 `read_lora_file` recognises each (and ours) by its keys and returns our LoRAFactors; a key it
 cannot place is an error naming the file and the key (diffusers silently ignores UNet keys
 without the `unet.` prefix; we do not).
@@ -29,30 +40,26 @@ import json
 import re
 from collections import Counter
 from pathlib import Path
-from typing import NamedTuple
-
 import numpy as np
 
 from persona_jax import tree
 from persona_jax.convert.diffusers import torch_name
-from persona_jax.errors import ModelFileError
+from persona_jax.errors import ConfigError, ModelFileError
+from persona_jax.methods import lora_variants as variants
+from persona_jax.methods.lora_variants import DoRAFactor, Factor
+
+__all__ = ["Factor", "DoRAFactor", "LoRAFactors"]
 
 # ---------------------------------------------------------------------------------------------
 # Ours: WORKDIR/lora.safetensors, `<target>/a` [fan_in, r], `<target>/b` [r, out] and
 # `<target>/alpha` [] per target (the kernel's path without `/kernel`), metadata format OURS.
 
 OURS = "persona_jax-lora"
-FILE_KEY = re.compile(r"((?:unet|text_encoder|text_encoder_2)/.+)/(a|b|alpha)")
+FILE_KEY = re.compile(r"((?:unet|text_encoder|text_encoder_2)/.+)/(alpha|"
+                      + "|".join(variants.LEAF_NAMES) + ")")
 
-
-class Factor(NamedTuple):
-  """One target of a LoRA file (a pytree: under jit all three are traced)."""
-  a: np.ndarray       # [fan_in, r] float32
-  b: np.ndarray       # [r, out] float32
-  scale: np.ndarray   # [] float32: alpha / r
-
-
-LoRAFactors = dict[str, Factor]     # base kernel path (`unet/.../to_q/kernel`) -> its factors
+# base kernel path (`unet/.../to_q/kernel`) -> its factor (Factor, DoRAFactor, LoKrFactor, LoHaFactor)
+LoRAFactors = dict[str, variants.AnyFactor]
 
 
 def read_lora_tensors(path) -> dict[str, np.ndarray]:
@@ -95,41 +102,51 @@ def load_lora_file(path, base_params=None, *, tensors=None) -> LoRAFactors:
   base = tree.flatten(base_params) if base_params is not None else None
   out = {}
   for target, p in parts.items():
-    for name in ("a", "b"):
-      if name not in p:
-        raise ModelFileError(f"{path}: '{target}/{name}' is missing (the target has only "
-                             f"{', '.join(sorted(p))})")
-    a, b = p["a"], p["b"]
-    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0] or a.shape[1] == 0:
-      raise ModelFileError(f"{path}: '{target}/a' {list(a.shape)} and '{target}/b' {list(b.shape)} "
-                           "are not [fan_in, r] and [r, out] with r >= 1")
-    rank = b.shape[0]
-    alpha = p.get("alpha", np.float32(rank))
-    if np.size(alpha) != 1 or not np.isfinite(alpha).all():
+    leaves = {k: v for k, v in p.items() if k != "alpha"}
+    low_rank = not (set(leaves) & set(variants.LEAVES["lokr"] + variants.LEAVES["loha"]))
+    if low_rank:                              # LoRA / DoRA: a [fan_in, r], b [r, out]
+      for name in ("a", "b"):
+        if name not in p:
+          raise ModelFileError(f"{path}: '{target}/{name}' is missing (the target has only "
+                               f"{', '.join(sorted(p))})")
+      a, b = p["a"], p["b"]
+      if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0] or a.shape[1] == 0:
+        raise ModelFileError(f"{path}: '{target}/a' {list(a.shape)} and '{target}/b' {list(b.shape)} "
+                             "are not [fan_in, r] and [r, out] with r >= 1")
+    alpha = p.get("alpha")
+    if alpha is not None and (np.size(alpha) != 1 or not np.isfinite(alpha).all()):
       raise ModelFileError(f"{path}: '{target}/alpha' must be a finite scalar, got "
                            f"{np.asarray(alpha).ravel()[:4]} of shape {list(np.shape(alpha))}")
     kernel = f"{target}/kernel"
     if base is not None:
       if kernel not in base:
-        raise ModelFileError(f"{path}: '{target}/a': the base model has no kernel {kernel} "
+        first = "a" if low_rank else sorted(leaves)[0]
+        raise ModelFileError(f"{path}: '{target}/{first}': the base model has no kernel {kernel} "
                              "(a LoRA trained on another model?)")
-      shape = base[kernel].shape
+      shape = tuple(base[kernel].shape)
       want = (int(np.prod(shape[:-1])), shape[-1])
-      if (a.shape[0], b.shape[1]) != want:
+      if low_rank and (a.shape[0], b.shape[1]) != want:
         raise ModelFileError(f"{path}: '{target}/a' @ '{target}/b' is [{a.shape[0]}, {b.shape[1]}]; "
                              f"the base kernel {list(shape)} needs [{want[0]}, {want[1]}]")
-    out[kernel] = Factor(a.astype(np.float32), b.astype(np.float32),
-                         np.asarray(float(np.ravel(alpha)[0]) / rank, np.float32))
+    elif low_rank:
+      shape = (a.shape[0], b.shape[1])
+    else:
+      raise ModelFileError(f"{path}: '{target}': LoKr/LoHa factors are read against the base model "
+                           "(a conv's kernel size is not in them)")
+    rank = variants.rank_of(leaves) or 1
+    alpha = float(np.ravel(alpha)[0]) if alpha is not None else float(rank)
+    out[kernel] = variants.make_factor(leaves, alpha, shape, f"{path}: '{target}'")
   return out
 
 
-def write_ours(path, factors: dict[str, tuple[np.ndarray, np.ndarray, float]], metadata: dict) -> Path:
-  """Writes our LoRA file: {target (kernel path without /kernel): (a, b, alpha)} (float32)."""
+def write_ours(path, factors: dict[str, tuple[dict, float]], metadata: dict) -> Path:
+  """Writes our LoRA file: {target (kernel path without /kernel): (leaves, alpha)}, the leaves
+  under their lora_variants.LEAVES names (float32)."""
   from persona_jax.convert.files import write_safetensors
   flat = {}
-  for target, (a, b, alpha) in factors.items():
-    flat[f"{target}/a"] = np.asarray(a, np.float32)
-    flat[f"{target}/b"] = np.asarray(b, np.float32)
+  for target, (leaves, alpha) in factors.items():
+    for name, value in leaves.items():
+      flat[f"{target}/{name}"] = np.asarray(value, np.float32)
     flat[f"{target}/alpha"] = np.asarray(alpha, np.float32)
   path = Path(path)
   write_safetensors(path, flat, {"format": OURS, **metadata})
@@ -317,12 +334,21 @@ def _shapes(base_params) -> dict[str, tuple]:
 def peft_state_dict(factors: LoRAFactors, base_params) -> tuple[dict, dict]:
   """(tensors, metadata) of the diffusers/PEFT file, the scale folded into B."""
   names, shapes = module_names(base_params), _shapes(base_params)
+  kinds = {variants.variant_of(f) for f in factors.values()}
+  if not kinds <= {"lora", "dora"} or len(kinds) > 1:
+    raise ConfigError(f"the diffusers/PEFT layout holds LoRA or DoRA factors, not {'/'.join(sorted(kinds))}: "
+                      "export LoKr/LoHa with --format kohya (the LyCORIS layout ComfyUI, A1111 "
+                      "and LyCORIS read)")
+  dora = kinds == {"dora"}
   tensors, ranks = {}, {}
   for path, f in sorted(factors.items()):
     down, up = to_torch(f, shapes[path])
     module = names[path]
     tensors[f"{module}.lora_A.weight"] = down
     tensors[f"{module}.lora_B.weight"] = (up * np.float32(f.scale)).astype(np.float32)
+    if dora:                                  # PEFT's shapes: [out], a conv's [1, out, 1, 1]
+      m = np.asarray(f.magnitude, np.float32)
+      tensors[f"{module}.lora_magnitude_vector"] = m.reshape(1, -1, 1, 1) if down.ndim == 4 else m
     ranks[module] = down.shape[0]
   config = {}
   for component in COMPONENTS:
@@ -338,7 +364,7 @@ def peft_state_dict(factors: LoRAFactors, base_params) -> tuple[dict, dict]:
     config.update({f"{component}.r": r, f"{component}.lora_alpha": r,
                    f"{component}.target_modules": sorted(mine),
                    f"{component}.rank_pattern": pattern, f"{component}.alpha_pattern": dict(pattern),
-                   f"{component}.use_dora": False, f"{component}.lora_bias": False})
+                   f"{component}.use_dora": dora, f"{component}.lora_bias": False})
   return tensors, {"lora_adapter_metadata": json.dumps(config, indent=2, sort_keys=True),
                    "format": "pt"}
 
@@ -351,25 +377,41 @@ def kohya_state_dict(factors: LoRAFactors, base_params, *, base_version: str) ->
   kohya loader keeps only the majority alpha for attention projections (their alpha keys get
   processor names, lora_conversion_utils._get_alpha_name), as with per-block ranks at alpha = r."""
   names, shapes = kohya_names(base_params), _shapes(base_params)
-  alphas = {path: float(np.float32(f.scale) * f.a.shape[1]) for path, f in factors.items()}
+  kinds = {variants.variant_of(f) for f in factors.values()}
+  low_rank = {p: f for p, f in factors.items() if isinstance(f, (Factor, DoRAFactor))}
+  alphas = {path: float(np.float32(f.scale) * f.a.shape[1]) for path, f in low_rank.items()}
   common = Counter(alphas.values()).most_common(1)[0][0] if alphas else 1.0
   tensors, ranks = {}, []
   for path, f in sorted(factors.items()):
-    down, up = to_torch(f, shapes[path])
     if path not in names:
       raise ModelFileError(f"{path}: kohya's format has no name for this layer")
     name = names[path]
+    if path not in low_rank:                  # LoKr / LoHa: LyCORIS's own tensors and alpha
+      leaves = variants.leaves_of(f)
+      tensors.update({f"{name}.{k}": np.ascontiguousarray(v, np.float32) for k, v in leaves.items()})
+      tensors[f"{name}.alpha"] = np.asarray(variants.alpha_of(f), np.float32)
+      ranks.append(variants.rank_of(leaves) or 1)
+      continue
+    down, up = to_torch(f, shapes[path])
     if alphas[path] != common:
       up = (up * np.float32(alphas[path] / common)).astype(np.float32)
     tensors[f"{name}.lora_down.weight"] = down
     tensors[f"{name}.lora_up.weight"] = up
     tensors[f"{name}.alpha"] = np.asarray(common, np.float32)
+    if isinstance(f, DoRAFactor):             # LyCORIS's wd_on_out layout: [out, 1(, 1, 1)]
+      tensors[f"{name}.dora_scale"] = np.asarray(f.magnitude, np.float32).reshape(
+          (-1,) + (1,) * (down.ndim - 1))
     ranks.append(down.shape[0])
   metadata = {"ss_network_module": "networks.lora", "ss_network_dim": str(max(ranks)),
               "ss_network_alpha": str(common), "ss_base_model_version": base_version,
               "ss_v2": str(base_version.startswith("sd_v2")),
               "modelspec.sai_model_spec": "1.0.1",
               "modelspec.architecture": ARCHITECTURES.get(base_version, "stable-diffusion-v1") + "/lora"}
+  if kinds != {"lora"}:                       # LyCORIS's network metadata (lycoris.kohya)
+    algo = {"dora": "locon", "lokr": "lokr", "loha": "loha"}[sorted(kinds - {"lora"})[0]]
+    metadata.update({"ss_network_module": "lycoris.kohya",
+                     "ss_network_args": json.dumps({"algo": algo, "dora_wd": str("dora" in kinds)}),
+                     "modelspec.architecture": metadata["modelspec.architecture"][:-len("lora")] + "lycoris"})
   return tensors, metadata
 
 
@@ -392,7 +434,10 @@ def base_version(pipe) -> str:
 # reading
 
 _PEFT = re.compile(r"(.+)\.lora_([AB])\.weight")
-_KOHYA = re.compile(r"(lora_(?:unet|te|te1|te2)_.+)\.(lora_down\.weight|lora_up\.weight|alpha)")
+_KOHYA = re.compile(r"(lora_(?:unet|te|te1|te2)_.+)\.(lora_down\.weight|lora_up\.weight|alpha|dora_scale|"
+                    + "|".join(n for n in variants.LEAF_NAMES if n.startswith(("lokr_", "hada_"))) + ")")
+_TUCKER = re.compile(r"lora_(?:unet|te|te1|te2)_.+\.(lokr_t[12]|hada_t[12]|lora_mid\.weight)")
+_MAGNITUDE = re.compile(r"(.+)\.lora_magnitude_vector(?:\.weight)?")
 _OLD = [  # (pattern, module rewrite): the older diffusers spellings
     (re.compile(r"(.+)\.processor\.(to_q|to_k|to_v)_lora\.(down|up)\.weight"), r"\1.\2"),
     (re.compile(r"(.+)\.processor\.to_out_lora\.(down|up)\.weight"), r"\1.to_out.0"),
@@ -410,6 +455,9 @@ def _diffusers_key(key: str):
   m = _PEFT.fullmatch(key)
   if m:
     return m[1], {"A": "down", "B": "up"}[m[2]]
+  m = _MAGNITUDE.fullmatch(key)
+  if m:
+    return m[1], "magnitude"
   for pattern, rewrite in _OLD:
     m = pattern.fullmatch(key)
     if m:
@@ -470,6 +518,10 @@ def _read_lora_file(path: Path, base_params, given=None) -> LoRAFactors:
   kind = detect_format(tensors)
   if kind == "persona_jax":
     return load_lora_file(path, base_params, tensors=tensors)
+  tucker = next((k for k in sorted(tensors) if _TUCKER.fullmatch(k)), None)
+  if tucker:
+    raise ModelFileError(f"{path}: key '{tucker}': Tucker-decomposed conv factors (LyCORIS "
+                         "use_tucker / LoCon lora_mid) are not read; train without use_tucker")
   if kind == "unknown":
     bad = next((k for k in sorted(tensors) if not (FILE_KEY.fullmatch(k) or _KOHYA.fullmatch(k)
                                                     or _diffusers_key(k))),
@@ -506,6 +558,16 @@ def _read_lora_file(path: Path, base_params, given=None) -> LoRAFactors:
   out = {}
   for kernel, p in parts.items():
     where = f"{path}: {labels[kernel]}"
+    leaves = {k: v for k, v in p.items() if k.startswith(("lokr_", "hada_"))}
+    if leaves:                                # LoKr / LoHa: LyCORIS's tensors as they are
+      if set(p) - set(leaves) - {"alpha"}:
+        raise ModelFileError(f"{where}: LoKr/LoHa tensors mixed with {sorted(set(p) - set(leaves))}")
+      alpha = float(np.ravel(p["alpha"])[0]) if "alpha" in p else 0.0
+      if not np.isfinite(alpha):
+        raise ModelFileError(f"{where}: alpha is not finite")
+      alpha = alpha or float(variants.rank_of(leaves) or 1)    # LyCORIS: 0 or none means rank
+      out[kernel] = variants.make_factor(leaves, alpha, shapes[kernel], where)
+      continue
     for name in ("down", "up"):
       if name not in p:
         raise ModelFileError(f"{where}: the {name} factor is missing")
@@ -514,8 +576,27 @@ def _read_lora_file(path: Path, base_params, given=None) -> LoRAFactors:
     if not np.isfinite(alpha):
       raise ModelFileError(f"{where}: alpha is not finite")
     alpha = alpha or float(r)                 # kohya: a missing or zero alpha means alpha = r
-    out[kernel] = from_torch(p["down"], p["up"], shapes[kernel], alpha / r, where)
+    factor = from_torch(p["down"], p["up"], shapes[kernel], alpha / r, where)
+    source = next((k for k in ("dora_scale", "magnitude") if k in p), None)
+    if source:
+      out[kernel] = _dora(factor, p[source], source == "dora_scale", shapes[kernel], where)
+    else:
+      out[kernel] = factor
   return out
+
+
+def _dora(factor: Factor, magnitude, kohya: bool, kernel_shape, where: str) -> DoRAFactor:
+  """DoRA's magnitude per output feature: PEFT's [out] or [1, out, 1, 1], LyCORIS's dora_scale
+  [out, 1(, 1, 1)]. LyCORIS's older per-input layout (wd_on_out=False, [1, in(, 1, 1)]) is
+  another decomposition, not read."""
+  out_dim = kernel_shape[-1]
+  magnitude = np.asarray(magnitude, np.float32)
+  axis = 0 if kohya or magnitude.ndim == 1 else 1
+  if magnitude.size != out_dim or magnitude.ndim < axis + 1 or magnitude.shape[axis] != out_dim:
+    raise ModelFileError(f"{where}: DoRA magnitude {list(magnitude.shape)} is not one value per "
+                         f"output feature ({out_dim}; LyCORIS's per-input dora_scale, wd_on_out="
+                         "False, is not read)")
+  return DoRAFactor(factor.a, factor.b, factor.scale, magnitude.reshape(-1))
 
 
 def _peft_alphas(tensors, path: Path) -> dict[str, float]:

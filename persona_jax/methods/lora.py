@@ -23,9 +23,26 @@ Targets (`/`-joined param paths):
               "te1" / "te2" one of SDXL's (kohya's lora_te1_ / lora_te2_), "both", or a tuple;
               not the layers the conditioning never reads (SDXL: the first encoder's last one,
               diffusion/conditioning.py `unread_text_rules`), where factors would get no gradient
+Variants (`variant`; the math in methods/lora_variants.py, the same targets, ranks and blocks):
+  lora  the above
+  dora  DoRA (Liu et al. 2024) as PEFT's use_dora: a, b as LoRA plus `magnitude` [out], started
+        at the norm of W per output feature; W' = magnitude * V / ||V||, V = W + (alpha/r) a @ b,
+        the norm detached from gradients as PEFT does (LoCon convs too, the norm over kh*kw*in)
+  lokr  LoKr as LyCORIS: dW = (alpha/r) kron(w1, w2) in PyTorch layout, w1 [out_l, in_m] full
+        (or lokr_w1_a @ lokr_w1_b with `decompose_both`), w2 [out_k, in_n(, kh, kw)] full when
+        the rank is at least half its larger side (or `full_matrix`), else lokr_w2_a @ lokr_w2_b;
+        `factor` picks the split (LyCORIS's factorization); w2 (or w2_b) starts at zero, w1 and
+        w2_a kaiming-uniform; both halves full: scale 1 (alpha unused), as LyCORIS
+  loha  LoHa as LyCORIS: dW = (alpha/r) (hada_w1_a @ hada_w1_b) * (hada_w2_a @ hada_w2_b),
+        hada_w2_a starts at zero (w1_a ~ N(0, 0.1), w1_b, w2_b ~ N(0, 1)); convs flattened
+        [r, in*kh*kw] (no Tucker)
+Under mixed_precision="bf16" a variant's whole update is computed in float32 and put beside the
+kernel (models/low_rank.py `lora_delta`: one extra product of the kernel's size), not merged.
 Per-block rank and alpha (block names from models/block_names.py: IN00..OUT11, MID, BASE on SD 1.x,
 IN00..IN08, MID, OUT00..OUT08, BASE on SDXL) override the uniform values; rank 0 skips a block.
-Trainable leaves: `lora/<target path>/{a,b}`.
+Trainable leaves: `lora/<target path>/{a,b}` (DoRA: and `magnitude`; LoKr: `lokr_w1` or
+`lokr_w1_a`/`lokr_w1_b`, `lokr_w2` or `lokr_w2_a`/`lokr_w2_b`; LoHa: `hada_w1_a`, `hada_w1_b`,
+`hada_w2_a`, `hada_w2_b`; LoKr/LoHa in LyCORIS's PyTorch orientation).
 
 Result file WORKDIR/lora.safetensors, per target (the kernel's path without `/kernel`):
 `<target>/a` [fan_in, r], `<target>/b` [r, out] and `<target>/alpha` [] (float32; kohya's
@@ -34,6 +51,15 @@ the formats of other tools). A run samples as its file does with `--lora FILE`
 (methods/lora_compose.py); exports: diffusers/PEFT (`pipe.load_lora_weights`; `unet.`,
 `text_encoder.`, `text_encoder_2.`) and kohya/A1111 (SDXL: `lora_unet_input_blocks_...`,
 `lora_te1_`, `lora_te2_`).
+The variants' files: ours holds each target's leaves under the names above (+ alpha); exports:
+  dora  diffusers/PEFT: lora_A/lora_B + `lora_magnitude_vector` (use_dora in the metadata; read
+        by diffusers' `load_lora_weights`); kohya: lora_down/lora_up/alpha + `dora_scale` [out, 1]
+        (LyCORIS's layout, read by LyCORIS and ComfyUI, whose output-axis rule divides by ||W||
+        where DoRA divides by ||W + dW||; diffusers drops kohya `dora_scale` keys)
+  lokr, loha  kohya only (LyCORIS keys `lora_unet_..._to_q.lokr_w1`, `.hada_w1_a`, `.alpha`:
+        read by LyCORIS, ComfyUI, A1111); `export --format diffusers` is an error naming kohya
+All are read back by `sample --lora FILE` (methods/lora_compose.py: a variant's update times
+the LoRA's weight and block weight).
 """
 
 from __future__ import annotations
@@ -52,7 +78,7 @@ from persona_jax import tree
 from persona_jax.convert import lora_formats as lf
 from persona_jax.diffusion.conditioning import text_encoders, unread_text_rules
 from persona_jax.errors import ConfigError
-from persona_jax.methods import result_file
+from persona_jax.methods import lora_variants, result_file
 from persona_jax.methods.base import Method, ParamSpec
 from persona_jax.methods.spec import EvalRecipe, MethodSpec, ResultSpec, VerifySpec
 from persona_jax.models import block_names, low_rank
@@ -88,6 +114,14 @@ class LoRAConfig:
   blocks: str = ""
   # Transformer linears: "attn" (q/k/v/out), "ff", "proj", or a TARGET_SETS name ("kohya").
   targets: tuple = ("attn",)
+  # "lora", "dora" (PEFT's use_dora), "lokr" or "loha" (LyCORIS's); see the module docstring.
+  variant: str = "lora"
+  # LoKr only (LyCORIS's options of the same names): `factor` splits each dimension into
+  # (m, n), m <= factor (-1: the most balanced split); `decompose_both` makes the smaller
+  # Kronecker half low rank too; `full_matrix` keeps both halves full (scale 1, alpha unused).
+  factor: int = -1
+  decompose_both: bool = False
+  full_matrix: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +130,8 @@ class Target:
   shape: tuple[int, ...]
   rank: int
   alpha: float
+  variant: str = "lora"
+  lokr: tuple = ()                   # LoKr's (factor, decompose_both, full_matrix)
 
   @property
   def scale(self) -> float:
@@ -143,6 +179,13 @@ def chosen_encoders(value, base_params) -> tuple[str, ...]:
 
 def targets(config: LoRAConfig, base_params, unet_config: UNetConfig) -> tuple[Target, ...]:
   """The kernels that get factors, with their rank and scale (blocks resolved)."""
+  if config.variant not in lora_variants.VARIANTS:
+    raise ConfigError(f"method.variant: '{config.variant}' is not one of {', '.join(lora_variants.VARIANTS)}")
+  if config.variant != "lokr" and (config.factor != -1 or config.decompose_both or config.full_matrix):
+    raise ConfigError("method.factor / decompose_both / full_matrix are LoKr's options: set "
+                      "method.variant=lokr or leave them at -1 / False")
+  lokr = ((int(config.factor), bool(config.decompose_both), bool(config.full_matrix))
+          if config.variant == "lokr" else ())
   for name, value in (("rank", config.rank), ("conv_rank", config.conv_rank)):
     if value < 0:
       raise ConfigError(f"method.{name} must be >= 0, got {value}")
@@ -174,7 +217,7 @@ def targets(config: LoRAConfig, base_params, unet_config: UNetConfig) -> tuple[T
     if rank <= 0 or (enabled is not None and block not in enabled):
       continue
     alpha = alphas.get(block, alpha) or rank
-    out.append(Target(path, tuple(leaf.shape), rank, float(alpha)))
+    out.append(Target(path, tuple(leaf.shape), rank, float(alpha), config.variant, lokr))
   if not out:
     raise ConfigError("method: LoRA selects no layers (every rank is 0?)")
   return tuple(out)
@@ -186,25 +229,48 @@ RESULT_FILE = "lora.safetensors"
 def param_spec(chosen: tuple[Target, ...]) -> ParamSpec:
   """LoRA's parameter space over the chosen targets: new factors, merged into the weights."""
   def init(rng, base):
-    factors = {}
+    flat_base = tree.flatten(base)
+    leaves = {}
     for i, t in enumerate(chosen):
-      fan_in = int(np.prod(t.shape[:-1]))
-      a = jax.random.normal(jax.random.fold_in(rng, i), (fan_in, t.rank), jnp.float32) / t.rank
-      factors[t.key] = {"a": a, "b": jnp.zeros((t.rank, t.shape[-1]), jnp.float32)}
-    return tree.unflatten({f"{k}/{n}": v for k, f in factors.items() for n, v in f.items()})
+      factor, decompose_both, full_matrix = t.lokr or (-1, False, False)
+      made = lora_variants.init_leaves(t.variant, t.shape, t.rank, jax.random.fold_in(rng, i),
+                                       flat_base.get(t.kernel), factor=factor,
+                                       decompose_both=decompose_both, full_matrix=full_matrix)
+      leaves.update({f"{t.key}/{n}": v for n, v in made.items()})
+    return tree.unflatten(leaves)
 
   def transform(params):
     flat = tree.flatten(params)
     for t in chosen:
       if t.kernel not in flat:              # a component the step does not need
         continue
-      w, a, b = flat[t.kernel], flat[f"{t.key}/a"], flat[f"{t.key}/b"]
+      w = flat[t.kernel]
+      if t.variant == "lora":
+        a, b = flat[f"{t.key}/a"], flat[f"{t.key}/b"]
+        if w.dtype == jnp.float32:
+          flat[t.kernel] = w + t.scale * (a @ b).reshape(t.shape)
+        else:                               # bf16: a merge would round small updates away
+          low_rank.attach(flat, t.kernel, a, b, t.scale)
+        continue
+      names = lora_variants.LEAVES[t.variant]
+      factor = _factor(t, {n: flat[f"{t.key}/{n}"] for n in names if f"{t.key}/{n}" in flat})
+      delta = factor.update(w.astype(jnp.float32))
       if w.dtype == jnp.float32:
-        flat[t.kernel] = w + t.scale * (a @ b).reshape(t.shape)
-      else:                                 # bf16: a merge would round small updates away
-        low_rank.attach(flat, t.kernel, a, b, t.scale)
+        flat[t.kernel] = w + delta
+      else:                                 # bf16: the whole update beside the kernel
+        low_rank.attach_delta(flat, t.kernel, delta)
     return tree.unflatten(flat)
   return ParamSpec(init=init, transform=transform)
+
+
+def _factor(t: Target, leaves: dict):
+  """The variant's factor (methods/lora_variants.py) of one target's trainable leaves (traced)."""
+  scale = jnp.asarray(lora_variants.scale_of(leaves, t.alpha), jnp.float32)
+  if t.variant == "dora":
+    return lora_variants.DoRAFactor(leaves["a"], leaves["b"], scale, leaves["magnitude"])
+  if t.variant == "loha":
+    return lora_variants.LoHaFactor(*(leaves[n] for n in lora_variants.LEAVES["loha"]), scale)
+  return lora_variants.LoKrFactor(*(leaves.get(n) for n in lora_variants.LEAVES["lokr"]), scale)
 
 
 def make(config: LoRAConfig, base_params, tokenizer_dir=None, unet_config: UNetConfig | None = None) -> Method:
@@ -219,8 +285,11 @@ def save(chosen: tuple[Target, ...], trainable, context):
   """WORKDIR/lora.safetensors: our factors by target (`<target>/a`, `<target>/b`) and each
   target's `<target>/alpha` (a float32 scalar), so the file alone gives the merge."""
   flat = tree.flatten(trainable)
-  factors = {t.key[len(LORA) + 1:]: (flat[f"{t.key}/a"], flat[f"{t.key}/b"], t.alpha)
-             for t in chosen if f"{t.key}/a" in flat}
+  factors = {}
+  for t in chosen:
+    leaves = {n: flat[f"{t.key}/{n}"] for n in lora_variants.LEAVES[t.variant] if f"{t.key}/{n}" in flat}
+    if leaves:
+      factors[t.key[len(LORA) + 1:]] = (leaves, t.alpha)
   path = lf.write_ours(Path(context.workdir) / RESULT_FILE, factors,
                       result_file.run_metadata(context, lf.OURS))
   return [str(path)]

@@ -2,7 +2,8 @@
 
 For a kernel W in block k (models/block_names.py) and LoRA files i = 0..n-1:
   W' = W + sum_i weights[i, k] * scale_i * reshape(a_i @ b_i, W.shape)
-with `weights` [n, n_blocks] over `all_blocks(unet_config)` (BASE = text encoder, IN00.., MID,
+(a variant's file: its own update of W times weights[i, k], methods/lora_variants.py; DoRA's
+is W_dora - W, each from the base W), with `weights` [n, n_blocks] over `all_blocks(unet_config)` (BASE = text encoder, IN00.., MID,
 OUT00..): a LoRA's strength times its block weight, as sd-webui-lora-block-weight applies them
 (methods.md 4.2). The weights are a traced argument of one jitted merge, so other strengths or
 block weights never recompile it (nor the sampler: the merged tree keeps its shapes).
@@ -96,12 +97,12 @@ def merge_loras(kernels, loras: Sequence[LoRAFactors], weights, *, unet_config: 
     block = block_names.param_block(path, unet_config)
     if block is None:
       raise ConfigError(f"LoRA target {path} is in no block (block weights cannot address it)")
+    w32 = w.astype(jnp.float32)
     delta = jnp.zeros(w.shape, jnp.float32)
     for i, factors in enumerate(loras):
       if path in factors:
-        f = factors[path]
-        delta += weights[i, index[block]] * f.scale * (f.a @ f.b).reshape(w.shape)
-    out[path] = (w.astype(jnp.float32) + delta).astype(w.dtype)
+        delta += factors[path].update(w32, weights[i, index[block]])
+    out[path] = (w32 + delta).astype(w.dtype)
   return out
 
 

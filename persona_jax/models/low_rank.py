@@ -14,6 +14,15 @@ float32 accumulation from its operands and rounds their sum once to its dtype, s
 survives in the output as it would with a float32 merge, up to that one rounding. (diffusers and
 kohya add a separately rounded LoRA output in bf16, which loses updates below half an ulp of
 the activations; this keeps them.) A layer without factors runs as it always does.
+
+The LoRA variants whose update is not a product of two factors (DoRA, LoKr, LoHa:
+methods/lora_variants.py) put their whole update there instead, computed in float32 from the
+kernel and rounded to its dtype once:
+
+  <layer>/lora_delta  [kernel shape]  y = x @ W + x @ delta, summed in float32, rounded once
+
+which costs a second product of the kernel's size (an update rounded to bf16 keeps 8 bits of
+itself, where merged into W it would lose every bit below W's ulp).
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ import jax.numpy as jnp
 from jax import lax
 
 FACTORS = ("lora_a", "lora_b", "lora_scale")
+DELTA = "lora_delta"
 
 
 def _conv(x, kernel, module: nn.Conv):
@@ -46,21 +56,28 @@ def _dense(x, kernel):
 def _with_factors(next_fun, args, kwargs, context):
   module = context.module
   if (context.method_name != "__call__" or not isinstance(module, (nn.Dense, nn.Conv))
-      or not module.has_variable("params", "lora_a")):
+      or not (module.has_variable("params", "lora_a") or module.has_variable("params", DELTA))):
     return next_fun(*args, **kwargs)
   get = lambda name: module.get_variable("params", name)        # noqa: E731
   dtype = module.dtype or jnp.float32
   x = args[0].astype(dtype)
-  kernel, a, b = get("kernel").astype(dtype), get("lora_a").astype(dtype), get("lora_b").astype(dtype)
+  kernel = get("kernel").astype(dtype)
   if isinstance(module, nn.Conv):
     if module.feature_group_count != 1 or module.kernel_dilation not in (None, 1, (1, 1)):
       raise NotImplementedError(f"low-rank path on {module.path}: grouped or dilated conv")
     y = _conv(x, kernel, module)
-    low = _conv(x, a.reshape(kernel.shape[:-1] + a.shape[-1:]), module)      # [B, H, W, r]
   else:
     y = _dense(x, kernel)
-    low = _dense(x, a)                                                       # [..., r]
-  y = y + get("lora_scale").astype(jnp.float32) * _dense(low.astype(dtype), b)
+  if module.has_variable("params", DELTA):
+    delta = get(DELTA).astype(dtype)
+    y = y + (_conv(x, delta, module) if isinstance(module, nn.Conv) else _dense(x, delta))
+  else:
+    a, b = get("lora_a").astype(dtype), get("lora_b").astype(dtype)
+    if isinstance(module, nn.Conv):
+      low = _conv(x, a.reshape(kernel.shape[:-1] + a.shape[-1:]), module)    # [B, H, W, r]
+    else:
+      low = _dense(x, a)                                                     # [..., r]
+    y = y + get("lora_scale").astype(jnp.float32) * _dense(low.astype(dtype), b)
   if module.use_bias:
     y = y + get("bias").astype(jnp.float32).reshape((1,) * (y.ndim - 1) + (-1,))
   return y.astype(dtype)
@@ -78,6 +95,11 @@ def attach(flat: dict, kernel_path: str, a, b, scale) -> None:
   layer = kernel_path.rsplit("/", 1)[0]
   flat[f"{layer}/lora_a"], flat[f"{layer}/lora_b"] = a, b
   flat[f"{layer}/lora_scale"] = jnp.asarray(scale, jnp.float32)
+
+
+def attach_delta(flat: dict, kernel_path: str, delta) -> None:
+  """Puts a whole update (float32, the kernel's shape) beside the kernel at `kernel_path`."""
+  flat[f"{kernel_path.rsplit('/', 1)[0]}/{DELTA}"] = delta
 
 
 def with_low_rank_paths(call):
