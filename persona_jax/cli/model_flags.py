@@ -15,8 +15,10 @@ def add_model_flags(p) -> None:
   p.add_argument("--prediction-type", default=None, choices=("epsilon", "v_prediction"),
                  help="with a single-file --model and no --config: the model's prediction type "
                       "(standard SD 1.x/2.x or SDXL base widths are then inferred from the "
-                      "weights; SDXL: epsilon)")
-  p.add_argument("--variant", default=None, help="weight-file variant, e.g. fp16")
+                      "weights; SDXL: epsilon; default: none, so a single file needs this or "
+                      "--config)")
+  p.add_argument("--variant", default=None,
+                 help="weight-file variant, e.g. fp16 (default: none: the plain weight files)")
   p.add_argument("--allow-pickle", action="store_true", help="read .bin/.ckpt files (trusted only)")
 
 
