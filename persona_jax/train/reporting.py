@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -63,8 +64,8 @@ class Reporters:
 
 
 def open_reporters(report_to: str, workdir, *, config: dict, start: int) -> Reporters:
-  """The reporters `report_to` names, writing for WORKDIR from step `start` (a resumed run: the
-  events a killed run logged after its checkpoint are hidden in TensorBoard)."""
+  """The reporters `report_to` names, writing for WORKDIR from step `start` (a run resumed from
+  its step-`start` checkpoint: what it logged after that step is hidden in TensorBoard)."""
   writers = []
   for name in names(report_to):
     writers.append(TensorBoard(workdir, start) if name == "tensorboard"
@@ -77,8 +78,9 @@ class TensorBoard:
 
   def __init__(self, workdir, start: int):
     from tensorboardX import SummaryWriter
-    self.writer = SummaryWriter(logdir=str(workdir), purge_step=start or None,
-                                filename_suffix=f".{os.getpid()}")
+    # A resumed run (from its step-`start` checkpoint) hides what a killed run logged after it.
+    self.writer = SummaryWriter(logdir=str(workdir), purge_step=start + 1 if start else None,
+                                filename_suffix=f".{time.time_ns()}")   # unique, in order
 
   def scalars(self, step: int, values: dict) -> None:
     for k, v in values.items():
