@@ -16,8 +16,11 @@ import functools
 import jax
 import jax.numpy as jnp
 
-# Target size of one block of logits (float32 elements): about 1 MB, in L2.
-BLOCK_ELEMENTS = 1 << 22
+# Target size of one block of logits (float32 elements): 1M elements, 4 MB. Measured at the
+# reduced UNet's first level ([4, 1024, 8, 8], forward + backward; BENCHMARKS.md): on the AMD EPYC
+# CI machine 1M-2M take half the time of 4M (16 MB, past its caches); on the Intel Xeon of the
+# first measurement (2026-11-22) 4M was the best of 256K-16M.
+BLOCK_ELEMENTS = 1 << 20
 
 
 def block_size(bn: int, t: int, s: int) -> int:
