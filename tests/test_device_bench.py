@@ -1,0 +1,70 @@
+"""scripts/device_bench.sh, the prepared GPU benchmark, run here on the CPU: its --dry-run goes the
+whole way (model write, FLOP counts, every persona_jax and PyTorch worker, the report) with a tiny
+model; with no budget left it still writes the model, counts FLOPs and reports every job as
+skipped."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.markers import slow
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_script(out: Path, *flags) -> list[dict]:
+  env = dict(os.environ, PYTHON=sys.executable)
+  proc = subprocess.run(["bash", str(ROOT / "scripts" / "device_bench.sh"), "--dry-run", "--out",
+                         str(out), *flags], env=env, capture_output=True, text=True,
+                        timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  records = [json.loads(line) for line in (out / "device_bench.jsonl").read_text().splitlines()]
+  assert records[0]["kind"] == "meta" and records[-1]["kind"] == "end"
+  assert (out / "device_bench.md").read_text().strip() in proc.stdout
+  return records
+
+
+def finite(x) -> bool:
+  return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def test_no_budget_left_reports_every_job_skipped(tmp_path):
+  records = run_script(tmp_path, "--budget", "-1", "--cases", "sample", "lora", "dreambooth")
+  flops = [r for r in records if r["kind"] == "flops"]
+  assert [(r["model"], r["size"]) for r in flops] == [("tiny", 32)]
+  assert finite(flops[0]["per_image_flops"])
+  skipped = {(r["case"], r["framework"]) for r in records if r["kind"] == "skipped"}
+  assert skipped == {(c, fw) for c in ("sample", "lora", "dreambooth") for fw in ("jax", "torch")}
+  assert not [r for r in records if r["kind"] == "result"]
+  table = (tmp_path / "device_bench.md").read_text()
+  assert table.count("not measured: budget") == 6
+
+
+@slow
+def test_dry_run_measures_every_case_on_both_frameworks(tmp_path):
+  records = run_script(tmp_path, "--peak-tflops", "1")
+  assert not [r for r in records if r["kind"] == "skipped"]
+  measured = [r for r in records if r["kind"] == "result"]
+  summary = records[-2]["results"]                 # with the FLOPs known at the end
+  assert records[-2]["kind"] == "summary" and len(summary) == len(measured)
+  results = {(r["case"], r["framework"], r["batch"]): r for r in summary}
+  expected = {(case, fw, batch) for fw in ("jax", "torch")
+              for case, batch in (("sample", 1), ("sample", 2), ("lora", 2), ("dreambooth", 2),
+                                  ("sdxl_sample", 1))}
+  assert set(results) == expected
+  for (case, fw, _), r in results.items():
+    keys = ["seconds", "peak_mb", "flops", "mfu", "first_call_s"]
+    keys += ["per_image_s"] if "sample" in case else ["steps_per_s"]
+    keys += ["compile_s"] if fw == "jax" else []
+    assert all(finite(r[k]) for k in keys), (case, fw, {k: r[k] for k in keys})
+    assert r["mfu"] == r["flops"] / r["seconds"] / 1e12
+  # Sampling FLOPs grow with the batch; the train steps' come from XLA's lowered program.
+  assert results["sample", "jax", 2]["flops"] == 2 * results["sample", "jax", 1]["flops"]
+  assert results["lora", "jax", 2]["flops_source"] == "lowered"
+  assert results["sdxl_sample", "jax", 1]["model"] == "tiny_sdxl"
+  table = (tmp_path / "device_bench.md").read_text()
+  for case, fw, batch in expected:
+    assert f"| {case} | {results[case, fw, batch]['model']} | {batch} |" in table
