@@ -99,6 +99,19 @@ def peak_flops(device: str, override_tflops: float | None = None) -> float | Non
   return next((t * 1e12 for name, t in PEAK_TFLOPS if name.lower() in device.lower()), None)
 
 
+def xla_flops(stage) -> float | None:
+  """FLOPs XLA's cost analysis counts in a lowered or compiled program (None where unavailable).
+  A loop body counts once."""
+  try:
+    cost = stage.cost_analysis()
+  except Exception:             # some backends do not implement it
+    return None
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  flops = (cost or {}).get("flops")
+  return float(flops) if flops and flops > 0 else None
+
+
 def sampling_flops(model: str, size: int, steps: int) -> float | None:
   """FLOPs of one image of text-to-image with guidance (prompt + negative through the text
   encoders, `steps` UNet calls on both halves, the VAE decoder), from XLA's cost analysis of the
@@ -112,7 +125,6 @@ def sampling_flops(model: str, size: int, steps: int) -> float | None:
   from persona_jax.models.components import abstract_params
   from persona_jax.text_to_image import SampleOptions, prompt_inputs
   from persona_jax.tokenizer import shipped_tokenizer_dir
-  from persona_jax.benchmark.device_jax import xla_flops
   raw = model_configs(model)
   configs = parse_configs(raw)
   params = {c.name: abstract_params(c.name, configs[f"{c.name}_config"]) for c in components_of(raw)}

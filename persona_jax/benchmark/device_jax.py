@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from persona_jax.benchmark.device import PROMPT, emit, host_peak_mb
+from persona_jax.benchmark.device import PROMPT, emit, host_peak_mb, xla_flops
 
 
 def device_peak() -> tuple[float | None, str]:
@@ -34,19 +34,6 @@ def device_peak() -> tuple[float | None, str]:
   if "peak_bytes_in_use" in stats:
     return stats["peak_bytes_in_use"] / 2**20, "device"
   return host_peak_mb(), "host_rss"
-
-
-def xla_flops(stage) -> float | None:
-  """FLOPs XLA's cost analysis counts in a lowered or compiled program (None where unavailable).
-  A loop body counts once."""
-  try:
-    cost = stage.cost_analysis()
-  except Exception:             # some backends do not implement it
-    return None
-  if isinstance(cost, (list, tuple)):
-    cost = cost[0] if cost else None
-  flops = (cost or {}).get("flops")
-  return float(flops) if flops and flops > 0 else None
 
 
 def run_sample(job: dict) -> None:
