@@ -1,11 +1,13 @@
-"""Sampling as one jitted function: text encode -> `lax.fori_loop` over the sampler's steps
-(diffusion/samplers.py: DDIM, Euler, Euler ancestral, DPM-Solver++ 2M) with classifier-free
-guidance -> VAE decode.
+"""Sampling: text encode -> `lax.fori_loop` over the sampler's steps (diffusion/samplers.py: DDIM,
+Euler, Euler ancestral, DPM-Solver++ 2M) with classifier-free guidance -> VAE decode, as three
+compiled programs per shape (`generate`: prepare, a chunk of steps, decode), called from the host.
 
-Only shapes, the sampler and the step count are static. Guidance scale, guidance rescale and eta are traced
-arrays, so changing them never recompiles. Each image has its own key,
-`fold_in(key(seed), index)`: image i starts from the same latents, and draws the same eta noise,
-whatever the batch it is generated in.
+Only shapes, the sampler and the step count are static. Guidance scale, guidance rescale, eta and
+the step range of a chunk are traced arrays, so changing them never recompiles, and no program
+holds a host callback (the progress bar ticks from the host between chunks): JAX's persistent
+compilation cache stores them all, and a second process with the same shapes compiles nothing.
+Each image has its own key, `fold_in(key(seed), index)`: image i starts from the same latents,
+and draws the same eta noise, whatever the batch it is generated in.
 
 The conditioning is the method's (diffusion/conditioning.py, the protocol training uses too):
 `prepare` runs once (encode the prompts, the negative prompts, the images), `at` gives the
@@ -23,6 +25,7 @@ import contextlib
 import dataclasses
 import functools
 import logging
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -92,7 +95,7 @@ _progress_bar = None
 
 @contextlib.contextmanager
 def progress_to(bar):
-  """Routes the per-step ticks of `generate(..., progress=True)` to `bar` (e.g. a tqdm bar)."""
+  """Routes the ticks of `generate(..., progress=True)` (one per step) to `bar` (a tqdm bar)."""
   global _progress_bar
   previous, _progress_bar = _progress_bar, bar
   try:
@@ -101,47 +104,56 @@ def progress_to(bar):
     _progress_bar = previous
 
 
-def _tick(step):
-  if _progress_bar is not None:
-    _progress_bar.update(1)
+class Denoising(NamedTuple):
+  """The denoising loop between two compiled chunks of steps: its carry and what it reads."""
+  x: jax.Array            # [B, h, w, c] the current latents, in the UNet's dtype
+  sampler_state: Any      # the sampler's carry (Sampler.init_state)
+  state: Any              # the conditioning's `prepare` output
+  uncond: Any             # the unconditional half's UNet keyword arguments (the same every step)
+  keys: jax.Array         # [B] the image keys (eta and ancestral noise)
 
 
-def denoise(models: SDModels, sampler: Sampler, conditioning, params, state, latents, keys,
-            guidance, guidance_rescale, eta, progress: bool = False):
-  """The sampler's loop with classifier-free guidance. latents: [B, h, w, c] x_T ~ N(0, I)
-  (scaled by the sampler's init_noise_sigma here) -> x_0 latents. The UNet and the
-  conditioning's `at` see the sampler's scaled input (Euler's x / sqrt(sigma^2 + 1))."""
+def start_denoising(models: SDModels, sampler: Sampler, conditioning, params, inputs, keys,
+                    latents) -> Denoising:
+  """The loop before its first step: the conditioning prepared, x_T scaled by the sampler's
+  init_noise_sigma. latents: [B, h, w, c] x_T ~ N(0, I) in the UNet's dtype."""
+  state = conditioning.prepare(models, params, inputs)
+  uncond = conditioning.negative(models, params, state)
+  x = latents
+  if sampler.init_noise_sigma != 1.0:
+    x = (latents.astype(jnp.float32) * sampler.init_noise_sigma).astype(latents.dtype)
+  return Denoising(x, sampler.init_state(x), state, uncond, keys)
+
+
+def denoise_steps(models: SDModels, sampler: Sampler, conditioning, params, loop: Denoising,
+                  guidance, guidance_rescale, eta, start, stop) -> tuple[jax.Array, Any]:
+  """Steps start .. stop - 1 (traced int32 scalars) of the sampler's loop with classifier-free
+  guidance -> (x, sampler_state) after them. The UNet and the conditioning's `at` see the
+  sampler's scaled input (Euler's x / sqrt(sigma^2 + 1))."""
   timesteps = jnp.asarray(sampler.arrays()["timesteps"])
+  x0 = loop.x
 
   def halves(u, c):
     """[uncond; cond] on the batch axis; a scalar leaf (a scale) applies to every example."""
-    u, c = (jnp.broadcast_to(a, latents.shape[:1]) if jnp.ndim(a) == 0 else a for a in (u, c))
+    u, c = (jnp.broadcast_to(a, x0.shape[:1]) if jnp.ndim(a) == 0 else a for a in (u, c))
     return jnp.concatenate([u, c], axis=0)
-
-  uncond = conditioning.negative(models, params, state)      # the same at every step
 
   def body(i, carry):
     x, sampler_state = carry
     t = timesteps[i]
     x_in = sampler.scale_model_input(x.astype(jnp.float32), i).astype(x.dtype)
-    cond, _ = conditioning.at(models, params, state, x_in, jnp.broadcast_to(t, x.shape[:1]), i)
-    both = jax.tree.map(halves, uncond, cond)
+    cond, _ = conditioning.at(models, params, loop.state, x_in, jnp.broadcast_to(t, x.shape[:1]), i)
+    both = jax.tree.map(halves, loop.uncond, cond)
     out = models.unet.apply({"params": params["unet"]}, jnp.concatenate([x_in, x_in], axis=0),
                             jnp.broadcast_to(t, (2 * x.shape[0],)), **both)
     out_uncond, out_cond = jnp.split(out.astype(jnp.float32), 2, axis=0)
     model_output = guide(out_uncond, out_cond, guidance, guidance_rescale)
     noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i + 1), x.shape[1:],
-                                                 jnp.float32))(keys)
+                                                 jnp.float32))(loop.keys)
     prev, sampler_state = sampler.step(model_output, x, i, sampler_state, noise, eta)
-    if progress:
-      jax.debug.callback(_tick, i)
     return prev.astype(x.dtype), sampler_state
 
-  x = latents
-  if sampler.init_noise_sigma != 1.0:
-    x = (latents.astype(jnp.float32) * sampler.init_noise_sigma).astype(latents.dtype)
-  x, _ = jax.lax.fori_loop(0, sampler.num_steps, body, (x, sampler.init_state(x)))
-  return x
+  return jax.lax.fori_loop(start, stop, body, (loop.x, loop.sampler_state))
 
 
 def decode_latents(vae: AutoencoderKL, params, latents):
@@ -158,13 +170,45 @@ def decode_latents(vae: AutoencoderKL, params, latents):
   return jnp.clip(images.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
 
 
-@functools.partial(jax.jit, static_argnames=("models", "scheduler", "num_steps", "latent_shape",
-                                             "conditioning", "decode", "progress", "sampler"))
+# The three compiled programs of `generate`. Their static arguments are hashable descriptions of
+# the networks, the sampler and the conditioning; everything that changes between calls of one
+# shape (prompts, seed, guidance, eta, the step range of a chunk, a method's knobs) is traced.
+
+@functools.partial(jax.jit, static_argnames=("models", "sampler", "conditioning", "latent_shape"))
+def _prepare(params, inputs, seed, indices, latents, *, models: SDModels, sampler: Sampler,
+             conditioning, latent_shape: tuple[int, int, int]) -> Denoising:
+  keys = image_keys(seed, indices)
+  if latents is None:
+    latents = initial_latents(keys, latent_shape, jnp.float32)
+  latents = latents.astype(models.unet.config.dtype)
+  return start_denoising(models, sampler, conditioning, params, inputs, keys, latents)
+
+
+@functools.partial(jax.jit, static_argnames=("models", "sampler", "conditioning"))
+def _denoise_chunk(params, loop: Denoising, guidance, guidance_rescale, eta, start, stop, *,
+                   models: SDModels, sampler: Sampler, conditioning):
+  return denoise_steps(models, sampler, conditioning, params, loop,
+                       jnp.asarray(guidance, jnp.float32),
+                       jnp.asarray(guidance_rescale, jnp.float32), jnp.asarray(eta, jnp.float32),
+                       jnp.asarray(start, jnp.int32), jnp.asarray(stop, jnp.int32))
+
+
+_decode = jax.jit(decode_latents, static_argnums=0)
+
+
 def generate(params, inputs, seed, indices, guidance, guidance_rescale, eta, latents=None, *,
              models: SDModels, scheduler: SchedulerConfig, num_steps: int,
              latent_shape: tuple[int, int, int], conditioning=TextConditioning(),
              decode: bool = True, progress: bool = False, sampler: str = "ddim"):
-  """Text-to-image: the whole pipeline in one compiled program.
+  """Text-to-image: three compiled programs per shape, run from the host.
+
+  `_prepare` (image keys, x_T, the conditioning's prepare and negative half), `_denoise_chunk`
+  (steps start .. stop - 1 of the loop; the range is traced, so every chunk of every call runs the
+  same program) and `_decode` (the VAE). With `progress`, the loop runs one step per chunk and the
+  host ticks the bar as each finishes (the next one already queued, so the device never waits).
+  Ticking from the host, not from a callback inside the program, keeps the programs free of host
+  callbacks, which JAX's persistent compilation cache refuses to store: a second process with the
+  same shapes loads them instead of compiling. The images are the same with or without progress.
 
   Args:
     params: {"unet", "text_encoder", "vae", ...} (whatever the conditioning reads too).
@@ -179,13 +223,35 @@ def generate(params, inputs, seed, indices, guidance, guidance_rescale, eta, lat
   Returns:
     images [B, H, W, 3] in [0, 1] (float32), or latents [B, h, w, c].
   """
-  keys = image_keys(seed, indices)
-  if latents is None:
-    latents = initial_latents(keys, latent_shape, jnp.float32)
-  latents = latents.astype(models.unet.config.dtype)
-  state = conditioning.prepare(models, params, inputs)
-  latents = denoise(models, make_sampler(sampler, scheduler, num_steps), conditioning, params,
-                    state, latents, keys,
-                    jnp.asarray(guidance, jnp.float32), jnp.asarray(guidance_rescale, jnp.float32),
-                    jnp.asarray(eta, jnp.float32), progress)
-  return decode_latents(models.vae, params, latents) if decode else latents
+  static = dict(models=models, sampler=make_sampler(sampler, scheduler, num_steps),
+                conditioning=conditioning)
+  loop = _prepare(params, inputs, seed, indices, latents, latent_shape=latent_shape, **static)
+  bar = _progress_bar if progress else None
+  chunk = 1 if bar is not None else num_steps
+  queued = None                  # the previous chunk's latents, ticked once they are computed
+  for start in range(0, num_steps, chunk):
+    stop = min(start + chunk, num_steps)
+    x, sampler_state = _denoise_chunk(params, loop, guidance, guidance_rescale, eta, start, stop,
+                                      **static)
+    loop = loop._replace(x=x, sampler_state=sampler_state)
+    if bar is not None:
+      _tick_when_ready(bar, queued)
+      queued = (x, stop - start)
+  if bar is not None:
+    _tick_when_ready(bar, queued)
+  return _decode(models.vae, {"vae": params["vae"]}, loop.x) if decode else loop.x
+
+
+def _tick_when_ready(bar, queued) -> None:
+  """Advances `bar` by a chunk's steps once its latents are computed (`queued`: (x, steps))."""
+  if queued is not None:
+    jax.block_until_ready(queued[0])
+    bar.update(queued[1])
+
+
+def _compiled_variants() -> int:
+  """How many programs `generate` has compiled in this process (tests: nothing recompiles)."""
+  return sum(f._cache_size() for f in (_prepare, _denoise_chunk, _decode))
+
+
+generate._cache_size = _compiled_variants
