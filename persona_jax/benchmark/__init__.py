@@ -2,8 +2,10 @@
 
 Each measurement runs in its own subprocess (two frameworks fighting for the same cores in one
 process is not a measurement), alternating A B A B over several repetitions; the report gives
-medians and ratios. Peak memory is the process's peak RSS (JAX's `memory_stats()` is empty on
-CPU; on GPU the device's peak bytes are reported too).
+medians and ratios. persona_jax's first call is timed cold (the first repetition, on an empty
+persistent compilation cache of its case) and warm (the later ones, loading what the first
+stored: what a second run of a command costs). Peak memory is the process's peak RSS (JAX's
+`memory_stats()` is empty on CPU; on GPU the device's peak bytes are reported too).
 
 Cases (more join as methods land):
   unet_forward   UNet forward at batch 2 (one classifier-free-guidance step), no gradients
@@ -245,6 +247,14 @@ def db_options(case: str) -> tuple[bool, bool, int]:
 # Driver.
 
 
+def compilation_cache_env(env: dict, folder: Path) -> dict:
+  """A jax worker's environment with its persistent compilation cache in `folder` (every program
+  stored, as the CLI stores them: cache.py)."""
+  return dict(env, JAX_COMPILATION_CACHE_DIR=str(folder),
+              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+
+
 def _spawn(framework, case, unet_dir, preset, iters, dtype, env) -> dict:
   cmd = [sys.executable, "-m", "persona_jax.benchmark", framework, case, str(unet_dir), preset,
          str(iters), dtype]
@@ -279,7 +289,7 @@ def bench(preset: str = "reduced", cases=DEFAULT_CASES, frameworks=FRAMEWORKS, r
   import torch
   from persona_jax.runtime import MALLOC_TUNABLE
   env = dict(os.environ, PERSONA_JAX_NO_REEXEC="1")
-  env.pop("JAX_COMPILATION_CACHE_DIR", None)    # compile time is measured cold
+  env.pop("JAX_COMPILATION_CACHE_DIR", None)    # each case's own, empty at first: cold, then warm
   if malloc_tunable:                            # the same allocator setting for both frameworks
     env["GLIBC_TUNABLES"] = MALLOC_TUNABLE
   results = []
@@ -294,11 +304,16 @@ def bench(preset: str = "reduced", cases=DEFAULT_CASES, frameworks=FRAMEWORKS, r
         order = frameworks if rep % 2 == 0 else frameworks[::-1]
         order = [fw for fw in order if fw == "jax" or case not in JAX_ONLY]
         for fw in order:
-          r = _spawn(fw, case, unet_dir, preset, iters, dtype, env)
+          fw_env = (compilation_cache_env(env, Path(tmp) / "jax_cache" / case) if fw == "jax"
+                    else env)
+          r = _spawn(fw, case, unet_dir, preset, iters, dtype, fw_env)
           r["rep"] = rep
+          if fw == "jax":
+            r["cache"] = "warm" if rep else "cold"
           results.append(r)
           print_fn(f"  {case:14s} {fw:5s} rep {rep}: median {r['median_s'] * 1e3:8.1f} ms, "
-                   f"first call {r['first_call_s']:6.1f} s, peak RSS {r['peak_rss_mb']:7.0f} MB "
+                   f"first call {r['first_call_s']:6.1f} s {r.get('cache', ''):4s}, "
+                   f"peak RSS {r['peak_rss_mb']:7.0f} MB "
                    f"(steps {r.get('steady_peak_rss_mb') or 0:7.0f} MB)")
   summary = {}
   for case in cases:
@@ -307,8 +322,11 @@ def bench(preset: str = "reduced", cases=DEFAULT_CASES, frameworks=FRAMEWORKS, r
       rs = [r for r in results if r["case"] == case and r["framework"] == fw]
       if not rs:                     # a persona_jax-only case
         continue
+      cold = [r for r in rs if r.get("cache") != "warm"]
+      warm = [r["first_call_s"] for r in rs if r.get("cache") == "warm"]
       row[fw] = dict(median_s=statistics.median(r["median_s"] for r in rs),
-                     first_call_s=statistics.median(r["first_call_s"] for r in rs),
+                     first_call_s=statistics.median(r["first_call_s"] for r in cold),
+                     first_call_warm_s=statistics.median(warm) if warm else None,
                      peak_rss_mb=max(r["peak_rss_mb"] for r in rs),
                      steady_peak_rss_mb=max(r.get("steady_peak_rss_mb") or 0 for r in rs),
                      device_peak_mb=max((r.get("device_peak_mb", 0) for r in rs), default=0),
@@ -328,7 +346,8 @@ def format_summary(summary: dict, meta: dict) -> str:
   lines = [f"persona-jax bench --preset {meta['preset']} ({meta['dtype']}, {meta['reps']} reps x "
            f"{meta['iters']} iters; {meta['machine']}; device {meta['device']}; jax {meta['jax']}, "
            f"torch {meta['torch']}; {meta['date']})",
-           "| case | persona_jax | diffusers PyTorch | speedup (torch/jax) | first call jax / torch "
+           "| case | persona_jax | diffusers PyTorch | speedup (torch/jax) | first call jax (warm: "
+           "compilation cache filled) / torch "
            "| peak RSS jax / torch (whole process) | peak RSS jax / torch (during the steps) |",
            "|---|---|---|---|---|---|---|"]
   for case, row in summary.items():
@@ -336,7 +355,10 @@ def format_summary(summary: dict, meta: dict) -> str:
     fmt = lambda r: f"{r['median_s'] * 1e3:.0f} ms" if r else "-"
     both = lambda key, unit, f: " / ".join(f"{r[key]:{f}} {unit}" if r else "-" for r in (j, t))
     speedup = f"{row['speedup']:.2f}x" if "speedup" in row else "-"
-    lines.append(f"| {case} | {fmt(j)} | {fmt(t)} | {speedup} | {both('first_call_s', 's', '.1f')} | "
+    first = both('first_call_s', 's', '.1f')
+    if j and j.get("first_call_warm_s") is not None:
+      first = first.replace(" / ", f" (warm {j['first_call_warm_s']:.1f} s) / ", 1)
+    lines.append(f"| {case} | {fmt(j)} | {fmt(t)} | {speedup} | {first} | "
                  f"{both('peak_rss_mb', 'MB', '.0f')} | {both('steady_peak_rss_mb', 'MB', '.0f')} |")
   planned = {case: row["jax"]["xla_memory_mb"] for case, row in summary.items()
              if row.get("jax", {}).get("xla_memory_mb")}
