@@ -4,6 +4,7 @@ synchronous iteration; `memory_plan` compiles the steps from shapes and reads XL
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -209,7 +210,7 @@ def _jax_db_parts(case, config, unet_params, batch_size: int, latent: int, conte
   from persona_jax.train.state import init_state
   bf16, remat, accum = db_options(case)
   unet = UNet2DConditionModel(dataclasses.replace(
-      config, dtype=jnp.bfloat16 if bf16 else config.dtype, remat="blocks" if remat else "none"))
+      config, dtype=jnp.bfloat16 if bf16 else config.dtype, remat="blocks" if remat else config.remat))
   method = dreambooth.make(dreambooth.DreamBoothConfig(), {"unet": unet_params})
   trainable = {"unet": unet_params}
   tx, _ = make_optimizer(OptimConfig(lr=5e-6, clip_grad_norm=1.0, grad_accum=accum), trainable,
@@ -249,12 +250,24 @@ def _jax_db_step(case, config, unet_params, latents, ctx, added=None):
   return run
 
 
-def memory_plan(preset: str = "sd15", cases=DB_VARIANTS, batch_size: int = 2, print_fn=print) -> dict:
+REMAT_POLICIES = ("none", "blocks", "dots")
+
+
+def memory_plan(preset: str = "sd15", cases=DB_VARIANTS, batch_size: int = 2, print_fn=print,
+                remat=(), target: str = "cpu") -> dict:
   """XLA's buffer plan of the DreamBooth step for each memory option (and of the LoRA and Custom
   Diffusion steps: ADAPTER_CASES), compiled from shapes only
   (no weights are created, so the real SD 1.5 and SDXL UNets plan on a laptop; a preset with a
-  `plan` preset plans that one: sdxl plans sdxl_full). CPU plans; an accelerator's compiler fuses
-  and schedules differently."""
+  `plan` preset plans that one: sdxl plans sdxl_full).
+
+  remat: UNet remat policies (REMAT_POLICIES) to plan every case under, keyed "case remat=P"
+    (empty: each case as it is; db_train_remat is `blocks` whatever is asked).
+  target: "cpu" (this machine's XLA:CPU), or "tpu:TOPOLOGY" (e.g. "tpu:v5e:2x2"): compiled by
+    libtpu's TPU compiler for one chip of that topology, without a TPU (`pip install
+    "jax[tpu]"` brings libtpu), attention through XLA. XLA:CPU's plan is not an accelerator's:
+    its default concurrency-optimized scheduler runs the rematerialized regions early, so remat
+    saves nothing there (`plan_remat` below; figures in BENCHMARKS.md).
+  """
   import jax
   import jax.numpy as jnp
 
@@ -265,18 +278,96 @@ def memory_plan(preset: str = "sd15", cases=DB_VARIANTS, batch_size: int = 2, pr
   params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32),
                         abstract_params("unet", config))
   added = added_cond_shapes(p, batch_size)
+  place, config = plan_target(target, config)
   out = {}
   for case in cases:
-    if case in ADAPTER_CASES:
-      step, state, frozen, batch = _adapter_parts(case, config, params, batch_size, p.latent,
-                                                  p.context_len, added)
-    else:
-      step, state, batches = _jax_db_parts(case, config, params, batch_size, p.latent,
-                                           p.context_len, added)
-      frozen, batch = {}, batches[0]
-    out[case] = xla_memory_mb(step.lower(state, frozen, batch).compile())
-    print_fn(f"  {case:16s} {out[case]}")
+    for policy in remat or (None,):
+      c = config if policy is None else dataclasses.replace(config, remat=policy)
+      if case in ADAPTER_CASES:
+        step, state, frozen, batch = _adapter_parts(case, c, params, batch_size, p.latent,
+                                                    p.context_len, added)
+      else:
+        step, state, batches = _jax_db_parts(case, c, params, batch_size, p.latent,
+                                             p.context_len, added)
+        frozen, batch = {}, batches[0]
+      key = case if policy is None else f"{case} remat={policy}"
+      out[key] = xla_memory_mb(step.lower(*place((state, frozen, batch))).compile())
+      print_fn(f"  {key:28s} {out[key]}")
   return out
+
+
+def plan_target(target: str, config):
+  """(place, config) for compiling from shapes for `target` (see `memory_plan`): place(tree)
+  gives every ShapeDtypeStruct of the tree that target's device; config: the UNet config the
+  target plans (TPU: XLA attention, as this process's CPU backend would pick its own kernel)."""
+  import jax
+  import numpy as np
+
+  from persona_jax.errors import ConfigError
+  if target == "cpu":
+    return (lambda tree: tree), config
+  platform, _, topology = target.partition(":")
+  if platform != "tpu" or not topology:
+    raise ConfigError(f"memory plan target '{target}': use cpu or tpu:TOPOLOGY (e.g. tpu:v5e:2x2)")
+  if importlib.util.find_spec("libtpu") is None:
+    raise ConfigError(f"memory plan target '{target}' needs libtpu: pip install \"jax[tpu]\"")
+  from jax.experimental import topologies
+  device = topologies.get_topology_desc(topology, platform="tpu").devices[0]
+  sharding = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array([device]), ("one",)),
+                                        jax.sharding.PartitionSpec())
+  place = lambda tree: jax.tree.map(                                        # noqa: E731
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+  return place, dataclasses.replace(config, attention="xla")
+
+
+def _unet_loss_args(config, batch_size: int, latent: int, context_len: int, place):
+  """(loss(config) -> fn(params, x, t, context), args as ShapeDtypeStructs placed by `place`)
+  of the UNet's float32 denoising loss."""
+  import jax
+  import jax.numpy as jnp
+
+  from persona_jax.models.components import abstract_params
+  from persona_jax.models.unet import UNet2DConditionModel
+  f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)              # noqa: E731
+  args = place((jax.tree.map(lambda x: f32(*x.shape), abstract_params("unet", config)),
+                f32(batch_size, latent, latent, config.in_channels),
+                jax.ShapeDtypeStruct((batch_size,), jnp.int32),
+                f32(batch_size, context_len, config.cross_attention_dims[0])))
+
+  def loss(c):
+    unet = UNet2DConditionModel(c)
+    return lambda params, x, t, context: jnp.mean(jnp.square(
+        unet.apply({"params": params}, x, t, context).astype(jnp.float32)))
+  return loss, args
+
+
+def remat_residuals_mb(config, batch_size: int, latent: int, context_len: int,
+                       policies=REMAT_POLICIES) -> dict:
+  """{policy: MB} that autodiff keeps from the UNet loss's forward for its backward (the
+  parameters included), traced from shapes, nothing compiled: what a remat policy decides,
+  whatever a compiler's schedule then does with it."""
+  import jax
+  loss, args = _unet_loss_args(config, batch_size, latent, context_len, lambda tree: tree)
+  out = {}
+  for policy in policies:
+    f = loss(dataclasses.replace(config, remat=policy))
+    backward = jax.eval_shape(lambda p, *rest: jax.vjp(lambda p: f(p, *rest), p)[1], *args)
+    out[policy] = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(backward)) / 2**20
+  return out
+
+
+def plan_remat(config, batch_size: int, latent: int, context_len: int, target: str = "cpu",
+               policies=REMAT_POLICIES) -> dict:
+  """{policy: xla_memory_mb} of the UNet's float32 loss and parameter gradient (no optimizer)
+  for `config` (a UNetConfig) at [batch_size, latent, latent, in_channels] latents and
+  [batch_size, context_len, cross_attention_dim] contexts, compiled from shapes for `target`
+  (see `memory_plan`)."""
+  import jax
+  place, config = plan_target(target, config)
+  loss, args = _unet_loss_args(config, batch_size, latent, context_len, place)
+  return {policy: xla_memory_mb(jax.jit(jax.grad(loss(dataclasses.replace(config, remat=policy))))
+                                .lower(*args).compile())
+          for policy in policies}
 
 
 def xla_memory_mb(compiled) -> dict | None:

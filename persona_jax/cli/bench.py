@@ -35,6 +35,11 @@ def add_arguments(p) -> None:
                       "works for --preset sd15 and sdxl (the real SDXL UNet) on a laptop")
   p.add_argument("--memory-plan-batch", type=int, default=2,
                  help="rows per step for --memory-plan (instance + class)")
+  p.add_argument("--memory-plan-remat", nargs="+", choices=("none", "blocks", "dots"), default=[],
+                 help="plan every case under each of these UNet remat policies")
+  p.add_argument("--memory-plan-target", default="cpu",
+                 help="cpu (XLA:CPU), or tpu:TOPOLOGY, e.g. tpu:v5e:2x2: libtpu's compiler plans "
+                      "for one TPU chip without a TPU (needs libtpu: pip install 'jax[tpu]')")
 
 
 def run(args) -> int:
@@ -44,7 +49,8 @@ def run(args) -> int:
   if args.memory_plan:
     plannable = DB_VARIANTS + ADAPTER_CASES
     cases = [c for c in args.cases if c in plannable] if not default else plannable
-    result = memory_plan(args.preset, cases, batch_size=args.memory_plan_batch)
+    result = memory_plan(args.preset, cases, batch_size=args.memory_plan_batch,
+                         remat=tuple(args.memory_plan_remat), target=args.memory_plan_target)
   else:                          # the default cases the preset runs; others asked for are refused
     cases = [c for c in args.cases if c in PRESETS[args.preset].cases] if default else args.cases
     result = bench(preset=args.preset, cases=cases, frameworks=args.frameworks,
