@@ -8,8 +8,11 @@ The kernel is chosen explicitly, never left to a library default (DESIGN.md sect
     jax 0.10's `jax/_src/cudnn/fused_attention_stablehlo.py` (check_layout,
     check_is_flash_attention). Without a bias or padding mask it asks nothing of the lengths,
     so cross-attention over 77 text tokens qualifies, and causal masking is cuDNN's own;
-  * `splash`: on TPU, JAX's Pallas splash (flash) kernel (models/splash_attention.py) for long
-    non-causal attention: both lengths >= SPLASH_MIN_TOKENS and multiples of 128;
+  * `splash`: on a single TPU chip, JAX's Pallas splash (flash) kernel
+    (models/splash_attention.py) for long non-causal attention: both lengths >=
+    SPLASH_MIN_TOKENS and multiples of 128. Not on a multi-device mesh: XLA's partitioner cannot
+    split a Pallas call, so a batch-sharded step would gather q/k/v onto every device (the
+    kernel needs a shard_map over the batch axis there, not written yet);
   * `blocked`: on CPU, query blocks with a recomputing backward (models/blocked_attention.py);
   * `xla`: `jax.nn.dot_product_attention(implementation="xla")` everywhere else;
   * `einsum`: a plain reference written out below, used by the tests.
@@ -88,7 +91,8 @@ def choose_kernel(requested: str, dtype, head_dim: int, *, q_len: int = 0, kv_le
   backend = jax.default_backend()
   if backend == "gpu" and cudnn_supports(dtype, head_dim):
     return "cudnn"
-  if backend == "tpu" and min(q_len, kv_len) >= SPLASH_MIN_TOKENS and splash.fits(q_len, kv_len):
+  if (backend == "tpu" and jax.device_count() == 1 and min(q_len, kv_len) >= SPLASH_MIN_TOKENS
+      and splash.fits(q_len, kv_len)):
     return "splash"
   if backend == "cpu":
     return "blocked"

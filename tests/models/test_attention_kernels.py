@@ -50,9 +50,12 @@ def test_gpu_takes_cudnn_where_it_applies(backend, capability, dtype, head_dim, 
     (1100, 1100, "xla"),                      # long but not a multiple of 128
     (0, 0, "xla"),                            # lengths unknown
 ])
-def test_tpu_takes_splash_for_long_attention(backend, q_len, kv_len, want):
+def test_tpu_takes_splash_for_long_attention(backend, monkeypatch, q_len, kv_len, want):
   backend("tpu")
+  monkeypatch.setattr(jax, "device_count", lambda: 1)
   assert choose_kernel("auto", jnp.bfloat16, 64, q_len=q_len, kv_len=kv_len) == want
+  monkeypatch.setattr(jax, "device_count", lambda: 4)     # a mesh: a Pallas call is not split
+  assert choose_kernel("auto", jnp.bfloat16, 64, q_len=q_len, kv_len=kv_len) == "xla"
 
 
 def test_cpu_and_explicit_choices(backend):
