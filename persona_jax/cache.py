@@ -1,4 +1,5 @@
-"""The user cache folder: embedded default models and JAX's persistent compilation cache.
+"""The user cache folder: embedded default models, JAX's persistent compilation cache and the
+networks' parameter shapes.
 
 `$XDG_CACHE_HOME/persona_jax` (default `~/.cache/persona_jax`); `PERSONA_JAX_CACHE` overrides it.
 """
@@ -35,3 +36,53 @@ def enable_compilation_cache(folder: Path | None = None, min_compile_secs: float
   jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_secs)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
   return folder
+
+
+def remembered_shapes(kind: str, key: str, sources, compute):
+  """The tree of `jax.ShapeDtypeStruct` that `compute()` returns (nested dicts of arrays' shapes,
+  e.g. a network's abstract params), remembered in the user cache folder: the next process reads
+  it instead of tracing the network again (a second or more of a command's start).
+
+  The entry is named by a digest of `kind`, `key` (what the tree is a function of, e.g. the
+  network's config), the versions of jax and flax and the contents of `sources` (the files of
+  the code that builds the tree), so an edit of any of them computes it anew. Without a writable
+  cache folder it is computed every time.
+  """
+  import hashlib
+  import json
+
+  import flax
+  import jax
+  digest = hashlib.sha256("\n".join((kind, key, jax.__version__, flax.__version__)).encode())
+  for path in sources:
+    digest.update(Path(path).read_bytes())
+  file = cache_dir() / "shapes" / f"{kind}-{digest.hexdigest()[:32]}.json"
+  try:
+    return _shapes_from_json(json.loads(file.read_text()))
+  except (OSError, ValueError, TypeError, KeyError):
+    pass
+  tree = compute()
+  try:
+    file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = file.with_name(f"{file.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(_shapes_to_json(tree)))
+    os.replace(tmp, file)
+  except OSError:
+    pass
+  return tree
+
+
+def _shapes_to_json(tree):
+  """Nested dicts stay dicts; a leaf becomes [shape, dtype name]."""
+  if isinstance(tree, dict):
+    return {k: _shapes_to_json(v) for k, v in tree.items()}
+  return [list(tree.shape), str(tree.dtype)]
+
+
+def _shapes_from_json(tree):
+  import jax
+  import jax.numpy as jnp
+  if isinstance(tree, list):
+    shape, dtype = tree
+    return jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype))
+  return {k: _shapes_from_json(v) for k, v in tree.items()}

@@ -7,16 +7,19 @@ function); params always travel separately, as `{"unet": ..., "text_encoder": ..
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
+from persona_jax.cache import remembered_shapes
 from persona_jax.models.text_encoder import CLIPTextModel
 from persona_jax.models.unet import UNet2DConditionModel, example_inputs
 from persona_jax.models.vae import AutoencoderKL
 
 COMPONENT_NAMES = ("unet", "text_encoder", "vae", "text_encoder_2")
+MODELS = Path(__file__).parent             # the networks' code: what their param trees depend on
 
 
 class SDModels(NamedTuple):
@@ -42,9 +45,13 @@ def component_model(name: str, config):
 
 
 def abstract_params(name: str, config) -> Any:
-  """The param tree of a component as shapes only (`jax.eval_shape`: nothing is initialized)."""
-  model, args = component_model(name, config)
-  return jax.eval_shape(model.init, jax.random.key(0), *args)["params"]
+  """The param tree of a component as shapes only (`jax.eval_shape`: nothing is initialized),
+  remembered in the user cache folder per config and version of this package's networks (tracing
+  the UNet's and VAE's init costs more than a second at every start)."""
+  def trace():
+    model, args = component_model(name, config)
+    return jax.eval_shape(model.init, jax.random.key(0), *args)["params"]
+  return remembered_shapes(f"{name}-params", repr(config), sorted(MODELS.glob("*.py")), trace)
 
 
 def init_params(name: str, config, rng) -> Any:
