@@ -39,14 +39,14 @@ log = logging.getLogger(__name__)
 
 KERNELS = ("auto", "einsum", "xla", "cudnn", "blocked", "splash")
 
-# `auto` on TPU takes the splash kernel from this many tokens on both sides. An estimate, not a
-# TPU measurement: XLA's attention writes the [B, N, T, S] float32 logits to HBM and keeps them
-# for the backward, 4 MiB per head and example at 1024 tokens and 64 MiB at SD's 64x64 latent
-# level (4096 tokens; 1 GiB per layer at batch 2 x 8 heads), while the kernel keeps [B, N, T]
-# statistics. Below it the logits are small (256 KiB per head at 256 tokens), XLA's fused
-# softmax handles them well, and the kernel would run a grid of a few 128-token blocks. For SD
-# 1.5 at 512 px and SDXL at 1024 px it picks the kernel at the 4096- and 1024-token levels.
-SPLASH_MIN_TOKENS = 1024
+# `auto` on TPU takes the splash kernel from this many tokens on both sides: where XLA's
+# attention holds the [B, N, T, S] logits and probabilities in HBM for the backward. libtpu's
+# plan for one v5e chip (forward + backward, bf16, batch 2, 8 heads; `jax_cases.plan_target`)
+# of XLA's attention: no temporaries at 1024 tokens (its fusions keep them on chip), 384 MB at
+# 2048, 1536 MB at 4096 (SD's 64x64 latents) against the kernel's 33 MB. Below the threshold
+# memory gives no reason, and the kernel's speed against XLA's is not measured yet (no TPU was
+# lent): SD 1.5 at 512 px and SDXL at 1024 px take the kernel at their 4096-token level only.
+SPLASH_MIN_TOKENS = 2048
 
 CUDNN_DTYPES = (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
 

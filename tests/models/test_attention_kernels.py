@@ -44,10 +44,10 @@ def test_gpu_takes_cudnn_where_it_applies(backend, capability, dtype, head_dim, 
 
 
 @pytest.mark.parametrize("q_len,kv_len,want", [
-    (4096, 4096, "splash"), (1024, 1024, "splash"),
-    (512, 512, "xla"),                        # short: below SPLASH_MIN_TOKENS
+    (4096, 4096, "splash"), (2304, 2304, "splash"),     # SD at 512 px, 768 px (48x48)
+    (1024, 1024, "xla"),                      # short: below SPLASH_MIN_TOKENS
     (4096, 77, "xla"),                        # cross-attention
-    (1100, 1100, "xla"),                      # long but not a multiple of 128
+    (4100, 4100, "xla"),                      # long but not a multiple of 128
     (0, 0, "xla"),                            # lengths unknown
 ])
 def test_tpu_takes_splash_for_long_attention(backend, monkeypatch, q_len, kv_len, want):
