@@ -34,9 +34,9 @@ NOT_WRITTEN = re.compile(r"Not writing persistent cache entry for '([^']+)' beca
 
 
 def run_once(argv: list[str], cache: Path, out: Path, explain: bool = True
-             ) -> tuple[float, float | None, list[str], dict, str]:
-  """(seconds, seconds to the first progress tick or None, missed program names, {name: why not
-  written}, stderr) of one fresh process."""
+             ) -> tuple[float, float, float | None, list[str], dict, str]:
+  """(seconds, CPU seconds, seconds to the first progress tick or None, missed program names,
+  {name: why not written}, stderr) of one fresh process."""
   env = dict(os.environ, PERSONA_JAX_CACHE=str(cache))
   env.pop("JAX_COMPILATION_CACHE_DIR", None)
   if explain:
@@ -52,13 +52,14 @@ def run_once(argv: list[str], cache: Path, out: Path, explain: bool = True
     chunks.append(chunk)
     if first_tick is None and TICK.search(chunk.decode(errors="replace")):
       first_tick = time.perf_counter() - start
-  code = proc.wait()
+  _, status, usage = os.wait4(proc.pid, 0)
+  proc.returncode = code = os.waitstatus_to_exitcode(status)
   seconds = time.perf_counter() - start
   stderr = b"".join(chunks).decode(errors="replace")
   if code:
     sys.exit(f"persona-jax {shlex.join(argv)} failed ({code}):\n{stderr[-4000:]}")
   why = {m.group(1): m.group(2) for m in NOT_WRITTEN.finditer(stderr)}
-  return seconds, first_tick, MISS.findall(stderr), why, stderr
+  return seconds, usage.ru_utime + usage.ru_stime, first_tick, MISS.findall(stderr), why, stderr
 
 
 def main() -> int:
@@ -74,13 +75,13 @@ def main() -> int:
   root = args.keep or Path(tempfile.mkdtemp(prefix="cache_misses_"))
   cache = root / "cache"
   for n, argv in enumerate((first, second), 1):
-    seconds, first_tick, misses, why, log = run_once(argv, cache, root / f"out{n}",
+    seconds, cpu, first_tick, misses, why, log = run_once(argv, cache, root / f"out{n}",
                                                      explain=not args.no_explain)
     (root / f"run{n}.log").write_text(log)
     counts = collections.Counter(misses)
     tick = f", first step done at {first_tick:.1f} s" if first_tick is not None else ""
     compiled = "" if args.no_explain else f", {len(misses)} programs compiled"
-    print(f"run {n}: {seconds:.1f} s{tick}{compiled}", flush=True)
+    print(f"run {n}: {seconds:.1f} s ({cpu:.1f} s CPU){tick}{compiled}", flush=True)
     if n == 2:
       for name, k in counts.most_common():
         print(f"  {k} x {name}" + (f"  ({why[name]})" if name in why else ""))

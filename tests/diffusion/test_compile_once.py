@@ -1,11 +1,15 @@
-"""Compile once: a second process sampling with the same shapes loads every program from JAX's
-persistent compilation cache and compiles nothing (no host callbacks, no per-call constants)."""
+"""Compile once: a second process sampling (slow: training, making class images) with the same
+shapes loads every program from JAX's persistent compilation cache and compiles nothing (no host
+callbacks, no per-call constants)."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
+
+from tests.markers import slow
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -53,3 +57,28 @@ def test_second_sampling_process_compiles_nothing(model_dirs):
   second = sample_in_fresh_process(cache, model_dirs["sd1"], "a blue box on grass", 5)
   assert second["requests"] > 0
   assert second["hits"] == second["requests"], f"recompiled: {second}"
+
+
+def cli_misses(cache: Path, *argv: str) -> list[str]:
+  """The programs a fresh `persona-jax ARGV` process compiled instead of loading them from the
+  persistent cache of the user cache folder `cache` (JAX's miss explanations)."""
+  env = dict(os.environ, PYTHONPATH=str(ROOT), PERSONA_JAX_CACHE=str(cache),
+             JAX_EXPLAIN_CACHE_MISSES="1")
+  env.pop("JAX_COMPILATION_CACHE_DIR", None)
+  proc = subprocess.run([sys.executable, "-m", "persona_jax", *argv], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return re.findall(r"PERSISTENT COMPILATION CACHE MISS for '([^']+)'", proc.stderr)
+
+
+@slow
+def test_second_training_run_compiles_nothing(tmp_path):
+  """`train` into a new workdir (the train step, the state, the sample grid) and
+  `make-class-images`, each run twice in fresh processes: the second compiles nothing."""
+  train = ["train", "--config", "lora:tiny", "--config.steps=2", "--config.checkpoint_every=1",
+           "--config.sample_every=2", "--config.sample_steps=2", "--noprogress"]
+  cli_misses(tmp_path / "cache", *train, "--workdir", str(tmp_path / "run1"))
+  assert cli_misses(tmp_path / "cache", *train, "--workdir", str(tmp_path / "run2")) == []
+  classes = ["make-class-images", "--prompt", "a photo of a ball", "--num", "2", "--steps", "2"]
+  cli_misses(tmp_path / "cache", *classes, "--out", str(tmp_path / "c1"))
+  assert cli_misses(tmp_path / "cache", *classes, "--seed", "4", "--out", str(tmp_path / "c2")) == []
