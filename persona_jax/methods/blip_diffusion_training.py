@@ -47,7 +47,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import grain
 import numpy as np
 
 from persona_jax.data.batch import LATENT_LOGVAR, LATENT_MEAN, PIXELS
@@ -162,12 +161,13 @@ def target_moments(pipe, pixels: np.ndarray, batch: int = 8) -> dict:
 
 
 @dataclasses.dataclass
-class Rows(grain.transforms.RandomMap):
-  """Index -> one example's arrays; with `dropout`, its subject dropped with that p."""
+class Rows:
+  """Index -> one example's arrays; with `dropout`, its subject dropped with that p (grain's
+  `random_map` callable: no grain base class, so importing the method does not import grain)."""
   arrays: dict
   dropout: float
 
-  def random_map(self, index, rng: np.random.Generator):
+  def __call__(self, index, rng: np.random.Generator):
     out = {k: v[index] for k, v in self.arrays.items()}
     if self.dropout > 0:
       out[DROPPED] = np.float32(rng.random() < self.dropout)
@@ -177,6 +177,8 @@ class Rows(grain.transforms.RandomMap):
 def examples_source(request, examples) -> DataBuild:
   """A BLIP-Diffusion run's DataBuild over `examples` (data/blip_diffusion.py's SubjectExample):
   stage 2 with subject dropout, fine-tuning with the subject embedding set from them."""
+  import grain
+
   from persona_jax.data.blip_diffusion import example_arrays
   from persona_jax.tokenizer import tokenize
   config, options, pipe = request.config, run_options(request), request.pipe
