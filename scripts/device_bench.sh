@@ -4,42 +4,50 @@
 #
 #   scripts/device_bench.sh [--dry-run] [--out DIR] [--budget S] [--cases sample lora ...]
 #
-# Carried wheels (.whl/, from scripts/device_wheels.sh) are installed into /tmp/site, each only
-# where the machine lacks the package or has an older version; persona_jax itself runs from
-# this checkout (PYTHONPATH), without its dependencies. Results go to DIR (default $OUT, else
-# out/device_bench): device_bench.jsonl (each record as measured) and device_bench.md.
-# --dry-run: the same path on CPU with a tiny model, in seconds. PYTHON picks the interpreter
-# (default python3).
+# Carried packages (.whl/NAME-VERSION-*.tar.xz: wheels' contents, from scripts/device_wheels.sh)
+# are unpacked into /tmp/site, each only where the machine lacks the package or has an older
+# version; persona_jax itself runs from this checkout (PYTHONPATH), without its dependencies.
+# Results go to DIR (default $OUT, else out/device_bench): device_bench.jsonl (each record as
+# measured) and device_bench.md.
+# --dry-run: the same path on CPU with a tiny model. PYTHON picks the interpreter (default
+# python3); DEVICE_BENCH_PACKAGES and DEVICE_BENCH_SITE the bundles' folder and where they go.
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
 python="${PYTHON:-python3}"
 
 shopt -s nullglob
-wheels=(.whl/*.whl)
-if ((${#wheels[@]})); then
-  # The wheels this machine needs: the package missing, or installed at an older version.
-  mapfile -t needed < <("$python" - "${wheels[@]}" <<'PY'
+packages="${DEVICE_BENCH_PACKAGES:-.whl}"
+site="${DEVICE_BENCH_SITE:-/tmp/site}"
+bundles=("$packages"/*.tar.xz)
+if ((${#bundles[@]})); then
+  # The packages this machine needs: missing, or installed at an older version.
+  mapfile -t needed < <("$python" - "${bundles[@]}" <<'PY'
 import importlib.metadata as md
 import os
 import sys
 
-from packaging.version import Version
-for wheel in sys.argv[1:]:
-  name, version = os.path.basename(wheel).split("-")[:2]
+try:
+  from packaging.version import Version
+except ImportError:          # then only missing packages are unpacked
+  Version = None
+for bundle in sys.argv[1:]:
+  name, version = os.path.basename(bundle).split("-")[:2]
   try:
     have = md.version(name)
   except md.PackageNotFoundError:
     have = None
-  if have is None or Version(have) < Version(version):
-    print(wheel)
+  if have is None or (Version is not None and Version(have) < Version(version)):
+    print(bundle)
 PY
 )
   if ((${#needed[@]})); then
-    echo "device_bench: installing ${needed[*]} into /tmp/site" >&2
-    "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-      --target /tmp/site "${needed[@]}"
-    export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+    echo "device_bench: unpacking ${needed[*]} into $site" >&2
+    mkdir -p "$site"
+    for bundle in "${needed[@]}"; do
+      tar -xJf "$bundle" -C "$site"
+    done
+    export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
   fi
 fi
 export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"

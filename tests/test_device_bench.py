@@ -1,9 +1,11 @@
 """scripts/device_bench.sh, the prepared GPU benchmark, run here on the CPU: its --dry-run goes the
 whole way (model write, FLOP counts, every persona_jax and PyTorch worker, the report) with a tiny
-model; with no budget left it still writes the model, counts FLOPs and reports every job as
-skipped."""
+model; with no budget left it still unpacks the carried packages this machine lacks, writes the
+model, counts FLOPs and reports every job as skipped."""
 
+import io
 import json
+import tarfile
 import math
 import os
 import subprocess
@@ -15,8 +17,8 @@ from tests.markers import slow
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_script(out: Path, *flags) -> list[dict]:
-  env = dict(os.environ, PYTHON=sys.executable)
+def run_script(out: Path, *flags, env=None) -> list[dict]:
+  env = dict(os.environ, PYTHON=sys.executable, **(env or {}))
   proc = subprocess.run(["bash", str(ROOT / "scripts" / "device_bench.sh"), "--dry-run", "--out",
                          str(out), *flags], env=env, capture_output=True, text=True,
                         timeout=600)
@@ -27,19 +29,38 @@ def run_script(out: Path, *flags) -> list[dict]:
   return records
 
 
+def write_bundle(folder: Path, name: str, version: str) -> None:
+  """A carried package as device_wheels.sh stores one: a wheel's contents in NAME-VERSION-...tar.xz."""
+  folder.mkdir(exist_ok=True)
+  files = {f"{name}/__init__.py": "", f"{name}-{version}.dist-info/METADATA":
+           f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n"}
+  with tarfile.open(folder / f"{name}-{version}-py3-none-any.tar.xz", "w:xz") as tar:
+    for path, text in files.items():
+      info = tarfile.TarInfo(path)
+      info.size = len(text.encode())
+      tar.addfile(info, io.BytesIO(text.encode()))
+
+
 def finite(x) -> bool:
   return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
 
 
 def test_no_budget_left_reports_every_job_skipped(tmp_path):
-  records = run_script(tmp_path, "--budget", "-1", "--cases", "sample", "lora", "dreambooth")
+  packages, site = tmp_path / "packages", tmp_path / "site"
+  write_bundle(packages, "pj_device_bench_probe", "1.0")      # missing here: unpacked
+  write_bundle(packages, "numpy", "0.1")                        # older than ours: left alone
+  records = run_script(tmp_path / "out", "--budget", "-1", "--cases", "sample", "lora",
+                       "dreambooth", env=dict(DEVICE_BENCH_PACKAGES=str(packages),
+                                              DEVICE_BENCH_SITE=str(site)))
+  assert sorted(p.name for p in site.iterdir()) == ["pj_device_bench_probe",
+                                                    "pj_device_bench_probe-1.0.dist-info"]
   flops = [r for r in records if r["kind"] == "flops"]
   assert [(r["model"], r["size"]) for r in flops] == [("tiny", 32)]
   assert finite(flops[0]["per_image_flops"])
   skipped = {(r["case"], r["framework"]) for r in records if r["kind"] == "skipped"}
   assert skipped == {(c, fw) for c in ("sample", "lora", "dreambooth") for fw in ("jax", "torch")}
   assert not [r for r in records if r["kind"] == "result"]
-  table = (tmp_path / "device_bench.md").read_text()
+  table = (tmp_path / "out" / "device_bench.md").read_text()
   assert table.count("not measured: budget") == 6
 
 

@@ -238,7 +238,7 @@ class Report:
       if r.get("kind") == "skipped":
         lines.append(f"| {r['case']} | {r.get('model', '')} | - | not measured: {r['reason']} "
                      f"({r['framework']}) | | | | | | |")
-    setup = [f"{r['what']} {r['seconds']:.0f} s" for r in self.records if r.get("kind") == "setup"]
+    setup = [f"{r['what']} {r['seconds']:.1f} s" for r in self.records if r.get("kind") == "setup"]
     if setup:
       lines += ["", "Setup: " + ", ".join(setup) + "."]
     return "\n".join(lines)

@@ -66,8 +66,9 @@ def run_sample(job: dict) -> None:
               peak_mb=peak, peak_kind=peak_kind, **_about(job)))
 
 
-def _unet(folder: Path, dtype):
-  """(UNetConfig with compute dtype `dtype`, float32 params on the device) of FOLDER/unet."""
+def _unet(folder: Path, dtype, param_dtype):
+  """(UNetConfig with compute dtype `dtype`, params in `param_dtype` on the device) of
+  FOLDER/unet."""
   import jax
 
   from persona_jax.convert.diffusers import state_dict_to_params
@@ -76,22 +77,22 @@ def _unet(folder: Path, dtype):
   from persona_jax.models.configs import UNetConfig, read_json
   config = UNetConfig.from_dict(read_json(folder / "unet" / "config.json"))
   state, source = read_weights(folder / "unet", "diffusion_pytorch_model")
-  params = state_dict_to_params(state, abstract_params("unet", config), source=source)
+  params = state_dict_to_params(state, abstract_params("unet", config), source=source,
+                                dtype=param_dtype)
   return dataclasses.replace(config, dtype=dtype), jax.device_put(params)
 
 
 def train_parts(job: dict):
   """(jitted step, state, frozen, batch) of the job's train step on FOLDER's UNet."""
-  import jax
   import jax.numpy as jnp
 
   from persona_jax.benchmark.device_models import latent_size
   from persona_jax.benchmark.jax_cases import _adapter_parts, _jax_db_parts
   compute = jnp.dtype(job["dtype"])
-  config, params = _unet(Path(job["model"]), compute)
+  lora = job["case"] == "lora"     # its frozen base in the compute dtype, as the train loop keeps it
+  config, params = _unet(Path(job["model"]), compute, compute if lora else jnp.float32)
   latent, batch = latent_size(job["model"], job["size"]), job["batch"]
-  if job["case"] == "lora":        # frozen base in the compute dtype, as the train loop keeps it
-    params = jax.tree.map(lambda x: x.astype(compute), params)
+  if lora:
     return _adapter_parts("lora_train", config, params, batch, latent, 77)
   case = "db_train_bf16" if compute == jnp.bfloat16 else "db_train"
   step, state, batches = _jax_db_parts(case, dataclasses.replace(config, dtype=jnp.float32),
