@@ -2,6 +2,7 @@
 backward under each policy, and XLA's buffer plan (benchmark/jax_cases.py `plan_remat`, the
 model of `persona-jax bench --memory-plan --memory-plan-remat ...`)."""
 
+import dataclasses
 import importlib.util
 
 import pytest
@@ -40,6 +41,9 @@ def test_remat_lowers_a_tpu_plan():
   """The TPU compiler's plan (libtpu, no TPU needed; minutes of compilation): both policies
   cut the temporaries. (XLA:CPU's default scheduler runs the recomputation early and plans
   about the same for all three.)"""
-  plans = jax_cases.plan_remat(TINY, batch_size=2, latent=32, context_len=8, target="tpu:v5e:2x2")
+  # With a mid block and attention in the up block (TINY's plan fits on chip: no temporaries).
+  config = dataclasses.replace(TINY, up_block_types=("CrossAttnUpBlock2D",),
+                               mid_block_type="UNetMidBlock2DCrossAttn")
+  plans = jax_cases.plan_remat(config, batch_size=2, latent=32, context_len=8, target="tpu:v5e:2x2")
   none = plans["none"]["temporaries"]
   assert plans["blocks"]["temporaries"] < none / 2 and plans["dots"]["temporaries"] < none / 2, plans
