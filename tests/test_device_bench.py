@@ -89,3 +89,14 @@ def test_dry_run_measures_every_case_on_both_frameworks(tmp_path):
   table = (tmp_path / "device_bench.md").read_text()
   for case, fw, batch in expected:
     assert f"| {case} | {results[case, fw, batch]['model']} | {batch} |" in table
+
+
+def test_a_failing_worker_is_reported_with_its_last_log_line(tmp_path):
+  from persona_jax.benchmark import device
+  report = device.Report(tmp_path, None)
+  job = device.Job("sample/jax", "jax", dict(case="sample", model=str(tmp_path / "missing"),
+                                             model_name="tiny", size=32, dtype="float32",
+                                             batches=[1], steps=2, reps=1))
+  status = device.run_worker(job, report, dict(os.environ), timeout=120)
+  assert status.startswith("failed (exit 1): ") and "missing" in status
+  assert report.records == []

@@ -35,6 +35,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -281,29 +282,39 @@ def jobs(scale: Scale, cases, models: dict) -> list[Job]:
 
 
 def run_worker(job: Job, report: Report, env: dict, timeout: float) -> str:
-  """Runs a worker, storing each record it prints as it arrives. Returns "ok", "timeout" or
-  "failed (exit N)"."""
+  """Runs a worker, storing each record it prints as it arrives (its log passes through to
+  stderr). Returns "ok", "timeout" or "failed (exit N): <its last log line>"."""
   module = f"persona_jax.benchmark.device_{job.framework}"
   proc = subprocess.Popen([sys.executable, "-m", module, json.dumps(job.spec)], env=env,
-                          stdout=subprocess.PIPE, text=True)
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  last = [""]
 
-  def read():
+  def read_records():
     for line in proc.stdout:
       line = line.strip()
       if line.startswith("{"):
         report.add(dict(json.loads(line), kind="result"))
       elif line:
-        print(line, file=sys.stderr)
-  reader = threading.Thread(target=read)
-  reader.start()
+        print(line, file=sys.stderr, flush=True)
+
+  def read_log():
+    for line in proc.stderr:
+      print(line, end="", file=sys.stderr, flush=True)
+      last[0] = line.strip() or last[0]
+  readers = [threading.Thread(target=read_records), threading.Thread(target=read_log)]
+  for reader in readers:
+    reader.start()
   try:
     code = proc.wait(timeout=max(timeout, 1.0))
   except subprocess.TimeoutExpired:
     proc.kill()
     proc.wait()
     code = None
-  reader.join()
-  return "ok" if code == 0 else "timeout" if code is None else f"failed (exit {code})"
+  for reader in readers:
+    reader.join()
+  if code == 0:
+    return "ok"
+  return "timeout" if code is None else f"failed (exit {code}): {last[0][-300:]}"
 
 
 def run(scale: Scale, out: Path, cases=CASES, budget_s: float | None = None,
@@ -321,6 +332,7 @@ def run(scale: Scale, out: Path, cases=CASES, budget_s: float | None = None,
   report.add(dict(kind="meta", scale=scale.model if scale.model != "tiny" else "dry run",
                   date=time.strftime("%Y-%m-%d %H:%M"), budget_s=deadline - start,
                   cases=list(cases), jax=jax.__version__, scale_fields=dataclasses.asdict(scale)))
+  own_work = work is None
   work = work or Path(tempfile.mkdtemp(prefix="device_bench_"))
   models = {}
 
@@ -330,9 +342,12 @@ def run(scale: Scale, out: Path, cases=CASES, budget_s: float | None = None,
     models[name] = write_model(name, work / name)
     report.add(dict(kind="setup", what=f"write {name}", seconds=time.monotonic() - t0))
     t0 = time.monotonic()
+    try:
+      flops, error = sampling_flops(name, size, scale.steps), None
+    except Exception as e:          # no MFU for sampling then, the timings still count
+      flops, error = None, f"{type(e).__name__}: {e}"
     report.add(dict(kind="flops", model=name, size=size, steps=scale.steps,
-                    per_image_flops=sampling_flops(name, size, scale.steps),
-                    seconds=time.monotonic() - t0))
+                    per_image_flops=flops, error=error, seconds=time.monotonic() - t0))
 
   def skip(case, framework, reason, model=scale.model):
     report.add(dict(kind="skipped", case=case, framework=framework, model=model, reason=reason))
@@ -364,6 +379,8 @@ def run(scale: Scale, out: Path, cases=CASES, budget_s: float | None = None,
           skip("sdxl_sample", fw, status, name)
   report.add(dict(kind="summary", results=report.summary()))
   report.add(dict(kind="end", seconds=time.monotonic() - start))
+  if own_work:
+    shutil.rmtree(work, ignore_errors=True)
   return report
 
 
