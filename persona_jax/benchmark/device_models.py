@@ -47,7 +47,10 @@ def model_configs(name: str) -> dict:
     return raw
   unet = PRESETS["sdxl_full" if sdxl else "sd15"].unet
   raw["unet"] = {k: v for k, v in raw["unet"].items() if k.startswith("_")} | unet
-  raw["vae"] = dict(raw["vae"], **_VAE, sample_size=1024 if sdxl else 512)
+  # StableDiffusionPipeline decodes in the pipeline's half precision whatever the VAE config says
+  # (only the SDXL pipeline upcasts), and our decoder follows force_upcast: the same work on both
+  # sides.
+  raw["vae"] = dict(raw["vae"], **_VAE, sample_size=1024 if sdxl else 512, force_upcast=sdxl)
   raw["text_encoder"] = dict(raw["text_encoder"], **_CLIP_L)
   if sdxl:
     raw["text_encoder_2"] = dict(raw["text_encoder_2"], **_CLIP_BIGG)
