@@ -328,10 +328,10 @@ def run(scale: Scale, out: Path, cases=CASES, budget_s: float | None = None,
     env["JAX_ENABLE_COMPILATION_CACHE"] = "false"    # compile times are cold ones
   _driver_on_cpu()
   report = Report(out, peak_tflops)
-  import jax
   report.add(dict(kind="meta", scale=scale.model if scale.model != "tiny" else "dry run",
                   date=time.strftime("%Y-%m-%d %H:%M"), budget_s=deadline - start,
-                  cases=list(cases), jax=jax.__version__, scale_fields=dataclasses.asdict(scale)))
+                  cases=list(cases), python=sys.version.split()[0], versions=_versions(),
+                  scale_fields=dataclasses.asdict(scale)))
   own_work = work is None
   work = work or Path(tempfile.mkdtemp(prefix="device_bench_"))
   models = {}
@@ -382,6 +382,19 @@ def run(scale: Scale, out: Path, cases=CASES, budget_s: float | None = None,
   if own_work:
     shutil.rmtree(work, ignore_errors=True)
   return report
+
+
+def _versions() -> dict:
+  """The installed versions of the packages the run uses (as the workers will import them)."""
+  import importlib.metadata as md
+  out = {}
+  for name in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "torch", "diffusers",
+               "transformers", "peft", "safetensors"):
+    try:
+      out[name] = md.version(name)
+    except md.PackageNotFoundError:
+      out[name] = None
+  return out
 
 
 def _driver_on_cpu() -> None:
