@@ -94,6 +94,13 @@ class Run:
     """The params the models see: the whole base (all components) with the method applied."""
     return self.method.params.apply(self.pipe_frozen_all(), trainable)
 
+  def base_pipeline(self) -> Pipeline:
+    """The base pipeline with every param: `pipe`, or the base loaded again once training has
+    taken the leaves it trains (`without_initial_params` leaves their shapes in `pipe`)."""
+    if not any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(self.pipe.params)):
+      return self.pipe
+    return load_model(self.model_dir, **single_file_options(self.config))
+
   def pipe_frozen_all(self):
     trainable_paths = set(tree.flatten(self.trainable))
     base = {**self.pipe.params, **self.components}
@@ -101,13 +108,17 @@ class Run:
     return tree.unflatten(flat)
 
 
+def single_file_options(config: RunConfig) -> dict:
+  """`load_model`'s options for a single-file base: its config folder and prediction type."""
+  return {k: v for k, v in (("config_dir", config.model_config),
+                            ("prediction_type", config.prediction_type)) if v}
+
+
 def build(config: RunConfig, *, mesh=None, workdir=None, progress: bool = False) -> Run:
   """Loads the base, builds the method, the data and the optimizer of a run. Missing class
   images (prior preservation) are generated here, into `data.class_dir` or WORKDIR/class_images."""
   model_dir = resolve_model(config.model)
-  single_file = {k: v for k, v in (("config_dir", config.model_config),
-                                   ("prediction_type", config.prediction_type)) if v}
-  pipe = load_model(model_dir, **single_file)      # a method's own pipeline folder by its loader
+  pipe = load_model(model_dir, **single_file_options(config))  # a method's own folder by its loader
   compute = jnp.bfloat16 if resolve_mixed_precision(config.mixed_precision) == "bf16" else jnp.float32
   method = make_method(config.method_name, config.method_options, pipe.params, pipe.tokenizer_dir,
                        pipe.unet_config)
@@ -347,7 +358,9 @@ def train(config: RunConfig, workdir, *, progress: bool = True, mesh=None,
           continue_with_changes: bool = False) -> dict:
   """Trains (or resumes) the run in `workdir`, holding its lock (workdir_lock.py: a
   second run on the same workdir is refused). `continue_with_changes`: the run may resume with
-  CONTINUE_CHANGES changed (its lr, schedule, steps), logged. Returns a summary dict."""
+  CONTINUE_CHANGES changed (its lr, schedule, steps), logged. Returns a summary dict: the
+  final `state`, the `run` (its `trainable` and the base leaves it trained are shapes by then:
+  `Run.base_pipeline()` gives the base whole), `outputs`, ..."""
   workdir = Path(workdir)
   with workdir_lock(workdir, hold=distributed.is_main()):
     distributed.sync("workdir locked")

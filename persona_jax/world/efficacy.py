@@ -328,7 +328,7 @@ def _train(cfg: EvalConfig, subject: scenes.Subject, instance_dir: Path, workdir
   summary = train(run_config(c), workdir, progress=False)
   seconds = time.perf_counter() - start
   from persona_jax.methods.registry import find_run
-  pipe = summary["run"].pipe
+  pipe = summary["run"].base_pipeline()
   spec, result = find_run(workdir, cfg.spec.name)
   base = spec.base_model(result)
   if base and Path(base) != Path(pipe.path or ""):       # a result that is its own model
