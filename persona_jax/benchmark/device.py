@@ -2,8 +2,9 @@
 PyTorch on one GPU, in one command that ends inside a time budget.
 
 `python -m persona_jax.benchmark.device [--dry-run] [--out DIR] [--budget S] [--cases ...]`
-writes a random-weight pipeline of SD 1.5's real shapes (benchmark/device_models.py), then runs
-one worker process per framework and case, in this order (PyTorch first in each pair: it is quick
+writes a random-weight pipeline of SD 1.5's real shapes (benchmark/device_models.py; kept in
+TMP/device_bench_models, so a second call on the same machine reuses it), then runs one worker
+process per framework and case, in this order (PyTorch first in each pair: it is quick
 and predictable, persona_jax's compilation is not):
   sample      DDIM-50 with classifier-free guidance at 512x512, batches 1 and 8: seconds per
               image after compilation (the first call's extra time is reported as compile time)
@@ -66,13 +67,15 @@ class Scale:
   min_s: dict                # {job name: seconds it needs left to start}
   sdxl_model: str = "sdxl"
   sdxl_size: int = 1024
+  keep_models: bool = True   # models stay in TMP/device_bench_models for a next call to reuse
 
 
 SCALES = {
     "gpu": Scale("sd15", 512, 50, (1, 8), 4, 5, 2, "bfloat16", 280.0,
                  {"sample/torch": 20, "sample/jax": 60, "lora/torch": 15, "lora/jax": 45,
                   "dreambooth/torch": 15, "dreambooth/jax": 45, "sdxl": 180}),
-    "dry_run": Scale("tiny", 32, 2, (1, 2), 2, 2, 1, "float32", 300.0, {}, "tiny_sdxl", 32),
+    "dry_run": Scale("tiny", 32, 2, (1, 2), 2, 2, 1, "float32", 300.0, {}, "tiny_sdxl", 32,
+                     keep_models=False),
 }
 
 
@@ -332,15 +335,20 @@ def run(scale: Scale, out: Path, cases=CASES, budget_s: float | None = None,
                   date=time.strftime("%Y-%m-%d %H:%M"), budget_s=deadline - start,
                   cases=list(cases), python=sys.version.split()[0], versions=_versions(),
                   scale_fields=dataclasses.asdict(scale)))
-  own_work = work is None
-  work = work or Path(tempfile.mkdtemp(prefix="device_bench_"))
+  own_work = work is None and not scale.keep_models
+  if work is None:
+    work = (Path(tempfile.gettempdir()) / "device_bench_models" if scale.keep_models
+            else Path(tempfile.mkdtemp(prefix="device_bench_")))
   models = {}
 
   def setup_model(name, size):
     from persona_jax.benchmark.device_models import write_model
     t0 = time.monotonic()
-    models[name] = write_model(name, work / name)
-    report.add(dict(kind="setup", what=f"write {name}", seconds=time.monotonic() - t0))
+    folder = work / name
+    reused = (folder / "model_index.json").is_file()     # written whole or not at all
+    models[name] = folder if reused else write_model(name, folder)
+    report.add(dict(kind="setup", what=f"{'reuse' if reused else 'write'} {name}",
+                    seconds=time.monotonic() - t0))
     t0 = time.monotonic()
     try:
       flops, error = sampling_flops(name, size, scale.steps), None
