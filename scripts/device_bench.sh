@@ -43,10 +43,11 @@ PY
 )
   if ((${#needed[@]})); then
     echo "device_bench: unpacking ${needed[*]} into $site" >&2
-    mkdir -p "$site"
-    for bundle in "${needed[@]}"; do
-      tar -xJf "$bundle" -C "$site"
-    done
+    # Python's tarfile, not tar: the machine may lack xz.
+    "$python" -c 'import sys, tarfile
+for bundle in sys.argv[2:]:
+  with tarfile.open(bundle) as t:
+    t.extractall(sys.argv[1], filter="data")' "$site" "${needed[@]}"
     export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
   fi
 fi
