@@ -35,6 +35,7 @@ from persona_jax.diffusion.schedules import SchedulerConfig
 from persona_jax.diffusion.conditioning import TextConditioning
 from persona_jax.models.components import SDModels
 from persona_jax.models.vae import AutoencoderKL
+from persona_jax.program_store import StoredProgram, register_serialization
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +114,9 @@ class Denoising(NamedTuple):
   keys: jax.Array         # [B] the image keys (eta and ancestral noise)
 
 
+register_serialization(Denoising)      # `_prepare` returns it, `_denoise_chunk` takes it
+
+
 def start_denoising(models: SDModels, sampler: Sampler, conditioning, params, inputs, keys,
                     latents) -> Denoising:
   """The loop before its first step: the conditioning prepared, x_T scaled by the sampler's
@@ -173,10 +177,13 @@ def decode_latents(vae: AutoencoderKL, params, latents):
 # The three compiled programs of `generate`. Their static arguments are hashable descriptions of
 # the networks, the sampler and the conditioning; everything that changes between calls of one
 # shape (prompts, seed, guidance, eta, the step range of a chunk, a method's knobs) is traced.
+# All three keep their traced programs in the program store (program_store.py: tracing and
+# lowering them was most of a warm process's start).
 
 @functools.partial(jax.jit, static_argnames=("models", "sampler", "conditioning", "latent_shape"))
-def _prepare(params, inputs, seed, indices, latents, *, models: SDModels, sampler: Sampler,
-             conditioning, latent_shape: tuple[int, int, int]) -> Denoising:
+def _prepare_program(params, inputs, seed, indices, latents, *, models: SDModels,
+                     sampler: Sampler, conditioning,
+                     latent_shape: tuple[int, int, int]) -> Denoising:
   keys = image_keys(seed, indices)
   if latents is None:
     latents = initial_latents(keys, latent_shape, jnp.float32)
@@ -185,15 +192,22 @@ def _prepare(params, inputs, seed, indices, latents, *, models: SDModels, sample
 
 
 @functools.partial(jax.jit, static_argnames=("models", "sampler", "conditioning"))
-def _denoise_chunk(params, loop: Denoising, guidance, guidance_rescale, eta, start, stop, *,
-                   models: SDModels, sampler: Sampler, conditioning):
+def _denoise_chunk_program(params, loop: Denoising, guidance, guidance_rescale, eta, start, stop,
+                           *, models: SDModels, sampler: Sampler, conditioning):
   return denoise_steps(models, sampler, conditioning, params, loop,
                        jnp.asarray(guidance, jnp.float32),
                        jnp.asarray(guidance_rescale, jnp.float32), jnp.asarray(eta, jnp.float32),
                        jnp.asarray(start, jnp.int32), jnp.asarray(stop, jnp.int32))
 
 
-_decode = jax.jit(decode_latents, static_argnums=0)
+@functools.partial(jax.jit, static_argnames=("vae",))
+def _decode_program(params, latents, *, vae: AutoencoderKL):
+  return decode_latents(vae, params, latents)
+
+
+_prepare = StoredProgram(_prepare_program, f"{__name__}._prepare")
+_denoise_chunk = StoredProgram(_denoise_chunk_program, f"{__name__}._denoise_chunk")
+_decode = StoredProgram(_decode_program, f"{__name__}._decode")
 
 
 def generate(params, inputs, seed, indices, guidance, guidance_rescale, eta, latents=None, *,
@@ -208,7 +222,9 @@ def generate(params, inputs, seed, indices, guidance, guidance_rescale, eta, lat
   host ticks the bar as each finishes (the next one already queued, so the device never waits).
   Ticking from the host, not from a callback inside the program, keeps the programs free of host
   callbacks, which JAX's persistent compilation cache refuses to store: a second process with the
-  same shapes loads them instead of compiling. The images are the same with or without progress.
+  same shapes loads them instead of compiling. Their traced programs are kept in the program
+  store (program_store.py), so it does not trace them either. The images are the same with or
+  without progress, with or without the store.
 
   Args:
     params: {"unet", "text_encoder", "vae", ...} (whatever the conditioning reads too).
@@ -239,7 +255,7 @@ def generate(params, inputs, seed, indices, guidance, guidance_rescale, eta, lat
       queued = (x, stop - start)
   if bar is not None:
     _tick_when_ready(bar, queued)
-  return _decode(models.vae, {"vae": params["vae"]}, loop.x) if decode else loop.x
+  return _decode({"vae": params["vae"]}, loop.x, vae=models.vae) if decode else loop.x
 
 
 def _tick_when_ready(bar, queued) -> None:

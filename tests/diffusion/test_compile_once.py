@@ -1,6 +1,6 @@
 """Compile once: a second process sampling (slow: training, making class images) with the same
 shapes loads every program from JAX's persistent compilation cache and compiles nothing (no host
-callbacks, no per-call constants)."""
+callbacks, no per-call constants); the sampler's traced programs come from the program store."""
 
 import json
 import os
@@ -8,6 +8,8 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+
+import numpy as np
 
 from tests.markers import slow
 
@@ -18,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 CHILD = """
 import json, sys
 from pathlib import Path
+import numpy as np
 from jax._src import monitoring
 from persona_jax.cache import enable_compilation_cache
 enable_compilation_cache(Path(sys.argv[1]))
@@ -28,35 +31,49 @@ def count(event, **kw):
   if event in EVENTS:
     counts[EVENTS[event]] += 1
 monitoring.register_event_listener(count)
+from persona_jax import program_store
 from persona_jax.pipeline import load_pipeline
 from persona_jax.text_to_image import SampleOptions, text_to_image
 pipe = load_pipeline(sys.argv[2])
-options = SampleOptions(steps=3, height=16, width=16, seed=int(sys.argv[4]), batch_size=1)
-images = text_to_image(pipe, [sys.argv[3]], options=options)
-assert images.shape == (1, 16, 16, 3)
-print(json.dumps(counts))
+images = []
+for prompt, seed in zip(sys.argv[4::2], sys.argv[5::2]):
+  options = SampleOptions(steps=3, height=16, width=16, seed=int(seed), batch_size=1)
+  images.append(text_to_image(pipe, [prompt], options=options))
+  assert images[-1].shape == (1, 16, 16, 3)
+np.save(sys.argv[3], np.concatenate(images))
+print(json.dumps(dict(counts, programs=dict(program_store.counts))))
 """
 
 
-def sample_in_fresh_process(cache: Path, model: Path, prompt: str, seed: int) -> dict:
+def sample_in_fresh_process(cache: Path, model: Path, out: Path, *prompt_seeds) -> dict:
+  """Runs CHILD: the images of each (prompt, seed) in `out` (.npy), its cache counts returned."""
   env = dict(os.environ, PYTHONPATH=str(ROOT))
   env.pop("JAX_COMPILATION_CACHE_DIR", None)
-  proc = subprocess.run([sys.executable, "-c", CHILD, str(cache), str(model), prompt, str(seed)],
+  env.pop("PERSONA_JAX_PROGRAM_STORE", None)
+  proc = subprocess.run([sys.executable, "-c", CHILD, str(cache), str(model), str(out),
+                         *map(str, prompt_seeds)],
                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def test_second_sampling_process_compiles_nothing(model_dirs):
+def test_second_sampling_process_compiles_nothing(model_dirs, tmp_path):
+  """...and traces nothing either: it loads the sampler's programs from the program store
+  (program_store.py), and they make the same images."""
   # The suite's cache folder: the first process compiles only what earlier runs did not store.
   import jax
   cache = Path(jax.config.jax_compilation_cache_dir)
-  first = sample_in_fresh_process(cache, model_dirs["sd1"], "a red ball", 0)
+  first = sample_in_fresh_process(cache, model_dirs["sd1"], tmp_path / "1.npy", "a red ball", 0)
   assert first["requests"] > 0
-  # Another prompt and seed: the same programs, every one loaded.
-  second = sample_in_fresh_process(cache, model_dirs["sd1"], "a blue box on grass", 5)
+  # Another prompt and seed: the same programs, every one loaded; then the first's images again.
+  second = sample_in_fresh_process(cache, model_dirs["sd1"], tmp_path / "2.npy",
+                                   "a blue box on grass", 5, "a red ball", 0)
   assert second["requests"] > 0
   assert second["hits"] == second["requests"], f"recompiled: {second}"
+  assert second["programs"] == {"loaded": 3}, f"traced again: {second}"
+  images = np.load(tmp_path / "2.npy")
+  np.testing.assert_array_equal(images[1:], np.load(tmp_path / "1.npy"))
+  assert not np.array_equal(images[0], images[1])
 
 
 def cli_misses(cache: Path, *argv: str) -> list[str]:
