@@ -95,8 +95,8 @@ def prompt_inputs(pipe: Pipeline, tokenizer, prompts: list[str], negatives: list
     positive, negative = micro_conditioning(options, size)
     n = len(prompts)
     batch.update({
-        IDS_2: tokenize(tokenizer_2 or pipe.tokenizer_2, prompts),
-        NEGATIVE_IDS_2: tokenize(tokenizer_2 or pipe.tokenizer_2, negatives),
+        IDS_2: tokenize(tokenizer_2 or pipe.prompt_tokenizer_2, prompts),
+        NEGATIVE_IDS_2: tokenize(tokenizer_2 or pipe.prompt_tokenizer_2, negatives),
         TIME_IDS: np.tile(positive, (n, 1)), NEGATIVE_TIME_IDS: np.tile(negative, (n, 1)),
         NEGATIVE_ZERO: np.asarray([pipe.force_zeros_for_empty_prompt and not g for g in given]),
     })
@@ -171,7 +171,7 @@ def text_to_image(pipe: Pipeline, prompts: str | list[str],
   options = with_pipeline_defaults(options, pipe)
   sampling = sampling or Sampling()
   expand = sampling.expand_prompt
-  tokenizer = sampling.tokenizer or pipe.tokenizer
+  tokenizer = sampling.tokenizer or pipe.prompt_tokenizer
   conditioning = sampling.conditioning or TextConditioning()
   if pipe.is_sdxl and not getattr(conditioning, "sdxl", False):
     raise ConfigError(f"{type(conditioning).__name__}: this method samples on SD 1.x/2.x bases "

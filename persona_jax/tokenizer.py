@@ -6,6 +6,8 @@ offline by `scripts/build_tokenizer.py`, so small models tokenize exactly as SD 
 New tokens (Textual Inversion's placeholders, Custom Diffusion's modifiers, embeddings read from
 files) are appended after the vocabulary: ids V, V+1, ...; a token of N vectors is N tokens
 `<tok> <tok>_1 ... <tok>_{N-1}` (`vector_tokens`), as diffusers names them.
+Sampling tokenizes prompts with `load_prompt_tokenizer` (`PromptTokenizer`: the same ids from the
+`tokenizers` package alone, so `sample` does not import transformers).
 """
 
 from __future__ import annotations
@@ -53,6 +55,77 @@ def load_tokenizer(folder: Path | str | None = None):
     return _load(str(folder.resolve()))
   except Exception as e:  # transformers raises several types for malformed files
     raise ModelFileError(f"{folder}: cannot load the CLIP tokenizer ({e})") from None
+
+
+class PromptTokenizer:
+  """Prompts -> ids as `CLIPTokenizer` gives them, with the `tokenizers` package alone (importing
+  transformers is ~0.5 s of every `sample` start): the backend of transformers' CLIPTokenizerFast
+  converted from the folder's slow tokenizer once (`load_prompt_tokenizer`), its truncation and
+  padding set per call as CLIPTokenizerFast sets them. Called like the tokenizer by `tokenize`."""
+
+  def __init__(self, backend, model_max_length: int):
+    self.backend = backend
+    self.model_max_length = model_max_length
+    self._padding = dict(backend.padding)
+
+  def __call__(self, prompts: list[str], *, padding: str, truncation: bool, max_length: int,
+               return_attention_mask: bool = False) -> dict:
+    if padding != "max_length" or not truncation or return_attention_mask:
+      raise TypeError("PromptTokenizer pads and truncates to max_length only")
+    self.backend.enable_truncation(max_length)
+    self.backend.enable_padding(length=max_length, pad_id=self._padding["pad_id"],
+                                pad_token=self._padding["pad_token"])
+    return {"input_ids": [e.ids for e in self.backend.encode_batch(prompts)]}
+
+
+def load_prompt_tokenizer(folder: Path | str | None = None):
+  """The tokenizer of `folder` for prompts only: a `PromptTokenizer` read from the user cache
+  folder (converted by transformers the first time, keyed by the folder's files and the
+  transformers and tokenizers versions), or the transformers tokenizer (`load_tokenizer`) where
+  the folder is not a plain BPE one or the conversion fails. Same ids either way (tested)."""
+  folder = Path(folder) if folder is not None else shipped_tokenizer_dir()
+  return _load_prompt_tokenizer(str(folder.resolve()))
+
+
+@functools.lru_cache(maxsize=8)
+def _load_prompt_tokenizer(folder: str):
+  import hashlib
+  import json
+  from importlib.metadata import PackageNotFoundError, version
+
+  from persona_jax.cache import cache_dir
+  folder = Path(folder)
+  try:
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    max_length = int(config["model_max_length"])
+    digest = hashlib.sha256(f"{version('transformers')} {version('tokenizers')}".encode())
+    for name in TOKENIZER_FILES:
+      if name != "tokenizer.json" and (folder / name).is_file():
+        digest.update(name.encode() + b"\0" + (folder / name).read_bytes() + b"\0")
+    import tokenizers
+  except (OSError, ValueError, KeyError, TypeError, PackageNotFoundError, ImportError):
+    return load_tokenizer(folder)
+  if not ((folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()):
+    return load_tokenizer(folder)
+  file = cache_dir() / "tokenizers" / f"{digest.hexdigest()[:32]}.json"
+  try:
+    return PromptTokenizer(tokenizers.Tokenizer.from_file(str(file)), max_length)
+  except Exception:          # absent or damaged (tokenizers raises its own Exception types)
+    pass
+  slow = load_tokenizer(folder)
+  try:
+    from transformers import CLIPTokenizerFast
+    fast = CLIPTokenizerFast.from_pretrained(str(folder), local_files_only=True, from_slow=True)
+    fast(["x"], padding="max_length", truncation=True, max_length=max_length)   # sets padding
+    backend = fast.backend_tokenizer
+    file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = file.with_name(f"{file.name}.{os.getpid()}.tmp")
+    tmp.write_text(backend.to_str())
+    os.replace(tmp, file)
+    return PromptTokenizer(tokenizers.Tokenizer.from_str(backend.to_str()), max_length)
+  except Exception as e:     # a conversion transformers cannot do: the slow tokenizer itself
+    log.debug("%s: no fast prompt tokenizer (%s); using CLIPTokenizer", folder, e)
+    return slow
 
 
 def tokenizer_with_tokens(folder: Path | str | None, tokens: tuple[str, ...]):

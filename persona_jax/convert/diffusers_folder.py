@@ -33,7 +33,7 @@ from persona_jax.models.configs import TextEncoderConfig, UNetConfig, VAEConfig,
 from persona_jax.models.text_encoder import CLIPTextModel
 from persona_jax.models.unet import UNet2DConditionModel
 from persona_jax.models.vae import AutoencoderKL
-from persona_jax.tokenizer import TOKENIZER_FILES, load_tokenizer
+from persona_jax.tokenizer import TOKENIZER_FILES, load_prompt_tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +124,15 @@ class Pipeline:
   @functools.cached_property
   def tokenizer(self):
     return load_tokenizer(self.tokenizer_dir)
+
+  @functools.cached_property
+  def prompt_tokenizer(self):
+    """The tokenizer for prompts alone (`tokenize`: the same ids, without importing transformers)."""
+    return load_prompt_tokenizer(self.tokenizer_dir)
+
+  @functools.cached_property
+  def prompt_tokenizer_2(self):
+    return load_prompt_tokenizer(self.tokenizer_2_dir) if self.is_sdxl else None
 
   @property
   def tokenizer_dirs(self) -> tuple[Path, ...]:
@@ -276,7 +285,7 @@ def read_folder(root: Path, *, dtype=jnp.float32, variant: str | None = None,
             for comp in components}
   sdxl = "text_encoder_2_config" in configs
   for name in ("tokenizer", "tokenizer_2") if sdxl else ("tokenizer",):
-    load_tokenizer(root / name)   # fail now, naming the folder, rather than at first use
+    load_prompt_tokenizer(root / name)   # fail now, naming the folder, rather than at first use
   return Pipeline(**configs, params=jax.device_put(params), tokenizer_dir=root / "tokenizer",
                   raw_configs=raw, path=root,
                   tokenizer_2_dir=root / "tokenizer_2" if sdxl else None)
