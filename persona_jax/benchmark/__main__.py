@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from persona_jax.benchmark import PRESETS
+from persona_jax.benchmark.device import host_peak_mb
 from persona_jax.runtime import release_freed_memory
 
 
@@ -24,19 +25,6 @@ def _reset_peak_rss() -> bool:
     return False
 
 
-def _peak_rss_mb() -> float | None:
-  """This process image's peak RSS (Linux's VmHWM), None where unknown. Not `ru_maxrss`: Linux
-  keeps that across exec, so a worker's would be at least the driver's RSS when it spawned it."""
-  try:
-    with open("/proc/self/status") as f:
-      for line in f:
-        if line.startswith("VmHWM:"):
-          return int(line.split()[1]) / 1024
-  except OSError:
-    pass
-  return None
-
-
 def worker(framework: str, case: str, unet_dir: Path, preset: str, iters: int, dtype: str) -> dict:
   """Runs one case in this process: first call (compile), then `iters` timed calls."""
   p = PRESETS[preset]
@@ -48,7 +36,7 @@ def worker(framework: str, case: str, unet_dir: Path, preset: str, iters: int, d
   start = time.perf_counter()
   run()
   first = time.perf_counter() - start
-  first_peak = _peak_rss_mb()
+  first_peak = host_peak_mb()
   release_freed_memory()              # as the train loop does after a compile (runtime.py)
   steady_from = _reset_peak_rss()
   times = []
@@ -56,7 +44,7 @@ def worker(framework: str, case: str, unet_dir: Path, preset: str, iters: int, d
     start = time.perf_counter()
     run()
     times.append(time.perf_counter() - start)
-  last = _peak_rss_mb()               # since the reset, or (no reset) since exec
+  last = host_peak_mb()               # since the reset, or (no reset) since exec
   steady = last if steady_from else None
   peak = (max(first_peak, last) if first_peak is not None
           else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)

@@ -85,7 +85,8 @@ def emit(record: dict) -> None:
 
 
 def host_peak_mb() -> float | None:
-  """This process's peak RSS (Linux VmHWM), None where unknown."""
+  """This process image's peak RSS (Linux's VmHWM), None where unknown. Not `ru_maxrss`: Linux
+  keeps that across exec, so a worker's would be at least the driver's RSS when it spawned it."""
   try:
     with open("/proc/self/status") as f:
       for line in f:
