@@ -16,11 +16,12 @@ import functools
 import jax
 import jax.numpy as jnp
 
-# Target size of one block of logits (float32 elements): 1M elements, 4 MB. Measured at the
-# reduced UNet's first level ([4, 1024, 8, 8], forward + backward; BENCHMARKS.md): on the AMD EPYC
-# CI machine 1M-2M take half the time of 4M (16 MB, past its caches); on the Intel Xeon of the
-# first measurement (2026-11-22) 4M was the best of 256K-16M.
-BLOCK_ELEMENTS = 1 << 20
+# Target size of one block of logits (float32 elements): 4M, 16 MB. Measured at the reduced UNet's
+# first level ([4, 1024, 8, 8], forward + backward, quiet 2-core Intel Xeon, 2026-12-06;
+# BENCHMARKS.md): 512K 193 ms, 1M 157, 2M 166, 4M 125, 8M 144 (the forward alone: 30-35 ms from
+# 1M to 4M). Smaller blocks pay the loop's per-iteration cost, larger ones leave the caches.
+# (With other processes on the cores, 1M measured twice as fast as 4M: measure on a quiet machine.)
+BLOCK_ELEMENTS = 1 << 22
 
 
 def block_size(bn: int, t: int, s: int) -> int:
