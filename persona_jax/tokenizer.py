@@ -82,8 +82,13 @@ def load_prompt_tokenizer(folder: Path | str | None = None):
   """The tokenizer of `folder` for prompts only: a `PromptTokenizer` read from the user cache
   folder (converted by transformers the first time, keyed by the folder's files and the
   transformers and tokenizers versions), or the transformers tokenizer (`load_tokenizer`) where
-  the folder is not a plain BPE one or the conversion fails. Same ids either way (tested)."""
+  the folder is not a plain BPE one, the conversion fails or ftfy is installed (CLIPTokenizer
+  cleans text with it then). Same ids either way (tested)."""
   folder = Path(folder) if folder is not None else shipped_tokenizer_dir()
+  import importlib.util
+  if importlib.util.find_spec("ftfy") is not None:
+    # With ftfy installed CLIPTokenizer fixes text with it, which the converted backend does not.
+    return load_tokenizer(folder)
   return _load_prompt_tokenizer(str(folder.resolve()))
 
 

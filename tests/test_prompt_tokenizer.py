@@ -70,3 +70,14 @@ def test_read_back_without_transformers(tmp_path):
                          text=True, timeout=120) for _ in range(2)]
   assert [r.stdout.split() for r in runs] == [["PromptTokenizer", "True"],
                                               ["PromptTokenizer", "False"]], runs[-1].stderr
+
+
+def test_with_ftfy_installed_the_prompt_tokenizer_is_transformers(monkeypatch):
+  """CLIPTokenizer fixes text with ftfy when it is installed; the converted backend would not."""
+  import importlib.util
+  find_spec = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, "find_spec",
+                      lambda name, *a: object() if name == "ftfy" else find_spec(name, *a))
+  assert not isinstance(tk.load_prompt_tokenizer(), tk.PromptTokenizer)
+  monkeypatch.undo()
+  assert isinstance(tk.load_prompt_tokenizer(), tk.PromptTokenizer)
