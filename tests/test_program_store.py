@@ -13,6 +13,7 @@ import pytest
 
 from persona_jax import program_store
 from persona_jax.program_store import NotPlain, StoredProgram, describe_static, program_key
+from tests.markers import slow
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,10 +115,13 @@ def test_off_switch(store, monkeypatch):
   assert not program_store.counts and not store.exists()
 
 
+@slow
 def test_sampler_from_the_store_gives_the_plain_bits(pipes, monkeypatch):
   """`generate` through stored programs (read back as a new process would; in the user cache
   folder as for the rest of the suite, so a warm run traces once) and through the plain jitted
-  functions: the same bits (latents and decoded images)."""
+  functions: the same bits (latents and decoded images). Slow: by default the sampling parity
+  tests against diffusers run through the store, and test_compile_once's second process remakes
+  the first's images from stored programs."""
   from persona_jax.diffusion import sampling
   from persona_jax.tokenizer import tokenize
   pipe = pipes["sd1"]
