@@ -57,10 +57,21 @@ _SETTINGS_IGNORED = ("jax_compilation_cache", "jax_persistent_cache", "jax_enabl
 
 
 def enabled() -> bool:
-  """On with JAX's persistent compilation cache, unless PERSONA_JAX_PROGRAM_STORE is 0/off/false."""
+  """On with JAX's persistent compilation cache, unless PERSONA_JAX_PROGRAM_STORE is 0/off/false
+  or JAX cannot serialize programs here (its `flatbuffers` dependency is missing)."""
   if os.environ.get("PERSONA_JAX_PROGRAM_STORE", "1").lower() in ("0", "off", "false", "no"):
     return False
-  return bool(jax.config.jax_compilation_cache_dir)
+  return bool(jax.config.jax_compilation_cache_dir) and _can_serialize()
+
+
+@functools.lru_cache(maxsize=None)
+def _can_serialize() -> bool:
+  import importlib.util
+  if importlib.util.find_spec("flatbuffers") is None:
+    log.info("program store off: JAX serializes programs with the flatbuffers package, which is "
+             "not installed (pip install flatbuffers)")
+    return False
+  return True
 
 
 def store_dir() -> Path:

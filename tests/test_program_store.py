@@ -145,3 +145,21 @@ def test_sampler_from_the_store_gives_the_plain_bits(pipes, monkeypatch):
   assert program_store.counts == {"loaded": 3}
   monkeypatch.setenv("PERSONA_JAX_PROGRAM_STORE", "0")
   np.testing.assert_array_equal(np.asarray(images), np.asarray(run()))
+
+
+def test_off_without_flatbuffers(monkeypatch):
+  """JAX serializes programs with flatbuffers; where it is missing the store is off (a plain
+  install once failed here with an ImportError from `serialize`), not an error."""
+  import importlib.util
+  find_spec = importlib.util.find_spec
+  assert jax.config.jax_compilation_cache_dir               # the suite runs with the cache on
+  assert program_store.enabled()
+  program_store._can_serialize.cache_clear()
+  monkeypatch.setattr(importlib.util, "find_spec",
+                      lambda name, *a: None if name == "flatbuffers" else find_spec(name, *a))
+  try:
+    assert not program_store.enabled()
+  finally:
+    monkeypatch.undo()
+    program_store._can_serialize.cache_clear()
+  assert program_store.enabled()
