@@ -90,31 +90,6 @@ def run_sample(job: dict) -> None:
               **_about(job, "float16" if dtype == torch.float16 else "float32")))
 
 
-def _lora_step(unet, x, noise, t, ctx, autocast, sync):
-  """train_dreambooth_lora.py's step (see the module docstring)."""
-  import torch
-  from peft import LoraConfig
-
-  from persona_jax.benchmark import LORA_RANK
-  unet.requires_grad_(False)
-  unet.add_adapter(LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK, init_lora_weights="gaussian",
-                              target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-  params = [p for p in unet.parameters() if p.requires_grad]
-  unet.train()
-  opt = torch.optim.AdamW(params, lr=1e-4)
-
-  def run():
-    with autocast():
-      pred = unet(x, t, ctx).sample
-    loss = torch.nn.functional.mse_loss(pred.float(), noise.float())
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(params, 1.0)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    sync()
-  return run
-
-
 def run_train(job: dict) -> None:
   import contextlib
 
@@ -123,7 +98,7 @@ def run_train(job: dict) -> None:
 
   from persona_jax.benchmark import Preset, _inputs
   from persona_jax.benchmark.device_models import latent_size
-  from persona_jax.benchmark.torch_cases import _torch_db_step
+  from persona_jax.benchmark.torch_cases import _torch_db_step, _torch_lora_step
   device = _device()
   bf16 = job["dtype"] == "bfloat16"
   _fresh_peak()
@@ -136,8 +111,8 @@ def run_train(job: dict) -> None:
   if job["case"] == "lora":
     autocast = ((lambda: torch.autocast(device, dtype=torch.bfloat16)) if bf16
                 else contextlib.nullcontext)
-    run = _lora_step(unet.to(torch.bfloat16 if bf16 else torch.float32), x, noise, t, ctx,
-                     autocast, sync)
+    run = _torch_lora_step(unet.to(torch.bfloat16 if bf16 else torch.float32), x, noise, t, ctx,
+                           None, sync, autocast=autocast)
   else:
     run = _torch_db_step("db_train_bf16" if bf16 else "db_train", unet, x, noise, t, ctx, None,
                          sync)

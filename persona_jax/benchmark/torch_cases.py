@@ -73,17 +73,23 @@ def _torch_cd_step(unet, x, noise, t, ctx, added, sync):
   return _torch_adapter_run(unet, params, 1e-5, x, noise, t, ctx, added, sync)
 
 
-def _torch_adapter_run(unet, params, lr, x, noise, t, ctx, added, sync, prior: bool = False):
+def _torch_adapter_run(unet, params, lr, x, noise, t, ctx, added, sync, prior: bool = False,
+                       autocast=None):
   """The timed step of a frozen UNet with trainable `params` (LoRA, Custom Diffusion): forward,
   backward, clipping 1.0, AdamW. `prior`: the second half of the rows are class rows,
-  mse(instance) + mse(class) as train_dreambooth_lora_sdxl.py's prior preservation."""
+  mse(instance) + mse(class) as train_dreambooth_lora_sdxl.py's prior preservation. `autocast`:
+  a context factory the forward runs in (e.g. bf16 autocast), None: none."""
+  import contextlib
+
   import torch
   unet.train()
   opt = torch.optim.AdamW(params, lr=lr)
   mse = torch.nn.functional.mse_loss
+  autocast = autocast or contextlib.nullcontext
 
   def run():
-    pred = unet(x, t, ctx, added_cond_kwargs=added).sample.float()
+    with autocast():
+      pred = unet(x, t, ctx, added_cond_kwargs=added).sample.float()
     if prior:
       (pred, pred_prior), (target, target_prior) = pred.chunk(2), noise.float().chunk(2)
       loss = mse(pred, target) + 1.0 * mse(pred_prior, target_prior)
@@ -97,16 +103,17 @@ def _torch_adapter_run(unet, params, lr, x, noise, t, ctx, added, sync, prior: b
   return run
 
 
-def _torch_lora_step(unet, x, noise, t, ctx, added, sync, prior: bool = False):
+def _torch_lora_step(unet, x, noise, t, ctx, added, sync, prior: bool = False, autocast=None):
   """diffusers' train_dreambooth_lora.py step: peft LoRA (rank 4, alpha 4, gaussian init) on
   to_q/to_k/to_v/to_out.0, UNet frozen, AdamW over the adapter, clipping 1.0 (`prior`: with
-  prior preservation)."""
+  prior preservation; `autocast`: the forward's context factory)."""
   from peft import LoraConfig
   unet.requires_grad_(False)
   unet.add_adapter(LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK, init_lora_weights="gaussian",
                               target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
   params = [p for p in unet.parameters() if p.requires_grad]
-  return _torch_adapter_run(unet, params, 1e-4, x, noise, t, ctx, added, sync, prior)
+  return _torch_adapter_run(unet, params, 1e-4, x, noise, t, ctx, added, sync, prior,
+                            autocast)
 
 
 def _torch_ti_step(unet, text_dir: Path, x, noise, t, tdtype, device, sync):
